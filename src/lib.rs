@@ -1,0 +1,17 @@
+//! communesync: an offline-first sync node for remote communes.
+//!
+//! Layout (dependencies point downwards only):
+//!
+//! - [`cli`]: command-line definitions, output formatting and exit codes.
+//! - [`node`]: one node's operations (init, config, local writes, queries, sync driving).
+//! - [`net`]: QUIC (quinn) endpoints that drive [`proto`] sessions over real sockets.
+//! - [`proto`]: the sync protocol as a state machine: no sockets, no clock, no tokio, no SQLite.
+//! - [`trust`]: the provincial certificate authority, enrolment, revocation, TLS configs.
+//! - [`store`]: SQLite persistence: documents, blobs, index tables, checkpoints.
+//! - [`model`]: Automerge document schemas for dispatches, assignments and dossiers.
+//! - [`units`]: the unit tree (province, districts, communes) and scope rules.
+//! - [`linksim`]: a UDP link simulator (delay, loss, rate, outages) for tests and benchmarks.
+
+pub mod linksim;
+pub mod trust;
+pub mod units;
