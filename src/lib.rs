@@ -13,5 +13,6 @@
 //! - [`linksim`]: a UDP link simulator (delay, loss, rate, outages) for tests and benchmarks.
 
 pub mod linksim;
+pub mod model;
 pub mod trust;
 pub mod units;

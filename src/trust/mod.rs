@@ -1,1 +1,179 @@
-//! placeholder
+//! Trust: the provincial certificate authority, node keys and enrolment, revocation, TLS configs.
+//!
+//! A node's identity is the hash of its public key ([`NodeId`]); the CA binds that key to a
+//! unit and a [`Role`] in an X.509 certificate, and peers learn each other's identity only
+//! from certificates that chain to the CA ([`PeerIdentity::from_cert_der`]), never from
+//! anything a peer says about itself.
+
+mod ca;
+mod crl;
+mod fsutil;
+mod identity;
+mod tls;
+
+use std::fmt;
+use std::path::PathBuf;
+use std::str::FromStr;
+
+pub use ca::{Ca, IssuedCert};
+pub use crl::{verify_crl, Crl};
+pub use fsutil::{write_file_atomic, write_secret_file};
+pub use identity::{enrol_request, install_check, NodeId, NodeKey, PeerIdentity};
+pub use tls::{
+    client_config, peer_identity, quinn_client_config, quinn_server_config, server_config,
+    TlsMaterial, ALPN, SERVER_NAME,
+};
+
+/// Result type of the trust module.
+pub type Result<T, E = TrustError> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in the trust module.
+#[derive(Debug, thiserror::Error)]
+pub enum TrustError {
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("node key: {reason}; pass the PKCS#8 PEM key file this node generated")]
+    BadKey { reason: String },
+    #[error("{what} failed: {reason}")]
+    Crypto { what: &'static str, reason: String },
+    #[error("invalid node id {input:?}: expected 32 hex characters")]
+    BadNodeId { input: String },
+    #[error("unknown role {input:?}: expected commune, district or province")]
+    BadRole { input: String },
+    #[error("invalid unit path {input:?}: {reason}")]
+    BadUnit { input: String, reason: &'static str },
+    #[error("certificate request: {reason}; generate a fresh request on the node and resend it")]
+    BadRequest { reason: String },
+    #[error("{what}: {reason}")]
+    BadCert { what: &'static str, reason: String },
+    #[error("certificate is for node {cert_node}, this node is {this_node}; install the certificate issued for this node's request")]
+    WrongNode { cert_node: NodeId, this_node: NodeId },
+    #[error("certificate is not valid under this CA: {reason}; install the certificate and CA file from the same `communesync ca issue`")]
+    Untrusted { reason: String },
+    #[error("CRL: {reason}; fetch the current CRL from the province CA")]
+    BadCrl { reason: String },
+    #[error("CA directory {dir}: already holds a CA; open it instead, or choose an empty directory")]
+    CaExists { dir: PathBuf },
+    #[error("CA state {path}: {reason}; restore the CA directory from its backup")]
+    CaState { path: PathBuf, reason: String },
+    #[error("no certificate was issued to node {node}; check the node id")]
+    UnknownNode { node: NodeId },
+    #[error("node {node} is already revoked; distribute the current CRL")]
+    AlreadyRevoked { node: NodeId },
+    #[error("node {node} was revoked; the node must generate a new key and enrol again")]
+    RevokedNode { node: NodeId },
+    #[error("validity of {days} days: {reason}")]
+    BadValidity { days: u32, reason: String },
+    #[error("TLS setup: {reason}; check that the node's certificate, key and CA files belong together")]
+    Tls { reason: String },
+    #[error("peer identity: {reason}; the peer must present a certificate issued by the province CA")]
+    NoPeerIdentity { reason: &'static str },
+}
+
+/// What a node is in the unit tree; decides what it may sync. Chosen by the CA at issue time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Role {
+    Commune,
+    District,
+    Province,
+}
+
+impl Role {
+    pub const ALL: [Role; 3] = [Role::Commune, Role::District, Role::Province];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Commune => "commune",
+            Role::District => "district",
+            Role::Province => "province",
+        }
+    }
+}
+
+impl fmt::Display for Role {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for Role {
+    type Err = TrustError;
+
+    fn from_str(s: &str) -> Result<Self> {
+        Role::ALL
+            .into_iter()
+            .find(|r| r.as_str() == s)
+            .ok_or_else(|| TrustError::BadRole {
+                input: s.to_string(),
+            })
+    }
+}
+
+impl serde::Serialize for Role {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Role {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        s.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Checks a unit path is safe to embed in a certificate URI (`urn:communesync:unit:<path>`).
+///
+/// The unit tree's own rules live in `units`; here we only keep the URI well-formed and
+/// unambiguous, so any ASCII letters, digits and `-_./:` are accepted.
+pub fn validate_unit(unit: &str) -> Result<()> {
+    let bad = |reason| TrustError::BadUnit {
+        input: unit.to_string(),
+        reason,
+    };
+    if unit.is_empty() {
+        return Err(bad("must not be empty"));
+    }
+    if unit.len() > 200 {
+        return Err(bad("longer than 200 characters"));
+    }
+    if !unit
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b"-_./:".contains(&b))
+    {
+        return Err(bad("use only ASCII letters, digits and - _ . / :"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn role_roundtrip() {
+        for r in Role::ALL {
+            assert_eq!(r.to_string().parse::<Role>().unwrap(), r);
+        }
+        assert!(matches!(
+            "mayor".parse::<Role>(),
+            Err(TrustError::BadRole { .. })
+        ));
+        let json = serde_json::to_string(&Role::District).unwrap();
+        assert_eq!(json, "\"district\"");
+        assert_eq!(serde_json::from_str::<Role>(&json).unwrap(), Role::District);
+    }
+
+    #[test]
+    fn unit_validation() {
+        assert!(validate_unit("north/riverbend/kalo").is_ok());
+        assert!(validate_unit("").is_err());
+        assert!(validate_unit("a b").is_err());
+        assert!(validate_unit("é").is_err());
+    }
+}

@@ -1,0 +1,354 @@
+//! Automerge document schemas: one CRDT document per dispatch, assignment and dossier.
+//!
+//! Pure functions over `AutoCommit`: no SQLite, no files, no network. Every write commits one
+//! change whose message records who did what (the audit trail); reads surface conflicts.
+
+pub mod assignment;
+pub mod dispatch;
+pub mod dossier;
+
+use std::fmt;
+use std::str::FromStr;
+
+use automerge::{transaction::CommitOptions, AutoCommit, ChangeHash, ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
+use serde::{Deserialize, Serialize};
+
+/// Longest free text accepted in any field (summary, note, comment), in bytes.
+pub const TEXT_BYTES_MAX: usize = 16 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("document store error: {0}")]
+    Automerge(#[from] automerge::AutomergeError),
+    #[error("document {0} is malformed: {1}")]
+    Malformed(String, String),
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = ModelError> = std::result::Result<T, E>;
+
+/// The three kinds of replicated document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DocKind {
+    Dispatch,
+    Assignment,
+    Dossier,
+}
+
+impl DocKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DocKind::Dispatch => "dispatch",
+            DocKind::Assignment => "assignment",
+            DocKind::Dossier => "dossier",
+        }
+    }
+
+    fn prefix(self) -> &'static str {
+        match self {
+            DocKind::Dispatch => "dsp",
+            DocKind::Assignment => "asg",
+            DocKind::Dossier => "dos",
+        }
+    }
+}
+
+impl fmt::Display for DocKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A document id: kind prefix and 64 random bits, e.g. `dsp_3f9a0c1b2d4e5f60`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct DocId(String);
+
+impl DocId {
+    pub fn generate(kind: DocKind) -> Self {
+        DocId(format!("{}_{:016x}", kind.prefix(), rand::random::<u64>()))
+    }
+
+    pub fn kind(&self) -> DocKind {
+        match &self.0[..3] {
+            "dsp" => DocKind::Dispatch,
+            "asg" => DocKind::Assignment,
+            _ => DocKind::Dossier,
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for DocId {
+    type Err = ModelError;
+    fn from_str(s: &str) -> Result<Self> {
+        let ok = s.len() == 20
+            && matches!(&s[..4], "dsp_" | "asg_" | "dos_")
+            && s[4..].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+        if ok {
+            Ok(DocId(s.to_string()))
+        } else {
+            Err(ModelError::Invalid(format!(
+                "{s:?} is not a document id (expected dsp_, asg_ or dos_ followed by 16 hex digits)"
+            )))
+        }
+    }
+}
+
+impl TryFrom<String> for DocId {
+    type Error = ModelError;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<DocId> for String {
+    fn from(id: DocId) -> String {
+        id.0
+    }
+}
+
+impl fmt::Display for DocId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// Who acts: recorded in every change as the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Author {
+    pub user: String,
+    pub unit: String,
+    /// The node id (hex) of the node that made the change; also its Automerge actor.
+    pub node: String,
+}
+
+/// The message stored with each change: who, where from, when, and what they did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ChangeNote {
+    pub user: String,
+    pub unit: String,
+    pub node: String,
+    /// Milliseconds since the Unix epoch.
+    pub at_ms: i64,
+    pub what: String,
+}
+
+impl ChangeNote {
+    pub fn parse(message: &str) -> Option<ChangeNote> {
+        serde_json::from_str(message).ok()
+    }
+}
+
+/// Commits the pending operations of `doc` as one change carrying the audit note.
+pub fn commit(doc: &mut AutoCommit, author: &Author, at_ms: i64, what: impl Into<String>) -> Option<ChangeHash> {
+    let note = ChangeNote {
+        user: author.user.clone(),
+        unit: author.unit.clone(),
+        node: author.node.clone(),
+        at_ms,
+        what: what.into(),
+    };
+    let message = serde_json::to_string(&note).expect("a change note always serializes");
+    doc.commit_with(CommitOptions::default().with_message(message).with_time(at_ms / 1000))
+}
+
+/// One line of a document's audit trail.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditEntry {
+    pub hash: String,
+    pub at_ms: i64,
+    pub user: String,
+    pub unit: String,
+    pub node: String,
+    pub what: String,
+    pub ops: usize,
+}
+
+/// Every change to the document, oldest first (causal order, ties by time).
+pub fn audit(doc: &mut AutoCommit) -> Vec<AuditEntry> {
+    doc.get_changes(&[])
+        .into_iter()
+        .map(|change| {
+            let note = change.message().and_then(|m| ChangeNote::parse(m));
+            let (user, unit, node, at_ms, what) = match note {
+                Some(n) => (n.user, n.unit, n.node, n.at_ms, n.what),
+                None => (
+                    "?".into(),
+                    "?".into(),
+                    change.actor_id().to_hex_string(),
+                    change.timestamp() * 1000,
+                    "change without an audit note".into(),
+                ),
+            };
+            AuditEntry { hash: change.hash().to_string(), at_ms, user, unit, node, what, ops: change.len() }
+        })
+        .collect()
+}
+
+/// A field that two people set concurrently: every value Automerge kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Conflict {
+    pub field: String,
+    pub values: Vec<String>,
+}
+
+/// Reads typed fields out of a document, collecting conflicts on the way.
+pub(crate) struct Reader<'a> {
+    doc: &'a AutoCommit,
+    id: &'a str,
+    pub conflicts: Vec<Conflict>,
+}
+
+fn scalar_text(value: &Value<'_>) -> String {
+    match value {
+        Value::Scalar(s) => match s.as_ref() {
+            ScalarValue::Str(s) => s.to_string(),
+            ScalarValue::Int(i) => i.to_string(),
+            ScalarValue::Uint(u) => u.to_string(),
+            ScalarValue::Null => "null".into(),
+            other => other.to_string(),
+        },
+        Value::Object(t) => format!("<{t}>"),
+    }
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(doc: &'a AutoCommit, id: &'a str) -> Self {
+        Reader { doc, id, conflicts: Vec::new() }
+    }
+
+    fn malformed(&self, what: String) -> ModelError {
+        ModelError::Malformed(self.id.to_string(), what)
+    }
+
+    /// The winning value of `key`, recording a conflict when several are kept.
+    fn value(&mut self, obj: &ObjId, key: &str, path: &str) -> Result<Option<Value<'a>>> {
+        let all = self.doc.get_all(obj, key)?;
+        if all.len() > 1 {
+            self.conflicts.push(Conflict {
+                field: path.to_string(),
+                values: all.iter().map(|(v, _)| scalar_text(v)).collect(),
+            });
+        }
+        Ok(self.doc.get(obj, key)?.map(|(v, _)| v))
+    }
+
+    pub fn str(&mut self, obj: &ObjId, key: &str, path: &str) -> Result<String> {
+        match self.value(obj, key, path)? {
+            Some(Value::Scalar(s)) => match s.as_ref() {
+                ScalarValue::Str(s) => Ok(s.to_string()),
+                _ => Err(self.malformed(format!("field {path} is not text"))),
+            },
+            Some(_) => Err(self.malformed(format!("field {path} is not text"))),
+            None => Err(self.malformed(format!("field {path} is missing"))),
+        }
+    }
+
+    pub fn opt_str(&mut self, obj: &ObjId, key: &str, path: &str) -> Result<Option<String>> {
+        match self.doc.get(obj, key)? {
+            None => Ok(None),
+            Some(_) => self.str(obj, key, path).map(Some),
+        }
+    }
+
+    pub fn int(&mut self, obj: &ObjId, key: &str, path: &str) -> Result<i64> {
+        match self.value(obj, key, path)? {
+            Some(Value::Scalar(s)) => match s.as_ref() {
+                ScalarValue::Int(i) => Ok(*i),
+                ScalarValue::Uint(u) => i64::try_from(*u).map_err(|_| self.malformed(format!("field {path} is out of range"))),
+                ScalarValue::Timestamp(t) => Ok(*t),
+                _ => Err(self.malformed(format!("field {path} is not a number"))),
+            },
+            _ => Err(self.malformed(format!("field {path} is missing or not a number"))),
+        }
+    }
+
+    pub fn opt_int(&mut self, obj: &ObjId, key: &str, path: &str) -> Result<Option<i64>> {
+        match self.doc.get(obj, key)? {
+            None => Ok(None),
+            Some(_) => self.int(obj, key, path).map(Some),
+        }
+    }
+
+    pub fn object(&self, obj: &ObjId, key: &str, path: &str) -> Result<ObjId> {
+        match self.doc.get(obj, key)? {
+            Some((Value::Object(_), id)) => Ok(id),
+            _ => Err(self.malformed(format!("field {path} is missing or not an object"))),
+        }
+    }
+
+    /// The objects held in a list, in order.
+    pub fn list_objects(&self, list: &ObjId) -> Vec<ObjId> {
+        (0..self.doc.length(list))
+            .filter_map(|i| match self.doc.get(list, i) {
+                Ok(Some((Value::Object(_), id))) => Some(id),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn list_strs(&mut self, list: &ObjId) -> Vec<String> {
+        (0..self.doc.length(list))
+            .filter_map(|i| match self.doc.get(list, i) {
+                Ok(Some((Value::Scalar(s), _))) => s.to_str().map(str::to_string),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub fn keys(&self, obj: &ObjId) -> Vec<String> {
+        self.doc.keys(obj).collect()
+    }
+
+    pub fn doc_type(&mut self) -> Result<String> {
+        self.str(&ROOT, "type", "type")
+    }
+}
+
+/// Checks a free-text field's size and that it is not blank.
+pub fn check_text(field: &str, text: &str) -> Result<()> {
+    if text.trim().is_empty() {
+        return Err(ModelError::Invalid(format!("{field} must not be empty")));
+    }
+    if text.len() > TEXT_BYTES_MAX {
+        return Err(ModelError::Invalid(format!(
+            "{field} is {} bytes, more than the {TEXT_BYTES_MAX} allowed",
+            text.len()
+        )));
+    }
+    Ok(())
+}
+
+/// Creates a new, empty list under `key`.
+pub(crate) fn put_list(doc: &mut AutoCommit, obj: &ObjId, key: &str) -> Result<ObjId> {
+    Ok(automerge::transaction::Transactable::put_object(doc, obj, key, ObjType::List)?)
+}
+
+/// Creates a new, empty map under `key`.
+pub(crate) fn put_map(doc: &mut AutoCommit, obj: &ObjId, key: &str) -> Result<ObjId> {
+    Ok(automerge::transaction::Transactable::put_object(doc, obj, key, ObjType::Map)?)
+}
+
+/// Appends a new map to a list.
+pub(crate) fn push_map(doc: &mut AutoCommit, list: &ObjId) -> Result<ObjId> {
+    let len = doc.length(list);
+    Ok(automerge::transaction::Transactable::insert_object(doc, list, len, ObjType::Map)?)
+}
+
+/// The units a document concerns: what decides which nodes replicate it.
+pub fn parties(doc: &AutoCommit, id: &DocId) -> Result<Vec<String>> {
+    let mut units = match id.kind() {
+        DocKind::Dispatch => dispatch::parties(doc, id)?,
+        DocKind::Assignment => assignment::parties(doc, id)?,
+        DocKind::Dossier => dossier::parties(doc, id)?,
+    };
+    units.sort();
+    units.dedup();
+    Ok(units)
+}
