@@ -14,5 +14,6 @@
 
 pub mod linksim;
 pub mod model;
+pub mod store;
 pub mod trust;
 pub mod units;

@@ -1,0 +1,290 @@
+//! Automerge documents in SQLite: a snapshot plus incremental change chunks, compacted as they
+//! grow, a change-feed sequence per write, and a bounded cache of loaded documents.
+
+use std::num::NonZeroUsize;
+
+use automerge::{ActorId, AutoCommit, ChangeHash};
+use lru::LruCache;
+use rusqlite::{params, OptionalExtension};
+
+use super::{index, Result, SqlContext, Store, StoreError, WriteTx};
+use crate::model::DocId;
+
+/// Compact into a new snapshot once this many incremental chunks pile up.
+const CHUNKS_BEFORE_COMPACT_MAX: i64 = 32;
+
+/// A loaded document and the heads it was loaded at.
+#[derive(Clone)]
+pub struct DocRecord {
+    pub doc: AutoCommit,
+    pub heads: Vec<ChangeHash>,
+}
+
+/// Least-recently-used cache of loaded documents, so a busy relay does not reparse hot documents
+/// and a province never holds more than `capacity` of its millions in memory.
+pub struct DocCache {
+    entries: LruCache<DocId, DocRecord>,
+}
+
+impl DocCache {
+    pub fn new(capacity: usize) -> Self {
+        DocCache { entries: LruCache::new(NonZeroUsize::new(capacity.max(1)).expect("max(1) is non-zero")) }
+    }
+
+    /// The cached copy, only if it is at the heads the database holds now.
+    fn get(&mut self, id: &DocId, heads: &[ChangeHash]) -> Option<DocRecord> {
+        match self.entries.get(id) {
+            Some(rec) if rec.heads == heads => Some(rec.clone()),
+            _ => None,
+        }
+    }
+
+    pub(super) fn commit(&mut self, touched: Vec<(DocId, DocRecord)>) {
+        for (id, rec) in touched {
+            self.entries.put(id, rec);
+        }
+    }
+}
+
+pub(crate) fn encode_heads(heads: &[ChangeHash]) -> Vec<u8> {
+    let mut sorted = heads.to_vec();
+    sorted.sort();
+    sorted.iter().flat_map(|h| h.0).collect()
+}
+
+pub(crate) fn decode_heads(bytes: &[u8]) -> Result<Vec<ChangeHash>> {
+    if bytes.len() % 32 != 0 {
+        return Err(StoreError::Corrupt("document heads column has a partial hash".into()));
+    }
+    Ok(bytes
+        .chunks_exact(32)
+        .map(|c| ChangeHash(c.try_into().expect("chunks_exact(32) yields 32 bytes")))
+        .collect())
+}
+
+fn sorted(mut heads: Vec<ChangeHash>) -> Vec<ChangeHash> {
+    heads.sort();
+    heads
+}
+
+/// Loads a document from its snapshot and chunks, or from the cache when it is current.
+fn load(conn: &rusqlite::Connection, path: &std::path::Path, cache: &mut DocCache, id: &DocId) -> Result<Option<DocRecord>> {
+    let row: Option<(Vec<u8>, Vec<u8>)> = conn
+        .prepare_cached("SELECT heads, snapshot FROM docs WHERE id = ?1")
+        .at(path)?
+        .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
+        .optional()
+        .at(path)?;
+    let Some((heads_bytes, snapshot)) = row else { return Ok(None) };
+    let heads = decode_heads(&heads_bytes)?;
+    if let Some(rec) = cache.get(id, &heads) {
+        return Ok(Some(rec));
+    }
+    let corrupt = |e: automerge::AutomergeError| StoreError::Corrupt(format!("document {id} does not load: {e}"));
+    let mut doc = AutoCommit::load(&snapshot).map_err(corrupt)?;
+    let mut stmt = conn.prepare_cached("SELECT data FROM doc_chunks WHERE doc_id = ?1 ORDER BY n").at(path)?;
+    let chunks = stmt.query_map([id.as_str()], |r| r.get::<_, Vec<u8>>(0)).at(path)?;
+    for chunk in chunks {
+        doc.load_incremental(&chunk.at(path)?).map_err(corrupt)?;
+    }
+    if sorted(doc.get_heads()) != heads {
+        return Err(StoreError::Corrupt(format!("document {id} does not reach its recorded heads")));
+    }
+    Ok(Some(DocRecord { doc, heads }))
+}
+
+impl Store {
+    /// Reads a document; `f` gets it mutably only because some Automerge reads need `&mut`.
+    pub fn read_doc<T>(&mut self, id: &DocId, f: impl FnOnce(&mut AutoCommit) -> T) -> Result<T> {
+        let mut rec = load(&self.conn, &self.path, &mut self.cache, id)?
+            .ok_or_else(|| StoreError::NotFound(format!("{} {id}", id.kind())))?;
+        let value = f(&mut rec.doc);
+        self.cache.entries.put(id.clone(), rec);
+        Ok(value)
+    }
+
+    pub fn doc_exists(&self, id: &DocId) -> Result<bool> {
+        self.conn
+            .prepare_cached("SELECT 1 FROM docs WHERE id = ?1")
+            .at(&self.path)?
+            .query_row([id.as_str()], |_| Ok(()))
+            .optional()
+            .map(|r| r.is_some())
+            .at(&self.path)
+    }
+
+    /// The latest position of this node's change feed.
+    pub fn feed_seq(&self) -> Result<i64> {
+        self.conn.query_row("SELECT seq FROM feed WHERE id = 1", [], |r| r.get(0)).at(&self.path)
+    }
+
+    /// Number of stored documents of each kind, for status and benchmarks.
+    pub fn doc_count(&self) -> Result<i64> {
+        self.conn.query_row("SELECT COUNT(*) FROM docs", [], |r| r.get(0)).at(&self.path)
+    }
+}
+
+/// What a write did to a document.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saved {
+    /// New changes were stored at this feed position.
+    Changed(i64),
+    /// Nothing new: the document already held every change.
+    Unchanged,
+}
+
+impl WriteTx<'_> {
+    /// Loads a document inside the write lock, so what it sees is what it changes.
+    pub fn load_doc(&mut self, id: &DocId) -> Result<Option<DocRecord>> {
+        load(&self.tx, self.path, self.cache, id)
+    }
+
+    /// Creates a document with `build`, as `actor`.
+    pub fn create_doc(&mut self, id: &DocId, actor: &ActorId, at_ms: i64, build: impl FnOnce(&mut AutoCommit) -> Result<()>) -> Result<Saved> {
+        if self.load_doc(id)?.is_some() {
+            return Err(StoreError::Invalid(format!("document {id} already exists")));
+        }
+        let mut doc = AutoCommit::new().with_actor(actor.clone());
+        build(&mut doc)?;
+        self.save_doc(id, None, doc, at_ms)
+    }
+
+    /// Changes an existing document with `f`, as `actor`.
+    pub fn update_doc<T>(&mut self, id: &DocId, actor: &ActorId, at_ms: i64, f: impl FnOnce(&mut AutoCommit) -> Result<T>) -> Result<(T, Saved)> {
+        let rec = self.load_doc(id)?.ok_or_else(|| StoreError::NotFound(format!("{} {id}", id.kind())))?;
+        let mut doc = rec.doc;
+        doc.set_actor(actor.clone());
+        let value = f(&mut doc)?;
+        let saved = self.save_doc(id, Some(rec.heads), doc, at_ms)?;
+        Ok((value, saved))
+    }
+
+    /// Stores `doc`, which was loaded at `old_heads` (None when new): appends what changed since,
+    /// advances the feed, rebuilds the document's index rows and compacts when chunks pile up.
+    pub fn save_doc(&mut self, id: &DocId, old_heads: Option<Vec<ChangeHash>>, mut doc: AutoCommit, at_ms: i64) -> Result<Saved> {
+        let heads = sorted(doc.get_heads());
+        if old_heads.as_deref() == Some(&heads[..]) {
+            return Ok(Saved::Unchanged);
+        }
+        let seq: i64 = self.tx.query_row("UPDATE feed SET seq = seq + 1 WHERE id = 1 RETURNING seq", [], |r| r.get(0)).at(self.path)?;
+        let heads_bytes = encode_heads(&heads);
+        match &old_heads {
+            None => {
+                let snapshot = doc.save();
+                self.tx
+                    .prepare_cached("INSERT INTO docs (id, kind, snapshot, heads, chunks, chunk_bytes, seq, updated_at) VALUES (?1, ?2, ?3, ?4, 0, 0, ?5, ?6)")
+                    .at(self.path)?
+                    .execute(params![id.as_str(), id.kind().as_str(), snapshot, heads_bytes, seq, at_ms])
+                    .at(self.path)?;
+            }
+            Some(old) => {
+                let chunk = doc.save_after(old);
+                let (chunks, chunk_bytes, snapshot_len): (i64, i64, i64) = self
+                    .tx
+                    .prepare_cached("SELECT chunks, chunk_bytes, length(snapshot) FROM docs WHERE id = ?1")
+                    .at(self.path)?
+                    .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .at(self.path)?;
+                let chunk_bytes = chunk_bytes + chunk.len() as i64;
+                if chunks + 1 >= CHUNKS_BEFORE_COMPACT_MAX || chunk_bytes > snapshot_len.max(4096) {
+                    let snapshot = doc.save();
+                    self.tx.prepare_cached("DELETE FROM doc_chunks WHERE doc_id = ?1").at(self.path)?.execute([id.as_str()]).at(self.path)?;
+                    self.tx
+                        .prepare_cached("UPDATE docs SET snapshot = ?2, heads = ?3, chunks = 0, chunk_bytes = 0, seq = ?4, updated_at = ?5 WHERE id = ?1")
+                        .at(self.path)?
+                        .execute(params![id.as_str(), snapshot, heads_bytes, seq, at_ms])
+                        .at(self.path)?;
+                } else {
+                    self.tx
+                        .prepare_cached("INSERT INTO doc_chunks (doc_id, n, data) VALUES (?1, ?2, ?3)")
+                        .at(self.path)?
+                        .execute(params![id.as_str(), chunks, chunk])
+                        .at(self.path)?;
+                    self.tx
+                        .prepare_cached("UPDATE docs SET heads = ?2, chunks = ?3, chunk_bytes = ?4, seq = ?5, updated_at = ?6 WHERE id = ?1")
+                        .at(self.path)?
+                        .execute(params![id.as_str(), heads_bytes, chunks + 1, chunk_bytes, seq, at_ms])
+                        .at(self.path)?;
+                }
+            }
+        }
+        index::reindex(&self.tx, self.path, id, &doc)?;
+        self.touched.push((id.clone(), DocRecord { doc, heads }));
+        Ok(Saved::Changed(seq))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{dispatch, Author, DocKind};
+
+    fn actor() -> ActorId {
+        ActorId::from(&[1u8; 16][..])
+    }
+
+    fn author() -> Author {
+        Author { user: "lan".into(), unit: "qn".into(), node: "01".repeat(16) }
+    }
+
+    fn new_dispatch(store: &mut Store) -> DocId {
+        let id = DocId::generate(DocKind::Dispatch);
+        let d = dispatch::NewDispatch {
+            ref_no: "1/UBND".into(),
+            summary: "s".into(),
+            kind: dispatch::DispatchKind::Report,
+            priority: dispatch::Priority::Normal,
+            issuer: "qn".into(),
+            to: vec!["qn/binhlieu".into()],
+            attachments: vec![],
+        };
+        store
+            .write(|tx| tx.create_doc(&id, &actor(), 1, |doc| Ok(dispatch::create(doc, &id, &d, &author(), 1)?)))
+            .unwrap();
+        id
+    }
+
+    #[test]
+    fn changes_survive_reopen_and_compaction() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let mut store = Store::create(&path, 4).unwrap();
+        let id = new_dispatch(&mut store);
+        for i in 0..(CHUNKS_BEFORE_COMPACT_MAX * 2) {
+            store
+                .write(|tx| tx.update_doc(&id, &actor(), 2, |doc| Ok(dispatch::add_comment(doc, &id, &format!("c{i}"), &author(), 2)?)))
+                .unwrap();
+        }
+        drop(store);
+        let mut store = Store::open(&path, 4).unwrap();
+        let view = store.read_doc(&id, |doc| dispatch::read(doc, &id)).unwrap().unwrap();
+        assert_eq!(view.comments.len() as i64, CHUNKS_BEFORE_COMPACT_MAX * 2);
+        let chunks: i64 = store.conn().query_row("SELECT COUNT(*) FROM doc_chunks", [], |r| r.get(0)).unwrap();
+        assert!(chunks < CHUNKS_BEFORE_COMPACT_MAX, "chunks were compacted: {chunks}");
+        assert_eq!(store.feed_seq().unwrap(), CHUNKS_BEFORE_COMPACT_MAX * 2 + 1);
+    }
+
+    #[test]
+    fn a_failed_write_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::create(&dir.path().join("node.db"), 4).unwrap();
+        let id = new_dispatch(&mut store);
+        let seq = store.feed_seq().unwrap();
+        let err = store.write(|tx| {
+            tx.update_doc(&id, &actor(), 2, |doc| Ok(dispatch::add_comment(doc, &id, "kept?", &author(), 2)?))?;
+            Err::<(), _>(StoreError::Invalid("later step failed".into()))
+        });
+        assert!(err.is_err());
+        assert_eq!(store.feed_seq().unwrap(), seq);
+        let view = store.read_doc(&id, |doc| dispatch::read(doc, &id)).unwrap().unwrap();
+        assert!(view.comments.is_empty(), "the rolled-back comment must not appear, even from the cache");
+    }
+
+    #[test]
+    fn unknown_documents_are_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::create(&dir.path().join("node.db"), 4).unwrap();
+        let id = DocId::generate(DocKind::Assignment);
+        assert!(matches!(store.read_doc(&id, |_| ()), Err(StoreError::NotFound(_))));
+    }
+}

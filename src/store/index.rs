@@ -1,0 +1,205 @@
+//! Index tables derived from documents: what list and filter queries and sync read, so that
+//! listing 10,000 dispatches never loads 10,000 documents.
+
+use std::path::Path;
+
+use automerge::AutoCommit;
+use rusqlite::{params, Connection};
+use serde::Serialize;
+
+use super::{Result, SqlContext, Store};
+use crate::model::{self, assignment, dispatch, dossier, DocId, DocKind};
+
+/// Rebuilds every index row of one document from its current state.
+pub(crate) fn reindex(conn: &Connection, path: &Path, id: &DocId, doc: &AutoCommit) -> Result<()> {
+    let key = id.as_str();
+    for table in ["doc_parties", "doc_blobs"] {
+        conn.prepare_cached(&format!("DELETE FROM {table} WHERE doc_id = ?1")).at(path)?.execute([key]).at(path)?;
+    }
+    for unit in model::parties(doc, id)? {
+        conn.prepare_cached("INSERT INTO doc_parties (unit, doc_id) VALUES (?1, ?2)").at(path)?.execute([&unit, key]).at(path)?;
+    }
+    match id.kind() {
+        DocKind::Dispatch => {
+            let v = dispatch::read(doc, id)?;
+            let rank = v.priority.parse::<dispatch::Priority>().map(|p| p.rank()).unwrap_or(0);
+            let received = v.recipients.iter().filter(|r| r.received_at_ms.is_some()).count();
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO dispatches (id, ref, summary, kind, priority, priority_rank, issuer, created_at, recipients, received, scans)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
+            )
+            .at(path)?
+            .execute(params![key, v.ref_no, v.summary, v.kind, v.priority, rank, v.issuer, v.created_at_ms, v.recipients.len(), received, v.attachments.len()])
+            .at(path)?;
+            conn.prepare_cached("DELETE FROM dispatch_recipients WHERE id = ?1").at(path)?.execute([key]).at(path)?;
+            for r in &v.recipients {
+                conn.prepare_cached("INSERT INTO dispatch_recipients (unit, id, received_at) VALUES (?1, ?2, ?3)")
+                    .at(path)?
+                    .execute(params![r.unit, key, r.received_at_ms])
+                    .at(path)?;
+            }
+            for a in &v.attachments {
+                let Ok(hash) = crate::store::blobs::parse_hash(&a.hash) else { continue };
+                conn.prepare_cached("INSERT OR IGNORE INTO doc_blobs (hash, doc_id, priority_rank, size) VALUES (?1, ?2, ?3, ?4)")
+                    .at(path)?
+                    .execute(params![&hash[..], key, rank, a.size as i64])
+                    .at(path)?;
+            }
+        }
+        DocKind::Assignment => {
+            let v = assignment::read(doc, id)?;
+            conn.prepare_cached(
+                "INSERT OR REPLACE INTO assignments (id, dispatch_id, unit, lead, deadline, status, conflicted) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )
+            .at(path)?
+            .execute(params![key, v.dispatch_id, v.unit, v.lead, v.deadline, v.status, !v.conflicts.is_empty()])
+            .at(path)?;
+        }
+        DocKind::Dossier => {
+            let v = dossier::read(doc, id)?;
+            conn.prepare_cached("INSERT OR REPLACE INTO dossiers (id, applicant, procedure, holder, step, since) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
+                .at(path)?
+                .execute(params![key, v.applicant, v.procedure, v.holder, v.step, v.since_ms])
+                .at(path)?;
+        }
+    }
+    Ok(())
+}
+
+/// One line of `dispatch list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DispatchRow {
+    pub id: String,
+    #[serde(rename = "ref")]
+    pub ref_no: String,
+    pub summary: String,
+    pub kind: String,
+    pub priority: String,
+    pub issuer: String,
+    pub created_at_ms: i64,
+    pub recipients: i64,
+    pub received: i64,
+    pub scans: i64,
+}
+
+/// Which dispatches `dispatch list` shows.
+#[derive(Debug, Clone, Copy)]
+pub enum DispatchFilter<'a> {
+    All,
+    /// Addressed to this unit.
+    Inbox(&'a str),
+    /// Issued by this unit.
+    Outbox(&'a str),
+    /// Issued by or addressed to this unit.
+    Involving(&'a str),
+}
+
+/// One line of `assign list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct AssignmentRow {
+    pub id: String,
+    pub dispatch_id: String,
+    pub unit: String,
+    pub lead: String,
+    pub deadline: String,
+    pub status: String,
+    pub conflicted: bool,
+}
+
+/// One line of `dossier list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct DossierRow {
+    pub id: String,
+    pub applicant: String,
+    pub procedure: String,
+    pub holder: String,
+    pub step: String,
+    pub since_ms: i64,
+}
+
+impl Store {
+    pub fn list_dispatches(&self, filter: DispatchFilter<'_>, limit: usize) -> Result<Vec<DispatchRow>> {
+        const COLS: &str = "d.id, d.ref, d.summary, d.kind, d.priority, d.issuer, d.created_at, d.recipients, d.received, d.scans";
+        let (sql, arg) = match filter {
+            DispatchFilter::All => (format!("SELECT {COLS} FROM dispatches d ORDER BY d.created_at DESC, d.id LIMIT ?2"), None),
+            DispatchFilter::Inbox(u) => (
+                format!("SELECT {COLS} FROM dispatch_recipients r JOIN dispatches d ON d.id = r.id WHERE r.unit = ?1 ORDER BY d.created_at DESC, d.id LIMIT ?2"),
+                Some(u),
+            ),
+            DispatchFilter::Outbox(u) => (format!("SELECT {COLS} FROM dispatches d WHERE d.issuer = ?1 ORDER BY d.created_at DESC, d.id LIMIT ?2"), Some(u)),
+            DispatchFilter::Involving(u) => (
+                format!(
+                    "SELECT {COLS} FROM dispatches d WHERE d.issuer = ?1 OR d.id IN (SELECT id FROM dispatch_recipients WHERE unit = ?1)
+                     ORDER BY d.created_at DESC, d.id LIMIT ?2"
+                ),
+                Some(u),
+            ),
+        };
+        let mut stmt = self.conn.prepare_cached(&sql).at(&self.path)?;
+        let rows = stmt
+            .query_map(params![arg.unwrap_or(""), limit as i64], |r| {
+                Ok(DispatchRow {
+                    id: r.get(0)?,
+                    ref_no: r.get(1)?,
+                    summary: r.get(2)?,
+                    kind: r.get(3)?,
+                    priority: r.get(4)?,
+                    issuer: r.get(5)?,
+                    created_at_ms: r.get(6)?,
+                    recipients: r.get(7)?,
+                    received: r.get(8)?,
+                    scans: r.get(9)?,
+                })
+            })
+            .at(&self.path)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
+    }
+
+    /// Assignments, optionally only those past `overdue_before` (YYYY-MM-DD) and not done,
+    /// and only those led by `lead`; earliest deadline first.
+    pub fn list_assignments(&self, overdue_before: Option<&str>, lead: Option<&str>, limit: usize) -> Result<Vec<AssignmentRow>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT id, dispatch_id, unit, lead, deadline, status, conflicted FROM assignments
+                 WHERE (?1 IS NULL OR (deadline < ?1 AND status != 'done'))
+                   AND (?2 IS NULL OR lead = ?2)
+                 ORDER BY deadline, id LIMIT ?3",
+            )
+            .at(&self.path)?;
+        let rows = stmt
+            .query_map(params![overdue_before, lead, limit as i64], |r| {
+                Ok(AssignmentRow {
+                    id: r.get(0)?,
+                    dispatch_id: r.get(1)?,
+                    unit: r.get(2)?,
+                    lead: r.get(3)?,
+                    deadline: r.get(4)?,
+                    status: r.get(5)?,
+                    conflicted: r.get(6)?,
+                })
+            })
+            .at(&self.path)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
+    }
+
+    pub fn list_dossiers(&self, limit: usize) -> Result<Vec<DossierRow>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id, applicant, procedure, holder, step, since FROM dossiers ORDER BY since DESC, id LIMIT ?1")
+            .at(&self.path)?;
+        let rows = stmt
+            .query_map([limit as i64], |r| {
+                Ok(DossierRow { id: r.get(0)?, applicant: r.get(1)?, procedure: r.get(2)?, holder: r.get(3)?, step: r.get(4)?, since_ms: r.get(5)? })
+            })
+            .at(&self.path)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
+    }
+
+    /// Assignments that handle a dispatch, for `dispatch show`.
+    pub fn assignments_of(&self, dispatch_id: &DocId) -> Result<Vec<String>> {
+        let mut stmt = self.conn.prepare_cached("SELECT id FROM assignments WHERE dispatch_id = ?1 ORDER BY id").at(&self.path)?;
+        let rows = stmt.query_map([dispatch_id.as_str()], |r| r.get(0)).at(&self.path)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
+    }
+}

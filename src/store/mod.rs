@@ -1,0 +1,176 @@
+//! SQLite persistence for one node: documents, blobs, index tables, users, checkpoints.
+//!
+//! Knows SQL and Automerge bytes; knows nothing of the network or the CLI. Every write runs in
+//! one `BEGIN IMMEDIATE` transaction, so a call that returns Ok has committed (WAL, synchronous=FULL)
+//! and one that fails has changed nothing.
+
+pub mod blobs;
+pub mod docs;
+pub mod index;
+mod schema;
+
+use std::path::{Path, PathBuf};
+
+use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior};
+
+use crate::model::ModelError;
+
+pub use docs::{DocCache, DocRecord};
+
+/// How long a writer waits for another process's write lock before giving up.
+const BUSY_TIMEOUT_MS: u64 = 10_000;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database {path}: {source}; if the file is damaged, restore it from a backup (docs/operations.md)")]
+    Sqlite { path: PathBuf, source: rusqlite::Error },
+    #[error("database {0} already exists: this node is already initialised")]
+    Exists(PathBuf),
+    #[error("no database at {0}: run `communesync init` first, or pass --data DIR")]
+    Missing(PathBuf),
+    #[error("database {path} has schema version {found}, newer than this program's {known}: upgrade communesync")]
+    TooNew { path: PathBuf, found: i64, known: i64 },
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("stored data is corrupt: {0}; run `communesync check` and restore from a backup if it persists")]
+    Corrupt(String),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// One node's database.
+pub struct Store {
+    conn: Connection,
+    path: PathBuf,
+    cache: DocCache,
+}
+
+/// Attaches the database path to a SQLite error.
+pub(crate) trait SqlContext<T> {
+    fn at(self, path: &Path) -> Result<T>;
+}
+
+impl<T> SqlContext<T> for rusqlite::Result<T> {
+    fn at(self, path: &Path) -> Result<T> {
+        self.map_err(|source| StoreError::Sqlite { path: path.to_path_buf(), source })
+    }
+}
+
+impl Store {
+    /// Creates a new database; refuses if one exists.
+    pub fn create(path: &Path, cache_docs: usize) -> Result<Store> {
+        if path.exists() {
+            return Err(StoreError::Exists(path.to_path_buf()));
+        }
+        Self::open_with(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE, cache_docs)
+    }
+
+    /// Opens an existing database, migrating it to the current schema.
+    pub fn open(path: &Path, cache_docs: usize) -> Result<Store> {
+        if !path.exists() {
+            return Err(StoreError::Missing(path.to_path_buf()));
+        }
+        Self::open_with(path, OpenFlags::SQLITE_OPEN_READ_WRITE, cache_docs)
+    }
+
+    fn open_with(path: &Path, flags: OpenFlags, cache_docs: usize) -> Result<Store> {
+        let mut conn = Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX).at(path)?;
+        conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS)).at(path)?;
+        // WAL keeps readers off the writer's back; FULL makes each commit survive power loss.
+        conn.pragma_update(None, "journal_mode", "WAL").at(path)?;
+        conn.pragma_update(None, "synchronous", "FULL").at(path)?;
+        conn.pragma_update(None, "foreign_keys", "ON").at(path)?;
+        schema::migrate(&mut conn, path)?;
+        Ok(Store { conn, path: path.to_path_buf(), cache: DocCache::new(cache_docs) })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    #[cfg(test)]
+    pub(crate) fn conn(&self) -> &Connection {
+        &self.conn
+    }
+
+    /// Runs `f` in one write transaction; commits only if it returns Ok.
+    pub fn write<T>(&mut self, f: impl FnOnce(&mut WriteTx<'_>) -> Result<T>) -> Result<T> {
+        let path = self.path.clone();
+        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).at(&path)?;
+        let mut wtx = WriteTx { tx, path: &path, cache: &mut self.cache, touched: Vec::new() };
+        let value = f(&mut wtx)?;
+        let WriteTx { tx, touched, cache, .. } = wtx;
+        tx.commit().at(&path)?;
+        cache.commit(touched);
+        Ok(value)
+    }
+
+    pub fn meta(&self, key: &str) -> Result<Option<String>> {
+        self.conn
+            .query_row("SELECT value FROM meta WHERE key = ?1", [key], |r| r.get(0))
+            .optional()
+            .at(&self.path)
+    }
+
+    pub fn users(&self) -> Result<Vec<User>> {
+        let mut stmt = self.conn.prepare_cached("SELECT name, title, created_at FROM users ORDER BY name").at(&self.path)?;
+        let rows = stmt
+            .query_map([], |r| Ok(User { name: r.get(0)?, title: r.get(1)?, created_at_ms: r.get(2)? }))
+            .at(&self.path)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
+    }
+
+    pub fn user_exists(&self, name: &str) -> Result<bool> {
+        self.conn
+            .query_row("SELECT 1 FROM users WHERE name = ?1", [name], |_| Ok(()))
+            .optional()
+            .map(|r| r.is_some())
+            .at(&self.path)
+    }
+}
+
+/// A user account of this node's unit.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct User {
+    pub name: String,
+    pub title: Option<String>,
+    pub created_at_ms: i64,
+}
+
+/// An open write transaction, with the document cache updated only once it commits.
+pub struct WriteTx<'a> {
+    tx: Transaction<'a>,
+    path: &'a Path,
+    cache: &'a mut DocCache,
+    touched: Vec<(crate::model::DocId, DocRecord)>,
+}
+
+impl WriteTx<'_> {
+    pub fn path(&self) -> &Path {
+        self.path
+    }
+
+    pub fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        self.tx
+            .execute("INSERT INTO meta(key, value) VALUES (?1, ?2) ON CONFLICT(key) DO UPDATE SET value = excluded.value", [key, value])
+            .at(self.path)?;
+        Ok(())
+    }
+
+    pub fn add_user(&self, name: &str, title: Option<&str>, at_ms: i64) -> Result<User> {
+        let inserted = self
+            .tx
+            .execute("INSERT OR IGNORE INTO users(name, title, created_at) VALUES (?1, ?2, ?3)", rusqlite::params![name, title, at_ms])
+            .at(self.path)?;
+        if inserted == 0 {
+            return Err(StoreError::Invalid(format!("user {name} already exists")));
+        }
+        Ok(User { name: name.to_string(), title: title.map(str::to_string), created_at_ms: at_ms })
+    }
+}

@@ -1,0 +1,101 @@
+//! Versioned schema migrations, applied in order inside one transaction at open.
+
+use std::path::Path;
+
+use rusqlite::Connection;
+
+use super::{Result, SqlContext, StoreError};
+
+/// Each entry moves the schema from version `index` to `index + 1`. Never edit a released one.
+const MIGRATIONS: &[&str] = &[
+    // 1: the offline node.
+    "
+    CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+    CREATE TABLE users (name TEXT PRIMARY KEY, title TEXT, created_at INTEGER NOT NULL);
+    CREATE TABLE feed (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL);
+    INSERT INTO feed (id, seq) VALUES (1, 0);
+
+    -- One row per Automerge document: the last snapshot plus the incremental chunks after it.
+    CREATE TABLE docs (
+        id TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        snapshot BLOB NOT NULL,
+        heads BLOB NOT NULL,        -- sorted 32-byte change hashes, concatenated
+        chunks INTEGER NOT NULL,    -- incremental chunks stored since the snapshot
+        chunk_bytes INTEGER NOT NULL,
+        seq INTEGER NOT NULL,       -- position in this node's change feed
+        updated_at INTEGER NOT NULL
+    );
+    CREATE INDEX docs_by_seq ON docs (seq);
+    CREATE TABLE doc_chunks (
+        doc_id TEXT NOT NULL REFERENCES docs (id),
+        n INTEGER NOT NULL,
+        data BLOB NOT NULL,
+        PRIMARY KEY (doc_id, n)
+    );
+    CREATE TABLE doc_parties (unit TEXT NOT NULL, doc_id TEXT NOT NULL, PRIMARY KEY (unit, doc_id)) WITHOUT ROWID;
+    CREATE INDEX doc_parties_by_doc ON doc_parties (doc_id);
+
+    CREATE TABLE dispatches (
+        id TEXT PRIMARY KEY,
+        ref TEXT NOT NULL,
+        summary TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        priority TEXT NOT NULL,
+        priority_rank INTEGER NOT NULL,
+        issuer TEXT NOT NULL,
+        created_at INTEGER NOT NULL,
+        recipients INTEGER NOT NULL,
+        received INTEGER NOT NULL,
+        scans INTEGER NOT NULL
+    );
+    CREATE INDEX dispatches_by_time ON dispatches (created_at);
+    CREATE INDEX dispatches_by_issuer ON dispatches (issuer, created_at);
+    CREATE TABLE dispatch_recipients (unit TEXT NOT NULL, id TEXT NOT NULL, received_at INTEGER, PRIMARY KEY (unit, id)) WITHOUT ROWID;
+    CREATE INDEX dispatch_recipients_by_id ON dispatch_recipients (id);
+    CREATE TABLE assignments (
+        id TEXT PRIMARY KEY,
+        dispatch_id TEXT NOT NULL,
+        unit TEXT NOT NULL,
+        lead TEXT NOT NULL,
+        deadline TEXT NOT NULL,
+        status TEXT NOT NULL,
+        conflicted INTEGER NOT NULL
+    );
+    CREATE INDEX assignments_by_deadline ON assignments (deadline);
+    CREATE INDEX assignments_by_lead ON assignments (lead, deadline);
+    CREATE TABLE dossiers (
+        id TEXT PRIMARY KEY,
+        applicant TEXT NOT NULL,
+        procedure TEXT NOT NULL,
+        holder TEXT NOT NULL,
+        step TEXT NOT NULL,
+        since INTEGER NOT NULL
+    );
+
+    -- Scans: content-addressed by BLAKE3, chunked; each chunk carries its own hash.
+    CREATE TABLE blobs (hash BLOB PRIMARY KEY, size INTEGER NOT NULL, chunk_bytes INTEGER NOT NULL, chunks INTEGER NOT NULL, created_at INTEGER NOT NULL);
+    CREATE TABLE blob_chunks (hash BLOB NOT NULL, idx INTEGER NOT NULL, chunk_hash BLOB NOT NULL, data BLOB NOT NULL, PRIMARY KEY (hash, idx));
+    -- Which documents reference which blob, and how urgent the most urgent of them is.
+    CREATE TABLE doc_blobs (hash BLOB NOT NULL, doc_id TEXT NOT NULL, priority_rank INTEGER NOT NULL, size INTEGER NOT NULL, PRIMARY KEY (hash, doc_id)) WITHOUT ROWID;
+    CREATE INDEX doc_blobs_by_doc ON doc_blobs (doc_id);
+    ",
+];
+
+pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
+
+pub fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
+    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).at(path)?;
+    if found > SCHEMA_VERSION {
+        return Err(StoreError::TooNew { path: path.to_path_buf(), found, known: SCHEMA_VERSION });
+    }
+    if found == SCHEMA_VERSION {
+        return Ok(());
+    }
+    let tx = conn.transaction().at(path)?;
+    for (version, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        tx.execute_batch(sql).at(path)?;
+        tx.pragma_update(None, "user_version", version as i64 + 1).at(path)?;
+    }
+    tx.commit().at(path)
+}
