@@ -12,8 +12,10 @@
 //! - [`units`]: the unit tree (province, districts, communes) and scope rules.
 //! - [`linksim`]: a UDP link simulator (delay, loss, rate, outages) for tests and benchmarks.
 
+pub mod cli;
 pub mod linksim;
 pub mod model;
+pub mod node;
 pub mod store;
 pub mod trust;
 pub mod units;

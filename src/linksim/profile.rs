@@ -369,8 +369,14 @@ mod tests {
 
     #[test]
     fn parses_presets_and_overrides() {
-        assert_eq!(LinkProfile::parse("weak4g").unwrap(), LinkProfile::weak_4g());
-        assert_eq!(LinkProfile::parse("Weak-4G").unwrap(), LinkProfile::weak_4g());
+        assert_eq!(
+            LinkProfile::parse("weak4g").unwrap(),
+            LinkProfile::weak_4g()
+        );
+        assert_eq!(
+            LinkProfile::parse("Weak-4G").unwrap(),
+            LinkProfile::weak_4g()
+        );
         assert_eq!(LinkProfile::parse("2g").unwrap(), LinkProfile::two_g());
         assert_eq!(LinkProfile::parse("vsat").unwrap(), LinkProfile::vsat());
         assert_eq!(
@@ -401,8 +407,10 @@ mod tests {
             LinkProfile::weak_4g(),
             LinkProfile::two_g(),
             LinkProfile::vsat(),
-            LinkProfile::parse("rate=1234bit,delay=7ms,jitter=3ms,loss=0.1234567,queue=1000,reorder")
-                .unwrap(),
+            LinkProfile::parse(
+                "rate=1234bit,delay=7ms,jitter=3ms,loss=0.1234567,queue=1000,reorder",
+            )
+            .unwrap(),
         ] {
             assert_eq!(LinkProfile::parse(&p.to_string()).unwrap(), p, "{p}");
         }
@@ -470,7 +478,16 @@ mod tests {
         assert!(o.contains(Duration::from_secs(3600)));
         assert!(!o.contains(Duration::from_secs(3599)));
         assert!(!o.contains(Duration::from_secs(3600 + 2 * 86_400)));
-        for bad in ["10s", "10s+", "+5s", "x+5s", "10+5s", "10s+5y", "1e30d+1s", "99999999999999999999d+1s"] {
+        for bad in [
+            "10s",
+            "10s+",
+            "+5s",
+            "x+5s",
+            "10+5s",
+            "10s+5y",
+            "1e30d+1s",
+            "99999999999999999999d+1s",
+        ] {
             let msg = bad.parse::<Outage>().expect_err(bad).to_string();
             assert!(msg.starts_with("invalid outage"), "{bad:?} -> {msg}");
         }

@@ -5,18 +5,30 @@ use automerge::{transaction::Transactable, AutoCommit, ROOT};
 use serde::Serialize;
 
 use super::dispatch::text_enum;
-use super::{check_text, commit, push_map, put_list, Author, Conflict, DocId, ModelError, Reader, Result};
+use super::{
+    check_text, commit, push_map, put_list, Author, Conflict, DocId, ModelError, Reader, Result,
+};
 
 /// Most co-handlers on one assignment.
 pub const CO_HANDLERS_MAX: usize = 64;
 
-text_enum!(Status, "status", Assigned = "assigned", InProgress = "in-progress", Done = "done", Returned = "returned");
+text_enum!(
+    Status,
+    "status",
+    Assigned = "assigned",
+    InProgress = "in-progress",
+    Done = "done",
+    Returned = "returned"
+);
 
 /// Parses a deadline given as YYYY-MM-DD.
 pub fn parse_deadline(text: &str) -> Result<time::Date> {
     let format = time::macros::format_description!("[year]-[month]-[day]");
-    time::Date::parse(text, &format)
-        .map_err(|_| ModelError::Invalid(format!("deadline {text:?} is not a date: use YYYY-MM-DD, like 2026-12-31")))
+    time::Date::parse(text, &format).map_err(|_| {
+        ModelError::Invalid(format!(
+            "deadline {text:?} is not a date: use YYYY-MM-DD, like 2026-12-31"
+        ))
+    })
 }
 
 #[derive(Debug, Clone)]
@@ -52,7 +64,14 @@ pub struct AssignmentView {
     pub conflicts: Vec<Conflict>,
 }
 
-fn push_transition(doc: &mut AutoCommit, id: &DocId, status: Status, note: Option<&str>, author: &Author, at_ms: i64) -> Result<()> {
+fn push_transition(
+    doc: &mut AutoCommit,
+    id: &DocId,
+    status: Status,
+    note: Option<&str>,
+    author: &Author,
+    at_ms: i64,
+) -> Result<()> {
     let history = Reader::new(doc, id.as_str()).object(&ROOT, "history", "history")?;
     let item = push_map(doc, &history)?;
     doc.put(&item, "status", status.as_str())?;
@@ -65,12 +84,23 @@ fn push_transition(doc: &mut AutoCommit, id: &DocId, status: Status, note: Optio
     Ok(())
 }
 
-pub fn create(doc: &mut AutoCommit, id: &DocId, a: &NewAssignment, author: &Author, at_ms: i64) -> Result<()> {
+pub fn create(
+    doc: &mut AutoCommit,
+    id: &DocId,
+    a: &NewAssignment,
+    author: &Author,
+    at_ms: i64,
+) -> Result<()> {
     if a.co.len() > CO_HANDLERS_MAX {
-        return Err(ModelError::Invalid(format!("at most {CO_HANDLERS_MAX} co-handlers")));
+        return Err(ModelError::Invalid(format!(
+            "at most {CO_HANDLERS_MAX} co-handlers"
+        )));
     }
     if a.co.contains(&a.lead) {
-        return Err(ModelError::Invalid(format!("{} cannot be both lead and co-handler", a.lead)));
+        return Err(ModelError::Invalid(format!(
+            "{} cannot be both lead and co-handler",
+            a.lead
+        )));
     }
     let deadline = a.deadline.to_string();
     doc.put(ROOT, "type", "assignment")?;
@@ -88,15 +118,36 @@ pub fn create(doc: &mut AutoCommit, id: &DocId, a: &NewAssignment, author: &Auth
     doc.put(ROOT, "created_by", author.user.as_str())?;
     put_list(doc, &ROOT, "history")?;
     push_transition(doc, id, Status::Assigned, None, author, at_ms)?;
-    let co_text = if a.co.is_empty() { String::new() } else { format!(", co-handlers {}", a.co.join(", ")) };
-    commit(doc, author, at_ms, format!("assigned {} to lead {}{co_text}, deadline {deadline}", a.dispatch_id, a.lead));
+    let co_text = if a.co.is_empty() {
+        String::new()
+    } else {
+        format!(", co-handlers {}", a.co.join(", "))
+    };
+    commit(
+        doc,
+        author,
+        at_ms,
+        format!(
+            "assigned {} to lead {}{co_text}, deadline {deadline}",
+            a.dispatch_id, a.lead
+        ),
+    );
     Ok(())
 }
 
 /// Moves the assignment to `status`, appending the transition to the history.
-pub fn update_status(doc: &mut AutoCommit, id: &DocId, status: Status, note: Option<&str>, author: &Author, at_ms: i64) -> Result<()> {
+pub fn update_status(
+    doc: &mut AutoCommit,
+    id: &DocId,
+    status: Status,
+    note: Option<&str>,
+    author: &Author,
+    at_ms: i64,
+) -> Result<()> {
     if status == Status::Assigned {
-        return Err(ModelError::Invalid("status can be set to in-progress, done or returned".into()));
+        return Err(ModelError::Invalid(
+            "status can be set to in-progress, done or returned".into(),
+        ));
     }
     if let Some(note) = note {
         check_text("note", note)?;
@@ -105,14 +156,22 @@ pub fn update_status(doc: &mut AutoCommit, id: &DocId, status: Status, note: Opt
     doc.put(ROOT, "status", status.as_str())?;
     push_transition(doc, id, status, note, author, at_ms)?;
     let note_text = note.map(|n| format!(": {n}")).unwrap_or_default();
-    commit(doc, author, at_ms, format!("status {previous} → {status}{note_text}"));
+    commit(
+        doc,
+        author,
+        at_ms,
+        format!("status {previous} → {status}{note_text}"),
+    );
     Ok(())
 }
 
 pub fn read(doc: &AutoCommit, id: &DocId) -> Result<AssignmentView> {
     let mut r = Reader::new(doc, id.as_str());
     if r.doc_type()? != "assignment" {
-        return Err(ModelError::Malformed(id.to_string(), "not an assignment".into()));
+        return Err(ModelError::Malformed(
+            id.to_string(),
+            "not an assignment".into(),
+        ));
     }
     let co_obj = r.object(&ROOT, "co", "co")?;
     let co = r.list_strs(&co_obj);
@@ -144,7 +203,9 @@ pub fn read(doc: &AutoCommit, id: &DocId) -> Result<AssignmentView> {
 
 /// An assignment is internal to its unit: it replicates only up the tree, never to siblings.
 pub fn parties(doc: &AutoCommit, id: &DocId) -> Result<Vec<String>> {
-    Ok(vec![Reader::new(doc, id.as_str()).str(&ROOT, "unit", "unit")?])
+    Ok(vec![
+        Reader::new(doc, id.as_str()).str(&ROOT, "unit", "unit")?
+    ])
 }
 
 #[cfg(test)]
@@ -153,7 +214,11 @@ mod tests {
     use crate::model::DocKind;
 
     fn author(user: &str) -> Author {
-        Author { user: user.into(), unit: "qn/binhlieu/tinhhuc".into(), node: "11".repeat(16) }
+        Author {
+            user: user.into(),
+            unit: "qn/binhlieu/tinhhuc".into(),
+            node: "11".repeat(16),
+        }
     }
 
     fn new_doc() -> (DocId, AutoCommit) {
@@ -173,7 +238,15 @@ mod tests {
     #[test]
     fn history_is_kept_whole() {
         let (id, mut doc) = new_doc();
-        update_status(&mut doc, &id, Status::InProgress, Some("started"), &author("minh"), 2_000).unwrap();
+        update_status(
+            &mut doc,
+            &id,
+            Status::InProgress,
+            Some("started"),
+            &author("minh"),
+            2_000,
+        )
+        .unwrap();
         update_status(&mut doc, &id, Status::Done, None, &author("minh"), 3_000).unwrap();
         let v = read(&doc, &id).unwrap();
         assert_eq!(v.status, "done");
@@ -186,17 +259,42 @@ mod tests {
     #[test]
     fn concurrent_status_updates_merge_and_show_the_conflict() {
         let (id, mut a) = new_doc();
-        let mut b = a.fork().with_actor(automerge::ActorId::from(&[7u8; 16][..]));
-        update_status(&mut a, &id, Status::Done, Some("finished at commune"), &author("minh"), 2_000).unwrap();
-        update_status(&mut b, &id, Status::Returned, Some("needs more data"), &author("lan"), 2_100).unwrap();
+        let mut b = a
+            .fork()
+            .with_actor(automerge::ActorId::from(&[7u8; 16][..]));
+        update_status(
+            &mut a,
+            &id,
+            Status::Done,
+            Some("finished at commune"),
+            &author("minh"),
+            2_000,
+        )
+        .unwrap();
+        update_status(
+            &mut b,
+            &id,
+            Status::Returned,
+            Some("needs more data"),
+            &author("lan"),
+            2_100,
+        )
+        .unwrap();
         a.merge(&mut b).unwrap();
         b.merge(&mut a).unwrap();
         let va = read(&a, &id).unwrap();
         let vb = read(&b, &id).unwrap();
         assert_eq!(va.status, vb.status, "replicas agree on the winner");
         assert_eq!(va.history.len(), 3, "both transitions are kept");
-        let conflict = va.conflicts.iter().find(|c| c.field == "status").expect("conflict visible");
-        assert!(conflict.values.contains(&"done".to_string()) && conflict.values.contains(&"returned".to_string()));
+        let conflict = va
+            .conflicts
+            .iter()
+            .find(|c| c.field == "status")
+            .expect("conflict visible");
+        assert!(
+            conflict.values.contains(&"done".to_string())
+                && conflict.values.contains(&"returned".to_string())
+        );
     }
 
     #[test]

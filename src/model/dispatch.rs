@@ -3,7 +3,10 @@
 use automerge::{transaction::Transactable, AutoCommit, ReadDoc, ROOT};
 use serde::{Deserialize, Serialize};
 
-use super::{check_text, commit, push_map, put_list, put_map, Author, Conflict, DocId, ModelError, Reader, Result};
+use super::{
+    check_text, commit, push_map, put_list, put_map, Author, Conflict, DocId, ModelError, Reader,
+    Result,
+};
 
 /// Most recipients one dispatch may name (a province writing to all its units stays well below).
 pub const RECIPIENTS_MAX: usize = 1_000;
@@ -45,8 +48,22 @@ macro_rules! text_enum {
 }
 pub(crate) use text_enum;
 
-text_enum!(DispatchKind, "kind", Dispatch = "dispatch", Directive = "directive", Report = "report", Decision = "decision");
-text_enum!(Priority, "priority", Normal = "normal", Urgent = "urgent", MostUrgent = "most-urgent", Flash = "flash");
+text_enum!(
+    DispatchKind,
+    "kind",
+    Dispatch = "dispatch",
+    Directive = "directive",
+    Report = "report",
+    Decision = "decision"
+);
+text_enum!(
+    Priority,
+    "priority",
+    Normal = "normal",
+    Urgent = "urgent",
+    MostUrgent = "most-urgent",
+    Flash = "flash"
+);
 
 impl Priority {
     /// Higher is more urgent; sync sends higher ranks first.
@@ -114,11 +131,19 @@ pub struct DispatchView {
 }
 
 /// Writes a new dispatch into an empty document.
-pub fn create(doc: &mut AutoCommit, id: &DocId, d: &NewDispatch, author: &Author, at_ms: i64) -> Result<()> {
+pub fn create(
+    doc: &mut AutoCommit,
+    id: &DocId,
+    d: &NewDispatch,
+    author: &Author,
+    at_ms: i64,
+) -> Result<()> {
     check_text("reference number", &d.ref_no)?;
     check_text("summary", &d.summary)?;
     if d.to.is_empty() {
-        return Err(ModelError::Invalid("a dispatch needs at least one recipient (--to UNIT)".into()));
+        return Err(ModelError::Invalid(
+            "a dispatch needs at least one recipient (--to UNIT)".into(),
+        ));
     }
     if d.to.len() > RECIPIENTS_MAX || d.attachments.len() > ATTACHMENTS_MAX {
         return Err(ModelError::Invalid(format!(
@@ -153,14 +178,24 @@ pub fn create(doc: &mut AutoCommit, id: &DocId, d: &NewDispatch, author: &Author
         d.ref_no,
         d.priority,
         d.to.join(", "),
-        if d.attachments.is_empty() { String::new() } else { format!(" with {} scan(s)", d.attachments.len()) }
+        if d.attachments.is_empty() {
+            String::new()
+        } else {
+            format!(" with {} scan(s)", d.attachments.len())
+        }
     );
     commit(doc, author, at_ms, what);
     Ok(())
 }
 
 /// Records that `unit` received the dispatch; a repeated receipt keeps the first one.
-pub fn receive(doc: &mut AutoCommit, id: &DocId, unit: &str, author: &Author, at_ms: i64) -> Result<bool> {
+pub fn receive(
+    doc: &mut AutoCommit,
+    id: &DocId,
+    unit: &str,
+    author: &Author,
+    at_ms: i64,
+) -> Result<bool> {
     let r = Reader::new(doc, id.as_str());
     let recipients = r.object(&ROOT, "recipients", "recipients")?;
     let entry = match doc.get(&recipients, unit)? {
@@ -180,7 +215,13 @@ pub fn receive(doc: &mut AutoCommit, id: &DocId, unit: &str, author: &Author, at
     Ok(true)
 }
 
-pub fn add_comment(doc: &mut AutoCommit, id: &DocId, text: &str, author: &Author, at_ms: i64) -> Result<()> {
+pub fn add_comment(
+    doc: &mut AutoCommit,
+    id: &DocId,
+    text: &str,
+    author: &Author,
+    at_ms: i64,
+) -> Result<()> {
     check_text("comment", text)?;
     let comments = Reader::new(doc, id.as_str()).object(&ROOT, "comments", "comments")?;
     let item = push_map(doc, &comments)?;
@@ -195,7 +236,10 @@ pub fn add_comment(doc: &mut AutoCommit, id: &DocId, text: &str, author: &Author
 pub fn read(doc: &AutoCommit, id: &DocId) -> Result<DispatchView> {
     let mut r = Reader::new(doc, id.as_str());
     if r.doc_type()? != "dispatch" {
-        return Err(ModelError::Malformed(id.to_string(), "not a dispatch".into()));
+        return Err(ModelError::Malformed(
+            id.to_string(),
+            "not a dispatch".into(),
+        ));
     }
     let recipients_obj = r.object(&ROOT, "recipients", "recipients")?;
     let mut recipients = Vec::new();
@@ -258,7 +302,11 @@ mod tests {
     use super::*;
 
     pub(crate) fn author(user: &str, unit: &str) -> Author {
-        Author { user: user.into(), unit: unit.into(), node: "00".repeat(16) }
+        Author {
+            user: user.into(),
+            unit: unit.into(),
+            node: "00".repeat(16),
+        }
     }
 
     fn sample(to: &[&str]) -> NewDispatch {
@@ -269,7 +317,12 @@ mod tests {
             priority: Priority::Urgent,
             issuer: "qn".into(),
             to: to.iter().map(|s| s.to_string()).collect(),
-            attachments: vec![Attachment { hash: "ab".repeat(32), name: "scan.pdf".into(), media_type: "application/pdf".into(), size: 42 }],
+            attachments: vec![Attachment {
+                hash: "ab".repeat(32),
+                name: "scan.pdf".into(),
+                media_type: "application/pdf".into(),
+                size: 42,
+            }],
         }
     }
 
@@ -277,11 +330,46 @@ mod tests {
     fn create_read_receive_comment() {
         let id = DocId::generate(super::super::DocKind::Dispatch);
         let mut doc = AutoCommit::new();
-        create(&mut doc, &id, &sample(&["qn/binhlieu/tinhhuc"]), &author("lan", "qn"), 1_000).unwrap();
-        assert!(receive(&mut doc, &id, "qn/binhlieu/tinhhuc", &author("minh", "qn/binhlieu/tinhhuc"), 2_000).unwrap());
-        assert!(!receive(&mut doc, &id, "qn/binhlieu/tinhhuc", &author("minh", "qn/binhlieu/tinhhuc"), 3_000).unwrap());
-        assert!(receive(&mut doc, &id, "qn/binhlieu/hucdong", &author("x", "qn/binhlieu/hucdong"), 3_000).is_err());
-        add_comment(&mut doc, &id, "đã nhận", &author("minh", "qn/binhlieu/tinhhuc"), 4_000).unwrap();
+        create(
+            &mut doc,
+            &id,
+            &sample(&["qn/binhlieu/tinhhuc"]),
+            &author("lan", "qn"),
+            1_000,
+        )
+        .unwrap();
+        assert!(receive(
+            &mut doc,
+            &id,
+            "qn/binhlieu/tinhhuc",
+            &author("minh", "qn/binhlieu/tinhhuc"),
+            2_000
+        )
+        .unwrap());
+        assert!(!receive(
+            &mut doc,
+            &id,
+            "qn/binhlieu/tinhhuc",
+            &author("minh", "qn/binhlieu/tinhhuc"),
+            3_000
+        )
+        .unwrap());
+        assert!(receive(
+            &mut doc,
+            &id,
+            "qn/binhlieu/hucdong",
+            &author("x", "qn/binhlieu/hucdong"),
+            3_000
+        )
+        .is_err());
+        add_comment(
+            &mut doc,
+            &id,
+            "đã nhận",
+            &author("minh", "qn/binhlieu/tinhhuc"),
+            4_000,
+        )
+        .unwrap();
         let v = read(&doc, &id).unwrap();
         assert_eq!(v.ref_no, "123/UBND-VP");
         assert_eq!(v.recipients[0].received_by.as_deref(), Some("minh"));
@@ -289,7 +377,10 @@ mod tests {
         assert_eq!(v.attachments[0].size, 42);
         assert_eq!(v.comments[0].text, "đã nhận");
         assert!(v.conflicts.is_empty());
-        assert_eq!(parties(&doc, &id).unwrap(), vec!["qn".to_string(), "qn/binhlieu/tinhhuc".to_string()]);
+        assert_eq!(
+            parties(&doc, &id).unwrap(),
+            vec!["qn".to_string(), "qn/binhlieu/tinhhuc".to_string()]
+        );
         let trail = super::super::audit(&mut doc);
         assert_eq!(trail.len(), 3);
         assert_eq!(trail[1].user, "minh");
@@ -300,20 +391,45 @@ mod tests {
     fn concurrent_comments_both_survive_a_merge() {
         let id = DocId::generate(super::super::DocKind::Dispatch);
         let mut a = AutoCommit::new();
-        create(&mut a, &id, &sample(&["qn/binhlieu/tinhhuc"]), &author("lan", "qn"), 1_000).unwrap();
+        create(
+            &mut a,
+            &id,
+            &sample(&["qn/binhlieu/tinhhuc"]),
+            &author("lan", "qn"),
+            1_000,
+        )
+        .unwrap();
         let mut b = a.fork();
         add_comment(&mut a, &id, "from province", &author("lan", "qn"), 2_000).unwrap();
-        add_comment(&mut b, &id, "from commune", &author("minh", "qn/binhlieu/tinhhuc"), 2_000).unwrap();
+        add_comment(
+            &mut b,
+            &id,
+            "from commune",
+            &author("minh", "qn/binhlieu/tinhhuc"),
+            2_000,
+        )
+        .unwrap();
         a.merge(&mut b).unwrap();
-        let texts: Vec<_> = read(&a, &id).unwrap().comments.into_iter().map(|c| c.text).collect();
+        let texts: Vec<_> = read(&a, &id)
+            .unwrap()
+            .comments
+            .into_iter()
+            .map(|c| c.text)
+            .collect();
         assert_eq!(texts.len(), 2);
-        assert!(texts.contains(&"from province".to_string()) && texts.contains(&"from commune".to_string()));
+        assert!(
+            texts.contains(&"from province".to_string())
+                && texts.contains(&"from commune".to_string())
+        );
     }
 
     #[test]
     fn bad_input_is_refused() {
         assert!("urgentish".parse::<Priority>().is_err());
-        assert_eq!("most-urgent".parse::<Priority>().unwrap(), Priority::MostUrgent);
+        assert_eq!(
+            "most-urgent".parse::<Priority>().unwrap(),
+            Priority::MostUrgent
+        );
         let id = DocId::generate(super::super::DocKind::Dispatch);
         let mut doc = AutoCommit::new();
         assert!(create(&mut doc, &id, &sample(&[]), &author("lan", "qn"), 1).is_err());

@@ -3,7 +3,9 @@
 use automerge::{transaction::Transactable, AutoCommit, ROOT};
 use serde::Serialize;
 
-use super::{check_text, commit, push_map, put_list, Author, Conflict, DocId, ModelError, Reader, Result};
+use super::{
+    check_text, commit, push_map, put_list, Author, Conflict, DocId, ModelError, Reader, Result,
+};
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Step {
@@ -30,7 +32,14 @@ pub struct DossierView {
 
 const FIRST_STEP: &str = "received";
 
-fn push_step(doc: &mut AutoCommit, id: &DocId, step: &str, unit: &str, author: &Author, at_ms: i64) -> Result<()> {
+fn push_step(
+    doc: &mut AutoCommit,
+    id: &DocId,
+    step: &str,
+    unit: &str,
+    author: &Author,
+    at_ms: i64,
+) -> Result<()> {
     let route = Reader::new(doc, id.as_str()).object(&ROOT, "route", "route")?;
     let item = push_map(doc, &route)?;
     doc.put(&item, "step", step)?;
@@ -43,7 +52,14 @@ fn push_step(doc: &mut AutoCommit, id: &DocId, step: &str, unit: &str, author: &
     Ok(())
 }
 
-pub fn create(doc: &mut AutoCommit, id: &DocId, applicant: &str, procedure: &str, author: &Author, at_ms: i64) -> Result<()> {
+pub fn create(
+    doc: &mut AutoCommit,
+    id: &DocId,
+    applicant: &str,
+    procedure: &str,
+    author: &Author,
+    at_ms: i64,
+) -> Result<()> {
     check_text("applicant", applicant)?;
     check_text("procedure", procedure)?;
     doc.put(ROOT, "type", "dossier")?;
@@ -53,17 +69,33 @@ pub fn create(doc: &mut AutoCommit, id: &DocId, applicant: &str, procedure: &str
     doc.put(ROOT, "origin", author.unit.as_str())?;
     put_list(doc, &ROOT, "route")?;
     push_step(doc, id, FIRST_STEP, &author.unit, author, at_ms)?;
-    commit(doc, author, at_ms, format!("dossier opened for {applicant}: {procedure}"));
+    commit(
+        doc,
+        author,
+        at_ms,
+        format!("dossier opened for {applicant}: {procedure}"),
+    );
     Ok(())
 }
 
 /// Moves the dossier to a new step, optionally handing it to another unit.
-pub fn advance(doc: &mut AutoCommit, id: &DocId, step: &str, to_unit: Option<&str>, author: &Author, at_ms: i64) -> Result<()> {
+pub fn advance(
+    doc: &mut AutoCommit,
+    id: &DocId,
+    step: &str,
+    to_unit: Option<&str>,
+    author: &Author,
+    at_ms: i64,
+) -> Result<()> {
     check_text("step", step)?;
     let holder = Reader::new(doc, id.as_str()).str(&ROOT, "holder", "holder")?;
     let unit = to_unit.unwrap_or(&holder).to_string();
     push_step(doc, id, step, &unit, author, at_ms)?;
-    let hand = if unit != holder { format!(", handed from {holder} to {unit}") } else { String::new() };
+    let hand = if unit != holder {
+        format!(", handed from {holder} to {unit}")
+    } else {
+        String::new()
+    };
     commit(doc, author, at_ms, format!("step: {step}{hand}"));
     Ok(())
 }
@@ -71,7 +103,10 @@ pub fn advance(doc: &mut AutoCommit, id: &DocId, step: &str, to_unit: Option<&st
 pub fn read(doc: &AutoCommit, id: &DocId) -> Result<DossierView> {
     let mut r = Reader::new(doc, id.as_str());
     if r.doc_type()? != "dossier" {
-        return Err(ModelError::Malformed(id.to_string(), "not a dossier".into()));
+        return Err(ModelError::Malformed(
+            id.to_string(),
+            "not a dossier".into(),
+        ));
     }
     let route_obj = r.object(&ROOT, "route", "route")?;
     let mut route = Vec::new();
@@ -112,12 +147,32 @@ mod tests {
 
     #[test]
     fn track_route_and_current_step() {
-        let author = Author { user: "thu".into(), unit: "qn/binhlieu/tinhhuc".into(), node: "22".repeat(16) };
+        let author = Author {
+            user: "thu".into(),
+            unit: "qn/binhlieu/tinhhuc".into(),
+            node: "22".repeat(16),
+        };
         let id = DocId::generate(DocKind::Dossier);
         let mut doc = AutoCommit::new();
-        create(&mut doc, &id, "Nguyễn Văn A", "birth registration", &author, 1_000).unwrap();
+        create(
+            &mut doc,
+            &id,
+            "Nguyễn Văn A",
+            "birth registration",
+            &author,
+            1_000,
+        )
+        .unwrap();
         advance(&mut doc, &id, "verified", None, &author, 2_000).unwrap();
-        advance(&mut doc, &id, "district approval", Some("qn/binhlieu"), &author, 3_000).unwrap();
+        advance(
+            &mut doc,
+            &id,
+            "district approval",
+            Some("qn/binhlieu"),
+            &author,
+            3_000,
+        )
+        .unwrap();
         let v = read(&doc, &id).unwrap();
         assert_eq!(v.step, "district approval");
         assert_eq!(v.holder, "qn/binhlieu");

@@ -10,7 +10,10 @@ pub mod dossier;
 use std::fmt;
 use std::str::FromStr;
 
-use automerge::{transaction::CommitOptions, AutoCommit, ChangeHash, ObjId, ObjType, ReadDoc, ScalarValue, Value, ROOT};
+use automerge::{
+    transaction::CommitOptions, AutoCommit, ChangeHash, ObjId, ObjType, ReadDoc, ScalarValue,
+    Value, ROOT,
+};
 use serde::{Deserialize, Serialize};
 
 /// Longest free text accepted in any field (summary, note, comment), in bytes.
@@ -89,7 +92,9 @@ impl FromStr for DocId {
     fn from_str(s: &str) -> Result<Self> {
         let ok = s.len() == 20
             && matches!(&s[..4], "dsp_" | "asg_" | "dos_")
-            && s[4..].bytes().all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
+            && s[4..]
+                .bytes()
+                .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
         if ok {
             Ok(DocId(s.to_string()))
         } else {
@@ -146,7 +151,12 @@ impl ChangeNote {
 }
 
 /// Commits the pending operations of `doc` as one change carrying the audit note.
-pub fn commit(doc: &mut AutoCommit, author: &Author, at_ms: i64, what: impl Into<String>) -> Option<ChangeHash> {
+pub fn commit(
+    doc: &mut AutoCommit,
+    author: &Author,
+    at_ms: i64,
+    what: impl Into<String>,
+) -> Option<ChangeHash> {
     let note = ChangeNote {
         user: author.user.clone(),
         unit: author.unit.clone(),
@@ -155,7 +165,11 @@ pub fn commit(doc: &mut AutoCommit, author: &Author, at_ms: i64, what: impl Into
         what: what.into(),
     };
     let message = serde_json::to_string(&note).expect("a change note always serializes");
-    doc.commit_with(CommitOptions::default().with_message(message).with_time(at_ms / 1000))
+    doc.commit_with(
+        CommitOptions::default()
+            .with_message(message)
+            .with_time(at_ms / 1000),
+    )
 }
 
 /// One line of a document's audit trail.
@@ -186,7 +200,15 @@ pub fn audit(doc: &mut AutoCommit) -> Vec<AuditEntry> {
                     "change without an audit note".into(),
                 ),
             };
-            AuditEntry { hash: change.hash().to_string(), at_ms, user, unit, node, what, ops: change.len() }
+            AuditEntry {
+                hash: change.hash().to_string(),
+                at_ms,
+                user,
+                unit,
+                node,
+                what,
+                ops: change.len(),
+            }
         })
         .collect()
 }
@@ -220,7 +242,11 @@ fn scalar_text(value: &Value<'_>) -> String {
 
 impl<'a> Reader<'a> {
     pub fn new(doc: &'a AutoCommit, id: &'a str) -> Self {
-        Reader { doc, id, conflicts: Vec::new() }
+        Reader {
+            doc,
+            id,
+            conflicts: Vec::new(),
+        }
     }
 
     fn malformed(&self, what: String) -> ModelError {
@@ -261,7 +287,8 @@ impl<'a> Reader<'a> {
         match self.value(obj, key, path)? {
             Some(Value::Scalar(s)) => match s.as_ref() {
                 ScalarValue::Int(i) => Ok(*i),
-                ScalarValue::Uint(u) => i64::try_from(*u).map_err(|_| self.malformed(format!("field {path} is out of range"))),
+                ScalarValue::Uint(u) => i64::try_from(*u)
+                    .map_err(|_| self.malformed(format!("field {path} is out of range"))),
                 ScalarValue::Timestamp(t) => Ok(*t),
                 _ => Err(self.malformed(format!("field {path} is not a number"))),
             },
@@ -327,18 +354,33 @@ pub fn check_text(field: &str, text: &str) -> Result<()> {
 
 /// Creates a new, empty list under `key`.
 pub(crate) fn put_list(doc: &mut AutoCommit, obj: &ObjId, key: &str) -> Result<ObjId> {
-    Ok(automerge::transaction::Transactable::put_object(doc, obj, key, ObjType::List)?)
+    Ok(automerge::transaction::Transactable::put_object(
+        doc,
+        obj,
+        key,
+        ObjType::List,
+    )?)
 }
 
 /// Creates a new, empty map under `key`.
 pub(crate) fn put_map(doc: &mut AutoCommit, obj: &ObjId, key: &str) -> Result<ObjId> {
-    Ok(automerge::transaction::Transactable::put_object(doc, obj, key, ObjType::Map)?)
+    Ok(automerge::transaction::Transactable::put_object(
+        doc,
+        obj,
+        key,
+        ObjType::Map,
+    )?)
 }
 
 /// Appends a new map to a list.
 pub(crate) fn push_map(doc: &mut AutoCommit, list: &ObjId) -> Result<ObjId> {
     let len = doc.length(list);
-    Ok(automerge::transaction::Transactable::insert_object(doc, list, len, ObjType::Map)?)
+    Ok(automerge::transaction::Transactable::insert_object(
+        doc,
+        list,
+        len,
+        ObjType::Map,
+    )?)
 }
 
 /// The units a document concerns: what decides which nodes replicate it.

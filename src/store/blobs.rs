@@ -27,12 +27,17 @@ pub struct BlobInfo {
 
 pub fn parse_hash(hex_text: &str) -> Result<Hash> {
     let mut hash = [0u8; 32];
-    hex::decode_to_slice(hex_text, &mut hash).map_err(|_| StoreError::Invalid(format!("{hex_text:?} is not a BLAKE3 hash (64 hex digits)")))?;
+    hex::decode_to_slice(hex_text, &mut hash).map_err(|_| {
+        StoreError::Invalid(format!("{hex_text:?} is not a BLAKE3 hash (64 hex digits)"))
+    })?;
     Ok(hash)
 }
 
 fn io_err(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io { path: path.to_path_buf(), source }
+    move |source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
 }
 
 /// Streams a file through `each` in CHUNK_BYTES pieces; returns its BLAKE3 hash and size.
@@ -55,7 +60,10 @@ fn scan_file(path: &Path, mut each: impl FnMut(usize, &[u8]) -> Result<()>) -> R
         }
         size += filled as u64;
         if size > BLOB_BYTES_MAX {
-            return Err(StoreError::Invalid(format!("{}: larger than the {BLOB_BYTES_MAX}-byte limit for a scan", path.display())));
+            return Err(StoreError::Invalid(format!(
+                "{}: larger than the {BLOB_BYTES_MAX}-byte limit for a scan",
+                path.display()
+            )));
         }
         hasher.update(&buf[..filled]);
         each(idx, &buf[..filled])?;
@@ -89,22 +97,42 @@ impl Store {
             .optional()
             .at(&self.path)?
             .ok_or_else(|| StoreError::NotFound(format!("scan {hex_hash}")))?;
-        let mut stmt = self.conn.prepare_cached("SELECT idx, chunk_hash, data FROM blob_chunks WHERE hash = ?1 ORDER BY idx").at(&self.path)?;
-        let rows = stmt.query_map([&hash[..]], |r| Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?, r.get::<_, Vec<u8>>(2)?))).at(&self.path)?;
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT idx, chunk_hash, data FROM blob_chunks WHERE hash = ?1 ORDER BY idx",
+            )
+            .at(&self.path)?;
+        let rows = stmt
+            .query_map([&hash[..]], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, Vec<u8>>(2)?,
+                ))
+            })
+            .at(&self.path)?;
         let mut whole = blake3::Hasher::new();
         let (mut expected_idx, mut size) = (0i64, 0u64);
         for row in rows {
             let (idx, chunk_hash, data) = row.at(&self.path)?;
             if idx != expected_idx || blake3::hash(&data).as_bytes()[..] != chunk_hash[..] {
-                return Err(StoreError::Corrupt(format!("scan {hex_hash}: chunk {expected_idx} is missing or damaged")));
+                return Err(StoreError::Corrupt(format!(
+                    "scan {hex_hash}: chunk {expected_idx} is missing or damaged"
+                )));
             }
             whole.update(&data);
-            out.write_all(&data).map_err(|source| StoreError::Io { path: "output".into(), source })?;
+            out.write_all(&data).map_err(|source| StoreError::Io {
+                path: "output".into(),
+                source,
+            })?;
             size += data.len() as u64;
             expected_idx += 1;
         }
         if expected_idx != chunks || whole.finalize().as_bytes() != hash {
-            return Err(StoreError::Corrupt(format!("scan {hex_hash}: content does not match its hash")));
+            return Err(StoreError::Corrupt(format!(
+                "scan {hex_hash}: content does not match its hash"
+            )));
         }
         Ok(size)
     }
@@ -123,9 +151,16 @@ impl WriteTx<'_> {
 
     fn insert_chunk(&self, hash: &Hash, idx: usize, data: &[u8]) -> Result<()> {
         self.tx
-            .prepare_cached("INSERT INTO blob_chunks (hash, idx, chunk_hash, data) VALUES (?1, ?2, ?3, ?4)")
+            .prepare_cached(
+                "INSERT INTO blob_chunks (hash, idx, chunk_hash, data) VALUES (?1, ?2, ?3, ?4)",
+            )
             .at(self.path)?
-            .execute(params![&hash[..], idx as i64, &blake3::hash(data).as_bytes()[..], data])
+            .execute(params![
+                &hash[..],
+                idx as i64,
+                &blake3::hash(data).as_bytes()[..],
+                data
+            ])
             .at(self.path)?;
         Ok(())
     }
@@ -143,7 +178,11 @@ impl WriteTx<'_> {
     pub fn put_blob_file(&mut self, path: &Path, at_ms: i64) -> Result<BlobInfo> {
         let (hash, size) = scan_file(path, |_, _| Ok(()))?;
         if self.blob_exists(&hash)? {
-            return Ok(BlobInfo { hash: hex::encode(hash), size, stored_new: false });
+            return Ok(BlobInfo {
+                hash: hex::encode(hash),
+                size,
+                stored_new: false,
+            });
         }
         let mut chunks = 0;
         let (again, again_size) = scan_file(path, |idx, data| {
@@ -151,10 +190,17 @@ impl WriteTx<'_> {
             self.insert_chunk(&hash, idx, data)
         })?;
         if again != hash || again_size != size {
-            return Err(StoreError::Invalid(format!("{}: the file changed while it was being stored; try again", path.display())));
+            return Err(StoreError::Invalid(format!(
+                "{}: the file changed while it was being stored; try again",
+                path.display()
+            )));
         }
         self.insert_blob_row(&hash, size, chunks, at_ms)?;
-        Ok(BlobInfo { hash: hex::encode(hash), size, stored_new: true })
+        Ok(BlobInfo {
+            hash: hex::encode(hash),
+            size,
+            stored_new: true,
+        })
     }
 
     /// Stores content held in memory (small blobs, tests, bundles).
@@ -162,10 +208,16 @@ impl WriteTx<'_> {
         let hash = *blake3::hash(data).as_bytes();
         let size = data.len() as u64;
         if size > BLOB_BYTES_MAX {
-            return Err(StoreError::Invalid(format!("scan larger than the {BLOB_BYTES_MAX}-byte limit")));
+            return Err(StoreError::Invalid(format!(
+                "scan larger than the {BLOB_BYTES_MAX}-byte limit"
+            )));
         }
         if self.blob_exists(&hash)? {
-            return Ok(BlobInfo { hash: hex::encode(hash), size, stored_new: false });
+            return Ok(BlobInfo {
+                hash: hex::encode(hash),
+                size,
+                stored_new: false,
+            });
         }
         let mut chunks = 0;
         for (idx, chunk) in data.chunks(CHUNK_BYTES).enumerate() {
@@ -173,7 +225,11 @@ impl WriteTx<'_> {
             chunks = idx + 1;
         }
         self.insert_blob_row(&hash, size, chunks, at_ms)?;
-        Ok(BlobInfo { hash: hex::encode(hash), size, stored_new: true })
+        Ok(BlobInfo {
+            hash: hex::encode(hash),
+            size,
+            stored_new: true,
+        })
     }
 }
 
@@ -186,7 +242,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::create(&dir.path().join("node.db"), 4).unwrap();
         let file = dir.path().join("scan.bin");
-        let content: Vec<u8> = (0..CHUNK_BYTES * 2 + 1234).map(|i| (i % 251) as u8).collect();
+        let content: Vec<u8> = (0..CHUNK_BYTES * 2 + 1234)
+            .map(|i| (i % 251) as u8)
+            .collect();
         std::fs::write(&file, &content).unwrap();
         let first = store.write(|tx| tx.put_blob_file(&file, 1)).unwrap();
         let second = store.write(|tx| tx.put_blob_file(&file, 2)).unwrap();
@@ -194,19 +252,36 @@ mod tests {
         assert_eq!(first.hash, blake3::hash(&content).to_hex().as_str());
         let hash = parse_hash(&first.hash).unwrap();
         let mut out = Vec::new();
-        assert_eq!(store.read_blob(&hash, &mut out).unwrap(), content.len() as u64);
+        assert_eq!(
+            store.read_blob(&hash, &mut out).unwrap(),
+            content.len() as u64
+        );
         assert_eq!(out, content);
-        let rows: i64 = store.conn().query_row("SELECT COUNT(*) FROM blob_chunks", [], |r| r.get(0)).unwrap();
+        let rows: i64 = store
+            .conn()
+            .query_row("SELECT COUNT(*) FROM blob_chunks", [], |r| r.get(0))
+            .unwrap();
         assert_eq!(rows, 3, "stored once, in three chunks");
-        store.conn().execute("UPDATE blob_chunks SET data = zeroblob(10) WHERE idx = 1", []).unwrap();
-        assert!(matches!(store.read_blob(&hash, &mut Vec::new()), Err(StoreError::Corrupt(_))));
+        store
+            .conn()
+            .execute(
+                "UPDATE blob_chunks SET data = zeroblob(10) WHERE idx = 1",
+                [],
+            )
+            .unwrap();
+        assert!(matches!(
+            store.read_blob(&hash, &mut Vec::new()),
+            Err(StoreError::Corrupt(_))
+        ));
     }
 
     #[test]
     fn missing_file_names_the_path() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::create(&dir.path().join("node.db"), 4).unwrap();
-        let err = store.write(|tx| tx.put_blob_file(Path::new("/nonexistent/scan.pdf"), 1)).unwrap_err();
+        let err = store
+            .write(|tx| tx.put_blob_file(Path::new("/nonexistent/scan.pdf"), 1))
+            .unwrap_err();
         assert!(err.to_string().contains("/nonexistent/scan.pdf"));
     }
 }

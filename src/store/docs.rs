@@ -28,7 +28,9 @@ pub struct DocCache {
 
 impl DocCache {
     pub fn new(capacity: usize) -> Self {
-        DocCache { entries: LruCache::new(NonZeroUsize::new(capacity.max(1)).expect("max(1) is non-zero")) }
+        DocCache {
+            entries: LruCache::new(NonZeroUsize::new(capacity.max(1)).expect("max(1) is non-zero")),
+        }
     }
 
     /// The cached copy, only if it is at the heads the database holds now.
@@ -54,7 +56,9 @@ pub(crate) fn encode_heads(heads: &[ChangeHash]) -> Vec<u8> {
 
 pub(crate) fn decode_heads(bytes: &[u8]) -> Result<Vec<ChangeHash>> {
     if bytes.len() % 32 != 0 {
-        return Err(StoreError::Corrupt("document heads column has a partial hash".into()));
+        return Err(StoreError::Corrupt(
+            "document heads column has a partial hash".into(),
+        ));
     }
     Ok(bytes
         .chunks_exact(32)
@@ -68,27 +72,42 @@ fn sorted(mut heads: Vec<ChangeHash>) -> Vec<ChangeHash> {
 }
 
 /// Loads a document from its snapshot and chunks, or from the cache when it is current.
-fn load(conn: &rusqlite::Connection, path: &std::path::Path, cache: &mut DocCache, id: &DocId) -> Result<Option<DocRecord>> {
+fn load(
+    conn: &rusqlite::Connection,
+    path: &std::path::Path,
+    cache: &mut DocCache,
+    id: &DocId,
+) -> Result<Option<DocRecord>> {
     let row: Option<(Vec<u8>, Vec<u8>)> = conn
         .prepare_cached("SELECT heads, snapshot FROM docs WHERE id = ?1")
         .at(path)?
         .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?)))
         .optional()
         .at(path)?;
-    let Some((heads_bytes, snapshot)) = row else { return Ok(None) };
+    let Some((heads_bytes, snapshot)) = row else {
+        return Ok(None);
+    };
     let heads = decode_heads(&heads_bytes)?;
     if let Some(rec) = cache.get(id, &heads) {
         return Ok(Some(rec));
     }
-    let corrupt = |e: automerge::AutomergeError| StoreError::Corrupt(format!("document {id} does not load: {e}"));
+    let corrupt = |e: automerge::AutomergeError| {
+        StoreError::Corrupt(format!("document {id} does not load: {e}"))
+    };
     let mut doc = AutoCommit::load(&snapshot).map_err(corrupt)?;
-    let mut stmt = conn.prepare_cached("SELECT data FROM doc_chunks WHERE doc_id = ?1 ORDER BY n").at(path)?;
-    let chunks = stmt.query_map([id.as_str()], |r| r.get::<_, Vec<u8>>(0)).at(path)?;
+    let mut stmt = conn
+        .prepare_cached("SELECT data FROM doc_chunks WHERE doc_id = ?1 ORDER BY n")
+        .at(path)?;
+    let chunks = stmt
+        .query_map([id.as_str()], |r| r.get::<_, Vec<u8>>(0))
+        .at(path)?;
     for chunk in chunks {
         doc.load_incremental(&chunk.at(path)?).map_err(corrupt)?;
     }
     if sorted(doc.get_heads()) != heads {
-        return Err(StoreError::Corrupt(format!("document {id} does not reach its recorded heads")));
+        return Err(StoreError::Corrupt(format!(
+            "document {id} does not reach its recorded heads"
+        )));
     }
     Ok(Some(DocRecord { doc, heads }))
 }
@@ -115,12 +134,16 @@ impl Store {
 
     /// The latest position of this node's change feed.
     pub fn feed_seq(&self) -> Result<i64> {
-        self.conn.query_row("SELECT seq FROM feed WHERE id = 1", [], |r| r.get(0)).at(&self.path)
+        self.conn
+            .query_row("SELECT seq FROM feed WHERE id = 1", [], |r| r.get(0))
+            .at(&self.path)
     }
 
     /// Number of stored documents of each kind, for status and benchmarks.
     pub fn doc_count(&self) -> Result<i64> {
-        self.conn.query_row("SELECT COUNT(*) FROM docs", [], |r| r.get(0)).at(&self.path)
+        self.conn
+            .query_row("SELECT COUNT(*) FROM docs", [], |r| r.get(0))
+            .at(&self.path)
     }
 }
 
@@ -140,7 +163,13 @@ impl WriteTx<'_> {
     }
 
     /// Creates a document with `build`, as `actor`.
-    pub fn create_doc(&mut self, id: &DocId, actor: &ActorId, at_ms: i64, build: impl FnOnce(&mut AutoCommit) -> Result<()>) -> Result<Saved> {
+    pub fn create_doc(
+        &mut self,
+        id: &DocId,
+        actor: &ActorId,
+        at_ms: i64,
+        build: impl FnOnce(&mut AutoCommit) -> Result<()>,
+    ) -> Result<Saved> {
         if self.load_doc(id)?.is_some() {
             return Err(StoreError::Invalid(format!("document {id} already exists")));
         }
@@ -150,8 +179,16 @@ impl WriteTx<'_> {
     }
 
     /// Changes an existing document with `f`, as `actor`.
-    pub fn update_doc<T>(&mut self, id: &DocId, actor: &ActorId, at_ms: i64, f: impl FnOnce(&mut AutoCommit) -> Result<T>) -> Result<(T, Saved)> {
-        let rec = self.load_doc(id)?.ok_or_else(|| StoreError::NotFound(format!("{} {id}", id.kind())))?;
+    pub fn update_doc<T>(
+        &mut self,
+        id: &DocId,
+        actor: &ActorId,
+        at_ms: i64,
+        f: impl FnOnce(&mut AutoCommit) -> Result<T>,
+    ) -> Result<(T, Saved)> {
+        let rec = self
+            .load_doc(id)?
+            .ok_or_else(|| StoreError::NotFound(format!("{} {id}", id.kind())))?;
         let mut doc = rec.doc;
         doc.set_actor(actor.clone());
         let value = f(&mut doc)?;
@@ -161,12 +198,25 @@ impl WriteTx<'_> {
 
     /// Stores `doc`, which was loaded at `old_heads` (None when new): appends what changed since,
     /// advances the feed, rebuilds the document's index rows and compacts when chunks pile up.
-    pub fn save_doc(&mut self, id: &DocId, old_heads: Option<Vec<ChangeHash>>, mut doc: AutoCommit, at_ms: i64) -> Result<Saved> {
+    pub fn save_doc(
+        &mut self,
+        id: &DocId,
+        old_heads: Option<Vec<ChangeHash>>,
+        mut doc: AutoCommit,
+        at_ms: i64,
+    ) -> Result<Saved> {
         let heads = sorted(doc.get_heads());
         if old_heads.as_deref() == Some(&heads[..]) {
             return Ok(Saved::Unchanged);
         }
-        let seq: i64 = self.tx.query_row("UPDATE feed SET seq = seq + 1 WHERE id = 1 RETURNING seq", [], |r| r.get(0)).at(self.path)?;
+        let seq: i64 = self
+            .tx
+            .query_row(
+                "UPDATE feed SET seq = seq + 1 WHERE id = 1 RETURNING seq",
+                [],
+                |r| r.get(0),
+            )
+            .at(self.path)?;
         let heads_bytes = encode_heads(&heads);
         match &old_heads {
             None => {
@@ -181,14 +231,20 @@ impl WriteTx<'_> {
                 let chunk = doc.save_after(old);
                 let (chunks, chunk_bytes, snapshot_len): (i64, i64, i64) = self
                     .tx
-                    .prepare_cached("SELECT chunks, chunk_bytes, length(snapshot) FROM docs WHERE id = ?1")
+                    .prepare_cached(
+                        "SELECT chunks, chunk_bytes, length(snapshot) FROM docs WHERE id = ?1",
+                    )
                     .at(self.path)?
                     .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                     .at(self.path)?;
                 let chunk_bytes = chunk_bytes + chunk.len() as i64;
                 if chunks + 1 >= CHUNKS_BEFORE_COMPACT_MAX || chunk_bytes > snapshot_len.max(4096) {
                     let snapshot = doc.save();
-                    self.tx.prepare_cached("DELETE FROM doc_chunks WHERE doc_id = ?1").at(self.path)?.execute([id.as_str()]).at(self.path)?;
+                    self.tx
+                        .prepare_cached("DELETE FROM doc_chunks WHERE doc_id = ?1")
+                        .at(self.path)?
+                        .execute([id.as_str()])
+                        .at(self.path)?;
                     self.tx
                         .prepare_cached("UPDATE docs SET snapshot = ?2, heads = ?3, chunks = 0, chunk_bytes = 0, seq = ?4, updated_at = ?5 WHERE id = ?1")
                         .at(self.path)?
@@ -196,7 +252,9 @@ impl WriteTx<'_> {
                         .at(self.path)?;
                 } else {
                     self.tx
-                        .prepare_cached("INSERT INTO doc_chunks (doc_id, n, data) VALUES (?1, ?2, ?3)")
+                        .prepare_cached(
+                            "INSERT INTO doc_chunks (doc_id, n, data) VALUES (?1, ?2, ?3)",
+                        )
                         .at(self.path)?
                         .execute(params![id.as_str(), chunks, chunk])
                         .at(self.path)?;
@@ -224,7 +282,11 @@ mod tests {
     }
 
     fn author() -> Author {
-        Author { user: "lan".into(), unit: "qn".into(), node: "01".repeat(16) }
+        Author {
+            user: "lan".into(),
+            unit: "qn".into(),
+            node: "01".repeat(16),
+        }
     }
 
     fn new_dispatch(store: &mut Store) -> DocId {
@@ -239,7 +301,11 @@ mod tests {
             attachments: vec![],
         };
         store
-            .write(|tx| tx.create_doc(&id, &actor(), 1, |doc| Ok(dispatch::create(doc, &id, &d, &author(), 1)?)))
+            .write(|tx| {
+                tx.create_doc(&id, &actor(), 1, |doc| {
+                    Ok(dispatch::create(doc, &id, &d, &author(), 1)?)
+                })
+            })
             .unwrap();
         id
     }
@@ -252,15 +318,34 @@ mod tests {
         let id = new_dispatch(&mut store);
         for i in 0..(CHUNKS_BEFORE_COMPACT_MAX * 2) {
             store
-                .write(|tx| tx.update_doc(&id, &actor(), 2, |doc| Ok(dispatch::add_comment(doc, &id, &format!("c{i}"), &author(), 2)?)))
+                .write(|tx| {
+                    tx.update_doc(&id, &actor(), 2, |doc| {
+                        Ok(dispatch::add_comment(
+                            doc,
+                            &id,
+                            &format!("c{i}"),
+                            &author(),
+                            2,
+                        )?)
+                    })
+                })
                 .unwrap();
         }
         drop(store);
         let mut store = Store::open(&path, 4).unwrap();
-        let view = store.read_doc(&id, |doc| dispatch::read(doc, &id)).unwrap().unwrap();
+        let view = store
+            .read_doc(&id, |doc| dispatch::read(doc, &id))
+            .unwrap()
+            .unwrap();
         assert_eq!(view.comments.len() as i64, CHUNKS_BEFORE_COMPACT_MAX * 2);
-        let chunks: i64 = store.conn().query_row("SELECT COUNT(*) FROM doc_chunks", [], |r| r.get(0)).unwrap();
-        assert!(chunks < CHUNKS_BEFORE_COMPACT_MAX, "chunks were compacted: {chunks}");
+        let chunks: i64 = store
+            .conn()
+            .query_row("SELECT COUNT(*) FROM doc_chunks", [], |r| r.get(0))
+            .unwrap();
+        assert!(
+            chunks < CHUNKS_BEFORE_COMPACT_MAX,
+            "chunks were compacted: {chunks}"
+        );
         assert_eq!(store.feed_seq().unwrap(), CHUNKS_BEFORE_COMPACT_MAX * 2 + 1);
     }
 
@@ -271,13 +356,21 @@ mod tests {
         let id = new_dispatch(&mut store);
         let seq = store.feed_seq().unwrap();
         let err = store.write(|tx| {
-            tx.update_doc(&id, &actor(), 2, |doc| Ok(dispatch::add_comment(doc, &id, "kept?", &author(), 2)?))?;
+            tx.update_doc(&id, &actor(), 2, |doc| {
+                Ok(dispatch::add_comment(doc, &id, "kept?", &author(), 2)?)
+            })?;
             Err::<(), _>(StoreError::Invalid("later step failed".into()))
         });
         assert!(err.is_err());
         assert_eq!(store.feed_seq().unwrap(), seq);
-        let view = store.read_doc(&id, |doc| dispatch::read(doc, &id)).unwrap().unwrap();
-        assert!(view.comments.is_empty(), "the rolled-back comment must not appear, even from the cache");
+        let view = store
+            .read_doc(&id, |doc| dispatch::read(doc, &id))
+            .unwrap()
+            .unwrap();
+        assert!(
+            view.comments.is_empty(),
+            "the rolled-back comment must not appear, even from the cache"
+        );
     }
 
     #[test]
@@ -285,6 +378,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::create(&dir.path().join("node.db"), 4).unwrap();
         let id = DocId::generate(DocKind::Assignment);
-        assert!(matches!(store.read_doc(&id, |_| ()), Err(StoreError::NotFound(_))));
+        assert!(matches!(
+            store.read_doc(&id, |_| ()),
+            Err(StoreError::NotFound(_))
+        ));
     }
 }

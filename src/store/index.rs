@@ -14,16 +14,30 @@ use crate::model::{self, assignment, dispatch, dossier, DocId, DocKind};
 pub(crate) fn reindex(conn: &Connection, path: &Path, id: &DocId, doc: &AutoCommit) -> Result<()> {
     let key = id.as_str();
     for table in ["doc_parties", "doc_blobs"] {
-        conn.prepare_cached(&format!("DELETE FROM {table} WHERE doc_id = ?1")).at(path)?.execute([key]).at(path)?;
+        conn.prepare_cached(&format!("DELETE FROM {table} WHERE doc_id = ?1"))
+            .at(path)?
+            .execute([key])
+            .at(path)?;
     }
     for unit in model::parties(doc, id)? {
-        conn.prepare_cached("INSERT INTO doc_parties (unit, doc_id) VALUES (?1, ?2)").at(path)?.execute([&unit, key]).at(path)?;
+        conn.prepare_cached("INSERT INTO doc_parties (unit, doc_id) VALUES (?1, ?2)")
+            .at(path)?
+            .execute([&unit, key])
+            .at(path)?;
     }
     match id.kind() {
         DocKind::Dispatch => {
             let v = dispatch::read(doc, id)?;
-            let rank = v.priority.parse::<dispatch::Priority>().map(|p| p.rank()).unwrap_or(0);
-            let received = v.recipients.iter().filter(|r| r.received_at_ms.is_some()).count();
+            let rank = v
+                .priority
+                .parse::<dispatch::Priority>()
+                .map(|p| p.rank())
+                .unwrap_or(0);
+            let received = v
+                .recipients
+                .iter()
+                .filter(|r| r.received_at_ms.is_some())
+                .count();
             conn.prepare_cached(
                 "INSERT OR REPLACE INTO dispatches (id, ref, summary, kind, priority, priority_rank, issuer, created_at, recipients, received, scans)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
@@ -31,15 +45,22 @@ pub(crate) fn reindex(conn: &Connection, path: &Path, id: &DocId, doc: &AutoComm
             .at(path)?
             .execute(params![key, v.ref_no, v.summary, v.kind, v.priority, rank, v.issuer, v.created_at_ms, v.recipients.len(), received, v.attachments.len()])
             .at(path)?;
-            conn.prepare_cached("DELETE FROM dispatch_recipients WHERE id = ?1").at(path)?.execute([key]).at(path)?;
+            conn.prepare_cached("DELETE FROM dispatch_recipients WHERE id = ?1")
+                .at(path)?
+                .execute([key])
+                .at(path)?;
             for r in &v.recipients {
-                conn.prepare_cached("INSERT INTO dispatch_recipients (unit, id, received_at) VALUES (?1, ?2, ?3)")
-                    .at(path)?
-                    .execute(params![r.unit, key, r.received_at_ms])
-                    .at(path)?;
+                conn.prepare_cached(
+                    "INSERT INTO dispatch_recipients (unit, id, received_at) VALUES (?1, ?2, ?3)",
+                )
+                .at(path)?
+                .execute(params![r.unit, key, r.received_at_ms])
+                .at(path)?;
             }
             for a in &v.attachments {
-                let Ok(hash) = crate::store::blobs::parse_hash(&a.hash) else { continue };
+                let Ok(hash) = crate::store::blobs::parse_hash(&a.hash) else {
+                    continue;
+                };
                 conn.prepare_cached("INSERT OR IGNORE INTO doc_blobs (hash, doc_id, priority_rank, size) VALUES (?1, ?2, ?3, ?4)")
                     .at(path)?
                     .execute(params![&hash[..], key, rank, a.size as i64])
@@ -118,7 +139,11 @@ pub struct DossierRow {
 }
 
 impl Store {
-    pub fn list_dispatches(&self, filter: DispatchFilter<'_>, limit: usize) -> Result<Vec<DispatchRow>> {
+    pub fn list_dispatches(
+        &self,
+        filter: DispatchFilter<'_>,
+        limit: usize,
+    ) -> Result<Vec<DispatchRow>> {
         const COLS: &str = "d.id, d.ref, d.summary, d.kind, d.priority, d.issuer, d.created_at, d.recipients, d.received, d.scans";
         let (sql, arg) = match filter {
             DispatchFilter::All => (format!("SELECT {COLS} FROM dispatches d ORDER BY d.created_at DESC, d.id LIMIT ?2"), None),
@@ -157,7 +182,12 @@ impl Store {
 
     /// Assignments, optionally only those past `overdue_before` (YYYY-MM-DD) and not done,
     /// and only those led by `lead`; earliest deadline first.
-    pub fn list_assignments(&self, overdue_before: Option<&str>, lead: Option<&str>, limit: usize) -> Result<Vec<AssignmentRow>> {
+    pub fn list_assignments(
+        &self,
+        overdue_before: Option<&str>,
+        lead: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AssignmentRow>> {
         let mut stmt = self
             .conn
             .prepare_cached(
@@ -190,7 +220,14 @@ impl Store {
             .at(&self.path)?;
         let rows = stmt
             .query_map([limit as i64], |r| {
-                Ok(DossierRow { id: r.get(0)?, applicant: r.get(1)?, procedure: r.get(2)?, holder: r.get(3)?, step: r.get(4)?, since_ms: r.get(5)? })
+                Ok(DossierRow {
+                    id: r.get(0)?,
+                    applicant: r.get(1)?,
+                    procedure: r.get(2)?,
+                    holder: r.get(3)?,
+                    step: r.get(4)?,
+                    since_ms: r.get(5)?,
+                })
             })
             .at(&self.path)?;
         rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
@@ -198,8 +235,13 @@ impl Store {
 
     /// Assignments that handle a dispatch, for `dispatch show`.
     pub fn assignments_of(&self, dispatch_id: &DocId) -> Result<Vec<String>> {
-        let mut stmt = self.conn.prepare_cached("SELECT id FROM assignments WHERE dispatch_id = ?1 ORDER BY id").at(&self.path)?;
-        let rows = stmt.query_map([dispatch_id.as_str()], |r| r.get(0)).at(&self.path)?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id FROM assignments WHERE dispatch_id = ?1 ORDER BY id")
+            .at(&self.path)?;
+        let rows = stmt
+            .query_map([dispatch_id.as_str()], |r| r.get(0))
+            .at(&self.path)?;
         rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
     }
 }

@@ -23,13 +23,20 @@ const BUSY_TIMEOUT_MS: u64 = 10_000;
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error("database {path}: {source}; if the file is damaged, restore it from a backup (docs/operations.md)")]
-    Sqlite { path: PathBuf, source: rusqlite::Error },
+    Sqlite {
+        path: PathBuf,
+        source: rusqlite::Error,
+    },
     #[error("database {0} already exists: this node is already initialised")]
     Exists(PathBuf),
     #[error("no database at {0}: run `communesync init` first, or pass --data DIR")]
     Missing(PathBuf),
     #[error("database {path} has schema version {found}, newer than this program's {known}: upgrade communesync")]
-    TooNew { path: PathBuf, found: i64, known: i64 },
+    TooNew {
+        path: PathBuf,
+        found: i64,
+        known: i64,
+    },
     #[error("{0} not found")]
     NotFound(String),
     #[error("stored data is corrupt: {0}; run `communesync check` and restore from a backup if it persists")]
@@ -37,7 +44,10 @@ pub enum StoreError {
     #[error(transparent)]
     Model(#[from] ModelError),
     #[error("{path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Invalid(String),
 }
@@ -58,7 +68,10 @@ pub(crate) trait SqlContext<T> {
 
 impl<T> SqlContext<T> for rusqlite::Result<T> {
     fn at(self, path: &Path) -> Result<T> {
-        self.map_err(|source| StoreError::Sqlite { path: path.to_path_buf(), source })
+        self.map_err(|source| StoreError::Sqlite {
+            path: path.to_path_buf(),
+            source,
+        })
     }
 }
 
@@ -68,7 +81,11 @@ impl Store {
         if path.exists() {
             return Err(StoreError::Exists(path.to_path_buf()));
         }
-        Self::open_with(path, OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE, cache_docs)
+        Self::open_with(
+            path,
+            OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
+            cache_docs,
+        )
     }
 
     /// Opens an existing database, migrating it to the current schema.
@@ -80,14 +97,20 @@ impl Store {
     }
 
     fn open_with(path: &Path, flags: OpenFlags, cache_docs: usize) -> Result<Store> {
-        let mut conn = Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX).at(path)?;
-        conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS)).at(path)?;
+        let mut conn =
+            Connection::open_with_flags(path, flags | OpenFlags::SQLITE_OPEN_NO_MUTEX).at(path)?;
+        conn.busy_timeout(std::time::Duration::from_millis(BUSY_TIMEOUT_MS))
+            .at(path)?;
         // WAL keeps readers off the writer's back; FULL makes each commit survive power loss.
         conn.pragma_update(None, "journal_mode", "WAL").at(path)?;
         conn.pragma_update(None, "synchronous", "FULL").at(path)?;
         conn.pragma_update(None, "foreign_keys", "ON").at(path)?;
         schema::migrate(&mut conn, path)?;
-        Ok(Store { conn, path: path.to_path_buf(), cache: DocCache::new(cache_docs) })
+        Ok(Store {
+            conn,
+            path: path.to_path_buf(),
+            cache: DocCache::new(cache_docs),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -102,10 +125,20 @@ impl Store {
     /// Runs `f` in one write transaction; commits only if it returns Ok.
     pub fn write<T>(&mut self, f: impl FnOnce(&mut WriteTx<'_>) -> Result<T>) -> Result<T> {
         let path = self.path.clone();
-        let tx = self.conn.transaction_with_behavior(TransactionBehavior::Immediate).at(&path)?;
-        let mut wtx = WriteTx { tx, path: &path, cache: &mut self.cache, touched: Vec::new() };
+        let tx = self
+            .conn
+            .transaction_with_behavior(TransactionBehavior::Immediate)
+            .at(&path)?;
+        let mut wtx = WriteTx {
+            tx,
+            path: &path,
+            cache: &mut self.cache,
+            touched: Vec::new(),
+        };
         let value = f(&mut wtx)?;
-        let WriteTx { tx, touched, cache, .. } = wtx;
+        let WriteTx {
+            tx, touched, cache, ..
+        } = wtx;
         tx.commit().at(&path)?;
         cache.commit(touched);
         Ok(value)
@@ -119,9 +152,18 @@ impl Store {
     }
 
     pub fn users(&self) -> Result<Vec<User>> {
-        let mut stmt = self.conn.prepare_cached("SELECT name, title, created_at FROM users ORDER BY name").at(&self.path)?;
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name, title, created_at FROM users ORDER BY name")
+            .at(&self.path)?;
         let rows = stmt
-            .query_map([], |r| Ok(User { name: r.get(0)?, title: r.get(1)?, created_at_ms: r.get(2)? }))
+            .query_map([], |r| {
+                Ok(User {
+                    name: r.get(0)?,
+                    title: r.get(1)?,
+                    created_at_ms: r.get(2)?,
+                })
+            })
             .at(&self.path)?;
         rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
     }
@@ -166,11 +208,18 @@ impl WriteTx<'_> {
     pub fn add_user(&self, name: &str, title: Option<&str>, at_ms: i64) -> Result<User> {
         let inserted = self
             .tx
-            .execute("INSERT OR IGNORE INTO users(name, title, created_at) VALUES (?1, ?2, ?3)", rusqlite::params![name, title, at_ms])
+            .execute(
+                "INSERT OR IGNORE INTO users(name, title, created_at) VALUES (?1, ?2, ?3)",
+                rusqlite::params![name, title, at_ms],
+            )
             .at(self.path)?;
         if inserted == 0 {
             return Err(StoreError::Invalid(format!("user {name} already exists")));
         }
-        Ok(User { name: name.to_string(), title: title.map(str::to_string), created_at_ms: at_ms })
+        Ok(User {
+            name: name.to_string(),
+            title: title.map(str::to_string),
+            created_at_ms: at_ms,
+        })
     }
 }

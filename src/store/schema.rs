@@ -85,9 +85,15 @@ const MIGRATIONS: &[&str] = &[
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
 pub fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
-    let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0)).at(path)?;
+    let found: i64 = conn
+        .pragma_query_value(None, "user_version", |r| r.get(0))
+        .at(path)?;
     if found > SCHEMA_VERSION {
-        return Err(StoreError::TooNew { path: path.to_path_buf(), found, known: SCHEMA_VERSION });
+        return Err(StoreError::TooNew {
+            path: path.to_path_buf(),
+            found,
+            known: SCHEMA_VERSION,
+        });
     }
     if found == SCHEMA_VERSION {
         return Ok(());
@@ -95,7 +101,8 @@ pub fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
     let tx = conn.transaction().at(path)?;
     for (version, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
         tx.execute_batch(sql).at(path)?;
-        tx.pragma_update(None, "user_version", version as i64 + 1).at(path)?;
+        tx.pragma_update(None, "user_version", version as i64 + 1)
+            .at(path)?;
     }
     tx.commit().at(path)
 }

@@ -11,11 +11,9 @@ mod fsutil;
 mod identity;
 mod tls;
 
-use std::fmt;
 use std::path::PathBuf;
-use std::str::FromStr;
 
-pub use ca::{Ca, IssuedCert};
+pub use ca::{Ca, IssuedCert, IssuedRecord};
 pub use crl::{verify_crl, Crl};
 pub use fsutil::{write_file_atomic, write_secret_file};
 pub use identity::{enrol_request, install_check, NodeId, NodeKey, PeerIdentity};
@@ -52,13 +50,20 @@ pub enum TrustError {
     #[error("{what}: {reason}")]
     BadCert { what: &'static str, reason: String },
     #[error("certificate is for node {cert_node}, this node is {this_node}; install the certificate issued for this node's request")]
-    WrongNode { cert_node: NodeId, this_node: NodeId },
+    WrongNode {
+        cert_node: NodeId,
+        this_node: NodeId,
+    },
     #[error("certificate is not valid under this CA: {reason}; install the certificate and CA file from the same `communesync ca issue`")]
     Untrusted { reason: String },
     #[error("CRL: {reason}; fetch the current CRL from the province CA")]
     BadCrl { reason: String },
-    #[error("CA directory {dir}: already holds a CA; open it instead, or choose an empty directory")]
+    #[error(
+        "CA directory {dir}: already holds a CA; open it instead, or choose an empty directory"
+    )]
     CaExists { dir: PathBuf },
+    #[error("CA directory {dir}: no CA found; run `communesync ca init` first, or pass the right directory")]
+    NoCa { dir: PathBuf },
     #[error("CA state {path}: {reason}; restore the CA directory from its backup")]
     CaState { path: PathBuf, reason: String },
     #[error("no certificate was issued to node {node}; check the node id")]
@@ -69,86 +74,24 @@ pub enum TrustError {
     RevokedNode { node: NodeId },
     #[error("validity of {days} days: {reason}")]
     BadValidity { days: u32, reason: String },
-    #[error("TLS setup: {reason}; check that the node's certificate, key and CA files belong together")]
+    #[error(
+        "TLS setup: {reason}; check that the node's certificate, key and CA files belong together"
+    )]
     Tls { reason: String },
-    #[error("peer identity: {reason}; the peer must present a certificate issued by the province CA")]
+    #[error(
+        "peer identity: {reason}; the peer must present a certificate issued by the province CA"
+    )]
     NoPeerIdentity { reason: &'static str },
 }
 
-/// What a node is in the unit tree; decides what it may sync. Chosen by the CA at issue time.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum Role {
-    Commune,
-    District,
-    Province,
-}
+pub use crate::units::Role;
 
-impl Role {
-    pub const ALL: [Role; 3] = [Role::Commune, Role::District, Role::Province];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Commune => "commune",
-            Role::District => "district",
-            Role::Province => "province",
-        }
-    }
-}
-
-impl fmt::Display for Role {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
-    }
-}
-
-impl FromStr for Role {
-    type Err = TrustError;
-
-    fn from_str(s: &str) -> Result<Self> {
-        Role::ALL
-            .into_iter()
-            .find(|r| r.as_str() == s)
-            .ok_or_else(|| TrustError::BadRole {
-                input: s.to_string(),
-            })
-    }
-}
-
-impl serde::Serialize for Role {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
-        s.serialize_str(self.as_str())
-    }
-}
-
-impl<'de> serde::Deserialize<'de> for Role {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        s.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-/// Checks a unit path is safe to embed in a certificate URI (`urn:communesync:unit:<path>`).
-///
-/// The unit tree's own rules live in `units`; here we only keep the URI well-formed and
-/// unambiguous, so any ASCII letters, digits and `-_./:` are accepted.
+/// Checks a unit path is one the unit tree accepts before it goes into a certificate URI.
 pub fn validate_unit(unit: &str) -> Result<()> {
-    let bad = |reason| TrustError::BadUnit {
+    crate::units::validate_path(unit).map_err(|_| TrustError::BadUnit {
         input: unit.to_string(),
-        reason,
-    };
-    if unit.is_empty() {
-        return Err(bad("must not be empty"));
-    }
-    if unit.len() > 200 {
-        return Err(bad("longer than 200 characters"));
-    }
-    if !unit
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || b"-_./:".contains(&b))
-    {
-        return Err(bad("use only ASCII letters, digits and - _ . / :"));
-    }
-    Ok(())
+        reason: "use lowercase slugs separated by '/', like qn/binhlieu/tinhhuc",
+    })
 }
 
 #[cfg(test)]
@@ -156,22 +99,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn role_roundtrip() {
-        for r in Role::ALL {
-            assert_eq!(r.to_string().parse::<Role>().unwrap(), r);
-        }
-        assert!(matches!(
-            "mayor".parse::<Role>(),
-            Err(TrustError::BadRole { .. })
-        ));
-        let json = serde_json::to_string(&Role::District).unwrap();
-        assert_eq!(json, "\"district\"");
-        assert_eq!(serde_json::from_str::<Role>(&json).unwrap(), Role::District);
-    }
-
-    #[test]
     fn unit_validation() {
-        assert!(validate_unit("north/riverbend/kalo").is_ok());
+        assert!(validate_unit("qn/binhlieu/tinhhuc").is_ok());
         assert!(validate_unit("").is_err());
         assert!(validate_unit("a b").is_err());
         assert!(validate_unit("é").is_err());

@@ -1,0 +1,385 @@
+//! The command line: clap definitions, one handler per subcommand, output and exit codes.
+//!
+//! Handlers call [`crate::node`] and print; they hold no logic a test would need to reach.
+
+mod demo;
+mod output;
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::model::assignment::Status;
+use crate::model::dispatch::{DispatchKind, Priority};
+use crate::node::{DispatchRequest, Node, NodeError};
+use crate::store::index::DispatchFilter;
+use crate::units::Role;
+use output::Out;
+
+/// Exit codes scripts can rely on (docs/operations.md lists them).
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// Something failed while running (I/O, database, network).
+    pub const FAILURE: u8 = 1;
+    /// The command line or an input value is wrong.
+    pub const USAGE: u8 = 2;
+    /// A named object (document, user, scan, peer) does not exist.
+    pub const NOT_FOUND: u8 = 3;
+    /// The node is missing, already exists, or its config is invalid.
+    pub const NODE: u8 = 4;
+}
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "communesync",
+    version,
+    about = "Offline-first sync node for commune, district and province offices",
+    max_term_width = 100
+)]
+pub struct Cli {
+    /// Node data directory [default: the per-user data directory]
+    #[arg(long, global = true, env = "COMMUNESYNC_DATA", value_name = "DIR")]
+    pub data: Option<PathBuf>,
+    /// Machine-readable JSON output
+    #[arg(long, global = true)]
+    pub json: bool,
+    /// Who acts [default: node.default_user from the config]
+    #[arg(long = "as", global = true, value_name = "USER")]
+    pub as_user: Option<String>,
+    /// More log output (repeat for more); logs go to stderr
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Create a node: data directory, database, key pair and config
+    Init {
+        /// Unit path, e.g. qn/binhlieu/tinhhuc
+        #[arg(long)]
+        unit: String,
+        #[arg(long)]
+        role: Role,
+        /// First user account, who becomes the default acting user
+        #[arg(long, default_value = "admin")]
+        user: String,
+    },
+    /// User accounts of this unit
+    #[command(subcommand)]
+    User(UserCmd),
+    /// Official documents: create, list, show, receive, comment, get scans
+    #[command(subcommand)]
+    Dispatch(DispatchCmd),
+    /// Assignments of a dispatch to a lead and co-handlers, with deadline and status
+    #[command(subcommand)]
+    Assign(AssignCmd),
+    /// Citizens' dossiers moving between units
+    #[command(subcommand)]
+    Dossier(DossierCmd),
+    /// Every change to a document, oldest first: who, when, from which node, what
+    Audit { id: String },
+    /// The unit tree this node knows
+    #[command(subcommand)]
+    Unit(UnitCmd),
+    /// Demonstration: a commune node in a temporary directory walks a dispatch with a scan
+    /// through receipt, assignment, progress and completion
+    Demo {
+        /// Keep the demonstration's data directory instead of deleting it
+        #[arg(long)]
+        keep: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UserCmd {
+    /// Add a user account
+    Add {
+        name: String,
+        #[arg(long)]
+        title: Option<String>,
+    },
+    /// List user accounts
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DispatchCmd {
+    /// Issue a dispatch from this unit (durable before the command returns)
+    New(NewDispatchArgs),
+    /// List dispatches held by this node, newest first
+    List {
+        /// Only dispatches addressed to this unit
+        #[arg(long, conflicts_with_all = ["outbox", "unit"])]
+        inbox: bool,
+        /// Only dispatches issued by this unit
+        #[arg(long, conflicts_with = "unit")]
+        outbox: bool,
+        /// Only dispatches issued by or addressed to UNIT
+        #[arg(long, value_name = "UNIT")]
+        unit: Option<String>,
+        /// At most this many rows
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Show one dispatch: recipients and receipts, scans, comments, assignments, conflicts
+    Show { id: String },
+    /// Record that this unit received the dispatch (who and when)
+    Receive { id: String },
+    /// Add a comment
+    Comment { id: String, text: String },
+    /// Write an attached scan back to a file, bit for bit (verified)
+    Attachment {
+        id: String,
+        /// Attachment file name (or a hash prefix of at least 8 digits)
+        name: String,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct NewDispatchArgs {
+    /// Reference number, e.g. 123/UBND-VP
+    #[arg(long = "ref", value_name = "REF")]
+    pub ref_no: String,
+    /// Summary (subject line)
+    #[arg(long)]
+    pub summary: String,
+    #[arg(long, default_value = "dispatch")]
+    pub kind: DispatchKind,
+    /// Recipient unit paths
+    #[arg(long, num_args = 1.., required = true, value_name = "UNIT")]
+    pub to: Vec<String>,
+    #[arg(long, default_value = "normal")]
+    pub priority: Priority,
+    /// Scans to attach
+    #[arg(long, num_args = 1.., value_name = "FILE")]
+    pub attach: Vec<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AssignCmd {
+    /// Assign a dispatch to a lead (and co-handlers) with a deadline
+    New {
+        dispatch_id: String,
+        #[arg(long)]
+        lead: String,
+        #[arg(long = "co", num_args = 1.., value_name = "USER")]
+        co: Vec<String>,
+        /// YYYY-MM-DD
+        #[arg(long)]
+        deadline: String,
+    },
+    /// Move an assignment to a new status (the history keeps every transition)
+    Update {
+        id: String,
+        #[arg(long)]
+        status: Status,
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// List assignments, earliest deadline first
+    List {
+        /// Only those past their deadline and not done
+        #[arg(long)]
+        overdue: bool,
+        #[arg(long, value_name = "USER")]
+        lead: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+    /// Show one assignment with its whole status history
+    Show { id: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DossierCmd {
+    /// Open a dossier for a citizen's application
+    New {
+        #[arg(long)]
+        applicant: String,
+        #[arg(long)]
+        procedure: String,
+    },
+    /// Move a dossier to its next step, optionally handing it to another unit
+    Advance {
+        id: String,
+        #[arg(long)]
+        step: String,
+        #[arg(long, value_name = "UNIT")]
+        to_unit: Option<String>,
+    },
+    /// Which step a dossier is at, since when, who holds it, and its route so far
+    Track { id: String },
+    /// List dossiers, most recently moved first
+    List {
+        #[arg(long, default_value_t = 1000)]
+        limit: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum UnitCmd {
+    /// List the units of the tree (optionally only below UNIT)
+    List { under: Option<String> },
+}
+
+/// The data directory: --data, then COMMUNESYNC_DATA (both via clap), then the per-user default.
+fn data_dir(cli: &Cli) -> Result<PathBuf> {
+    if let Some(dir) = &cli.data {
+        return Ok(dir.clone());
+    }
+    directories::ProjectDirs::from("", "", "communesync")
+        .map(|d| d.data_dir().to_path_buf())
+        .context("no home directory to hold the default data directory; pass --data DIR")
+}
+
+fn open(cli: &Cli) -> Result<Node> {
+    let dir = data_dir(cli)?;
+    Ok(Node::open(&dir)?)
+}
+
+/// Runs one command; the error carries everything the user needs to see.
+pub fn run(cli: Cli) -> Result<()> {
+    let out = Out::new(cli.json);
+    let user = cli.as_user.as_deref();
+    match &cli.command {
+        Command::Init { unit, role, user } => {
+            let report = Node::init(&data_dir(&cli)?, unit, *role, user)?;
+            out.init(&report)
+        }
+        Command::User(UserCmd::Add { name, title }) => {
+            out.user(&open(&cli)?.user_add(name, title.as_deref())?)
+        }
+        Command::User(UserCmd::List) => out.users(&open(&cli)?.user_list()?),
+        Command::Dispatch(cmd) => {
+            let mut node = open(&cli)?;
+            match cmd {
+                DispatchCmd::New(a) => {
+                    let req = DispatchRequest {
+                        ref_no: a.ref_no.clone(),
+                        summary: a.summary.clone(),
+                        kind: a.kind,
+                        priority: a.priority,
+                        to: a.to.clone(),
+                        attach: a.attach.clone(),
+                    };
+                    out.dispatch(&node.dispatch_new(user, &req)?, &node)
+                }
+                DispatchCmd::List {
+                    inbox,
+                    outbox,
+                    unit,
+                    limit,
+                } => {
+                    let own = node.unit().to_string();
+                    let filter = match (inbox, outbox, unit) {
+                        (true, _, _) => DispatchFilter::Inbox(&own),
+                        (_, true, _) => DispatchFilter::Outbox(&own),
+                        (_, _, Some(u)) => DispatchFilter::Involving(u),
+                        _ => DispatchFilter::All,
+                    };
+                    out.dispatch_rows(&node.dispatch_list(filter, *limit)?, &node)
+                }
+                DispatchCmd::Show { id } => {
+                    let detail = node.dispatch_show(id)?;
+                    out.dispatch_detail(&detail, &node)
+                }
+                DispatchCmd::Receive { id } => out.receipt(&node.dispatch_receive(user, id)?),
+                DispatchCmd::Comment { id, text } => {
+                    out.dispatch(&node.dispatch_comment(user, id, text)?, &node)
+                }
+                DispatchCmd::Attachment {
+                    id,
+                    name,
+                    out: file,
+                } => out.attachment(&node.dispatch_attachment(id, name, file)?),
+            }
+        }
+        Command::Assign(cmd) => {
+            let mut node = open(&cli)?;
+            match cmd {
+                AssignCmd::New {
+                    dispatch_id,
+                    lead,
+                    co,
+                    deadline,
+                } => out.assignment(
+                    &node.assign_new(user, dispatch_id, lead, co, deadline)?,
+                    &node,
+                ),
+                AssignCmd::Update { id, status, note } => out.assignment(
+                    &node.assign_update(user, id, *status, note.as_deref())?,
+                    &node,
+                ),
+                AssignCmd::List {
+                    overdue,
+                    lead,
+                    limit,
+                } => out.assignment_rows(&node.assign_list(*overdue, lead.as_deref(), *limit)?),
+                AssignCmd::Show { id } => out.assignment(&node.assign_show(id)?, &node),
+            }
+        }
+        Command::Dossier(cmd) => {
+            let mut node = open(&cli)?;
+            match cmd {
+                DossierCmd::New {
+                    applicant,
+                    procedure,
+                } => out.dossier(&node.dossier_new(user, applicant, procedure)?, &node),
+                DossierCmd::Advance { id, step, to_unit } => out.dossier(
+                    &node.dossier_advance(user, id, step, to_unit.as_deref())?,
+                    &node,
+                ),
+                DossierCmd::Track { id } => out.dossier(&node.dossier_track(id)?, &node),
+                DossierCmd::List { limit } => out.dossier_rows(&node.dossier_list(*limit)?, &node),
+            }
+        }
+        Command::Audit { id } => {
+            let mut node = open(&cli)?;
+            out.audit(&node.audit(id)?, &node)
+        }
+        Command::Unit(UnitCmd::List { under }) => {
+            let node = open(&cli)?;
+            if let Some(u) = under {
+                node.tree.get(u)?;
+            }
+            let units: Vec<_> = node
+                .tree
+                .iter()
+                .filter(|u| {
+                    under
+                        .as_deref()
+                        .is_none_or(|a| crate::units::is_within(&u.path, a))
+                })
+                .collect();
+            out.units(&units)
+        }
+        Command::Demo { keep } => demo::run(*keep, &out),
+    }
+}
+
+/// Maps an error to the exit code documented in [`exit`].
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    match err.downcast_ref::<NodeError>() {
+        Some(e) if e.is_not_found() => exit::NOT_FOUND,
+        Some(
+            NodeError::NotInitialised(_) | NodeError::AlreadyInitialised(_) | NodeError::Config(_),
+        ) => exit::NODE,
+        Some(
+            NodeError::Invalid(_)
+            | NodeError::Model(_)
+            | NodeError::Unit(_)
+            | NodeError::UnknownUser(_)
+            | NodeError::NoUser,
+        ) => exit::USAGE,
+        Some(NodeError::Store(
+            crate::store::StoreError::Invalid(_) | crate::store::StoreError::Model(_),
+        )) => exit::USAGE,
+        Some(NodeError::Store(crate::store::StoreError::Missing(_))) => exit::NODE,
+        _ => exit::FAILURE,
+    }
+}

@@ -1,0 +1,223 @@
+//! The node's TOML config: a typed struct with documented defaults, validated once at load.
+//!
+//! Precedence: command-line flags override the file; the file overrides the defaults here.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+use crate::units::{Role, UnitTree};
+
+pub const CONFIG_FILE: &str = "config.toml";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Invalid { path: PathBuf, message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub node: NodeSection,
+    #[serde(default)]
+    pub store: StoreSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeSection {
+    /// This node's unit path, e.g. "qn/binhlieu/tinhhuc".
+    pub unit: String,
+    pub role: Role,
+    /// Who acts when `--as` is not given.
+    #[serde(default)]
+    pub default_user: Option<String>,
+    /// The unit tree to use until the province's arrives by sync; unset means the embedded
+    /// Quảng Ninh sample. A relative path is relative to the data directory.
+    #[serde(default)]
+    pub units_file: Option<PathBuf>,
+    /// Hours east of UTC for calendar dates (deadlines, "overdue"); Vietnam is UTC+7.
+    #[serde(default = "default_utc_offset_hours")]
+    pub utc_offset_hours: i8,
+}
+
+fn default_utc_offset_hours() -> i8 {
+    7
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreSection {
+    /// Documents kept parsed in memory (least recently used are dropped first).
+    #[serde(default = "default_doc_cache_entries")]
+    pub doc_cache_entries: usize,
+}
+
+fn default_doc_cache_entries() -> usize {
+    256
+}
+
+impl Default for StoreSection {
+    fn default() -> Self {
+        StoreSection {
+            doc_cache_entries: default_doc_cache_entries(),
+        }
+    }
+}
+
+/// Largest document cache accepted: bounds memory on a province.
+const DOC_CACHE_ENTRIES_MAX: usize = 100_000;
+
+impl Config {
+    pub fn new(unit: &str, role: Role, default_user: &str) -> Self {
+        Config {
+            node: NodeSection {
+                unit: unit.to_string(),
+                role,
+                default_user: Some(default_user.to_string()),
+                units_file: None,
+                utc_offset_hours: default_utc_offset_hours(),
+            },
+            store: StoreSection::default(),
+        }
+    }
+
+    /// Reads and validates `DIR/config.toml`, returning it with the unit tree it names.
+    pub fn load(dir: &Path) -> Result<(Config, UnitTree), ConfigError> {
+        let path = dir.join(CONFIG_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.clone(),
+            message,
+        };
+        let config: Config = toml::from_str(&text)
+            .map_err(|e| invalid(e.message().to_string() + &location(&text, e.span())))?;
+        let tree = config.validate(dir).map_err(invalid)?;
+        Ok((config, tree))
+    }
+
+    /// Checks every value; returns the unit tree it names.
+    pub fn validate(&self, dir: &Path) -> Result<UnitTree, String> {
+        let tree = match &self.node.units_file {
+            None => UnitTree::sample(),
+            Some(file) => {
+                let file = dir.join(file);
+                let text = std::fs::read_to_string(&file)
+                    .map_err(|e| format!("node.units_file {}: {e}", file.display()))?;
+                UnitTree::parse(&text)
+                    .map_err(|e| format!("node.units_file {}: {e}", file.display()))?
+            }
+        };
+        let unit = tree
+            .get(&self.node.unit)
+            .map_err(|e| format!("node.unit: {e}"))?;
+        if unit.role != self.node.role {
+            return Err(format!(
+                "node.role is {} but {} is a {} in the unit tree",
+                self.node.role, unit.path, unit.role
+            ));
+        }
+        if !(-12..=14).contains(&self.node.utc_offset_hours) {
+            return Err(format!(
+                "node.utc_offset_hours = {} is not a UTC offset (-12 to 14)",
+                self.node.utc_offset_hours
+            ));
+        }
+        if !(1..=DOC_CACHE_ENTRIES_MAX).contains(&self.store.doc_cache_entries) {
+            return Err(format!(
+                "store.doc_cache_entries = {} must be between 1 and {DOC_CACHE_ENTRIES_MAX}",
+                self.store.doc_cache_entries
+            ));
+        }
+        Ok(tree)
+    }
+
+    /// The annotated file `init` writes.
+    pub fn to_toml_annotated(&self) -> String {
+        let user = self.node.default_user.as_deref().unwrap_or("admin");
+        format!(
+            "# communesync node configuration. Every key is documented in config/{role}.toml of the\n\
+             # source tree; unknown keys are refused. Flags on the command line override this file.\n\n\
+             [node]\n\
+             # This node's unit path and role; must match the unit tree.\n\
+             unit = \"{unit}\"\n\
+             role = \"{role}\"\n\
+             # Who acts when --as is not given.\n\
+             default_user = \"{user}\"\n\
+             # Unit tree file until the province's arrives by sync (default: the embedded sample).\n\
+             # units_file = \"units.toml\"\n\
+             # Hours east of UTC for deadlines and \"overdue\".\n\
+             utc_offset_hours = {offset}\n\n\
+             [store]\n\
+             # Documents kept parsed in memory.\n\
+             doc_cache_entries = {cache}\n",
+            role = self.node.role,
+            unit = self.node.unit,
+            offset = self.node.utc_offset_hours,
+            cache = self.store.doc_cache_entries,
+        )
+    }
+}
+
+fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
+    match span {
+        Some(span) => format!(
+            " (line {})",
+            text[..span.start.min(text.len())].lines().count().max(1)
+        ),
+        None => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_text(text: &str) -> Result<(Config, UnitTree), ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join(CONFIG_FILE), text).unwrap();
+        Config::load(dir.path())
+    }
+
+    #[test]
+    fn written_config_loads_back() {
+        let c = Config::new("qn/binhlieu/tinhhuc", Role::Commune, "admin");
+        let (loaded, tree) = load_text(&c.to_toml_annotated()).unwrap();
+        assert_eq!(loaded.node.unit, "qn/binhlieu/tinhhuc");
+        assert!(tree.get("qn/binhlieu/hucdong").is_ok());
+    }
+
+    #[test]
+    fn unknown_and_malformed_keys_are_named() {
+        let base = Config::new("qn/binhlieu/tinhhuc", Role::Commune, "admin").to_toml_annotated();
+        let err = load_text(&format!("{base}\ncolour = 3\n"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("colour"), "{err}");
+        let err =
+            load_text(&base.replace("doc_cache_entries = 256", "doc_cache_entries = \"many\""))
+                .unwrap_err()
+                .to_string();
+        assert!(
+            err.contains("doc_cache_entries") || err.contains("invalid type"),
+            "{err}"
+        );
+        let err = load_text(&base.replace("role = \"commune\"", "role = \"district\""))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("node.role"), "{err}");
+        let err = load_text(&base.replace("qn/binhlieu/tinhhuc", "qn/nowhere"))
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("qn/nowhere"), "{err}");
+    }
+}

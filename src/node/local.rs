@@ -1,0 +1,435 @@
+//! Local operations: every action a commune office takes, each one durable transaction that
+//! never waits for the network.
+
+use std::path::{Path, PathBuf};
+
+use serde::Serialize;
+
+use super::{now_ms, Node, NodeError, Result};
+use crate::model::assignment::{self, AssignmentView, NewAssignment, Status};
+use crate::model::dispatch::{self, Attachment, DispatchKind, DispatchView, NewDispatch, Priority};
+use crate::model::dossier::{self, DossierView};
+use crate::model::{audit, AuditEntry, DocId, DocKind};
+use crate::store::blobs::{parse_hash, BlobInfo};
+use crate::store::index::{AssignmentRow, DispatchFilter, DispatchRow, DossierRow};
+use crate::store::{StoreError, User};
+
+/// Longest user name, in bytes.
+const USER_NAME_BYTES_MAX: usize = 64;
+
+pub(crate) fn check_user_name(name: &str) -> Result<()> {
+    let ok = !name.is_empty()
+        && name.len() <= USER_NAME_BYTES_MAX
+        && name
+            .chars()
+            .all(|c| c.is_alphanumeric() || matches!(c, '.' | '-' | '_'));
+    if ok {
+        Ok(())
+    } else {
+        Err(NodeError::Invalid(format!(
+            "user name {name:?} is not valid: use letters, digits, '.', '-' or '_' (at most {USER_NAME_BYTES_MAX} bytes)"
+        )))
+    }
+}
+
+/// Media type of a scan, from its file name.
+pub fn media_type_of(name: &str) -> &'static str {
+    let ext = name
+        .rsplit_once('.')
+        .map(|(_, e)| e.to_ascii_lowercase())
+        .unwrap_or_default();
+    match ext.as_str() {
+        "pdf" => "application/pdf",
+        "jpg" | "jpeg" => "image/jpeg",
+        "png" => "image/png",
+        "tif" | "tiff" => "image/tiff",
+        "pgm" | "pbm" | "pnm" => "image/x-portable-anymap",
+        "txt" => "text/plain",
+        "doc" => "application/msword",
+        "docx" => "application/vnd.openxmlformats-officedocument.wordprocessingml.document",
+        _ => "application/octet-stream",
+    }
+}
+
+/// Everything `dispatch new` takes from the user.
+#[derive(Debug, Clone)]
+pub struct DispatchRequest {
+    pub ref_no: String,
+    pub summary: String,
+    pub kind: DispatchKind,
+    pub priority: Priority,
+    pub to: Vec<String>,
+    pub attach: Vec<PathBuf>,
+}
+
+/// `dispatch show`: the document plus the assignments that handle it here.
+#[derive(Debug, Serialize)]
+pub struct DispatchDetail {
+    #[serde(flatten)]
+    pub dispatch: DispatchView,
+    pub assignments: Vec<String>,
+    /// Attachment hashes whose content this node does not hold yet (still in transit).
+    pub missing_scans: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReceiveReport {
+    pub id: String,
+    pub unit: String,
+    /// False when the unit had already recorded its receipt.
+    pub recorded: bool,
+}
+
+#[derive(Debug, Serialize)]
+pub struct AttachmentReport {
+    pub id: String,
+    pub name: String,
+    pub hash: String,
+    pub size: u64,
+    pub out: PathBuf,
+}
+
+fn parse_id(text: &str, kind: DocKind) -> Result<DocId> {
+    let id: DocId = text.parse()?;
+    if id.kind() != kind {
+        return Err(NodeError::Invalid(format!(
+            "{id} is a {}, not a {kind}",
+            id.kind()
+        )));
+    }
+    Ok(id)
+}
+
+impl Node {
+    pub fn user_add(&mut self, name: &str, title: Option<&str>) -> Result<User> {
+        check_user_name(name)?;
+        if let Some(title) = title {
+            crate::model::check_text("title", title)?;
+        }
+        Ok(self.store.write(|tx| tx.add_user(name, title, now_ms()))?)
+    }
+
+    pub fn user_list(&self) -> Result<Vec<User>> {
+        Ok(self.store.users()?)
+    }
+
+    fn check_units(&self, units: &[String]) -> Result<()> {
+        for unit in units {
+            self.tree.get(unit)?;
+        }
+        Ok(())
+    }
+
+    pub fn dispatch_new(
+        &mut self,
+        user: Option<&str>,
+        req: &DispatchRequest,
+    ) -> Result<DispatchView> {
+        let author = self.author(user)?;
+        self.check_units(&req.to)?;
+        let mut to = req.to.clone();
+        to.sort();
+        to.dedup();
+        for path in &req.attach {
+            if !path.is_file() {
+                return Err(NodeError::Invalid(format!(
+                    "attachment {}: no such file",
+                    path.display()
+                )));
+            }
+        }
+        let id = DocId::generate(DocKind::Dispatch);
+        let at_ms = now_ms();
+        let actor = self.actor().clone();
+        let issuer = self.unit().to_string();
+        self.store.write(|tx| {
+            let mut attachments = Vec::new();
+            for path in &req.attach {
+                let BlobInfo { hash, size, .. } = tx.put_blob_file(path, at_ms)?;
+                let name = path
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_else(|| "scan".into());
+                attachments.push(Attachment {
+                    hash,
+                    media_type: media_type_of(&name).to_string(),
+                    name,
+                    size,
+                });
+            }
+            let new = NewDispatch {
+                ref_no: req.ref_no.clone(),
+                summary: req.summary.clone(),
+                kind: req.kind,
+                priority: req.priority,
+                issuer,
+                to,
+                attachments,
+            };
+            tx.create_doc(&id, &actor, at_ms, |doc| {
+                Ok(dispatch::create(doc, &id, &new, &author, at_ms)?)
+            })
+        })?;
+        self.dispatch_view(&id)
+    }
+
+    fn dispatch_view(&mut self, id: &DocId) -> Result<DispatchView> {
+        Ok(self.store.read_doc(id, |doc| dispatch::read(doc, id))??)
+    }
+
+    pub fn dispatch_list(
+        &self,
+        filter: DispatchFilter<'_>,
+        limit: usize,
+    ) -> Result<Vec<DispatchRow>> {
+        if let DispatchFilter::Involving(unit) = filter {
+            self.tree.get(unit)?;
+        }
+        Ok(self.store.list_dispatches(filter, limit)?)
+    }
+
+    pub fn dispatch_show(&mut self, id: &str) -> Result<DispatchDetail> {
+        let id = parse_id(id, DocKind::Dispatch)?;
+        let dispatch = self.dispatch_view(&id)?;
+        let mut missing_scans = Vec::new();
+        for a in &dispatch.attachments {
+            if !self.store.has_blob(&parse_hash(&a.hash)?)? {
+                missing_scans.push(a.hash.clone());
+            }
+        }
+        Ok(DispatchDetail {
+            assignments: self.store.assignments_of(&id)?,
+            missing_scans,
+            dispatch,
+        })
+    }
+
+    /// Records that this node's unit received the dispatch.
+    pub fn dispatch_receive(&mut self, user: Option<&str>, id: &str) -> Result<ReceiveReport> {
+        let id = parse_id(id, DocKind::Dispatch)?;
+        let author = self.author(user)?;
+        let (actor, at_ms, unit) = (self.actor().clone(), now_ms(), self.unit().to_string());
+        let (recorded, _) = self.store.write(|tx| {
+            tx.update_doc(&id, &actor, at_ms, |doc| {
+                Ok(dispatch::receive(doc, &id, &unit, &author, at_ms)?)
+            })
+        })?;
+        Ok(ReceiveReport {
+            id: id.to_string(),
+            unit,
+            recorded,
+        })
+    }
+
+    pub fn dispatch_comment(
+        &mut self,
+        user: Option<&str>,
+        id: &str,
+        text: &str,
+    ) -> Result<DispatchView> {
+        let id = parse_id(id, DocKind::Dispatch)?;
+        let author = self.author(user)?;
+        let (actor, at_ms) = (self.actor().clone(), now_ms());
+        self.store.write(|tx| {
+            tx.update_doc(&id, &actor, at_ms, |doc| {
+                Ok(dispatch::add_comment(doc, &id, text, &author, at_ms)?)
+            })
+        })?;
+        self.dispatch_view(&id)
+    }
+
+    /// Writes an attachment (found by name, or by hash prefix) to `out`, bit for bit, verified.
+    pub fn dispatch_attachment(
+        &mut self,
+        id: &str,
+        name: &str,
+        out: &Path,
+    ) -> Result<AttachmentReport> {
+        let id = parse_id(id, DocKind::Dispatch)?;
+        let view = self.dispatch_view(&id)?;
+        let attachment = view
+            .attachments
+            .iter()
+            .find(|a| a.name == name)
+            .or_else(|| {
+                view.attachments
+                    .iter()
+                    .find(|a| name.len() >= 8 && a.hash.starts_with(name))
+            })
+            .ok_or_else(|| {
+                let names: Vec<_> = view.attachments.iter().map(|a| a.name.as_str()).collect();
+                NodeError::Invalid(format!(
+                    "dispatch {id} has no attachment {name:?} (it has: {})",
+                    if names.is_empty() {
+                        "none".into()
+                    } else {
+                        names.join(", ")
+                    }
+                ))
+            })?;
+        let hash = parse_hash(&attachment.hash)?;
+        if !self.store.has_blob(&hash)? {
+            return Err(NodeError::Invalid(format!(
+                "scan {} of dispatch {id} has not arrived on this node yet; run `communesync sync`",
+                attachment.name
+            )));
+        }
+        let tmp = out.with_extension("communesync-partial");
+        let io = |source| NodeError::Io {
+            path: out.to_path_buf(),
+            source,
+        };
+        let mut file = std::fs::File::create(&tmp).map_err(io)?;
+        let written = self.store.read_blob(&hash, &mut file).and_then(|n| {
+            file.sync_all().map_err(|source| StoreError::Io {
+                path: tmp.clone(),
+                source,
+            })?;
+            Ok(n)
+        });
+        match written {
+            Ok(size) => {
+                std::fs::rename(&tmp, out).map_err(io)?;
+                Ok(AttachmentReport {
+                    id: id.to_string(),
+                    name: attachment.name.clone(),
+                    hash: attachment.hash.clone(),
+                    size,
+                    out: out.to_path_buf(),
+                })
+            }
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e.into())
+            }
+        }
+    }
+
+    pub fn assign_new(
+        &mut self,
+        user: Option<&str>,
+        dispatch_id: &str,
+        lead: &str,
+        co: &[String],
+        deadline: &str,
+    ) -> Result<AssignmentView> {
+        let dispatch_id = parse_id(dispatch_id, DocKind::Dispatch)?;
+        let author = self.author(user)?;
+        let deadline = assignment::parse_deadline(deadline)?;
+        if !self.store.doc_exists(&dispatch_id)? {
+            return Err(StoreError::NotFound(format!("dispatch {dispatch_id}")).into());
+        }
+        for person in std::iter::once(lead).chain(co.iter().map(String::as_str)) {
+            if !self.store.user_exists(person)? {
+                return Err(NodeError::UnknownUser(person.to_string()));
+            }
+        }
+        let new = NewAssignment {
+            dispatch_id,
+            unit: self.unit().to_string(),
+            lead: lead.to_string(),
+            co: co.to_vec(),
+            deadline,
+        };
+        let id = DocId::generate(DocKind::Assignment);
+        let (actor, at_ms) = (self.actor().clone(), now_ms());
+        self.store.write(|tx| {
+            tx.create_doc(&id, &actor, at_ms, |doc| {
+                Ok(assignment::create(doc, &id, &new, &author, at_ms)?)
+            })
+        })?;
+        self.assign_show(id.as_str())
+    }
+
+    pub fn assign_update(
+        &mut self,
+        user: Option<&str>,
+        id: &str,
+        status: Status,
+        note: Option<&str>,
+    ) -> Result<AssignmentView> {
+        let id = parse_id(id, DocKind::Assignment)?;
+        let author = self.author(user)?;
+        let (actor, at_ms) = (self.actor().clone(), now_ms());
+        self.store.write(|tx| {
+            tx.update_doc(&id, &actor, at_ms, |doc| {
+                Ok(assignment::update_status(
+                    doc, &id, status, note, &author, at_ms,
+                )?)
+            })
+        })?;
+        self.assign_show(id.as_str())
+    }
+
+    pub fn assign_show(&mut self, id: &str) -> Result<AssignmentView> {
+        let id = parse_id(id, DocKind::Assignment)?;
+        Ok(self
+            .store
+            .read_doc(&id, |doc| assignment::read(doc, &id))??)
+    }
+
+    pub fn assign_list(
+        &self,
+        overdue: bool,
+        lead: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<AssignmentRow>> {
+        let today = overdue.then(|| self.today().to_string());
+        Ok(self.store.list_assignments(today.as_deref(), lead, limit)?)
+    }
+
+    pub fn dossier_new(
+        &mut self,
+        user: Option<&str>,
+        applicant: &str,
+        procedure: &str,
+    ) -> Result<DossierView> {
+        let author = self.author(user)?;
+        let id = DocId::generate(DocKind::Dossier);
+        let (actor, at_ms) = (self.actor().clone(), now_ms());
+        self.store.write(|tx| {
+            tx.create_doc(&id, &actor, at_ms, |doc| {
+                Ok(dossier::create(
+                    doc, &id, applicant, procedure, &author, at_ms,
+                )?)
+            })
+        })?;
+        self.dossier_track(id.as_str())
+    }
+
+    pub fn dossier_advance(
+        &mut self,
+        user: Option<&str>,
+        id: &str,
+        step: &str,
+        to_unit: Option<&str>,
+    ) -> Result<DossierView> {
+        let id = parse_id(id, DocKind::Dossier)?;
+        let author = self.author(user)?;
+        if let Some(unit) = to_unit {
+            self.tree.get(unit)?;
+        }
+        let (actor, at_ms) = (self.actor().clone(), now_ms());
+        self.store.write(|tx| {
+            tx.update_doc(&id, &actor, at_ms, |doc| {
+                Ok(dossier::advance(doc, &id, step, to_unit, &author, at_ms)?)
+            })
+        })?;
+        self.dossier_track(id.as_str())
+    }
+
+    pub fn dossier_track(&mut self, id: &str) -> Result<DossierView> {
+        let id = parse_id(id, DocKind::Dossier)?;
+        Ok(self.store.read_doc(&id, |doc| dossier::read(doc, &id))??)
+    }
+
+    pub fn dossier_list(&self, limit: usize) -> Result<Vec<DossierRow>> {
+        Ok(self.store.list_dossiers(limit)?)
+    }
+
+    /// Every change to any document, oldest first.
+    pub fn audit(&mut self, id: &str) -> Result<Vec<AuditEntry>> {
+        let id: DocId = id.parse()?;
+        Ok(self.store.read_doc(&id, audit)?)
+    }
+}

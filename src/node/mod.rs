@@ -1,0 +1,236 @@
+//! One node: its data directory, config, key, store and unit tree, and the operations on them.
+//!
+//! The CLI calls this layer; it never parses flags or prints.
+
+pub mod config;
+mod local;
+
+use std::path::{Path, PathBuf};
+
+use automerge::ActorId;
+
+use crate::model::{Author, ModelError};
+use crate::store::{Store, StoreError};
+use crate::trust::{NodeId, NodeKey, TrustError};
+use crate::units::{Role, UnitError, UnitTree};
+
+pub use config::{Config, ConfigError};
+pub use local::*;
+
+pub const DB_FILE: &str = "node.db";
+pub const KEY_FILE: &str = "node.key";
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeError {
+    #[error("{0} is already a communesync node; nothing was changed (use another --data directory to create a new node)")]
+    AlreadyInitialised(PathBuf),
+    #[error("no communesync node in {0}: run `communesync init --unit PATH --role ROLE` first, or pass --data DIR")]
+    NotInitialised(PathBuf),
+    #[error("unknown user {0:?}: add it with `communesync user add {0}`")]
+    UnknownUser(String),
+    #[error("no acting user: pass --as USER or set node.default_user in the config")]
+    NoUser,
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Unit(#[from] UnitError),
+    #[error(transparent)]
+    Trust(#[from] TrustError),
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+impl NodeError {
+    /// Whether the error is about something that does not exist (exit code 3 in the CLI).
+    pub fn is_not_found(&self) -> bool {
+        matches!(
+            self,
+            NodeError::Store(StoreError::NotFound(_)) | NodeError::UnknownUser(_)
+        )
+    }
+}
+
+pub type Result<T, E = NodeError> = std::result::Result<T, E>;
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> i64 {
+    (time::OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000) as i64
+}
+
+/// An open node.
+pub struct Node {
+    dir: PathBuf,
+    pub config: Config,
+    pub tree: UnitTree,
+    pub store: Store,
+    node_id: NodeId,
+    actor: ActorId,
+}
+
+/// What `init` created.
+#[derive(Debug, serde::Serialize)]
+pub struct InitReport {
+    pub data_dir: PathBuf,
+    pub unit: String,
+    pub role: Role,
+    pub node_id: String,
+    pub user: String,
+}
+
+impl Node {
+    /// Creates a node in `dir` (which must be absent or empty); on failure leaves nothing behind.
+    pub fn init(dir: &Path, unit: &str, role: Role, user: &str) -> Result<InitReport> {
+        let occupied = match std::fs::read_dir(dir) {
+            Ok(mut entries) => entries.next().is_some(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+            Err(source) => {
+                return Err(NodeError::Io {
+                    path: dir.to_path_buf(),
+                    source,
+                })
+            }
+        };
+        if occupied {
+            return if dir.join(config::CONFIG_FILE).exists() || dir.join(DB_FILE).exists() {
+                Err(NodeError::AlreadyInitialised(dir.to_path_buf()))
+            } else {
+                Err(NodeError::Invalid(format!(
+                    "{} is not empty; choose an empty or new directory for the node",
+                    dir.display()
+                )))
+            };
+        }
+        local::check_user_name(user)?;
+        let config = Config::new(unit, role, user);
+        config
+            .validate(dir)
+            .map_err(|message| ConfigError::Invalid {
+                path: dir.join(config::CONFIG_FILE),
+                message,
+            })?;
+        std::fs::create_dir_all(dir).map_err(|source| NodeError::Io {
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let created = Self::init_files(dir, &config, user);
+        if created.is_err() {
+            for file in [
+                DB_FILE,
+                "node.db-wal",
+                "node.db-shm",
+                KEY_FILE,
+                config::CONFIG_FILE,
+            ] {
+                let _ = std::fs::remove_file(dir.join(file));
+            }
+        }
+        let node_id = created?;
+        Ok(InitReport {
+            data_dir: dir.to_path_buf(),
+            unit: unit.to_string(),
+            role,
+            node_id: node_id.to_string(),
+            user: user.to_string(),
+        })
+    }
+
+    fn init_files(dir: &Path, config: &Config, user: &str) -> Result<NodeId> {
+        let key = NodeKey::generate()?;
+        key.save(dir.join(KEY_FILE))?;
+        let mut store = Store::create(&dir.join(DB_FILE), config.store.doc_cache_entries)?;
+        store.write(|tx| {
+            tx.set_meta("node_id", &key.node_id().to_string())?;
+            tx.set_meta("unit", &config.node.unit)?;
+            tx.set_meta("role", config.node.role.as_str())?;
+            tx.add_user(user, Some("administrator"), now_ms())?;
+            Ok(())
+        })?;
+        // The config goes last: its presence is what marks the directory as a node.
+        crate::trust::write_file_atomic(
+            dir.join(config::CONFIG_FILE),
+            config.to_toml_annotated().as_bytes(),
+        )?;
+        Ok(key.node_id())
+    }
+
+    /// Opens the node in `dir`, validating its config and database.
+    pub fn open(dir: &Path) -> Result<Node> {
+        if !dir.join(config::CONFIG_FILE).exists() {
+            return Err(NodeError::NotInitialised(dir.to_path_buf()));
+        }
+        let (config, tree) = Config::load(dir)?;
+        let store = Store::open(&dir.join(DB_FILE), config.store.doc_cache_entries)?;
+        let id_text = store.meta("node_id")?.ok_or_else(|| {
+            StoreError::Corrupt("the database does not record this node's id".into())
+        })?;
+        let node_id: NodeId = id_text.parse()?;
+        if store.meta("unit")?.as_deref() != Some(config.node.unit.as_str()) {
+            return Err(NodeError::Invalid(format!(
+                "config node.unit = {} but this database belongs to {}; a node cannot change unit, initialise a new one",
+                config.node.unit,
+                store.meta("unit")?.unwrap_or_default()
+            )));
+        }
+        let actor = ActorId::from(&node_id.as_bytes()[..]);
+        Ok(Node {
+            dir: dir.to_path_buf(),
+            config,
+            tree,
+            store,
+            node_id,
+            actor,
+        })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn unit(&self) -> &str {
+        &self.config.node.unit
+    }
+
+    pub fn role(&self) -> Role {
+        self.config.node.role
+    }
+
+    pub fn node_id(&self) -> NodeId {
+        self.node_id
+    }
+
+    /// The Automerge actor of every change this node makes: its node id.
+    pub fn actor(&self) -> &ActorId {
+        &self.actor
+    }
+
+    /// The author for `--as USER` (or the configured default), checked against the users table.
+    pub fn author(&self, user: Option<&str>) -> Result<Author> {
+        let user = user
+            .or(self.config.node.default_user.as_deref())
+            .ok_or(NodeError::NoUser)?;
+        if !self.store.user_exists(user)? {
+            return Err(NodeError::UnknownUser(user.to_string()));
+        }
+        Ok(Author {
+            user: user.to_string(),
+            unit: self.unit().to_string(),
+            node: self.node_id.to_string(),
+        })
+    }
+
+    /// Today's date at this node's UTC offset.
+    pub fn today(&self) -> time::Date {
+        let offset = time::UtcOffset::from_hms(self.config.node.utc_offset_hours, 0, 0)
+            .unwrap_or(time::UtcOffset::UTC);
+        time::OffsetDateTime::now_utc().to_offset(offset).date()
+    }
+}
