@@ -16,6 +16,7 @@ pub mod cli;
 pub mod linksim;
 pub mod model;
 pub mod node;
+pub mod proto;
 pub mod store;
 pub mod trust;
 pub mod units;

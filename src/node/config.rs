@@ -99,8 +99,7 @@ impl Config {
             path: path.clone(),
             message,
         };
-        let config: Config = toml::from_str(&text)
-            .map_err(|e| invalid(e.message().to_string() + &location(&text, e.span())))?;
+        let config: Config = toml::from_str(&text).map_err(|e| invalid(describe(&text, &e)))?;
         let tree = config.validate(dir).map_err(invalid)?;
         Ok((config, tree))
     }
@@ -168,6 +167,22 @@ impl Config {
     }
 }
 
+/// One line naming the key a TOML error concerns, what is wrong, and where, e.g.
+/// `store.doc_cache_entries: invalid type: string "many", expected usize (line 17)`.
+fn describe(text: &str, err: &toml::de::Error) -> String {
+    // toml keeps the key path private; without the input, its Display prints it as a last
+    // line "in `store.doc_cache_entries`" instead of a multi-line snippet.
+    let mut bare = err.clone();
+    bare.set_input(None);
+    let rendered = bare.to_string();
+    let key = rendered
+        .lines()
+        .find_map(|l| l.strip_prefix("in `")?.strip_suffix('`'))
+        .map(|k| format!("{k}: "))
+        .unwrap_or_default();
+    format!("{key}{}{}", err.message(), location(text, err.span()))
+}
+
 fn location(text: &str, span: Option<std::ops::Range<usize>>) -> String {
     match span {
         Some(span) => format!(
@@ -207,10 +222,7 @@ mod tests {
             load_text(&base.replace("doc_cache_entries = 256", "doc_cache_entries = \"many\""))
                 .unwrap_err()
                 .to_string();
-        assert!(
-            err.contains("doc_cache_entries") || err.contains("invalid type"),
-            "{err}"
-        );
+        assert!(err.contains("store.doc_cache_entries"), "{err}");
         let err = load_text(&base.replace("role = \"commune\"", "role = \"district\""))
             .unwrap_err()
             .to_string();

@@ -4,6 +4,7 @@
 
 pub mod config;
 mod local;
+pub mod replica;
 
 use std::path::{Path, PathBuf};
 

@@ -8,6 +8,7 @@ pub mod blobs;
 pub mod docs;
 pub mod index;
 mod schema;
+pub mod sync;
 
 use std::path::{Path, PathBuf};
 

@@ -80,6 +80,26 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE doc_blobs (hash BLOB NOT NULL, doc_id TEXT NOT NULL, priority_rank INTEGER NOT NULL, size INTEGER NOT NULL, PRIMARY KEY (hash, doc_id)) WITHOUT ROWID;
     CREATE INDEX doc_blobs_by_doc ON doc_blobs (doc_id);
     ",
+    // 2: sync with peers.
+    "
+    -- Peers an administrator configured (the upstream, usually).
+    CREATE TABLE peers (name TEXT PRIMARY KEY, addr TEXT NOT NULL, added_at INTEGER NOT NULL);
+    -- What each authenticated peer node and this node know of each other's feeds.
+    CREATE TABLE peer_sync (
+        node_id TEXT PRIMARY KEY,
+        unit TEXT NOT NULL,
+        role TEXT NOT NULL,
+        have_from INTEGER NOT NULL DEFAULT 0,   -- their feed, applied here up to
+        acked_by INTEGER NOT NULL DEFAULT 0,    -- our feed, acknowledged by them up to
+        last_contact_at INTEGER,
+        last_sync_at INTEGER,
+        last_error TEXT,
+        bytes_sent INTEGER NOT NULL DEFAULT 0,
+        bytes_received INTEGER NOT NULL DEFAULT 0
+    );
+    -- Scans in transit: their manifest; chunks already verified sit in blob_chunks.
+    CREATE TABLE blob_partial (hash BLOB PRIMARY KEY, size INTEGER NOT NULL, chunk_bytes INTEGER NOT NULL, manifest BLOB NOT NULL, updated_at INTEGER NOT NULL);
+    ",
 ];
 
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

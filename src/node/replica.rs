@@ -1,0 +1,335 @@
+//! The node's store seen by one sync session with one authenticated peer: scope filtering on the
+//! way out, and scope, authorship and integrity checks on the way in.
+
+use automerge::{AutoCommit, ChangeHash};
+use tracing::warn;
+
+use super::{now_ms, Node};
+use crate::model::{self, ChangeNote, DocId};
+use crate::proto::{DocHeads, Hash32, ProtoError, Replica};
+use crate::store::docs::{decode_heads, encode_heads};
+use crate::store::sync::Scope;
+use crate::trust::PeerIdentity;
+use crate::units::{is_within, parent};
+
+/// Whether `peer` sits above `me` in the tree (then it relays others' changes and is trusted to
+/// have checked them); otherwise it may only write what its own subtree authored.
+pub fn is_upstream(peer_unit: &str, me: &str) -> bool {
+    peer_unit != me && is_within(me, peer_unit)
+}
+
+/// What this node sends to a peer: everything when the peer is above, else the peer's subtree.
+pub fn scope_for(peer_unit: &str, me: &str) -> Scope {
+    if is_upstream(peer_unit, me) {
+        Scope::All
+    } else {
+        Scope::Subtree(peer_unit.to_string())
+    }
+}
+
+/// Whether a document with these parties belongs on the node of `unit`.
+pub fn in_scope_of(parties: &[String], unit: &str) -> bool {
+    parent(unit).is_none() || parties.iter().any(|p| is_within(p, unit))
+}
+
+fn local(e: impl std::fmt::Display) -> ProtoError {
+    ProtoError::Local(e.to_string())
+}
+
+fn to_hashes(heads: &[ChangeHash]) -> Vec<Hash32> {
+    heads.iter().map(|h| h.0).collect()
+}
+
+pub struct NodeReplica<'a> {
+    pub node: &'a mut Node,
+    pub peer: PeerIdentity,
+    peer_id: String,
+}
+
+impl<'a> NodeReplica<'a> {
+    pub fn new(node: &'a mut Node, peer: PeerIdentity) -> Result<Self, ProtoError> {
+        let peer_id = peer.node_id.to_string();
+        node.store
+            .write(|tx| tx.peer_touch(&peer_id, &peer.unit, peer.role.as_str(), now_ms()))
+            .map_err(local)?;
+        Ok(NodeReplica {
+            node,
+            peer,
+            peer_id,
+        })
+    }
+
+    fn refuse(&self, id: &str, why: String) -> ProtoError {
+        let msg = format!(
+            "node {} ({}) sent document {id}: {why}",
+            self.peer.node_id, self.peer.unit
+        );
+        warn!(peer = %self.peer.unit, doc = id, "refused: {why}");
+        ProtoError::Refused(msg)
+    }
+
+    /// Checks one incoming document and returns its merged state (not yet stored).
+    fn check_incoming(
+        &self,
+        id: &DocId,
+        existing: Option<&AutoCommit>,
+        bytes: &[u8],
+    ) -> Result<AutoCommit, ProtoError> {
+        let me = self.node.unit();
+        let upstream = is_upstream(&self.peer.unit, me);
+        let (mut doc, old_heads) = match existing {
+            Some(doc) => {
+                let mut doc = doc.clone();
+                let heads = doc.get_heads();
+                if !upstream {
+                    let parties = model::parties(&doc, id).map_err(local)?;
+                    if !parties.iter().any(|p| is_within(p, &self.peer.unit)) {
+                        return Err(self.refuse(
+                            id.as_str(),
+                            "the document is outside the sender's scope".into(),
+                        ));
+                    }
+                }
+                (doc, heads)
+            }
+            None => (AutoCommit::new(), Vec::new()),
+        };
+        doc.load_incremental(bytes)
+            .map_err(|e| self.refuse(id.as_str(), format!("changes do not decode: {e}")))?;
+        if !doc.get_missing_deps(&[]).is_empty() {
+            return Err(self.refuse(
+                id.as_str(),
+                "changes depend on changes that were not sent".into(),
+            ));
+        }
+        if !upstream {
+            for change in doc.get_changes(&old_heads) {
+                let note = change.message().and_then(|m| ChangeNote::parse(m));
+                let Some(note) = note else {
+                    return Err(self.refuse(id.as_str(), "a change carries no author".into()));
+                };
+                if !is_within(&note.unit, &self.peer.unit) {
+                    return Err(self.refuse(
+                        id.as_str(),
+                        format!(
+                            "a change claims author unit {}, outside the sender's subtree",
+                            note.unit
+                        ),
+                    ));
+                }
+                if note.node != change.actor_id().to_hex_string() {
+                    return Err(self.refuse(
+                        id.as_str(),
+                        "a change's author node differs from its actor".into(),
+                    ));
+                }
+            }
+        }
+        let parties =
+            model::parties(&doc, id).map_err(|e| self.refuse(id.as_str(), e.to_string()))?;
+        if !in_scope_of(&parties, me) {
+            return Err(self.refuse(
+                id.as_str(),
+                format!("the document is outside this node's scope ({me})"),
+            ));
+        }
+        if !upstream && existing.is_none() && !parties.iter().any(|p| is_within(p, &self.peer.unit))
+        {
+            return Err(self.refuse(
+                id.as_str(),
+                "a new document that does not concern the sender".into(),
+            ));
+        }
+        Ok(doc)
+    }
+}
+
+impl Replica for NodeReplica<'_> {
+    fn feed_seq(&mut self) -> Result<u64, ProtoError> {
+        Ok(self.node.store.feed_seq().map_err(local)? as u64)
+    }
+
+    fn have_from_peer(&mut self) -> Result<u64, ProtoError> {
+        Ok(self
+            .node
+            .store
+            .peer_checkpoints(&self.peer_id)
+            .map_err(local)?
+            .0 as u64)
+    }
+
+    fn set_have_from_peer(&mut self, upto: u64) -> Result<(), ProtoError> {
+        let id = self.peer_id.clone();
+        self.node
+            .store
+            .write(|tx| tx.set_have_from(&id, upto as i64))
+            .map_err(local)
+    }
+
+    fn acked_by_peer(&mut self) -> Result<u64, ProtoError> {
+        Ok(self
+            .node
+            .store
+            .peer_checkpoints(&self.peer_id)
+            .map_err(local)?
+            .1 as u64)
+    }
+
+    fn set_acked_by_peer(&mut self, upto: u64) -> Result<(), ProtoError> {
+        let id = self.peer_id.clone();
+        self.node
+            .store
+            .write(|tx| tx.set_acked_by(&id, upto as i64))
+            .map_err(local)
+    }
+
+    fn changed_since(
+        &mut self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, DocHeads)>, ProtoError> {
+        let scope = scope_for(&self.peer.unit, self.node.unit());
+        let rows = self
+            .node
+            .store
+            .changed_since(&scope, after as i64, limit)
+            .map_err(local)?;
+        rows.into_iter()
+            .map(|(seq, id, heads)| {
+                Ok((
+                    seq as u64,
+                    DocHeads {
+                        id,
+                        heads: to_hashes(&decode_heads(&heads).map_err(local)?),
+                    },
+                ))
+            })
+            .collect()
+    }
+
+    fn wants(&mut self, offered: &[DocHeads]) -> Result<Vec<DocHeads>, ProtoError> {
+        let mut wants = Vec::new();
+        for offer in offered {
+            let id: DocId = offer
+                .id
+                .parse()
+                .map_err(|e| ProtoError::Malformed(format!("offer: {e}")))?;
+            let offered_heads: Vec<ChangeHash> =
+                offer.heads.iter().map(|h| ChangeHash(*h)).collect();
+            let Some(mine) = self.node.store.doc_heads(id.as_str()).map_err(local)? else {
+                wants.push(DocHeads {
+                    id: offer.id.clone(),
+                    heads: Vec::new(),
+                });
+                continue;
+            };
+            if encode_heads(&offered_heads) == mine {
+                continue;
+            }
+            let (lacking, heads) = self
+                .node
+                .store
+                .read_doc(&id, |doc| {
+                    (
+                        offered_heads
+                            .iter()
+                            .any(|h| doc.get_change_by_hash(h).is_none()),
+                        doc.get_heads(),
+                    )
+                })
+                .map_err(local)?;
+            if lacking {
+                wants.push(DocHeads {
+                    id: offer.id.clone(),
+                    heads: to_hashes(&heads),
+                });
+            }
+        }
+        Ok(wants)
+    }
+
+    fn changes_for(&mut self, want: &DocHeads) -> Result<Vec<u8>, ProtoError> {
+        let id: DocId = want
+            .id
+            .parse()
+            .map_err(|e| ProtoError::Malformed(format!("want: {e}")))?;
+        let scope = scope_for(&self.peer.unit, self.node.unit());
+        if let Scope::Subtree(unit) = &scope {
+            let parties = self
+                .node
+                .store
+                .read_doc(&id, |doc| model::parties(doc, &id))
+                .map_err(local)?
+                .map_err(local)?;
+            if !parties.iter().any(|p| is_within(p, unit)) {
+                warn!(peer = %self.peer.unit, doc = %id, "peer asked for a document outside its scope; not sent");
+                return Ok(Vec::new());
+            }
+        }
+        let heads: Vec<ChangeHash> = want.heads.iter().map(|h| ChangeHash(*h)).collect();
+        self.node
+            .store
+            .read_doc(&id, |doc| {
+                if heads.is_empty() {
+                    return doc.save();
+                }
+                let known: Vec<ChangeHash> = heads
+                    .iter()
+                    .filter(|h| doc.get_change_by_hash(h).is_some())
+                    .copied()
+                    .collect();
+                doc.save_after(&known)
+            })
+            .map_err(local)
+    }
+
+    fn apply(&mut self, docs: Vec<(String, Vec<u8>)>) -> Result<usize, ProtoError> {
+        let mut checked = Vec::with_capacity(docs.len());
+        for (id_text, bytes) in docs {
+            let id: DocId = id_text
+                .parse()
+                .map_err(|e| ProtoError::Malformed(format!("changes: {e}")))?;
+            let existing = if self.node.store.doc_exists(&id).map_err(local)? {
+                Some(
+                    self.node
+                        .store
+                        .read_doc(&id, |doc| doc.clone())
+                        .map_err(local)?,
+                )
+            } else {
+                None
+            };
+            let doc = self.check_incoming(&id, existing.as_ref(), &bytes)?;
+            checked.push((id, doc));
+        }
+        let at_ms = now_ms();
+        let n = checked.len();
+        // Merge into what is stored now, inside the write lock: a local write that landed
+        // since the check is kept, never overwritten.
+        self.node
+            .store
+            .write(|tx| {
+                for (id, mut doc) in checked {
+                    match tx.load_doc(&id)? {
+                        Some(current) => {
+                            let mut merged = current.doc;
+                            merged.merge(&mut doc).map_err(|e| {
+                                crate::store::StoreError::Corrupt(format!("merging {id}: {e}"))
+                            })?;
+                            tx.save_doc(&id, Some(current.heads), merged, at_ms)?;
+                        }
+                        None => {
+                            tx.save_doc(&id, None, doc, at_ms)?;
+                        }
+                    }
+                }
+                Ok(())
+            })
+            .map_err(local)?;
+        Ok(n)
+    }
+
+    fn missing_blobs(&mut self, limit: usize) -> Result<Vec<(Hash32, u64)>, ProtoError> {
+        self.node.store.missing_blobs(limit).map_err(local)
+    }
+}

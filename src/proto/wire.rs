@@ -1,0 +1,569 @@
+//! The wire format: length-prefixed, typed, optionally zstd-compressed frames with hard limits.
+//!
+//! Encoding and decoding only; no I/O. Every length read from a peer is checked against a
+//! bound before anything is allocated or decompressed.
+
+use super::ProtoError;
+
+/// Protocol version spoken by this build (sent in Hello).
+pub const VERSION: u16 = 1;
+/// Largest frame on the wire (header excluded), compressed or not.
+pub const FRAME_BYTES_MAX: usize = 4 << 20;
+/// Largest frame body after decompression: checked before zstd runs (no decompression bombs).
+pub const FRAME_RAW_BYTES_MAX: usize = 16 << 20;
+/// Bodies at least this large are tried with zstd.
+const COMPRESS_BYTES_MIN: usize = 512;
+/// Most items (documents, heads, blobs) one frame may list.
+pub const ITEMS_MAX: usize = 100_000;
+/// Most heads one document may advertise (concurrent edits make a few; thousands mean abuse).
+pub const HEADS_MAX: usize = 256;
+/// Bytes of the frame header: u32 length, u8 type, u8 flags.
+pub const HEADER_BYTES: usize = 6;
+
+const FLAG_ZSTD: u8 = 1;
+
+pub type Hash32 = [u8; 32];
+
+/// A document and its Automerge heads (sorted change hashes).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocHeads {
+    pub id: String,
+    pub heads: Vec<Hash32>,
+}
+
+/// Every message of the protocol; see docs/protocol.md for the exchange.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    Hello {
+        version: u16,
+        feed_seq: u64,
+        have_from_you: u64,
+        crl_number: u64,
+    },
+    Offer {
+        docs: Vec<DocHeads>,
+    },
+    OfferEnd {
+        upto: u64,
+        offered: u64,
+    },
+    Want {
+        docs: Vec<DocHeads>,
+    },
+    WantEnd,
+    Changes {
+        docs: Vec<(String, Vec<u8>)>,
+    },
+    ChangesEnd {
+        upto: u64,
+    },
+    Ack {
+        upto: u64,
+    },
+    BlobWant {
+        blobs: Vec<(Hash32, u64)>,
+    },
+    BlobMissing {
+        hash: Hash32,
+    },
+    BlobHeader {
+        hash: Hash32,
+        size: u64,
+        chunk_bytes: u64,
+        first: u64,
+        chunk_hashes: Vec<Hash32>,
+    },
+    BlobChunk {
+        idx: u64,
+        compressed: bool,
+        raw_len: u64,
+        data: Vec<u8>,
+    },
+    BlobsDone,
+    Crl {
+        der: Vec<u8>,
+    },
+    Refused {
+        reason: String,
+    },
+}
+
+impl Frame {
+    fn kind(&self) -> u8 {
+        match self {
+            Frame::Hello { .. } => 1,
+            Frame::Offer { .. } => 2,
+            Frame::OfferEnd { .. } => 3,
+            Frame::Want { .. } => 4,
+            Frame::WantEnd => 5,
+            Frame::Changes { .. } => 6,
+            Frame::ChangesEnd { .. } => 7,
+            Frame::Ack { .. } => 8,
+            Frame::BlobWant { .. } => 9,
+            Frame::BlobMissing { .. } => 10,
+            Frame::BlobHeader { .. } => 11,
+            Frame::BlobChunk { .. } => 12,
+            Frame::BlobsDone => 13,
+            Frame::Crl { .. } => 14,
+            Frame::Refused { .. } => 15,
+        }
+    }
+
+    /// Frames whose bodies are worth compressing (blob chunks are compressed on their own terms).
+    fn compressible(&self) -> bool {
+        matches!(
+            self,
+            Frame::Offer { .. }
+                | Frame::Want { .. }
+                | Frame::Changes { .. }
+                | Frame::BlobHeader { .. }
+        )
+    }
+}
+
+struct Enc(Vec<u8>);
+
+impl Enc {
+    fn uint(&mut self, mut v: u64) {
+        while v >= 0x80 {
+            self.0.push((v as u8) | 0x80);
+            v >>= 7;
+        }
+        self.0.push(v as u8);
+    }
+    fn bytes(&mut self, b: &[u8]) {
+        self.uint(b.len() as u64);
+        self.0.extend_from_slice(b);
+    }
+    fn hash(&mut self, h: &Hash32) {
+        self.0.extend_from_slice(h);
+    }
+    fn doc_heads(&mut self, docs: &[DocHeads]) {
+        self.uint(docs.len() as u64);
+        for d in docs {
+            self.bytes(d.id.as_bytes());
+            self.uint(d.heads.len() as u64);
+            for h in &d.heads {
+                self.hash(h);
+            }
+        }
+    }
+}
+
+struct Dec<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Dec<'a> {
+    fn bad(what: &str) -> ProtoError {
+        ProtoError::Malformed(what.to_string())
+    }
+    fn uint(&mut self) -> Result<u64, ProtoError> {
+        let mut v = 0u64;
+        for shift in (0..64).step_by(7) {
+            let (&b, rest) = self
+                .buf
+                .split_first()
+                .ok_or_else(|| Self::bad("truncated integer"))?;
+            self.buf = rest;
+            v |= u64::from(b & 0x7f) << shift;
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(Self::bad("integer longer than 64 bits"))
+    }
+    fn count(&mut self, max: usize) -> Result<usize, ProtoError> {
+        let n = self.uint()?;
+        if n > max as u64 {
+            return Err(ProtoError::Malformed(format!(
+                "list of {n} items, more than the {max} allowed"
+            )));
+        }
+        Ok(n as usize)
+    }
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtoError> {
+        if n > self.buf.len() {
+            return Err(Self::bad("truncated field"));
+        }
+        let (head, rest) = self.buf.split_at(n);
+        self.buf = rest;
+        Ok(head)
+    }
+    fn bytes(&mut self) -> Result<Vec<u8>, ProtoError> {
+        let n = self.count(FRAME_RAW_BYTES_MAX)?;
+        Ok(self.take(n)?.to_vec())
+    }
+    fn string(&mut self, max: usize) -> Result<String, ProtoError> {
+        let n = self.count(max)?;
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| Self::bad("text is not UTF-8"))
+    }
+    fn hash(&mut self) -> Result<Hash32, ProtoError> {
+        Ok(self.take(32)?.try_into().expect("take(32) yields 32 bytes"))
+    }
+    fn hashes(&mut self, max: usize) -> Result<Vec<Hash32>, ProtoError> {
+        let n = self.count(max)?;
+        (0..n).map(|_| self.hash()).collect()
+    }
+    fn doc_heads(&mut self) -> Result<Vec<DocHeads>, ProtoError> {
+        let n = self.count(ITEMS_MAX)?;
+        (0..n)
+            .map(|_| {
+                Ok(DocHeads {
+                    id: self.string(64)?,
+                    heads: self.hashes(HEADS_MAX)?,
+                })
+            })
+            .collect()
+    }
+    fn end(&self) -> Result<(), ProtoError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(Self::bad("trailing bytes after the frame body"))
+        }
+    }
+}
+
+fn body(frame: &Frame) -> Vec<u8> {
+    let mut e = Enc(Vec::new());
+    match frame {
+        Frame::Hello {
+            version,
+            feed_seq,
+            have_from_you,
+            crl_number,
+        } => {
+            e.uint(u64::from(*version));
+            e.uint(*feed_seq);
+            e.uint(*have_from_you);
+            e.uint(*crl_number);
+        }
+        Frame::Offer { docs } | Frame::Want { docs } => e.doc_heads(docs),
+        Frame::OfferEnd { upto, offered } => {
+            e.uint(*upto);
+            e.uint(*offered);
+        }
+        Frame::WantEnd | Frame::BlobsDone => {}
+        Frame::Changes { docs } => {
+            e.uint(docs.len() as u64);
+            for (id, data) in docs {
+                e.bytes(id.as_bytes());
+                e.bytes(data);
+            }
+        }
+        Frame::ChangesEnd { upto } | Frame::Ack { upto } => e.uint(*upto),
+        Frame::BlobWant { blobs } => {
+            e.uint(blobs.len() as u64);
+            for (h, from) in blobs {
+                e.hash(h);
+                e.uint(*from);
+            }
+        }
+        Frame::BlobMissing { hash } => e.hash(hash),
+        Frame::BlobHeader {
+            hash,
+            size,
+            chunk_bytes,
+            first,
+            chunk_hashes,
+        } => {
+            e.hash(hash);
+            e.uint(*size);
+            e.uint(*chunk_bytes);
+            e.uint(*first);
+            e.uint(chunk_hashes.len() as u64);
+            for h in chunk_hashes {
+                e.hash(h);
+            }
+        }
+        Frame::BlobChunk {
+            idx,
+            compressed,
+            raw_len,
+            data,
+        } => {
+            e.uint(*idx);
+            e.uint(u64::from(*compressed));
+            e.uint(*raw_len);
+            e.bytes(data);
+        }
+        Frame::Crl { der } => e.bytes(der),
+        Frame::Refused { reason } => e.bytes(reason.as_bytes()),
+    }
+    e.0
+}
+
+/// Encodes a frame; bodies of list frames are zstd-compressed when that saves bytes.
+pub fn encode(frame: &Frame, level: i32) -> Vec<u8> {
+    let raw = body(frame);
+    let mut flags = 0;
+    let payload = if frame.compressible() && raw.len() >= COMPRESS_BYTES_MIN {
+        match zstd::bulk::compress(&raw, level) {
+            Ok(z) if z.len() + 10 < raw.len() => {
+                flags |= FLAG_ZSTD;
+                let mut e = Enc(Vec::with_capacity(z.len() + 10));
+                e.uint(raw.len() as u64);
+                e.0.extend_from_slice(&z);
+                e.0
+            }
+            _ => raw,
+        }
+    } else {
+        raw
+    };
+    assert!(
+        payload.len() + 2 <= FRAME_BYTES_MAX,
+        "frame of {} bytes exceeds FRAME_BYTES_MAX; the sender must batch",
+        payload.len()
+    );
+    let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
+    out.extend_from_slice(&((payload.len() + 2) as u32).to_be_bytes());
+    out.push(frame.kind());
+    out.push(flags);
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Reads the length prefix: how many bytes follow it. Refuses oversized frames before reading them.
+pub fn frame_len(header: [u8; 4]) -> Result<usize, ProtoError> {
+    let len = u32::from_be_bytes(header) as usize;
+    if !(2..=FRAME_BYTES_MAX).contains(&len) {
+        return Err(ProtoError::Malformed(format!(
+            "frame length {len} outside 2..={FRAME_BYTES_MAX}"
+        )));
+    }
+    Ok(len)
+}
+
+/// Decodes what follows the length prefix (type, flags, body).
+pub fn decode(buf: &[u8]) -> Result<Frame, ProtoError> {
+    let [kind, flags, rest @ ..] = buf else {
+        return Err(ProtoError::Malformed(
+            "frame shorter than its header".into(),
+        ));
+    };
+    if flags & !FLAG_ZSTD != 0 {
+        return Err(ProtoError::Malformed(format!(
+            "unknown frame flags {flags:#x}"
+        )));
+    }
+    let decompressed;
+    let raw: &[u8] = if flags & FLAG_ZSTD != 0 {
+        let mut d = Dec { buf: rest };
+        let raw_len = d.count(FRAME_RAW_BYTES_MAX)?;
+        decompressed = zstd::bulk::decompress(d.buf, raw_len)
+            .map_err(|e| ProtoError::Malformed(format!("zstd body: {e}")))?;
+        if decompressed.len() != raw_len {
+            return Err(ProtoError::Malformed(
+                "zstd body length differs from its declared length".into(),
+            ));
+        }
+        &decompressed
+    } else {
+        rest
+    };
+    let mut d = Dec { buf: raw };
+    let frame = match kind {
+        1 => {
+            let version = u16::try_from(d.uint()?).map_err(|_| Dec::bad("version out of range"))?;
+            Frame::Hello {
+                version,
+                feed_seq: d.uint()?,
+                have_from_you: d.uint()?,
+                crl_number: d.uint()?,
+            }
+        }
+        2 => Frame::Offer {
+            docs: d.doc_heads()?,
+        },
+        3 => Frame::OfferEnd {
+            upto: d.uint()?,
+            offered: d.uint()?,
+        },
+        4 => Frame::Want {
+            docs: d.doc_heads()?,
+        },
+        5 => Frame::WantEnd,
+        6 => {
+            let n = d.count(ITEMS_MAX)?;
+            let mut docs = Vec::with_capacity(n.min(1024));
+            for _ in 0..n {
+                docs.push((d.string(64)?, d.bytes()?));
+            }
+            Frame::Changes { docs }
+        }
+        7 => Frame::ChangesEnd { upto: d.uint()? },
+        8 => Frame::Ack { upto: d.uint()? },
+        9 => {
+            let n = d.count(ITEMS_MAX)?;
+            let mut blobs = Vec::with_capacity(n.min(1024));
+            for _ in 0..n {
+                blobs.push((d.hash()?, d.uint()?));
+            }
+            Frame::BlobWant { blobs }
+        }
+        10 => Frame::BlobMissing { hash: d.hash()? },
+        11 => Frame::BlobHeader {
+            hash: d.hash()?,
+            size: d.uint()?,
+            chunk_bytes: d.uint()?,
+            first: d.uint()?,
+            chunk_hashes: d.hashes(ITEMS_MAX)?,
+        },
+        12 => {
+            let idx = d.uint()?;
+            let compressed = match d.uint()? {
+                0 => false,
+                1 => true,
+                _ => return Err(Dec::bad("chunk compression flag")),
+            };
+            Frame::BlobChunk {
+                idx,
+                compressed,
+                raw_len: d.uint()?,
+                data: d.bytes()?,
+            }
+        }
+        13 => Frame::BlobsDone,
+        14 => Frame::Crl { der: d.bytes()? },
+        15 => Frame::Refused {
+            reason: d.string(4096)?,
+        },
+        other => return Err(ProtoError::Malformed(format!("unknown frame type {other}"))),
+    };
+    d.end()?;
+    Ok(frame)
+}
+
+/// Splits an encoded stream into frames; used by tests, bundles and the fuzz-style checks.
+pub fn decode_all(mut buf: &[u8]) -> Result<Vec<Frame>, ProtoError> {
+    let mut frames = Vec::new();
+    while !buf.is_empty() {
+        let header: [u8; 4] = buf
+            .get(..4)
+            .ok_or_else(|| Dec::bad("truncated frame header"))?
+            .try_into()
+            .expect("4 bytes");
+        let len = frame_len(header)?;
+        let body = buf
+            .get(4..4 + len)
+            .ok_or_else(|| Dec::bad("truncated frame"))?;
+        frames.push(decode(body)?);
+        buf = &buf[4 + len..];
+    }
+    Ok(frames)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn samples() -> Vec<Frame> {
+        let docs = vec![
+            DocHeads {
+                id: "dsp_0011223344556677".into(),
+                heads: vec![[7; 32], [9; 32]]
+            };
+            40
+        ];
+        vec![
+            Frame::Hello {
+                version: VERSION,
+                feed_seq: 1 << 40,
+                have_from_you: 3,
+                crl_number: 2,
+            },
+            Frame::Offer { docs: docs.clone() },
+            Frame::OfferEnd {
+                upto: 99,
+                offered: 40,
+            },
+            Frame::Want { docs },
+            Frame::WantEnd,
+            Frame::Changes {
+                docs: vec![("asg_0011223344556677".into(), vec![1, 2, 3]); 300],
+            },
+            Frame::ChangesEnd { upto: 5 },
+            Frame::Ack { upto: 5 },
+            Frame::BlobWant {
+                blobs: vec![([1; 32], 0), ([2; 32], 17)],
+            },
+            Frame::BlobMissing { hash: [3; 32] },
+            Frame::BlobHeader {
+                hash: [4; 32],
+                size: 1000,
+                chunk_bytes: 256,
+                first: 1,
+                chunk_hashes: vec![[5; 32]; 3],
+            },
+            Frame::BlobChunk {
+                idx: 2,
+                compressed: true,
+                raw_len: 256,
+                data: vec![0; 40],
+            },
+            Frame::BlobsDone,
+            Frame::Crl {
+                der: vec![0x30, 0x82],
+            },
+            Frame::Refused {
+                reason: "revoked".into(),
+            },
+        ]
+    }
+
+    #[test]
+    fn every_frame_roundtrips() {
+        let mut stream = Vec::new();
+        for f in samples() {
+            stream.extend(encode(&f, 3));
+        }
+        assert_eq!(decode_all(&stream).unwrap(), samples());
+    }
+
+    #[test]
+    fn list_frames_are_compressed() {
+        let f = Frame::Changes {
+            docs: vec![("asg_0011223344556677".into(), vec![1, 2, 3]); 300],
+        };
+        let encoded = encode(&f, 3);
+        assert_eq!(encoded[5] & FLAG_ZSTD, FLAG_ZSTD);
+        assert!(encoded.len() < body(&f).len() / 4);
+    }
+
+    #[test]
+    fn oversized_and_bomb_frames_are_refused_before_allocation() {
+        assert!(frame_len(((FRAME_BYTES_MAX + 1) as u32).to_be_bytes()).is_err());
+        // A zstd body claiming more than FRAME_RAW_BYTES_MAX is refused without decompressing.
+        let mut e = Enc(vec![6, FLAG_ZSTD]);
+        e.uint(FRAME_RAW_BYTES_MAX as u64 + 1);
+        e.0.extend_from_slice(&zstd::bulk::compress(&[0u8; 64], 1).unwrap());
+        assert!(decode(&e.0).is_err());
+        // A list claiming a billion items is refused at the count.
+        let mut e = Enc(vec![2, 0]);
+        e.uint(1 << 30);
+        assert!(decode(&e.0).is_err());
+    }
+
+    #[test]
+    fn random_and_mutated_input_never_panics() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+        let valid: Vec<Vec<u8>> = samples()
+            .iter()
+            .map(|f| encode(f, 1)[4..].to_vec())
+            .collect();
+        for i in 0..20_000 {
+            let mut buf = valid[i % valid.len()].clone();
+            for _ in 0..rng.random_range(1..4) {
+                let at = rng.random_range(0..buf.len());
+                buf[at] = rng.random();
+            }
+            if rng.random_bool(0.2) {
+                buf.truncate(rng.random_range(0..buf.len()));
+            }
+            let _ = decode(&buf);
+        }
+    }
+}

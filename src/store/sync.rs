@@ -1,0 +1,443 @@
+//! Sync state in SQLite: configured peers, per-peer feed checkpoints, change-feed queries by
+//! scope, and scans in transit (manifests and verified chunks) so a cut transfer resumes.
+
+use rusqlite::{params, OptionalExtension};
+use serde::Serialize;
+
+use super::blobs::{Hash, CHUNK_BYTES};
+use super::{Result, SqlContext, Store, StoreError, WriteTx};
+
+/// A configured peer (`peer add`).
+#[derive(Debug, Clone, Serialize)]
+pub struct Peer {
+    pub name: String,
+    pub addr: String,
+}
+
+/// What this node knows of one peer node, for `status`.
+#[derive(Debug, Clone, Serialize)]
+pub struct PeerSync {
+    pub node_id: String,
+    pub unit: String,
+    pub role: String,
+    pub have_from: i64,
+    pub acked_by: i64,
+    pub last_contact_at_ms: Option<i64>,
+    pub last_sync_at_ms: Option<i64>,
+    pub last_error: Option<String>,
+    pub bytes_sent: i64,
+    pub bytes_received: i64,
+}
+
+/// Which documents a peer may receive from this node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// Every document this node holds (the peer is above it in the tree).
+    All,
+    /// Documents with a party at or below this unit.
+    Subtree(String),
+}
+
+/// One changed document: feed position, id, heads.
+pub type FeedRow = (i64, String, Vec<u8>);
+
+impl Store {
+    pub fn peers(&self) -> Result<Vec<Peer>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT name, addr FROM peers ORDER BY name")
+            .at(&self.path)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(Peer {
+                    name: r.get(0)?,
+                    addr: r.get(1)?,
+                })
+            })
+            .at(&self.path)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
+    }
+
+    pub fn peer(&self, name: &str) -> Result<Peer> {
+        self.conn
+            .query_row(
+                "SELECT name, addr FROM peers WHERE name = ?1",
+                [name],
+                |r| {
+                    Ok(Peer {
+                        name: r.get(0)?,
+                        addr: r.get(1)?,
+                    })
+                },
+            )
+            .optional()
+            .at(&self.path)?
+            .ok_or_else(|| {
+                StoreError::NotFound(format!("peer {name:?} (see `communesync peer list`)"))
+            })
+    }
+
+    pub fn peer_syncs(&self) -> Result<Vec<PeerSync>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT node_id, unit, role, have_from, acked_by, last_contact_at, last_sync_at, last_error, bytes_sent, bytes_received
+                 FROM peer_sync ORDER BY unit, node_id",
+            )
+            .at(&self.path)?;
+        let rows = stmt
+            .query_map([], |r| {
+                Ok(PeerSync {
+                    node_id: r.get(0)?,
+                    unit: r.get(1)?,
+                    role: r.get(2)?,
+                    have_from: r.get(3)?,
+                    acked_by: r.get(4)?,
+                    last_contact_at_ms: r.get(5)?,
+                    last_sync_at_ms: r.get(6)?,
+                    last_error: r.get(7)?,
+                    bytes_sent: r.get(8)?,
+                    bytes_received: r.get(9)?,
+                })
+            })
+            .at(&self.path)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
+    }
+
+    /// (have_from, acked_by) for a peer node; zeros for a node never seen.
+    pub fn peer_checkpoints(&self, node_id: &str) -> Result<(i64, i64)> {
+        Ok(self
+            .conn
+            .prepare_cached("SELECT have_from, acked_by FROM peer_sync WHERE node_id = ?1")
+            .at(&self.path)?
+            .query_row([node_id], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+            .at(&self.path)?
+            .unwrap_or((0, 0)))
+    }
+
+    /// Documents in `scope` whose feed position is after `after`, in feed order.
+    pub fn changed_since(&self, scope: &Scope, after: i64, limit: usize) -> Result<Vec<FeedRow>> {
+        let map = |r: &rusqlite::Row<'_>| Ok((r.get(0)?, r.get(1)?, r.get(2)?));
+        let rows = match scope {
+            Scope::All => {
+                let mut stmt = self
+                    .conn
+                    .prepare_cached(
+                        "SELECT seq, id, heads FROM docs WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                    )
+                    .at(&self.path)?;
+                let rows = stmt
+                    .query_map(params![after, limit as i64], map)
+                    .at(&self.path)?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()
+            }
+            Scope::Subtree(unit) => {
+                let mut stmt = self
+                    .conn
+                    .prepare_cached(
+                        "SELECT d.seq, d.id, d.heads FROM docs d WHERE d.seq > ?1 AND EXISTS
+                           (SELECT 1 FROM doc_parties p WHERE p.doc_id = d.id AND (p.unit = ?2 OR p.unit LIKE ?3))
+                         ORDER BY d.seq LIMIT ?4",
+                    )
+                    .at(&self.path)?;
+                let rows = stmt
+                    .query_map(params![after, unit, format!("{unit}/%"), limit as i64], map)
+                    .at(&self.path)?;
+                rows.collect::<rusqlite::Result<Vec<_>>>()
+            }
+        };
+        rows.at(&self.path)
+    }
+
+    /// Stored heads of a document, without loading it.
+    pub fn doc_heads(&self, id: &str) -> Result<Option<Vec<u8>>> {
+        self.conn
+            .prepare_cached("SELECT heads FROM docs WHERE id = ?1")
+            .at(&self.path)?
+            .query_row([id], |r| r.get(0))
+            .optional()
+            .at(&self.path)
+    }
+
+    /// Scans referenced by held documents but not stored here: most urgent first, then smallest,
+    /// each with the first chunk still missing.
+    pub fn missing_blobs(&self, limit: usize) -> Result<Vec<(Hash, u64)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT db.hash, MAX(db.priority_rank) AS rank, MIN(db.size) AS size,
+                        (SELECT COUNT(*) FROM blob_chunks c WHERE c.hash = db.hash)
+                 FROM doc_blobs db WHERE NOT EXISTS (SELECT 1 FROM blobs b WHERE b.hash = db.hash)
+                 GROUP BY db.hash ORDER BY rank DESC, size ASC LIMIT ?1",
+            )
+            .at(&self.path)?;
+        let rows = stmt
+            .query_map([limit as i64], |r| {
+                let hash: Vec<u8> = r.get(0)?;
+                Ok((hash, r.get::<_, i64>(3)?))
+            })
+            .at(&self.path)?;
+        let mut out = Vec::new();
+        for row in rows {
+            let (hash, have) = row.at(&self.path)?;
+            let hash: Hash = hash.try_into().map_err(|_| {
+                StoreError::Corrupt("doc_blobs holds a hash that is not 32 bytes".into())
+            })?;
+            out.push((hash, have as u64));
+        }
+        Ok(out)
+    }
+
+    /// Bytes still to fetch for missing scans (for `status`).
+    pub fn missing_blob_bytes(&self) -> Result<(i64, i64)> {
+        self.conn
+            .query_row(
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM (SELECT db.hash, MIN(db.size) AS size FROM doc_blobs db
+                 WHERE NOT EXISTS (SELECT 1 FROM blobs b WHERE b.hash = db.hash) GROUP BY db.hash)",
+                [],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .at(&self.path)
+    }
+
+    /// A stored blob's manifest: size and the hash of every chunk.
+    pub fn blob_manifest(&self, hash: &Hash) -> Result<Option<(u64, Vec<Hash>)>> {
+        let Some(size) = self
+            .conn
+            .prepare_cached("SELECT size FROM blobs WHERE hash = ?1")
+            .at(&self.path)?
+            .query_row([&hash[..]], |r| r.get::<_, i64>(0))
+            .optional()
+            .at(&self.path)?
+        else {
+            return Ok(None);
+        };
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT chunk_hash FROM blob_chunks WHERE hash = ?1 ORDER BY idx")
+            .at(&self.path)?;
+        let rows = stmt
+            .query_map([&hash[..]], |r| r.get::<_, Vec<u8>>(0))
+            .at(&self.path)?;
+        let mut hashes = Vec::new();
+        for row in rows {
+            hashes.push(
+                row.at(&self.path)?
+                    .try_into()
+                    .map_err(|_| StoreError::Corrupt("chunk hash is not 32 bytes".into()))?,
+            );
+        }
+        Ok(Some((size as u64, hashes)))
+    }
+
+    /// One stored chunk, verified against its hash before it leaves this node.
+    pub fn blob_chunk(&self, hash: &Hash, idx: u64) -> Result<Vec<u8>> {
+        let (chunk_hash, data): (Vec<u8>, Vec<u8>) = self
+            .conn
+            .prepare_cached("SELECT chunk_hash, data FROM blob_chunks WHERE hash = ?1 AND idx = ?2")
+            .at(&self.path)?
+            .query_row(params![&hash[..], idx as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .optional()
+            .at(&self.path)?
+            .ok_or_else(|| {
+                StoreError::NotFound(format!("chunk {idx} of scan {}", hex::encode(hash)))
+            })?;
+        if blake3::hash(&data).as_bytes()[..] != chunk_hash[..] {
+            return Err(StoreError::Corrupt(format!(
+                "chunk {idx} of scan {} is damaged",
+                hex::encode(hash)
+            )));
+        }
+        Ok(data)
+    }
+}
+
+impl WriteTx<'_> {
+    pub fn peer_add(&self, name: &str, addr: &str, at_ms: i64) -> Result<()> {
+        let n = self
+            .tx
+            .execute(
+                "INSERT OR IGNORE INTO peers (name, addr, added_at) VALUES (?1, ?2, ?3)",
+                params![name, addr, at_ms],
+            )
+            .at(self.path)?;
+        if n == 0 {
+            return Err(StoreError::Invalid(format!(
+                "peer {name:?} already exists; remove it first to change its address"
+            )));
+        }
+        Ok(())
+    }
+
+    pub fn peer_remove(&self, name: &str) -> Result<()> {
+        if self
+            .tx
+            .execute("DELETE FROM peers WHERE name = ?1", [name])
+            .at(self.path)?
+            == 0
+        {
+            return Err(StoreError::NotFound(format!("peer {name:?}")));
+        }
+        Ok(())
+    }
+
+    /// Records contact with a peer node (creating its row), its checkpoints and traffic.
+    pub fn peer_touch(&self, node_id: &str, unit: &str, role: &str, at_ms: i64) -> Result<()> {
+        self.tx
+            .execute(
+                "INSERT INTO peer_sync (node_id, unit, role, last_contact_at) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(node_id) DO UPDATE SET unit = excluded.unit, role = excluded.role, last_contact_at = excluded.last_contact_at",
+                params![node_id, unit, role, at_ms],
+            )
+            .at(self.path)?;
+        Ok(())
+    }
+
+    pub fn set_have_from(&self, node_id: &str, upto: i64) -> Result<()> {
+        self.tx
+            .execute(
+                "UPDATE peer_sync SET have_from = ?2 WHERE node_id = ?1",
+                params![node_id, upto],
+            )
+            .at(self.path)?;
+        Ok(())
+    }
+
+    pub fn set_acked_by(&self, node_id: &str, upto: i64) -> Result<()> {
+        self.tx
+            .execute(
+                "UPDATE peer_sync SET acked_by = ?2 WHERE node_id = ?1",
+                params![node_id, upto],
+            )
+            .at(self.path)?;
+        Ok(())
+    }
+
+    pub fn peer_session_end(
+        &self,
+        node_id: &str,
+        at_ms: i64,
+        ok: bool,
+        error: Option<&str>,
+        sent: u64,
+        received: u64,
+    ) -> Result<()> {
+        self.tx
+            .execute(
+                "UPDATE peer_sync SET last_sync_at = CASE WHEN ?3 THEN ?2 ELSE last_sync_at END, last_error = ?4,
+                   bytes_sent = bytes_sent + ?5, bytes_received = bytes_received + ?6 WHERE node_id = ?1",
+                params![node_id, at_ms, ok, error, sent as i64, received as i64],
+            )
+            .at(self.path)?;
+        Ok(())
+    }
+
+    /// Starts (or resumes) receiving a scan: keeps verified chunks when the manifest is the same.
+    pub fn blob_partial_begin(
+        &self,
+        hash: &Hash,
+        size: u64,
+        manifest: &[Hash],
+        at_ms: i64,
+    ) -> Result<u64> {
+        let manifest_bytes: Vec<u8> = manifest.iter().flatten().copied().collect();
+        let existing: Option<Vec<u8>> = self
+            .tx
+            .query_row(
+                "SELECT manifest FROM blob_partial WHERE hash = ?1",
+                [&hash[..]],
+                |r| r.get(0),
+            )
+            .optional()
+            .at(self.path)?;
+        if existing.as_deref() != Some(&manifest_bytes[..]) {
+            self.tx
+                .execute("DELETE FROM blob_chunks WHERE hash = ?1", [&hash[..]])
+                .at(self.path)?;
+            self.tx
+                .execute(
+                    "INSERT OR REPLACE INTO blob_partial (hash, size, chunk_bytes, manifest, updated_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![&hash[..], size as i64, CHUNK_BYTES as i64, manifest_bytes, at_ms],
+                )
+                .at(self.path)?;
+        }
+        self.tx
+            .query_row(
+                "SELECT COUNT(*) FROM blob_chunks WHERE hash = ?1",
+                [&hash[..]],
+                |r| r.get::<_, i64>(0),
+            )
+            .map(|n| n as u64)
+            .at(self.path)
+    }
+
+    /// Stores a chunk already verified against the manifest.
+    pub fn blob_partial_chunk(&self, hash: &Hash, idx: u64, data: &[u8]) -> Result<()> {
+        self.tx
+            .prepare_cached("INSERT OR REPLACE INTO blob_chunks (hash, idx, chunk_hash, data) VALUES (?1, ?2, ?3, ?4)")
+            .at(self.path)?
+            .execute(params![&hash[..], idx as i64, &blake3::hash(data).as_bytes()[..], data])
+            .at(self.path)?;
+        Ok(())
+    }
+
+    /// Checks the whole content against its hash and makes the scan available; on mismatch
+    /// discards the chunks (the manifest lied) and fails.
+    pub fn blob_partial_finish(&self, hash: &Hash, at_ms: i64) -> Result<()> {
+        let (size, manifest): (i64, Vec<u8>) = self
+            .tx
+            .query_row(
+                "SELECT size, manifest FROM blob_partial WHERE hash = ?1",
+                [&hash[..]],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .at(self.path)?;
+        let chunks = (manifest.len() / 32) as i64;
+        let mut whole = blake3::Hasher::new();
+        let mut total = 0i64;
+        {
+            let mut stmt = self
+                .tx
+                .prepare_cached("SELECT idx, data FROM blob_chunks WHERE hash = ?1 ORDER BY idx")
+                .at(self.path)?;
+            let rows = stmt
+                .query_map([&hash[..]], |r| {
+                    Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+                })
+                .at(self.path)?;
+            for (expected, row) in rows.enumerate() {
+                let (idx, data) = row.at(self.path)?;
+                if idx != expected as i64 {
+                    break;
+                }
+                total += data.len() as i64;
+                whole.update(&data);
+            }
+        }
+        if total != size || whole.finalize().as_bytes() != hash {
+            self.tx
+                .execute("DELETE FROM blob_chunks WHERE hash = ?1", [&hash[..]])
+                .at(self.path)?;
+            self.tx
+                .execute("DELETE FROM blob_partial WHERE hash = ?1", [&hash[..]])
+                .at(self.path)?;
+            return Err(StoreError::Corrupt(format!(
+                "scan {} received from a peer does not match its hash; discarded",
+                hex::encode(hash)
+            )));
+        }
+        self.tx
+            .execute(
+                "INSERT OR IGNORE INTO blobs (hash, size, chunk_bytes, chunks, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![&hash[..], size, CHUNK_BYTES as i64, chunks, at_ms],
+            )
+            .at(self.path)?;
+        self.tx
+            .execute("DELETE FROM blob_partial WHERE hash = ?1", [&hash[..]])
+            .at(self.path)?;
+        Ok(())
+    }
+}
