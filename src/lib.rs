@@ -15,6 +15,7 @@
 pub mod cli;
 pub mod linksim;
 pub mod model;
+pub mod net;
 pub mod node;
 pub mod proto;
 pub mod store;

@@ -28,6 +28,8 @@ pub mod exit {
     pub const NOT_FOUND: u8 = 3;
     /// The node is missing, already exists, or its config is invalid.
     pub const NODE: u8 = 4;
+    /// The peer is unreachable, refused us, or the session broke off.
+    pub const PEER: u8 = 5;
 }
 
 #[derive(Debug, Parser)]
@@ -84,6 +86,29 @@ pub enum Command {
     /// The unit tree this node knows
     #[command(subcommand)]
     Unit(UnitCmd),
+    /// The provincial certificate authority (province node only)
+    #[command(subcommand)]
+    Ca(CaCmd),
+    /// Enrol this node with the provincial CA
+    #[command(subcommand)]
+    Enrol(EnrolCmd),
+    /// Peers this node syncs with
+    #[command(subcommand)]
+    Peer(PeerCmd),
+    /// Run the node as a daemon: accept enrolled peers, keep syncing with the upstream
+    Serve {
+        /// Address to listen on [default: sync.listen from the config]
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// One full sync round with a peer, both directions, documents then scans
+    Sync {
+        /// Peer name [default: sync.upstream, or the only peer]
+        #[arg(long)]
+        peer: Option<String>,
+    },
+    /// This node and each peer: last sync, what is pending in each direction
+    Status,
     /// Demonstration: a commune node in a temporary directory walks a dispatch with a scan
     /// through receipt, assignment, progress and completion
     Demo {
@@ -91,6 +116,53 @@ pub enum Command {
         #[arg(long)]
         keep: bool,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CaCmd {
+    /// Create the provincial CA and enrol this province node with it
+    Init,
+    /// Sign an enrolment request; the province decides the unit and role
+    Issue {
+        /// Request file written by `enrol request` on the node
+        request: PathBuf,
+        #[arg(long)]
+        unit: String,
+        #[arg(long)]
+        role: Role,
+        /// Where to write the certificate bundle to carry back to the node
+        #[arg(long, value_name = "CERT")]
+        out: PathBuf,
+    },
+    /// Revoke a node; the revocation reaches every node by sync
+    Revoke { node_id: String },
+    /// Certificates issued so far
+    List,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EnrolCmd {
+    /// Write an enrolment request for this node's key
+    Request {
+        #[arg(long, value_name = "REQ")]
+        out: PathBuf,
+    },
+    /// Install the certificate bundle written by `ca issue`
+    Install { cert: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PeerCmd {
+    /// Add a peer by name and address
+    Add {
+        name: String,
+        #[arg(long, value_name = "HOST:PORT")]
+        addr: String,
+    },
+    /// List configured peers
+    List,
+    /// Remove a peer
+    Remove { name: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -345,7 +417,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Unit(UnitCmd::List { under }) => {
             let node = open(&cli)?;
             if let Some(u) = under {
-                node.tree.get(u)?;
+                // Through NodeError, so that exit_code maps an unknown unit to USAGE.
+                node.tree.get(u).map_err(NodeError::from)?;
             }
             let units: Vec<_> = node
                 .tree
@@ -358,8 +431,85 @@ pub fn run(cli: Cli) -> Result<()> {
                 .collect();
             out.units(&units)
         }
+        Command::Ca(cmd) => {
+            let mut node = open(&cli)?;
+            match cmd {
+                CaCmd::Init => out.enrolled(&node.ca_init()?),
+                CaCmd::Issue {
+                    request,
+                    unit,
+                    role,
+                    out: file,
+                } => out.issued(&node.ca_issue(request, unit, *role, file)?),
+                CaCmd::Revoke { node_id } => out.revoked(node_id, node.ca_revoke(node_id)?),
+                CaCmd::List => out.issued_list(&node.ca_list()?),
+            }
+        }
+        Command::Enrol(EnrolCmd::Request { out: file }) => {
+            let node = open(&cli)?;
+            let id = node.enrol_request(file)?;
+            out.request_written(&id, file)
+        }
+        Command::Enrol(EnrolCmd::Install { cert }) => {
+            out.enrolled(&open(&cli)?.enrol_install(cert)?)
+        }
+        Command::Peer(PeerCmd::Add { name, addr }) => {
+            out.peers(&[open(&cli)?.peer_add(name, addr)?])
+        }
+        Command::Peer(PeerCmd::List) => out.peers(&open(&cli)?.peer_list()?),
+        Command::Peer(PeerCmd::Remove { name }) => {
+            open(&cli)?.peer_remove(name)?;
+            out.removed(name)
+        }
+        Command::Status => {
+            let node = open(&cli)?;
+            out.status(&node.status()?, &node)
+        }
+        Command::Sync { peer } => {
+            let dir = data_dir(&cli)?;
+            let progress = out.spinner("syncing");
+            let report = runtime()?.block_on(crate::node::sync::sync_once(&dir, peer.as_deref()));
+            if let Some(p) = progress {
+                p.finish_and_clear();
+            }
+            out.sync_report(&report?)
+        }
+        Command::Serve { listen } => {
+            let dir = data_dir(&cli)?;
+            runtime()?.block_on(async {
+                let (stop, shutdown) = tokio::sync::watch::channel(false);
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    let _ = stop.send(true);
+                });
+                crate::node::sync::serve(&dir, *listen, shutdown).await
+            })
+        }
         Command::Demo { keep } => demo::run(*keep, &out),
     }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
+}
+
+/// SIGINT or SIGTERM: stop accepting, finish in-flight writes, exit.
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
 }
 
 /// Maps an error to the exit code documented in [`exit`].
@@ -380,6 +530,7 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
             crate::store::StoreError::Invalid(_) | crate::store::StoreError::Model(_),
         )) => exit::USAGE,
         Some(NodeError::Store(crate::store::StoreError::Missing(_))) => exit::NODE,
+        None if err.downcast_ref::<crate::net::NetError>().is_some() => exit::PEER,
         _ => exit::FAILURE,
     }
 }

@@ -7,9 +7,13 @@ use crate::model::assignment::AssignmentView;
 use crate::model::dispatch::DispatchView;
 use crate::model::dossier::DossierView;
 use crate::model::{AuditEntry, Conflict};
+use crate::net::SessionReport;
+use crate::node::sync::{IssueReport, Status};
 use crate::node::{AttachmentReport, DispatchDetail, InitReport, Node, ReceiveReport};
 use crate::store::index::{AssignmentRow, DispatchRow, DossierRow};
+use crate::store::sync::Peer;
 use crate::store::User;
+use crate::trust::{IssuedRecord, PeerIdentity};
 use crate::units::Unit;
 
 pub struct Out {
@@ -244,6 +248,117 @@ impl Out {
                     e.unit,
                     &e.node[..e.node.len().min(12)],
                     e.what
+                );
+            }
+        })
+    }
+
+    /// A spinner on a terminal (and not with --json); None elsewhere, where logs suffice.
+    pub fn spinner(&self, what: &str) -> Option<indicatif::ProgressBar> {
+        use std::io::IsTerminal;
+        if self.json || !std::io::stderr().is_terminal() {
+            return None;
+        }
+        let bar = indicatif::ProgressBar::new_spinner().with_message(what.to_string());
+        bar.enable_steady_tick(std::time::Duration::from_millis(120));
+        Some(bar)
+    }
+
+    pub fn enrolled(&self, id: &PeerIdentity) -> Result<()> {
+        #[derive(Serialize)]
+        struct Enrolled<'a> {
+            node_id: String,
+            unit: &'a str,
+            role: &'a str,
+        }
+        let v = Enrolled {
+            node_id: id.node_id.to_string(),
+            unit: &id.unit,
+            role: id.role.as_str(),
+        };
+        self.emit(&v, || {
+            println!("enrolled node {} as {} {}", v.node_id, v.role, v.unit)
+        })
+    }
+
+    pub fn issued(&self, r: &IssueReport) -> Result<()> {
+        self.emit(r, || println!("issued a certificate for node {} as {} {}; carry {} to the node and run `communesync enrol install`", r.node_id, r.role, r.unit, r.out))
+    }
+
+    pub fn issued_list(&self, list: &[IssuedRecord]) -> Result<()> {
+        self.emit(&list, || {
+            for r in list {
+                let state = if r.revoked_at.is_some() {
+                    "REVOKED"
+                } else {
+                    "valid"
+                };
+                println!(
+                    "{}  {:<9} {:<28} serial {}  {}",
+                    r.node_id, r.role, r.unit, r.serial, state
+                );
+            }
+        })
+    }
+
+    pub fn revoked(&self, node_id: &str, crl_number: u64) -> Result<()> {
+        let v = serde_json::json!({ "node_id": node_id, "crl_number": crl_number });
+        self.emit(&v, || println!("revoked node {node_id}; revocation list #{crl_number} spreads to every node by sync"))
+    }
+
+    pub fn request_written(&self, node_id: &str, file: &std::path::Path) -> Result<()> {
+        let v = serde_json::json!({ "node_id": node_id, "out": file });
+        self.emit(&v, || println!("wrote the enrolment request of node {node_id} to {}; carry it to the province for `communesync ca issue`", file.display()))
+    }
+
+    pub fn peers(&self, peers: &[Peer]) -> Result<()> {
+        self.emit(&peers, || {
+            for p in peers {
+                println!("{:<20} {}", p.name, p.addr);
+            }
+            if peers.is_empty() {
+                println!("no peers");
+            }
+        })
+    }
+
+    pub fn removed(&self, name: &str) -> Result<()> {
+        let v = serde_json::json!({ "removed": name });
+        self.emit(&v, || println!("peer {name} removed"))
+    }
+
+    pub fn sync_report(&self, r: &SessionReport) -> Result<()> {
+        self.emit(r, || {
+            println!(
+                "synced with {}: documents {} sent / {} received, scans {} sent / {} received, {} bytes out / {} bytes in, {} round trips, {:.2} s",
+                r.peer_unit,
+                r.docs_sent,
+                r.docs_received,
+                r.blobs_sent,
+                r.blobs_received,
+                r.bytes_sent,
+                r.bytes_received,
+                r.round_trips,
+                r.elapsed_ms as f64 / 1000.0
+            )
+        })
+    }
+
+    pub fn status(&self, s: &Status, node: &Node) -> Result<()> {
+        self.emit(s, || {
+            println!("node {} — {} {}{}", s.node_id, s.role, s.unit, if s.enrolled { "" } else { " (not enrolled)" });
+            println!("documents {}  feed {}  scans missing {} ({} bytes)", s.documents, s.feed_seq, s.scans_missing, s.scan_bytes_missing);
+            for p in &s.peers {
+                let last = p.sync.last_sync_at_ms.map(|t| when(t, node)).unwrap_or_else(|| "never".into());
+                println!(
+                    "  peer {:<28} {:<9} last sync {}  pending out {} docs  traffic {} B out / {} B in{}",
+                    p.sync.unit,
+                    p.sync.role,
+                    last,
+                    p.pending_docs_out,
+                    p.sync.bytes_sent,
+                    p.sync.bytes_received,
+                    p.sync.last_error.as_deref().map(|e| format!("  last error: {e}")).unwrap_or_default()
                 );
             }
         })

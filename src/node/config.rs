@@ -27,6 +27,49 @@ pub struct Config {
     pub node: NodeSection,
     #[serde(default)]
     pub store: StoreSection,
+    #[serde(default)]
+    pub sync: SyncSection,
+}
+
+/// How this node talks to its peers. Defaults suit slow, lossy, high-latency links
+/// (docs/architecture.md explains each choice).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SyncSection {
+    /// Address `serve` listens on.
+    pub listen: String,
+    /// Name of the peer (see `peer add`) that `serve` keeps syncing with; unset on the province.
+    pub upstream: Option<String>,
+    /// A connection silent this long is dropped (then resumed by reconnecting).
+    pub idle_timeout_s: u64,
+    /// Keep-alive period, well under the idle timeout, so NATs and the peer keep the path open.
+    pub keep_alive_s: u64,
+    /// RTT assumed before the first measurement: high, since 2G and VSAT links run at 0.6–1.5 s.
+    pub initial_rtt_ms: u64,
+    /// Congestion controller: "bbr" (holds its rate under random loss) or "cubic".
+    pub congestion: String,
+    /// Longest wait between reconnection attempts to the upstream.
+    pub reconnect_max_s: u64,
+    /// Most peer connections `serve` accepts at once.
+    pub connections_max: usize,
+    /// Seconds between checks for new local changes to push while connected.
+    pub push_interval_ms: u64,
+}
+
+impl Default for SyncSection {
+    fn default() -> Self {
+        SyncSection {
+            listen: "0.0.0.0:7410".into(),
+            upstream: None,
+            idle_timeout_s: 120,
+            keep_alive_s: 10,
+            initial_rtt_ms: 750,
+            congestion: "bbr".into(),
+            reconnect_max_s: 300,
+            connections_max: 256,
+            push_interval_ms: 1000,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -85,6 +128,7 @@ impl Config {
                 utc_offset_hours: default_utc_offset_hours(),
             },
             store: StoreSection::default(),
+            sync: SyncSection::default(),
         }
     }
 
@@ -137,6 +181,43 @@ impl Config {
                 self.store.doc_cache_entries
             ));
         }
+        let sync = &self.sync;
+        sync.listen.parse::<std::net::SocketAddr>().map_err(|_| {
+            format!(
+                "sync.listen = {:?} is not an address like 0.0.0.0:7410",
+                sync.listen
+            )
+        })?;
+        if !(5..=86_400).contains(&sync.idle_timeout_s) {
+            return Err(format!(
+                "sync.idle_timeout_s = {} must be between 5 and 86400",
+                sync.idle_timeout_s
+            ));
+        }
+        if sync.keep_alive_s == 0 || sync.keep_alive_s >= sync.idle_timeout_s {
+            return Err(format!(
+                "sync.keep_alive_s = {} must be at least 1 and below sync.idle_timeout_s",
+                sync.keep_alive_s
+            ));
+        }
+        if !(10..=10_000).contains(&sync.initial_rtt_ms) {
+            return Err(format!(
+                "sync.initial_rtt_ms = {} must be between 10 and 10000",
+                sync.initial_rtt_ms
+            ));
+        }
+        if !matches!(sync.congestion.as_str(), "bbr" | "cubic") {
+            return Err(format!(
+                "sync.congestion = {:?}: use \"bbr\" or \"cubic\"",
+                sync.congestion
+            ));
+        }
+        if !(1..=86_400).contains(&sync.reconnect_max_s)
+            || !(1..=10_000).contains(&sync.connections_max)
+            || !(50..=60_000).contains(&sync.push_interval_ms)
+        {
+            return Err("sync.reconnect_max_s (1-86400), sync.connections_max (1-10000) or sync.push_interval_ms (50-60000) is out of range".into());
+        }
         Ok(tree)
     }
 
@@ -158,11 +239,30 @@ impl Config {
              utc_offset_hours = {offset}\n\n\
              [store]\n\
              # Documents kept parsed in memory.\n\
-             doc_cache_entries = {cache}\n",
+             doc_cache_entries = {cache}\n\n\
+             [sync]\n\
+             # Address `communesync serve` listens on.\n\
+             listen = \"{listen}\"\n\
+             # Peer (see `communesync peer add`) that `serve` keeps syncing with.\n\
+             {upstream}\n\
+             # Transport tuned for slow, lossy links; see config/{role}.toml for every key.\n\
+             idle_timeout_s = {idle}\n\
+             keep_alive_s = {keep}\n\
+             initial_rtt_ms = {rtt}\n\
+             congestion = \"{cc}\"\n",
             role = self.node.role,
             unit = self.node.unit,
             offset = self.node.utc_offset_hours,
             cache = self.store.doc_cache_entries,
+            listen = self.sync.listen,
+            upstream = match &self.sync.upstream {
+                Some(u) => format!("upstream = \"{u}\""),
+                None => "# upstream = \"district\"".to_string(),
+            },
+            idle = self.sync.idle_timeout_s,
+            keep = self.sync.keep_alive_s,
+            rtt = self.sync.initial_rtt_ms,
+            cc = self.sync.congestion,
         )
     }
 }

@@ -5,6 +5,7 @@
 pub mod config;
 mod local;
 pub mod replica;
+pub mod sync;
 
 use std::path::{Path, PathBuf};
 
@@ -112,12 +113,11 @@ impl Node {
         }
         local::check_user_name(user)?;
         let config = Config::new(unit, role, user);
+        // The values come from the command line, not from a config file: bad ones are invalid
+        // input (exit 2), and the message must not point at a file that does not exist.
         config
             .validate(dir)
-            .map_err(|message| ConfigError::Invalid {
-                path: dir.join(config::CONFIG_FILE),
-                message,
-            })?;
+            .map_err(|message| NodeError::Invalid(format!("cannot create the node: {message}")))?;
         std::fs::create_dir_all(dir).map_err(|source| NodeError::Io {
             path: dir.to_path_buf(),
             source,

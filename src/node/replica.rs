@@ -47,16 +47,14 @@ pub struct NodeReplica<'a> {
 }
 
 impl<'a> NodeReplica<'a> {
-    pub fn new(node: &'a mut Node, peer: PeerIdentity) -> Result<Self, ProtoError> {
+    /// The caller records the contact first ([`Node::record_contact`]) so checkpoints have a row.
+    pub fn new(node: &'a mut Node, peer: PeerIdentity) -> Self {
         let peer_id = peer.node_id.to_string();
-        node.store
-            .write(|tx| tx.peer_touch(&peer_id, &peer.unit, peer.role.as_str(), now_ms()))
-            .map_err(local)?;
-        Ok(NodeReplica {
+        NodeReplica {
             node,
             peer,
             peer_id,
-        })
+        }
     }
 
     fn refuse(&self, id: &str, why: String) -> ProtoError {

@@ -189,6 +189,17 @@ impl Store {
         Ok(out)
     }
 
+    /// Whether a scan is referenced by a held document and not stored yet.
+    pub fn blob_wanted(&self, hash: &Hash) -> Result<bool> {
+        self.conn
+            .prepare_cached("SELECT 1 FROM doc_blobs db WHERE db.hash = ?1 AND NOT EXISTS (SELECT 1 FROM blobs b WHERE b.hash = ?1) LIMIT 1")
+            .at(&self.path)?
+            .query_row([&hash[..]], |_| Ok(()))
+            .optional()
+            .map(|r| r.is_some())
+            .at(&self.path)
+    }
+
     /// Bytes still to fetch for missing scans (for `status`).
     pub fn missing_blob_bytes(&self) -> Result<(i64, i64)> {
         self.conn

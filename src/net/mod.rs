@@ -1,0 +1,392 @@
+//! QUIC transport: quinn endpoints with mutual TLS that drive [`crate::proto`] sessions over
+//! real streams: one control stream each way, one data stream per scan in transit.
+
+mod blobs;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quinn::{RecvStream, SendStream};
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use crate::node::config::SyncSection;
+use crate::node::replica::NodeReplica;
+use crate::node::Node;
+use crate::proto::{wire, Action, Frame, Hash32, ProtoError, Session};
+use crate::trust::{PeerIdentity, TlsMaterial, TrustError};
+
+/// First byte of every unidirectional stream: what it carries.
+const STREAM_CONTROL: u8 = 1;
+const STREAM_BLOB: u8 = 2;
+/// zstd level for control frames (documents): cheap, and they are small.
+const CONTROL_LEVEL: i32 = 3;
+/// Scans sent at once per connection: a second stream lets an urgent scan pass a bulk one.
+const BLOB_SENDERS: usize = 2;
+/// Scans received at once per connection.
+const BLOB_RECEIVERS_MAX: usize = 4;
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetError {
+    #[error("cannot reach {addr}: {reason}; check the address, that the peer runs `communesync serve`, and the link")]
+    Unreachable { addr: String, reason: String },
+    #[error("TLS: {0}")]
+    Trust(#[from] TrustError),
+    #[error("{0}")]
+    Proto(#[from] ProtoError),
+    #[error("connection to {peer} lost: {reason}")]
+    Lost { peer: String, reason: String },
+    #[error("local node: {0}")]
+    Node(String),
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Transport parameters for slow, lossy, high-latency links (see docs/architecture.md).
+pub fn transport_config(sync: &SyncSection) -> quinn::TransportConfig {
+    let mut t = quinn::TransportConfig::default();
+    t.max_idle_timeout(Some(
+        quinn::IdleTimeout::try_from(Duration::from_secs(sync.idle_timeout_s))
+            .expect("validated idle timeout"),
+    ));
+    t.keep_alive_interval(Some(Duration::from_secs(sync.keep_alive_s)));
+    t.initial_rtt(Duration::from_millis(sync.initial_rtt_ms));
+    // Windows sized for the largest bandwidth-delay product in the field (VSAT: 10 Mbit/s × 0.7 s).
+    t.stream_receive_window(quinn::VarInt::from_u32(8 << 20));
+    t.receive_window(quinn::VarInt::from_u32(32 << 20));
+    t.send_window(32 << 20);
+    t.max_concurrent_uni_streams(quinn::VarInt::from_u32(64));
+    t.max_concurrent_bidi_streams(quinn::VarInt::from_u32(0));
+    match sync.congestion.as_str() {
+        "cubic" => {
+            t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
+        }
+        _ => t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
+    };
+    t
+}
+
+pub fn server_endpoint(
+    listen: SocketAddr,
+    tls: &TlsMaterial,
+    sync: &SyncSection,
+) -> Result<quinn::Endpoint, NetError> {
+    let cfg = crate::trust::quinn_server_config(tls, Arc::new(transport_config(sync)))?;
+    quinn::Endpoint::server(cfg, listen)
+        .map_err(|e| NetError::Setup(format!("cannot listen on {listen}: {e}")))
+}
+
+pub fn client_endpoint(
+    peer: SocketAddr,
+    tls: &TlsMaterial,
+    sync: &SyncSection,
+) -> Result<quinn::Endpoint, NetError> {
+    let bind: SocketAddr = if peer.is_ipv4() {
+        "0.0.0.0:0".parse()
+    } else {
+        "[::]:0".parse()
+    }
+    .expect("literal address");
+    let mut ep = quinn::Endpoint::client(bind)
+        .map_err(|e| NetError::Setup(format!("cannot open a UDP socket: {e}")))?;
+    ep.set_default_client_config(crate::trust::quinn_client_config(
+        tls,
+        Arc::new(transport_config(sync)),
+    )?);
+    Ok(ep)
+}
+
+/// Dials a peer and learns who it is from its certificate.
+pub async fn connect(
+    ep: &quinn::Endpoint,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> Result<(quinn::Connection, PeerIdentity), NetError> {
+    let unreachable = |reason: String| NetError::Unreachable {
+        addr: addr.to_string(),
+        reason,
+    };
+    let connecting = ep
+        .connect(addr, crate::trust::SERVER_NAME)
+        .map_err(|e| unreachable(e.to_string()))?;
+    let conn = tokio::time::timeout(timeout, connecting)
+        .await
+        .map_err(|_| unreachable(format!("no answer within {} s", timeout.as_secs())))?
+        .map_err(|e| unreachable(e.to_string()))?;
+    let peer = crate::trust::peer_identity(&conn)?;
+    Ok((conn, peer))
+}
+
+/// One-shot (`sync`: stop when both sides hold the same state) or continuous (`serve`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    OneShot,
+    Continuous,
+}
+
+/// What a session did, for the summary line, `--json` and the status table.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SessionReport {
+    pub peer_unit: String,
+    pub peer_node: String,
+    pub docs_sent: u64,
+    pub docs_received: u64,
+    pub blobs_sent: u64,
+    pub blobs_received: u64,
+    pub bytes_sent: u64,
+    pub bytes_received: u64,
+    pub round_trips: u64,
+    pub elapsed_ms: u64,
+    pub converged: bool,
+}
+
+enum Event {
+    Frame(Frame),
+    ControlEnded,
+    BlobDone(Hash32, bool),
+    BlobSent,
+    Failed(NetError),
+}
+
+async fn read_frame(recv: &mut RecvStream) -> Result<Option<Frame>, NetError> {
+    let lost = |e: String| NetError::Lost {
+        peer: "peer".into(),
+        reason: e,
+    };
+    let mut header = [0u8; 4];
+    match recv.read_exact(&mut header).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(lost(e.to_string())),
+    }
+    let len = wire::frame_len(header)?;
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body)
+        .await
+        .map_err(|e| lost(e.to_string()))?;
+    Ok(Some(wire::decode(&body)?))
+}
+
+async fn write_frame(send: &mut SendStream, frame: &Frame, level: i32) -> Result<(), NetError> {
+    send.write_all(&wire::encode(frame, level))
+        .await
+        .map_err(|e| NetError::Lost {
+            peer: "peer".into(),
+            reason: e.to_string(),
+        })
+}
+
+/// Accepts the peer's streams: its control stream feeds frames, each blob stream is received.
+fn spawn_acceptor(conn: quinn::Connection, dir: PathBuf, events: mpsc::Sender<Event>) {
+    tokio::spawn(async move {
+        let receivers = Arc::new(tokio::sync::Semaphore::new(BLOB_RECEIVERS_MAX));
+        while let Ok(mut recv) = conn.accept_uni().await {
+            let mut tag = [0u8; 1];
+            if recv.read_exact(&mut tag).await.is_err() {
+                continue;
+            }
+            let events = events.clone();
+            match tag[0] {
+                STREAM_CONTROL => {
+                    tokio::spawn(async move {
+                        loop {
+                            match read_frame(&mut recv).await {
+                                Ok(Some(frame)) => {
+                                    if events.send(Event::Frame(frame)).await.is_err() {
+                                        break;
+                                    }
+                                }
+                                Ok(None) => {
+                                    let _ = events.send(Event::ControlEnded).await;
+                                    break;
+                                }
+                                Err(e) => {
+                                    let _ = events.send(Event::Failed(e)).await;
+                                    break;
+                                }
+                            }
+                        }
+                    });
+                }
+                STREAM_BLOB => {
+                    let Ok(permit) = receivers.clone().acquire_owned().await else {
+                        break;
+                    };
+                    let dir = dir.clone();
+                    tokio::spawn(async move {
+                        let result = blobs::receive(&mut recv, &dir).await;
+                        drop(permit);
+                        match result {
+                            Ok(hash) => {
+                                let _ = events.send(Event::BlobDone(hash, true)).await;
+                            }
+                            Err((Some(hash), e)) => {
+                                warn!("scan {} from peer refused: {e}", hex::encode(hash));
+                                let _ = events.send(Event::BlobDone(hash, false)).await;
+                            }
+                            Err((None, e)) => warn!("scan stream from peer refused: {e}"),
+                        }
+                    });
+                }
+                other => warn!("peer opened a stream of unknown type {other}; ignored"),
+            }
+        }
+    });
+}
+
+/// Runs one session over an authenticated connection until it converges (one-shot), or until
+/// the connection or `shutdown` ends it (continuous).
+pub async fn run_session(
+    conn: quinn::Connection,
+    peer: PeerIdentity,
+    dir: PathBuf,
+    mode: Mode,
+    mut shutdown: watch::Receiver<bool>,
+) -> Result<SessionReport, NetError> {
+    let started = Instant::now();
+    let node_err = |e: crate::node::NodeError| NetError::Node(format!("{e:#}"));
+    let mut node = Node::open(&dir).map_err(node_err)?;
+    node.record_contact(&peer).map_err(node_err)?;
+    let (crl_number, crl_der) = node
+        .crl()
+        .map(|c| (c.number(), c.der().to_vec()))
+        .unwrap_or((0, Vec::new()));
+    let push_every = Duration::from_millis(node.config.sync.push_interval_ms);
+
+    let (events_tx, mut events) = mpsc::channel::<Event>(256);
+    spawn_acceptor(conn.clone(), dir.clone(), events_tx.clone());
+    let lost = |e: String| NetError::Lost {
+        peer: peer.unit.clone(),
+        reason: e,
+    };
+    let mut control = conn.open_uni().await.map_err(|e| lost(e.to_string()))?;
+    control.set_priority(10).ok();
+    control
+        .write_all(&[STREAM_CONTROL])
+        .await
+        .map_err(|e| lost(e.to_string()))?;
+
+    let (blob_queue, blob_rx) = async_channel();
+    for _ in 0..BLOB_SENDERS {
+        blobs::spawn_sender(
+            conn.clone(),
+            dir.clone(),
+            blob_rx.clone(),
+            events_tx.clone(),
+        );
+    }
+
+    let mut session = Session::new(&mut NodeReplica::new(&mut node, peer.clone()), crl_number)?;
+    let mut report = SessionReport {
+        peer_unit: peer.unit.clone(),
+        peer_node: peer.node_id.to_string(),
+        ..Default::default()
+    };
+    let mut sent_since_receive = false;
+    let mut tick = tokio::time::interval(push_every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+
+    let outcome: Result<(), NetError> = async {
+        loop {
+            // Send everything the session has to say, and start the scan transfers it asked for.
+            {
+                let mut replica = NodeReplica::new(&mut node, peer.clone());
+                session.offer_crl(&crl_der);
+                while let Some(frame) = session.poll_frame(&mut replica)? {
+                    write_frame(&mut control, &frame, CONTROL_LEVEL).await?;
+                    sent_since_receive = true;
+                }
+                while let Some(action) = session.poll_action() {
+                    match action {
+                        Action::SendBlob { hash, from } => {
+                            if replica.node.store.has_blob(&hash).map_err(|e| NetError::Node(e.to_string()))? {
+                                let _ = blob_queue.send((hash, from)).await;
+                            } else {
+                                session.blob_unavailable_here(hash);
+                            }
+                        }
+                        Action::StoreCrl { der } => replica.node.install_crl_der(&der).map_err(node_err)?,
+                    }
+                }
+                // Frames the actions produced (BlobMissing) go out now too.
+                while let Some(frame) = session.poll_frame(&mut replica)? {
+                    write_frame(&mut control, &frame, CONTROL_LEVEL).await?;
+                }
+            }
+            if mode == Mode::OneShot && session.is_done() {
+                return Ok(());
+            }
+            tokio::select! {
+                event = events.recv() => {
+                    let mut replica = NodeReplica::new(&mut node, peer.clone());
+                    match event {
+                        Some(Event::Frame(frame)) => {
+                            if sent_since_receive {
+                                report.round_trips += 1;
+                                sent_since_receive = false;
+                            }
+                            debug!(?frame, "frame from {}", peer.unit);
+                            if let Err(e) = session.handle(&mut replica, frame) {
+                                if let ProtoError::Refused(reason) = &e {
+                                    let _ = write_frame(&mut control, &Frame::Refused { reason: reason.clone() }, 1).await;
+                                }
+                                return Err(e.into());
+                            }
+                        }
+                        Some(Event::BlobDone(hash, ok)) => session.blob_finished(&mut replica, &hash, ok)?,
+                        Some(Event::BlobSent) => report.blobs_sent += 1,
+                        Some(Event::Failed(e)) => return Err(e),
+                        Some(Event::ControlEnded) | None => {
+                            return if session.is_done() || mode == Mode::Continuous { Ok(()) } else { Err(lost("the peer ended the session early".into())) };
+                        }
+                    }
+                }
+                _ = tick.tick(), if mode == Mode::Continuous => {
+                    session.push_new_changes(&mut NodeReplica::new(&mut node, peer.clone()))?;
+                }
+                _ = shutdown.changed() => return Ok(()),
+                reason = conn.closed() => {
+                    return if session.is_done() || mode == Mode::Continuous { Ok(()) } else { Err(lost(reason.to_string())) };
+                }
+            }
+        }
+    }
+    .await;
+
+    report.converged = session.is_done();
+    report.docs_sent = session.stats.docs_sent;
+    report.docs_received = session.stats.docs_received;
+    report.blobs_received = session.stats.blobs_received;
+    if outcome.is_ok() {
+        let _ = control.finish();
+        // Let the peer read our last frames (its Ack) before the connection closes.
+        let _ = tokio::time::timeout(Duration::from_secs(2), control.stopped()).await;
+    }
+    let stats = conn.stats();
+    report.bytes_sent = stats.udp_tx.bytes;
+    report.bytes_received = stats.udp_rx.bytes;
+    report.elapsed_ms = started.elapsed().as_millis() as u64;
+    let error = outcome.as_ref().err().map(|e| e.to_string());
+    conn.close(0u32.into(), b"done");
+    node.record_session(&peer, &report, error.as_deref())
+        .map_err(node_err)?;
+    match outcome {
+        Ok(()) => {
+            info!(peer = %peer.unit, docs_in = report.docs_received, docs_out = report.docs_sent, bytes_out = report.bytes_sent, "session ended");
+            Ok(report)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+/// A bounded multi-consumer queue of scans to send, in the order the receiver asked for them.
+fn async_channel() -> (
+    mpsc::Sender<(Hash32, u64)>,
+    Arc<tokio::sync::Mutex<mpsc::Receiver<(Hash32, u64)>>>,
+) {
+    let (tx, rx) = mpsc::channel(crate::proto::session::BLOB_WANT_MAX * 2);
+    (tx, Arc::new(tokio::sync::Mutex::new(rx)))
+}

@@ -1,0 +1,484 @@
+//! Sync from the node's side: certificates and the CRL on disk, configured peers, one-shot
+//! `sync`, the `serve` daemon (accepting peers, keeping the upstream link), and `status`.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+use tokio::sync::watch;
+use tracing::{error, info, warn};
+
+use super::{now_ms, Node, NodeError, Result};
+use crate::net::{self, Mode, SessionReport};
+use crate::store::sync::{Peer, PeerSync};
+use crate::trust::{self, Ca, Crl, NodeKey, PeerIdentity, TlsMaterial};
+use crate::units::Role;
+
+pub const CERT_FILE: &str = "node.crt";
+pub const CA_FILE: &str = "ca.crt";
+pub const CRL_FILE: &str = "crl.pem";
+pub const CA_DIR: &str = "ca";
+/// How long `sync` waits for the peer to answer the handshake.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
+/// Validity of node certificates issued by `ca issue`.
+pub const CERT_VALIDITY_DAYS: u32 = 5 * 365;
+
+/// Splits a PEM bundle into its certificates and CRLs.
+fn pem_blocks(text: &str, label: &str) -> Vec<String> {
+    let begin = format!("-----BEGIN {label}-----");
+    let end = format!("-----END {label}-----");
+    let mut out = Vec::new();
+    let mut rest = text;
+    while let Some(start) = rest.find(&begin) {
+        let Some(stop) = rest[start..].find(&end) else {
+            break;
+        };
+        let stop = start + stop + end.len();
+        out.push(format!("{}\n", &rest[start..stop]));
+        rest = &rest[stop..];
+    }
+    out
+}
+
+#[derive(Debug, Serialize)]
+pub struct IssueReport {
+    pub node_id: String,
+    pub unit: String,
+    pub role: Role,
+    pub out: String,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Status {
+    pub node_id: String,
+    pub unit: String,
+    pub role: Role,
+    pub enrolled: bool,
+    pub documents: i64,
+    pub feed_seq: i64,
+    pub scans_missing: i64,
+    pub scan_bytes_missing: i64,
+    pub peers: Vec<PeerStatus>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PeerStatus {
+    #[serde(flatten)]
+    pub sync: PeerSync,
+    /// Documents changed here that this peer has not acknowledged yet.
+    pub pending_docs_out: i64,
+}
+
+impl Node {
+    fn tls_material(&self) -> Result<TlsMaterial> {
+        let read = |name: &str| {
+            std::fs::read_to_string(self.dir.join(name)).map_err(|_| {
+                NodeError::Invalid(format!(
+                    "this node is not enrolled ({} missing): run `communesync enrol request`, have the province issue it, then `communesync enrol install`",
+                    self.dir.join(name).display()
+                ))
+            })
+        };
+        Ok(TlsMaterial {
+            ca_pem: read(CA_FILE)?,
+            cert_pem: read(CERT_FILE)?,
+            key: NodeKey::load(self.dir.join(super::KEY_FILE))?,
+            crl: self.crl(),
+        })
+    }
+
+    /// The revocation list this node holds, if any.
+    pub fn crl(&self) -> Option<Crl> {
+        let text = std::fs::read_to_string(self.dir.join(CRL_FILE)).ok()?;
+        Crl::from_pem(&text).ok()
+    }
+
+    /// Stores a newer CRL (from a peer or a file) after checking the CA signed it.
+    pub fn install_crl_der(&mut self, der: &[u8]) -> Result<()> {
+        let ca =
+            std::fs::read_to_string(self.dir.join(CA_FILE)).map_err(|source| NodeError::Io {
+                path: self.dir.join(CA_FILE),
+                source,
+            })?;
+        let crl = trust::verify_crl(&ca, der)?;
+        if self.crl().is_some_and(|held| held.number() >= crl.number()) {
+            return Ok(());
+        }
+        trust::write_file_atomic(self.dir.join(CRL_FILE), crl.to_pem().as_bytes())?;
+        info!(
+            number = crl.number(),
+            revoked = crl.revoked_serials().len(),
+            "installed a newer revocation list"
+        );
+        Ok(())
+    }
+
+    pub fn enrol_request(&self, out: &Path) -> Result<String> {
+        let key = NodeKey::load(self.dir.join(super::KEY_FILE))?;
+        let pem = trust::enrol_request(&key)?;
+        trust::write_file_atomic(out, pem.as_bytes())?;
+        Ok(key.node_id().to_string())
+    }
+
+    /// Installs the certificate (and the CA, and the CRL) from a file written by `ca issue`.
+    pub fn enrol_install(&mut self, file: &Path) -> Result<PeerIdentity> {
+        let text = std::fs::read_to_string(file).map_err(|source| NodeError::Io {
+            path: file.to_path_buf(),
+            source,
+        })?;
+        let certs = pem_blocks(&text, "CERTIFICATE");
+        let [cert, .., ca] = &certs[..] else {
+            return Err(NodeError::Invalid(format!("{}: expected the node certificate followed by the CA certificate, as `communesync ca issue` writes", file.display())));
+        };
+        let key = NodeKey::load(self.dir.join(super::KEY_FILE))?;
+        let identity = trust::install_check(&key, cert, ca)?;
+        if identity.unit != self.unit() || identity.role != self.role() {
+            return Err(NodeError::Invalid(format!(
+                "the certificate is for {} {}, but this node is {} {}; ask the province to issue it for this unit",
+                identity.role,
+                identity.unit,
+                self.role(),
+                self.unit()
+            )));
+        }
+        trust::write_file_atomic(self.dir.join(CA_FILE), ca.as_bytes())?;
+        trust::write_file_atomic(self.dir.join(CERT_FILE), cert.as_bytes())?;
+        if let Some(crl) = pem_blocks(&text, "X509 CRL").first() {
+            let crl = Crl::from_pem(crl)?;
+            self.install_crl_der(crl.der())?;
+        }
+        Ok(identity)
+    }
+
+    fn ca(&self) -> Result<Ca> {
+        if self.role() != Role::Province {
+            return Err(NodeError::Invalid(
+                "the certificate authority runs on the province node only".into(),
+            ));
+        }
+        Ok(Ca::open(self.dir.join(CA_DIR))?)
+    }
+
+    /// Creates the provincial CA and enrols this province node with it.
+    pub fn ca_init(&mut self) -> Result<PeerIdentity> {
+        if self.role() != Role::Province {
+            return Err(NodeError::Invalid(
+                "`ca init` runs on the province node only".into(),
+            ));
+        }
+        let ca = Ca::init(self.dir.join(CA_DIR), self.unit())?;
+        let key = NodeKey::load(self.dir.join(super::KEY_FILE))?;
+        let issued = ca.issue(
+            &trust::enrol_request(&key)?,
+            self.unit(),
+            Role::Province,
+            CERT_VALIDITY_DAYS,
+        )?;
+        trust::write_file_atomic(self.dir.join(CA_FILE), ca.cert_pem().as_bytes())?;
+        trust::write_file_atomic(self.dir.join(CERT_FILE), issued.cert_pem.as_bytes())?;
+        trust::write_file_atomic(
+            self.dir.join(CRL_FILE),
+            ca.current_crl()?.to_pem().as_bytes(),
+        )?;
+        Ok(issued.identity)
+    }
+
+    /// Signs an enrolment request for a unit and role the province decides.
+    pub fn ca_issue(
+        &self,
+        request: &Path,
+        unit: &str,
+        role: Role,
+        out: &Path,
+    ) -> Result<IssueReport> {
+        let tree_unit = self.tree.get(unit)?;
+        if tree_unit.role != role {
+            return Err(NodeError::Invalid(format!(
+                "{unit} is a {} in the unit tree, not a {role}",
+                tree_unit.role
+            )));
+        }
+        let ca = self.ca()?;
+        let req = std::fs::read_to_string(request).map_err(|source| NodeError::Io {
+            path: request.to_path_buf(),
+            source,
+        })?;
+        let issued = ca.issue(&req, unit, role, CERT_VALIDITY_DAYS)?;
+        let bundle = format!(
+            "{}{}{}",
+            issued.cert_pem,
+            ca.cert_pem(),
+            ca.current_crl()?.to_pem()
+        );
+        trust::write_file_atomic(out, bundle.as_bytes())?;
+        Ok(IssueReport {
+            node_id: issued.identity.node_id.to_string(),
+            unit: unit.to_string(),
+            role,
+            out: out.display().to_string(),
+        })
+    }
+
+    pub fn ca_list(&self) -> Result<Vec<trust::IssuedRecord>> {
+        Ok(self.ca()?.issued()?)
+    }
+
+    /// Revokes a node; the new CRL spreads to every node by sync.
+    pub fn ca_revoke(&mut self, node_id: &str) -> Result<u64> {
+        let ca = self.ca()?;
+        let crl = ca.revoke(node_id.parse()?)?;
+        self.install_crl_der(crl.der())?;
+        Ok(crl.number())
+    }
+
+    pub fn peer_add(&mut self, name: &str, addr: &str) -> Result<Peer> {
+        if name.is_empty()
+            || name.len() > 64
+            || !name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+        {
+            return Err(NodeError::Invalid(format!(
+                "peer name {name:?}: use letters, digits, '-', '_' or '.'"
+            )));
+        }
+        resolve(addr)?;
+        self.store.write(|tx| tx.peer_add(name, addr, now_ms()))?;
+        Ok(Peer {
+            name: name.into(),
+            addr: addr.into(),
+        })
+    }
+
+    pub fn peer_remove(&mut self, name: &str) -> Result<()> {
+        Ok(self.store.write(|tx| tx.peer_remove(name))?)
+    }
+
+    pub fn peer_list(&self) -> Result<Vec<Peer>> {
+        Ok(self.store.peers()?)
+    }
+
+    pub(crate) fn record_contact(&mut self, peer: &PeerIdentity) -> Result<()> {
+        Ok(self.store.write(|tx| {
+            tx.peer_touch(
+                &peer.node_id.to_string(),
+                &peer.unit,
+                peer.role.as_str(),
+                now_ms(),
+            )
+        })?)
+    }
+
+    pub(crate) fn record_session(
+        &mut self,
+        peer: &PeerIdentity,
+        r: &SessionReport,
+        error: Option<&str>,
+    ) -> Result<()> {
+        let id = peer.node_id.to_string();
+        Ok(self.store.write(|tx| {
+            tx.peer_session_end(
+                &id,
+                now_ms(),
+                r.converged,
+                error,
+                r.bytes_sent,
+                r.bytes_received,
+            )
+        })?)
+    }
+
+    /// The peer `sync` talks to: the named one, else the configured upstream, else the only one.
+    fn pick_peer(&self, name: Option<&str>) -> Result<Peer> {
+        if let Some(name) = name.or(self.config.sync.upstream.as_deref()) {
+            return Ok(self.store.peer(name)?);
+        }
+        match &self.store.peers()?[..] {
+            [only] => Ok(only.clone()),
+            [] => Err(NodeError::Invalid(
+                "no peers: add one with `communesync peer add NAME --addr HOST:PORT`".into(),
+            )),
+            _ => Err(NodeError::Invalid(
+                "several peers: choose one with --peer NAME (or set sync.upstream)".into(),
+            )),
+        }
+    }
+
+    pub fn status(&self) -> Result<Status> {
+        let (scans_missing, scan_bytes_missing) = self.store.missing_blob_bytes()?;
+        let mut peers = Vec::new();
+        for sync in self.store.peer_syncs()? {
+            let scope = super::replica::scope_for(&sync.unit, self.unit());
+            let pending_docs_out = self
+                .store
+                .changed_since(&scope, sync.acked_by, 100_000)?
+                .len() as i64;
+            peers.push(PeerStatus {
+                sync,
+                pending_docs_out,
+            });
+        }
+        Ok(Status {
+            node_id: self.node_id.to_string(),
+            unit: self.unit().to_string(),
+            role: self.role(),
+            enrolled: self.dir.join(CERT_FILE).exists(),
+            documents: self.store.doc_count()?,
+            feed_seq: self.store.feed_seq()?,
+            scans_missing,
+            scan_bytes_missing,
+            peers,
+        })
+    }
+}
+
+fn resolve(addr: &str) -> Result<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    addr.to_socket_addrs()
+        .ok()
+        .and_then(|mut a| a.next())
+        .ok_or_else(|| {
+            NodeError::Invalid(format!(
+                "peer address {addr:?} is not HOST:PORT (like 10.0.0.2:7410)"
+            ))
+        })
+}
+
+/// One full round with a peer in the foreground (both directions, documents then scans).
+pub async fn sync_once(
+    dir: &Path,
+    peer_name: Option<&str>,
+) -> std::result::Result<SessionReport, anyhow::Error> {
+    let node = Node::open(dir)?;
+    let peer = node.pick_peer(peer_name)?;
+    let addr = resolve(&peer.addr)?;
+    let tls = node.tls_material()?;
+    let ep = net::client_endpoint(addr, &tls, &node.config.sync)?;
+    drop(node);
+    let (conn, identity) = net::connect(&ep, addr, CONNECT_TIMEOUT).await?;
+    let (_stop, shutdown) = watch::channel(false);
+    let report =
+        net::run_session(conn, identity, dir.to_path_buf(), Mode::OneShot, shutdown).await?;
+    ep.wait_idle().await;
+    Ok(report)
+}
+
+/// The daemon: accepts enrolled peers and keeps the upstream link, until `shutdown` flips.
+pub async fn serve(
+    dir: &Path,
+    listen: Option<SocketAddr>,
+    shutdown: watch::Receiver<bool>,
+) -> std::result::Result<(), anyhow::Error> {
+    let node = Node::open(dir)?;
+    let listen = match listen {
+        Some(a) => a,
+        None => node.config.sync.listen.parse()?,
+    };
+    let tls = node.tls_material()?;
+    let ep = net::server_endpoint(listen, &tls, &node.config.sync)?;
+    info!(unit = node.unit(), addr = %ep.local_addr()?, "serving");
+    eprintln!(
+        "communesync serving {} on {}",
+        node.unit(),
+        ep.local_addr()?
+    );
+    let limit = Arc::new(tokio::sync::Semaphore::new(
+        node.config.sync.connections_max,
+    ));
+    let upstream = node.config.sync.upstream.clone();
+    let reconnect_max = Duration::from_secs(node.config.sync.reconnect_max_s);
+    drop(node);
+
+    if let Some(name) = upstream {
+        let (dir, shutdown) = (dir.to_path_buf(), shutdown.clone());
+        tokio::spawn(async move { keep_upstream(dir, name, reconnect_max, shutdown).await });
+    }
+    let mut stop = shutdown.clone();
+    loop {
+        tokio::select! {
+            incoming = ep.accept() => {
+                let Some(incoming) = incoming else { break };
+                let Ok(permit) = limit.clone().try_acquire_owned() else {
+                    incoming.refuse();
+                    continue;
+                };
+                let (dir, shutdown) = (dir.to_path_buf(), shutdown.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    let remote = incoming.remote_address();
+                    let conn = match incoming.await {
+                        Ok(c) => c,
+                        Err(e) => {
+                            warn!(%remote, "refused a connection: {e}");
+                            return;
+                        }
+                    };
+                    let identity = match trust::peer_identity(&conn) {
+                        Ok(id) => id,
+                        Err(e) => {
+                            warn!(%remote, "refused a connection: {e}");
+                            conn.close(1u32.into(), b"no identity");
+                            return;
+                        }
+                    };
+                    info!(%remote, unit = %identity.unit, node = %identity.node_id, "peer connected");
+                    if let Err(e) = net::run_session(conn, identity.clone(), dir, Mode::Continuous, shutdown).await {
+                        warn!(unit = %identity.unit, "session ended: {e}");
+                    }
+                });
+            }
+            _ = stop.changed() => break,
+        }
+    }
+    ep.close(0u32.into(), b"shutting down");
+    ep.wait_idle().await;
+    Ok(())
+}
+
+/// Keeps a session with the upstream peer, reconnecting with bounded, jittered backoff.
+async fn keep_upstream(
+    dir: std::path::PathBuf,
+    name: String,
+    backoff_max: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let attempt = async {
+            let node = Node::open(&dir)?;
+            let peer = node.store.peer(&name)?;
+            let addr = resolve(&peer.addr)?;
+            let tls = node.tls_material()?;
+            let ep = net::client_endpoint(addr, &tls, &node.config.sync)?;
+            drop(node);
+            let (conn, identity) = net::connect(&ep, addr, CONNECT_TIMEOUT).await?;
+            info!(upstream = %identity.unit, "connected to upstream");
+            let report = net::run_session(
+                conn,
+                identity,
+                dir.clone(),
+                Mode::Continuous,
+                shutdown.clone(),
+            )
+            .await?;
+            Ok::<SessionReport, anyhow::Error>(report)
+        };
+        match attempt.await {
+            Ok(_) => backoff = Duration::from_secs(1),
+            Err(e) => {
+                error!(upstream = %name, "sync with upstream failed: {e:#}");
+                backoff = (backoff * 2).min(backoff_max);
+            }
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+        let jitter = rand::random_range(0.5..1.5);
+        tokio::select! {
+            _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+            _ = shutdown.changed() => return,
+        }
+    }
+}
