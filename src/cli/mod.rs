@@ -3,6 +3,7 @@
 //! Handlers call [`crate::node`] and print; they hold no logic a test would need to reach.
 
 mod demo;
+pub use demo::synthetic_scan;
 mod output;
 
 use std::path::PathBuf;

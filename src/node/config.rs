@@ -312,6 +312,15 @@ mod tests {
     }
 
     #[test]
+    fn shipped_examples_are_valid() {
+        for role in ["commune", "district", "province"] {
+            let path = format!("{}/config/{role}.toml", env!("CARGO_MANIFEST_DIR"));
+            let (config, _) = load_text(&std::fs::read_to_string(&path).unwrap()).unwrap_or_else(|e| panic!("{path}: {e}"));
+            assert_eq!(config.node.role.as_str(), role);
+        }
+    }
+
+    #[test]
     fn unknown_and_malformed_keys_are_named() {
         let base = Config::new("qn/binhlieu/tinhhuc", Role::Commune, "admin").to_toml_annotated();
         let err = load_text(&format!("{base}\ncolour = 3\n"))

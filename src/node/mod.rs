@@ -5,6 +5,8 @@
 pub mod config;
 mod local;
 pub mod replica;
+#[cfg(test)]
+mod simtest;
 pub mod sync;
 
 use std::path::{Path, PathBuf};

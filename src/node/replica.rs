@@ -6,7 +6,8 @@ use tracing::warn;
 
 use super::{now_ms, Node};
 use crate::model::{self, ChangeNote, DocId};
-use crate::proto::{DocHeads, Hash32, ProtoError, Replica};
+use crate::proto::{DocChanges, DocHeads, Hash32, ProtoError, Replica};
+use crate::store::docs::Saved;
 use crate::store::docs::{decode_heads, encode_heads};
 use crate::store::sync::Scope;
 use crate::trust::PeerIdentity;
@@ -190,7 +191,7 @@ impl Replica for NodeReplica<'_> {
         let rows = self
             .node
             .store
-            .changed_since(&scope, after as i64, limit)
+            .changed_since(&scope, Some(&self.peer_id), after as i64, limit)
             .map_err(local)?;
         rows.into_iter()
             .map(|(seq, id, heads)| {
@@ -246,7 +247,7 @@ impl Replica for NodeReplica<'_> {
         Ok(wants)
     }
 
-    fn changes_for(&mut self, want: &DocHeads) -> Result<Vec<u8>, ProtoError> {
+    fn changes_for(&mut self, want: &DocHeads) -> Result<Option<DocChanges>, ProtoError> {
         let id: DocId = want
             .id
             .parse()
@@ -261,30 +262,39 @@ impl Replica for NodeReplica<'_> {
                 .map_err(local)?;
             if !parties.iter().any(|p| is_within(p, unit)) {
                 warn!(peer = %self.peer.unit, doc = %id, "peer asked for a document outside its scope; not sent");
-                return Ok(Vec::new());
+                return Ok(None);
             }
         }
         let heads: Vec<ChangeHash> = want.heads.iter().map(|h| ChangeHash(*h)).collect();
-        self.node
+        let (data, mine) = self
+            .node
             .store
             .read_doc(&id, |doc| {
+                let mine = doc.get_heads();
+                // A peer with nothing gets the compact, compressed whole document.
                 if heads.is_empty() {
-                    return doc.save();
+                    return (doc.save(), mine);
                 }
                 let known: Vec<ChangeHash> = heads
                     .iter()
                     .filter(|h| doc.get_change_by_hash(h).is_some())
                     .copied()
                     .collect();
-                doc.save_after(&known)
+                (doc.save_after(&known), mine)
             })
-            .map_err(local)
+            .map_err(local)?;
+        Ok((!data.is_empty()).then(|| DocChanges {
+            id: want.id.clone(),
+            heads: to_hashes(&mine),
+            data,
+        }))
     }
 
-    fn apply(&mut self, docs: Vec<(String, Vec<u8>)>) -> Result<usize, ProtoError> {
+    fn apply(&mut self, docs: Vec<DocChanges>) -> Result<usize, ProtoError> {
         let mut checked = Vec::with_capacity(docs.len());
-        for (id_text, bytes) in docs {
-            let id: DocId = id_text
+        for change in docs {
+            let id: DocId = change
+                .id
                 .parse()
                 .map_err(|e| ProtoError::Malformed(format!("changes: {e}")))?;
             let existing = if self.node.store.doc_exists(&id).map_err(local)? {
@@ -297,27 +307,34 @@ impl Replica for NodeReplica<'_> {
             } else {
                 None
             };
-            let doc = self.check_incoming(&id, existing.as_ref(), &bytes)?;
-            checked.push((id, doc));
+            let doc = self.check_incoming(&id, existing.as_ref(), &change.data)?;
+            let mut sender_heads: Vec<ChangeHash> = change.heads.iter().map(|h| ChangeHash(*h)).collect();
+            sender_heads.sort();
+            checked.push((id, doc, sender_heads));
         }
         let at_ms = now_ms();
         let n = checked.len();
+        let peer_id = self.peer_id.clone();
         // Merge into what is stored now, inside the write lock: a local write that landed
         // since the check is kept, never overwritten.
         self.node
             .store
             .write(|tx| {
-                for (id, mut doc) in checked {
-                    match tx.load_doc(&id)? {
+                for (id, mut doc, sender_heads) in checked {
+                    let merged = match tx.load_doc(&id)? {
                         Some(current) => {
                             let mut merged = current.doc;
                             merged.merge(&mut doc).map_err(|e| {
                                 crate::store::StoreError::Corrupt(format!("merging {id}: {e}"))
                             })?;
-                            tx.save_doc(&id, Some(current.heads), merged, at_ms)?;
+                            tx.save_doc(&id, Some(current.heads), merged, at_ms)?
                         }
-                        None => {
-                            tx.save_doc(&id, None, doc, at_ms)?;
+                        None => tx.save_doc(&id, None, doc, at_ms)?,
+                    };
+                    // The sender already holds this exact state: never offer it back.
+                    if let Saved::Changed(_) = merged {
+                        if tx.doc_heads_sorted(&id)? == sender_heads {
+                            tx.set_doc_origin(&id, &peer_id)?;
                         }
                     }
                 }

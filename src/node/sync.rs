@@ -313,7 +313,7 @@ impl Node {
             let scope = super::replica::scope_for(&sync.unit, self.unit());
             let pending_docs_out = self
                 .store
-                .changed_since(&scope, sync.acked_by, 100_000)?
+                .changed_since(&scope, Some(&sync.node_id), sync.acked_by, 100_000)?
                 .len() as i64;
             peers.push(PeerStatus {
                 sync,

@@ -7,7 +7,7 @@
 
 use std::collections::{HashSet, VecDeque};
 
-use super::wire::{DocHeads, Frame, Hash32, VERSION};
+use super::wire::{DocChanges, DocHeads, Frame, Hash32, VERSION};
 use super::ProtoError;
 
 /// Documents listed per Offer frame.
@@ -37,10 +37,10 @@ pub trait Replica {
     ) -> Result<Vec<(u64, DocHeads)>, ProtoError>;
     /// For offered documents this node lacks changes of: this node's heads (empty when absent).
     fn wants(&mut self, offered: &[DocHeads]) -> Result<Vec<DocHeads>, ProtoError>;
-    /// The changes the peer lacks, given its heads.
-    fn changes_for(&mut self, want: &DocHeads) -> Result<Vec<u8>, ProtoError>;
+    /// The changes the peer lacks, given its heads; None when there is nothing to send.
+    fn changes_for(&mut self, want: &DocHeads) -> Result<Option<DocChanges>, ProtoError>;
     /// Checks (scope, authorship, integrity) and applies a batch atomically.
-    fn apply(&mut self, docs: Vec<(String, Vec<u8>)>) -> Result<usize, ProtoError>;
+    fn apply(&mut self, docs: Vec<DocChanges>) -> Result<usize, ProtoError>;
     /// Scans referenced by this node's documents and missing here, most urgent first, with the
     /// first chunk still needed (so a cut transfer resumes).
     fn missing_blobs(&mut self, limit: usize) -> Result<Vec<(Hash32, u64)>, ProtoError>;
@@ -281,12 +281,11 @@ impl Session {
                 let mut batch = Vec::new();
                 let mut bytes = 0;
                 for want in &docs {
-                    let changes = replica.changes_for(want)?;
-                    if changes.is_empty() {
+                    let Some(changes) = replica.changes_for(want)? else {
                         continue;
-                    }
-                    bytes += changes.len();
-                    batch.push((want.id.clone(), changes));
+                    };
+                    bytes += changes.data.len();
+                    batch.push(changes);
                     if bytes >= CHANGES_FRAME_BYTES {
                         self.stats.docs_sent += batch.len() as u64;
                         self.out.push_back(Frame::Changes {

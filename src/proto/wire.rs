@@ -31,6 +31,15 @@ pub struct DocHeads {
     pub heads: Vec<Hash32>,
 }
 
+/// A document's changes the receiver lacks, with the sender's heads after them (so the receiver
+/// knows whether the sender now holds all it holds, and need not offer the document back).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DocChanges {
+    pub id: String,
+    pub heads: Vec<Hash32>,
+    pub data: Vec<u8>,
+}
+
 /// Every message of the protocol; see docs/protocol.md for the exchange.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Frame {
@@ -52,7 +61,7 @@ pub enum Frame {
     },
     WantEnd,
     Changes {
-        docs: Vec<(String, Vec<u8>)>,
+        docs: Vec<DocChanges>,
     },
     ChangesEnd {
         upto: u64,
@@ -247,9 +256,13 @@ fn body(frame: &Frame) -> Vec<u8> {
         Frame::WantEnd | Frame::BlobsDone => {}
         Frame::Changes { docs } => {
             e.uint(docs.len() as u64);
-            for (id, data) in docs {
-                e.bytes(id.as_bytes());
-                e.bytes(data);
+            for c in docs {
+                e.bytes(c.id.as_bytes());
+                e.uint(c.heads.len() as u64);
+                for h in &c.heads {
+                    e.hash(h);
+                }
+                e.bytes(&c.data);
             }
         }
         Frame::ChangesEnd { upto } | Frame::Ack { upto } => e.uint(*upto),
@@ -389,7 +402,11 @@ pub fn decode(buf: &[u8]) -> Result<Frame, ProtoError> {
             let n = d.count(ITEMS_MAX)?;
             let mut docs = Vec::with_capacity(n.min(1024));
             for _ in 0..n {
-                docs.push((d.string(64)?, d.bytes()?));
+                docs.push(DocChanges {
+                    id: d.string(64)?,
+                    heads: d.hashes(HEADS_MAX)?,
+                    data: d.bytes()?,
+                });
             }
             Frame::Changes { docs }
         }
@@ -483,7 +500,14 @@ mod tests {
             Frame::Want { docs },
             Frame::WantEnd,
             Frame::Changes {
-                docs: vec![("asg_0011223344556677".into(), vec![1, 2, 3]); 300],
+                docs: vec![
+                    DocChanges {
+                        id: "asg_0011223344556677".into(),
+                        heads: vec![[1; 32]],
+                        data: vec![1, 2, 3]
+                    };
+                    300
+                ],
             },
             Frame::ChangesEnd { upto: 5 },
             Frame::Ack { upto: 5 },
@@ -526,7 +550,14 @@ mod tests {
     #[test]
     fn list_frames_are_compressed() {
         let f = Frame::Changes {
-            docs: vec![("asg_0011223344556677".into(), vec![1, 2, 3]); 300],
+            docs: vec![
+                    DocChanges {
+                        id: "asg_0011223344556677".into(),
+                        heads: vec![[1; 32]],
+                        data: vec![1, 2, 3]
+                    };
+                    300
+                ],
         };
         let encoded = encode(&f, 3);
         assert_eq!(encoded[5] & FLAG_ZSTD, FLAG_ZSTD);

@@ -162,6 +162,27 @@ impl WriteTx<'_> {
         load(&self.tx, self.path, self.cache, id)
     }
 
+    /// Sorted heads of a stored document, read inside the transaction.
+    pub fn doc_heads_sorted(&self, id: &DocId) -> Result<Vec<ChangeHash>> {
+        let bytes: Vec<u8> = self
+            .tx
+            .prepare_cached("SELECT heads FROM docs WHERE id = ?1")
+            .at(self.path)?
+            .query_row([id.as_str()], |r| r.get(0))
+            .at(self.path)?;
+        decode_heads(&bytes)
+    }
+
+    /// Marks the document's current state as received whole from a peer node.
+    pub fn set_doc_origin(&self, id: &DocId, peer_node: &str) -> Result<()> {
+        self.tx
+            .prepare_cached("UPDATE docs SET origin = ?2 WHERE id = ?1")
+            .at(self.path)?
+            .execute([id.as_str(), peer_node])
+            .at(self.path)?;
+        Ok(())
+    }
+
     /// Creates a document with `build`, as `actor`.
     pub fn create_doc(
         &mut self,
@@ -246,7 +267,7 @@ impl WriteTx<'_> {
                         .execute([id.as_str()])
                         .at(self.path)?;
                     self.tx
-                        .prepare_cached("UPDATE docs SET snapshot = ?2, heads = ?3, chunks = 0, chunk_bytes = 0, seq = ?4, updated_at = ?5 WHERE id = ?1")
+                        .prepare_cached("UPDATE docs SET snapshot = ?2, heads = ?3, chunks = 0, chunk_bytes = 0, seq = ?4, updated_at = ?5, origin = NULL WHERE id = ?1")
                         .at(self.path)?
                         .execute(params![id.as_str(), snapshot, heads_bytes, seq, at_ms])
                         .at(self.path)?;
@@ -259,7 +280,7 @@ impl WriteTx<'_> {
                         .execute(params![id.as_str(), chunks, chunk])
                         .at(self.path)?;
                     self.tx
-                        .prepare_cached("UPDATE docs SET heads = ?2, chunks = ?3, chunk_bytes = ?4, seq = ?5, updated_at = ?6 WHERE id = ?1")
+                        .prepare_cached("UPDATE docs SET heads = ?2, chunks = ?3, chunk_bytes = ?4, seq = ?5, updated_at = ?6, origin = NULL WHERE id = ?1")
                         .at(self.path)?
                         .execute(params![id.as_str(), heads_bytes, chunks + 1, chunk_bytes, seq, at_ms])
                         .at(self.path)?;

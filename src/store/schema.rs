@@ -98,6 +98,8 @@ const MIGRATIONS: &[&str] = &[
         bytes_received INTEGER NOT NULL DEFAULT 0
     );
     -- Scans in transit: their manifest; chunks already verified sit in blob_chunks.
+    -- The peer a document's current state came from, whole: it is not offered back to it.
+    ALTER TABLE docs ADD COLUMN origin TEXT;
     CREATE TABLE blob_partial (hash BLOB PRIMARY KEY, size INTEGER NOT NULL, chunk_bytes INTEGER NOT NULL, manifest BLOB NOT NULL, updated_at INTEGER NOT NULL);
     ",
 ];

@@ -117,18 +117,20 @@ impl Store {
     }
 
     /// Documents in `scope` whose feed position is after `after`, in feed order.
-    pub fn changed_since(&self, scope: &Scope, after: i64, limit: usize) -> Result<Vec<FeedRow>> {
+    /// `skip_origin` leaves out documents whose current state came whole from that peer node.
+    pub fn changed_since(&self, scope: &Scope, skip_origin: Option<&str>, after: i64, limit: usize) -> Result<Vec<FeedRow>> {
+        let skip = skip_origin.unwrap_or("");
         let map = |r: &rusqlite::Row<'_>| Ok((r.get(0)?, r.get(1)?, r.get(2)?));
         let rows = match scope {
             Scope::All => {
                 let mut stmt = self
                     .conn
                     .prepare_cached(
-                        "SELECT seq, id, heads FROM docs WHERE seq > ?1 ORDER BY seq LIMIT ?2",
+                        "SELECT seq, id, heads FROM docs WHERE seq > ?1 AND origin IS NOT ?3 ORDER BY seq LIMIT ?2",
                     )
                     .at(&self.path)?;
                 let rows = stmt
-                    .query_map(params![after, limit as i64], map)
+                    .query_map(params![after, limit as i64, skip], map)
                     .at(&self.path)?;
                 rows.collect::<rusqlite::Result<Vec<_>>>()
             }
@@ -136,13 +138,13 @@ impl Store {
                 let mut stmt = self
                     .conn
                     .prepare_cached(
-                        "SELECT d.seq, d.id, d.heads FROM docs d WHERE d.seq > ?1 AND EXISTS
+                        "SELECT d.seq, d.id, d.heads FROM docs d WHERE d.seq > ?1 AND d.origin IS NOT ?5 AND EXISTS
                            (SELECT 1 FROM doc_parties p WHERE p.doc_id = d.id AND (p.unit = ?2 OR p.unit LIKE ?3))
                          ORDER BY d.seq LIMIT ?4",
                     )
                     .at(&self.path)?;
                 let rows = stmt
-                    .query_map(params![after, unit, format!("{unit}/%"), limit as i64], map)
+                    .query_map(params![after, unit, format!("{unit}/%"), limit as i64, skip], map)
                     .at(&self.path)?;
                 rows.collect::<rusqlite::Result<Vec<_>>>()
             }

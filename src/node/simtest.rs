@@ -1,0 +1,320 @@
+//! Deterministic protocol tests: two real stores, two sessions, a simulated link that
+//! interleaves, delays and cuts frames from a seed. No sockets, no clock.
+
+use std::collections::VecDeque;
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::replica::NodeReplica;
+use super::{DispatchRequest, Node};
+use crate::model::assignment::Status;
+use crate::model::dispatch::{DispatchKind, Priority};
+use crate::proto::blob::{decode_chunk, encode_chunk};
+use crate::proto::{Action, Frame, Hash32, Session};
+use crate::store::index::DispatchFilter;
+use crate::trust::PeerIdentity;
+use crate::units::Role;
+
+struct Side {
+    node: Node,
+    /// How this side's peer appears to it (what its certificate would say).
+    peer: PeerIdentity,
+}
+
+fn identity(node: &Node) -> PeerIdentity {
+    PeerIdentity {
+        node_id: node.node_id(),
+        unit: node.unit().to_string(),
+        role: node.role(),
+        serial: vec![1],
+    }
+}
+
+fn pair(dir: &std::path::Path) -> (Side, Side) {
+    Node::init(&dir.join("p"), "qn", Role::Province, "lan").unwrap();
+    Node::init(&dir.join("c"), "qn/binhlieu/tinhhuc", Role::Commune, "minh").unwrap();
+    let p = Node::open(&dir.join("p")).unwrap();
+    let c = Node::open(&dir.join("c")).unwrap();
+    let (pid, cid) = (identity(&p), identity(&c));
+    let mut a = Side { node: p, peer: cid };
+    let mut b = Side { node: c, peer: pid };
+    a.node.record_contact(&a.peer).unwrap();
+    b.node.record_contact(&b.peer).unwrap();
+    (a, b)
+}
+
+/// A scan transfer in flight: chunks still to copy.
+struct Transfer {
+    from_a: bool,
+    hash: Hash32,
+    next: u64,
+}
+
+enum Outcome {
+    Converged,
+    Cut,
+}
+
+/// Runs one session pair until both are done or the link is cut (probability `cut_per_step`).
+fn run_once(a: &mut Side, b: &mut Side, rng: &mut StdRng, cut_per_step: f64) -> Outcome {
+    let mut sa = Session::new(&mut NodeReplica::new(&mut a.node, a.peer.clone()), 0).unwrap();
+    let mut sb = Session::new(&mut NodeReplica::new(&mut b.node, b.peer.clone()), 0).unwrap();
+    let (mut a_to_b, mut b_to_a): (VecDeque<Frame>, VecDeque<Frame>) =
+        (VecDeque::new(), VecDeque::new());
+    let mut transfers: Vec<Transfer> = Vec::new();
+    for _ in 0..100_000 {
+        for (side, session, queue, from_a) in [
+            (&mut *a, &mut sa, &mut a_to_b, true),
+            (&mut *b, &mut sb, &mut b_to_a, false),
+        ] {
+            let mut r = NodeReplica::new(&mut side.node, side.peer.clone());
+            while let Some(f) = session.poll_frame(&mut r).unwrap() {
+                // Every frame crosses the wire encoding, as it would over QUIC.
+                let bytes = crate::proto::wire::encode(&f, 1);
+                queue.push_back(crate::proto::wire::decode(&bytes[4..]).unwrap());
+            }
+            while let Some(action) = session.poll_action() {
+                if let Action::SendBlob { hash, from } = action {
+                    if r.node.store.has_blob(&hash).unwrap() {
+                        transfers.push(Transfer {
+                            from_a,
+                            hash,
+                            next: from,
+                        });
+                    } else {
+                        session.blob_unavailable_here(hash);
+                    }
+                }
+            }
+        }
+        if sa.is_done() && sb.is_done() && a_to_b.is_empty() && b_to_a.is_empty() {
+            return Outcome::Converged;
+        }
+        if rng.random_bool(cut_per_step) {
+            return Outcome::Cut;
+        }
+        // Pick what the link delivers next: a control frame either way, or one scan chunk.
+        // Control streams stay ordered; scan streams interleave with them in any order.
+        let choice = rng.random_range(0..3);
+        if choice == 0 && !a_to_b.is_empty() {
+            let f = a_to_b.pop_front().unwrap();
+            sb.handle(&mut NodeReplica::new(&mut b.node, b.peer.clone()), f)
+                .unwrap();
+        } else if choice == 1 && !b_to_a.is_empty() {
+            let f = b_to_a.pop_front().unwrap();
+            sa.handle(&mut NodeReplica::new(&mut a.node, a.peer.clone()), f)
+                .unwrap();
+        } else if !transfers.is_empty() {
+            let i = rng.random_range(0..transfers.len());
+            let t = &mut transfers[i];
+            let (src, dst, dst_session) = if t.from_a {
+                (&mut *a, &mut *b, &mut sb)
+            } else {
+                (&mut *b, &mut *a, &mut sa)
+            };
+            let (size, manifest) = src.node.store.blob_manifest(&t.hash).unwrap().unwrap();
+            let have = dst
+                .node
+                .store
+                .write(|tx| tx.blob_partial_begin(&t.hash, size, &manifest, 1))
+                .unwrap();
+            assert!(t.next <= have, "a resumed transfer never skips a chunk");
+            let data = src.node.store.blob_chunk(&t.hash, t.next).unwrap();
+            let (compressed, wire) = encode_chunk(&data, 1);
+            let raw = decode_chunk(
+                compressed,
+                data.len() as u64,
+                crate::store::blobs::CHUNK_BYTES as u64,
+                &wire,
+                &manifest[t.next as usize],
+            )
+            .unwrap();
+            let (hash, idx) = (t.hash, t.next);
+            dst.node
+                .store
+                .write(|tx| tx.blob_partial_chunk(&hash, idx, &raw))
+                .unwrap();
+            t.next += 1;
+            if t.next == manifest.len() as u64 {
+                dst.node
+                    .store
+                    .write(|tx| tx.blob_partial_finish(&hash, 2))
+                    .unwrap();
+                transfers.swap_remove(i);
+                dst_session
+                    .blob_finished(
+                        &mut NodeReplica::new(&mut dst.node, dst.peer.clone()),
+                        &hash,
+                        true,
+                    )
+                    .unwrap();
+            }
+        }
+    }
+    panic!("sessions did not finish within the step bound");
+}
+
+fn heads_of(node: &mut Node, id: &str) -> Vec<u8> {
+    node.store.doc_heads(id).unwrap().unwrap_or_default()
+}
+
+#[test]
+fn lossy_link_converges_from_any_seed() {
+    for seed in 0..8u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut a, mut b) = pair(dir.path());
+        let mut rng = StdRng::seed_from_u64(seed);
+        let scan = dir.path().join("scan.pgm");
+        std::fs::write(&scan, crate::cli::synthetic_scan(700, 800, seed)).unwrap();
+        let to_commune = DispatchRequest {
+            ref_no: "7/UBND".into(),
+            summary: "Lụt bão".into(),
+            kind: DispatchKind::Directive,
+            priority: Priority::Flash,
+            to: vec!["qn/binhlieu/tinhhuc".into()],
+            attach: vec![scan.clone()],
+        };
+        let mut other = to_commune.clone();
+        other.to = vec!["qn/binhlieu/hucdong".into()];
+        other.attach.clear();
+        let d = a.node.dispatch_new(None, &to_commune).unwrap();
+        let foreign = a.node.dispatch_new(None, &other).unwrap();
+        for i in 0..20 {
+            a.node
+                .dispatch_comment(None, &d.id, &format!("p{i}"))
+                .unwrap();
+        }
+
+        // Converge through cuts: every attempt resumes from what the stores hold.
+        let mut attempts = 0;
+        let mut round = |a: &mut Side, b: &mut Side, rng: &mut StdRng| loop {
+            attempts += 1;
+            assert!(
+                attempts < 200,
+                "seed {seed}: no convergence after 200 attempts"
+            );
+            if let Outcome::Converged = run_once(a, b, rng, 0.02) {
+                break;
+            }
+        };
+        round(&mut a, &mut b, &mut rng);
+        let asg = b
+            .node
+            .assign_new(None, &d.id, "minh", &[], "2026-12-31")
+            .unwrap();
+        // Concurrent offline edits on both sides of the same documents.
+        b.node
+            .dispatch_comment(None, &d.id, "from commune")
+            .unwrap();
+        a.node
+            .dispatch_comment(None, &d.id, "from province")
+            .unwrap();
+        round(&mut a, &mut b, &mut rng);
+        b.node
+            .assign_update(None, &asg.id, Status::Done, Some("done here"))
+            .unwrap();
+        round(&mut a, &mut b, &mut rng);
+
+        assert_eq!(
+            heads_of(&mut a.node, &d.id),
+            heads_of(&mut b.node, &d.id),
+            "seed {seed}: dispatch replicas differ"
+        );
+        assert_eq!(
+            heads_of(&mut a.node, &asg.id),
+            heads_of(&mut b.node, &asg.id),
+            "seed {seed}: assignment replicas differ"
+        );
+        let view = b.node.dispatch_show(&d.id).unwrap();
+        assert_eq!(
+            view.dispatch.comments.len(),
+            22,
+            "seed {seed}: every comment arrives once"
+        );
+        assert!(
+            view.missing_scans.is_empty(),
+            "seed {seed}: the scan arrived"
+        );
+        assert_eq!(a.node.assign_show(&asg.id).unwrap().status, "done");
+        let held: Vec<_> = b
+            .node
+            .dispatch_list(DispatchFilter::All, 100)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(
+            held,
+            vec![d.id.clone()],
+            "seed {seed}: the commune holds exactly its scope, not {}",
+            foreign.id
+        );
+        let mut copy = Vec::new();
+        b.node
+            .store
+            .read_blob(
+                &crate::store::blobs::parse_hash(&d.attachments[0].hash).unwrap(),
+                &mut copy,
+            )
+            .unwrap();
+        assert_eq!(copy, std::fs::read(&scan).unwrap());
+    }
+}
+
+#[test]
+fn unchanged_reconnect_is_one_exchange_of_few_bytes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = pair(dir.path());
+    let req = DispatchRequest {
+        ref_no: "1/UBND".into(),
+        summary: "s".into(),
+        kind: DispatchKind::Report,
+        priority: Priority::Normal,
+        to: vec!["qn/binhlieu/tinhhuc".into()],
+        attach: vec![],
+    };
+    for _ in 0..50 {
+        a.node.dispatch_new(None, &req).unwrap();
+    }
+    let mut rng = StdRng::seed_from_u64(1);
+    while !matches!(
+        run_once(&mut a, &mut b, &mut rng, 0.0),
+        Outcome::Converged
+    ) {}
+    // A second session with nothing changed: count flights and bytes, delivering whole flights.
+    let mut sa = Session::new(&mut NodeReplica::new(&mut a.node, a.peer.clone()), 0).unwrap();
+    let mut sb = Session::new(&mut NodeReplica::new(&mut b.node, b.peer.clone()), 0).unwrap();
+    let (mut flights, mut bytes) = (0, 0);
+    for _ in 0..10 {
+        let mut ra = NodeReplica::new(&mut a.node, a.peer.clone());
+        let mut out_a = Vec::new();
+        while let Some(f) = sa.poll_frame(&mut ra).unwrap() {
+            out_a.push(f);
+        }
+        let mut rb = NodeReplica::new(&mut b.node, b.peer.clone());
+        let mut out_b = Vec::new();
+        while let Some(f) = sb.poll_frame(&mut rb).unwrap() {
+            out_b.push(f);
+        }
+        if out_a.is_empty() && out_b.is_empty() {
+            break;
+        }
+        flights += 1;
+        for f in out_a {
+            bytes += crate::proto::wire::encode(&f, 3).len();
+            sb.handle(&mut NodeReplica::new(&mut b.node, b.peer.clone()), f)
+                .unwrap();
+        }
+        for f in out_b {
+            bytes += crate::proto::wire::encode(&f, 3).len();
+            sa.handle(&mut NodeReplica::new(&mut a.node, a.peer.clone()), f)
+                .unwrap();
+        }
+    }
+    assert!(sa.is_done() && sb.is_done());
+    // Both sides speak at once: Hello+OfferEnd each way, then each side's Ack: two flights,
+    // which is one round trip, with a few dozen bytes.
+    assert!(flights <= 2, "{flights} flights");
+    assert!(bytes < 200, "{bytes} bytes");
+}
