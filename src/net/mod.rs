@@ -345,7 +345,7 @@ pub async fn run_session(
                     }
                 }
                 _ = tick.tick(), if mode == Mode::Continuous => {
-                    session.push_new_changes(&mut NodeReplica::new(&mut node, peer.clone()))?;
+                    session.poll_local_changes(&mut NodeReplica::new(&mut node, peer.clone()))?;
                 }
                 _ = shutdown.changed() => return Ok(()),
                 reason = conn.closed() => {

@@ -188,13 +188,15 @@ impl Replica for NodeReplica<'_> {
         limit: usize,
     ) -> Result<Vec<(u64, DocHeads)>, ProtoError> {
         let scope = scope_for(&self.peer.unit, self.node.unit());
-        let rows = self
+        let mut rows = self
             .node
             .store
             .changed_since(&scope, Some(&self.peer_id), after as i64, limit)
             .map_err(local)?;
+        // Flash and urgent dispatches travel first within the page.
+        rows.sort_by_key(|(seq, _, _, rank)| (std::cmp::Reverse(*rank), *seq));
         rows.into_iter()
-            .map(|(seq, id, heads)| {
+            .map(|(seq, id, heads, _)| {
                 Ok((
                     seq as u64,
                     DocHeads {

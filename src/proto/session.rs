@@ -1,9 +1,10 @@
 //! One sync session with one peer: both directions at once, as a state machine.
 //!
-//! Each side offers the documents changed in the peer's scope since the peer's checkpoint of its
-//! feed (so an unchanged reconnect costs one exchange, whatever the store size), the peer asks
-//! only for what it lacks, changes travel batched across documents, then the receiver pulls the
-//! scans it lacks and acknowledges. See docs/protocol.md.
+//! Each side offers the documents changed in the peer's scope since the peer last acknowledged
+//! its feed (so an unchanged reconnect costs one exchange, whatever the store size), the peer
+//! asks only for what it lacks, changes travel batched across documents and are acknowledged
+//! once durable; scans are then pulled by the receiver, a few at a time, most urgent first, so a
+//! scan that becomes urgent mid-transfer overtakes bulk ones. See docs/protocol.md.
 
 use std::collections::{HashSet, VecDeque};
 
@@ -14,7 +15,10 @@ use super::ProtoError;
 pub const OFFER_PAGE_DOCS: usize = 2_000;
 /// Raw bytes of changes per Changes frame before a new frame starts.
 pub const CHANGES_FRAME_BYTES: usize = 2 << 20;
-/// Blobs asked for per BlobWant frame.
+/// Scans requested and not yet arrived, at most: small, so the next request is always the most
+/// urgent scan still missing.
+pub const BLOBS_IN_FLIGHT_MAX: usize = 2;
+/// Blobs listed per BlobWant frame (a peer may send more; the sender bounds its queue).
 pub const BLOB_WANT_MAX: usize = 256;
 /// Frames queued before the session stops paging more offers (bounds memory).
 const QUEUE_FRAMES_MAX: usize = 8;
@@ -29,20 +33,17 @@ pub trait Replica {
     /// How far the peer has acknowledged this node's feed (where an offer may start).
     fn acked_by_peer(&mut self) -> Result<u64, ProtoError>;
     fn set_acked_by_peer(&mut self, upto: u64) -> Result<(), ProtoError>;
-    /// Documents in the peer's scope changed after `after`, in feed order, with their feed positions.
-    fn changed_since(
-        &mut self,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<(u64, DocHeads)>, ProtoError>;
+    /// Documents in the peer's scope changed after `after`, with their feed positions: in feed
+    /// order across pages, most urgent first within a page.
+    fn changed_since(&mut self, after: u64, limit: usize) -> Result<Vec<(u64, DocHeads)>, ProtoError>;
     /// For offered documents this node lacks changes of: this node's heads (empty when absent).
     fn wants(&mut self, offered: &[DocHeads]) -> Result<Vec<DocHeads>, ProtoError>;
     /// The changes the peer lacks, given its heads; None when there is nothing to send.
     fn changes_for(&mut self, want: &DocHeads) -> Result<Option<DocChanges>, ProtoError>;
     /// Checks (scope, authorship, integrity) and applies a batch atomically.
     fn apply(&mut self, docs: Vec<DocChanges>) -> Result<usize, ProtoError>;
-    /// Scans referenced by this node's documents and missing here, most urgent first, with the
-    /// first chunk still needed (so a cut transfer resumes).
+    /// Scans referenced by this node's documents and missing here, most urgent first, then
+    /// smallest, with the first chunk still needed (so a cut transfer resumes).
     fn missing_blobs(&mut self, limit: usize) -> Result<Vec<(Hash32, u64)>, ProtoError>;
 }
 
@@ -64,47 +65,43 @@ pub struct SessionStats {
     pub blobs_received: u64,
 }
 
+/// This side's outgoing round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tx {
-    Idle,
-    Offering {
-        cursor: u64,
-        upto: u64,
-        offered: u64,
-    },
-    AwaitWantEnd {
-        upto: u64,
-    },
+    Offering { cursor: u64, upto: u64, offered: u64 },
+    AwaitWantEnd { upto: u64 },
     AwaitAck,
     Done,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// The peer's incoming round (documents only; scans are pulled independently).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Rx {
-    /// Waiting for the peer's offers (or its end).
-    Offers {
-        wanted: u64,
-    },
-    /// Wants sent; waiting for the changes to end.
+    /// No round seen yet.
+    Waiting,
+    /// Offers arriving.
+    Offers,
+    /// Wants sent; changes arriving until ChangesEnd.
     Changes,
-    /// Pulling scans.
-    Blobs {
-        upto: u64,
-        outstanding: HashSet<Hash32>,
-    },
-    Done,
+    /// A round applied and acknowledged; a new one may start.
+    Applied,
 }
 
 pub struct Session {
     out: VecDeque<Frame>,
     actions: VecDeque<Action>,
-    /// The peer's Hello: (feed_seq, have_from_you).
-    peer_hello: Option<(u64, u64)>,
+    hello_seen: bool,
     tx: Tx,
     tx_start: u64,
     rx: Rx,
-    /// Blobs the peer said it lacks: not asked for again this session.
+    /// Scans requested from the peer and not yet arrived.
+    blobs_in_flight: HashSet<Hash32>,
+    /// Scans the peer lacks or that failed verification: not asked for again this session.
     unavailable: HashSet<Hash32>,
+    /// Whether we told the peer we pull nothing more (re-armed when we request again).
+    blobs_done_sent: bool,
+    /// Whether the peer told us it pulls nothing more from us.
+    peer_blobs_done: bool,
     crl_number: u64,
     peer_crl_number: u64,
     pub stats: SessionStats,
@@ -117,11 +114,14 @@ impl Session {
         let mut s = Session {
             out: VecDeque::new(),
             actions: VecDeque::new(),
-            peer_hello: None,
-            tx: Tx::Idle,
+            hello_seen: false,
+            tx: Tx::Done,
             tx_start: 0,
-            rx: Rx::Offers { wanted: 0 },
+            rx: Rx::Waiting,
+            blobs_in_flight: HashSet::new(),
             unavailable: HashSet::new(),
+            blobs_done_sent: false,
+            peer_blobs_done: false,
             crl_number,
             peer_crl_number: 0,
             stats: SessionStats::default(),
@@ -139,17 +139,14 @@ impl Session {
 
     fn start_round(&mut self, replica: &mut impl Replica, from: u64) -> Result<(), ProtoError> {
         self.tx_start = from;
-        self.tx = Tx::Offering {
-            cursor: from,
-            upto: replica.feed_seq()?.max(from),
-            offered: 0,
-        };
+        self.tx = Tx::Offering { cursor: from, upto: replica.feed_seq()?.max(from), offered: 0 };
         Ok(())
     }
 
-    /// Starts a new outgoing round if the previous one is finished and the feed moved on
-    /// (used by `serve` to push local changes within seconds).
-    pub fn push_new_changes(&mut self, replica: &mut impl Replica) -> Result<bool, ProtoError> {
+    /// Starts a new outgoing round if the previous one is finished and the feed moved on, and
+    /// pulls scans that became wanted (used by `serve` to push and pull within seconds).
+    pub fn poll_local_changes(&mut self, replica: &mut impl Replica) -> Result<bool, ProtoError> {
+        self.pull_blobs(replica)?;
         if self.tx == Tx::Done && replica.feed_seq()? > replica.acked_by_peer()? {
             let from = replica.acked_by_peer()?;
             self.start_round(replica, from)?;
@@ -158,57 +155,39 @@ impl Session {
         Ok(false)
     }
 
-    /// Allows a new incoming round from the peer (continuous mode).
-    fn reopen_rx(&mut self) {
-        if self.rx == Rx::Done {
-            self.rx = Rx::Offers { wanted: 0 };
-        }
-    }
-
-    /// Both directions finished: everything offered was acknowledged, everything received applied.
+    /// Both directions finished: our offers acknowledged, the peer's applied, every scan either
+    /// side wanted from the other transferred (or known to be unavailable).
     pub fn is_done(&self) -> bool {
-        self.tx == Tx::Done && self.rx == Rx::Done
+        self.tx == Tx::Done
+            && self.rx == Rx::Applied
+            && self.blobs_in_flight.is_empty()
+            && self.blobs_done_sent
+            && self.peer_blobs_done
     }
 
-    /// The CRL number the peer announced, so the caller can send or fetch a newer CRL.
-    pub fn peer_crl_number(&self) -> u64 {
-        self.peer_crl_number
+    /// Sends our revocation list once, if the peer announced an older one.
+    pub fn offer_crl(&mut self, der: &[u8]) {
+        if self.hello_seen && self.peer_crl_number < self.crl_number {
+            self.out.push_back(Frame::Crl { der: der.to_vec() });
+            self.peer_crl_number = self.crl_number;
+        }
     }
 
     /// The next control frame to send; pages further offers lazily to bound memory.
     pub fn poll_frame(&mut self, replica: &mut impl Replica) -> Result<Option<Frame>, ProtoError> {
         while self.out.len() < QUEUE_FRAMES_MAX {
-            let Tx::Offering {
-                cursor,
-                upto,
-                offered,
-            } = self.tx
-            else {
-                break;
-            };
+            let Tx::Offering { cursor, upto, offered } = self.tx else { break };
             let page = replica.changed_since(cursor, OFFER_PAGE_DOCS)?;
-            match page.last() {
-                Some(&(last, _)) => {
-                    let n = page.len() as u64;
-                    self.tx = Tx::Offering {
-                        cursor: last,
-                        upto: upto.max(last),
-                        offered: offered + n,
-                    };
-                    self.stats.docs_offered += n;
-                    self.out.push_back(Frame::Offer {
-                        docs: page.into_iter().map(|(_, d)| d).collect(),
-                    });
-                }
-                None => {
-                    self.out.push_back(Frame::OfferEnd { upto, offered });
-                    self.tx = if offered == 0 {
-                        Tx::AwaitAck
-                    } else {
-                        Tx::AwaitWantEnd { upto }
-                    };
-                }
+            if page.is_empty() {
+                self.out.push_back(Frame::OfferEnd { upto, offered });
+                self.tx = if offered == 0 { Tx::AwaitAck } else { Tx::AwaitWantEnd { upto } };
+                break;
             }
+            let last = page.iter().map(|(seq, _)| *seq).max().unwrap_or(cursor);
+            let n = page.len() as u64;
+            self.tx = Tx::Offering { cursor: last, upto: upto.max(last), offered: offered + n };
+            self.stats.docs_offered += n;
+            self.out.push_back(Frame::Offer { docs: page.into_iter().map(|(_, d)| d).collect() });
         }
         Ok(self.out.pop_front())
     }
@@ -219,28 +198,21 @@ impl Session {
 
     /// Handles one control frame from the peer.
     pub fn handle(&mut self, replica: &mut impl Replica, frame: Frame) -> Result<(), ProtoError> {
-        if self.peer_hello.is_none()
-            && !matches!(frame, Frame::Hello { .. } | Frame::Refused { .. })
-        {
+        if !self.hello_seen && !matches!(frame, Frame::Hello { .. } | Frame::Refused { .. }) {
             return Err(ProtoError::Violation("first frame was not Hello".into()));
         }
         match frame {
-            Frame::Hello {
-                version,
-                feed_seq,
-                have_from_you,
-                crl_number,
-            } => {
+            Frame::Hello { version, have_from_you, crl_number, .. } => {
                 if version != VERSION {
                     return Err(ProtoError::Version(version));
                 }
-                if self.peer_hello.is_some() {
+                if self.hello_seen {
                     return Err(ProtoError::Violation("second Hello".into()));
                 }
-                self.peer_hello = Some((feed_seq, have_from_you));
+                self.hello_seen = true;
                 self.peer_crl_number = crl_number;
-                // The peer holds less of this feed than we believed (restored from a backup,
-                // or a standby): offer again from what it really has, once this round ends.
+                // The peer holds less of our feed than we believed (restored from a backup, or
+                // a standby of the same unit): offer again from what it really has.
                 if have_from_you < self.tx_start {
                     replica.set_acked_by_peer(have_from_you)?;
                     if matches!(self.tx, Tx::Offering { offered: 0, .. }) {
@@ -249,26 +221,21 @@ impl Session {
                 }
             }
             Frame::Offer { docs } => {
-                self.reopen_rx();
-                let Rx::Offers { wanted } = &mut self.rx else {
-                    return Err(ProtoError::Violation("Offer outside an offer phase".into()));
-                };
+                if !matches!(self.rx, Rx::Waiting | Rx::Offers | Rx::Applied) {
+                    return Err(ProtoError::Violation("Offer during a round".into()));
+                }
+                self.rx = Rx::Offers;
                 let wants = replica.wants(&docs)?;
-                *wanted += wants.len() as u64;
                 if !wants.is_empty() {
                     self.out.push_back(Frame::Want { docs: wants });
                 }
             }
             Frame::OfferEnd { upto, offered } => {
-                self.reopen_rx();
-                let Rx::Offers { .. } = self.rx else {
-                    return Err(ProtoError::Violation(
-                        "OfferEnd outside an offer phase".into(),
-                    ));
-                };
+                if !matches!(self.rx, Rx::Waiting | Rx::Offers | Rx::Applied) {
+                    return Err(ProtoError::Violation("OfferEnd during a round".into()));
+                }
                 if offered == 0 {
-                    replica.set_have_from_peer(upto)?;
-                    self.begin_blobs(replica, upto)?;
+                    self.round_applied(replica, upto)?;
                 } else {
                     self.out.push_back(Frame::WantEnd);
                     self.rx = Rx::Changes;
@@ -281,16 +248,12 @@ impl Session {
                 let mut batch = Vec::new();
                 let mut bytes = 0;
                 for want in &docs {
-                    let Some(changes) = replica.changes_for(want)? else {
-                        continue;
-                    };
+                    let Some(changes) = replica.changes_for(want)? else { continue };
                     bytes += changes.data.len();
                     batch.push(changes);
                     if bytes >= CHANGES_FRAME_BYTES {
                         self.stats.docs_sent += batch.len() as u64;
-                        self.out.push_back(Frame::Changes {
-                            docs: std::mem::take(&mut batch),
-                        });
+                        self.out.push_back(Frame::Changes { docs: std::mem::take(&mut batch) });
                         bytes = 0;
                     }
                 }
@@ -308,9 +271,7 @@ impl Session {
             }
             Frame::Changes { docs } => {
                 if self.rx != Rx::Changes {
-                    return Err(ProtoError::Violation(
-                        "Changes that were not asked for".into(),
-                    ));
+                    return Err(ProtoError::Violation("Changes that were not asked for".into()));
                 }
                 self.stats.docs_received += replica.apply(docs)? as u64;
             }
@@ -318,8 +279,7 @@ impl Session {
                 if self.rx != Rx::Changes {
                     return Err(ProtoError::Violation("ChangesEnd out of place".into()));
                 }
-                replica.set_have_from_peer(upto)?;
-                self.begin_blobs(replica, upto)?;
+                self.round_applied(replica, upto)?;
             }
             Frame::Ack { upto } => {
                 if self.tx != Tx::AwaitAck {
@@ -329,6 +289,7 @@ impl Session {
                 self.tx = Tx::Done;
             }
             Frame::BlobWant { blobs } => {
+                self.peer_blobs_done = false;
                 for (hash, from) in blobs {
                     self.actions.push_back(Action::SendBlob { hash, from });
                 }
@@ -337,46 +298,47 @@ impl Session {
                 self.unavailable.insert(hash);
                 self.blob_settled(replica, &hash)?;
             }
-            Frame::BlobsDone => {}
+            Frame::BlobsDone => self.peer_blobs_done = true,
             Frame::Crl { der } => self.actions.push_back(Action::StoreCrl { der }),
             Frame::BlobHeader { .. } | Frame::BlobChunk { .. } => {
-                return Err(ProtoError::Violation(
-                    "data frame on the control stream".into(),
-                ));
+                return Err(ProtoError::Violation("data frame on the control stream".into()));
             }
             Frame::Refused { reason } => return Err(ProtoError::PeerRefused(reason)),
         }
         Ok(())
     }
 
-    fn begin_blobs(&mut self, replica: &mut impl Replica, upto: u64) -> Result<(), ProtoError> {
-        self.rx = Rx::Blobs {
-            upto,
-            outstanding: HashSet::new(),
-        };
-        self.request_blobs(replica)
+    /// The peer's round is durable here: record the checkpoint, acknowledge, pull its scans.
+    fn round_applied(&mut self, replica: &mut impl Replica, upto: u64) -> Result<(), ProtoError> {
+        replica.set_have_from_peer(upto)?;
+        self.out.push_back(Frame::Ack { upto });
+        self.rx = Rx::Applied;
+        self.pull_blobs(replica)
     }
 
-    /// Asks for the next scans this node lacks, or acknowledges when none remain.
-    fn request_blobs(&mut self, replica: &mut impl Replica) -> Result<(), ProtoError> {
-        let Rx::Blobs { upto, outstanding } = &mut self.rx else {
-            return Ok(());
-        };
-        if !outstanding.is_empty() {
+    /// Keeps up to BLOBS_IN_FLIGHT_MAX scans requested, most urgent first; says BlobsDone when
+    /// nothing more is wanted.
+    fn pull_blobs(&mut self, replica: &mut impl Replica) -> Result<(), ProtoError> {
+        if self.rx == Rx::Waiting || self.blobs_in_flight.len() >= BLOBS_IN_FLIGHT_MAX {
             return Ok(());
         }
+        let room = BLOBS_IN_FLIGHT_MAX - self.blobs_in_flight.len();
+        let skip = self.unavailable.len() + self.blobs_in_flight.len();
         let wanted: Vec<_> = replica
-            .missing_blobs(BLOB_WANT_MAX + self.unavailable.len())?
+            .missing_blobs(room + skip)?
             .into_iter()
-            .filter(|(h, _)| !self.unavailable.contains(h))
-            .take(BLOB_WANT_MAX)
+            .filter(|(h, _)| !self.unavailable.contains(h) && !self.blobs_in_flight.contains(h))
+            .take(room)
             .collect();
         if wanted.is_empty() {
-            self.out.push_back(Frame::Ack { upto: *upto });
-            self.rx = Rx::Done;
+            if self.blobs_in_flight.is_empty() && !self.blobs_done_sent {
+                self.out.push_back(Frame::BlobsDone);
+                self.blobs_done_sent = true;
+            }
             return Ok(());
         }
-        outstanding.extend(wanted.iter().map(|(h, _)| *h));
+        self.blobs_done_sent = false;
+        self.blobs_in_flight.extend(wanted.iter().map(|(h, _)| *h));
         self.stats.blobs_requested += wanted.len() as u64;
         self.out.push_back(Frame::BlobWant { blobs: wanted });
         Ok(())
@@ -384,12 +346,7 @@ impl Session {
 
     /// A requested blob arrived complete and verified (or failed: then it is not asked for again
     /// this session, and the next session resumes it).
-    pub fn blob_finished(
-        &mut self,
-        replica: &mut impl Replica,
-        hash: &Hash32,
-        ok: bool,
-    ) -> Result<(), ProtoError> {
+    pub fn blob_finished(&mut self, replica: &mut impl Replica, hash: &Hash32, ok: bool) -> Result<(), ProtoError> {
         if ok {
             self.stats.blobs_received += 1;
         } else {
@@ -398,27 +355,13 @@ impl Session {
         self.blob_settled(replica, hash)
     }
 
-    fn blob_settled(
-        &mut self,
-        replica: &mut impl Replica,
-        hash: &Hash32,
-    ) -> Result<(), ProtoError> {
-        if let Rx::Blobs { outstanding, .. } = &mut self.rx {
-            outstanding.remove(hash);
-        }
-        self.request_blobs(replica)
+    fn blob_settled(&mut self, replica: &mut impl Replica, hash: &Hash32) -> Result<(), ProtoError> {
+        self.blobs_in_flight.remove(hash);
+        self.pull_blobs(replica)
     }
 
     /// This side does not hold a blob the peer asked for.
     pub fn blob_unavailable_here(&mut self, hash: Hash32) {
         self.out.push_back(Frame::BlobMissing { hash });
-    }
-
-    /// Sends our revocation list once, if the peer announced an older one.
-    pub fn offer_crl(&mut self, der: &[u8]) {
-        if self.peer_hello.is_some() && self.peer_crl_number < self.crl_number {
-            self.out.push_back(Frame::Crl { der: der.to_vec() });
-            self.peer_crl_number = self.crl_number;
-        }
     }
 }

@@ -38,8 +38,8 @@ pub enum Scope {
     Subtree(String),
 }
 
-/// One changed document: feed position, id, heads.
-pub type FeedRow = (i64, String, Vec<u8>);
+/// One changed document: feed position, id, heads, priority rank (dispatches; 0 otherwise).
+pub type FeedRow = (i64, String, Vec<u8>, i64);
 
 impl Store {
     pub fn peers(&self) -> Result<Vec<Peer>> {
@@ -120,13 +120,14 @@ impl Store {
     /// `skip_origin` leaves out documents whose current state came whole from that peer node.
     pub fn changed_since(&self, scope: &Scope, skip_origin: Option<&str>, after: i64, limit: usize) -> Result<Vec<FeedRow>> {
         let skip = skip_origin.unwrap_or("");
-        let map = |r: &rusqlite::Row<'_>| Ok((r.get(0)?, r.get(1)?, r.get(2)?));
+        let map = |r: &rusqlite::Row<'_>| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?));
         let rows = match scope {
             Scope::All => {
                 let mut stmt = self
                     .conn
                     .prepare_cached(
-                        "SELECT seq, id, heads FROM docs WHERE seq > ?1 AND origin IS NOT ?3 ORDER BY seq LIMIT ?2",
+                        "SELECT d.seq, d.id, d.heads, COALESCE(x.priority_rank, 0) FROM docs d LEFT JOIN dispatches x ON x.id = d.id
+                         WHERE d.seq > ?1 AND d.origin IS NOT ?3 ORDER BY d.seq LIMIT ?2",
                     )
                     .at(&self.path)?;
                 let rows = stmt
@@ -138,7 +139,8 @@ impl Store {
                 let mut stmt = self
                     .conn
                     .prepare_cached(
-                        "SELECT d.seq, d.id, d.heads FROM docs d WHERE d.seq > ?1 AND d.origin IS NOT ?5 AND EXISTS
+                        "SELECT d.seq, d.id, d.heads, COALESCE(x.priority_rank, 0) FROM docs d LEFT JOIN dispatches x ON x.id = d.id
+                         WHERE d.seq > ?1 AND d.origin IS NOT ?5 AND EXISTS
                            (SELECT 1 FROM doc_parties p WHERE p.doc_id = d.id AND (p.unit = ?2 OR p.unit LIKE ?3))
                          ORDER BY d.seq LIMIT ?4",
                     )
