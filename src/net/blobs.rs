@@ -29,17 +29,51 @@ fn estimated_rate_bps(conn: &quinn::Connection) -> u64 {
     (conn.stats().path.cwnd as f64 * 8.0 / rtt) as u64
 }
 
+/// A token bucket on scan bytes sent to one peer (`sync.limit.rate_kbps`).
+pub(super) struct RateLimit {
+    bytes_per_s: Option<f64>,
+    state: Mutex<(f64, std::time::Instant)>,
+}
+
+impl RateLimit {
+    pub(super) fn new(rate_kbps: Option<u64>) -> Self {
+        RateLimit {
+            bytes_per_s: rate_kbps.map(|k| k as f64 * 1000.0 / 8.0),
+            state: Mutex::new((0.0, std::time::Instant::now())),
+        }
+    }
+
+    /// Waits until `bytes` may be sent. The bucket holds at most one second of credit.
+    async fn take(&self, bytes: usize) {
+        let Some(rate) = self.bytes_per_s else { return };
+        let wait = {
+            let mut state = self.state.lock().await;
+            let now = std::time::Instant::now();
+            let credit = (state.0 + now.duration_since(state.1).as_secs_f64() * rate).min(rate);
+            state.0 = credit - bytes as f64;
+            state.1 = now;
+            if state.0 < 0.0 {
+                std::time::Duration::from_secs_f64(-state.0 / rate)
+            } else {
+                std::time::Duration::ZERO
+            }
+        };
+        tokio::time::sleep(wait).await;
+    }
+}
+
 pub(super) fn spawn_sender(
     conn: quinn::Connection,
     dir: std::path::PathBuf,
     queue: Arc<Mutex<mpsc::Receiver<(Hash32, u64)>>>,
     events: mpsc::Sender<Event>,
+    rate: Arc<RateLimit>,
 ) {
     tokio::spawn(async move {
         loop {
             let next = queue.lock().await.recv().await;
             let Some((hash, from)) = next else { break };
-            match send(&conn, &dir, hash, from).await {
+            match send(&conn, &dir, hash, from, &rate).await {
                 Ok(()) => {
                     let _ = events.send(Event::BlobSent).await;
                 }
@@ -59,6 +93,7 @@ async fn send(
     dir: &Path,
     hash: Hash32,
     from: u64,
+    rate: &RateLimit,
 ) -> Result<(), NetError> {
     let store = Store::open(&dir.join(DB_FILE), 1).map_err(store_err)?;
     let (size, chunk_hashes) = store
@@ -70,7 +105,10 @@ async fn send(
         reason: e,
     };
     let mut stream = conn.open_uni().await.map_err(|e| lost(e.to_string()))?;
-    stream.set_priority(0).ok();
+    // Scans of urgent dispatches (rank 1-3) go before bulk ones (0); control frames (10) first.
+    stream
+        .set_priority(store.blob_rank(&hash).map_err(store_err)? as i32)
+        .ok();
     stream
         .write_all(&[STREAM_BLOB])
         .await
@@ -96,6 +134,7 @@ async fn send(
         } else {
             encode_chunk(&data, level)
         };
+        rate.take(payload.len()).await;
         write_frame(
             &mut stream,
             &Frame::BlobChunk {

@@ -28,6 +28,8 @@ const CONTROL_LEVEL: i32 = 3;
 const BLOB_SENDERS: usize = 2;
 /// Scans received at once per connection.
 const BLOB_RECEIVERS_MAX: usize = 4;
+/// Push ticks between asking again for scans the peer could not give.
+const RETRY_UNAVAILABLE_TICKS: u64 = 60;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -255,6 +257,11 @@ pub async fn run_session(
         .map(|c| (c.number(), c.der().to_vec()))
         .unwrap_or((0, Vec::new()));
     let push_every = Duration::from_millis(node.config.sync.push_interval_ms);
+    let limit = node.config.sync.limit_for(&peer.unit).cloned();
+    let rate = Arc::new(blobs::RateLimit::new(
+        limit.as_ref().and_then(|l| l.rate_kbps),
+    ));
+    let utc_offset = node.config.node.utc_offset_hours;
 
     let (events_tx, mut events) = mpsc::channel::<Event>(256);
     spawn_acceptor(conn.clone(), dir.clone(), events_tx.clone());
@@ -276,6 +283,7 @@ pub async fn run_session(
             dir.clone(),
             blob_rx.clone(),
             events_tx.clone(),
+            rate.clone(),
         );
     }
 
@@ -286,6 +294,7 @@ pub async fn run_session(
         ..Default::default()
     };
     let mut sent_since_receive = false;
+    let mut ticks: u64 = 0;
     let mut tick = tokio::time::interval(push_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -302,7 +311,11 @@ pub async fn run_session(
                 while let Some(action) = session.poll_action() {
                     match action {
                         Action::SendBlob { hash, from } => {
-                            if replica.node.store.has_blob(&hash).map_err(|e| NetError::Node(e.to_string()))? {
+                            let window_open = limit.as_ref().is_none_or(|l| l.window_open(local_minute(utc_offset)));
+                            if !window_open {
+                                debug!(peer = %peer.unit, "scan deferred: outside the scans window");
+                                session.blob_unavailable_here(hash);
+                            } else if replica.node.store.has_blob(&hash).map_err(|e| NetError::Node(e.to_string()))? {
                                 let _ = blob_queue.send((hash, from)).await;
                             } else {
                                 session.blob_unavailable_here(hash);
@@ -345,7 +358,12 @@ pub async fn run_session(
                     }
                 }
                 _ = tick.tick(), if mode == Mode::Continuous => {
-                    session.poll_local_changes(&mut NodeReplica::new(&mut node, peer.clone()))?;
+                    ticks += 1;
+                    let retry = ticks % RETRY_UNAVAILABLE_TICKS == 0;
+                    session.poll_local_changes(&mut NodeReplica::new(&mut node, peer.clone()), retry)?;
+                    if node.crl().is_some_and(|crl| crl.is_revoked(&peer.serial)) {
+                        return Err(NetError::Trust(TrustError::RevokedNode { node: peer.node_id }));
+                    }
                 }
                 _ = shutdown.changed() => return Ok(()),
                 reason = conn.closed() => {
@@ -380,6 +398,13 @@ pub async fn run_session(
         }
         Err(e) => Err(e),
     }
+}
+
+/// Minutes after local midnight at the node's UTC offset.
+fn local_minute(utc_offset_hours: i8) -> u32 {
+    let offset = time::UtcOffset::from_hms(utc_offset_hours, 0, 0).unwrap_or(time::UtcOffset::UTC);
+    let now = time::OffsetDateTime::now_utc().to_offset(offset);
+    u32::from(now.hour()) * 60 + u32::from(now.minute())
 }
 
 /// A bounded multi-consumer queue of scans to send, in the order the receiver asked for them.

@@ -54,6 +54,67 @@ pub struct SyncSection {
     pub connections_max: usize,
     /// Seconds between checks for new local changes to push while connected.
     pub push_interval_ms: u64,
+    /// Limits on scans sent to peers, by unit (the most specific entry covering a peer applies).
+    #[serde(rename = "limit")]
+    pub limits: Vec<PeerLimit>,
+}
+
+/// Caps on the scans this node sends to the peers at or below `unit`. Documents are never held
+/// back: they are small and what people wait for.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct PeerLimit {
+    pub unit: String,
+    /// Scan bytes per second to such a peer, in kbit/s (unset: as fast as the link allows).
+    #[serde(default)]
+    pub rate_kbps: Option<u64>,
+    /// Local time window in which scans may be sent, "HH:MM-HH:MM" (may wrap midnight).
+    #[serde(default)]
+    pub scans_window: Option<String>,
+}
+
+impl PeerLimit {
+    /// Parses the window into minutes after midnight (start, end).
+    pub fn window_minutes(&self) -> Result<Option<(u32, u32)>, String> {
+        let Some(w) = &self.scans_window else {
+            return Ok(None);
+        };
+        let bad = || {
+            format!(
+                "sync.limit for {}: scans_window = {w:?} is not \"HH:MM-HH:MM\"",
+                self.unit
+            )
+        };
+        let (a, b) = w.split_once('-').ok_or_else(bad)?;
+        let minutes = |t: &str| -> Option<u32> {
+            let (h, m) = t.trim().split_once(':')?;
+            let (h, m): (u32, u32) = (h.parse().ok()?, m.parse().ok()?);
+            (h < 24 && m < 60).then_some(h * 60 + m)
+        };
+        Ok(Some((
+            minutes(a).ok_or_else(bad)?,
+            minutes(b).ok_or_else(bad)?,
+        )))
+    }
+
+    /// Whether `minute` (after local midnight) falls in the window.
+    pub fn window_open(&self, minute: u32) -> bool {
+        match self.window_minutes() {
+            Ok(Some((start, end))) if start <= end => (start..end).contains(&minute),
+            Ok(Some((start, end))) => minute >= start || minute < end,
+            _ => true,
+        }
+    }
+}
+
+impl SyncSection {
+    /// The limit that applies to a peer of `unit`: the deepest entry whose unit covers it.
+    pub fn limit_for(&self, unit: &str) -> Option<&PeerLimit> {
+        self.limits
+            .iter()
+            .filter(|l| crate::units::is_within(unit, &l.unit))
+            .max_by_key(|l| l.unit.len())
+    }
 }
 
 impl Default for SyncSection {
@@ -68,6 +129,7 @@ impl Default for SyncSection {
             reconnect_max_s: 300,
             connections_max: 256,
             push_interval_ms: 1000,
+            limits: Vec::new(),
         }
     }
 }
@@ -218,6 +280,17 @@ impl Config {
         {
             return Err("sync.reconnect_max_s (1-86400), sync.connections_max (1-10000) or sync.push_interval_ms (50-60000) is out of range".into());
         }
+        for limit in &sync.limits {
+            tree.get(&limit.unit)
+                .map_err(|e| format!("sync.limit unit: {e}"))?;
+            limit.window_minutes()?;
+            if limit.rate_kbps == Some(0) {
+                return Err(format!(
+                    "sync.limit for {}: rate_kbps must be at least 1",
+                    limit.unit
+                ));
+            }
+        }
         Ok(tree)
     }
 
@@ -312,10 +385,51 @@ mod tests {
     }
 
     #[test]
+    fn scan_windows_wrap_midnight() {
+        let limit = PeerLimit {
+            unit: "qn".into(),
+            rate_kbps: None,
+            scans_window: Some("18:00-07:00".into()),
+        };
+        assert!(
+            limit.window_open(18 * 60) && limit.window_open(2 * 60) && !limit.window_open(12 * 60)
+        );
+        let day = PeerLimit {
+            scans_window: Some("08:30-17:00".into()),
+            ..limit.clone()
+        };
+        assert!(day.window_open(9 * 60) && !day.window_open(17 * 60));
+        let bad = PeerLimit {
+            scans_window: Some("25:00-07:00".into()),
+            ..limit
+        };
+        assert!(bad.window_minutes().is_err());
+        let mut sync = SyncSection::default();
+        sync.limits = vec![
+            PeerLimit {
+                unit: "qn".into(),
+                rate_kbps: Some(1),
+                scans_window: None,
+            },
+            PeerLimit {
+                unit: "qn/binhlieu".into(),
+                rate_kbps: Some(2),
+                scans_window: None,
+            },
+        ];
+        assert_eq!(
+            sync.limit_for("qn/binhlieu/tinhhuc").unwrap().rate_kbps,
+            Some(2)
+        );
+        assert_eq!(sync.limit_for("qn/halong").unwrap().rate_kbps, Some(1));
+    }
+
+    #[test]
     fn shipped_examples_are_valid() {
         for role in ["commune", "district", "province"] {
             let path = format!("{}/config/{role}.toml", env!("CARGO_MANIFEST_DIR"));
-            let (config, _) = load_text(&std::fs::read_to_string(&path).unwrap()).unwrap_or_else(|e| panic!("{path}: {e}"));
+            let (config, _) = load_text(&std::fs::read_to_string(&path).unwrap())
+                .unwrap_or_else(|e| panic!("{path}: {e}"));
             assert_eq!(config.node.role.as_str(), role);
         }
     }

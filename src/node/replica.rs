@@ -310,7 +310,8 @@ impl Replica for NodeReplica<'_> {
                 None
             };
             let doc = self.check_incoming(&id, existing.as_ref(), &change.data)?;
-            let mut sender_heads: Vec<ChangeHash> = change.heads.iter().map(|h| ChangeHash(*h)).collect();
+            let mut sender_heads: Vec<ChangeHash> =
+                change.heads.iter().map(|h| ChangeHash(*h)).collect();
             sender_heads.sort();
             checked.push((id, doc, sender_heads));
         }

@@ -278,10 +278,7 @@ fn unchanged_reconnect_is_one_exchange_of_few_bytes() {
         a.node.dispatch_new(None, &req).unwrap();
     }
     let mut rng = StdRng::seed_from_u64(1);
-    while !matches!(
-        run_once(&mut a, &mut b, &mut rng, 0.0),
-        Outcome::Converged
-    ) {}
+    while !matches!(run_once(&mut a, &mut b, &mut rng, 0.0), Outcome::Converged) {}
     // A second session with nothing changed: count flights and bytes, delivering whole flights.
     let mut sa = Session::new(&mut NodeReplica::new(&mut a.node, a.peer.clone()), 0).unwrap();
     let mut sb = Session::new(&mut NodeReplica::new(&mut b.node, b.peer.clone()), 0).unwrap();

@@ -396,8 +396,21 @@ pub async fn serve(
         tokio::spawn(async move { keep_upstream(dir, name, reconnect_max, shutdown).await });
     }
     let mut stop = shutdown.clone();
+    // A newer CRL (from `ca revoke` or a peer) takes effect for new connections without a restart.
+    let mut crl_check = tokio::time::interval(Duration::from_secs(5));
+    let mut crl_number = tls.crl.as_ref().map(|c| c.number());
     loop {
         tokio::select! {
+            _ = crl_check.tick() => {
+                let node = Node::open(dir)?;
+                let held = node.crl().map(|c| c.number());
+                if held != crl_number {
+                    let tls = node.tls_material()?;
+                    ep.set_server_config(Some(crate::trust::quinn_server_config(&tls, Arc::new(net::transport_config(&node.config.sync)))?));
+                    info!(crl = ?held, "revocation list reloaded");
+                    crl_number = held;
+                }
+            }
             incoming = ep.accept() => {
                 let Some(incoming) = incoming else { break };
                 let Ok(permit) = limit.clone().try_acquire_owned() else {

@@ -35,7 +35,11 @@ pub trait Replica {
     fn set_acked_by_peer(&mut self, upto: u64) -> Result<(), ProtoError>;
     /// Documents in the peer's scope changed after `after`, with their feed positions: in feed
     /// order across pages, most urgent first within a page.
-    fn changed_since(&mut self, after: u64, limit: usize) -> Result<Vec<(u64, DocHeads)>, ProtoError>;
+    fn changed_since(
+        &mut self,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, DocHeads)>, ProtoError>;
     /// For offered documents this node lacks changes of: this node's heads (empty when absent).
     fn wants(&mut self, offered: &[DocHeads]) -> Result<Vec<DocHeads>, ProtoError>;
     /// The changes the peer lacks, given its heads; None when there is nothing to send.
@@ -68,8 +72,14 @@ pub struct SessionStats {
 /// This side's outgoing round.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tx {
-    Offering { cursor: u64, upto: u64, offered: u64 },
-    AwaitWantEnd { upto: u64 },
+    Offering {
+        cursor: u64,
+        upto: u64,
+        offered: u64,
+    },
+    AwaitWantEnd {
+        upto: u64,
+    },
     AwaitAck,
     Done,
 }
@@ -139,13 +149,26 @@ impl Session {
 
     fn start_round(&mut self, replica: &mut impl Replica, from: u64) -> Result<(), ProtoError> {
         self.tx_start = from;
-        self.tx = Tx::Offering { cursor: from, upto: replica.feed_seq()?.max(from), offered: 0 };
+        self.tx = Tx::Offering {
+            cursor: from,
+            upto: replica.feed_seq()?.max(from),
+            offered: 0,
+        };
         Ok(())
     }
 
     /// Starts a new outgoing round if the previous one is finished and the feed moved on, and
     /// pulls scans that became wanted (used by `serve` to push and pull within seconds).
-    pub fn poll_local_changes(&mut self, replica: &mut impl Replica) -> Result<bool, ProtoError> {
+    /// `retry_unavailable` forgets which scans the peer could not give (deferred to its scan
+    /// window, or not yet arrived there), so a long session asks again now and then.
+    pub fn poll_local_changes(
+        &mut self,
+        replica: &mut impl Replica,
+        retry_unavailable: bool,
+    ) -> Result<bool, ProtoError> {
+        if retry_unavailable {
+            self.unavailable.clear();
+        }
         self.pull_blobs(replica)?;
         if self.tx == Tx::Done && replica.feed_seq()? > replica.acked_by_peer()? {
             let from = replica.acked_by_peer()?;
@@ -176,18 +199,35 @@ impl Session {
     /// The next control frame to send; pages further offers lazily to bound memory.
     pub fn poll_frame(&mut self, replica: &mut impl Replica) -> Result<Option<Frame>, ProtoError> {
         while self.out.len() < QUEUE_FRAMES_MAX {
-            let Tx::Offering { cursor, upto, offered } = self.tx else { break };
+            let Tx::Offering {
+                cursor,
+                upto,
+                offered,
+            } = self.tx
+            else {
+                break;
+            };
             let page = replica.changed_since(cursor, OFFER_PAGE_DOCS)?;
             if page.is_empty() {
                 self.out.push_back(Frame::OfferEnd { upto, offered });
-                self.tx = if offered == 0 { Tx::AwaitAck } else { Tx::AwaitWantEnd { upto } };
+                self.tx = if offered == 0 {
+                    Tx::AwaitAck
+                } else {
+                    Tx::AwaitWantEnd { upto }
+                };
                 break;
             }
             let last = page.iter().map(|(seq, _)| *seq).max().unwrap_or(cursor);
             let n = page.len() as u64;
-            self.tx = Tx::Offering { cursor: last, upto: upto.max(last), offered: offered + n };
+            self.tx = Tx::Offering {
+                cursor: last,
+                upto: upto.max(last),
+                offered: offered + n,
+            };
             self.stats.docs_offered += n;
-            self.out.push_back(Frame::Offer { docs: page.into_iter().map(|(_, d)| d).collect() });
+            self.out.push_back(Frame::Offer {
+                docs: page.into_iter().map(|(_, d)| d).collect(),
+            });
         }
         Ok(self.out.pop_front())
     }
@@ -202,7 +242,12 @@ impl Session {
             return Err(ProtoError::Violation("first frame was not Hello".into()));
         }
         match frame {
-            Frame::Hello { version, have_from_you, crl_number, .. } => {
+            Frame::Hello {
+                version,
+                have_from_you,
+                crl_number,
+                ..
+            } => {
                 if version != VERSION {
                     return Err(ProtoError::Version(version));
                 }
@@ -248,12 +293,16 @@ impl Session {
                 let mut batch = Vec::new();
                 let mut bytes = 0;
                 for want in &docs {
-                    let Some(changes) = replica.changes_for(want)? else { continue };
+                    let Some(changes) = replica.changes_for(want)? else {
+                        continue;
+                    };
                     bytes += changes.data.len();
                     batch.push(changes);
                     if bytes >= CHANGES_FRAME_BYTES {
                         self.stats.docs_sent += batch.len() as u64;
-                        self.out.push_back(Frame::Changes { docs: std::mem::take(&mut batch) });
+                        self.out.push_back(Frame::Changes {
+                            docs: std::mem::take(&mut batch),
+                        });
                         bytes = 0;
                     }
                 }
@@ -271,7 +320,9 @@ impl Session {
             }
             Frame::Changes { docs } => {
                 if self.rx != Rx::Changes {
-                    return Err(ProtoError::Violation("Changes that were not asked for".into()));
+                    return Err(ProtoError::Violation(
+                        "Changes that were not asked for".into(),
+                    ));
                 }
                 self.stats.docs_received += replica.apply(docs)? as u64;
             }
@@ -301,7 +352,9 @@ impl Session {
             Frame::BlobsDone => self.peer_blobs_done = true,
             Frame::Crl { der } => self.actions.push_back(Action::StoreCrl { der }),
             Frame::BlobHeader { .. } | Frame::BlobChunk { .. } => {
-                return Err(ProtoError::Violation("data frame on the control stream".into()));
+                return Err(ProtoError::Violation(
+                    "data frame on the control stream".into(),
+                ));
             }
             Frame::Refused { reason } => return Err(ProtoError::PeerRefused(reason)),
         }
@@ -346,7 +399,12 @@ impl Session {
 
     /// A requested blob arrived complete and verified (or failed: then it is not asked for again
     /// this session, and the next session resumes it).
-    pub fn blob_finished(&mut self, replica: &mut impl Replica, hash: &Hash32, ok: bool) -> Result<(), ProtoError> {
+    pub fn blob_finished(
+        &mut self,
+        replica: &mut impl Replica,
+        hash: &Hash32,
+        ok: bool,
+    ) -> Result<(), ProtoError> {
         if ok {
             self.stats.blobs_received += 1;
         } else {
@@ -355,7 +413,11 @@ impl Session {
         self.blob_settled(replica, hash)
     }
 
-    fn blob_settled(&mut self, replica: &mut impl Replica, hash: &Hash32) -> Result<(), ProtoError> {
+    fn blob_settled(
+        &mut self,
+        replica: &mut impl Replica,
+        hash: &Hash32,
+    ) -> Result<(), ProtoError> {
         self.blobs_in_flight.remove(hash);
         self.pull_blobs(replica)
     }

@@ -551,13 +551,13 @@ mod tests {
     fn list_frames_are_compressed() {
         let f = Frame::Changes {
             docs: vec![
-                    DocChanges {
-                        id: "asg_0011223344556677".into(),
-                        heads: vec![[1; 32]],
-                        data: vec![1, 2, 3]
-                    };
-                    300
-                ],
+                DocChanges {
+                    id: "asg_0011223344556677".into(),
+                    heads: vec![[1; 32]],
+                    data: vec![1, 2, 3]
+                };
+                300
+            ],
         };
         let encoded = encode(&f, 3);
         assert_eq!(encoded[5] & FLAG_ZSTD, FLAG_ZSTD);

@@ -118,7 +118,13 @@ impl Store {
 
     /// Documents in `scope` whose feed position is after `after`, in feed order.
     /// `skip_origin` leaves out documents whose current state came whole from that peer node.
-    pub fn changed_since(&self, scope: &Scope, skip_origin: Option<&str>, after: i64, limit: usize) -> Result<Vec<FeedRow>> {
+    pub fn changed_since(
+        &self,
+        scope: &Scope,
+        skip_origin: Option<&str>,
+        after: i64,
+        limit: usize,
+    ) -> Result<Vec<FeedRow>> {
         let skip = skip_origin.unwrap_or("");
         let map = |r: &rusqlite::Row<'_>| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?));
         let rows = match scope {
@@ -146,7 +152,10 @@ impl Store {
                     )
                     .at(&self.path)?;
                 let rows = stmt
-                    .query_map(params![after, unit, format!("{unit}/%"), limit as i64, skip], map)
+                    .query_map(
+                        params![after, unit, format!("{unit}/%"), limit as i64, skip],
+                        map,
+                    )
                     .at(&self.path)?;
                 rows.collect::<rusqlite::Result<Vec<_>>>()
             }
@@ -191,6 +200,15 @@ impl Store {
             out.push((hash, have as u64));
         }
         Ok(out)
+    }
+
+    /// How urgent a scan is: the highest priority rank of the dispatches that attach it.
+    pub fn blob_rank(&self, hash: &Hash) -> Result<i64> {
+        self.conn
+            .prepare_cached("SELECT COALESCE(MAX(priority_rank), 0) FROM doc_blobs WHERE hash = ?1")
+            .at(&self.path)?
+            .query_row([&hash[..]], |r| r.get(0))
+            .at(&self.path)
     }
 
     /// Whether a scan is referenced by a held document and not stored yet.
