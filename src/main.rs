@@ -6,6 +6,12 @@ use clap::Parser;
 use communesync::cli::{exit_code, run, Cli};
 
 fn main() -> ExitCode {
+    // Like other Unix tools, end quietly when the reader of our output goes away (`| head`).
+    #[cfg(unix)]
+    // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     let cli = Cli::parse();
     let default_level = match cli.verbose {
         0 => "warn",

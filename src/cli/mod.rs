@@ -159,6 +159,9 @@ pub enum PeerCmd {
         name: String,
         #[arg(long, value_name = "HOST:PORT")]
         addr: String,
+        /// This is the node's upstream (its district, or the province): `serve` keeps syncing with it
+        #[arg(long)]
+        upstream: bool,
     },
     /// List configured peers
     List,
@@ -454,8 +457,8 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Enrol(EnrolCmd::Install { cert }) => {
             out.enrolled(&open(&cli)?.enrol_install(cert)?)
         }
-        Command::Peer(PeerCmd::Add { name, addr }) => {
-            out.peers(&[open(&cli)?.peer_add(name, addr)?])
+        Command::Peer(PeerCmd::Add { name, addr, upstream }) => {
+            out.peers(&[open(&cli)?.peer_add(name, addr, *upstream)?])
         }
         Command::Peer(PeerCmd::List) => out.peers(&open(&cli)?.peer_list()?),
         Command::Peer(PeerCmd::Remove { name }) => {

@@ -295,6 +295,7 @@ pub async fn run_session(
     };
     let mut sent_since_receive = false;
     let mut ticks: u64 = 0;
+    let (mut was_converged, mut recorded) = (false, (0u64, 0u64));
     let mut tick = tokio::time::interval(push_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -329,7 +330,16 @@ pub async fn run_session(
                     write_frame(&mut control, &frame, CONTROL_LEVEL).await?;
                 }
             }
-            if mode == Mode::OneShot && session.is_done() {
+            let converged = session.is_done();
+            if converged && !was_converged {
+                // A long-lived session records each point where both sides agree.
+                let stats = conn.stats();
+                node.record_session(&peer, true, None, stats.udp_tx.bytes - recorded.0, stats.udp_rx.bytes - recorded.1)
+                    .map_err(node_err)?;
+                recorded = (stats.udp_tx.bytes, stats.udp_rx.bytes);
+            }
+            was_converged = converged;
+            if mode == Mode::OneShot && converged {
                 return Ok(());
             }
             tokio::select! {
@@ -389,8 +399,14 @@ pub async fn run_session(
     report.elapsed_ms = started.elapsed().as_millis() as u64;
     let error = outcome.as_ref().err().map(|e| e.to_string());
     conn.close(0u32.into(), b"done");
-    node.record_session(&peer, &report, error.as_deref())
-        .map_err(node_err)?;
+    node.record_session(
+        &peer,
+        report.converged && !was_converged,
+        error.as_deref(),
+        report.bytes_sent - recorded.0.min(report.bytes_sent),
+        report.bytes_received - recorded.1.min(report.bytes_received),
+    )
+    .map_err(node_err)?;
     match outcome {
         Ok(()) => {
             info!(peer = %peer.unit, docs_in = report.docs_received, docs_out = report.docs_sent, bytes_out = report.bytes_sent, "session ended");

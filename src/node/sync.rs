@@ -233,7 +233,7 @@ impl Node {
         Ok(crl.number())
     }
 
-    pub fn peer_add(&mut self, name: &str, addr: &str) -> Result<Peer> {
+    pub fn peer_add(&mut self, name: &str, addr: &str, upstream: bool) -> Result<Peer> {
         if name.is_empty()
             || name.len() > 64
             || !name
@@ -245,11 +245,8 @@ impl Node {
             )));
         }
         resolve(addr)?;
-        self.store.write(|tx| tx.peer_add(name, addr, now_ms()))?;
-        Ok(Peer {
-            name: name.into(),
-            addr: addr.into(),
-        })
+        self.store.write(|tx| tx.peer_add(name, addr, upstream, now_ms()))?;
+        Ok(Peer { name: name.into(), addr: addr.into(), upstream })
     }
 
     pub fn peer_remove(&mut self, name: &str) -> Result<()> {
@@ -271,29 +268,24 @@ impl Node {
         })?)
     }
 
-    pub(crate) fn record_session(
-        &mut self,
-        peer: &PeerIdentity,
-        r: &SessionReport,
-        error: Option<&str>,
-    ) -> Result<()> {
+    /// Records a sync point (or a failure) with a peer and the traffic since the last record.
+    pub(crate) fn record_session(&mut self, peer: &PeerIdentity, converged: bool, error: Option<&str>, sent: u64, received: u64) -> Result<()> {
         let id = peer.node_id.to_string();
-        Ok(self.store.write(|tx| {
-            tx.peer_session_end(
-                &id,
-                now_ms(),
-                r.converged,
-                error,
-                r.bytes_sent,
-                r.bytes_received,
-            )
-        })?)
+        Ok(self.store.write(|tx| tx.peer_session_end(&id, now_ms(), converged, error, sent, received))?)
+    }
+
+    /// The upstream peer's name: `sync.upstream` in the config, else the peer added with --upstream.
+    pub fn upstream_name(&self) -> Result<Option<String>> {
+        if let Some(name) = &self.config.sync.upstream {
+            return Ok(Some(name.clone()));
+        }
+        Ok(self.store.peers()?.into_iter().find(|p| p.upstream).map(|p| p.name))
     }
 
     /// The peer `sync` talks to: the named one, else the configured upstream, else the only one.
     fn pick_peer(&self, name: Option<&str>) -> Result<Peer> {
-        if let Some(name) = name.or(self.config.sync.upstream.as_deref()) {
-            return Ok(self.store.peer(name)?);
+        if let Some(name) = name.map(str::to_string).or(self.upstream_name()?) {
+            return Ok(self.store.peer(&name)?);
         }
         match &self.store.peers()?[..] {
             [only] => Ok(only.clone()),
@@ -387,7 +379,7 @@ pub async fn serve(
     let limit = Arc::new(tokio::sync::Semaphore::new(
         node.config.sync.connections_max,
     ));
-    let upstream = node.config.sync.upstream.clone();
+    let upstream = node.upstream_name()?;
     let reconnect_max = Duration::from_secs(node.config.sync.reconnect_max_s);
     drop(node);
 

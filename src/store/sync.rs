@@ -12,6 +12,8 @@ use super::{Result, SqlContext, Store, StoreError, WriteTx};
 pub struct Peer {
     pub name: String,
     pub addr: String,
+    /// The peer `serve` keeps syncing with (unless the config names another).
+    pub upstream: bool,
 }
 
 /// What this node knows of one peer node, for `status`.
@@ -45,14 +47,11 @@ impl Store {
     pub fn peers(&self) -> Result<Vec<Peer>> {
         let mut stmt = self
             .conn
-            .prepare_cached("SELECT name, addr FROM peers ORDER BY name")
+            .prepare_cached("SELECT name, addr, upstream FROM peers ORDER BY name")
             .at(&self.path)?;
         let rows = stmt
             .query_map([], |r| {
-                Ok(Peer {
-                    name: r.get(0)?,
-                    addr: r.get(1)?,
-                })
+                Ok(Peer { name: r.get(0)?, addr: r.get(1)?, upstream: r.get(2)? })
             })
             .at(&self.path)?;
         rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
@@ -61,13 +60,10 @@ impl Store {
     pub fn peer(&self, name: &str) -> Result<Peer> {
         self.conn
             .query_row(
-                "SELECT name, addr FROM peers WHERE name = ?1",
+                "SELECT name, addr, upstream FROM peers WHERE name = ?1",
                 [name],
                 |r| {
-                    Ok(Peer {
-                        name: r.get(0)?,
-                        addr: r.get(1)?,
-                    })
+                    Ok(Peer { name: r.get(0)?, addr: r.get(1)?, upstream: r.get(2)? })
                 },
             )
             .optional()
@@ -289,12 +285,15 @@ impl Store {
 }
 
 impl WriteTx<'_> {
-    pub fn peer_add(&self, name: &str, addr: &str, at_ms: i64) -> Result<()> {
+    pub fn peer_add(&self, name: &str, addr: &str, upstream: bool, at_ms: i64) -> Result<()> {
+        if upstream {
+            self.tx.execute("UPDATE peers SET upstream = 0", []).at(self.path)?;
+        }
         let n = self
             .tx
             .execute(
-                "INSERT OR IGNORE INTO peers (name, addr, added_at) VALUES (?1, ?2, ?3)",
-                params![name, addr, at_ms],
+                "INSERT OR IGNORE INTO peers (name, addr, added_at, upstream) VALUES (?1, ?2, ?3, ?4)",
+                params![name, addr, at_ms, upstream],
             )
             .at(self.path)?;
         if n == 0 {
