@@ -110,6 +110,9 @@ pub enum Command {
     },
     /// This node and each peer: last sync, what is pending in each direction
     Status,
+    /// Sync without a link: a signed file carried on a USB stick
+    #[command(subcommand)]
+    Bundle(BundleCmd),
     /// Demonstration: a commune node in a temporary directory walks a dispatch with a scan
     /// through receipt, assignment, progress and completion
     Demo {
@@ -150,6 +153,20 @@ pub enum EnrolCmd {
     },
     /// Install the certificate bundle written by `ca issue`
     Install { cert: PathBuf },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BundleCmd {
+    /// Write what a peer lacks (as far as this node knows) into one signed, compressed file
+    Export {
+        /// Peer name (one that has synced with this node) or unit path
+        #[arg(long = "for", value_name = "PEER")]
+        for_peer: String,
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
+    /// Apply a bundle with the same checks as the wire; importing it twice changes nothing
+    Import { file: PathBuf },
 }
 
 #[derive(Debug, Subcommand)]
@@ -457,13 +474,22 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Enrol(EnrolCmd::Install { cert }) => {
             out.enrolled(&open(&cli)?.enrol_install(cert)?)
         }
-        Command::Peer(PeerCmd::Add { name, addr, upstream }) => {
-            out.peers(&[open(&cli)?.peer_add(name, addr, *upstream)?])
-        }
+        Command::Peer(PeerCmd::Add {
+            name,
+            addr,
+            upstream,
+        }) => out.peers(&[open(&cli)?.peer_add(name, addr, *upstream)?]),
         Command::Peer(PeerCmd::List) => out.peers(&open(&cli)?.peer_list()?),
         Command::Peer(PeerCmd::Remove { name }) => {
             open(&cli)?.peer_remove(name)?;
             out.removed(name)
+        }
+        Command::Bundle(BundleCmd::Export {
+            for_peer,
+            out: file,
+        }) => out.exported(&open(&cli)?.bundle_export(for_peer, file)?),
+        Command::Bundle(BundleCmd::Import { file }) => {
+            out.imported(&open(&cli)?.bundle_import(file)?)
         }
         Command::Status => {
             let node = open(&cli)?;

@@ -8,6 +8,7 @@ use crate::model::dispatch::DispatchView;
 use crate::model::dossier::DossierView;
 use crate::model::{AuditEntry, Conflict};
 use crate::net::SessionReport;
+use crate::node::bundle::{ExportReport, ImportReport};
 use crate::node::sync::{IssueReport, Status};
 use crate::node::{AttachmentReport, DispatchDetail, InitReport, Node, ReceiveReport};
 use crate::store::index::{AssignmentRow, DispatchRow, DossierRow};
@@ -361,6 +362,24 @@ impl Out {
                     p.sync.last_error.as_deref().map(|e| format!("  last error: {e}")).unwrap_or_default()
                 );
             }
+        })
+    }
+
+    pub fn exported(&self, r: &ExportReport) -> Result<()> {
+        self.emit(r, || {
+            println!(
+                "wrote {} documents and {} scans for {} into {} ({} bytes)",
+                r.docs, r.scans, r.for_unit, r.out, r.bytes
+            )
+        })
+    }
+
+    pub fn imported(&self, r: &ImportReport) -> Result<()> {
+        self.emit(r, || {
+            println!(
+                "imported a bundle from {} ({}): {} documents, {} changed here; {} scans stored, {} already held",
+                r.from_unit, r.from_node, r.docs, r.docs_changed, r.scans_stored, r.scans_already_held
+            )
         })
     }
 

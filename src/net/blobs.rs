@@ -10,14 +10,12 @@ use tokio::sync::{mpsc, Mutex};
 use tracing::{debug, warn};
 
 use super::{read_frame, write_frame, Event, NetError, STREAM_BLOB};
-use crate::node::{now_ms, DB_FILE};
-use crate::proto::blob::{decode_chunk, encode_chunk, level_for_rate};
+use crate::node::blobsink::BlobSink;
+use crate::node::DB_FILE;
+use crate::proto::blob::{encode_chunk, level_for_rate};
 use crate::proto::{Frame, Hash32, ProtoError};
-use crate::store::blobs::{BLOB_BYTES_MAX, CHUNK_BYTES};
+use crate::store::blobs::CHUNK_BYTES;
 use crate::store::Store;
-
-/// Verified chunks written per transaction: amortises the fsync, bounds what a cut loses.
-const CHUNKS_PER_COMMIT: usize = 16;
 
 fn store_err(e: impl std::fmt::Display) -> NetError {
     NetError::Node(e.to_string())
@@ -157,105 +155,30 @@ pub(super) async fn receive(
     recv: &mut RecvStream,
     dir: &Path,
 ) -> Result<Hash32, (Option<Hash32>, NetError)> {
-    let Some(Frame::BlobHeader {
-        hash,
-        size,
-        chunk_bytes,
-        first,
-        chunk_hashes,
-    }) = read_frame(recv).await.map_err(|e| (None, e))?
-    else {
-        return Err((
-            None,
-            ProtoError::Violation("scan stream does not start with a manifest".into()).into(),
-        ));
+    let header = match read_frame(recv).await {
+        Ok(Some(f)) => f,
+        Ok(None) => {
+            return Err((
+                None,
+                ProtoError::Violation("empty scan stream".into()).into(),
+            ))
+        }
+        Err(e) => return Err((None, e)),
     };
-    let fail = |e: NetError| (Some(hash), e);
-    let bad = |m: String| (Some(hash), NetError::Proto(ProtoError::Malformed(m)));
-    if chunk_bytes != CHUNK_BYTES as u64
-        || size > BLOB_BYTES_MAX
-        || chunk_hashes.len() as u64 != size.div_ceil(CHUNK_BYTES as u64)
-    {
-        return Err(bad(format!(
-            "manifest of {size} bytes in {} chunks of {chunk_bytes} is inconsistent",
-            chunk_hashes.len()
-        )));
-    }
-    let mut store = Store::open(&dir.join(DB_FILE), 1).map_err(|e| fail(store_err(e)))?;
-    // Only scans this node's documents reference are accepted: a peer cannot fill the disk.
-    let wanted = store.blob_wanted(&hash).map_err(|e| fail(store_err(e)))?;
-    if !wanted {
-        return Err(bad("a scan this node did not ask for".into()));
-    }
-    let have = store
-        .write(|tx| tx.blob_partial_begin(&hash, size, &chunk_hashes, now_ms()))
-        .map_err(|e| fail(store_err(e)))?;
-    if first > have {
-        return Err(bad(format!(
-            "stream starts at chunk {first} but this node holds only {have}"
-        )));
-    }
-    let mut batch: Vec<(u64, Vec<u8>)> = Vec::new();
-    let mut next = first;
-    let flush = |store: &mut Store, batch: &mut Vec<(u64, Vec<u8>)>| {
-        store
-            .write(|tx| {
-                for (idx, data) in batch.iter() {
-                    tx.blob_partial_chunk(&hash, *idx, data)?;
-                }
-                Ok(())
-            })
-            .map_err(|e| fail(store_err(e)))?;
-        batch.clear();
-        Ok::<(), (Option<Hash32>, NetError)>(())
-    };
-    while next < chunk_hashes.len() as u64 {
+    let mut store = Store::open(&dir.join(DB_FILE), 1).map_err(|e| (None, store_err(e)))?;
+    let mut sink = BlobSink::begin(&mut store, header).map_err(|(h, e)| (h, e.into()))?;
+    let hash = sink.hash;
+    while !sink.is_complete() {
         let frame = match read_frame(recv).await {
             Ok(Some(f)) => f,
-            Ok(None) => {
-                flush(&mut store, &mut batch)?;
-                return Err(bad(format!(
-                    "stream ended at chunk {next} of {}",
-                    chunk_hashes.len()
-                )));
-            }
+            Ok(None) => break,
             Err(e) => {
                 // Keep what arrived verified: the next session resumes after it.
-                flush(&mut store, &mut batch)?;
-                return Err(fail(e));
+                sink.flush().map_err(|e| (Some(hash), e.into()))?;
+                return Err((Some(hash), e));
             }
         };
-        let Frame::BlobChunk {
-            idx,
-            compressed,
-            raw_len,
-            data,
-        } = frame
-        else {
-            return Err(bad("expected a chunk".into()));
-        };
-        if idx != next {
-            return Err(bad(format!(
-                "chunk {idx} arrived where {next} was expected"
-            )));
-        }
-        let raw = decode_chunk(
-            compressed,
-            raw_len,
-            chunk_bytes,
-            &data,
-            &chunk_hashes[idx as usize],
-        )
-        .map_err(|e| fail(e.into()))?;
-        batch.push((idx, raw));
-        next += 1;
-        if batch.len() >= CHUNKS_PER_COMMIT {
-            flush(&mut store, &mut batch)?;
-        }
+        sink.chunk(frame).map_err(|e| (Some(hash), e.into()))?;
     }
-    flush(&mut store, &mut batch)?;
-    store
-        .write(|tx| tx.blob_partial_finish(&hash, now_ms()))
-        .map_err(|e| fail(store_err(e)))?;
-    Ok(hash)
+    sink.finish().map_err(|e| (Some(hash), e.into()))
 }

@@ -2,6 +2,8 @@
 //!
 //! The CLI calls this layer; it never parses flags or prints.
 
+pub mod blobsink;
+pub mod bundle;
 pub mod config;
 mod local;
 pub mod replica;

@@ -245,8 +245,13 @@ impl Node {
             )));
         }
         resolve(addr)?;
-        self.store.write(|tx| tx.peer_add(name, addr, upstream, now_ms()))?;
-        Ok(Peer { name: name.into(), addr: addr.into(), upstream })
+        self.store
+            .write(|tx| tx.peer_add(name, addr, upstream, now_ms()))?;
+        Ok(Peer {
+            name: name.into(),
+            addr: addr.into(),
+            upstream,
+        })
     }
 
     pub fn peer_remove(&mut self, name: &str) -> Result<()> {
@@ -269,9 +274,18 @@ impl Node {
     }
 
     /// Records a sync point (or a failure) with a peer and the traffic since the last record.
-    pub(crate) fn record_session(&mut self, peer: &PeerIdentity, converged: bool, error: Option<&str>, sent: u64, received: u64) -> Result<()> {
+    pub(crate) fn record_session(
+        &mut self,
+        peer: &PeerIdentity,
+        converged: bool,
+        error: Option<&str>,
+        sent: u64,
+        received: u64,
+    ) -> Result<()> {
         let id = peer.node_id.to_string();
-        Ok(self.store.write(|tx| tx.peer_session_end(&id, now_ms(), converged, error, sent, received))?)
+        Ok(self
+            .store
+            .write(|tx| tx.peer_session_end(&id, now_ms(), converged, error, sent, received))?)
     }
 
     /// The upstream peer's name: `sync.upstream` in the config, else the peer added with --upstream.
@@ -279,7 +293,12 @@ impl Node {
         if let Some(name) = &self.config.sync.upstream {
             return Ok(Some(name.clone()));
         }
-        Ok(self.store.peers()?.into_iter().find(|p| p.upstream).map(|p| p.name))
+        Ok(self
+            .store
+            .peers()?
+            .into_iter()
+            .find(|p| p.upstream)
+            .map(|p| p.name))
     }
 
     /// The peer `sync` talks to: the named one, else the configured upstream, else the only one.
@@ -338,6 +357,14 @@ fn resolve(addr: &str) -> Result<SocketAddr> {
         })
 }
 
+/// Records which node answered under a peer name (used by `bundle export --for NAME`).
+fn bind_peer(dir: &Path, name: &str, identity: &PeerIdentity) -> Result<()> {
+    let mut node = Node::open(dir)?;
+    node.record_contact(identity)?;
+    let id = identity.node_id.to_string();
+    Ok(node.store.write(|tx| tx.peer_bind(name, &id))?)
+}
+
 /// One full round with a peer in the foreground (both directions, documents then scans).
 pub async fn sync_once(
     dir: &Path,
@@ -350,6 +377,7 @@ pub async fn sync_once(
     let ep = net::client_endpoint(addr, &tls, &node.config.sync)?;
     drop(node);
     let (conn, identity) = net::connect(&ep, addr, CONNECT_TIMEOUT).await?;
+    bind_peer(dir, &peer.name, &identity)?;
     let (_stop, shutdown) = watch::channel(false);
     let report =
         net::run_session(conn, identity, dir.to_path_buf(), Mode::OneShot, shutdown).await?;
@@ -460,6 +488,7 @@ async fn keep_upstream(
             drop(node);
             let (conn, identity) = net::connect(&ep, addr, CONNECT_TIMEOUT).await?;
             info!(upstream = %identity.unit, "connected to upstream");
+            bind_peer(&dir, &name, &identity)?;
             let report = net::run_session(
                 conn,
                 identity,

@@ -83,7 +83,8 @@ const MIGRATIONS: &[&str] = &[
     // 2: sync with peers.
     "
     -- Peers an administrator configured (the upstream, usually).
-    CREATE TABLE peers (name TEXT PRIMARY KEY, addr TEXT NOT NULL, added_at INTEGER NOT NULL, upstream INTEGER NOT NULL DEFAULT 0);
+    CREATE TABLE peers (name TEXT PRIMARY KEY, addr TEXT NOT NULL, added_at INTEGER NOT NULL, upstream INTEGER NOT NULL DEFAULT 0,
+        node_id TEXT);  -- the node last met at that address (learnt from its certificate)
     -- What each authenticated peer node and this node know of each other's feeds.
     CREATE TABLE peer_sync (
         node_id TEXT PRIMARY KEY,

@@ -51,7 +51,11 @@ impl Store {
             .at(&self.path)?;
         let rows = stmt
             .query_map([], |r| {
-                Ok(Peer { name: r.get(0)?, addr: r.get(1)?, upstream: r.get(2)? })
+                Ok(Peer {
+                    name: r.get(0)?,
+                    addr: r.get(1)?,
+                    upstream: r.get(2)?,
+                })
             })
             .at(&self.path)?;
         rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
@@ -63,7 +67,11 @@ impl Store {
                 "SELECT name, addr, upstream FROM peers WHERE name = ?1",
                 [name],
                 |r| {
-                    Ok(Peer { name: r.get(0)?, addr: r.get(1)?, upstream: r.get(2)? })
+                    Ok(Peer {
+                        name: r.get(0)?,
+                        addr: r.get(1)?,
+                        upstream: r.get(2)?,
+                    })
                 },
             )
             .optional()
@@ -98,6 +106,30 @@ impl Store {
             })
             .at(&self.path)?;
         rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
+    }
+
+    /// The node last met under a peer name, with its unit.
+    pub fn peer_node(&self, name: &str) -> Result<Option<(String, String)>> {
+        self.conn
+            .query_row(
+                "SELECT p.node_id, s.unit FROM peers p JOIN peer_sync s ON s.node_id = p.node_id WHERE p.name = ?1",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()
+            .at(&self.path)
+    }
+
+    /// The node of `unit` this node was in contact with most recently.
+    pub fn peer_node_by_unit(&self, unit: &str) -> Result<Option<String>> {
+        self.conn
+            .query_row(
+                "SELECT node_id FROM peer_sync WHERE unit = ?1 ORDER BY last_contact_at DESC LIMIT 1",
+                [unit],
+                |r| r.get(0),
+            )
+            .optional()
+            .at(&self.path)
     }
 
     /// (have_from, acked_by) for a peer node; zeros for a node never seen.
@@ -198,6 +230,24 @@ impl Store {
         Ok(out)
     }
 
+    /// Scans a document references.
+    pub fn doc_blob_hashes(&self, id: &crate::model::DocId) -> Result<Vec<Hash>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT hash FROM doc_blobs WHERE doc_id = ?1")
+            .at(&self.path)?;
+        let rows = stmt
+            .query_map([id.as_str()], |r| r.get::<_, Vec<u8>>(0))
+            .at(&self.path)?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(row.at(&self.path)?.try_into().map_err(|_| {
+                StoreError::Corrupt("doc_blobs holds a hash that is not 32 bytes".into())
+            })?);
+        }
+        Ok(out)
+    }
+
     /// How urgent a scan is: the highest priority rank of the dispatches that attach it.
     pub fn blob_rank(&self, hash: &Hash) -> Result<i64> {
         self.conn
@@ -287,7 +337,9 @@ impl Store {
 impl WriteTx<'_> {
     pub fn peer_add(&self, name: &str, addr: &str, upstream: bool, at_ms: i64) -> Result<()> {
         if upstream {
-            self.tx.execute("UPDATE peers SET upstream = 0", []).at(self.path)?;
+            self.tx
+                .execute("UPDATE peers SET upstream = 0", [])
+                .at(self.path)?;
         }
         let n = self
             .tx
@@ -323,6 +375,17 @@ impl WriteTx<'_> {
                 "INSERT INTO peer_sync (node_id, unit, role, last_contact_at) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT(node_id) DO UPDATE SET unit = excluded.unit, role = excluded.role, last_contact_at = excluded.last_contact_at",
                 params![node_id, unit, role, at_ms],
+            )
+            .at(self.path)?;
+        Ok(())
+    }
+
+    /// Remembers which node answered at a named peer's address.
+    pub fn peer_bind(&self, name: &str, node_id: &str) -> Result<()> {
+        self.tx
+            .execute(
+                "UPDATE peers SET node_id = ?2 WHERE name = ?1",
+                [name, node_id],
             )
             .at(self.path)?;
         Ok(())

@@ -9,6 +9,7 @@ mod ca;
 mod crl;
 mod fsutil;
 mod identity;
+mod sign;
 mod tls;
 
 use std::path::PathBuf;
@@ -17,6 +18,7 @@ pub use ca::{Ca, IssuedCert, IssuedRecord};
 pub use crl::{verify_crl, Crl};
 pub use fsutil::{write_file_atomic, write_secret_file};
 pub use identity::{enrol_request, install_check, NodeId, NodeKey, PeerIdentity};
+pub use sign::verify_signed;
 pub use tls::{
     client_config, peer_identity, quinn_client_config, quinn_server_config, server_config,
     TlsMaterial, ALPN, SERVER_NAME,

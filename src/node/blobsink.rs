@@ -1,0 +1,145 @@
+//! Receiving one scan from a peer or a bundle into the store: the manifest is checked, each
+//! chunk verified against it before it is stored (in batches, so a cut loses little), and the
+//! whole content against its hash before the scan becomes available.
+
+use crate::proto::blob::decode_chunk;
+use crate::proto::{Frame, Hash32, ProtoError};
+use crate::store::blobs::{BLOB_BYTES_MAX, CHUNK_BYTES};
+use crate::store::Store;
+
+use super::now_ms;
+
+/// Verified chunks written per transaction: amortises the fsync, bounds what a cut loses.
+const CHUNKS_PER_COMMIT: usize = 16;
+
+fn local(e: impl std::fmt::Display) -> ProtoError {
+    ProtoError::Local(e.to_string())
+}
+
+pub struct BlobSink<'a> {
+    store: &'a mut Store,
+    pub hash: Hash32,
+    manifest: Vec<Hash32>,
+    next: u64,
+    batch: Vec<(u64, Vec<u8>)>,
+}
+
+impl<'a> BlobSink<'a> {
+    /// Starts from a BlobHeader frame; refuses scans no held document references (a peer cannot
+    /// fill the disk) and streams that would skip chunks this node lacks.
+    pub fn begin(
+        store: &'a mut Store,
+        header: Frame,
+    ) -> Result<Self, (Option<Hash32>, ProtoError)> {
+        let Frame::BlobHeader {
+            hash,
+            size,
+            chunk_bytes,
+            first,
+            chunk_hashes,
+        } = header
+        else {
+            return Err((
+                None,
+                ProtoError::Violation("scan data does not start with a manifest".into()),
+            ));
+        };
+        let bad = |m: String| (Some(hash), ProtoError::Malformed(m));
+        if chunk_bytes != CHUNK_BYTES as u64
+            || size > BLOB_BYTES_MAX
+            || chunk_hashes.len() as u64 != size.div_ceil(CHUNK_BYTES as u64)
+        {
+            return Err(bad(format!(
+                "manifest of {size} bytes in {} chunks of {chunk_bytes} is inconsistent",
+                chunk_hashes.len()
+            )));
+        }
+        if !store
+            .blob_wanted(&hash)
+            .map_err(|e| (Some(hash), local(e)))?
+        {
+            return Err(bad("a scan this node did not ask for".into()));
+        }
+        let have = store
+            .write(|tx| tx.blob_partial_begin(&hash, size, &chunk_hashes, now_ms()))
+            .map_err(|e| (Some(hash), local(e)))?;
+        if first > have {
+            return Err(bad(format!(
+                "data starts at chunk {first} but this node holds only {have}"
+            )));
+        }
+        Ok(BlobSink {
+            store,
+            hash,
+            manifest: chunk_hashes,
+            next: first,
+            batch: Vec::new(),
+        })
+    }
+
+    pub fn is_complete(&self) -> bool {
+        self.next == self.manifest.len() as u64
+    }
+
+    /// Takes the next BlobChunk frame, verified against the manifest.
+    pub fn chunk(&mut self, frame: Frame) -> Result<(), ProtoError> {
+        let Frame::BlobChunk {
+            idx,
+            compressed,
+            raw_len,
+            data,
+        } = frame
+        else {
+            return Err(ProtoError::Malformed("expected a scan chunk".into()));
+        };
+        if idx != self.next || self.is_complete() {
+            return Err(ProtoError::Malformed(format!(
+                "chunk {idx} arrived where {} was expected",
+                self.next
+            )));
+        }
+        let raw = decode_chunk(
+            compressed,
+            raw_len,
+            CHUNK_BYTES as u64,
+            &data,
+            &self.manifest[idx as usize],
+        )?;
+        self.batch.push((idx, raw));
+        self.next += 1;
+        if self.batch.len() >= CHUNKS_PER_COMMIT {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Commits the verified chunks received so far (also when the transfer breaks off).
+    pub fn flush(&mut self) -> Result<(), ProtoError> {
+        let (hash, batch) = (self.hash, std::mem::take(&mut self.batch));
+        self.store
+            .write(|tx| {
+                for (idx, data) in &batch {
+                    tx.blob_partial_chunk(&hash, *idx, data)?;
+                }
+                Ok(())
+            })
+            .map_err(local)
+    }
+
+    /// Checks the whole scan against its hash and makes it available.
+    pub fn finish(mut self) -> Result<Hash32, ProtoError> {
+        self.flush()?;
+        if !self.is_complete() {
+            return Err(ProtoError::Malformed(format!(
+                "scan ended at chunk {} of {}",
+                self.next,
+                self.manifest.len()
+            )));
+        }
+        let hash = self.hash;
+        self.store
+            .write(|tx| tx.blob_partial_finish(&hash, now_ms()))
+            .map_err(local)?;
+        Ok(hash)
+    }
+}

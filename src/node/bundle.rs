@@ -1,0 +1,368 @@
+//! Sync without a link: a signed file carrying what a peer lacks (documents, then scans), and
+//! its import through the same checks as the wire (certificate, scope, authorship, integrity).
+//!
+//! Layout: `CSBUNDLE`, format byte, u32 header length, header (JSON), u16 signature length,
+//! signature, then protocol frames to the end of the file. The signature (the exporter's node
+//! key) covers the header, which holds the payload's BLAKE3 and length. docs/protocol.md has
+//! the details.
+
+use std::fs::File;
+use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+use tracing::info;
+
+use super::replica::{scope_for, NodeReplica};
+use super::sync::{CA_FILE, CERT_FILE};
+use super::{blobsink::BlobSink, now_ms, Node, NodeError, Result, KEY_FILE};
+use crate::model::DocId;
+use crate::proto::blob::encode_chunk;
+use crate::proto::{wire, DocChanges, Frame, ProtoError, Replica};
+use crate::store::blobs::Hash;
+use crate::trust::{self, NodeKey};
+
+const MAGIC: &[u8; 8] = b"CSBUNDLE";
+const FORMAT: u8 = 1;
+/// Largest header accepted (it holds a certificate and a CRL).
+const HEADER_BYTES_MAX: u32 = 256 * 1024;
+/// zstd level for scans in a bundle: a USB stick has room, the import machine has little time.
+const BUNDLE_LEVEL: i32 = 9;
+/// Documents read per page while exporting.
+const PAGE_DOCS: usize = 1_000;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BundleHeader {
+    pub from_node: String,
+    pub from_unit: String,
+    pub for_unit: String,
+    pub created_at_ms: i64,
+    /// The exporter's feed: the bundle holds every document in scope changed after `since`, up to `upto`.
+    pub since: u64,
+    pub upto: u64,
+    pub docs: u64,
+    pub scans: u64,
+    pub payload_bytes: u64,
+    pub payload_blake3: String,
+    pub signer_cert_pem: String,
+    #[serde(default)]
+    pub crl_pem: Option<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ExportReport {
+    pub out: String,
+    pub for_unit: String,
+    pub docs: u64,
+    pub scans: u64,
+    pub bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ImportReport {
+    pub from_unit: String,
+    pub from_node: String,
+    pub docs: u64,
+    pub docs_changed: u64,
+    pub scans_stored: u64,
+    pub scans_already_held: u64,
+}
+
+fn io(path: &Path) -> impl Fn(std::io::Error) -> NodeError + '_ {
+    move |source| NodeError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+fn refused(e: ProtoError) -> NodeError {
+    NodeError::Invalid(format!("bundle refused: {e}"))
+}
+
+impl Node {
+    /// Writes what `peer` (a peer name, or a unit path) lacks, as far as this node knows.
+    pub fn bundle_export(&mut self, peer: &str, out: &Path) -> Result<ExportReport> {
+        let (unit, peer_node) = match self.store.peer_node(peer)? {
+            Some((node, unit)) => (unit, Some(node)),
+            None if self.tree.get(peer).is_ok() => (peer.to_string(), self.store.peer_node_by_unit(peer)?),
+            None => {
+                return Err(NodeError::Invalid(format!(
+                    "no peer {peer:?} has synced with this node yet: pass its unit path instead, like --for qn/binhlieu/tinhhuc"
+                )))
+            }
+        };
+        let since = match &peer_node {
+            Some(id) => self.store.peer_checkpoints(id)?.1,
+            None => 0,
+        } as u64;
+        let scope = scope_for(&unit, self.unit());
+        let upto = self.store.feed_seq()? as u64;
+        let tmp = out.with_extension("partial");
+        let mut payload = BufWriter::new(File::create(&tmp).map_err(io(&tmp))?);
+        let (mut hasher, mut bytes, mut docs, mut scans) =
+            (blake3::Hasher::new(), 0u64, 0u64, 0u64);
+        let mut emit = |frame: &Frame, payload: &mut BufWriter<File>| -> Result<()> {
+            let encoded = wire::encode(frame, 3);
+            hasher.update(&encoded);
+            bytes += encoded.len() as u64;
+            payload.write_all(&encoded).map_err(io(&tmp))
+        };
+        let mut hashes: Vec<Hash> = Vec::new();
+        let mut cursor = since as i64;
+        loop {
+            let page = self
+                .store
+                .changed_since(&scope, peer_node.as_deref(), cursor, PAGE_DOCS)?;
+            let Some(last) = page.iter().map(|r| r.0).max() else {
+                break;
+            };
+            cursor = last;
+            let mut batch = Vec::new();
+            for (_, id, _, _) in page {
+                let doc_id: DocId = id.parse()?;
+                let (data, heads) = self
+                    .store
+                    .read_doc(&doc_id, |doc| (doc.save(), doc.get_heads()))?;
+                hashes.extend(self.store.doc_blob_hashes(&doc_id)?);
+                batch.push(DocChanges {
+                    id,
+                    heads: heads.iter().map(|h| h.0).collect(),
+                    data,
+                });
+            }
+            docs += batch.len() as u64;
+            emit(&Frame::Changes { docs: batch }, &mut payload)?;
+        }
+        hashes.sort();
+        hashes.dedup();
+        for hash in hashes {
+            let Some((size, chunk_hashes)) = self.store.blob_manifest(&hash)? else {
+                continue;
+            };
+            let count = chunk_hashes.len() as u64;
+            let header = Frame::BlobHeader {
+                hash,
+                size,
+                chunk_bytes: crate::store::blobs::CHUNK_BYTES as u64,
+                first: 0,
+                chunk_hashes,
+            };
+            emit(&header, &mut payload)?;
+            for idx in 0..count {
+                let data = self.store.blob_chunk(&hash, idx)?;
+                let (compressed, wire_data) = encode_chunk(&data, BUNDLE_LEVEL);
+                emit(
+                    &Frame::BlobChunk {
+                        idx,
+                        compressed,
+                        raw_len: data.len() as u64,
+                        data: wire_data,
+                    },
+                    &mut payload,
+                )?;
+            }
+            scans += 1;
+        }
+        payload.flush().map_err(io(&tmp))?;
+        drop(payload);
+
+        let header = BundleHeader {
+            from_node: self.node_id().to_string(),
+            from_unit: self.unit().to_string(),
+            for_unit: unit.clone(),
+            created_at_ms: now_ms(),
+            since,
+            upto,
+            docs,
+            scans,
+            payload_bytes: bytes,
+            payload_blake3: hasher.finalize().to_hex().to_string(),
+            signer_cert_pem: std::fs::read_to_string(self.dir.join(CERT_FILE))
+                .map_err(|_| NodeError::Invalid("this node is not enrolled: a bundle must be signed with a certificate from the province".into()))?,
+            crl_pem: self.crl().map(|c| c.to_pem()),
+        };
+        let header_json = serde_json::to_vec(&header).expect("a bundle header serializes");
+        let signature = NodeKey::load(self.dir.join(KEY_FILE))?.sign(&header_json)?;
+        let mut file = BufWriter::new(File::create(out).map_err(io(out))?);
+        file.write_all(MAGIC).map_err(io(out))?;
+        file.write_all(&[FORMAT]).map_err(io(out))?;
+        file.write_all(&(header_json.len() as u32).to_be_bytes())
+            .map_err(io(out))?;
+        file.write_all(&header_json).map_err(io(out))?;
+        file.write_all(&(signature.len() as u16).to_be_bytes())
+            .map_err(io(out))?;
+        file.write_all(&signature).map_err(io(out))?;
+        std::io::copy(&mut File::open(&tmp).map_err(io(&tmp))?, &mut file).map_err(io(out))?;
+        let file = file.into_inner().map_err(|e| io(out)(e.into_error()))?;
+        file.sync_all().map_err(io(out))?;
+        std::fs::remove_file(&tmp).map_err(io(&tmp))?;
+        info!(docs, scans, bytes, "bundle written");
+        Ok(ExportReport {
+            out: out.display().to_string(),
+            for_unit: unit,
+            docs,
+            scans,
+            bytes,
+        })
+    }
+
+    /// Applies a bundle: verified whole (signature, certificate, payload hash) before anything
+    /// is stored, then documents through the same checks as the wire, then scans chunk by chunk.
+    /// Importing the same bundle again changes nothing.
+    pub fn bundle_import(&mut self, path: &Path) -> Result<ImportReport> {
+        let bad = |what: &str| {
+            NodeError::Invalid(format!(
+                "{}: not a communesync bundle ({what})",
+                path.display()
+            ))
+        };
+        let mut file = BufReader::new(File::open(path).map_err(io(path))?);
+        let mut magic = [0u8; 9];
+        file.read_exact(&mut magic).map_err(|_| bad("too short"))?;
+        if &magic[..8] != MAGIC || magic[8] != FORMAT {
+            return Err(bad("wrong magic or format"));
+        }
+        let mut len4 = [0u8; 4];
+        file.read_exact(&mut len4)
+            .map_err(|_| bad("truncated header"))?;
+        let header_len = u32::from_be_bytes(len4);
+        if header_len > HEADER_BYTES_MAX {
+            return Err(bad("oversized header"));
+        }
+        let mut header_json = vec![0u8; header_len as usize];
+        file.read_exact(&mut header_json)
+            .map_err(|_| bad("truncated header"))?;
+        let mut len2 = [0u8; 2];
+        file.read_exact(&mut len2)
+            .map_err(|_| bad("truncated signature"))?;
+        let mut signature = vec![0u8; u16::from_be_bytes(len2) as usize];
+        file.read_exact(&mut signature)
+            .map_err(|_| bad("truncated signature"))?;
+
+        let ca = std::fs::read_to_string(self.dir.join(CA_FILE)).map_err(|_| {
+            NodeError::Invalid(
+                "this node is not enrolled: it cannot check a bundle's signature".into(),
+            )
+        })?;
+        let header: BundleHeader =
+            serde_json::from_slice(&header_json).map_err(|_| bad("unreadable header"))?;
+        // A newer CRL in the bundle is checked and installed first, so a revoked signer is caught.
+        if let Some(crl) = &header.crl_pem {
+            let crl = trust::Crl::from_pem(crl)?;
+            self.install_crl_der(crl.der())?;
+        }
+        let signer = trust::verify_signed(
+            &header.signer_cert_pem,
+            &ca,
+            self.crl().as_ref(),
+            &header_json,
+            &signature,
+        )
+        .map_err(|e| NodeError::Invalid(format!("{}: bundle refused: {e}", path.display())))?;
+        if signer.node_id.to_string() != header.from_node || signer.unit != header.from_unit {
+            return Err(NodeError::Invalid(format!(
+                "{}: bundle refused: its header does not match its signer's certificate",
+                path.display()
+            )));
+        }
+        if header.for_unit != self.unit() {
+            return Err(NodeError::Invalid(format!(
+                "{}: this bundle is for {}, not for this node ({})",
+                path.display(),
+                header.for_unit,
+                self.unit()
+            )));
+        }
+        let payload_start = file.stream_position().map_err(io(path))?;
+        let mut hasher = blake3::Hasher::new();
+        let copied = std::io::copy(&mut (&mut file).take(header.payload_bytes + 1), &mut hasher)
+            .map_err(io(path))?;
+        if copied != header.payload_bytes
+            || hasher.finalize().to_hex().as_str() != header.payload_blake3
+        {
+            return Err(NodeError::Invalid(format!(
+                "{}: bundle refused: its content was altered or truncated",
+                path.display()
+            )));
+        }
+        file.seek(SeekFrom::Start(payload_start))
+            .map_err(io(path))?;
+
+        self.record_contact(&signer)?;
+        let mut report = ImportReport {
+            from_unit: signer.unit.clone(),
+            from_node: signer.node_id.to_string(),
+            docs: 0,
+            docs_changed: 0,
+            scans_stored: 0,
+            scans_already_held: 0,
+        };
+        let feed_before = self.store.feed_seq()?;
+        let mut remaining = header.payload_bytes;
+        let mut skipping = false;
+        while remaining > 0 {
+            let frame = read_frame(&mut file, &mut remaining).map_err(|e| bad(&e.to_string()))?;
+            match frame {
+                Frame::Changes { docs } => {
+                    report.docs += docs.len() as u64;
+                    NodeReplica::new(self, signer.clone())
+                        .apply(docs)
+                        .map_err(refused)?;
+                }
+                header @ Frame::BlobHeader { .. } => {
+                    let Frame::BlobHeader { hash, .. } = &header else {
+                        unreachable!()
+                    };
+                    if self.store.has_blob(hash)? {
+                        report.scans_already_held += 1;
+                        skipping = true;
+                        continue;
+                    }
+                    skipping = false;
+                    let mut s =
+                        BlobSink::begin(&mut self.store, header).map_err(|(_, e)| refused(e))?;
+                    while !s.is_complete() && remaining > 0 {
+                        let chunk = read_frame(&mut file, &mut remaining)
+                            .map_err(|e| bad(&e.to_string()))?;
+                        s.chunk(chunk).map_err(refused)?;
+                    }
+                    s.finish().map_err(refused)?;
+                    report.scans_stored += 1;
+                }
+                Frame::BlobChunk { .. } if skipping => {}
+                other => {
+                    return Err(bad(&format!(
+                        "unexpected frame {:?}",
+                        std::mem::discriminant(&other)
+                    )))
+                }
+            }
+        }
+        report.docs_changed = (self.store.feed_seq()? - feed_before) as u64;
+        // Everything of the exporter's feed in our scope up to `upto` is now here, provided the
+        // bundle started no later than what we already had.
+        let id = signer.node_id.to_string();
+        let (have, _) = self.store.peer_checkpoints(&id)?;
+        if have as u64 >= header.since && header.upto as i64 > have {
+            self.store
+                .write(|tx| tx.set_have_from(&id, header.upto as i64))?;
+        }
+        Ok(report)
+    }
+}
+
+fn read_frame(file: &mut impl Read, remaining: &mut u64) -> std::result::Result<Frame, ProtoError> {
+    let mut len4 = [0u8; 4];
+    file.read_exact(&mut len4)
+        .map_err(|_| ProtoError::Malformed("truncated frame".into()))?;
+    let len = wire::frame_len(len4)?;
+    if (len as u64 + 4) > *remaining {
+        return Err(ProtoError::Malformed("frame runs past the payload".into()));
+    }
+    let mut body = vec![0u8; len];
+    file.read_exact(&mut body)
+        .map_err(|_| ProtoError::Malformed("truncated frame".into()))?;
+    *remaining -= len as u64 + 4;
+    wire::decode(&body)
+}
