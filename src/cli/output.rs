@@ -33,6 +33,17 @@ pub fn when(ms: i64, node: &Node) -> String {
         .unwrap_or_else(|_| ms.to_string())
 }
 
+/// "3d 4h", "5h 2m", "12m", "40s".
+fn format_age(ms: i64) -> String {
+    let s = ms / 1000;
+    match s {
+        0..60 => format!("{s}s"),
+        60..3600 => format!("{}m", s / 60),
+        3600..86_400 => format!("{}h {}m", s / 3600, s % 3600 / 60),
+        _ => format!("{}d {}h", s / 86_400, s % 86_400 / 3600),
+    }
+}
+
 fn conflicts(list: &[Conflict]) {
     for c in list {
         println!(
@@ -347,20 +358,58 @@ impl Out {
 
     pub fn status(&self, s: &Status, node: &Node) -> Result<()> {
         self.emit(s, || {
-            println!("node {} — {} {}{}", s.node_id, s.role, s.unit, if s.enrolled { "" } else { " (not enrolled)" });
-            println!("documents {}  feed {}  scans missing {} ({} bytes)", s.documents, s.feed_seq, s.scans_missing, s.scan_bytes_missing);
+            println!(
+                "node {} — {} {}{}",
+                s.node_id,
+                s.role,
+                s.unit,
+                if s.enrolled { "" } else { " (not enrolled)" }
+            );
+            println!(
+                "documents {}  feed {}  scans missing here {} ({} bytes)",
+                s.documents, s.feed_seq, s.scans_missing, s.scan_bytes_missing
+            );
+            println!(
+                "  {:<26} {:<8} {:<25} {:<25} {:>7} {:>12} {:>8} {:>9}",
+                "peer",
+                "role",
+                "last contact",
+                "last sync",
+                "out docs",
+                "out bytes",
+                "in (feed)",
+                "lag"
+            );
             for p in &s.peers {
-                let last = p.sync.last_sync_at_ms.map(|t| when(t, node)).unwrap_or_else(|| "never".into());
+                let (contact, synced) = match &p.sync {
+                    Some(sync) => (
+                        sync.last_contact_at_ms
+                            .map(|t| when(t, node))
+                            .unwrap_or_else(|| "never".into()),
+                        sync.last_sync_at_ms
+                            .map(|t| when(t, node))
+                            .unwrap_or_else(|| "never".into()),
+                    ),
+                    None => match &p.via {
+                        Some(via) => (format!("via {via}"), String::new()),
+                        None => ("never".into(), "never".into()),
+                    },
+                };
+                let lag = p.lag_ms.map(format_age).unwrap_or_else(|| "-".into());
                 println!(
-                    "  peer {:<28} {:<9} last sync {}  pending out {} docs  traffic {} B out / {} B in{}",
-                    p.sync.unit,
-                    p.sync.role,
-                    last,
-                    p.pending_docs_out,
-                    p.sync.bytes_sent,
-                    p.sync.bytes_received,
-                    p.sync.last_error.as_deref().map(|e| format!("  last error: {e}")).unwrap_or_default()
+                    "  {:<26} {:<8} {:<25} {:<25} {:>7} {:>12} {:>8} {:>9}",
+                    p.unit,
+                    p.role,
+                    contact,
+                    synced,
+                    p.pending_out.docs,
+                    p.pending_out.bytes,
+                    p.pending_in_changes,
+                    lag
                 );
+                if let Some(err) = p.sync.as_ref().and_then(|s| s.last_error.as_deref()) {
+                    println!("    last error: {err}");
+                }
             }
         })
     }

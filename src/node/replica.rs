@@ -182,6 +182,14 @@ impl Replica for NodeReplica<'_> {
             .map_err(local)
     }
 
+    fn note_peer_feed(&mut self, seq: u64) -> Result<(), ProtoError> {
+        let id = self.peer_id.clone();
+        self.node
+            .store
+            .write(|tx| tx.set_peer_feed(&id, seq as i64))
+            .map_err(local)
+    }
+
     fn changed_since(
         &mut self,
         after: u64,

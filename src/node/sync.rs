@@ -12,7 +12,7 @@ use tracing::{error, info, warn};
 
 use super::{now_ms, Node, NodeError, Result};
 use crate::net::{self, Mode, SessionReport};
-use crate::store::sync::{Peer, PeerSync};
+use crate::store::sync::{Peer, PeerSync, Pending};
 use crate::trust::{self, Ca, Crl, NodeKey, PeerIdentity, TlsMaterial};
 use crate::units::Role;
 
@@ -65,10 +65,19 @@ pub struct Status {
 
 #[derive(Debug, Serialize)]
 pub struct PeerStatus {
-    #[serde(flatten)]
-    pub sync: PeerSync,
-    /// Documents changed here that this peer has not acknowledged yet.
-    pub pending_docs_out: i64,
+    pub unit: String,
+    pub role: Role,
+    /// None for a unit below this node that never made contact.
+    pub sync: Option<PeerSync>,
+    /// What this node holds that the peer has not acknowledged yet.
+    pub pending_out: Pending,
+    /// Feed entries the peer had that this node has not applied yet (an upper bound).
+    pub pending_in_changes: i64,
+    /// Age of the oldest change not yet delivered to the peer.
+    pub lag_ms: Option<i64>,
+    /// For a unit never in direct contact: the relay below this node that serves it; the
+    /// pending figures are then what has not yet left for that relay.
+    pub via: Option<String>,
 }
 
 impl Node {
@@ -319,18 +328,48 @@ impl Node {
 
     pub fn status(&self) -> Result<Status> {
         let (scans_missing, scan_bytes_missing) = self.store.missing_blob_bytes()?;
+        let now = now_ms();
         let mut peers = Vec::new();
-        for sync in self.store.peer_syncs()? {
+        let syncs = self.store.peer_syncs()?;
+        for sync in &syncs {
             let scope = super::replica::scope_for(&sync.unit, self.unit());
-            let pending_docs_out = self
-                .store
-                .changed_since(&scope, Some(&sync.node_id), sync.acked_by, 100_000)?
-                .len() as i64;
+            let pending_out = self.store.pending(&scope, &sync.node_id, sync.acked_by)?;
             peers.push(PeerStatus {
-                sync,
-                pending_docs_out,
+                unit: sync.unit.clone(),
+                role: sync.role.parse()?,
+                lag_ms: pending_out.oldest_change_at_ms.map(|t| (now - t).max(0)),
+                pending_in_changes: (sync.peer_feed - sync.have_from).max(0),
+                pending_out,
+                sync: Some(sync.clone()),
+                via: None,
             });
         }
+        // Every unit below this node is listed, in contact or not: silence is what to look for.
+        for unit in self
+            .tree
+            .iter()
+            .filter(|u| u.path != self.unit() && crate::units::is_within(&u.path, self.unit()))
+        {
+            if syncs.iter().any(|s| s.unit == unit.path) {
+                continue;
+            }
+            let relay = syncs
+                .iter()
+                .filter(|s| s.unit != self.unit() && crate::units::is_within(&unit.path, &s.unit))
+                .max_by_key(|s| s.unit.len());
+            let (skip, after) = relay.map(|r| (r.node_id.as_str(), r.acked_by)).unwrap_or(("", 0));
+            let pending_out = self.store.pending(&super::replica::scope_for(&unit.path, self.unit()), skip, after)?;
+            peers.push(PeerStatus {
+                unit: unit.path.clone(),
+                role: unit.role,
+                lag_ms: pending_out.oldest_change_at_ms.map(|t| (now - t).max(0)),
+                pending_in_changes: 0,
+                pending_out,
+                sync: None,
+                via: relay.map(|r| r.unit.clone()),
+            });
+        }
+        peers.sort_by(|a, b| a.unit.cmp(&b.unit));
         Ok(Status {
             node_id: self.node_id.to_string(),
             unit: self.unit().to_string(),

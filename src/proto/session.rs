@@ -33,6 +33,8 @@ pub trait Replica {
     /// How far the peer has acknowledged this node's feed (where an offer may start).
     fn acked_by_peer(&mut self) -> Result<u64, ProtoError>;
     fn set_acked_by_peer(&mut self, upto: u64) -> Result<(), ProtoError>;
+    /// Notes the peer's feed position from its Hello (how much it may still have for us).
+    fn note_peer_feed(&mut self, seq: u64) -> Result<(), ProtoError>;
     /// Documents in the peer's scope changed after `after`, with their feed positions: in feed
     /// order across pages, most urgent first within a page.
     fn changed_since(

@@ -92,6 +92,7 @@ const MIGRATIONS: &[&str] = &[
         role TEXT NOT NULL,
         have_from INTEGER NOT NULL DEFAULT 0,   -- their feed, applied here up to
         acked_by INTEGER NOT NULL DEFAULT 0,    -- our feed, acknowledged by them up to
+        peer_feed INTEGER NOT NULL DEFAULT 0,   -- their feed position when last heard
         last_contact_at INTEGER,
         last_sync_at INTEGER,
         last_error TEXT,

@@ -24,6 +24,7 @@ pub struct PeerSync {
     pub role: String,
     pub have_from: i64,
     pub acked_by: i64,
+    pub peer_feed: i64,
     pub last_contact_at_ms: Option<i64>,
     pub last_sync_at_ms: Option<i64>,
     pub last_error: Option<String>,
@@ -38,6 +39,16 @@ pub enum Scope {
     All,
     /// Documents with a party at or below this unit.
     Subtree(String),
+}
+
+/// What a peer has not acknowledged yet, as far as this node knows.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Pending {
+    pub docs: i64,
+    /// Stored size of those documents plus the scans they reference.
+    pub bytes: i64,
+    /// When the oldest of them last changed here.
+    pub oldest_change_at_ms: Option<i64>,
 }
 
 /// One changed document: feed position, id, heads, priority rank (dispatches; 0 otherwise).
@@ -85,7 +96,7 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT node_id, unit, role, have_from, acked_by, last_contact_at, last_sync_at, last_error, bytes_sent, bytes_received
+                "SELECT node_id, unit, role, have_from, acked_by, last_contact_at, last_sync_at, last_error, bytes_sent, bytes_received, peer_feed
                  FROM peer_sync ORDER BY unit, node_id",
             )
             .at(&self.path)?;
@@ -102,6 +113,7 @@ impl Store {
                     last_error: r.get(7)?,
                     bytes_sent: r.get(8)?,
                     bytes_received: r.get(9)?,
+                    peer_feed: r.get(10)?,
                 })
             })
             .at(&self.path)?;
@@ -189,6 +201,40 @@ impl Store {
             }
         };
         rows.at(&self.path)
+    }
+
+    /// Documents in `scope` after `after` (skipping those that came whole from `skip_origin`).
+    pub fn pending(&self, scope: &Scope, skip_origin: &str, after: i64) -> Result<Pending> {
+        let (filter, unit) = match scope {
+            Scope::All => ("1", String::new()),
+            Scope::Subtree(u) => ("EXISTS (SELECT 1 FROM doc_parties p WHERE p.doc_id = d.id AND (p.unit = ?3 OR p.unit LIKE ?3 || '/%'))", u.clone()),
+        };
+        let sql = format!(
+            "WITH pend AS (SELECT d.id, length(d.snapshot) + d.chunk_bytes AS bytes, d.updated_at FROM docs d
+                           WHERE d.seq > ?1 AND d.origin IS NOT ?2 AND {filter})
+             SELECT (SELECT COUNT(*) FROM pend), (SELECT COALESCE(SUM(bytes), 0) FROM pend)
+                    + (SELECT COALESCE(SUM(b.size), 0) FROM blobs b WHERE b.hash IN
+                         (SELECT db.hash FROM doc_blobs db WHERE db.doc_id IN (SELECT id FROM pend))),
+                    (SELECT MIN(updated_at) FROM pend)"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql).at(&self.path)?;
+        let row = match scope {
+            Scope::All => stmt.query_row(params![after, skip_origin], |r| {
+                Ok(Pending {
+                    docs: r.get(0)?,
+                    bytes: r.get(1)?,
+                    oldest_change_at_ms: r.get(2)?,
+                })
+            }),
+            Scope::Subtree(_) => stmt.query_row(params![after, skip_origin, unit], |r| {
+                Ok(Pending {
+                    docs: r.get(0)?,
+                    bytes: r.get(1)?,
+                    oldest_change_at_ms: r.get(2)?,
+                })
+            }),
+        };
+        row.at(&self.path)
     }
 
     /// Stored heads of a document, without loading it.
@@ -396,6 +442,16 @@ impl WriteTx<'_> {
             .execute(
                 "UPDATE peer_sync SET have_from = ?2 WHERE node_id = ?1",
                 params![node_id, upto],
+            )
+            .at(self.path)?;
+        Ok(())
+    }
+
+    pub fn set_peer_feed(&self, node_id: &str, seq: i64) -> Result<()> {
+        self.tx
+            .execute(
+                "UPDATE peer_sync SET peer_feed = ?2 WHERE node_id = ?1",
+                params![node_id, seq],
             )
             .at(self.path)?;
         Ok(())
