@@ -113,12 +113,15 @@ pub enum Command {
     /// Sync without a link: a signed file carried on a USB stick
     #[command(subcommand)]
     Bundle(BundleCmd),
-    /// Demonstration: a commune node in a temporary directory walks a dispatch with a scan
-    /// through receipt, assignment, progress and completion
+    /// Demonstration on loopback: a province, a district relay and two communes exchange a
+    /// dispatch with a scan, an assignment and its completion
     Demo {
-        /// Keep the demonstration's data directory instead of deleting it
+        /// Keep the demonstration's data directories instead of deleting them
         #[arg(long)]
         keep: bool,
+        /// Only one commune office, offline: a dispatch through receipt, assignment and completion
+        #[arg(long)]
+        local: bool,
     },
 }
 
@@ -515,7 +518,8 @@ pub fn run(cli: Cli) -> Result<()> {
                 crate::node::sync::serve(&dir, *listen, shutdown).await
             })
         }
-        Command::Demo { keep } => demo::run(*keep, &out),
+        Command::Demo { keep, local: true } => demo::run_local(*keep, &out),
+        Command::Demo { keep, local: false } => demo::run_tree(*keep, &out),
     }
 }
 
