@@ -264,7 +264,9 @@ impl Drop for Daemon {
 
 fn serve(exe: &Path, data: &Path) -> Result<(Daemon, String)> {
     // An ephemeral port, free a moment ago: good enough for a demo on loopback.
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?.port();
+    let port = std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
     let addr = format!("127.0.0.1:{port}");
     let child = Command::new(exe)
         .arg("--data")
@@ -279,21 +281,37 @@ fn serve(exe: &Path, data: &Path) -> Result<(Daemon, String)> {
 
 /// Runs a command quietly and returns its stdout.
 fn quiet(exe: &Path, data: &Path, args: &[&str]) -> Result<String> {
-    let output = Command::new(exe).arg("--data").arg(data).args(args).output()?;
+    let output = Command::new(exe)
+        .arg("--data")
+        .arg(data)
+        .args(args)
+        .output()?;
     if !output.status.success() {
-        bail!("communesync {}: {}", args.join(" "), String::from_utf8_lossy(&output.stderr).trim());
+        bail!(
+            "communesync {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&output.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&output.stdout).into_owned())
 }
 
 /// Polls `args --json` until `done` holds (or 60 s pass).
-fn wait_for(exe: &Path, data: &Path, what: &str, args: &[&str], done: impl Fn(&serde_json::Value) -> bool) -> Result<f64> {
+fn wait_for(
+    exe: &Path,
+    data: &Path,
+    what: &str,
+    args: &[&str],
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> Result<f64> {
     let start = Instant::now();
     let mut full = vec!["--json"];
     full.extend_from_slice(args);
     while start.elapsed() < Duration::from_secs(60) {
         // "Not found" is expected until the document arrives.
-        let value = quiet(exe, data, &full).ok().and_then(|out| serde_json::from_str(&out).ok());
+        let value = quiet(exe, data, &full)
+            .ok()
+            .and_then(|out| serde_json::from_str(&out).ok());
         if value.as_ref().is_some_and(&done) {
             return Ok(start.elapsed().as_secs_f64());
         }
@@ -304,7 +322,8 @@ fn wait_for(exe: &Path, data: &Path, what: &str, args: &[&str], done: impl Fn(&s
 
 /// Traffic of each link, as the district relay counted it.
 fn print_links(exe: &Path, district: &Path) -> Result<()> {
-    let status: serde_json::Value = serde_json::from_str(&quiet(exe, district, &["--json", "status"])?)?;
+    let status: serde_json::Value =
+        serde_json::from_str(&quiet(exe, district, &["--json", "status"])?)?;
     println!("bytes each link carried so far (UDP payload, both directions, as counted at the district):");
     for peer in status["peers"].as_array().into_iter().flatten() {
         if let Some(sync) = peer["sync"].as_object() {
@@ -324,30 +343,95 @@ pub fn run_tree(keep: bool, out: &Out) -> Result<()> {
         bail!("the demo prints a walkthrough; run it without --json");
     }
     let exe = std::env::current_exe().context("finding the communesync binary")?;
-    let tmp = tempfile::Builder::new().prefix("communesync-demo-").tempdir().context("creating a temporary directory")?;
+    let tmp = tempfile::Builder::new()
+        .prefix("communesync-demo-")
+        .tempdir()
+        .context("creating a temporary directory")?;
     let dir = |name: &str| tmp.path().join(name);
-    let (province, district, tinhhuc, hucdong) = (dir("qn"), dir("binhlieu"), dir("tinhhuc"), dir("hucdong"));
+    let (province, district, tinhhuc, hucdong) =
+        (dir("qn"), dir("binhlieu"), dir("tinhhuc"), dir("hucdong"));
     println!("communesync demo: the province of Quảng Ninh, the Bình Liêu district relay and two of its communes, on loopback");
 
-    println!("\n== Set up four nodes; the province runs the certificate authority and enrols the others");
-    quiet(&exe, &province, &["init", "--unit", "qn", "--role", "province"])?;
+    println!(
+        "\n== Set up four nodes; the province runs the certificate authority and enrols the others"
+    );
+    quiet(
+        &exe,
+        &province,
+        &["init", "--unit", "qn", "--role", "province"],
+    )?;
     quiet(&exe, &province, &["ca", "init"])?;
-    for (data, unit, role) in [(&district, "qn/binhlieu", "district"), (&tinhhuc, "qn/binhlieu/tinhhuc", "commune"), (&hucdong, "qn/binhlieu/hucdong", "commune")] {
+    for (data, unit, role) in [
+        (&district, "qn/binhlieu", "district"),
+        (&tinhhuc, "qn/binhlieu/tinhhuc", "commune"),
+        (&hucdong, "qn/binhlieu/hucdong", "commune"),
+    ] {
         quiet(&exe, data, &["init", "--unit", unit, "--role", role])?;
         let req = data.with_extension("req");
         let crt = data.with_extension("crt");
-        quiet(&exe, data, &["enrol", "request", "--out", &req.display().to_string()])?;
-        quiet(&exe, &province, &["ca", "issue", &req.display().to_string(), "--unit", unit, "--role", role, "--out", &crt.display().to_string()])?;
-        print!("{}", quiet(&exe, data, &["enrol", "install", &crt.display().to_string()])?);
+        quiet(
+            &exe,
+            data,
+            &["enrol", "request", "--out", &req.display().to_string()],
+        )?;
+        quiet(
+            &exe,
+            &province,
+            &[
+                "ca",
+                "issue",
+                &req.display().to_string(),
+                "--unit",
+                unit,
+                "--role",
+                role,
+                "--out",
+                &crt.display().to_string(),
+            ],
+        )?;
+        print!(
+            "{}",
+            quiet(
+                &exe,
+                data,
+                &["enrol", "install", &crt.display().to_string()]
+            )?
+        );
     }
-    quiet(&exe, &tinhhuc, &["user", "add", "minh", "--title", "địa chính"])?;
+    quiet(
+        &exe,
+        &tinhhuc,
+        &["user", "add", "minh", "--title", "địa chính"],
+    )?;
 
     println!("\n== Start the province and the district relay (communesync serve); the district keeps the province as upstream");
     let (_p, province_addr) = serve(&exe, &province)?;
-    quiet(&exe, &district, &["peer", "add", "province", "--addr", &province_addr, "--upstream"])?;
+    quiet(
+        &exe,
+        &district,
+        &[
+            "peer",
+            "add",
+            "province",
+            "--addr",
+            &province_addr,
+            "--upstream",
+        ],
+    )?;
     let (_d, district_addr) = serve(&exe, &district)?;
     for commune in [&tinhhuc, &hucdong] {
-        quiet(&exe, commune, &["peer", "add", "district", "--addr", &district_addr, "--upstream"])?;
+        quiet(
+            &exe,
+            commune,
+            &[
+                "peer",
+                "add",
+                "district",
+                "--addr",
+                &district_addr,
+                "--upstream",
+            ],
+        )?;
     }
     println!("province on {province_addr}, district on {district_addr}");
 
@@ -363,25 +447,85 @@ pub fn run_tree(keep: bool, out: &Out) -> Result<()> {
     )?;
 
     println!("\n== The district relay receives it from the province, scan included (once, for both communes)");
-    let took = wait_for(&exe, &district, "the dispatch reaching the district", &["dispatch", "show", &dispatch], |v| {
-        v["missing_scans"].as_array().is_some_and(|m| m.is_empty())
-    })?;
+    let took = wait_for(
+        &exe,
+        &district,
+        "the dispatch reaching the district",
+        &["dispatch", "show", &dispatch],
+        |v| v["missing_scans"].as_array().is_some_and(|m| m.is_empty()),
+    )?;
     println!("at the district after {took:.1} s");
 
     for (name, commune) in [("Tình Húc", &tinhhuc), ("Húc Động", &hucdong)] {
-        step(&exe, commune, &format!("{name} comes online and syncs with its district"), &["sync"])?;
+        step(
+            &exe,
+            commune,
+            &format!("{name} comes online and syncs with its district"),
+            &["sync"],
+        )?;
     }
-    step(&exe, &hucdong, "Húc Động holds the dispatch and its scan", &["dispatch", "show", &dispatch])?;
+    step(
+        &exe,
+        &hucdong,
+        "Húc Động holds the dispatch and its scan",
+        &["dispatch", "show", &dispatch],
+    )?;
 
-    step(&exe, &tinhhuc, "Tình Húc records receipt", &["dispatch", "receive", &dispatch])?;
-    let assignment = step_create(&exe, &tinhhuc, "and assigns it to Minh", &["assign", "new", &dispatch, "--lead", "minh", "--deadline", "2026-12-15"])?;
-    step(&exe, &tinhhuc, "Minh completes it", &["--as", "minh", "assign", "update", &assignment, "--status", "done", "--note", "kế hoạch đã lập"])?;
+    step(
+        &exe,
+        &tinhhuc,
+        "Tình Húc records receipt",
+        &["dispatch", "receive", &dispatch],
+    )?;
+    let assignment = step_create(
+        &exe,
+        &tinhhuc,
+        "and assigns it to Minh",
+        &[
+            "assign",
+            "new",
+            &dispatch,
+            "--lead",
+            "minh",
+            "--deadline",
+            "2026-12-15",
+        ],
+    )?;
+    step(
+        &exe,
+        &tinhhuc,
+        "Minh completes it",
+        &[
+            "--as",
+            "minh",
+            "assign",
+            "update",
+            &assignment,
+            "--status",
+            "done",
+            "--note",
+            "kế hoạch đã lập",
+        ],
+    )?;
     step(&exe, &tinhhuc, "Tình Húc syncs again", &["sync"])?;
 
-    println!("\n== The status travels up: district → province, without anyone acting at the district");
-    let took = wait_for(&exe, &province, "the assignment reaching the province", &["assign", "show", &assignment], |v| v["status"] == "done")?;
+    println!(
+        "\n== The status travels up: district → province, without anyone acting at the district"
+    );
+    let took = wait_for(
+        &exe,
+        &province,
+        "the assignment reaching the province",
+        &["assign", "show", &assignment],
+        |v| v["status"] == "done",
+    )?;
     println!("at the province after {took:.1} s");
-    step(&exe, &province, "What the province sees", &["assign", "show", &assignment])?;
+    step(
+        &exe,
+        &province,
+        "What the province sees",
+        &["assign", "show", &assignment],
+    )?;
     step(&exe, &province, "", &["dispatch", "show", &dispatch])?;
     println!();
     print_links(&exe, &district)?;

@@ -357,8 +357,14 @@ impl Node {
                 .iter()
                 .filter(|s| s.unit != self.unit() && crate::units::is_within(&unit.path, &s.unit))
                 .max_by_key(|s| s.unit.len());
-            let (skip, after) = relay.map(|r| (r.node_id.as_str(), r.acked_by)).unwrap_or(("", 0));
-            let pending_out = self.store.pending(&super::replica::scope_for(&unit.path, self.unit()), skip, after)?;
+            let (skip, after) = relay
+                .map(|r| (r.node_id.as_str(), r.acked_by))
+                .unwrap_or(("", 0));
+            let pending_out = self.store.pending(
+                &super::replica::scope_for(&unit.path, self.unit()),
+                skip,
+                after,
+            )?;
             peers.push(PeerStatus {
                 unit: unit.path.clone(),
                 role: unit.role,

@@ -65,6 +65,13 @@ pub(crate) fn reindex(conn: &Connection, path: &Path, id: &DocId, doc: &AutoComm
                     .at(path)?
                     .execute(params![&hash[..], key, rank, a.size as i64])
                     .at(path)?;
+                conn.prepare_cached(
+                    "INSERT INTO blob_wants (hash, rank, size) SELECT ?1, ?2, ?3 WHERE NOT EXISTS (SELECT 1 FROM blobs WHERE hash = ?1)
+                     ON CONFLICT (hash) DO UPDATE SET rank = MAX(rank, excluded.rank)",
+                )
+                .at(path)?
+                .execute(params![&hash[..], rank, a.size as i64])
+                .at(path)?;
             }
         }
         DocKind::Assignment => {

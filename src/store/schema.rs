@@ -104,6 +104,14 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE docs ADD COLUMN origin TEXT;
     CREATE TABLE blob_partial (hash BLOB PRIMARY KEY, size INTEGER NOT NULL, chunk_bytes INTEGER NOT NULL, manifest BLOB NOT NULL, updated_at INTEGER NOT NULL);
     ",
+    // 3: scans still to fetch, kept up to date instead of computed by a scan of doc_blobs.
+    "
+    CREATE TABLE blob_wants (hash BLOB PRIMARY KEY, rank INTEGER NOT NULL, size INTEGER NOT NULL) WITHOUT ROWID;
+    CREATE INDEX blob_wants_by_urgency ON blob_wants (rank DESC, size);
+    INSERT INTO blob_wants (hash, rank, size)
+        SELECT db.hash, MAX(db.priority_rank), MIN(db.size) FROM doc_blobs db
+        WHERE NOT EXISTS (SELECT 1 FROM blobs b WHERE b.hash = db.hash) GROUP BY db.hash;
+    ",
 ];
 
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
@@ -129,4 +137,30 @@ pub fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
             .at(path)?;
     }
     tx.commit().at(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_older_database_is_migrated_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let conn = Connection::open(&path).unwrap();
+        for sql in &MIGRATIONS[..2] {
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", 2).unwrap();
+        // A scan referenced by a document but never received, as a version-2 node would hold it.
+        conn.execute("INSERT INTO doc_blobs (hash, doc_id, priority_rank, size) VALUES (x'01', 'dsp_0000000000000001', 3, 10)", []).unwrap();
+        drop(conn);
+        let store = crate::store::Store::open(&path, 4).unwrap();
+        assert_eq!(store.missing_blob_bytes().unwrap(), (1, 10));
+        let too_new = Connection::open(&path).unwrap();
+        too_new.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
+        drop(too_new);
+        drop(store);
+        assert!(matches!(crate::store::Store::open(&path, 4), Err(StoreError::TooNew { .. })));
+    }
 }

@@ -253,10 +253,8 @@ impl Store {
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT db.hash, MAX(db.priority_rank) AS rank, MIN(db.size) AS size,
-                        (SELECT COUNT(*) FROM blob_chunks c WHERE c.hash = db.hash)
-                 FROM doc_blobs db WHERE NOT EXISTS (SELECT 1 FROM blobs b WHERE b.hash = db.hash)
-                 GROUP BY db.hash ORDER BY rank DESC, size ASC LIMIT ?1",
+                "SELECT w.hash, 0, 0, (SELECT COUNT(*) FROM blob_chunks c WHERE c.hash = w.hash)
+                 FROM blob_wants w ORDER BY w.rank DESC, w.size ASC LIMIT ?1",
             )
             .at(&self.path)?;
         let rows = stmt
@@ -306,7 +304,7 @@ impl Store {
     /// Whether a scan is referenced by a held document and not stored yet.
     pub fn blob_wanted(&self, hash: &Hash) -> Result<bool> {
         self.conn
-            .prepare_cached("SELECT 1 FROM doc_blobs db WHERE db.hash = ?1 AND NOT EXISTS (SELECT 1 FROM blobs b WHERE b.hash = ?1) LIMIT 1")
+            .prepare_cached("SELECT 1 FROM blob_wants WHERE hash = ?1")
             .at(&self.path)?
             .query_row([&hash[..]], |_| Ok(()))
             .optional()
@@ -318,8 +316,7 @@ impl Store {
     pub fn missing_blob_bytes(&self) -> Result<(i64, i64)> {
         self.conn
             .query_row(
-                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM (SELECT db.hash, MIN(db.size) AS size FROM doc_blobs db
-                 WHERE NOT EXISTS (SELECT 1 FROM blobs b WHERE b.hash = db.hash) GROUP BY db.hash)",
+                "SELECT COUNT(*), COALESCE(SUM(size), 0) FROM blob_wants",
                 [],
                 |r| Ok((r.get(0)?, r.get(1)?)),
             )
@@ -580,6 +577,7 @@ impl WriteTx<'_> {
                 hex::encode(hash)
             )));
         }
+        self.tx.execute("DELETE FROM blob_wants WHERE hash = ?1", [&hash[..]]).at(self.path)?;
         self.tx
             .execute(
                 "INSERT OR IGNORE INTO blobs (hash, size, chunk_bytes, chunks, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",
