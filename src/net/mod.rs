@@ -29,7 +29,9 @@ const BLOB_SENDERS: usize = 2;
 /// Scans received at once per connection.
 const BLOB_RECEIVERS_MAX: usize = 4;
 /// Push ticks between asking again for scans the peer could not give.
-const RETRY_UNAVAILABLE_TICKS: u64 = 60;
+const RETRY_UNAVAILABLE_TICKS: u64 = 15;
+/// How long a relay holds a peer's request for a scan it is still fetching itself.
+const PARKED_BLOB_WAIT_MAX: Duration = Duration::from_secs(120);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -296,6 +298,11 @@ pub async fn run_session(
     let mut sent_since_receive = false;
     let mut ticks: u64 = 0;
     let (mut was_converged, mut recorded) = (false, (0u64, 0u64));
+    // Scans the peer asked for that this node is still fetching from its own upstream; only a
+    // serving relay above the peer waits like this (two nodes lacking a scan must not wait on
+    // each other).
+    let relay_for_peer = mode == Mode::Continuous && crate::node::replica::is_upstream(node.unit(), &peer.unit);
+    let mut parked: Vec<(Hash32, u64, Instant)> = Vec::new();
     let mut tick = tokio::time::interval(push_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -318,6 +325,10 @@ pub async fn run_session(
                                 session.blob_unavailable_here(hash);
                             } else if replica.node.store.has_blob(&hash).map_err(|e| NetError::Node(e.to_string()))? {
                                 let _ = blob_queue.send((hash, from)).await;
+                            } else if relay_for_peer && replica.node.store.blob_wanted(&hash).map_err(|e| NetError::Node(e.to_string()))? {
+                                // Store and forward: this relay is fetching the scan itself; the
+                                // request waits for it instead of failing and retrying later.
+                                parked.push((hash, from, Instant::now()));
                             } else {
                                 session.blob_unavailable_here(hash);
                             }
@@ -367,8 +378,22 @@ pub async fn run_session(
                         }
                     }
                 }
-                _ = tick.tick(), if mode == Mode::Continuous => {
+                _ = tick.tick() => {
                     ticks += 1;
+                    let mut still = Vec::new();
+                    for (hash, from, since) in parked.drain(..) {
+                        if node.store.has_blob(&hash).map_err(|e| NetError::Node(e.to_string()))? {
+                            let _ = blob_queue.send((hash, from)).await;
+                        } else if since.elapsed() > PARKED_BLOB_WAIT_MAX {
+                            session.blob_unavailable_here(hash);
+                        } else {
+                            still.push((hash, from, since));
+                        }
+                    }
+                    parked = still;
+                    if mode == Mode::OneShot {
+                        continue;
+                    }
                     let retry = ticks % RETRY_UNAVAILABLE_TICKS == 0;
                     session.poll_local_changes(&mut NodeReplica::new(&mut node, peer.clone()), retry)?;
                     if node.crl().is_some_and(|crl| crl.is_revoked(&peer.serial)) {
