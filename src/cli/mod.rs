@@ -69,6 +69,10 @@ pub enum Command {
         /// First user account, who becomes the default acting user
         #[arg(long, default_value = "admin")]
         user: String,
+        /// Unit tree to use (a TOML file of [[unit]] path/name/role) instead of the embedded
+        /// Quảng Ninh sample; it is copied into the data directory
+        #[arg(long, value_name = "FILE")]
+        units_file: Option<PathBuf>,
     },
     /// User accounts of this unit
     #[command(subcommand)]
@@ -343,8 +347,14 @@ pub fn run(cli: Cli) -> Result<()> {
     let out = Out::new(cli.json);
     let user = cli.as_user.as_deref();
     match &cli.command {
-        Command::Init { unit, role, user } => {
-            let report = Node::init(&data_dir(&cli)?, unit, *role, user)?;
+        Command::Init {
+            unit,
+            role,
+            user,
+            units_file,
+        } => {
+            let report =
+                Node::init_with_tree(&data_dir(&cli)?, unit, *role, user, units_file.as_deref())?;
             out.init(&report)
         }
         Command::User(UserCmd::Add { name, title }) => {

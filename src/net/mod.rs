@@ -30,6 +30,8 @@ const BLOB_SENDERS: usize = 2;
 const BLOB_RECEIVERS_MAX: usize = 4;
 /// Push ticks between asking again for scans the peer could not give.
 const RETRY_UNAVAILABLE_TICKS: u64 = 15;
+/// Longest reason text sent in a CONNECTION_CLOSE frame.
+const CLOSE_REASON_BYTES_MAX: usize = 200;
 /// How long a relay holds a peer's request for a scan it is still fetching itself.
 const PARKED_BLOB_WAIT_MAX: Duration = Duration::from_secs(120);
 
@@ -37,9 +39,9 @@ const PARKED_BLOB_WAIT_MAX: Duration = Duration::from_secs(120);
 pub enum NetError {
     #[error("cannot reach {addr}: {reason}; check the address, that the peer runs `communesync serve`, and the link")]
     Unreachable { addr: String, reason: String },
-    #[error("TLS: {0}")]
+    #[error(transparent)]
     Trust(#[from] TrustError),
-    #[error("{0}")]
+    #[error(transparent)]
     Proto(#[from] ProtoError),
     #[error("connection to {peer} lost: {reason}")]
     Lost { peer: String, reason: String },
@@ -73,14 +75,40 @@ pub fn transport_config(sync: &SyncSection) -> quinn::TransportConfig {
     t
 }
 
+/// Endpoint settings with a stateless-reset key derived from the node's key: after a restart
+/// the node can reset its peers' stale connections at once, instead of leaving them to wait
+/// out the idle timeout before they reconnect.
+fn endpoint_config(tls: &TlsMaterial) -> quinn::EndpointConfig {
+    let seed = blake3::derive_key(
+        "communesync 2026 QUIC stateless reset key",
+        tls.key.to_pem().as_bytes(),
+    );
+    quinn::EndpointConfig::new(Arc::new(ring::hmac::Key::new(
+        ring::hmac::HMAC_SHA256,
+        &seed,
+    )))
+}
+
+fn endpoint(
+    bind: SocketAddr,
+    tls: &TlsMaterial,
+    server: Option<quinn::ServerConfig>,
+) -> Result<quinn::Endpoint, NetError> {
+    let socket = std::net::UdpSocket::bind(bind)
+        .map_err(|e| NetError::Setup(format!("cannot bind UDP {bind}: {e}")))?;
+    let runtime =
+        quinn::default_runtime().ok_or_else(|| NetError::Setup("no async runtime".into()))?;
+    quinn::Endpoint::new(endpoint_config(tls), server, socket, runtime)
+        .map_err(|e| NetError::Setup(format!("cannot open a QUIC endpoint on {bind}: {e}")))
+}
+
 pub fn server_endpoint(
     listen: SocketAddr,
     tls: &TlsMaterial,
     sync: &SyncSection,
 ) -> Result<quinn::Endpoint, NetError> {
     let cfg = crate::trust::quinn_server_config(tls, Arc::new(transport_config(sync)))?;
-    quinn::Endpoint::server(cfg, listen)
-        .map_err(|e| NetError::Setup(format!("cannot listen on {listen}: {e}")))
+    endpoint(listen, tls, Some(cfg))
 }
 
 pub fn client_endpoint(
@@ -94,8 +122,7 @@ pub fn client_endpoint(
         "[::]:0".parse()
     }
     .expect("literal address");
-    let mut ep = quinn::Endpoint::client(bind)
-        .map_err(|e| NetError::Setup(format!("cannot open a UDP socket: {e}")))?;
+    let mut ep = endpoint(bind, tls, None)?;
     ep.set_default_client_config(crate::trust::quinn_client_config(
         tls,
         Arc::new(transport_config(sync)),
@@ -253,6 +280,13 @@ pub async fn run_session(
     let started = Instant::now();
     let node_err = |e: crate::node::NodeError| NetError::Node(format!("{e:#}"));
     let mut node = Node::open(&dir).map_err(node_err)?;
+    // The handshake checked the CRL the endpoint was built with; a newer one may be on disk.
+    if node.crl().is_some_and(|crl| crl.is_revoked(&peer.serial)) {
+        conn.close(1u32.into(), b"revoked");
+        return Err(NetError::Trust(TrustError::RevokedNode {
+            node: peer.node_id,
+        }));
+    }
     node.record_contact(&peer).map_err(node_err)?;
     let (crl_number, crl_der) = node
         .crl()
@@ -301,7 +335,8 @@ pub async fn run_session(
     // Scans the peer asked for that this node is still fetching from its own upstream; only a
     // serving relay above the peer waits like this (two nodes lacking a scan must not wait on
     // each other).
-    let relay_for_peer = mode == Mode::Continuous && crate::node::replica::is_upstream(node.unit(), &peer.unit);
+    let relay_for_peer =
+        mode == Mode::Continuous && crate::node::replica::is_upstream(node.unit(), &peer.unit);
     let mut parked: Vec<(Hash32, u64, Instant)> = Vec::new();
     let mut tick = tokio::time::interval(push_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -413,17 +448,27 @@ pub async fn run_session(
     report.docs_sent = session.stats.docs_sent;
     report.docs_received = session.stats.docs_received;
     report.blobs_received = session.stats.blobs_received;
-    if outcome.is_ok() {
-        let _ = control.finish();
-        // Let the peer read our last frames (its Ack) before the connection closes.
-        let _ = tokio::time::timeout(Duration::from_secs(2), control.stopped()).await;
-    }
+    // Let the peer read our last frames (its Ack, or why we refused) before the connection closes.
+    let _ = control.finish();
+    let linger = if outcome.is_ok() {
+        Duration::from_secs(2)
+    } else {
+        Duration::from_millis(500)
+    };
+    let _ = tokio::time::timeout(linger, control.stopped()).await;
     let stats = conn.stats();
     report.bytes_sent = stats.udp_tx.bytes;
     report.bytes_received = stats.udp_rx.bytes;
     report.elapsed_ms = started.elapsed().as_millis() as u64;
     let error = outcome.as_ref().err().map(|e| e.to_string());
-    conn.close(0u32.into(), b"done");
+    match &error {
+        None => conn.close(0u32.into(), b"done"),
+        // The reason also travels in the close frame, so the peer can say why it was cut off.
+        Some(reason) => conn.close(
+            1u32.into(),
+            &reason.as_bytes()[..reason.len().min(CLOSE_REASON_BYTES_MAX)],
+        ),
+    }
     node.record_session(
         &peer,
         report.converged && !was_converged,
@@ -448,11 +493,13 @@ fn local_minute(utc_offset_hours: i8) -> u32 {
     u32::from(now.hour()) * 60 + u32::from(now.minute())
 }
 
+/// A scan to send: its hash and the first chunk the peer lacks.
+type BlobRequest = (Hash32, u64);
+/// The scan senders' shared end of the queue.
+type SharedBlobQueue = Arc<tokio::sync::Mutex<mpsc::Receiver<BlobRequest>>>;
+
 /// A bounded multi-consumer queue of scans to send, in the order the receiver asked for them.
-fn async_channel() -> (
-    mpsc::Sender<(Hash32, u64)>,
-    Arc<tokio::sync::Mutex<mpsc::Receiver<(Hash32, u64)>>>,
-) {
+fn async_channel() -> (mpsc::Sender<BlobRequest>, SharedBlobQueue) {
     let (tx, rx) = mpsc::channel(crate::proto::session::BLOB_WANT_MAX * 2);
     (tx, Arc::new(tokio::sync::Mutex::new(rx)))
 }

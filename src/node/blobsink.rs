@@ -9,8 +9,11 @@ use crate::store::Store;
 
 use super::now_ms;
 
-/// Verified chunks written per transaction: amortises the fsync, bounds what a cut loses.
+/// Verified chunks written per transaction at most: amortises the fsync on fast links.
 const CHUNKS_PER_COMMIT: usize = 16;
+/// A batch is committed at least this often, so a kill or power cut on a slow link loses at
+/// most this much transfer time.
+const COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
 
 fn local(e: impl std::fmt::Display) -> ProtoError {
     ProtoError::Local(e.to_string())
@@ -22,6 +25,7 @@ pub struct BlobSink<'a> {
     manifest: Vec<Hash32>,
     next: u64,
     batch: Vec<(u64, Vec<u8>)>,
+    flushed_at: std::time::Instant,
 }
 
 impl<'a> BlobSink<'a> {
@@ -74,6 +78,7 @@ impl<'a> BlobSink<'a> {
             manifest: chunk_hashes,
             next: first,
             batch: Vec::new(),
+            flushed_at: std::time::Instant::now(),
         })
     }
 
@@ -107,7 +112,7 @@ impl<'a> BlobSink<'a> {
         )?;
         self.batch.push((idx, raw));
         self.next += 1;
-        if self.batch.len() >= CHUNKS_PER_COMMIT {
+        if self.batch.len() >= CHUNKS_PER_COMMIT || self.flushed_at.elapsed() >= COMMIT_INTERVAL {
             self.flush()?;
         }
         Ok(())
@@ -116,6 +121,7 @@ impl<'a> BlobSink<'a> {
     /// Commits the verified chunks received so far (also when the transfer breaks off).
     pub fn flush(&mut self) -> Result<(), ProtoError> {
         let (hash, batch) = (self.hash, std::mem::take(&mut self.batch));
+        self.flushed_at = std::time::Instant::now();
         self.store
             .write(|tx| {
                 for (idx, data) in &batch {

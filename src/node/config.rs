@@ -128,7 +128,7 @@ impl Default for SyncSection {
             congestion: "bbr".into(),
             reconnect_max_s: 300,
             connections_max: 256,
-            push_interval_ms: 1000,
+            push_interval_ms: 250,
             limits: Vec::new(),
         }
     }
@@ -212,7 +212,14 @@ impl Config {
 
     /// Checks every value; returns the unit tree it names.
     pub fn validate(&self, dir: &Path) -> Result<UnitTree, String> {
-        let tree = match &self.node.units_file {
+        let tree = self.load_tree(dir)?;
+        self.check(&tree)?;
+        Ok(tree)
+    }
+
+    /// The unit tree the config names: the file, or the embedded sample.
+    pub fn load_tree(&self, dir: &Path) -> Result<UnitTree, String> {
+        Ok(match &self.node.units_file {
             None => UnitTree::sample(),
             Some(file) => {
                 let file = dir.join(file);
@@ -221,7 +228,11 @@ impl Config {
                 UnitTree::parse(&text)
                     .map_err(|e| format!("node.units_file {}: {e}", file.display()))?
             }
-        };
+        })
+    }
+
+    /// Checks every value against the unit tree.
+    pub fn check(&self, tree: &UnitTree) -> Result<(), String> {
         let unit = tree
             .get(&self.node.unit)
             .map_err(|e| format!("node.unit: {e}"))?;
@@ -291,7 +302,7 @@ impl Config {
                 ));
             }
         }
-        Ok(tree)
+        Ok(())
     }
 
     /// The annotated file `init` writes.
@@ -404,19 +415,21 @@ mod tests {
             ..limit
         };
         assert!(bad.window_minutes().is_err());
-        let mut sync = SyncSection::default();
-        sync.limits = vec![
-            PeerLimit {
-                unit: "qn".into(),
-                rate_kbps: Some(1),
-                scans_window: None,
-            },
-            PeerLimit {
-                unit: "qn/binhlieu".into(),
-                rate_kbps: Some(2),
-                scans_window: None,
-            },
-        ];
+        let sync = SyncSection {
+            limits: vec![
+                PeerLimit {
+                    unit: "qn".into(),
+                    rate_kbps: Some(1),
+                    scans_window: None,
+                },
+                PeerLimit {
+                    unit: "qn/binhlieu".into(),
+                    rate_kbps: Some(2),
+                    scans_window: None,
+                },
+            ],
+            ..SyncSection::default()
+        };
         assert_eq!(
             sync.limit_for("qn/binhlieu/tinhhuc").unwrap().rate_kbps,
             Some(2)

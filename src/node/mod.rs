@@ -25,6 +25,8 @@ pub use local::*;
 
 pub const DB_FILE: &str = "node.db";
 pub const KEY_FILE: &str = "node.key";
+/// The unit tree given to `init --units-file`, kept in the data directory.
+pub const UNITS_FILE: &str = "units.toml";
 
 #[derive(Debug, thiserror::Error)]
 pub enum NodeError {
@@ -94,7 +96,19 @@ pub struct InitReport {
 
 impl Node {
     /// Creates a node in `dir` (which must be absent or empty); on failure leaves nothing behind.
+    /// Creates a node on the embedded sample unit tree; see [`Node::init_with_tree`].
     pub fn init(dir: &Path, unit: &str, role: Role, user: &str) -> Result<InitReport> {
+        Self::init_with_tree(dir, unit, role, user, None)
+    }
+
+    /// `units_file`: a unit tree to use instead of the embedded sample (copied into the node).
+    pub fn init_with_tree(
+        dir: &Path,
+        unit: &str,
+        role: Role,
+        user: &str,
+        units_file: Option<&Path>,
+    ) -> Result<InitReport> {
         let occupied = match std::fs::read_dir(dir) {
             Ok(mut entries) => entries.next().is_some(),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
@@ -116,23 +130,41 @@ impl Node {
             };
         }
         local::check_user_name(user)?;
-        let config = Config::new(unit, role, user);
+        let mut config = Config::new(unit, role, user);
+        let tree_text = match units_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path).map_err(|source| NodeError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                })?,
+            ),
+            None => None,
+        };
+        let tree = match &tree_text {
+            Some(text) => UnitTree::parse(text)
+                .map_err(|e| NodeError::Invalid(format!("--units-file: {e}")))?,
+            None => UnitTree::sample(),
+        };
+        if tree_text.is_some() {
+            config.node.units_file = Some(PathBuf::from(UNITS_FILE));
+        }
         // The values come from the command line, not from a config file: bad ones are invalid
         // input (exit 2), and the message must not point at a file that does not exist.
         config
-            .validate(dir)
+            .check(&tree)
             .map_err(|message| NodeError::Invalid(format!("cannot create the node: {message}")))?;
         std::fs::create_dir_all(dir).map_err(|source| NodeError::Io {
             path: dir.to_path_buf(),
             source,
         })?;
-        let created = Self::init_files(dir, &config, user);
+        let created = Self::init_files(dir, &config, user, tree_text.as_deref());
         if created.is_err() {
             for file in [
                 DB_FILE,
                 "node.db-wal",
                 "node.db-shm",
                 KEY_FILE,
+                UNITS_FILE,
                 config::CONFIG_FILE,
             ] {
                 let _ = std::fs::remove_file(dir.join(file));
@@ -148,7 +180,15 @@ impl Node {
         })
     }
 
-    fn init_files(dir: &Path, config: &Config, user: &str) -> Result<NodeId> {
+    fn init_files(
+        dir: &Path,
+        config: &Config,
+        user: &str,
+        tree_text: Option<&str>,
+    ) -> Result<NodeId> {
+        if let Some(text) = tree_text {
+            crate::trust::write_file_atomic(dir.join(UNITS_FILE), text.as_bytes())?;
+        }
         let key = NodeKey::generate()?;
         key.save(dir.join(KEY_FILE))?;
         let mut store = Store::create(&dir.join(DB_FILE), config.store.doc_cache_entries)?;

@@ -166,7 +166,9 @@ impl WriteTx<'_> {
     }
 
     fn insert_blob_row(&self, hash: &Hash, size: u64, chunks: usize, at_ms: i64) -> Result<()> {
-        self.tx.execute("DELETE FROM blob_wants WHERE hash = ?1", [&hash[..]]).at(self.path)?;
+        self.tx
+            .execute("DELETE FROM blob_wants WHERE hash = ?1", [&hash[..]])
+            .at(self.path)?;
         self.tx
             .prepare_cached("INSERT INTO blobs (hash, size, chunk_bytes, chunks, created_at) VALUES (?1, ?2, ?3, ?4, ?5)")
             .at(self.path)?

@@ -158,9 +158,14 @@ mod tests {
         let store = crate::store::Store::open(&path, 4).unwrap();
         assert_eq!(store.missing_blob_bytes().unwrap(), (1, 10));
         let too_new = Connection::open(&path).unwrap();
-        too_new.pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
+        too_new
+            .pragma_update(None, "user_version", SCHEMA_VERSION + 1)
+            .unwrap();
         drop(too_new);
         drop(store);
-        assert!(matches!(crate::store::Store::open(&path, 4), Err(StoreError::TooNew { .. })));
+        assert!(matches!(
+            crate::store::Store::open(&path, 4),
+            Err(StoreError::TooNew { .. })
+        ));
     }
 }

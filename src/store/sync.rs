@@ -577,7 +577,9 @@ impl WriteTx<'_> {
                 hex::encode(hash)
             )));
         }
-        self.tx.execute("DELETE FROM blob_wants WHERE hash = ?1", [&hash[..]]).at(self.path)?;
+        self.tx
+            .execute("DELETE FROM blob_wants WHERE hash = ?1", [&hash[..]])
+            .at(self.path)?;
         self.tx
             .execute(
                 "INSERT OR IGNORE INTO blobs (hash, size, chunk_bytes, chunks, created_at) VALUES (?1, ?2, ?3, ?4, ?5)",

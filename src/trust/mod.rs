@@ -58,6 +58,8 @@ pub enum TrustError {
     },
     #[error("certificate is not valid under this CA: {reason}; install the certificate and CA file from the same `communesync ca issue`")]
     Untrusted { reason: String },
+    #[error("the signature does not match the signed content: the file was altered or damaged in transit; export it again")]
+    BadSignature,
     #[error("CRL: {reason}; fetch the current CRL from the province CA")]
     BadCrl { reason: String },
     #[error(

@@ -42,10 +42,7 @@ pub fn verify_signed(
     let public_key = parsed.public_key().subject_public_key.data.to_vec();
     ring::signature::UnparsedPublicKey::new(&ring::signature::ECDSA_P256_SHA256_ASN1, public_key)
         .verify(msg, signature)
-        .map_err(|_| TrustError::Untrusted {
-            reason: "the signature does not match the content: the file was altered or damaged"
-                .into(),
-        })?;
+        .map_err(|_| TrustError::BadSignature)?;
     Ok(identity)
 }
 
@@ -71,9 +68,10 @@ mod tests {
         let who =
             verify_signed(&issued.cert_pem, ca.cert_pem(), None, b"bundle bytes", &sig).unwrap();
         assert_eq!(who.unit, "qn/binhlieu/tinhhuc");
-        assert!(
-            verify_signed(&issued.cert_pem, ca.cert_pem(), None, b"bundle bytez", &sig).is_err()
-        );
+        assert!(matches!(
+            verify_signed(&issued.cert_pem, ca.cert_pem(), None, b"bundle bytez", &sig),
+            Err(TrustError::BadSignature)
+        ));
         let crl = ca.revoke(who.node_id).unwrap();
         assert!(matches!(
             verify_signed(
