@@ -1,0 +1,793 @@
+//! End-to-end sync tests: real nodes in temporary directories, enrolled with a real provincial
+//! CA, talking QUIC with mutual TLS over 127.0.0.1 (`serve` and `sync` run as processes).
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use automerge::AutoCommit;
+use communesync::linksim::{LinkProfile, LinkSim};
+use communesync::model::assignment::Status;
+use communesync::model::{dispatch, Author, DocId};
+use communesync::node::{now_ms, Node};
+use communesync::store::blobs::CHUNK_BYTES;
+use communesync::trust::Crl;
+use serde_json::Value;
+
+use crate::sync_util::{
+    db_read_only, doc_heads, enrolled, node_id, province, rows, set_sync_config, sync_refused,
+    synced, Server,
+};
+use crate::util::{exit, id, path_arg, scan, TestNode, COMMUNE, DISTRICT, SIBLING};
+
+/// The values of `field` in a JSON array of objects, as a set.
+fn field_set(items: &Value, field: &str) -> BTreeSet<String> {
+    items
+        .as_array()
+        .unwrap_or_else(|| panic!("not an array: {items}"))
+        .iter()
+        .map(|v| v[field].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}
+
+/// A commune enrolled with `province` whose only peer is `server`.
+fn commune_of(province: &TestNode, unit: &str, server: &Server) -> TestNode {
+    let node = enrolled(province, unit, "commune");
+    node.ok(&["peer", "add", "up", "--addr", server.addr()]);
+    node
+}
+
+fn crl_number(node: &TestNode) -> u64 {
+    let text = std::fs::read_to_string(node.data().join("crl.pem")).expect("reading crl.pem");
+    Crl::from_pem(&text).expect("a valid CRL").number()
+}
+
+// ---- convergence ----
+
+#[test]
+fn commune_and_province_converge_both_ways_and_keep_concurrent_edits_visible() {
+    let province = province();
+    let server = Server::start(&province);
+    let commune = commune_of(&province, COMMUNE, &server);
+
+    // Province → commune: a dispatch with its scan, bit for bit.
+    let scan_bytes = scan(300_000, 1);
+    let scan_path = province.write_file("cong-van.pgm", &scan_bytes);
+    let d = id(&province.new_dispatch("12/UBND-VP", &[COMMUNE], &[&scan_path]));
+    let report = synced(&commune);
+    assert_eq!(report["peer_unit"], "qn");
+    assert_eq!(report["docs_received"], 1, "{report}");
+    assert_eq!(report["blobs_received"], 1, "{report}");
+    let shown = commune.json(&["dispatch", "show", &d]);
+    assert_eq!(shown["ref"], "12/UBND-VP");
+    assert_eq!(shown["missing_scans"], serde_json::json!([]));
+    let back = commune.file("back.pgm");
+    commune.ok(&[
+        "dispatch",
+        "attachment",
+        &d,
+        "cong-van.pgm",
+        "--out",
+        &path_arg(&back),
+    ]);
+    assert!(
+        std::fs::read(&back).unwrap() == scan_bytes,
+        "the scan did not come back bit for bit"
+    );
+
+    // Commune → province: an assignment and its progress.
+    let a = id(&commune.json(&[
+        "assign",
+        "new",
+        &d,
+        "--lead",
+        "lan",
+        "--deadline",
+        "2030-06-30",
+    ]));
+    commune.json(&["assign", "update", &a, "--status", "in-progress"]);
+    let report = synced(&commune);
+    assert!(report["docs_sent"].as_u64() >= Some(1), "{report}");
+    let at_province = province.json(&["assign", "show", &a]);
+    assert_eq!(at_province["status"], "in-progress");
+    assert_eq!(at_province["unit"], COMMUNE);
+    assert_eq!(
+        field_set(&at_province["history"], "status"),
+        set(&["assigned", "in-progress"])
+    );
+
+    // Both sides edit offline, the same field and the same comment list, then sync once.
+    commune.json(&["--as", "lan", "assign", "update", &a, "--status", "done"]);
+    province.json(&[
+        "assign",
+        "update",
+        &a,
+        "--status",
+        "returned",
+        "--note",
+        "thiếu chữ ký",
+    ]);
+    commune.json(&["dispatch", "comment", &d, "Xã đã nhận, đang xử lý"]);
+    province.json(&["dispatch", "comment", &d, "Tỉnh nhắc: hạn cuối tháng"]);
+    synced(&commune);
+
+    let a_commune = commune.json(&["assign", "show", &a]);
+    let a_province = province.json(&["assign", "show", &a]);
+    assert_eq!(
+        a_commune, a_province,
+        "the replicas of the assignment differ"
+    );
+    assert_eq!(
+        field_set(&a_commune["history"], "status"),
+        set(&["assigned", "in-progress", "done", "returned"])
+    );
+    assert_eq!(a_commune["history"].as_array().unwrap().len(), 4);
+    let winner = a_commune["status"].as_str().unwrap();
+    assert!(winner == "done" || winner == "returned", "{a_commune}");
+    let conflict = a_commune["conflicts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["field"] == "status")
+        .unwrap_or_else(|| panic!("the status conflict is not visible: {a_commune}"));
+    let values: BTreeSet<String> = conflict["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(values, set(&["done", "returned"]));
+
+    let d_commune = commune.json(&["dispatch", "show", &d]);
+    let d_province = province.json(&["dispatch", "show", &d]);
+    assert_eq!(d_commune, d_province, "the replicas of the dispatch differ");
+    assert_eq!(
+        field_set(&d_commune["comments"], "text"),
+        set(&["Xã đã nhận, đang xử lý", "Tỉnh nhắc: hạn cuối tháng"])
+    );
+    server.finish();
+}
+
+#[test]
+fn a_district_relays_both_ways_while_the_province_is_out_of_reach() {
+    let province = province();
+    let upstream = Server::start(&province);
+    let district = enrolled(&province, DISTRICT, "district");
+    district.ok(&["peer", "add", "up", "--addr", upstream.addr()]);
+    let scan_bytes = scan(250_000, 3);
+    let scan_path = province.write_file("quyet-dinh.pgm", &scan_bytes);
+    let d = id(&province.new_dispatch("9/QD", &[COMMUNE], &[&scan_path]));
+    synced(&district);
+    upstream.finish();
+
+    // The province is gone; the commune still gets the dispatch and its scan from the district.
+    let relay = Server::start(&district);
+    let commune = commune_of(&province, COMMUNE, &relay);
+    synced(&commune);
+    let back = commune.file("back.pgm");
+    commune.ok(&[
+        "dispatch",
+        "attachment",
+        &d,
+        "quyet-dinh.pgm",
+        "--out",
+        &path_arg(&back),
+    ]);
+    assert!(std::fs::read(&back).unwrap() == scan_bytes);
+    let a = id(&commune.json(&[
+        "assign",
+        "new",
+        &d,
+        "--lead",
+        "lan",
+        "--deadline",
+        "2030-09-30",
+    ]));
+    synced(&commune);
+    relay.finish();
+
+    // The province comes back (on a new address); the commune's work reaches it, authorship intact.
+    let upstream = Server::start(&province);
+    district.ok(&["peer", "remove", "up"]);
+    district.ok(&["peer", "add", "up", "--addr", upstream.addr()]);
+    synced(&district);
+    assert_eq!(province.json(&["assign", "show", &a])["unit"], COMMUNE);
+    let audit = province.json(&["audit", &a]);
+    assert_eq!(field_set(&audit, "unit"), set(&[COMMUNE]), "{audit}");
+    assert_eq!(
+        field_set(&audit, "node"),
+        set(&[&node_id(&commune)]),
+        "{audit}"
+    );
+    upstream.finish();
+}
+
+// ---- scope ----
+
+#[test]
+fn a_commune_receives_only_its_own_documents() {
+    let province = province();
+    let server = Server::start(&province);
+    let commune = commune_of(&province, COMMUNE, &server);
+    let sibling = commune_of(&province, SIBLING, &server);
+
+    let own = id(&province.new_dispatch("1/own", &[COMMUNE], &[]));
+    let other = id(&province.new_dispatch("2/other", &[SIBLING], &[]));
+    let shared = id(&province.new_dispatch("3/shared", &[COMMUNE, SIBLING], &[]));
+    let district = id(&province.new_dispatch("4/district", &[DISTRICT], &[]));
+
+    synced(&commune);
+    let listed = commune.json(&["dispatch", "list"]);
+    assert_eq!(field_set(&listed, "id"), set(&[&own, &shared]));
+    for foreign in [&other, &district] {
+        commune.fails(&["dispatch", "show", foreign], exit::NOT_FOUND);
+    }
+
+    // The sibling's internal assignment on the shared dispatch goes up, never sideways.
+    synced(&sibling);
+    let theirs = id(&sibling.json(&[
+        "assign",
+        "new",
+        &shared,
+        "--lead",
+        "minh",
+        "--deadline",
+        "2030-01-31",
+    ]));
+    synced(&sibling);
+    let upstream = province.json(&["dispatch", "show", &shared]);
+    assert_eq!(upstream["assignments"], serde_json::json!([theirs]));
+    synced(&commune);
+    assert_eq!(commune.json(&["assign", "list"]), serde_json::json!([]));
+    commune.fails(&["assign", "show", &theirs], exit::NOT_FOUND);
+    assert_eq!(
+        commune.json(&["dispatch", "show", &shared])["assignments"],
+        serde_json::json!([])
+    );
+    assert_eq!(rows(&commune, "docs"), 2);
+    server.finish();
+}
+
+// ---- refusals ----
+
+/// Connects with a client that trusts the CA but presents no certificate, and tries to speak.
+async fn anonymous_session(addr: SocketAddr, ca_pem: &str) -> Result<(), String> {
+    use rustls_pki_types::pem::PemObject;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    let ca = rustls_pki_types::CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap();
+    roots.add(ca).unwrap();
+    let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .unwrap()
+        .with_webpki_verifier(verifier)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![communesync::trust::ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    let attempt = async {
+        let conn = ep
+            .connect_with(
+                quinn::ClientConfig::new(Arc::new(crypto)),
+                addr,
+                communesync::trust::SERVER_NAME,
+            )
+            .map_err(|e| e.to_string())?
+            .await
+            .map_err(|e| e.to_string())?;
+        // A TLS 1.3 client finishes its handshake before the server has checked it: a refusal
+        // shows as the connection closing as soon as it tries to talk.
+        let mut send = conn.open_uni().await.map_err(|e| e.to_string())?;
+        send.write_all(&[1]).await.map_err(|e| e.to_string())?;
+        match tokio::time::timeout(Duration::from_secs(3), conn.closed()).await {
+            Ok(reason) => Err(reason.to_string()),
+            Err(_) => Ok(()),
+        }
+    };
+    let result = attempt.await;
+    ep.close(0u32.into(), b"");
+    result
+}
+
+/// [`anonymous_session`] against a running daemon.
+fn try_anonymous(province: &TestNode, server: &Server) -> Result<(), String> {
+    let ca_pem = std::fs::read_to_string(province.data().join("ca.crt")).unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(anonymous_session(server.addr().parse().unwrap(), &ca_pem))
+}
+
+#[test]
+fn a_client_without_a_certificate_is_refused() {
+    let province = province();
+    let server = Server::start(&province);
+    assert!(
+        try_anonymous(&province, &server).is_err(),
+        "the province kept a connection with no client certificate"
+    );
+    let log = server.wait_log("refused a connection", 1);
+    assert!(log.contains("refused a connection"), "serve log:\n{log}");
+    assert_eq!(
+        rows(&province, "peer_sync"),
+        0,
+        "an anonymous peer was recorded"
+    );
+    assert_eq!(rows(&province, "docs"), 0);
+    server.finish();
+}
+
+#[test]
+fn daemon_logs_are_plain_text_when_not_on_a_terminal() {
+    let province = province();
+    let server = Server::start(&province);
+    let _ = try_anonymous(&province, &server);
+    let log = server.wait_log("refused a connection", 1);
+    assert!(log.contains("refused a connection"), "serve log:\n{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "terminal escape codes in a log written to a pipe:\n{log:?}"
+    );
+    server.finish();
+}
+
+#[test]
+fn a_node_enrolled_by_another_ca_is_refused_both_ways() {
+    let province = province();
+    let server = Server::start(&province);
+    let rogue = crate::sync_util::province();
+    let outsider = commune_of(&rogue, COMMUNE, &server);
+    outsider.ok(&[
+        "dossier",
+        "new",
+        "--applicant",
+        "X",
+        "--procedure",
+        "khai-sinh",
+    ]);
+
+    // The outsider trusts its own CA, so it refuses the province's certificate.
+    let line = sync_refused(&outsider);
+    assert!(line.contains("certificate"), "{line}");
+    assert_eq!(
+        rows(&outsider, "peer_sync"),
+        0,
+        "the outsider recorded the province"
+    );
+
+    // Trusting the province's CA, its own certificate (from the rogue CA) is refused by the province.
+    for file in ["ca.crt", "crl.pem"] {
+        std::fs::copy(province.data().join(file), outsider.data().join(file)).unwrap();
+    }
+    let before = server.log().matches("refused a connection").count();
+    sync_refused(&outsider);
+    let log = server.wait_log("refused a connection", before + 1);
+    assert!(
+        log.matches("refused a connection").count() > before,
+        "the province did not log its refusal:\n{log}"
+    );
+    assert_eq!(rows(&province, "docs"), 0);
+    assert_eq!(rows(&province, "peer_sync"), 0);
+    server.finish();
+}
+
+#[test]
+fn a_revoked_commune_is_refused_by_the_running_province() {
+    let province = province();
+    let server = Server::start(&province);
+    let commune = commune_of(&province, COMMUNE, &server);
+    synced(&commune);
+
+    province.ok(&["ca", "revoke", &node_id(&commune)]);
+    commune.ok(&[
+        "dossier",
+        "new",
+        "--applicant",
+        "Y",
+        "--procedure",
+        "khai-sinh",
+    ]);
+    // At once, before the daemon reloads its CRL: the session itself must refuse the node.
+    sync_refused(&commune);
+    let log = server.wait_log("was revoked", 1);
+    assert!(log.contains("was revoked"), "serve log:\n{log}");
+    assert_eq!(
+        rows(&province, "docs"),
+        0,
+        "the revoked node's dossier arrived"
+    );
+
+    // Once the daemon has reloaded its CRL (it checks every 5 s), the handshake refuses.
+    std::thread::sleep(Duration::from_secs(6));
+    let before = server.log().matches("refused a connection").count();
+    sync_refused(&commune);
+    let log = server.wait_log("refused a connection", before + 1);
+    assert!(
+        log.matches("refused a connection").count() > before,
+        "serve log:\n{log}"
+    );
+    assert_eq!(
+        rows(&province, "docs"),
+        0,
+        "the revoked node's dossier arrived"
+    );
+    server.finish();
+}
+
+#[test]
+fn revocation_reaches_a_district_by_sync_and_the_district_refuses_the_node() {
+    let province = province();
+    let upstream = Server::start(&province);
+    let district = enrolled(&province, DISTRICT, "district");
+    district.ok(&["peer", "add", "up", "--addr", upstream.addr()]);
+    let commune = enrolled(&province, COMMUNE, "commune");
+
+    let relay = Server::start(&district);
+    commune.ok(&["peer", "add", "up", "--addr", relay.addr()]);
+    synced(&commune);
+    relay.finish();
+
+    province.ok(&["ca", "revoke", &node_id(&commune)]);
+    assert!(crl_number(&district) < crl_number(&province));
+    synced(&district);
+    assert_eq!(crl_number(&district), crl_number(&province));
+
+    // Restarted, so the daemon serves with the CRL it now holds.
+    let relay = Server::start(&district);
+    commune.ok(&["peer", "remove", "up"]);
+    commune.ok(&["peer", "add", "up", "--addr", relay.addr()]);
+    sync_refused(&commune);
+    let log = relay.wait_log("refused a connection", 1);
+    assert!(log.contains("refused a connection"), "district log:\n{log}");
+    relay.finish();
+    upstream.finish();
+}
+
+#[test]
+fn a_commune_writing_to_another_communes_document_is_refused() {
+    let province = province();
+    let server = Server::start(&province);
+    let commune = commune_of(&province, COMMUNE, &server);
+    let sibling = commune_of(&province, SIBLING, &server);
+    let d = id(&province.new_dispatch("5/shared", &[COMMUNE, SIBLING], &[]));
+    synced(&commune);
+    let a = id(&commune.json(&[
+        "assign",
+        "new",
+        &d,
+        "--lead",
+        "lan",
+        "--deadline",
+        "2030-03-31",
+    ]));
+    synced(&commune);
+    synced(&sibling);
+
+    // The sibling gets hold of the commune's internal assignment (a leaked backup, say) and
+    // changes it through its own, honestly signed API.
+    let a_id: DocId = a.parse().unwrap();
+    let saved = Node::open(commune.data())
+        .unwrap()
+        .store
+        .read_doc(&a_id, |doc| doc.save())
+        .unwrap();
+    let mut hostile = Node::open(sibling.data()).unwrap();
+    hostile
+        .store
+        .write(|tx| tx.save_doc(&a_id, None, AutoCommit::load(&saved).unwrap(), now_ms()))
+        .unwrap();
+    hostile
+        .assign_update(None, &a, Status::Done, Some("hijacked"))
+        .unwrap();
+    drop(hostile);
+
+    let heads = doc_heads(&province, &a);
+    sync_refused(&sibling);
+    assert_eq!(
+        doc_heads(&province, &a),
+        heads,
+        "the province stored the change"
+    );
+    assert_eq!(province.json(&["assign", "show", &a])["status"], "assigned");
+    let log = server.wait_log("outside the sender's scope", 1);
+    assert!(
+        log.contains(&a) && log.contains("outside the sender's scope"),
+        "serve log:\n{log}"
+    );
+    server.finish();
+}
+
+/// Adds a comment to dispatch `id` in `node`'s store, signed as if `claimed_unit` had written
+/// it: what a tampered node would send.
+fn forge_comment(node: &TestNode, id: &str, claimed_unit: &str) {
+    let id: DocId = id.parse().unwrap();
+    let mut hostile = Node::open(node.data()).unwrap();
+    let forged = Author {
+        user: "admin".into(),
+        unit: claimed_unit.into(),
+        node: hostile.node_id().to_string(),
+    };
+    let actor = hostile.actor().clone();
+    hostile
+        .store
+        .write(|tx| {
+            tx.update_doc(&id, &actor, now_ms(), |doc| {
+                Ok(dispatch::add_comment(
+                    doc,
+                    &id,
+                    "forged",
+                    &forged,
+                    now_ms(),
+                )?)
+            })
+        })
+        .unwrap();
+}
+
+/// A province, its daemon, and the sibling commune holding a dispatch with a forged comment.
+fn forged_sibling() -> (TestNode, Server, TestNode, String) {
+    let province = province();
+    let server = Server::start(&province);
+    let sibling = commune_of(&province, SIBLING, &server);
+    let d = id(&province.new_dispatch("6/sibling", &[SIBLING], &[]));
+    synced(&sibling);
+    forge_comment(&sibling, &d, COMMUNE);
+    (province, server, sibling, d)
+}
+
+#[test]
+fn a_change_claiming_an_author_outside_the_senders_subtree_is_refused() {
+    let (province, server, sibling, d) = forged_sibling();
+    let heads = doc_heads(&province, &d);
+    sync_refused(&sibling);
+    assert_eq!(
+        doc_heads(&province, &d),
+        heads,
+        "the province stored the change"
+    );
+    assert_eq!(
+        province.json(&["dispatch", "show", &d])["comments"],
+        serde_json::json!([])
+    );
+    let needle = format!("claims author unit {COMMUNE}");
+    let log = server.wait_log(&needle, 1);
+    assert!(log.contains(&needle), "serve log:\n{log}");
+    server.finish();
+}
+
+#[test]
+fn a_refused_sender_is_told_why_every_time() {
+    let (_province, server, sibling, _) = forged_sibling();
+    let cause = format!("claims author unit {COMMUNE}");
+    for attempt in 1..=10 {
+        let line = sync_refused(&sibling);
+        assert!(
+            line.contains(&cause),
+            "attempt {attempt}: the refused node is not told why: {line}"
+        );
+    }
+    server.finish();
+}
+
+#[test]
+fn a_node_refusing_a_hostile_server_names_the_cause_once() {
+    let (province, server, sibling, d) = forged_sibling();
+    server.finish();
+    // Here the province dials the tampered node's daemon, so the refusal is the caller's own.
+    let hostile = Server::start(&sibling);
+    province.ok(&["peer", "add", "hucdong", "--addr", hostile.addr()]);
+    let heads = doc_heads(&province, &d);
+    let line = sync_refused(&province);
+    let cause = format!("claims author unit {COMMUNE}");
+    assert_eq!(line.matches(&cause).count(), 1, "{line}");
+    assert_eq!(
+        doc_heads(&province, &d),
+        heads,
+        "the province stored the change"
+    );
+    hostile.finish();
+}
+
+// ---- resumption ----
+
+#[test]
+fn a_cut_scan_transfer_resumes_where_it_stopped() {
+    const SCAN_BYTES: usize = 20 << 20;
+    let chunks_total = SCAN_BYTES.div_ceil(CHUNK_BYTES) as i64;
+    let province = province();
+    let server = Server::start(&province);
+    let commune = enrolled(&province, COMMUNE, "commune");
+    // A dead link must end the session in seconds, not quinn's default 30 s.
+    set_sync_config(
+        &commune,
+        &[
+            ("idle_timeout_s = 120", "idle_timeout_s = 5"),
+            ("keep_alive_s = 10", "keep_alive_s = 1"),
+        ],
+    );
+    // Random bytes do not compress, so bytes on the wire track bytes of the scan.
+    let mut data = vec![0u8; SCAN_BYTES];
+    rand::fill(&mut data[..]);
+    let scan_path = province.write_file("ban-do.jpg", &data);
+    let d = id(&province.new_dispatch("7/STNMT", &[COMMUNE], &[&scan_path]));
+    let hash = hex::decode(
+        province.json(&["dispatch", "show", &d])["attachments"][0]["hash"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let link: LinkProfile = "rate=40mbit".parse().unwrap();
+    let sim = rt
+        .block_on(LinkSim::start(
+            "127.0.0.1:0".parse().unwrap(),
+            server.addr().parse().unwrap(),
+            link.clone(),
+            link,
+            7,
+            vec![],
+        ))
+        .unwrap();
+    commune.ok(&["peer", "add", "up", "--addr", &sim.local_addr().to_string()]);
+    let stored = || -> i64 {
+        db_read_only(&commune)
+            .query_row(
+                "SELECT COUNT(*) FROM blob_chunks WHERE hash = ?1",
+                [&hash],
+                |r| r.get(0),
+            )
+            .unwrap()
+    };
+
+    let (_, mut first) = commune.spawn(&["--json", "sync"]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // Verified chunks are committed in batches, so the count moves in steps: the cut lands on
+    // the first step at or past 70%.
+    let at_cut = loop {
+        let n = stored();
+        if n * 10 >= chunks_total * 7 {
+            sim.handle().set_up(false);
+            break n;
+        }
+        assert!(
+            first.try_wait().unwrap().is_none(),
+            "the sync ended before the cut"
+        );
+        if Instant::now() > deadline {
+            let _ = first.kill();
+            panic!("the transfer stalled at {n} chunks");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    while first.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = first.kill();
+            panic!("the sync did not give up on a dead link");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = first.wait_with_output().unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(i32::from(exit::PEER)),
+        "a sync over a cut link must fail: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let kept = stored();
+    assert!(
+        kept >= at_cut && kept < chunks_total,
+        "kept {kept} of {chunks_total} chunks (cut at {at_cut})"
+    );
+    assert_eq!(commune.json(&["status"])["scans_missing"], 1);
+
+    sim.handle().set_up(true);
+    let report = synced(&commune);
+    assert_eq!(report["blobs_received"], 1, "{report}");
+    let received = report["bytes_received"].as_u64().unwrap();
+    assert!(
+        received as f64 <= 0.35 * SCAN_BYTES as f64,
+        "the resumed transfer received {received} bytes for {} missing chunks",
+        chunks_total - kept
+    );
+    let back = commune.file("back.jpg");
+    commune.ok(&[
+        "dispatch",
+        "attachment",
+        &d,
+        "ban-do.jpg",
+        "--out",
+        &path_arg(&back),
+    ]);
+    assert!(
+        std::fs::read(&back).unwrap() == data,
+        "the resumed scan differs"
+    );
+    assert_eq!(commune.json(&["status"])["scans_missing"], 0);
+    server.finish();
+}
+
+// ---- status ----
+
+#[test]
+fn status_after_a_sync_lists_the_peer_with_its_last_sync_and_nothing_pending() {
+    let province = province();
+    let server = Server::start(&province);
+    let commune = commune_of(&province, COMMUNE, &server);
+    assert_eq!(commune.json(&["status"])["peers"], serde_json::json!([]));
+    let scan_path = province.write_file("to-trinh.pgm", &scan(200_000, 2));
+    province.new_dispatch("8/VP", &[COMMUNE], &[&scan_path]);
+
+    let before = crate::util::now_ms();
+    synced(&commune);
+    let after = crate::util::now_ms();
+    let status = commune.json(&["status"]);
+    assert_eq!(status["documents"], 1, "{status}");
+    assert_eq!(status["scans_missing"], 0, "{status}");
+    assert_eq!(status["scan_bytes_missing"], 0, "{status}");
+    let peers = status["peers"].as_array().unwrap();
+    assert_eq!(peers.len(), 1, "{status}");
+    let peer = &peers[0];
+    assert_eq!(peer["unit"], "qn");
+    assert_eq!(peer["role"], "province");
+    let last = peer["sync"]["last_sync_at_ms"]
+        .as_i64()
+        .unwrap_or_else(|| panic!("no last sync time: {peer}"));
+    assert!((before..=after).contains(&last), "{peer}");
+    assert_eq!(peer["sync"]["last_error"], Value::Null, "{peer}");
+    assert_eq!(
+        peer["pending_out"]["docs"], 0,
+        "nothing is left to send: {peer}"
+    );
+    assert_eq!(
+        peer["pending_in_changes"], 0,
+        "nothing is left to fetch: {peer}"
+    );
+    let text = commune.ok(&["status"]);
+    assert!(text.contains("qn") && !text.contains("never"), "{text}");
+
+    // The province lists the commune too, once its side of the session has ended.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = province.json(&["status"]);
+        let entry = status["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["unit"] == COMMUNE)
+            .unwrap_or_else(|| panic!("the province does not list {COMMUNE}: {status}"))
+            .clone();
+        if entry["sync"]["last_sync_at_ms"].is_i64() {
+            assert_eq!(entry["pending_out"]["docs"], 0, "{entry}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no last sync at the province: {entry}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // Nothing changed: a second sync moves nothing.
+    let again = synced(&commune);
+    for field in ["docs_sent", "docs_received", "blobs_sent", "blobs_received"] {
+        assert_eq!(again[field], 0, "{again}");
+    }
+    server.finish();
+}

@@ -1,0 +1,12 @@
+//! The integration tests, built as one binary with one module per area (ripgrep's layout):
+//! each runs the real `communesync` binary on nodes in temporary directories.
+//!
+//! The modules live in `tests/<area>/mod.rs` rather than `tests/<area>.rs` because Cargo builds
+//! every `tests/*.rs` as a test binary of its own unless `autotests = false` is set.
+
+mod local;
+mod sync;
+mod sync_util;
+mod tree;
+mod tree_util;
+mod util;

@@ -1,0 +1,271 @@
+//! Test helpers: a node in a temporary directory, driven through the real `communesync` binary,
+//! with its exit code, output and database open to inspection.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+/// The binary Cargo built for these tests.
+pub const BIN: &str = env!("CARGO_BIN_EXE_communesync");
+
+/// Units of the embedded Quảng Ninh sample tree the tests use.
+pub const COMMUNE: &str = "qn/binhlieu/tinhhuc";
+pub const SIBLING: &str = "qn/binhlieu/hucdong";
+pub const DISTRICT: &str = "qn/binhlieu";
+
+/// Exit codes as the CLI documents them.
+pub use communesync::cli::exit;
+
+/// What one run of the binary did.
+#[derive(Debug)]
+pub struct Run {
+    pub args: Vec<String>,
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    fn from_output(args: Vec<String>, out: Output) -> Run {
+        let run = Run {
+            args,
+            // A run killed by a signal has no code; -1 fails every assertion on codes.
+            code: out.status.code().unwrap_or(-1),
+            stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+            stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+        };
+        assert!(
+            !run.stderr.contains("panicked") && !run.stdout.contains("panicked"),
+            "communesync {:?} panicked:\n{}",
+            run.args,
+            run.stderr
+        );
+        run
+    }
+
+    /// Asserts success; returns self for the output.
+    pub fn ok(self) -> Run {
+        assert_eq!(
+            self.code, 0,
+            "communesync {:?} failed with {}:\nstdout: {}\nstderr: {}",
+            self.args, self.code, self.stdout, self.stderr
+        );
+        self
+    }
+
+    /// Asserts the exit code and that stderr is exactly one line starting with `error:` and
+    /// that nothing went to stdout; returns that line.
+    pub fn fails(self, code: u8) -> String {
+        assert_eq!(
+            self.code,
+            i32::from(code),
+            "communesync {:?}: wrong exit code\nstdout: {}\nstderr: {}",
+            self.args,
+            self.stdout,
+            self.stderr
+        );
+        let lines: Vec<&str> = self.stderr.lines().collect();
+        assert!(
+            lines.len() == 1 && lines[0].starts_with("error: "),
+            "communesync {:?}: stderr must be one `error:` line, got:\n{}",
+            self.args,
+            self.stderr
+        );
+        assert!(
+            self.stdout.is_empty(),
+            "communesync {:?}: a failed command printed to stdout:\n{}",
+            self.args,
+            self.stdout
+        );
+        lines[0].to_string()
+    }
+
+    pub fn json(&self) -> Value {
+        serde_json::from_str(&self.stdout).unwrap_or_else(|e| {
+            panic!(
+                "communesync {:?}: stdout is not JSON ({e}):\n{}",
+                self.args, self.stdout
+            )
+        })
+    }
+}
+
+/// A data directory in a fresh temporary directory; other files of a test go beside it.
+pub struct TestNode {
+    tmp: TempDir,
+    data: PathBuf,
+}
+
+impl TestNode {
+    /// A temporary directory whose `node` subdirectory is not a node (yet).
+    pub fn uninitialised() -> TestNode {
+        let tmp = tempfile::Builder::new()
+            .prefix("communesync-test-")
+            .tempdir()
+            .expect("creating a temporary directory");
+        let data = tmp.path().join("node");
+        TestNode { tmp, data }
+    }
+
+    /// An initialised commune node with users `admin` (the default), `lan` and `minh`.
+    pub fn commune() -> TestNode {
+        let node = TestNode::uninitialised();
+        node.ok(&["init", "--unit", COMMUNE, "--role", "commune"]);
+        node.ok(&["user", "add", "lan", "--title", "clerk"]);
+        node.ok(&["user", "add", "minh"]);
+        node
+    }
+
+    pub fn data(&self) -> &Path {
+        &self.data
+    }
+
+    /// A path beside the data directory, for scans and outputs.
+    pub fn file(&self, name: &str) -> PathBuf {
+        self.tmp.path().join(name)
+    }
+
+    /// Writes `content` beside the data directory; returns its path as text for arguments.
+    pub fn write_file(&self, name: &str, content: &[u8]) -> String {
+        let path = self.file(name);
+        std::fs::write(&path, content).expect("writing a test file");
+        path_arg(&path)
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.data.join("config.toml")
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.data.join("node.db")
+    }
+
+    pub fn command(&self, args: &[&str]) -> Command {
+        let mut cmd = Command::new(BIN);
+        cmd.arg("--data")
+            .arg(&self.data)
+            .args(args)
+            .env_remove("COMMUNESYNC_DATA")
+            .env_remove("COMMUNESYNC_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    }
+
+    pub fn run(&self, args: &[&str]) -> Run {
+        let out = self
+            .command(args)
+            .output()
+            .expect("running the communesync binary");
+        Run::from_output(to_strings(args), out)
+    }
+
+    /// Starts the binary without waiting, for concurrency tests.
+    pub fn spawn(&self, args: &[&str]) -> (Vec<String>, Child) {
+        let child = self
+            .command(args)
+            .spawn()
+            .expect("starting the communesync binary");
+        (to_strings(args), child)
+    }
+
+    /// Runs, asserts success, returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        self.run(args).ok().stdout
+    }
+
+    /// Runs with `--json`, asserts success, returns the parsed output.
+    pub fn json(&self, args: &[&str]) -> Value {
+        let mut all = vec!["--json"];
+        all.extend_from_slice(args);
+        self.run(&all).ok().json()
+    }
+
+    /// Runs, asserts the exit code and a one-line `error:`; returns the line.
+    pub fn fails(&self, args: &[&str], code: u8) -> String {
+        self.run(args).fails(code)
+    }
+
+    /// Issues a dispatch to `to` with the given scans; returns its JSON object.
+    pub fn new_dispatch(&self, ref_no: &str, to: &[&str], attach: &[&str]) -> Value {
+        let mut args = vec![
+            "dispatch",
+            "new",
+            "--ref",
+            ref_no,
+            "--summary",
+            "Test dispatch",
+        ];
+        args.push("--to");
+        args.extend_from_slice(to);
+        if !attach.is_empty() {
+            args.push("--attach");
+            args.extend_from_slice(attach);
+        }
+        self.json(&args)
+    }
+
+    /// The node's database, opened the way SQLite tools would.
+    pub fn db(&self) -> rusqlite::Connection {
+        rusqlite::Connection::open_with_flags(
+            self.db_path(),
+            rusqlite::OpenFlags::SQLITE_OPEN_READ_WRITE,
+        )
+        .expect("opening node.db")
+    }
+
+    /// Rows in a table of the node's database.
+    pub fn count(&self, table: &str) -> i64 {
+        self.db()
+            .query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
+            .expect("counting rows")
+    }
+}
+
+pub fn path_arg(path: &Path) -> String {
+    path.to_str()
+        .expect("temporary paths are UTF-8")
+        .to_string()
+}
+
+fn to_strings(args: &[&str]) -> Vec<String> {
+    args.iter().map(|s| s.to_string()).collect()
+}
+
+/// The `id` field of a JSON object.
+pub fn id(value: &Value) -> String {
+    value["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id in {value}"))
+        .to_string()
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .expect("clock after 1970")
+        .as_millis() as i64
+}
+
+/// A synthetic greyscale scan (binary PGM) of about `bytes` bytes: dark "text lines" on light
+/// paper noise, so it compresses like a real scan; `seed` makes distinct scans distinct.
+pub fn scan(bytes: usize, seed: u64) -> Vec<u8> {
+    let width = 1024;
+    let height = bytes.div_ceil(width).max(1);
+    let mut out = format!("P5\n{width} {height}\n255\n").into_bytes();
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for y in 0..height {
+        for x in 0..width {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let ink = (y % 16) < 10 && (x / 8 + y / 16) % 7 != 0 && x > 48 && x < width - 48;
+            out.push(if ink { 30 } else { 235 } + (state % 8) as u8);
+        }
+    }
+    out
+}
