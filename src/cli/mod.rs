@@ -114,6 +114,17 @@ pub enum Command {
     },
     /// This node and each peer: last sync, what is pending in each direction
     Status,
+    /// Verify the database, every document and every scan (reads only)
+    Check {
+        /// SQLite's full integrity check instead of the quick one
+        #[arg(long)]
+        full: bool,
+    },
+    /// Write a consistent copy of the database while the node runs
+    Backup {
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+    },
     /// Sync without a link: a signed file carried on a USB stick
     #[command(subcommand)]
     Bundle(BundleCmd),
@@ -504,6 +515,18 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bundle(BundleCmd::Import { file }) => {
             out.imported(&open(&cli)?.bundle_import(file)?)
         }
+        Command::Check { full } => {
+            let report = open(&cli)?.check(*full)?;
+            out.check(&report)?;
+            if !report.problems.is_empty() {
+                anyhow::bail!("{} problem(s) found; restore the damaged data from a backup (docs/operations.md)", report.problems.len());
+            }
+            Ok(())
+        }
+        Command::Backup { out: file } => {
+            open(&cli)?.backup(file)?;
+            out.backed_up(file)
+        }
         Command::Status => {
             let node = open(&cli)?;
             out.status(&node.status()?, &node)
@@ -574,7 +597,11 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
             crate::store::StoreError::Invalid(_) | crate::store::StoreError::Model(_),
         )) => exit::USAGE,
         Some(NodeError::Store(crate::store::StoreError::Missing(_))) => exit::NODE,
-        None if err.downcast_ref::<crate::net::NetError>().is_some() => exit::PEER,
+        None => match err.downcast_ref::<crate::net::NetError>() {
+            Some(crate::net::NetError::Setup(_) | crate::net::NetError::Node(_)) => exit::FAILURE,
+            Some(_) => exit::PEER,
+            None => exit::FAILURE,
+        },
         _ => exit::FAILURE,
     }
 }

@@ -10,7 +10,7 @@ use crate::model::{AuditEntry, Conflict};
 use crate::net::SessionReport;
 use crate::node::bundle::{ExportReport, ImportReport};
 use crate::node::sync::{IssueReport, Status};
-use crate::node::{AttachmentReport, DispatchDetail, InitReport, Node, ReceiveReport};
+use crate::node::{AttachmentReport, CheckReport, DispatchDetail, InitReport, Node, ReceiveReport};
 use crate::store::index::{AssignmentRow, DispatchRow, DossierRow};
 use crate::store::sync::Peer;
 use crate::store::User;
@@ -411,6 +411,32 @@ impl Out {
                     println!("    last error: {err}");
                 }
             }
+        })
+    }
+
+    pub fn check(&self, r: &CheckReport) -> Result<()> {
+        self.emit(r, || {
+            println!("database: {}", r.database.join("; "));
+            println!(
+                "documents checked: {}, scans checked: {}",
+                r.documents, r.scans
+            );
+            for p in &r.problems {
+                println!("PROBLEM: {p}");
+            }
+            if r.problems.is_empty() {
+                println!("no problems found");
+            }
+        })
+    }
+
+    pub fn backed_up(&self, file: &std::path::Path) -> Result<()> {
+        let v = serde_json::json!({ "backup": file });
+        self.emit(&v, || {
+            println!(
+                "wrote a consistent copy of the database to {}",
+                file.display()
+            )
         })
     }
 

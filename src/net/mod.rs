@@ -288,7 +288,7 @@ pub async fn run_session(
         }));
     }
     node.record_contact(&peer).map_err(node_err)?;
-    let (crl_number, crl_der) = node
+    let (crl_number, mut crl_der) = node
         .crl()
         .map(|c| (c.number(), c.der().to_vec()))
         .unwrap_or((0, Vec::new()));
@@ -357,6 +357,10 @@ pub async fn run_session(
                             let window_open = limit.as_ref().is_none_or(|l| l.window_open(local_minute(utc_offset)));
                             if !window_open {
                                 debug!(peer = %peer.unit, "scan deferred: outside the scans window");
+                                session.blob_unavailable_here(hash);
+                            } else if !replica.node.blob_in_peer_scope(&hash, &peer.unit).map_err(node_err)? {
+                                // Only scans of documents the peer may hold leave this node.
+                                warn!(peer = %peer.unit, "peer asked for a scan outside its scope; refused");
                                 session.blob_unavailable_here(hash);
                             } else if replica.node.store.has_blob(&hash).map_err(|e| NetError::Node(e.to_string()))? {
                                 let _ = blob_queue.send((hash, from)).await;
@@ -431,8 +435,15 @@ pub async fn run_session(
                     }
                     let retry = ticks % RETRY_UNAVAILABLE_TICKS == 0;
                     session.poll_local_changes(&mut NodeReplica::new(&mut node, peer.clone()), retry)?;
-                    if node.crl().is_some_and(|crl| crl.is_revoked(&peer.serial)) {
-                        return Err(NetError::Trust(TrustError::RevokedNode { node: peer.node_id }));
+                    if let Some(crl) = node.crl() {
+                        if crl.is_revoked(&peer.serial) {
+                            return Err(NetError::Trust(TrustError::RevokedNode { node: peer.node_id }));
+                        }
+                        // Revocations travel on open sessions too, hop by hop down the tree.
+                        if crl.der() != crl_der.as_slice() {
+                            session.update_crl(crl.number());
+                            crl_der = crl.der().to_vec();
+                        }
                     }
                 }
                 _ = shutdown.changed() => return Ok(()),

@@ -86,8 +86,17 @@ impl<'a> BlobSink<'a> {
         self.next == self.manifest.len() as u64
     }
 
-    /// Takes the next BlobChunk frame, verified against the manifest.
+    /// Takes the next BlobChunk frame, verified against the manifest. On a bad chunk the good
+    /// ones before it are kept, so the next attempt resumes there.
     pub fn chunk(&mut self, frame: Frame) -> Result<(), ProtoError> {
+        let accepted = self.accept(frame);
+        if accepted.is_err() {
+            self.flush()?;
+        }
+        accepted
+    }
+
+    fn accept(&mut self, frame: Frame) -> Result<(), ProtoError> {
         let Frame::BlobChunk {
             idx,
             compressed,

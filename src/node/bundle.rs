@@ -118,21 +118,39 @@ impl Node {
                 break;
             };
             cursor = last;
-            let mut batch = Vec::new();
+            let (mut batch, mut batch_bytes) = (Vec::new(), 0);
             for (_, id, _, _) in page {
                 let doc_id: DocId = id.parse()?;
                 let (data, heads) = self
                     .store
                     .read_doc(&doc_id, |doc| (doc.save(), doc.get_heads()))?;
+                if data.len() > wire::DOC_CHANGES_BYTES_MAX {
+                    tracing::warn!(doc = %doc_id, "document too large for a bundle frame; left out");
+                    continue;
+                }
                 hashes.extend(self.store.doc_blob_hashes(&doc_id)?);
+                batch_bytes += data.len();
                 batch.push(DocChanges {
                     id,
                     heads: heads.iter().map(|h| h.0).collect(),
                     data,
                 });
+                // Frames stay bounded as on the wire.
+                if batch_bytes >= crate::proto::session::CHANGES_FRAME_BYTES {
+                    docs += batch.len() as u64;
+                    emit(
+                        &Frame::Changes {
+                            docs: std::mem::take(&mut batch),
+                        },
+                        &mut payload,
+                    )?;
+                    batch_bytes = 0;
+                }
             }
-            docs += batch.len() as u64;
-            emit(&Frame::Changes { docs: batch }, &mut payload)?;
+            if !batch.is_empty() {
+                docs += batch.len() as u64;
+                emit(&Frame::Changes { docs: batch }, &mut payload)?;
+            }
         }
         hashes.sort();
         hashes.dedup();

@@ -318,7 +318,7 @@ impl Config {
              # Who acts when --as is not given.\n\
              default_user = \"{user}\"\n\
              # Unit tree file until the province's arrives by sync (default: the embedded sample).\n\
-             # units_file = \"units.toml\"\n\
+             {units_file}\n\
              # Hours east of UTC for deadlines and \"overdue\".\n\
              utc_offset_hours = {offset}\n\n\
              [store]\n\
@@ -339,6 +339,10 @@ impl Config {
             offset = self.node.utc_offset_hours,
             cache = self.store.doc_cache_entries,
             listen = self.sync.listen,
+            units_file = match &self.node.units_file {
+                Some(f) => format!("units_file = \"{}\"", f.display()),
+                None => "# units_file = \"units.toml\"".to_string(),
+            },
             upstream = match &self.sync.upstream {
                 Some(u) => format!("upstream = \"{u}\""),
                 None => "# upstream = \"district\"".to_string(),

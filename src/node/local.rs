@@ -433,3 +433,77 @@ impl Node {
         Ok(self.store.read_doc(&id, audit)?)
     }
 }
+
+/// What `check` found.
+#[derive(Debug, Serialize)]
+pub struct CheckReport {
+    pub database: Vec<String>,
+    pub documents: u64,
+    pub scans: u64,
+    pub problems: Vec<String>,
+}
+
+impl Node {
+    /// Verifies the database file, that every document loads to its recorded heads and that
+    /// every scan matches its hash. Reads only; one document or chunk in memory at a time.
+    pub fn check(&mut self, full: bool) -> Result<CheckReport> {
+        let database = self.store.integrity_check(full)?;
+        let mut problems: Vec<String> = database
+            .iter()
+            .filter(|l| l.as_str() != "ok")
+            .cloned()
+            .collect();
+        let (mut documents, mut scans) = (0u64, 0u64);
+        let mut after = String::new();
+        loop {
+            let ids = self.store.doc_ids_after(&after, 500)?;
+            let Some(last) = ids.last().cloned() else {
+                break;
+            };
+            for id in ids {
+                documents += 1;
+                let loaded = id
+                    .parse::<DocId>()
+                    .map_err(NodeError::from)
+                    .and_then(|doc_id| {
+                        self.store
+                            .read_doc(&doc_id, |doc| crate::model::parties(doc, &doc_id))?
+                            .map_err(NodeError::from)
+                    });
+                if let Err(e) = loaded {
+                    problems.push(format!("document {id}: {e}"));
+                }
+            }
+            after = last;
+        }
+        let mut after_hash = Vec::new();
+        loop {
+            let hashes = self.store.blob_hashes_after(&after_hash, 100)?;
+            let Some(last) = hashes.last().cloned() else {
+                break;
+            };
+            for hash in hashes {
+                scans += 1;
+                let Ok(fixed) = <[u8; 32]>::try_from(hash.as_slice()) else {
+                    problems.push(format!("scan row with a {}-byte hash", hash.len()));
+                    continue;
+                };
+                if let Err(e) = self.store.read_blob(&fixed, &mut std::io::sink()) {
+                    problems.push(e.to_string());
+                }
+            }
+            after_hash = last;
+        }
+        Ok(CheckReport {
+            database,
+            documents,
+            scans,
+            problems,
+        })
+    }
+
+    /// A consistent copy of the database, taken while the node runs.
+    pub fn backup(&self, out: &Path) -> Result<()> {
+        Ok(self.store.backup_to(out)?)
+    }
+}

@@ -28,6 +28,22 @@ pub fn scope_for(peer_unit: &str, me: &str) -> Scope {
     }
 }
 
+/// Whether `peer` may relay changes authored by others to this node: a node above it, or
+/// another node of the same unit (a standby).
+pub fn is_trusted_relay(peer_unit: &str, me: &str) -> bool {
+    peer_unit == me || is_upstream(peer_unit, me)
+}
+
+impl Node {
+    /// Whether a scan belongs to a document the peer of `peer_unit` may hold.
+    pub fn blob_in_peer_scope(&self, hash: &Hash32, peer_unit: &str) -> super::Result<bool> {
+        Ok(match scope_for(peer_unit, self.unit()) {
+            Scope::All => true,
+            Scope::Subtree(unit) => self.store.blob_in_subtree(hash, &unit)?,
+        })
+    }
+}
+
 /// Whether a document with these parties belongs on the node of `unit`.
 pub fn in_scope_of(parties: &[String], unit: &str) -> bool {
     parent(unit).is_none() || parties.iter().any(|p| is_within(p, unit))
@@ -75,7 +91,7 @@ impl<'a> NodeReplica<'a> {
         bytes: &[u8],
     ) -> Result<AutoCommit, ProtoError> {
         let me = self.node.unit();
-        let upstream = is_upstream(&self.peer.unit, me);
+        let upstream = is_trusted_relay(&self.peer.unit, me);
         let (mut doc, old_heads) = match existing {
             Some(doc) => {
                 let mut doc = doc.clone();
@@ -179,6 +195,15 @@ impl Replica for NodeReplica<'_> {
         self.node
             .store
             .write(|tx| tx.set_acked_by(&id, upto as i64))
+            .map_err(local)
+    }
+
+    fn peer_regressed(&mut self, have: u64) -> Result<(), ProtoError> {
+        let id = self.peer_id.clone();
+        warn!(peer = %self.peer.unit, have, "peer holds less than it acknowledged (restored from a backup?): offering again");
+        self.node
+            .store
+            .write(|tx| tx.peer_regressed(&id, have as i64))
             .map_err(local)
     }
 
@@ -293,6 +318,10 @@ impl Replica for NodeReplica<'_> {
                 (doc.save_after(&known), mine)
             })
             .map_err(local)?;
+        if data.len() > crate::proto::wire::DOC_CHANGES_BYTES_MAX {
+            warn!(doc = %id, bytes = data.len(), "document changes too large to send in one frame; not sent");
+            return Ok(None);
+        }
         Ok((!data.is_empty()).then(|| DocChanges {
             id: want.id.clone(),
             heads: to_hashes(&mine),

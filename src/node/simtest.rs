@@ -315,3 +315,49 @@ fn unchanged_reconnect_is_one_exchange_of_few_bytes() {
     assert!(flights <= 2, "{flights} flights");
     assert!(bytes < 200, "{bytes} bytes");
 }
+
+#[test]
+fn a_peer_restored_from_a_backup_gets_back_what_it_lost() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = pair(dir.path());
+    let req = |r: &str| DispatchRequest {
+        ref_no: r.into(),
+        summary: "s".into(),
+        kind: DispatchKind::Report,
+        priority: Priority::Normal,
+        to: vec!["qn/binhlieu/tinhhuc".into()],
+        attach: vec![],
+    };
+    let mut rng = StdRng::seed_from_u64(3);
+    a.node.dispatch_new(None, &req("1/A")).unwrap();
+    while !matches!(run_once(&mut a, &mut b, &mut rng, 0.0), Outcome::Converged) {}
+    // Back up the commune, let more arrive, then restore the backup: what came after is lost.
+    let db = dir.path().join("c").join(crate::node::DB_FILE);
+    b.node
+        .store
+        .write(|tx| tx.set_meta("checkpoint", "1"))
+        .unwrap();
+    let backup = dir.path().join("backup.db");
+    b.node.store.backup_to(&backup).unwrap();
+    let later = a.node.dispatch_new(None, &req("2/A")).unwrap();
+    while !matches!(run_once(&mut a, &mut b, &mut rng, 0.0), Outcome::Converged) {}
+    let peer = b.peer.clone();
+    drop(b);
+    std::fs::copy(&backup, &db).unwrap();
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    let mut b = Side {
+        node: Node::open(&dir.path().join("c")).unwrap(),
+        peer,
+    };
+    assert!(
+        b.node.dispatch_show(&later.id).is_err(),
+        "the restore lost the later dispatch"
+    );
+    while !matches!(run_once(&mut a, &mut b, &mut rng, 0.0), Outcome::Converged) {}
+    assert!(
+        b.node.dispatch_show(&later.id).is_ok(),
+        "the province offered it again"
+    );
+}

@@ -355,7 +355,12 @@ impl Node {
             }
             let relay = syncs
                 .iter()
-                .filter(|s| s.unit != self.unit() && crate::units::is_within(&unit.path, &s.unit))
+                // A relay is a peer below this node whose subtree holds the unit, never the upstream.
+                .filter(|s| {
+                    s.unit != self.unit()
+                        && crate::units::is_within(&s.unit, self.unit())
+                        && crate::units::is_within(&unit.path, &s.unit)
+                })
                 .max_by_key(|s| s.unit.len());
             let (skip, after) = relay
                 .map(|r| (r.node_id.as_str(), r.acked_by))
@@ -467,13 +472,10 @@ pub async fn serve(
     loop {
         tokio::select! {
             _ = crl_check.tick() => {
-                let node = Node::open(dir)?;
-                let held = node.crl().map(|c| c.number());
-                if held != crl_number {
-                    let tls = node.tls_material()?;
-                    ep.set_server_config(Some(crate::trust::quinn_server_config(&tls, Arc::new(net::transport_config(&node.config.sync)))?));
-                    info!(crl = ?held, "revocation list reloaded");
-                    crl_number = held;
+                // A bad moment (config being edited, a locked file) must not stop the daemon.
+                match reload_crl(dir, &ep, crl_number) {
+                    Ok(held) => crl_number = held,
+                    Err(e) => warn!("could not reload the revocation list (will retry): {e:#}"),
                 }
             }
             incoming = ep.accept() => {
@@ -513,6 +515,25 @@ pub async fn serve(
     ep.close(0u32.into(), b"shutting down");
     ep.wait_idle().await;
     Ok(())
+}
+
+/// Rebuilds the endpoint's TLS config when a newer CRL is on disk; returns the CRL number held.
+fn reload_crl(
+    dir: &Path,
+    ep: &quinn::Endpoint,
+    current: Option<u64>,
+) -> std::result::Result<Option<u64>, anyhow::Error> {
+    let node = Node::open(dir)?;
+    let held = node.crl().map(|c| c.number());
+    if held != current {
+        let tls = node.tls_material()?;
+        ep.set_server_config(Some(crate::trust::quinn_server_config(
+            &tls,
+            Arc::new(net::transport_config(&node.config.sync)),
+        )?));
+        info!(crl = ?held, "revocation list reloaded");
+    }
+    Ok(held)
 }
 
 /// Keeps a session with the upstream peer, reconnecting with bounded, jittered backoff.

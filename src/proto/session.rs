@@ -35,6 +35,9 @@ pub trait Replica {
     fn set_acked_by_peer(&mut self, upto: u64) -> Result<(), ProtoError>;
     /// Notes the peer's feed position from its Hello (how much it may still have for us).
     fn note_peer_feed(&mut self, seq: u64) -> Result<(), ProtoError>;
+    /// The peer has less of this node's feed than it acknowledged (restored from a backup):
+    /// lower the checkpoint to `have` and forget which documents it was known to hold.
+    fn peer_regressed(&mut self, have: u64) -> Result<(), ProtoError>;
     /// Documents in the peer's scope changed after `after`, with their feed positions: in feed
     /// order across pages, most urgent first within a page.
     fn changed_since(
@@ -116,6 +119,8 @@ pub struct Session {
     peer_blobs_done: bool,
     crl_number: u64,
     peer_crl_number: u64,
+    /// Where to offer from again after the current round (the peer was restored from a backup).
+    resend_from: Option<u64>,
     pub stats: SessionStats,
 }
 
@@ -136,6 +141,7 @@ impl Session {
             peer_blobs_done: false,
             crl_number,
             peer_crl_number: 0,
+            resend_from: None,
             stats: SessionStats::default(),
         };
         s.out.push_back(Frame::Hello {
@@ -188,6 +194,11 @@ impl Session {
             && self.blobs_in_flight.is_empty()
             && self.blobs_done_sent
             && self.peer_blobs_done
+    }
+
+    /// A newer revocation list arrived here during the session: the peer gets it too.
+    pub fn update_crl(&mut self, number: u64) {
+        self.crl_number = self.crl_number.max(number);
     }
 
     /// Sends our revocation list once, if the peer announced an older one.
@@ -246,9 +257,9 @@ impl Session {
         match frame {
             Frame::Hello {
                 version,
+                feed_seq,
                 have_from_you,
                 crl_number,
-                ..
             } => {
                 if version != VERSION {
                     return Err(ProtoError::Version(version));
@@ -258,12 +269,15 @@ impl Session {
                 }
                 self.hello_seen = true;
                 self.peer_crl_number = crl_number;
-                // The peer holds less of our feed than we believed (restored from a backup, or
-                // a standby of the same unit): offer again from what it really has.
+                replica.note_peer_feed(feed_seq)?;
+                // The peer holds less of our feed than we believed (restored from a backup):
+                // offer again from what it really has, once the round already under way ends.
                 if have_from_you < self.tx_start {
-                    replica.set_acked_by_peer(have_from_you)?;
+                    replica.peer_regressed(have_from_you)?;
                     if matches!(self.tx, Tx::Offering { offered: 0, .. }) {
                         self.start_round(replica, have_from_you)?;
+                    } else {
+                        self.resend_from = Some(have_from_you);
                     }
                 }
             }
@@ -338,8 +352,15 @@ impl Session {
                 if self.tx != Tx::AwaitAck {
                     return Err(ProtoError::Violation("Ack without a round".into()));
                 }
-                replica.set_acked_by_peer(upto)?;
-                self.tx = Tx::Done;
+                match self.resend_from.take() {
+                    // The acknowledgement covers only the round that started past the peer's
+                    // real position: keep the lower checkpoint and offer again from it.
+                    Some(from) => self.start_round(replica, from)?,
+                    None => {
+                        replica.set_acked_by_peer(upto)?;
+                        self.tx = Tx::Done;
+                    }
+                }
             }
             Frame::BlobWant { blobs } => {
                 self.peer_blobs_done = false;

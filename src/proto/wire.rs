@@ -8,9 +8,12 @@ use super::ProtoError;
 /// Protocol version spoken by this build (sent in Hello).
 pub const VERSION: u16 = 1;
 /// Largest frame on the wire (header excluded), compressed or not.
-pub const FRAME_BYTES_MAX: usize = 4 << 20;
+pub const FRAME_BYTES_MAX: usize = 16 << 20;
 /// Largest frame body after decompression: checked before zstd runs (no decompression bombs).
 pub const FRAME_RAW_BYTES_MAX: usize = 16 << 20;
+/// Largest changes of one document sent in one frame: with the batch limit, keeps every
+/// Changes frame under FRAME_RAW_BYTES_MAX by construction.
+pub const DOC_CHANGES_BYTES_MAX: usize = 8 << 20;
 /// Bodies at least this large are tried with zstd.
 const COMPRESS_BYTES_MIN: usize = 512;
 /// Most items (documents, heads, blobs) one frame may list.

@@ -40,7 +40,7 @@ pub enum StoreError {
     },
     #[error("{0} not found")]
     NotFound(String),
-    #[error("stored data is corrupt: {0}; run `communesync check` and restore from a backup if it persists")]
+    #[error("stored data is corrupt: {0}; run `communesync check`, and restore from a backup if it reports damage")]
     Corrupt(String),
     #[error(transparent)]
     Model(#[from] ModelError),
@@ -143,6 +143,58 @@ impl Store {
         tx.commit().at(&path)?;
         cache.commit(touched);
         Ok(value)
+    }
+
+    /// A consistent copy of the database, taken while it is in use (SQLite's VACUUM INTO).
+    pub fn backup_to(&self, dest: &Path) -> Result<()> {
+        if dest.exists() {
+            return Err(StoreError::Invalid(format!(
+                "{} already exists; choose a new file for the backup",
+                dest.display()
+            )));
+        }
+        self.conn
+            .execute("VACUUM INTO ?1", [dest.to_string_lossy()])
+            .at(&self.path)?;
+        Ok(())
+    }
+
+    /// SQLite's own consistency check of the file: "ok" or the problems it found.
+    pub fn integrity_check(&self, full: bool) -> Result<Vec<String>> {
+        let pragma = if full {
+            "PRAGMA integrity_check"
+        } else {
+            "PRAGMA quick_check"
+        };
+        let mut stmt = self.conn.prepare(pragma).at(&self.path)?;
+        let rows = stmt
+            .query_map([], |r| r.get::<_, String>(0))
+            .at(&self.path)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
+    }
+
+    /// Ids of every stored document after `after`, in id order (for paging through all of them).
+    pub fn doc_ids_after(&self, after: &str, limit: usize) -> Result<Vec<String>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT id FROM docs WHERE id > ?1 ORDER BY id LIMIT ?2")
+            .at(&self.path)?;
+        let rows = stmt
+            .query_map(rusqlite::params![after, limit as i64], |r| r.get(0))
+            .at(&self.path)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
+    }
+
+    /// Hashes of every stored scan after `after`, in order.
+    pub fn blob_hashes_after(&self, after: &[u8], limit: usize) -> Result<Vec<Vec<u8>>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT hash FROM blobs WHERE hash > ?1 ORDER BY hash LIMIT ?2")
+            .at(&self.path)?;
+        let rows = stmt
+            .query_map(rusqlite::params![after, limit as i64], |r| r.get(0))
+            .at(&self.path)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
     }
 
     pub fn meta(&self, key: &str) -> Result<Option<String>> {

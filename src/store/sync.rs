@@ -292,6 +292,20 @@ impl Store {
         Ok(out)
     }
 
+    /// Whether a scan is attached to a document with a party at or below `unit`.
+    pub fn blob_in_subtree(&self, hash: &Hash, unit: &str) -> Result<bool> {
+        self.conn
+            .prepare_cached(
+                "SELECT 1 FROM doc_blobs db WHERE db.hash = ?1 AND EXISTS
+                   (SELECT 1 FROM doc_parties p WHERE p.doc_id = db.doc_id AND (p.unit = ?2 OR p.unit LIKE ?2 || '/%')) LIMIT 1",
+            )
+            .at(&self.path)?
+            .query_row(params![&hash[..], unit], |_| Ok(()))
+            .optional()
+            .map(|r| r.is_some())
+            .at(&self.path)
+    }
+
     /// How urgent a scan is: the highest priority rank of the dispatches that attach it.
     pub fn blob_rank(&self, hash: &Hash) -> Result<i64> {
         self.conn
@@ -440,6 +454,16 @@ impl WriteTx<'_> {
                 "UPDATE peer_sync SET have_from = ?2 WHERE node_id = ?1",
                 params![node_id, upto],
             )
+            .at(self.path)?;
+        Ok(())
+    }
+
+    /// A peer lost part of this node's feed: lower its checkpoint and clear the marks saying it
+    /// holds documents whole, so everything since `have` is offered again.
+    pub fn peer_regressed(&self, node_id: &str, have: i64) -> Result<()> {
+        self.set_acked_by(node_id, have)?;
+        self.tx
+            .execute("UPDATE docs SET origin = NULL WHERE origin = ?1", [node_id])
             .at(self.path)?;
         Ok(())
     }
