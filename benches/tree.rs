@@ -136,7 +136,7 @@ fn main() {
     let province = dir("qn");
     cs(&province, &["init", "--unit", "qn", "--role", "province"]);
     cs(&province, &["ca", "init"]);
-    let district = dir("binhlieu");
+    let district = dir("district-binhlieu");
     enrol(&province, &district, "qn/binhlieu", "district");
     let communes: Vec<(String, PathBuf)> = [
         "binhlieu", "dongtam", "dongvan", "hoanhmo", "hucdong", "luchon", "tinhhuc", "vongai",
