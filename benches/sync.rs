@@ -1,0 +1,1561 @@
+//! Sync benchmark against the hard numbers of DESIGN.md: reconnect cost at the protocol level
+//! (two `Session`s over `NodeReplica`s, no sockets, frames counted), the same over real QUIC on
+//! loopback, scan throughput on loopback and through linksim at weak 4G, and the peak RSS of real
+//! `communesync` processes. Prints Markdown tables.
+//!
+//! `cargo bench --bench sync [-- SCENARIO... N... key=value...]`, where SCENARIO is `reconnect`,
+//! `quic`, `scan`, `weak4g` or `memory` (default: all), N a province size for `reconnect`
+//! (default 100000 1000000; `quic` and `memory` use the largest), and the keys `scan-mb=200`,
+//! `weak-mb=2`, `memory-mb=1024`, `regen=1` (rebuild the cached provinces).
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use communesync::linksim::{LinkProfile, LinkSim};
+use communesync::model::dispatch::{self, DispatchKind, NewDispatch, Priority};
+use communesync::model::{DocId, DocKind};
+use communesync::net::{self, SessionReport};
+use communesync::node::replica::NodeReplica;
+use communesync::node::{now_ms, sync, DispatchRequest, Node, DB_FILE, KEY_FILE};
+use communesync::proto::blob::encode_chunk;
+use communesync::proto::{wire, Action, Frame, Session};
+use communesync::trust::{Crl, NodeKey, PeerIdentity, TlsMaterial};
+use communesync::units::Role;
+use rand::{RngCore, SeedableRng};
+
+const BIN: &str = env!("CARGO_BIN_EXE_communesync");
+const COMMUNE: &str = "qn/binhlieu/tinhhuc";
+const SIBLING: &str = "qn/binhlieu/hucdong";
+/// Documents addressed to the commune in every province, whatever its size.
+const SCOPE_DOCS: usize = 10_000;
+/// Documents changed on each side before the "changed" reconnect.
+const CHANGED_DOCS: usize = 100;
+/// Documents created per transaction while populating a province.
+const POPULATE_BATCH: usize = 10_000;
+/// Other dispatches built through the library; the rest of a province copies their rows.
+const FILLER_TEMPLATES: usize = 10_000;
+/// zstd level the network layer uses for control frames (`net::CONTROL_LEVEL`).
+const CONTROL_LEVEL: i32 = 3;
+/// One-way legs after which a protocol exchange is declared stuck.
+const LEGS_MAX: usize = 64;
+/// Segments compressed in parallel for the `zstd -19` reference (larger than its 8 MiB window).
+const ZSTD_SEGMENT_BYTES: usize = 16 << 20;
+/// Prefix of a large scan whose `zstd -19` size stands for the whole file's.
+const ZSTD_SAMPLE_BYTES: usize = 32 << 20;
+/// Chunk size of the scan store and the wire (`store::blobs::CHUNK_BYTES`).
+const CHUNK_BYTES: usize = 256 * 1024;
+const WEAK_4G_RATE_BPS: f64 = 1_000_000.0;
+/// UDP bytes per byte of stream payload in full 1452-byte QUIC packets, as the `scan` scenario
+/// measures for incompressible data on loopback (1.0232–1.0234).
+const QUIC_UDP_PER_PAYLOAD: f64 = 1.0233;
+
+const FIRST_SYNC_S_MAX: f64 = 2.0;
+const RECONNECT_BYTES_MAX: u64 = 2_000;
+const CHANGED_SLACK_BYTES: u64 = 64 * 1024;
+const LOOPBACK_MB_S_MIN: f64 = 200.0;
+const INCOMPRESSIBLE_OVERHEAD_MAX: f64 = 0.005;
+const ZSTD19_RATIO_MAX: f64 = 1.05;
+const GOODPUT_MIN: f64 = 0.90;
+const COMMUNE_RSS_MB_MAX: f64 = 64.0;
+const PROVINCE_RSS_MB_MAX: f64 = 512.0;
+
+fn main() {
+    let opts = Opts::parse();
+    let started = Instant::now();
+    std::fs::create_dir_all(data_root()).expect("bench data directory");
+    println!("# communesync sync benchmark\n");
+    println!(
+        "date {} UTC, machine {}, load average {}, profile {}\n",
+        time::OffsetDateTime::now_utc()
+            .replace_nanosecond(0)
+            .expect("zero ns"),
+        machine(),
+        load_average(),
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release (bench)"
+        }
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let largest = *opts.sizes.iter().max().expect("at least one size");
+    if opts.wants("reconnect") {
+        for &n in &opts.sizes {
+            reconnect_protocol(&opts, n);
+        }
+    }
+    if opts.wants("quic") {
+        rt.block_on(reconnect_quic(&opts, largest));
+    }
+    if opts.wants("scan") {
+        rt.block_on(scan_loopback(opts.scan_mb));
+    }
+    if opts.wants("weak4g") {
+        rt.block_on(scan_weak_4g(opts.weak_mb));
+    }
+    if opts.wants("memory") {
+        memory(&opts, largest);
+    }
+    println!(
+        "\ntotal bench time {:.0} s, load average at the end {}",
+        started.elapsed().as_secs_f64(),
+        load_average()
+    );
+}
+
+struct Opts {
+    scenarios: Vec<String>,
+    sizes: Vec<usize>,
+    scan_mb: usize,
+    weak_mb: usize,
+    memory_mb: usize,
+    regen: bool,
+}
+
+impl Opts {
+    fn parse() -> Opts {
+        let mut o = Opts {
+            scenarios: Vec::new(),
+            sizes: Vec::new(),
+            scan_mb: 200,
+            weak_mb: 2,
+            memory_mb: 1024,
+            regen: false,
+        };
+        // `cargo bench` appends `--bench`; ignore flags.
+        for arg in std::env::args().skip(1).filter(|a| !a.starts_with('-')) {
+            let num = |v: &str| v.parse::<usize>().expect("a number");
+            match arg.split_once('=') {
+                Some(("scan-mb", v)) => o.scan_mb = num(v),
+                Some(("weak-mb", v)) => o.weak_mb = num(v),
+                Some(("memory-mb", v)) => o.memory_mb = num(v),
+                Some(("regen", v)) => o.regen = v != "0",
+                Some(_) => panic!("unknown option {arg}"),
+                None if arg.chars().all(|c| c.is_ascii_digit()) => {
+                    let n = num(&arg);
+                    assert!(
+                        n >= SCOPE_DOCS && n % SCOPE_DOCS == 0,
+                        "province size must be a multiple of {SCOPE_DOCS}"
+                    );
+                    o.sizes.push(n);
+                }
+                None => o.scenarios.push(arg),
+            }
+        }
+        if o.sizes.is_empty() {
+            o.sizes = vec![100_000, 1_000_000];
+        }
+        o
+    }
+
+    fn wants(&self, scenario: &str) -> bool {
+        self.scenarios.is_empty() || self.scenarios.iter().any(|s| s == scenario)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Fixtures
+
+fn data_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/bench-data")
+}
+
+fn scratch() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("sync-")
+        .tempdir_in(data_root())
+        .expect("scratch directory")
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| {
+            text.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, model)| model.trim().to_string())
+        })
+        .unwrap_or_else(|| "unknown CPU".into());
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let mem_gb = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .next()?
+                .split_whitespace()
+                .nth(1)?
+                .parse::<f64>()
+                .ok()
+        })
+        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
+    format!("nproc {cores}, CPU {cpu}, {mem_gb:.0} GiB RAM")
+}
+
+/// The 1, 5 and 15 minute load averages: the machine is shared, and load moves the figures.
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "unknown".into())
+}
+
+/// Communes other than ours that the rest of the province's dispatches go to: the real Bình
+/// Liêu ones and synthetic ones under the other districts (about 180 in all, as in Quảng Ninh).
+fn other_communes() -> Vec<String> {
+    let districts = [
+        "halong",
+        "campha",
+        "uongbi",
+        "mongcai",
+        "dongtrieu",
+        "quangyen",
+        "bache",
+        "coto",
+        "damha",
+        "haiha",
+        "hoanhbo",
+        "tienyen",
+        "vandon",
+    ];
+    let mut out: Vec<String> = [
+        "binhlieu", "dongtam", "dongvan", "hoanhmo", "hucdong", "luchon", "vohai",
+    ]
+    .iter()
+    .map(|c| format!("qn/binhlieu/{c}"))
+    .collect();
+    for d in districts {
+        for k in 0..13 {
+            out.push(format!("qn/{d}/xa{k:02}"));
+        }
+    }
+    out
+}
+
+const SUMMARIES: &[&str] = &[
+    "Về việc triển khai kế hoạch phòng chống thiên tai và tìm kiếm cứu nạn",
+    "Về việc báo cáo kết quả thực hiện chương trình nông thôn mới",
+    "Về việc tăng cường công tác phòng cháy chữa cháy rừng mùa khô",
+    "Về việc tổ chức tiêm chủng mở rộng cho trẻ em dưới 5 tuổi",
+    "Về việc rà soát hộ nghèo, hộ cận nghèo theo chuẩn đa chiều",
+];
+
+/// A province node with `n` dispatches, `SCOPE_DOCS` of them addressed to our commune, spread
+/// evenly through the feed; generated once and cached (with its CA) under target/bench-data.
+///
+/// Building an Automerge dispatch costs about 1.8 ms here, so only the scope and
+/// `FILLER_TEMPLATES` other dispatches are built through the library (`tx.create_doc`, batched);
+/// the rest of the province are SQL copies of those templates' rows under new ids (every table
+/// with a `doc_id` or text `id` column), then the feed is renumbered to interleave the scope.
+/// Copies are never loaded: a commune's sync reads only their feed and party rows.
+fn province_fixture(opts: &Opts, n: usize) -> PathBuf {
+    let dir = data_root().join(format!("province-{n}"));
+    let done = data_root().join(format!("province-{n}.complete"));
+    if done.exists() && !opts.regen {
+        // Opening migrates the cached copy once, should the schema have moved on.
+        drop(Node::open(&dir).expect("open cached province"));
+        println!(
+            "province of {n} dispatches: cached in {} (generated in {} s)",
+            dir.display(),
+            std::fs::read_to_string(&done).unwrap_or_default().trim()
+        );
+        return dir;
+    }
+    let _ = std::fs::remove_file(&done);
+    let _ = std::fs::remove_dir_all(&dir);
+    let started = Instant::now();
+    Node::init(&dir, "qn", Role::Province, "admin").expect("init province");
+    let mut node = Node::open(&dir).expect("open province");
+    node.ca_init().expect("ca init");
+    let author = node.author(None).expect("author");
+    let actor = node.actor().clone();
+    let others = other_communes();
+    let templates = FILLER_TEMPLATES.min(n - SCOPE_DOCS);
+    let built = SCOPE_DOCS + templates;
+    let (mut scope, mut fillers) = (Vec::new(), Vec::new());
+    for batch in 0..built.div_ceil(POPULATE_BATCH) {
+        node.store
+            .write(|tx| {
+                for k in batch * POPULATE_BATCH..((batch + 1) * POPULATE_BATCH).min(built) {
+                    let ours = k < SCOPE_DOCS;
+                    let to = if ours {
+                        if k % 3 == 0 {
+                            vec![COMMUNE.to_string(), SIBLING.to_string()]
+                        } else {
+                            vec![COMMUNE.to_string()]
+                        }
+                    } else if k % 4 == 0 {
+                        let mut two = vec![
+                            others[k % others.len()].clone(),
+                            others[(k / 7) % others.len()].clone(),
+                        ];
+                        two.sort();
+                        two.dedup();
+                        two
+                    } else {
+                        vec![others[k % others.len()].clone()]
+                    };
+                    let new = NewDispatch {
+                        ref_no: format!("{}/UBND-VP", k + 1),
+                        summary: SUMMARIES[k % SUMMARIES.len()].to_string(),
+                        kind: if k % 5 == 0 {
+                            DispatchKind::Directive
+                        } else {
+                            DispatchKind::Dispatch
+                        },
+                        priority: if k % 20 == 0 {
+                            Priority::Urgent
+                        } else {
+                            Priority::Normal
+                        },
+                        issuer: "qn".into(),
+                        to,
+                        attachments: vec![],
+                    };
+                    // Templates' ids carry 0000 where their copies carry the copy number.
+                    let id = if ours {
+                        DocId::generate(DocKind::Dispatch)
+                    } else {
+                        format!("dsp_0000{:012x}", rand::random::<u64>() >> 16)
+                            .parse()
+                            .expect("id")
+                    };
+                    let at_ms = now_ms();
+                    tx.create_doc(&id, &actor, at_ms, |doc| {
+                        Ok(dispatch::create(doc, &id, &new, &author, at_ms)?)
+                    })?;
+                    if ours { &mut scope } else { &mut fillers }.push(id.to_string());
+                }
+                Ok(())
+            })
+            .expect("populate");
+    }
+    drop(node);
+    let library_secs = started.elapsed().as_secs_f64();
+    clone_fillers(&dir.join(DB_FILE), n, &scope, &fillers);
+    let secs = started.elapsed().as_secs_f64();
+    std::fs::write(&done, format!("{secs:.1}\n")).expect("marker");
+    println!(
+        "province of {n} dispatches: generated in {secs:.1} s ({built} built through the library in batches of {POPULATE_BATCH} in {library_secs:.1} s, {} copied in SQL), node.db {}",
+        n - built,
+        mb(db_bytes(&dir) as f64)
+    );
+    dir
+}
+
+/// Copies the filler templates' rows until the store holds `n` documents, then renumbers the
+/// feed so the scope documents sit evenly among the others.
+fn clone_fillers(db: &Path, n: usize, scope: &[String], templates: &[String]) {
+    let mut conn = rusqlite::Connection::open(db).expect("open db");
+    let tx = conn.transaction().expect("tx");
+    tx.execute_batch("CREATE TEMP TABLE tpl (id TEXT PRIMARY KEY)")
+        .expect("temp table");
+    for id in templates {
+        tx.execute("INSERT INTO tpl (id) VALUES (?1)", [id])
+            .expect("tpl");
+    }
+    // Every table holding per-document rows, and the column naming the document.
+    let tables: Vec<String> = {
+        let mut stmt = tx
+            .prepare(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'",
+            )
+            .expect("sql");
+        let names = stmt.query_map([], |r| r.get(0)).expect("q");
+        names.collect::<rusqlite::Result<_>>().expect("rows")
+    };
+    let mut plans = Vec::new();
+    for table in tables {
+        let mut stmt = tx
+            .prepare(&format!("PRAGMA table_info({table})"))
+            .expect("pragma");
+        let cols: Vec<(String, String)> = stmt
+            .query_map([], |r| Ok((r.get(1)?, r.get(2)?)))
+            .expect("q")
+            .collect::<rusqlite::Result<_>>()
+            .expect("rows");
+        let key = cols.iter().find_map(|(c, ty)| {
+            (c == "doc_id" || (c == "id" && ty.eq_ignore_ascii_case("TEXT"))).then(|| c.clone())
+        });
+        if let Some(key) = key {
+            plans.push((
+                table,
+                key,
+                cols.into_iter().map(|(c, _)| c).collect::<Vec<_>>(),
+            ));
+        }
+    }
+    let copies = (n - scope.len()) / templates.len().max(1);
+    for r in 1..copies {
+        for (table, key, cols) in &plans {
+            let list = cols.join(", ");
+            let exprs: Vec<String> = cols
+                .iter()
+                .map(|c| {
+                    if c == key {
+                        format!("substr({c}, 1, 4) || printf('%04x', ?1) || substr({c}, 9)")
+                    } else {
+                        c.clone()
+                    }
+                })
+                .collect();
+            tx.execute(
+                &format!(
+                    "INSERT INTO {table} ({list}) SELECT {} FROM {table} WHERE {key} IN (SELECT id FROM tpl)",
+                    exprs.join(", ")
+                ),
+                [r as i64],
+            )
+            .expect("copy rows");
+        }
+    }
+    // Feed order: one scope document in the middle of every n / SCOPE_DOCS.
+    let stride = n / SCOPE_DOCS;
+    let others: Vec<String> = {
+        let mut stmt = tx.prepare("SELECT id FROM docs").expect("sql");
+        let ids = stmt.query_map([], |r| r.get::<_, String>(0)).expect("q");
+        let scope_set: std::collections::HashSet<&str> = scope.iter().map(String::as_str).collect();
+        ids.map(|r| r.expect("row"))
+            .filter(|id| !scope_set.contains(id.as_str()))
+            .collect()
+    };
+    assert_eq!(
+        others.len() + scope.len(),
+        n,
+        "province holds {n} documents"
+    );
+    {
+        let mut set = tx
+            .prepare("UPDATE docs SET seq = ?2 WHERE id = ?1")
+            .expect("sql");
+        let (mut ours, mut rest) = (scope.iter(), others.iter());
+        for seq in 0..n {
+            let id = if seq % stride == stride / 2 {
+                ours.next()
+            } else {
+                rest.next()
+            }
+            .expect("ids enough");
+            set.execute(rusqlite::params![id, seq as i64 + 1])
+                .expect("seq");
+        }
+    }
+    tx.execute("UPDATE feed SET seq = ?1", [n as i64])
+        .expect("feed");
+    tx.commit().expect("commit");
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).expect("mkdir");
+    for entry in std::fs::read_dir(from).expect("read_dir") {
+        let entry = entry.expect("entry");
+        let target = to.join(entry.file_name());
+        if entry.file_type().expect("file type").is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).expect("copy");
+        }
+    }
+}
+
+/// A writable copy of a cached province.
+fn province_copy(fixture: &Path, into: &Path) -> PathBuf {
+    let started = Instant::now();
+    let dir = into.join("province");
+    copy_dir(fixture, &dir);
+    println!(
+        "copied the province ({}) in {:.1} s",
+        mb(db_bytes(&dir) as f64),
+        started.elapsed().as_secs_f64()
+    );
+    dir
+}
+
+fn db_bytes(dir: &Path) -> u64 {
+    std::fs::metadata(dir.join(DB_FILE)).map_or(0, |m| m.len())
+}
+
+fn new_node(dir: &Path, unit: &str, role: Role) -> Node {
+    Node::init(dir, unit, role, "admin").expect("init");
+    Node::open(dir).expect("open")
+}
+
+/// A fresh province with its CA and nothing else.
+fn empty_province(dir: &Path) -> PathBuf {
+    new_node(dir, "qn", Role::Province)
+        .ca_init()
+        .expect("ca init");
+    dir.to_path_buf()
+}
+
+/// A fresh commune enrolled with `province`, its upstream peer at `addr`.
+fn enrolled_commune(province: &Path, dir: &Path, addr: SocketAddr) -> PathBuf {
+    let mut c = new_node(dir, COMMUNE, Role::Commune);
+    let req = dir.with_extension("req");
+    let cert = dir.with_extension("crt");
+    c.enrol_request(&req).expect("enrol request");
+    Node::open(province)
+        .expect("open province")
+        .ca_issue(&req, COMMUNE, Role::Commune, &cert)
+        .expect("ca issue");
+    c.enrol_install(&cert).expect("enrol install");
+    c.peer_add("up", &addr.to_string(), true).expect("peer add");
+    dir.to_path_buf()
+}
+
+/// Ids of the documents a node holds.
+fn doc_ids(dir: &Path) -> Vec<String> {
+    let conn = rusqlite::Connection::open_with_flags(
+        dir.join(DB_FILE),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open db");
+    let mut stmt = conn
+        .prepare("SELECT id FROM docs ORDER BY id")
+        .expect("sql");
+    let ids = stmt
+        .query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<rusqlite::Result<Vec<String>>>()
+        .expect("rows");
+    ids
+}
+
+// ---------------------------------------------------------------------------------------------
+// Protocol level: two sessions, no sockets
+
+/// One node and how its peer appears to it (what the peer's certificate would say).
+struct Party {
+    node: Node,
+    peer: PeerIdentity,
+}
+
+fn identity(node: &Node) -> PeerIdentity {
+    PeerIdentity {
+        node_id: node.node_id(),
+        unit: node.unit().to_string(),
+        role: node.role(),
+        serial: vec![1],
+    }
+}
+
+fn meet(province: Node, commune: Node) -> (Party, Party) {
+    let (pid, cid) = (identity(&province), identity(&commune));
+    let mut p = Party {
+        node: province,
+        peer: cid,
+    };
+    let mut c = Party {
+        node: commune,
+        peer: pid,
+    };
+    for side in [&mut p, &mut c] {
+        let peer = side.peer.clone();
+        side.node
+            .store
+            .write(|tx| {
+                tx.peer_touch(
+                    &peer.node_id.to_string(),
+                    &peer.unit,
+                    peer.role.as_str(),
+                    now_ms(),
+                )
+            })
+            .expect("record contact");
+    }
+    (p, c)
+}
+
+/// What one protocol exchange cost.
+#[derive(Default)]
+struct Exchange {
+    /// One-way legs: both sides send everything they can, then read everything that arrived.
+    legs: usize,
+    frames: usize,
+    bytes_down: u64,
+    bytes_up: u64,
+    docs_down: u64,
+    docs_up: u64,
+    elapsed: Duration,
+}
+
+impl Exchange {
+    fn bytes(&self) -> u64 {
+        self.bytes_down + self.bytes_up
+    }
+    fn round_trips(&self) -> usize {
+        self.legs.div_ceil(2)
+    }
+}
+
+/// Everything a session has to send now, encoded as the network layer would.
+fn drain(session: &mut Session, party: &mut Party) -> Vec<Vec<u8>> {
+    let mut replica = NodeReplica::new(&mut party.node, party.peer.clone());
+    let mut out = Vec::new();
+    while let Some(frame) = session.poll_frame(&mut replica).expect("poll_frame") {
+        out.push(wire::encode(&frame, CONTROL_LEVEL));
+    }
+    while let Some(action) = session.poll_action() {
+        assert!(
+            !matches!(action, Action::SendBlob { .. }),
+            "protocol scenarios carry no scans"
+        );
+    }
+    out
+}
+
+fn deliver(session: &mut Session, party: &mut Party, frames: Vec<Vec<u8>>) {
+    let mut replica = NodeReplica::new(&mut party.node, party.peer.clone());
+    for bytes in frames {
+        let frame = wire::decode(&bytes[4..]).expect("decode");
+        session.handle(&mut replica, frame).expect("handle");
+    }
+}
+
+/// Runs one session between province and commune, delivering each side's flight at once.
+fn exchange(p: &mut Party, c: &mut Party) -> Exchange {
+    let started = Instant::now();
+    let mut sp = Session::new(&mut NodeReplica::new(&mut p.node, p.peer.clone()), 0).expect("s");
+    let mut sc = Session::new(&mut NodeReplica::new(&mut c.node, c.peer.clone()), 0).expect("s");
+    let mut x = Exchange::default();
+    loop {
+        let down = drain(&mut sp, p);
+        let up = drain(&mut sc, c);
+        if down.is_empty() && up.is_empty() {
+            break;
+        }
+        x.legs += 1;
+        assert!(x.legs <= LEGS_MAX, "exchange does not end");
+        x.frames += down.len() + up.len();
+        x.bytes_down += down.iter().map(|f| f.len() as u64).sum::<u64>();
+        x.bytes_up += up.iter().map(|f| f.len() as u64).sum::<u64>();
+        deliver(&mut sc, c, down);
+        deliver(&mut sp, p, up);
+    }
+    x.elapsed = started.elapsed();
+    assert!(sp.is_done() && sc.is_done(), "both sides converge");
+    x.docs_down = sc.stats.docs_received;
+    x.docs_up = sp.stats.docs_received;
+    x
+}
+
+fn heads_of(node: &Node, id: &str) -> Vec<u8> {
+    node.store.doc_heads(id).expect("heads").unwrap_or_default()
+}
+
+/// Bytes of the changes made since `before` (heads per doc), as `save_after` encodes them.
+fn change_bytes(node: &mut Node, before: &[(DocId, Vec<automerge::ChangeHash>)]) -> u64 {
+    before
+        .iter()
+        .map(|(id, heads)| {
+            node.store
+                .read_doc(id, |doc| doc.save_after(heads).len() as u64)
+                .expect("read")
+        })
+        .sum()
+}
+
+fn automerge_heads(node: &mut Node, id: &DocId) -> Vec<automerge::ChangeHash> {
+    node.store
+        .read_doc(id, |doc| doc.get_heads())
+        .expect("read")
+}
+
+fn reconnect_protocol(opts: &Opts, n: usize) {
+    println!("\n## Reconnect cost, protocol level, province of {n} dispatches\n");
+    let fixture = province_fixture(opts, n);
+    let tmp = scratch();
+    let province = Node::open(&province_copy(&fixture, tmp.path())).expect("open province");
+    let commune = new_node(&tmp.path().join("commune"), COMMUNE, Role::Commune);
+    let (mut p, mut c) = meet(province, commune);
+
+    let first = exchange(&mut p, &mut c);
+    let ids: Vec<DocId> = doc_ids(&tmp.path().join("commune"))
+        .iter()
+        .map(|s| s.parse().expect("id"))
+        .collect();
+    let saved: u64 = ids
+        .iter()
+        .map(|id| {
+            p.node
+                .store
+                .read_doc(id, |doc| doc.save().len() as u64)
+                .expect("read")
+        })
+        .sum();
+    let again1 = exchange(&mut p, &mut c);
+    let again2 = exchange(&mut p, &mut c);
+
+    // 100 receipts at the commune, 100 comments at the province, on different documents.
+    let (ours, theirs) = (&ids[..CHANGED_DOCS], &ids[CHANGED_DOCS..2 * CHANGED_DOCS]);
+    let before_c: Vec<_> = ours
+        .iter()
+        .map(|id| (id.clone(), automerge_heads(&mut c.node, id)))
+        .collect();
+    let before_p: Vec<_> = theirs
+        .iter()
+        .map(|id| (id.clone(), automerge_heads(&mut p.node, id)))
+        .collect();
+    for id in ours {
+        c.node.dispatch_receive(None, id.as_str()).expect("receive");
+    }
+    for id in theirs {
+        p.node
+            .dispatch_comment(
+                None,
+                id.as_str(),
+                "Đề nghị xã báo cáo trước ngày 15 tháng này.",
+            )
+            .expect("comment");
+    }
+    let changes = change_bytes(&mut c.node, &before_c) + change_bytes(&mut p.node, &before_p);
+    let changed = exchange(&mut p, &mut c);
+    for id in ours.iter().chain(theirs) {
+        assert_eq!(
+            heads_of(&p.node, id.as_str()),
+            heads_of(&c.node, id.as_str()),
+            "{id} converged"
+        );
+    }
+    let after_changed = exchange(&mut p, &mut c);
+
+    // The same 100 documents edited on both sides while apart: concurrent changes to merge.
+    let both = &ids[2 * CHANGED_DOCS..3 * CHANGED_DOCS];
+    let before: Vec<_> = both
+        .iter()
+        .map(|id| (id.clone(), automerge_heads(&mut c.node, id)))
+        .collect();
+    for id in both {
+        c.node
+            .dispatch_comment(None, id.as_str(), "Xã đã nhận, đang triển khai.")
+            .expect("comment");
+        p.node
+            .dispatch_comment(None, id.as_str(), "Đề nghị báo cáo kết quả.")
+            .expect("comment");
+    }
+    let concurrent_changes =
+        change_bytes(&mut c.node, &before) + change_bytes(&mut p.node, &before);
+    let concurrent = exchange(&mut p, &mut c);
+    for id in both {
+        assert_eq!(
+            heads_of(&p.node, id.as_str()),
+            heads_of(&c.node, id.as_str()),
+            "{id} converged"
+        );
+    }
+
+    println!(
+        "\nscope: {} documents; their Automerge `save()` sizes sum to {}; changes made for (c): {} ({} docs each side)\n",
+        ids.len(),
+        kb(saved),
+        kb(changes),
+        CHANGED_DOCS
+    );
+    println!("| exchange | legs (round trips) | frames | bytes down / up | total bytes | docs down / up | time | bar |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    let row = |what: &str, x: &Exchange, bar: String| {
+        println!(
+            "| {what} | {} ({}) | {} | {} / {} | {} | {} / {} | {:.0} ms | {bar} |",
+            x.legs,
+            x.round_trips(),
+            x.frames,
+            x.bytes_down,
+            x.bytes_up,
+            x.bytes(),
+            x.docs_down,
+            x.docs_up,
+            x.elapsed.as_secs_f64() * 1e3
+        )
+    };
+    row(
+        "(a) first sync of the commune's scope",
+        &first,
+        format!(
+            "bytes < save() {}: {}; ≤ {FIRST_SYNC_S_MAX} s: {} (single thread, both sides)",
+            kb(saved),
+            met(first.bytes() < saved),
+            met(first.elapsed.as_secs_f64() <= FIRST_SYNC_S_MAX)
+        ),
+    );
+    let unchanged_bar = |x: &Exchange| {
+        format!(
+            "≤ 1 round trip: {}; ≤ {RECONNECT_BYTES_MAX} B: {}",
+            met(x.round_trips() <= 1),
+            met(x.bytes() <= RECONNECT_BYTES_MAX)
+        )
+    };
+    row(
+        "(b) reconnect, nothing changed (1st after the first sync)",
+        &again1,
+        unchanged_bar(&again1),
+    );
+    row(
+        "(b) reconnect, nothing changed (2nd)",
+        &again2,
+        unchanged_bar(&again2),
+    );
+    row(
+        "(c) reconnect, 100 docs changed on each side",
+        &changed,
+        format!(
+            "≤ 3 round trips: {}; ≤ changes + 64 KiB = {}: {}",
+            met(changed.round_trips() <= 3),
+            kb(changes + CHANGED_SLACK_BYTES),
+            met(changed.bytes() <= changes + CHANGED_SLACK_BYTES)
+        ),
+    );
+    row(
+        "(b) reconnect after (c), nothing changed",
+        &after_changed,
+        unchanged_bar(&after_changed),
+    );
+    row(
+        "(c) reconnect, the same 100 docs changed on both sides (concurrent)",
+        &concurrent,
+        format!(
+            "≤ 3 round trips: {}; ≤ changes {} + 64 KiB: {}",
+            met(concurrent.round_trips() <= 3),
+            kb(concurrent_changes),
+            met(concurrent.bytes() <= concurrent_changes + CHANGED_SLACK_BYTES)
+        ),
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Real QUIC on loopback
+
+fn free_udp_addr() -> SocketAddr {
+    std::net::UdpSocket::bind("127.0.0.1:0")
+        .and_then(|s| s.local_addr())
+        .expect("free port")
+}
+
+/// `serve` in this process; stop it by sending `true`.
+struct Served {
+    addr: SocketAddr,
+    stop: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+async fn serve_here(dir: &Path) -> Served {
+    let addr = free_udp_addr();
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    let dir = dir.to_path_buf();
+    let task = tokio::spawn(async move {
+        sync::serve(&dir, Some(addr), shutdown)
+            .await
+            .expect("serve");
+    });
+    // serve() binds before its first await on the network.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    Served { addr, stop, task }
+}
+
+impl Served {
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+async fn sync_now(commune: &Path) -> SessionReport {
+    sync::sync_once(commune, None).await.expect("sync")
+}
+
+/// What a bare connection costs, seen from the client.
+struct Bare {
+    /// UDP bytes both ways when the handshake completes.
+    handshake: u64,
+    /// UDP bytes both ways after idling a second on the open connection (the server starts its
+    /// session meanwhile, so this includes its Hello and empty offer).
+    idle: u64,
+    /// PLPMTUD probes the client sent in that second, and the path MTU found.
+    probes: u64,
+    mtu: u16,
+}
+
+async fn bare_connection(commune: &Path, addr: SocketAddr) -> Bare {
+    let node = Node::open(commune).expect("open");
+    let read = |f: &str| std::fs::read_to_string(commune.join(f)).expect("read tls file");
+    let tls = TlsMaterial {
+        ca_pem: read(sync::CA_FILE),
+        cert_pem: read(sync::CERT_FILE),
+        key: NodeKey::load(commune.join(KEY_FILE)).expect("key"),
+        crl: std::fs::read_to_string(commune.join(sync::CRL_FILE))
+            .ok()
+            .and_then(|t| Crl::from_pem(&t).ok()),
+    };
+    let ep = net::client_endpoint(addr, &tls, &node.config.sync).expect("endpoint");
+    let (conn, _) = net::connect(&ep, addr, Duration::from_secs(10))
+        .await
+        .expect("connect");
+    let at_handshake = conn.stats();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let later = conn.stats();
+    conn.close(0u32.into(), b"bench");
+    ep.wait_idle().await;
+    Bare {
+        handshake: at_handshake.udp_tx.bytes + at_handshake.udp_rx.bytes,
+        idle: later.udp_tx.bytes + later.udp_rx.bytes,
+        probes: later.path.sent_plpmtud_probes,
+        mtu: later.path.current_mtu,
+    }
+}
+
+fn report_row(what: &str, r: &SessionReport, bar: &str) {
+    println!(
+        "| {what} | {} / {} | {} | {} | {} / {} | {} ms | {bar} |",
+        r.bytes_sent,
+        r.bytes_received,
+        r.bytes_sent + r.bytes_received,
+        r.round_trips,
+        r.docs_received,
+        r.docs_sent,
+        r.elapsed_ms
+    );
+}
+
+async fn reconnect_quic(opts: &Opts, n: usize) {
+    println!("\n## Reconnect over real QUIC on loopback (`serve` + `sync_once`), province of {n} dispatches\n");
+    let fixture = province_fixture(opts, n);
+    let tmp = scratch();
+    let province = province_copy(&fixture, tmp.path());
+    let empty = empty_province(&tmp.path().join("empty"));
+    let big = serve_here(&province).await;
+    let small = serve_here(&empty).await;
+    let c_small = enrolled_commune(&empty, &tmp.path().join("c-empty"), small.addr);
+    let c_big = enrolled_commune(&province, &tmp.path().join("c-big"), big.addr);
+
+    let empty_first = sync_now(&c_small).await;
+    // Against the empty province, once synced: the server's session has nothing to offer.
+    let bare = bare_connection(&c_small, small.addr).await;
+    let handshake = bare.handshake;
+    let empty_again = sync_now(&c_small).await;
+    let first = sync_now(&c_big).await;
+    let again1 = sync_now(&c_big).await;
+    let again2 = sync_now(&c_big).await;
+    big.stop().await;
+    small.stop().await;
+
+    println!(
+        "\nbare mutual-TLS handshake: {handshake} UDP bytes both ways; the same connection after 1 s idle: {} bytes, the client having sent {} PLPMTUD probes (path MTU now {})\n",
+        bare.idle, bare.probes, bare.mtu
+    );
+    println!("| session (seen from the commune) | UDP bytes sent / received | total | round trips (report) | docs in / out | elapsed | after the handshake |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    let total = |r: &SessionReport| r.bytes_sent + r.bytes_received;
+    let after = |r: &SessionReport| {
+        let extra = total(r).saturating_sub(handshake);
+        format!(
+            "{extra} B: ≤ {RECONNECT_BYTES_MAX} B {}",
+            met(extra <= RECONNECT_BYTES_MAX)
+        )
+    };
+    report_row(
+        "empty province, first session",
+        &empty_first,
+        &after(&empty_first),
+    );
+    report_row(
+        "empty province, reconnect",
+        &empty_again,
+        &after(&empty_again),
+    );
+    report_row(
+        &format!("(a) first sync, {} docs", first.docs_received),
+        &first,
+        &format!(
+            "≤ {FIRST_SYNC_S_MAX} s: {}",
+            met(first.elapsed_ms as f64 <= FIRST_SYNC_S_MAX * 1e3)
+        ),
+    );
+    report_row(
+        "(b) reconnect, nothing changed (1st)",
+        &again1,
+        &after(&again1),
+    );
+    report_row(
+        "(b) reconnect, nothing changed (2nd)",
+        &again2,
+        &after(&again2),
+    );
+    println!(
+        "\nextra cost of the {n}-doc province over the empty one on an unchanged reconnect: {} B",
+        total(&again2) as i64 - total(&empty_again) as i64
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scans
+
+/// A synthetic greyscale multi-page scan (PGM pages, A4 at 150 dpi): paper with sensor noise,
+/// lines of word-like ink runs; every seed differs, so nothing deduplicates.
+fn greyscale_scan(bytes: usize, seed: u64) -> Vec<u8> {
+    let (w, h) = (1240usize, 1754usize);
+    let mut out = Vec::with_capacity(bytes + w * h);
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut next = move || {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        s
+    };
+    while out.len() < bytes {
+        out.extend_from_slice(format!("P5\n{w} {h}\n255\n").as_bytes());
+        // Per line: ink columns as runs (words) with gaps, chosen once per line.
+        let mut line_ink = vec![false; w];
+        for y in 0..h {
+            let row = y % 36;
+            if row == 0 {
+                line_ink.fill(false);
+                if (120..h - 150).contains(&y) && next() % 10 != 0 {
+                    let mut x = 110 + (next() % 40) as usize;
+                    let end = w - 110 - (next() % 300) as usize;
+                    while x < end {
+                        let word = 15 + (next() % 70) as usize;
+                        line_ink[x..(x + word).min(end)].fill(true);
+                        x += word + 10 + (next() % 8) as usize;
+                    }
+                }
+            }
+            let in_text = (8..24).contains(&row);
+            for (x, &ink) in line_ink.iter().enumerate() {
+                let r = next();
+                let glyph = ink && in_text && (x + row / 3) % 6 < 3 && r % 5 != 0;
+                out.push(if glyph {
+                    35 + (r % 24) as u8
+                } else {
+                    232 + ((r >> 8) % 6) as u8
+                });
+            }
+        }
+    }
+    out.truncate(bytes);
+    out
+}
+
+fn random_scan(bytes: usize, seed: u64) -> Vec<u8> {
+    let mut out = vec![0u8; bytes];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut out);
+    out
+}
+
+/// `zstd -19` of `data`, in segments larger than its window, on every core.
+fn zstd19(data: &[u8]) -> u64 {
+    let segments: Vec<&[u8]> = data.chunks(ZSTD_SEGMENT_BYTES).collect();
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let mut total = 0;
+    for group in segments.chunks(threads) {
+        total += std::thread::scope(|s| {
+            let handles: Vec<_> = group
+                .iter()
+                .map(|seg| {
+                    s.spawn(move || zstd::bulk::compress(seg, 19).expect("zstd").len() as u64)
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("zstd thread"))
+                .sum::<u64>()
+        });
+    }
+    total
+}
+
+/// `zstd -19` of the whole file, extrapolated from its first `ZSTD_SAMPLE_BYTES` when larger
+/// (level 19 runs at under 1 MB/s per core here; the synthetic pages are all alike).
+fn zstd19_estimate(data: &[u8]) -> (u64, bool) {
+    if data.len() <= ZSTD_SAMPLE_BYTES {
+        return (zstd19(data), false);
+    }
+    let sample = zstd19(&data[..ZSTD_SAMPLE_BYTES]);
+    (
+        (sample as f64 * data.len() as f64 / ZSTD_SAMPLE_BYTES as f64) as u64,
+        true,
+    )
+}
+
+/// Creates a dispatch to the commune carrying `file`; returns the ingest time.
+fn dispatch_with_scan(province: &Path, file: Option<&Path>, ref_no: &str) -> Duration {
+    let mut node = Node::open(province).expect("open province");
+    let req = DispatchRequest {
+        ref_no: ref_no.into(),
+        summary: "Hồ sơ quét kèm theo".into(),
+        kind: DispatchKind::Dispatch,
+        priority: Priority::Normal,
+        to: vec![COMMUNE.into()],
+        attach: file.map(|f| vec![f.to_path_buf()]).unwrap_or_default(),
+    };
+    let started = Instant::now();
+    node.dispatch_new(None, &req).expect("dispatch new");
+    started.elapsed()
+}
+
+fn mb(bytes: f64) -> String {
+    format!("{:.1} MB", bytes / 1e6)
+}
+
+fn kb(bytes: u64) -> String {
+    format!("{:.1} KB", bytes as f64 / 1e3)
+}
+
+fn met(ok: bool) -> &'static str {
+    if ok {
+        "met"
+    } else {
+        "NOT met"
+    }
+}
+
+/// Bytes of the blob frames the sender writes for `data` at `level` (manifest excluded).
+fn blob_frame_bytes(data: &[u8], level: i32) -> u64 {
+    data.chunks(CHUNK_BYTES)
+        .enumerate()
+        .map(|(idx, chunk)| {
+            let (compressed, payload) = encode_chunk(chunk, level);
+            let frame = Frame::BlobChunk {
+                idx: idx as u64,
+                compressed,
+                raw_len: chunk.len() as u64,
+                data: payload,
+            };
+            wire::encode(&frame, 1).len() as u64
+        })
+        .sum()
+}
+
+/// What one scan transfer cost, from the commune's session report.
+struct Transfer {
+    udp_received: u64,
+    elapsed_ms: u64,
+}
+
+impl Transfer {
+    fn from_report(r: &SessionReport) -> Transfer {
+        assert_eq!(r.blobs_received, 1, "the scan arrived");
+        Transfer {
+            udp_received: r.bytes_received,
+            elapsed_ms: r.elapsed_ms,
+        }
+    }
+
+    fn from_json(text: &str) -> Transfer {
+        let v: serde_json::Value = serde_json::from_str(text).expect("sync --json output");
+        let num = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("{k} in {text}"));
+        assert_eq!(num("blobs_received"), 1, "the scan arrived");
+        Transfer {
+            udp_received: num("bytes_received"),
+            elapsed_ms: num("elapsed_ms"),
+        }
+    }
+}
+
+/// Runs `communesync sync` on `commune` against a `communesync serve` of `province`.
+fn sync_processes(province: &Path, commune: &Path) -> String {
+    let serve = ServeProcess::start(province);
+    set_upstream(commune, serve.addr);
+    let out = Command::new(BIN)
+        .arg("--data")
+        .arg(commune)
+        .args(["--json", "sync"])
+        .stderr(Stdio::null())
+        .output()
+        .expect("run sync");
+    serve.stop();
+    assert!(out.status.success(), "sync failed");
+    String::from_utf8(out.stdout).expect("utf-8")
+}
+
+/// Points the commune's upstream peer at `addr`.
+fn set_upstream(commune: &Path, addr: SocketAddr) {
+    let mut node = Node::open(commune).expect("open commune");
+    let _ = node.peer_remove("up");
+    node.peer_add("up", &addr.to_string(), true)
+        .expect("peer add");
+}
+
+async fn scan_loopback(scan_mb: usize) {
+    println!("\n## Scan throughput over loopback QUIC, {scan_mb} MB scans, province → commune\n");
+    let bytes = scan_mb * 1_000_000;
+    let tmp = scratch();
+    let province = empty_province(&tmp.path().join("province"));
+    let grey_path = tmp.path().join("scan.pgm");
+    let rand_path = tmp.path().join("scan.jpg");
+    let grey = greyscale_scan(bytes, 7);
+    std::fs::write(&grey_path, &grey).expect("write scan");
+    let started = Instant::now();
+    let (z19, z19_sampled) = zstd19_estimate(&grey);
+    let z19_secs = started.elapsed().as_secs_f64();
+    let grey_frames = blob_frame_bytes(&grey, 1);
+    let grey_frames3 = blob_frame_bytes(&grey, 3);
+    drop(grey);
+    let random = random_scan(bytes, 8);
+    std::fs::write(&rand_path, &random).expect("write scan");
+    let rand_frames = blob_frame_bytes(&random, 1);
+    drop(random);
+
+    // Commune A syncs in this process (`serve` + `sync_once` on one runtime); commune B runs
+    // the real binaries, `serve` and `sync`, as two processes.
+    let ca = enrolled_commune(&province, &tmp.path().join("commune-a"), free_udp_addr());
+    let cb = enrolled_commune(&province, &tmp.path().join("commune-b"), free_udp_addr());
+    let mut rows = Vec::new();
+    for (what, path, frames) in [
+        ("compressible (greyscale PGM)", &grey_path, grey_frames),
+        ("incompressible (random, as JPEG)", &rand_path, rand_frames),
+    ] {
+        let ingest = dispatch_with_scan(&province, Some(path), what);
+        let served = serve_here(&province).await;
+        set_upstream(&ca, served.addr);
+        let a = Transfer::from_report(&sync_now(&ca).await);
+        served.stop().await;
+        let b = Transfer::from_json(&sync_processes(&province, &cb));
+        rows.push((what, frames, ingest, a, b));
+    }
+
+    println!("zstd -19 of the greyscale scan{}: {} in {z19_secs:.0} s (ratio {:.2}); its blob frames at level 1: {}, at level 3: {}",
+        if z19_sampled { format!(" (from its first {} MiB, scaled)", ZSTD_SAMPLE_BYTES >> 20) } else { String::new() },
+        mb(z19 as f64), bytes as f64 / z19 as f64, mb(grey_frames as f64), mb(grey_frames3 as f64));
+    println!("\n| scan | run | elapsed | MB/s (file) | UDP bytes received | UDP / file | blob frames / file | UDP / zstd -19 | bars |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    for (what, frames, ingest, a, b) in &rows {
+        let compressible = what.starts_with("compressible");
+        for (run, t) in [("in-process `sync_once`", a), ("two processes", b)] {
+            let rate = bytes as f64 / 1e6 / (t.elapsed_ms as f64 / 1e3);
+            let size_bar = if compressible {
+                format!(
+                    "≤ {ZSTD19_RATIO_MAX} × zstd -19: {}",
+                    met(t.udp_received as f64 <= ZSTD19_RATIO_MAX * z19 as f64)
+                )
+            } else {
+                let over = t.udp_received as f64 / bytes as f64 - 1.0;
+                format!(
+                    "≤ +0.5%: {} (+{:.2}% UDP, +{:.3}% frames)",
+                    met(over <= INCOMPRESSIBLE_OVERHEAD_MAX),
+                    over * 100.0,
+                    (*frames as f64 / bytes as f64 - 1.0) * 100.0
+                )
+            };
+            println!(
+                "| {what} | {run} | {} ms | {rate:.0} | {} | {:.4} | {:.4} | {} | ≥ {LOOPBACK_MB_S_MIN} MB/s: {}; {size_bar} |",
+                t.elapsed_ms,
+                t.udp_received,
+                t.udp_received as f64 / bytes as f64,
+                *frames as f64 / bytes as f64,
+                if compressible { format!("{:.3}", t.udp_received as f64 / z19 as f64) } else { "—".into() },
+                met(rate >= LOOPBACK_MB_S_MIN),
+            );
+        }
+        println!(
+            "| {what} | ingest into the province (`dispatch new --attach`) | {} ms | {:.0} | | | | | |",
+            ingest.as_millis(),
+            bytes as f64 / 1e6 / ingest.as_secs_f64()
+        );
+    }
+    println!(
+        "\nlevel used: the greyscale sessions' UDP bytes are {:.3} × its level-1 frames (QUIC and UDP headers ≈ 2.3% on top), {:.3} × its level-3 frames: level 1, as `level_for_rate` picks above 200 Mbit/s.",
+        rows[0].3.udp_received as f64 / grey_frames as f64,
+        rows[0].3.udp_received as f64 / grey_frames3 as f64
+    );
+}
+
+async fn scan_weak_4g(scan_mb: usize) {
+    println!("\n## Scan over linksim weak 4G (1 Mbit/s, 200 ms RTT, 2% loss, both ways), {scan_mb} MB greyscale scan\n");
+    let bytes = scan_mb * 1_000_000;
+    let tmp = scratch();
+    let province = empty_province(&tmp.path().join("province"));
+    let grey_path = tmp.path().join("scan.pgm");
+    let grey = greyscale_scan(bytes, 11);
+    std::fs::write(&grey_path, &grey).expect("write scan");
+    let z19 = zstd19(&grey);
+    let (f19, f9) = (blob_frame_bytes(&grey, 19), blob_frame_bytes(&grey, 9));
+    drop(grey);
+    let served = serve_here(&province).await;
+    let sim = LinkSim::start(
+        "127.0.0.1:0".parse().expect("addr"),
+        served.addr,
+        LinkProfile::weak_4g(),
+        LinkProfile::weak_4g(),
+        42,
+        vec![],
+    )
+    .await
+    .expect("linksim");
+    let commune = enrolled_commune(&province, &tmp.path().join("commune"), sim.local_addr());
+    // Baseline: the same session shape with a dispatch and no scan, over the same link.
+    dispatch_with_scan(&province, None, "1/NOSCAN");
+    let base = sync_now(&commune).await;
+    let link_base = sim.stats();
+    dispatch_with_scan(&province, Some(&grey_path), "2/SCAN");
+    let run = sync_now(&commune).await;
+    let link = sim.stats();
+    sim.shutdown().await;
+    served.stop().await;
+    assert_eq!(run.blobs_received, 1, "the scan arrived");
+
+    let secs = (run.elapsed_ms as f64 - base.elapsed_ms as f64) / 1e3;
+    let wire = run.bytes_received.saturating_sub(base.bytes_received);
+    let utilisation = wire as f64 * 8.0 / secs / WEAK_4G_RATE_BPS;
+    // Payload is what remains of the UDP bytes once QUIC's per-packet share is taken off.
+    let payload = wire as f64 / QUIC_UDP_PER_PAYLOAD;
+    let goodput = payload * 8.0 / secs / WEAK_4G_RATE_BPS;
+    println!(
+        "zstd -19 of the file {}; its blob frames at level 19: {}, at level 9: {}\n",
+        kb(z19),
+        kb(f19),
+        kb(f9)
+    );
+    println!("| session | UDP bytes received | elapsed | round trips |");
+    println!("| --- | --- | --- | --- |");
+    println!(
+        "| baseline: one dispatch, no scan | {} | {} ms | {} |",
+        base.bytes_received, base.elapsed_ms, base.round_trips
+    );
+    println!(
+        "| one dispatch with the scan | {} | {} ms | {} |",
+        run.bytes_received, run.elapsed_ms, run.round_trips
+    );
+    println!(
+        "\nscan share (difference of the two sessions): {} of UDP in {secs:.1} s = {:.0}% of the link rate; its payload (UDP / {QUIC_UDP_PER_PAYLOAD}) {} at {:.0} kbit/s = goodput {:.1}% of the link rate (bar ≥ {:.0}%: {}); the file itself arrived at {:.0} kbit/s",
+        kb(wire),
+        utilisation * 100.0,
+        kb(payload as u64),
+        payload * 8.0 / secs / 1e3,
+        goodput * 100.0,
+        GOODPUT_MIN * 100.0,
+        met(goodput >= GOODPUT_MIN),
+        bytes as f64 * 8.0 / secs / 1e3
+    );
+    println!(
+        "UDP bytes / zstd -19 of the file: {:.3} (bar ≤ {ZSTD19_RATIO_MAX}: {}); / its level-19 frames: {:.3}; / its level-9 frames: {:.3} (≈ {QUIC_UDP_PER_PAYLOAD} when one level carried all chunks)",
+        wire as f64 / z19 as f64,
+        met(wire as f64 <= ZSTD19_RATIO_MAX * z19 as f64),
+        wire as f64 / f19 as f64,
+        wire as f64 / f9 as f64
+    );
+    println!(
+        "linksim, scan session only: down {}\nlinksim, scan session only: up {} datagrams / {} B",
+        sub_stats(link.down, link_base.down),
+        link.up.forwarded_datagrams - link_base.up.forwarded_datagrams,
+        link.up.forwarded_bytes - link_base.up.forwarded_bytes
+    );
+}
+
+fn sub_stats(
+    a: communesync::linksim::DirectionStats,
+    b: communesync::linksim::DirectionStats,
+) -> String {
+    format!(
+        "{} datagrams / {} B forwarded, {} lost at random, {} tail-dropped",
+        a.forwarded_datagrams - b.forwarded_datagrams,
+        a.forwarded_bytes - b.forwarded_bytes,
+        a.dropped_loss - b.dropped_loss,
+        a.dropped_queue - b.dropped_queue
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Peak memory of real processes
+
+/// `communesync serve` as a child process on a free loopback port.
+struct ServeProcess {
+    child: Child,
+    addr: SocketAddr,
+    log: std::thread::JoinHandle<String>,
+}
+
+impl ServeProcess {
+    fn start(dir: &Path) -> ServeProcess {
+        let mut child = Command::new(BIN)
+            .arg("--data")
+            .arg(dir)
+            .args(["serve", "--listen", "127.0.0.1:0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn serve");
+        let mut err = BufReader::new(child.stderr.take().expect("stderr"));
+        // It announces "communesync serving UNIT on ADDR" once listening.
+        let addr = loop {
+            let mut line = String::new();
+            assert!(
+                err.read_line(&mut line).expect("serve stderr") > 0,
+                "serve exited"
+            );
+            if line.contains("serving") {
+                if let Some(a) = line
+                    .trim()
+                    .rsplit(" on ")
+                    .next()
+                    .and_then(|a| a.parse().ok())
+                {
+                    break a;
+                }
+            }
+        };
+        // Keep draining its log so it never blocks on a full pipe.
+        let log = std::thread::spawn(move || {
+            let mut rest = String::new();
+            let _ = err.read_to_string(&mut rest);
+            rest
+        });
+        ServeProcess { child, addr, log }
+    }
+
+    /// SIGTERM, on which `serve` shuts down gracefully.
+    fn terminate(&self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+    }
+
+    /// Stops it (if still running) and returns its log.
+    fn stop(mut self) -> String {
+        self.terminate();
+        let _ = self.child.wait();
+        self.log.join().unwrap_or_default()
+    }
+}
+
+/// A process's peak resident set so far (VmHWM), in bytes; None once it has exited.
+///
+/// `ru_maxrss` from wait4 is no use here: a child spawned with vfork-style `posix_spawn` keeps
+/// the high-water mark of the parent's address space it started in (this bench's, 170+ MB).
+fn vm_hwm(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb * 1024)
+}
+
+/// Polls the peak RSS of `watched` until `child` exits; returns whether it succeeded.
+fn watch_until_exit(child: &mut Child, watched: &[u32], peaks: &mut [u64]) -> bool {
+    loop {
+        for (pid, peak) in watched.iter().zip(peaks.iter_mut()) {
+            if let Some(hwm) = vm_hwm(*pid) {
+                *peak = (*peak).max(hwm);
+            }
+        }
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return status.success();
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// One `communesync sync` of `commune` against a fresh `communesync serve` of `province`.
+struct Measured {
+    secs: f64,
+    commune_rss: u64,
+    province_rss: u64,
+    docs_received: u64,
+    blobs_received: u64,
+    bytes_received: u64,
+}
+
+fn measured_sync(province: &Path, commune: &Path) -> Measured {
+    let mut serve = ServeProcess::start(province);
+    set_upstream(commune, serve.addr);
+    let started = Instant::now();
+    let mut sync = Command::new(BIN)
+        .arg("--data")
+        .arg(commune)
+        .args(["--json", "sync"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn sync");
+    let mut stdout = sync.stdout.take().expect("stdout");
+    let reader = std::thread::spawn(move || {
+        let mut out = String::new();
+        let _ = stdout.read_to_string(&mut out);
+        out
+    });
+    let mut peaks = [0u64; 2];
+    let pids = [sync.id(), serve.child.id()];
+    let ok = watch_until_exit(&mut sync, &pids, &mut peaks);
+    let secs = started.elapsed().as_secs_f64();
+    let out = reader.join().unwrap_or_default();
+    serve.terminate();
+    let serve_pid = serve.child.id();
+    watch_until_exit(&mut serve.child, &[serve_pid], &mut peaks[1..]);
+    let log = serve.stop();
+    assert!(ok, "commune sync failed: {out}\n{log}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("sync --json output");
+    Measured {
+        secs,
+        commune_rss: peaks[0],
+        province_rss: peaks[1],
+        docs_received: v["docs_received"].as_u64().unwrap_or(0),
+        blobs_received: v["blobs_received"].as_u64().unwrap_or(0),
+        bytes_received: v["bytes_received"].as_u64().unwrap_or(0),
+    }
+}
+
+fn memory(opts: &Opts, n: usize) {
+    let scan_bytes = opts.memory_mb * 1_000_000;
+    println!("\n## Peak RSS of real processes: commune `sync` of {SCOPE_DOCS} docs + {} of scans from a province of {n} docs (`serve`)\n", mb(scan_bytes as f64));
+    let fixture = province_fixture(opts, n);
+    let tmp = scratch();
+    let province = province_copy(&fixture, tmp.path());
+    // Commune A takes the documents first, then the scans; commune B everything at once.
+    let ca = enrolled_commune(&province, &tmp.path().join("commune-a"), free_udp_addr());
+    let cb = enrolled_commune(&province, &tmp.path().join("commune-b"), free_udp_addr());
+    let docs_only = measured_sync(&province, &ca);
+
+    // Scans of 128 MB at most, alternately greyscale and random.
+    let per = scan_bytes.min(128_000_000);
+    let started = Instant::now();
+    let mut k = 0;
+    let mut left = scan_bytes;
+    while left > 0 {
+        let size = left.min(per);
+        let data = if k % 2 == 0 {
+            greyscale_scan(size, 100 + k as u64)
+        } else {
+            random_scan(size, 100 + k as u64)
+        };
+        let file = tmp.path().join(format!("scan{k}.bin"));
+        std::fs::write(&file, &data).expect("write scan");
+        drop(data);
+        dispatch_with_scan(&province, Some(&file), &format!("{k}/MEM"));
+        std::fs::remove_file(&file).expect("remove scan");
+        left -= size;
+        k += 1;
+    }
+    println!(
+        "{k} scans ({} each at most, alternately greyscale and random) put into the province in {:.0} s\n",
+        mb(per as f64),
+        started.elapsed().as_secs_f64()
+    );
+    let scans_only = measured_sync(&province, &ca);
+    let both = measured_sync(&province, &cb);
+
+    println!("| commune session | docs / scans received | UDP bytes received | elapsed | commune peak RSS | province (`serve`, {n} docs) peak RSS | bars (commune ≤ {COMMUNE_RSS_MB_MAX} MiB, province ≤ {PROVINCE_RSS_MB_MAX} MiB) |");
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    let mib = |b: u64| b as f64 / (1 << 20) as f64;
+    for (what, m) in [
+        ("A: documents only", &docs_only),
+        ("A again: the scans only", &scans_only),
+        ("B: documents and scans at once", &both),
+    ] {
+        println!(
+            "| {what} | {} / {} | {} | {:.1} s | {:.1} MiB | {:.1} MiB | {}; {} |",
+            m.docs_received,
+            m.blobs_received,
+            m.bytes_received,
+            m.secs,
+            mib(m.commune_rss),
+            mib(m.province_rss),
+            met(mib(m.commune_rss) <= COMMUNE_RSS_MB_MAX),
+            met(mib(m.province_rss) <= PROVINCE_RSS_MB_MAX)
+        );
+    }
+    println!(
+        "\npeak RSS is VmHWM from /proc/PID/status, polled every 10 ms while the processes run."
+    );
+}
