@@ -359,8 +359,9 @@ pub async fn run_session(
                                 debug!(peer = %peer.unit, "scan deferred: outside the scans window");
                                 session.blob_unavailable_here(hash);
                             } else if !replica.node.blob_in_peer_scope(&hash, &peer.unit).map_err(node_err)? {
-                                // Only scans of documents the peer may hold leave this node.
-                                warn!(peer = %peer.unit, "peer asked for a scan outside its scope; refused");
+                                // Only scans of documents the peer may hold leave this node. Often
+                                // benign: the document has not reached this node yet.
+                                debug!(peer = %peer.unit, "scan not attached here to a document of the peer's scope; not sent");
                                 session.blob_unavailable_here(hash);
                             } else if replica.node.store.has_blob(&hash).map_err(|e| NetError::Node(e.to_string()))? {
                                 let _ = blob_queue.send((hash, from)).await;
