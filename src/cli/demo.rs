@@ -77,7 +77,8 @@ fn id_of(json: &str) -> Result<String> {
         .context("demo: no id in output")
 }
 
-pub fn run_local(keep: bool, out: &Out) -> Result<()> {
+/// The binary to run and a fresh temporary directory for the demo's nodes.
+fn prepare(out: &Out) -> Result<(std::path::PathBuf, tempfile::TempDir)> {
     if out.is_json() {
         bail!("the demo prints a walkthrough; run it without --json");
     }
@@ -86,6 +87,18 @@ pub fn run_local(keep: bool, out: &Out) -> Result<()> {
         .prefix("communesync-demo-")
         .tempdir()
         .context("creating a temporary directory")?;
+    Ok((exe, tmp))
+}
+
+/// Keeps the demo's directory when asked, else lets it be deleted.
+fn finish(keep: bool, tmp: tempfile::TempDir) {
+    if keep {
+        println!("kept the demo data in {}", tmp.keep().display());
+    }
+}
+
+pub fn run_local(keep: bool, out: &Out) -> Result<()> {
+    let (exe, tmp) = prepare(out)?;
     let data = tmp.path().join("tinhhuc");
     let scan = tmp.path().join("ke-hoach-phong-chong-lut-bao.pgm");
     std::fs::write(&scan, synthetic_scan(1240, 1754, 7)).context("writing the demo scan")?;
@@ -233,10 +246,7 @@ pub fn run_local(keep: bool, out: &Out) -> Result<()> {
         "\ndemo complete: every step above was committed to {}",
         data.join("node.db").display()
     );
-    if keep {
-        let kept = tmp.keep();
-        println!("kept the demo node in {}", kept.display());
-    }
+    finish(keep, tmp);
     Ok(())
 }
 
@@ -339,14 +349,7 @@ fn print_links(exe: &Path, district: &Path) -> Result<()> {
 }
 
 pub fn run_tree(keep: bool, out: &Out) -> Result<()> {
-    if out.is_json() {
-        bail!("the demo prints a walkthrough; run it without --json");
-    }
-    let exe = std::env::current_exe().context("finding the communesync binary")?;
-    let tmp = tempfile::Builder::new()
-        .prefix("communesync-demo-")
-        .tempdir()
-        .context("creating a temporary directory")?;
+    let (exe, tmp) = prepare(out)?;
     let dir = |name: &str| tmp.path().join(name);
     let (province, district, tinhhuc, hucdong) =
         (dir("qn"), dir("binhlieu"), dir("tinhhuc"), dir("hucdong"));
@@ -534,9 +537,6 @@ pub fn run_tree(keep: bool, out: &Out) -> Result<()> {
         std::fs::metadata(&scan)?.len()
     );
     println!("\ndemo complete");
-    if keep {
-        let kept = tmp.keep();
-        println!("kept the demo nodes in {}", kept.display());
-    }
+    finish(keep, tmp);
     Ok(())
 }

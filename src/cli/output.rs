@@ -23,8 +23,7 @@ pub struct Out {
 
 /// A timestamp as local wall time at the node's offset, e.g. `2026-11-26 14:05:09 +07`.
 pub fn when(ms: i64, node: &Node) -> String {
-    let offset = time::UtcOffset::from_hms(node.config.node.utc_offset_hours, 0, 0)
-        .unwrap_or(time::UtcOffset::UTC);
+    let offset = node.config.node.utc_offset();
     let format = time::macros::format_description!(
         "[year]-[month]-[day] [hour]:[minute]:[second] [offset_hour sign:mandatory]"
     );

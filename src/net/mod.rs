@@ -297,7 +297,7 @@ pub async fn run_session(
     let rate = Arc::new(blobs::RateLimit::new(
         limit.as_ref().and_then(|l| l.rate_kbps),
     ));
-    let utc_offset = node.config.node.utc_offset_hours;
+    let utc_offset = node.config.node.utc_offset();
 
     let (events_tx, mut events) = mpsc::channel::<Event>(256);
     spawn_acceptor(conn.clone(), dir.clone(), events_tx.clone());
@@ -499,8 +499,7 @@ pub async fn run_session(
 }
 
 /// Minutes after local midnight at the node's UTC offset.
-fn local_minute(utc_offset_hours: i8) -> u32 {
-    let offset = time::UtcOffset::from_hms(utc_offset_hours, 0, 0).unwrap_or(time::UtcOffset::UTC);
+fn local_minute(offset: time::UtcOffset) -> u32 {
     let now = time::OffsetDateTime::now_utc().to_offset(offset);
     u32::from(now.hour()) * 60 + u32::from(now.minute())
 }

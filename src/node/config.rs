@@ -152,6 +152,13 @@ pub struct NodeSection {
     pub utc_offset_hours: i8,
 }
 
+impl NodeSection {
+    /// The node's UTC offset for calendar dates and scan windows.
+    pub fn utc_offset(&self) -> time::UtcOffset {
+        time::UtcOffset::from_hms(self.utc_offset_hours, 0, 0).unwrap_or(time::UtcOffset::UTC)
+    }
+}
+
 fn default_utc_offset_hours() -> i8 {
     7
 }

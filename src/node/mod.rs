@@ -274,8 +274,8 @@ impl Node {
 
     /// Today's date at this node's UTC offset.
     pub fn today(&self) -> time::Date {
-        let offset = time::UtcOffset::from_hms(self.config.node.utc_offset_hours, 0, 0)
-            .unwrap_or(time::UtcOffset::UTC);
-        time::OffsetDateTime::now_utc().to_offset(offset).date()
+        time::OffsetDateTime::now_utc()
+            .to_offset(self.config.node.utc_offset())
+            .date()
     }
 }
