@@ -19,7 +19,7 @@ use communesync::model::dispatch::{self, DispatchKind, NewDispatch, Priority};
 use communesync::model::{DocId, DocKind};
 use communesync::net::{self, SessionReport};
 use communesync::node::replica::NodeReplica;
-use communesync::node::{now_ms, sync, DispatchRequest, Node, DB_FILE, KEY_FILE};
+use communesync::node::{now_ms, path, sync, DispatchRequest, Node, DB_FILE, KEY_FILE};
 use communesync::proto::blob::encode_chunk;
 use communesync::proto::{wire, Action, Frame, Session};
 use communesync::trust::{Crl, NodeKey, PeerIdentity, TlsMaterial};
@@ -890,7 +890,9 @@ async fn bare_connection(commune: &Path, addr: SocketAddr) -> Bare {
             .ok()
             .and_then(|t| Crl::from_pem(&t).ok()),
     };
-    let ep = net::client_endpoint(addr, &tls, &node.config.sync).expect("endpoint");
+    // As `sync` does: start at the path MTU remembered from an earlier session, if any.
+    let mtu = path::known_mtu(commune, addr.ip());
+    let ep = net::client_endpoint(addr, &tls, &node.config.sync, mtu).expect("endpoint");
     let (conn, _) = net::connect(&ep, addr, Duration::from_secs(10))
         .await
         .expect("connect");
@@ -943,7 +945,7 @@ async fn reconnect_quic(opts: &Opts, n: usize) {
     small.stop().await;
 
     println!(
-        "\nbare mutual-TLS handshake: {handshake} UDP bytes both ways; the same connection after 1 s idle: {} bytes, the client having sent {} PLPMTUD probes (path MTU now {})\n",
+        "\nbare mutual-TLS handshake, path MTU remembered from the first session: {handshake} UDP bytes both ways; the same connection after 1 s idle: {} bytes, the client having sent {} PLPMTUD probes (path MTU {}). The first session of a path probes its MTU (both sides); later ones start at the MTU found.\n",
         bare.idle, bare.probes, bare.mtu
     );
     println!("| session (seen from the commune) | UDP bytes sent / received | total | round trips (report) | docs in / out | elapsed | after the handshake |");

@@ -12,7 +12,7 @@ use tracing::{debug, warn};
 use super::{read_frame, write_frame, Event, NetError, STREAM_BLOB};
 use crate::node::blobsink::BlobSink;
 use crate::node::DB_FILE;
-use crate::proto::blob::{encode_chunk, level_for_rate};
+use crate::proto::blob::{encode_chunk, level_for_rate, link_rate_bps, LinkView};
 use crate::proto::{Frame, Hash32, ProtoError};
 use crate::store::blobs::CHUNK_BYTES;
 use crate::store::Store;
@@ -21,10 +21,15 @@ fn store_err(e: impl std::fmt::Display) -> NetError {
     NetError::Node(e.to_string())
 }
 
-/// The link's rate as the congestion controller sees it: window over round-trip time.
+/// The link's rate as the congestion controller sees it (see [`link_rate_bps`]).
 fn estimated_rate_bps(conn: &quinn::Connection) -> u64 {
-    let rtt = conn.rtt().as_secs_f64().max(1e-4);
-    (conn.stats().path.cwnd as f64 * 8.0 / rtt) as u64
+    let stats = conn.stats();
+    link_rate_bps(&LinkView {
+        rtt: conn.rtt(),
+        window_bytes: stats.path.cwnd,
+        pacing_bps: conn.congestion_state().metrics().pacing_rate,
+        bytes_sent: stats.udp_tx.bytes,
+    })
 }
 
 /// A token bucket on scan bytes sent to one peer (`sync.limit.rate_kbps`).

@@ -52,8 +52,17 @@ pub enum NetError {
 }
 
 /// Transport parameters for slow, lossy, high-latency links (see docs/architecture.md).
-pub fn transport_config(sync: &SyncSection) -> quinn::TransportConfig {
+/// `path_mtu` is the MTU already found on this path: the connection starts at it and sends no
+/// path-MTU probes, which would cost more than a whole unchanged reconnect.
+pub fn transport_config(sync: &SyncSection, path_mtu: Option<u16>) -> quinn::TransportConfig {
     let mut t = quinn::TransportConfig::default();
+    if let Some(mtu) = path_mtu {
+        // Black-hole detection still falls back to 1200 bytes if the path has shrunk.
+        t.initial_mtu(mtu);
+        let mut discovery = quinn::MtuDiscoveryConfig::default();
+        discovery.upper_bound(mtu);
+        t.mtu_discovery_config(Some(discovery));
+    }
     t.max_idle_timeout(Some(
         quinn::IdleTimeout::try_from(Duration::from_secs(sync.idle_timeout_s))
             .expect("validated idle timeout"),
@@ -105,9 +114,8 @@ fn endpoint(
 pub fn server_endpoint(
     listen: SocketAddr,
     tls: &TlsMaterial,
-    sync: &SyncSection,
+    cfg: quinn::ServerConfig,
 ) -> Result<quinn::Endpoint, NetError> {
-    let cfg = crate::trust::quinn_server_config(tls, Arc::new(transport_config(sync)))?;
     endpoint(listen, tls, Some(cfg))
 }
 
@@ -115,6 +123,7 @@ pub fn client_endpoint(
     peer: SocketAddr,
     tls: &TlsMaterial,
     sync: &SyncSection,
+    path_mtu: Option<u16>,
 ) -> Result<quinn::Endpoint, NetError> {
     let bind: SocketAddr = if peer.is_ipv4() {
         "0.0.0.0:0".parse()
@@ -125,7 +134,7 @@ pub fn client_endpoint(
     let mut ep = endpoint(bind, tls, None)?;
     ep.set_default_client_config(crate::trust::quinn_client_config(
         tls,
-        Arc::new(transport_config(sync)),
+        Arc::new(transport_config(sync, path_mtu)),
     )?);
     Ok(ep)
 }

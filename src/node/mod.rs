@@ -6,6 +6,7 @@ pub mod blobsink;
 pub mod bundle;
 pub mod config;
 mod local;
+pub mod path;
 pub mod replica;
 #[cfg(test)]
 mod simtest;

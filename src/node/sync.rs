@@ -10,7 +10,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
-use super::{now_ms, Node, NodeError, Result};
+use super::{now_ms, path, Node, NodeError, Result};
 use crate::net::{self, Mode, SessionReport};
 use crate::store::sync::{Peer, PeerSync, Pending};
 use crate::trust::{self, Ca, Crl, NodeKey, PeerIdentity, TlsMaterial};
@@ -424,15 +424,37 @@ pub async fn sync_once(
     let peer = node.pick_peer(peer_name)?;
     let addr = resolve(&peer.addr)?;
     let tls = node.tls_material()?;
-    let ep = net::client_endpoint(addr, &tls, &node.config.sync)?;
+    let mtu = path::known_mtu(dir, addr.ip());
+    let ep = net::client_endpoint(addr, &tls, &node.config.sync, mtu)?;
     drop(node);
-    let (conn, identity) = net::connect(&ep, addr, CONNECT_TIMEOUT).await?;
+    let (conn, identity) = connect(dir, &ep, addr, mtu).await?;
     bind_peer(dir, &peer.name, &identity)?;
     let (_stop, shutdown) = watch::channel(false);
-    let report =
-        net::run_session(conn, identity, dir.to_path_buf(), Mode::OneShot, shutdown).await?;
+    let session = net::run_session(
+        conn.clone(),
+        identity,
+        dir.to_path_buf(),
+        Mode::OneShot,
+        shutdown,
+    )
+    .await;
+    path::remember(dir, addr.ip(), mtu, &conn);
     ep.wait_idle().await;
-    Ok(report)
+    Ok(session?)
+}
+
+/// Dials a peer; a failed handshake on a path with a remembered MTU forgets it (see [`path`]).
+async fn connect(
+    dir: &Path,
+    ep: &quinn::Endpoint,
+    addr: SocketAddr,
+    mtu: Option<u16>,
+) -> std::result::Result<(quinn::Connection, PeerIdentity), net::NetError> {
+    let result = net::connect(ep, addr, CONNECT_TIMEOUT).await;
+    if result.is_err() && mtu.is_some() {
+        path::forget(dir, addr.ip());
+    }
+    result
 }
 
 /// The daemon: accepts enrolled peers and keeps the upstream link, until `shutdown` flips.
@@ -447,7 +469,11 @@ pub async fn serve(
         None => node.config.sync.listen.parse()?,
     };
     let tls = node.tls_material()?;
-    let ep = net::server_endpoint(listen, &tls, &node.config.sync)?;
+    let sync_cfg = node.config.sync.clone();
+    // Each connection gets this with the transport for its path (see [`path`]).
+    let mut server_cfg =
+        trust::quinn_server_config(&tls, Arc::new(net::transport_config(&sync_cfg, None)))?;
+    let ep = net::server_endpoint(listen, &tls, server_cfg.clone())?;
     info!(unit = node.unit(), addr = %ep.local_addr()?, "serving");
     eprintln!(
         "communesync serving {} on {}",
@@ -473,8 +499,13 @@ pub async fn serve(
         tokio::select! {
             _ = crl_check.tick() => {
                 // A bad moment (config being edited, a locked file) must not stop the daemon.
-                match reload_crl(dir, &ep, crl_number) {
-                    Ok(held) => crl_number = held,
+                match reload_crl(dir, &sync_cfg, crl_number) {
+                    Ok(None) => {}
+                    Ok(Some((held, cfg))) => {
+                        crl_number = held;
+                        ep.set_server_config(Some(cfg.clone()));
+                        server_cfg = cfg;
+                    }
                     Err(e) => warn!("could not reload the revocation list (will retry): {e:#}"),
                 }
             }
@@ -485,13 +516,25 @@ pub async fn serve(
                     continue;
                 };
                 let (dir, shutdown) = (dir.to_path_buf(), shutdown.clone());
+                let remote = incoming.remote_address();
+                let mtu = path::known_mtu(&dir, remote.ip());
+                let mut cfg = server_cfg.clone();
+                if mtu.is_some() {
+                    cfg.transport_config(Arc::new(net::transport_config(&sync_cfg, mtu)));
+                }
                 tokio::spawn(async move {
                     let _permit = permit;
-                    let remote = incoming.remote_address();
-                    let conn = match incoming.await {
+                    let handshake = match incoming.accept_with(Arc::new(cfg)) {
+                        Ok(connecting) => connecting.await,
+                        Err(e) => Err(e),
+                    };
+                    let conn = match handshake {
                         Ok(c) => c,
                         Err(e) => {
                             warn!(%remote, "refused a connection: {e}");
+                            if mtu.is_some() {
+                                path::forget(&dir, remote.ip());
+                            }
                             return;
                         }
                     };
@@ -504,6 +547,13 @@ pub async fn serve(
                         }
                     };
                     info!(%remote, unit = %identity.unit, node = %identity.node_id, "peer connected");
+                    // Remembered as soon as the peer closes, before this side's session winds down,
+                    // so that even an immediate reconnect finds the path known.
+                    let (watched, watch_dir) = (conn.clone(), dir.clone());
+                    tokio::spawn(async move {
+                        watched.closed().await;
+                        path::remember(&watch_dir, remote.ip(), mtu, &watched);
+                    });
                     if let Err(e) = net::run_session(conn, identity.clone(), dir, Mode::Continuous, shutdown).await {
                         warn!(unit = %identity.unit, "session ended: {e}");
                     }
@@ -517,23 +567,22 @@ pub async fn serve(
     Ok(())
 }
 
-/// Rebuilds the endpoint's TLS config when a newer CRL is on disk; returns the CRL number held.
+/// A server config with the CRL now on disk, with that CRL's number, if it differs from
+/// `current`.
 fn reload_crl(
     dir: &Path,
-    ep: &quinn::Endpoint,
+    sync: &super::config::SyncSection,
     current: Option<u64>,
-) -> std::result::Result<Option<u64>, anyhow::Error> {
+) -> std::result::Result<Option<(Option<u64>, quinn::ServerConfig)>, anyhow::Error> {
     let node = Node::open(dir)?;
     let held = node.crl().map(|c| c.number());
-    if held != current {
-        let tls = node.tls_material()?;
-        ep.set_server_config(Some(crate::trust::quinn_server_config(
-            &tls,
-            Arc::new(net::transport_config(&node.config.sync)),
-        )?));
-        info!(crl = ?held, "revocation list reloaded");
+    if held == current {
+        return Ok(None);
     }
-    Ok(held)
+    let tls = node.tls_material()?;
+    let cfg = trust::quinn_server_config(&tls, Arc::new(net::transport_config(sync, None)))?;
+    info!(crl = ?held, "revocation list reloaded");
+    Ok(Some((held, cfg)))
 }
 
 /// Keeps a session with the upstream peer, reconnecting with bounded, jittered backoff.
@@ -550,20 +599,22 @@ async fn keep_upstream(
             let peer = node.store.peer(&name)?;
             let addr = resolve(&peer.addr)?;
             let tls = node.tls_material()?;
-            let ep = net::client_endpoint(addr, &tls, &node.config.sync)?;
+            let mtu = path::known_mtu(&dir, addr.ip());
+            let ep = net::client_endpoint(addr, &tls, &node.config.sync, mtu)?;
             drop(node);
-            let (conn, identity) = net::connect(&ep, addr, CONNECT_TIMEOUT).await?;
+            let (conn, identity) = connect(&dir, &ep, addr, mtu).await?;
             info!(upstream = %identity.unit, "connected to upstream");
             bind_peer(&dir, &name, &identity)?;
-            let report = net::run_session(
-                conn,
+            let session = net::run_session(
+                conn.clone(),
                 identity,
                 dir.clone(),
                 Mode::Continuous,
                 shutdown.clone(),
             )
-            .await?;
-            Ok::<SessionReport, anyhow::Error>(report)
+            .await;
+            path::remember(&dir, addr.ip(), mtu, &conn);
+            Ok::<SessionReport, anyhow::Error>(session?)
         };
         match attempt.await {
             Ok(_) => backoff = Duration::from_secs(1),

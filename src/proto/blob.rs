@@ -19,6 +19,52 @@ pub fn level_for_rate(rate_bps: u64) -> i32 {
     }
 }
 
+/// What the sender knows of the link when it picks a level for the next chunk.
+#[derive(Debug, Clone, Copy)]
+pub struct LinkView {
+    /// Smoothed round-trip time.
+    pub rtt: std::time::Duration,
+    /// The congestion window, bytes.
+    pub window_bytes: u64,
+    /// The controller's pacing rate, bits/s, when it paces (BBR).
+    pub pacing_bps: Option<u64>,
+    /// Bytes the connection has sent so far.
+    pub bytes_sent: u64,
+}
+
+/// Until a connection has sent this much, its controller still runs on its initial window,
+/// which says nothing about the link.
+const RATE_SAMPLE_BYTES: u64 = 512 * 1024;
+/// An unmeasured link with a round trip this long is taken for a field link (2G, weak 4G and
+/// VSAT all sit at 100 ms and above; loopback and office LANs far below).
+const FIELD_LINK_RTT: std::time::Duration = std::time::Duration::from_millis(30);
+/// The rate assumed for an unmeasured field link: weak 4G's.
+const FIELD_LINK_BPS: u64 = 1_000_000;
+/// BBR's largest pacing gain while it probes for bandwidth, and its window gain: its pacing
+/// rate reads up to 1.25 × the bottleneck rate and its window is 2 × the bandwidth-delay product.
+const BBR_PACING_GAIN_MAX: f64 = 1.25;
+const BBR_WINDOW_GAIN: u64 = 2;
+
+/// The bottleneck rate the sender should assume, bits/s, erring low: a level too high costs CPU
+/// the sender has on a slow link, a level too low costs bytes on exactly the links short of them.
+pub fn link_rate_bps(link: &LinkView) -> u64 {
+    let rtt = link.rtt.as_secs_f64().max(1e-4);
+    let window_rate = (link.window_bytes as f64 * 8.0 / rtt) as u64;
+    if link.bytes_sent < RATE_SAMPLE_BYTES {
+        return if link.rtt >= FIELD_LINK_RTT {
+            window_rate.min(FIELD_LINK_BPS)
+        } else {
+            window_rate
+        };
+    }
+    match link.pacing_bps {
+        Some(pacing) if pacing > 0 => {
+            ((pacing as f64 / BBR_PACING_GAIN_MAX) as u64).min(window_rate / BBR_WINDOW_GAIN)
+        }
+        _ => window_rate,
+    }
+}
+
 /// Encodes a chunk for the wire: compressed when that pays, raw otherwise. Returns (compressed, bytes).
 pub fn encode_chunk(data: &[u8], level: i32) -> (bool, Vec<u8>) {
     let probe = &data[..data.len().min(PROBE_BYTES)];
@@ -100,6 +146,32 @@ mod tests {
             !c && z.len() == noise.len(),
             "incompressible data is sent as is"
         );
+    }
+
+    #[test]
+    fn the_level_follows_the_link_and_errs_towards_compressing() {
+        use std::time::Duration;
+        let view = |rtt_ms, window_bytes, pacing_bps, bytes_sent| LinkView {
+            rtt: Duration::from_millis(rtt_ms),
+            window_bytes,
+            pacing_bps,
+            bytes_sent,
+        };
+        let level = |v: LinkView| level_for_rate(link_rate_bps(&v));
+        // Unmeasured: BBR's initial window of 240 KB over a 200 ms handshake reads 9.6 Mbit/s.
+        assert_eq!(level(view(200, 240_000, Some(27_000_000), 6_000)), 19);
+        assert_eq!(
+            level(view(1, 240_000, Some(2_000_000_000), 6_000)),
+            1,
+            "loopback"
+        );
+        // Weak 4G measured by BBR: a window of 2 × BDP over a queue-inflated RTT, pacing 1.25 ×.
+        assert_eq!(level(view(300, 75_000, Some(1_250_000), 2 << 20)), 19);
+        // VSAT, 10 Mbit/s at 650 ms, BBR cruising.
+        assert_eq!(level(view(650, 1_625_000, Some(10_000_000), 8 << 20)), 9);
+        // Cubic: the window is about one BDP.
+        assert_eq!(level(view(200, 25_000, None, 2 << 20)), 19);
+        assert_eq!(level(view(1, 4 << 20, None, 64 << 20)), 1);
     }
 
     #[test]

@@ -112,6 +112,10 @@ const MIGRATIONS: &[&str] = &[
         SELECT db.hash, MAX(db.priority_rank), MIN(db.size) FROM doc_blobs db
         WHERE NOT EXISTS (SELECT 1 FROM blobs b WHERE b.hash = db.hash) GROUP BY db.hash;
     ",
+    // 4: the MTU last found on the path to each peer address, so a reconnect skips probing.
+    "
+    CREATE TABLE path_mtu (ip TEXT PRIMARY KEY, mtu INTEGER NOT NULL, probed_at INTEGER NOT NULL) WITHOUT ROWID;
+    ",
 ];
 
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;

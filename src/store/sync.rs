@@ -144,6 +144,19 @@ impl Store {
             .at(&self.path)
     }
 
+    /// The path MTU last found towards `ip` and when it was probed (ms), if any.
+    pub fn path_mtu(&self, ip: &str) -> Result<Option<(u16, i64)>> {
+        let row: Option<(i64, i64)> = self
+            .conn
+            .prepare_cached("SELECT mtu, probed_at FROM path_mtu WHERE ip = ?1")
+            .at(&self.path)?
+            .query_row([ip], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+            .at(&self.path)?;
+        // A value QUIC cannot use is ignored (the path is probed again), never trusted.
+        Ok(row.and_then(|(mtu, at)| Some((u16::try_from(mtu).ok().filter(|m| *m >= 1200)?, at))))
+    }
+
     /// (have_from, acked_by) for a peer node; zeros for a node never seen.
     pub fn peer_checkpoints(&self, node_id: &str) -> Result<(i64, i64)> {
         Ok(self
@@ -444,6 +457,23 @@ impl WriteTx<'_> {
                 "UPDATE peers SET node_id = ?2 WHERE name = ?1",
                 [name, node_id],
             )
+            .at(self.path)?;
+        Ok(())
+    }
+
+    pub fn set_path_mtu(&self, ip: &str, mtu: u16, probed_at: i64) -> Result<()> {
+        self.tx
+            .execute(
+                "INSERT OR REPLACE INTO path_mtu (ip, mtu, probed_at) VALUES (?1, ?2, ?3)",
+                params![ip, mtu, probed_at],
+            )
+            .at(self.path)?;
+        Ok(())
+    }
+
+    pub fn forget_path_mtu(&self, ip: &str) -> Result<()> {
+        self.tx
+            .execute("DELETE FROM path_mtu WHERE ip = ?1", [ip])
             .at(self.path)?;
         Ok(())
     }

@@ -13,6 +13,7 @@ use communesync::model::{dispatch, Author, DocId};
 use communesync::node::{now_ms, Node};
 use communesync::store::blobs::CHUNK_BYTES;
 use communesync::trust::Crl;
+use rusqlite::OptionalExtension;
 use serde_json::Value;
 
 use crate::sync_util::{
@@ -789,5 +790,69 @@ fn status_after_a_sync_lists_the_peer_with_its_last_sync_and_nothing_pending() {
     for field in ["docs_sent", "docs_received", "blobs_sent", "blobs_received"] {
         assert_eq!(again[field], 0, "{again}");
     }
+    server.finish();
+}
+
+fn path_mtu(node: &TestNode) -> Option<(i64, i64)> {
+    db_read_only(node)
+        .query_row(
+            "SELECT mtu, probed_at FROM path_mtu WHERE ip = '127.0.0.1'",
+            [],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()
+        .expect("reading path_mtu")
+}
+
+fn udp_bytes(report: &Value) -> u64 {
+    report["bytes_sent"].as_u64().unwrap() + report["bytes_received"].as_u64().unwrap()
+}
+
+#[test]
+fn a_reconnect_starts_at_the_path_mtu_found_before_instead_of_probing() {
+    let province = province();
+    let server = Server::start(&province);
+    let commune = commune_of(&province, COMMUNE, &server);
+
+    // The first session probes the path (PLPMTUD, both sides) and both remember what it found.
+    let first = synced(&commune);
+    let (mtu, probed_at) = path_mtu(&commune).expect("the commune remembers the path");
+    assert!((1200..=1452).contains(&mtu), "{mtu}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while path_mtu(&province).is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the province never remembered the path"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+
+    // An unchanged reconnect then costs the handshake and the exchange, not the probes.
+    let again = synced(&commune);
+    assert!(
+        udp_bytes(&again) * 2 < udp_bytes(&first),
+        "reconnect {again} against first session {first}"
+    );
+    assert_eq!(
+        path_mtu(&commune),
+        Some((mtu, probed_at)),
+        "nothing new to record"
+    );
+
+    // A stale entry is probed afresh.
+    let two_days_ago = now_ms() - 2 * 24 * 3600 * 1000;
+    commune
+        .db()
+        .execute(
+            "UPDATE path_mtu SET mtu = 1200, probed_at = ?1",
+            [two_days_ago],
+        )
+        .unwrap();
+    synced(&commune);
+    let (_, reprobed_at) = path_mtu(&commune).unwrap();
+    assert!(
+        reprobed_at > two_days_ago,
+        "the stale path was not probed again"
+    );
     server.finish();
 }
