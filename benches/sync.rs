@@ -1295,9 +1295,16 @@ async fn scan_weak_4g(scan_mb: usize) {
     dispatch_with_scan(&province, Some(&grey_path), "2/SCAN");
     let run = sync_now(&commune).await;
     let link = sim.stats();
+    // The same size of random bytes (a JPEG): no compression, so the transport alone.
+    let jpeg_path = tmp.path().join("scan.jpg");
+    std::fs::write(&jpeg_path, random_scan(bytes, 12)).expect("write scan");
+    dispatch_with_scan(&province, Some(&jpeg_path), "3/JPEG");
+    let jpeg = sync_now(&commune).await;
+    let link_jpeg = sim.stats();
     sim.shutdown().await;
     served.stop().await;
     assert_eq!(run.blobs_received, 1, "the scan arrived");
+    assert_eq!(jpeg.blobs_received, 1, "the JPEG arrived");
 
     let secs = (run.elapsed_ms as f64 - base.elapsed_ms as f64) / 1e3;
     let wire = run.bytes_received.saturating_sub(base.bytes_received);
@@ -1344,6 +1351,20 @@ async fn scan_weak_4g(scan_mb: usize) {
         sub_stats(link.down, link_base.down),
         link.up.forwarded_datagrams - link_base.up.forwarded_datagrams,
         link.up.forwarded_bytes - link_base.up.forwarded_bytes
+    );
+    let secs = (jpeg.elapsed_ms as f64 - base.elapsed_ms as f64) / 1e3;
+    let wire = jpeg.bytes_received.saturating_sub(base.bytes_received);
+    let goodput = wire as f64 / QUIC_UDP_PER_PAYLOAD * 8.0 / secs / WEAK_4G_RATE_BPS;
+    println!(
+        "\nincompressible ({} of random bytes, sent raw): session {} ms, {} of UDP beyond the baseline in {secs:.1} s = goodput {:.1}% of the link rate (bar ≥ {:.0}%: {}); UDP / file {:.4}\nlinksim, JPEG session only: down {}",
+        kb(bytes as u64),
+        jpeg.elapsed_ms,
+        kb(wire),
+        goodput * 100.0,
+        GOODPUT_MIN * 100.0,
+        met(goodput >= GOODPUT_MIN),
+        wire as f64 / bytes as f64,
+        sub_stats(link_jpeg.down, link.down),
     );
 }
 

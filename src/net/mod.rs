@@ -30,8 +30,6 @@ const BLOB_SENDERS: usize = 2;
 const BLOB_RECEIVERS_MAX: usize = 4;
 /// Push ticks between asking again for scans the peer could not give.
 const RETRY_UNAVAILABLE_TICKS: u64 = 15;
-/// BBR's first window, bytes: TCP's IW10 (RFC 6928), as quinn's Cubic uses.
-const BBR_INITIAL_WINDOW: u64 = 14_720;
 /// Longest reason text sent in a CONNECTION_CLOSE frame.
 const CLOSE_REASON_BYTES_MAX: usize = 200;
 /// How long a relay holds a peer's request for a scan it is still fetching itself.
@@ -81,13 +79,7 @@ pub fn transport_config(sync: &SyncSection, path_mtu: Option<u16>) -> quinn::Tra
         "cubic" => {
             t.congestion_controller_factory(Arc::new(quinn::congestion::CubicConfig::default()))
         }
-        _ => {
-            // quinn's BBR starts with 200 packets in flight (240 KB): on weak 4G that is four
-            // times the bottleneck's queue, and the first flight is mostly tail-dropped.
-            let mut bbr = quinn::congestion::BbrConfig::default();
-            bbr.initial_window(BBR_INITIAL_WINDOW);
-            t.congestion_controller_factory(Arc::new(bbr))
-        }
+        _ => t.congestion_controller_factory(Arc::new(quinn::congestion::BbrConfig::default())),
     };
     t
 }
