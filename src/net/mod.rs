@@ -98,6 +98,23 @@ fn endpoint_config(tls: &TlsMaterial) -> quinn::EndpointConfig {
     )))
 }
 
+/// Zero-length connection ids (see [`endpoint`]).
+struct NoConnectionIds;
+
+impl quinn::ConnectionIdGenerator for NoConnectionIds {
+    fn generate_cid(&mut self) -> quinn::ConnectionId {
+        quinn::ConnectionId::new(&[])
+    }
+
+    fn cid_len(&self) -> usize {
+        0
+    }
+
+    fn cid_lifetime(&self) -> Option<Duration> {
+        None
+    }
+}
+
 fn endpoint(
     bind: SocketAddr,
     tls: &TlsMaterial,
@@ -107,7 +124,14 @@ fn endpoint(
         .map_err(|e| NetError::Setup(format!("cannot bind UDP {bind}: {e}")))?;
     let runtime =
         quinn::default_runtime().ok_or_else(|| NetError::Setup("no async runtime".into()))?;
-    quinn::Endpoint::new(endpoint_config(tls), server, socket, runtime)
+    let mut config = endpoint_config(tls);
+    if server.is_none() {
+        // A client endpoint carries one connection to one address, so it needs no connection
+        // id to find it: every packet the peer sends (scans, mostly) is 8 bytes shorter.
+        // The server keeps its ids, so the client's NAT may still rebind mid-connection.
+        config.cid_generator(|| Box::new(NoConnectionIds));
+    }
+    quinn::Endpoint::new(config, server, socket, runtime)
         .map_err(|e| NetError::Setup(format!("cannot open a QUIC endpoint on {bind}: {e}")))
 }
 
