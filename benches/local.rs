@@ -2,6 +2,9 @@
 //! binary), listing 10,000 dispatches and overdue assignments, and database bytes per dispatch
 //! and per MiB of scan. Run with `cargo bench --bench local`; prints a Markdown table.
 
+mod common;
+use common::{load_average, machine};
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -33,22 +36,9 @@ const LIST_RUNS_BINARY: usize = 11;
 const WRITE_P50_MS_MAX: f64 = 20.0;
 const LIST_MS_MAX: f64 = 100.0;
 
-/// A synthetic greyscale scan (binary PGM): dark "text lines" on light paper noise, so it
-/// compresses like a real scan; every seed gives different content, so nothing deduplicates.
+/// A synthetic greyscale scan of `bytes` bytes of pixels (PGM): it compresses like a real scan.
 fn synthetic_scan(bytes: usize, seed: u64) -> Vec<u8> {
-    let (width, height) = (1024, bytes / 1024);
-    let mut out = format!("P5\n{width} {height}\n255\n").into_bytes();
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for y in 0..height {
-        for x in 0..width {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let ink = (y % 16) < 10 && (x / 8 + y / 16) % 7 != 0 && x > 48 && x < width - 48;
-            out.push(if ink { 30 } else { 235 } + (state % 8) as u8);
-        }
-    }
-    out
+    communesync::cli::synthetic_scan(1024, bytes / 1024, seed)
 }
 
 fn ms(d: Duration) -> f64 {
@@ -96,28 +86,6 @@ impl Row {
             self.what, self.n, self.p50, self.p90, self.p99, self.max, self.bar
         );
     }
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, model)| model.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    format!("{cores} × {cpu} (nproc {cores})")
-}
-
-/// The 1-minute load average: the machine may be shared, and the figures depend on it.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .ok()
-        .and_then(|l| l.split_whitespace().next().map(str::to_string))
-        .unwrap_or_else(|| "unknown".into())
 }
 
 fn new_node(dir: &Path) -> Node {

@@ -8,6 +8,9 @@
 //! (default 100000 1000000; `quic` and `memory` use the largest), and the keys `scan-mb=200`,
 //! `weak-mb=2`, `memory-mb=1024`, `regen=1` (rebuild the cached provinces).
 
+mod common;
+use common::{load_average, machine};
+
 use std::io::{BufRead, BufReader, Read};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -172,38 +175,6 @@ fn scratch() -> tempfile::TempDir {
         .prefix("sync-")
         .tempdir_in(data_root())
         .expect("scratch directory")
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|text| {
-            text.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, model)| model.trim().to_string())
-        })
-        .unwrap_or_else(|| "unknown CPU".into());
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let mem_gb = std::fs::read_to_string("/proc/meminfo")
-        .ok()
-        .and_then(|t| {
-            t.lines()
-                .next()?
-                .split_whitespace()
-                .nth(1)?
-                .parse::<f64>()
-                .ok()
-        })
-        .map_or(0.0, |kb| kb / 1024.0 / 1024.0);
-    format!("nproc {cores}, CPU {cpu}, {mem_gb:.0} GiB RAM")
-}
-
-/// The 1, 5 and 15 minute load averages: the machine is shared, and load moves the figures.
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|t| t.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|_| "unknown".into())
 }
 
 /// Communes other than ours that the rest of the province's dispatches go to: the real Bình

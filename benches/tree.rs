@@ -6,6 +6,9 @@
 //! `cargo bench --bench tree` (weak 4G, 2 MB scan) or
 //! `cargo bench --bench tree -- 2g 262144` (profile, scan bytes).
 
+mod common;
+use common::{load_average, machine};
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -98,23 +101,6 @@ fn has_blob(data: &Path, hash: &[u8]) -> bool {
     };
     conn.query_row("SELECT 1 FROM blobs WHERE hash = ?1", [hash], |_| Ok(()))
         .is_ok()
-}
-
-fn machine() -> String {
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines()
-                .find(|l| l.starts_with("model name"))
-                .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
-        })
-        .unwrap_or_default();
-    format!(
-        "{} cores, {cpu}",
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(0)
-    )
 }
 
 fn main() {
@@ -271,9 +257,10 @@ fn main() {
     let hop_ideal = scan_bytes as f64 * 8.0 / rate_bps;
     let ideal = 2.0 * hop_ideal;
     println!(
-        "communesync tree benchmark — {} — {}",
+        "communesync tree benchmark — {} — {}, load average {}",
         profile_name,
-        machine()
+        machine(),
+        load_average()
     );
     println!("scan {scan_bytes} bytes (incompressible) to {} communes of qn/binhlieu; link profile {profile}", communes.len());
     println!("| what | seconds | × ideal |");

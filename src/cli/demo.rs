@@ -11,9 +11,10 @@ use anyhow::{bail, Context, Result};
 use super::output::Out;
 
 /// A synthetic greyscale scan (PGM): a page of "text lines" on paper noise, like a real scan.
+/// Every seed gives different content, so distinct scans never deduplicate.
 pub fn synthetic_scan(width: usize, height: usize, seed: u64) -> Vec<u8> {
     let mut out = format!("P5\n{width} {height}\n255\n").into_bytes();
-    let mut state = seed | 1;
+    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     for y in 0..height {
         for x in 0..width {
             state ^= state << 13;

@@ -287,9 +287,17 @@ fn spawn_acceptor(conn: quinn::Connection, dir: PathBuf, events: mpsc::Sender<Ev
                             Ok(hash) => {
                                 let _ = events.send(Event::BlobDone(hash, true)).await;
                             }
+                            // A cut link is not a refusal: what arrived verified is kept.
+                            Err((Some(hash), e @ NetError::Lost { .. })) => {
+                                info!("scan {} from peer interrupted ({e}); the next session resumes it", hex::encode(hash));
+                                let _ = events.send(Event::BlobDone(hash, false)).await;
+                            }
                             Err((Some(hash), e)) => {
                                 warn!("scan {} from peer refused: {e}", hex::encode(hash));
                                 let _ = events.send(Event::BlobDone(hash, false)).await;
+                            }
+                            Err((None, e @ NetError::Lost { .. })) => {
+                                info!("scan stream from peer interrupted: {e}")
                             }
                             Err((None, e)) => warn!("scan stream from peer refused: {e}"),
                         }

@@ -251,21 +251,8 @@ pub fn now_ms() -> i64 {
         .as_millis() as i64
 }
 
-/// A synthetic greyscale scan (binary PGM) of about `bytes` bytes: dark "text lines" on light
-/// paper noise, so it compresses like a real scan; `seed` makes distinct scans distinct.
+/// A synthetic greyscale scan (binary PGM) of about `bytes` bytes; `seed` makes distinct
+/// scans distinct.
 pub fn scan(bytes: usize, seed: u64) -> Vec<u8> {
-    let width = 1024;
-    let height = bytes.div_ceil(width).max(1);
-    let mut out = format!("P5\n{width} {height}\n255\n").into_bytes();
-    let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for y in 0..height {
-        for x in 0..width {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let ink = (y % 16) < 10 && (x / 8 + y / 16) % 7 != 0 && x > 48 && x < width - 48;
-            out.push(if ink { 30 } else { 235 } + (state % 8) as u8);
-        }
-    }
-    out
+    communesync::cli::synthetic_scan(1024, bytes.div_ceil(1024).max(1), seed)
 }
