@@ -310,13 +310,15 @@ fn spawn_acceptor(conn: quinn::Connection, dir: PathBuf, events: mpsc::Sender<Ev
 }
 
 /// Runs one session over an authenticated connection until it converges (one-shot), or until
-/// the connection or `shutdown` ends it (continuous).
+/// the connection or `shutdown` ends it (continuous). A continuous session offers local
+/// writes at each push tick, and at once when `wake` moves (see [`Node::wake_daemon`]).
 pub async fn run_session(
     conn: quinn::Connection,
     peer: PeerIdentity,
     dir: PathBuf,
     mode: Mode,
     mut shutdown: watch::Receiver<bool>,
+    mut wake: Option<watch::Receiver<u64>>,
 ) -> Result<SessionReport, NetError> {
     let started = Instant::now();
     let node_err = |e: crate::node::NodeError| NetError::Node(format!("{e:#}"));
@@ -486,6 +488,18 @@ pub async fn run_session(
                             session.update_crl(crl.number());
                             crl_der = crl.der().to_vec();
                         }
+                    }
+                }
+                woken = async {
+                    match wake.as_mut() {
+                        Some(w) => w.changed().await.is_ok(),
+                        None => std::future::pending().await,
+                    }
+                } => {
+                    if !woken {
+                        wake = None;
+                    } else if mode == Mode::Continuous {
+                        session.poll_local_changes(&mut NodeReplica::new(&mut node, peer.clone()), false)?;
                     }
                 }
                 _ = shutdown.changed() => return Ok(()),

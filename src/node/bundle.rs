@@ -366,6 +366,10 @@ impl Node {
             self.store
                 .write(|tx| tx.set_have_from(&id, header.upto as i64))?;
         }
+        if report.docs_changed > 0 {
+            // A relay's daemon forwards what arrived on the stick at once.
+            self.wake_daemon();
+        }
         Ok(report)
     }
 }

@@ -170,6 +170,7 @@ impl Node {
                 Ok(dispatch::create(doc, &id, &new, &author, at_ms)?)
             })
         })?;
+        self.wake_daemon();
         self.dispatch_view(&id)
     }
 
@@ -214,6 +215,7 @@ impl Node {
                 Ok(dispatch::receive(doc, &id, &unit, &author, at_ms)?)
             })
         })?;
+        self.wake_daemon();
         Ok(ReceiveReport {
             id: id.to_string(),
             unit,
@@ -235,6 +237,7 @@ impl Node {
                 Ok(dispatch::add_comment(doc, &id, text, &author, at_ms)?)
             })
         })?;
+        self.wake_daemon();
         self.dispatch_view(&id)
     }
 
@@ -338,6 +341,7 @@ impl Node {
                 Ok(assignment::create(doc, &id, &new, &author, at_ms)?)
             })
         })?;
+        self.wake_daemon();
         self.assign_show(id.as_str())
     }
 
@@ -358,6 +362,7 @@ impl Node {
                 )?)
             })
         })?;
+        self.wake_daemon();
         self.assign_show(id.as_str())
     }
 
@@ -394,6 +399,7 @@ impl Node {
                 )?)
             })
         })?;
+        self.wake_daemon();
         self.dossier_track(id.as_str())
     }
 
@@ -415,6 +421,7 @@ impl Node {
                 Ok(dossier::advance(doc, &id, step, to_unit, &author, at_ms)?)
             })
         })?;
+        self.wake_daemon();
         self.dossier_track(id.as_str())
     }
 

@@ -25,6 +25,8 @@ pub use config::{Config, ConfigError};
 pub use local::*;
 
 pub const DB_FILE: &str = "node.db";
+/// Unix datagram socket in the data directory on which `serve` hears of local writes.
+pub const WAKE_SOCKET: &str = "serve.wake";
 pub const KEY_FILE: &str = "node.key";
 /// The unit tree given to `init --units-file`, kept in the data directory.
 pub const UNITS_FILE: &str = "units.toml";
@@ -239,6 +241,16 @@ impl Node {
 
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Tells a `serve` daemon on this data directory that a local write was committed, so it
+    /// offers it to its peers now rather than at its next push tick. Best effort: with no
+    /// daemon running there is no one to tell, and the tick still finds the write.
+    pub fn wake_daemon(&self) {
+        let socket = self.dir.join(WAKE_SOCKET);
+        if let Ok(s) = std::os::unix::net::UnixDatagram::unbound() {
+            let _ = s.send_to(b"w", socket);
+        }
     }
 
     pub fn unit(&self) -> &str {

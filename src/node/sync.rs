@@ -436,6 +436,7 @@ pub async fn sync_once(
         dir.to_path_buf(),
         Mode::OneShot,
         shutdown,
+        None,
     )
     .await;
     path::remember(dir, addr.ip(), mtu, &conn);
@@ -487,9 +488,10 @@ pub async fn serve(
     let reconnect_max = Duration::from_secs(node.config.sync.reconnect_max_s);
     drop(node);
 
+    let wake = listen_for_local_writes(dir)?;
     if let Some(name) = upstream {
-        let (dir, shutdown) = (dir.to_path_buf(), shutdown.clone());
-        tokio::spawn(async move { keep_upstream(dir, name, reconnect_max, shutdown).await });
+        let (dir, shutdown, wake) = (dir.to_path_buf(), shutdown.clone(), wake.clone());
+        tokio::spawn(async move { keep_upstream(dir, name, reconnect_max, shutdown, wake).await });
     }
     let mut stop = shutdown.clone();
     // A newer CRL (from `ca revoke` or a peer) takes effect for new connections without a restart.
@@ -515,7 +517,7 @@ pub async fn serve(
                     incoming.refuse();
                     continue;
                 };
-                let (dir, shutdown) = (dir.to_path_buf(), shutdown.clone());
+                let (dir, shutdown, wake) = (dir.to_path_buf(), shutdown.clone(), wake.clone());
                 let remote = incoming.remote_address();
                 let mtu = path::known_mtu(&dir, remote.ip());
                 let mut cfg = server_cfg.clone();
@@ -554,7 +556,7 @@ pub async fn serve(
                         watched.closed().await;
                         path::remember(&watch_dir, remote.ip(), mtu, &watched);
                     });
-                    if let Err(e) = net::run_session(conn, identity.clone(), dir, Mode::Continuous, shutdown).await {
+                    if let Err(e) = net::run_session(conn, identity.clone(), dir, Mode::Continuous, shutdown, Some(wake)).await {
                         warn!(unit = %identity.unit, "session ended: {e}");
                     }
                 });
@@ -564,7 +566,26 @@ pub async fn serve(
     }
     ep.close(0u32.into(), b"shutting down");
     ep.wait_idle().await;
+    let _ = std::fs::remove_file(dir.join(super::WAKE_SOCKET));
     Ok(())
+}
+
+/// Binds the data directory's wake socket; the receiver moves each time a local command
+/// commits a write (see [`Node::wake_daemon`]).
+fn listen_for_local_writes(dir: &Path) -> Result<watch::Receiver<u64>> {
+    let path = dir.join(super::WAKE_SOCKET);
+    // A socket file left by a daemon that was killed would make the bind fail.
+    let _ = std::fs::remove_file(&path);
+    let socket = tokio::net::UnixDatagram::bind(&path)
+        .map_err(|e| NodeError::Invalid(format!("cannot listen on {}: {e}", path.display())))?;
+    let (tx, rx) = watch::channel(0u64);
+    tokio::spawn(async move {
+        let mut buf = [0u8; 16];
+        while socket.recv(&mut buf).await.is_ok() {
+            tx.send_modify(|n| *n += 1);
+        }
+    });
+    Ok(rx)
 }
 
 /// A server config with the CRL now on disk, with that CRL's number, if it differs from
@@ -591,6 +612,7 @@ async fn keep_upstream(
     name: String,
     backoff_max: Duration,
     mut shutdown: watch::Receiver<bool>,
+    wake: watch::Receiver<u64>,
 ) {
     let mut backoff = Duration::from_secs(1);
     loop {
@@ -611,6 +633,7 @@ async fn keep_upstream(
                 dir.clone(),
                 Mode::Continuous,
                 shutdown.clone(),
+                Some(wake.clone()),
             )
             .await;
             path::remember(&dir, addr.ip(), mtu, &conn);

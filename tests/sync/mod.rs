@@ -856,3 +856,41 @@ fn a_reconnect_starts_at_the_path_mtu_found_before_instead_of_probing() {
     );
     server.finish();
 }
+
+/// Polls `what` every 50 ms until it holds; panics with `why` after 20 s.
+fn eventually(why: &str, mut what: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !what() {
+        assert!(Instant::now() < deadline, "{why}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_running_daemon_offers_a_local_write_at_once_not_at_its_next_push_tick() {
+    let province = province();
+    let upstream = Server::start(&province);
+    let commune = enrolled(&province, COMMUNE, "commune");
+    commune.ok(&["peer", "add", "up", "--addr", upstream.addr(), "--upstream"]);
+    // A push tick so long that only the wake-up can explain a prompt delivery.
+    set_sync_config(
+        &commune,
+        &[(
+            "congestion = \"bbr\"",
+            "congestion = \"bbr\"\npush_interval_ms = 60000",
+        )],
+    );
+    let daemon = Server::start(&commune);
+    eventually(
+        "the commune's first session with the province never converged",
+        || commune.json(&["status"])["peers"][0]["sync"]["last_sync_at_ms"].is_i64(),
+    );
+
+    let d = id(&commune.new_dispatch("12/UBND", &["qn"], &[]));
+    eventually(
+        "the province did not receive the dispatch before the push tick",
+        || doc_heads(&province, &d).is_some(),
+    );
+    daemon.finish();
+    upstream.finish();
+}
