@@ -26,6 +26,9 @@ pub struct BlobSink<'a> {
     next: u64,
     batch: Vec<(u64, Vec<u8>)>,
     flushed_at: std::time::Instant,
+    /// BLAKE3 of the content so far and its size, when this transfer started at chunk 0: the
+    /// whole is then checked without reading the scan back from the store.
+    whole: Option<(blake3::Hasher, u64)>,
 }
 
 impl<'a> BlobSink<'a> {
@@ -79,6 +82,7 @@ impl<'a> BlobSink<'a> {
             next: first,
             batch: Vec::new(),
             flushed_at: std::time::Instant::now(),
+            whole: (first == 0).then(|| (blake3::Hasher::new(), 0)),
         })
     }
 
@@ -116,9 +120,13 @@ impl<'a> BlobSink<'a> {
             compressed,
             raw_len,
             CHUNK_BYTES as u64,
-            &data,
+            data,
             &self.manifest[idx as usize],
         )?;
+        if let Some((hasher, size)) = &mut self.whole {
+            hasher.update(&raw);
+            *size += raw.len() as u64;
+        }
         self.batch.push((idx, raw));
         self.next += 1;
         if self.batch.len() >= CHUNKS_PER_COMMIT || self.flushed_at.elapsed() >= COMMIT_INTERVAL {
@@ -131,10 +139,14 @@ impl<'a> BlobSink<'a> {
     pub fn flush(&mut self) -> Result<(), ProtoError> {
         let (hash, batch) = (self.hash, std::mem::take(&mut self.batch));
         self.flushed_at = std::time::Instant::now();
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let manifest = &self.manifest;
         self.store
             .write(|tx| {
                 for (idx, data) in &batch {
-                    tx.blob_partial_chunk(&hash, *idx, data)?;
+                    tx.blob_partial_chunk(&hash, *idx, &manifest[*idx as usize], data)?;
                 }
                 Ok(())
             })
@@ -152,8 +164,12 @@ impl<'a> BlobSink<'a> {
             )));
         }
         let hash = self.hash;
+        let streamed = self
+            .whole
+            .take()
+            .map(|(hasher, size)| (&self.manifest[..], *hasher.finalize().as_bytes(), size));
         self.store
-            .write(|tx| tx.blob_partial_finish(&hash, now_ms()))
+            .write(|tx| tx.blob_partial_finish(&hash, streamed, now_ms()))
             .map_err(local)?;
         Ok(hash)
     }

@@ -37,12 +37,13 @@ pub fn encode_chunk(data: &[u8], level: i32) -> (bool, Vec<u8>) {
 }
 
 /// Decodes a chunk, refusing anything that would expand past `raw_len` (itself bounded by the
-/// chunk size announced in the manifest), then checks it against its manifest hash.
+/// chunk size announced in the manifest), then checks it against its manifest hash. A raw chunk
+/// is returned in the buffer it came in, without a copy.
 pub fn decode_chunk(
     compressed: bool,
     raw_len: u64,
     chunk_bytes: u64,
-    data: &[u8],
+    data: Vec<u8>,
     expected: &Hash32,
 ) -> Result<Vec<u8>, ProtoError> {
     if raw_len > chunk_bytes {
@@ -51,7 +52,7 @@ pub fn decode_chunk(
         )));
     }
     let raw = if compressed {
-        let out = zstd::bulk::decompress(data, raw_len as usize)
+        let out = zstd::bulk::decompress(&data, raw_len as usize)
             .map_err(|e| ProtoError::Malformed(format!("chunk does not decompress: {e}")))?;
         if out.len() as u64 != raw_len {
             return Err(ProtoError::Malformed(
@@ -65,7 +66,7 @@ pub fn decode_chunk(
                 "raw chunk length differs from announced".into(),
             ));
         }
-        data.to_vec()
+        data
     };
     if blake3::hash(&raw).as_bytes() != expected {
         return Err(ProtoError::Malformed(
@@ -89,7 +90,7 @@ mod tests {
         assert!(c && z.len() < text.len() / 10);
         let expected = *blake3::hash(&text).as_bytes();
         assert_eq!(
-            decode_chunk(true, text.len() as u64, 256 * 1024, &z, &expected).unwrap(),
+            decode_chunk(true, text.len() as u64, 256 * 1024, z, &expected).unwrap(),
             text
         );
 
@@ -108,16 +109,16 @@ mod tests {
         let z = zstd::bulk::compress(&zeros, 1).unwrap();
         let h = *blake3::hash(&zeros).as_bytes();
         assert!(
-            decode_chunk(true, 1 << 20, 256 * 1024, &z, &h).is_err(),
+            decode_chunk(true, 1 << 20, 256 * 1024, z.clone(), &h).is_err(),
             "larger than the chunk size"
         );
         assert!(
-            decode_chunk(true, 1000, 256 * 1024, &z, &h).is_err(),
+            decode_chunk(true, 1000, 256 * 1024, z, &h).is_err(),
             "expands past its declared length"
         );
         let data = b"scan bytes".to_vec();
         assert!(
-            decode_chunk(false, data.len() as u64, 64, &data, &[0; 32]).is_err(),
+            decode_chunk(false, data.len() as u64, 64, data.clone(), &[0; 32]).is_err(),
             "wrong hash"
         );
     }

@@ -546,19 +546,35 @@ impl WriteTx<'_> {
             .at(self.path)
     }
 
-    /// Stores a chunk already verified against the manifest.
-    pub fn blob_partial_chunk(&self, hash: &Hash, idx: u64, data: &[u8]) -> Result<()> {
+    /// Stores a chunk already verified against `chunk_hash`, its hash in the manifest (the
+    /// caller hashed it; it is not hashed again here).
+    pub fn blob_partial_chunk(
+        &self,
+        hash: &Hash,
+        idx: u64,
+        chunk_hash: &Hash,
+        data: &[u8],
+    ) -> Result<()> {
         self.tx
             .prepare_cached("INSERT OR REPLACE INTO blob_chunks (hash, idx, chunk_hash, data) VALUES (?1, ?2, ?3, ?4)")
             .at(self.path)?
-            .execute(params![&hash[..], idx as i64, &blake3::hash(data).as_bytes()[..], data])
+            .execute(params![&hash[..], idx as i64, &chunk_hash[..], data])
             .at(self.path)?;
         Ok(())
     }
 
     /// Checks the whole content against its hash and makes the scan available; on mismatch
-    /// discards the chunks (the manifest lied) and fails.
-    pub fn blob_partial_finish(&self, hash: &Hash, at_ms: i64) -> Result<()> {
+    /// discards the chunks (the manifest lied) and fails. `streamed` describes a receiver that
+    /// verified and stored every chunk itself, in order: the manifest it checked them against,
+    /// and the BLAKE3 and size of what it stored. The stored chunks are then taken as that
+    /// content if the stored manifest is still the same and no chunk is missing; otherwise (or
+    /// without `streamed`) they are read back and hashed.
+    pub fn blob_partial_finish(
+        &self,
+        hash: &Hash,
+        streamed: Option<(&[Hash], Hash, u64)>,
+        at_ms: i64,
+    ) -> Result<()> {
         let (size, manifest): (i64, Vec<u8>) = self
             .tx
             .query_row(
@@ -568,28 +584,25 @@ impl WriteTx<'_> {
             )
             .at(self.path)?;
         let chunks = (manifest.len() / 32) as i64;
-        let mut whole = blake3::Hasher::new();
-        let mut total = 0i64;
-        {
-            let mut stmt = self
-                .tx
-                .prepare_cached("SELECT idx, data FROM blob_chunks WHERE hash = ?1 ORDER BY idx")
-                .at(self.path)?;
-            let rows = stmt
-                .query_map([&hash[..]], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
-                })
-                .at(self.path)?;
-            for (expected, row) in rows.enumerate() {
-                let (idx, data) = row.at(self.path)?;
-                if idx != expected as i64 {
-                    break;
-                }
-                total += data.len() as i64;
-                whole.update(&data);
+        let streamed = match streamed {
+            Some((checked, content, total)) if checked.concat() == manifest => {
+                // The key is (hash, idx) and every idx is below `chunks`: a full count means
+                // none is missing, and each was verified against this same manifest.
+                let held: i64 = self
+                    .tx
+                    .prepare_cached("SELECT COUNT(*) FROM blob_chunks WHERE hash = ?1")
+                    .at(self.path)?
+                    .query_row([&hash[..]], |r| r.get(0))
+                    .at(self.path)?;
+                (held == chunks).then_some((content, total as i64))
             }
-        }
-        if total != size || whole.finalize().as_bytes() != hash {
+            _ => None,
+        };
+        let (content, total) = match streamed {
+            Some(known) => known,
+            None => self.blob_partial_read_back(hash)?,
+        };
+        if total != size || &content != hash {
             self.tx
                 .execute("DELETE FROM blob_chunks WHERE hash = ?1", [&hash[..]])
                 .at(self.path)?;
@@ -614,5 +627,29 @@ impl WriteTx<'_> {
             .execute("DELETE FROM blob_partial WHERE hash = ?1", [&hash[..]])
             .at(self.path)?;
         Ok(())
+    }
+
+    /// BLAKE3 and size of the leading run of stored chunks of a scan in transit.
+    fn blob_partial_read_back(&self, hash: &Hash) -> Result<(Hash, i64)> {
+        let mut stmt = self
+            .tx
+            .prepare_cached("SELECT idx, data FROM blob_chunks WHERE hash = ?1 ORDER BY idx")
+            .at(self.path)?;
+        let rows = stmt
+            .query_map([&hash[..]], |r| {
+                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+            })
+            .at(self.path)?;
+        let mut whole = blake3::Hasher::new();
+        let mut total = 0i64;
+        for (expected, row) in rows.enumerate() {
+            let (idx, data) = row.at(self.path)?;
+            if idx != expected as i64 {
+                break;
+            }
+            total += data.len() as i64;
+            whole.update(&data);
+        }
+        Ok((*whole.finalize().as_bytes(), total))
     }
 }
