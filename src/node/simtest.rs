@@ -131,9 +131,12 @@ fn run_once(a: &mut Side, b: &mut Side, rng: &mut StdRng, cut_per_step: f64) -> 
             )
             .unwrap();
             let (hash, idx) = (t.hash, t.next);
+            let mut file = dst.node.store.blob_partial_file(&hash).unwrap();
+            file.write(idx, &raw).unwrap();
+            file.sync().unwrap();
             dst.node
                 .store
-                .write(|tx| tx.blob_partial_chunk(&hash, idx, &manifest[idx as usize], &raw))
+                .write(|tx| tx.blob_partial_chunks(&hash, &manifest, &[(idx, raw.len())]))
                 .unwrap();
             t.next += 1;
             if t.next == manifest.len() as u64 {

@@ -4,7 +4,7 @@
 use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
-use super::blobs::{Hash, CHUNK_BYTES};
+use super::blobs::{Hash, ScanFile, CHUNK_BYTES};
 use super::{Result, SqlContext, Store, StoreError, WriteTx};
 
 /// A configured peer (`peer add`).
@@ -369,9 +369,9 @@ impl Store {
 
     /// One stored chunk, verified against its hash before it leaves this node.
     pub fn blob_chunk(&self, hash: &Hash, idx: u64) -> Result<Vec<u8>> {
-        let (chunk_hash, data): (Vec<u8>, Vec<u8>) = self
+        let (chunk_hash, len): (Vec<u8>, i64) = self
             .conn
-            .prepare_cached("SELECT chunk_hash, data FROM blob_chunks WHERE hash = ?1 AND idx = ?2")
+            .prepare_cached("SELECT chunk_hash, len FROM blob_chunks WHERE hash = ?1 AND idx = ?2")
             .at(&self.path)?
             .query_row(params![&hash[..], idx as i64], |r| {
                 Ok((r.get(0)?, r.get(1)?))
@@ -381,13 +381,18 @@ impl Store {
             .ok_or_else(|| {
                 StoreError::NotFound(format!("chunk {idx} of scan {}", hex::encode(hash)))
             })?;
-        if blake3::hash(&data).as_bytes()[..] != chunk_hash[..] {
+        if !(0..=CHUNK_BYTES as i64).contains(&len) {
             return Err(StoreError::Corrupt(format!(
-                "chunk {idx} of scan {} is damaged",
+                "chunk {idx} of scan {} has a length of {len}",
                 hex::encode(hash)
             )));
         }
-        Ok(data)
+        super::blobs::read_stored_chunk(&self.path, hash, idx, len as usize, &chunk_hash)
+    }
+
+    /// The file that chunks of a scan in transit are written to before their rows commit.
+    pub fn blob_partial_file(&self, hash: &Hash) -> Result<ScanFile> {
+        ScanFile::open(&self.path, hash)
     }
 }
 
@@ -546,20 +551,40 @@ impl WriteTx<'_> {
             .at(self.path)
     }
 
-    /// Stores a chunk already verified against `chunk_hash`, its hash in the manifest (the
-    /// caller hashed it; it is not hashed again here).
-    pub fn blob_partial_chunk(
+    /// Records chunks of a scan in transit, each verified against `manifest` and already made
+    /// durable in the scan's file (`Store::blob_partial_file`), as `(idx, len)`. Refuses if the
+    /// transfer was restarted meanwhile with another manifest, so its chunks are not mixed in.
+    pub fn blob_partial_chunks(
         &self,
         hash: &Hash,
-        idx: u64,
-        chunk_hash: &Hash,
-        data: &[u8],
+        manifest: &[Hash],
+        chunks: &[(u64, usize)],
     ) -> Result<()> {
-        self.tx
-            .prepare_cached("INSERT OR REPLACE INTO blob_chunks (hash, idx, chunk_hash, data) VALUES (?1, ?2, ?3, ?4)")
+        let stored: Option<Vec<u8>> = self
+            .tx
+            .prepare_cached("SELECT manifest FROM blob_partial WHERE hash = ?1")
             .at(self.path)?
-            .execute(params![&hash[..], idx as i64, &chunk_hash[..], data])
+            .query_row([&hash[..]], |r| r.get(0))
+            .optional()
             .at(self.path)?;
+        if stored.as_deref() != Some(&manifest.concat()[..]) {
+            return Err(StoreError::Invalid(format!(
+                "scan {} is no longer in transit with this manifest",
+                hex::encode(hash)
+            )));
+        }
+        let mut insert = self
+            .tx
+            .prepare_cached("INSERT OR REPLACE INTO blob_chunks (hash, idx, chunk_hash, len) VALUES (?1, ?2, ?3, ?4)")
+            .at(self.path)?;
+        for &(idx, len) in chunks {
+            let chunk_hash = manifest.get(idx as usize).ok_or_else(|| {
+                StoreError::Invalid(format!("chunk {idx} is past the end of the manifest"))
+            })?;
+            insert
+                .execute(params![&hash[..], idx as i64, &chunk_hash[..], len as i64])
+                .at(self.path)?;
+        }
         Ok(())
     }
 
@@ -629,24 +654,40 @@ impl WriteTx<'_> {
         Ok(())
     }
 
-    /// BLAKE3 and size of the leading run of stored chunks of a scan in transit.
+    /// BLAKE3 and size of the leading run of stored chunks of a scan in transit, read back from
+    /// its file and each checked against its hash.
     fn blob_partial_read_back(&self, hash: &Hash) -> Result<(Hash, i64)> {
         let mut stmt = self
             .tx
-            .prepare_cached("SELECT idx, data FROM blob_chunks WHERE hash = ?1 ORDER BY idx")
+            .prepare_cached(
+                "SELECT idx, chunk_hash, len FROM blob_chunks WHERE hash = ?1 ORDER BY idx",
+            )
             .at(self.path)?;
         let rows = stmt
             .query_map([&hash[..]], |r| {
-                Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
             })
             .at(self.path)?;
         let mut whole = blake3::Hasher::new();
         let mut total = 0i64;
         for (expected, row) in rows.enumerate() {
-            let (idx, data) = row.at(self.path)?;
-            if idx != expected as i64 {
+            let (idx, chunk_hash, len) = row.at(self.path)?;
+            if idx != expected as i64 || !(0..=CHUNK_BYTES as i64).contains(&len) {
                 break;
             }
+            let Ok(data) = super::blobs::read_stored_chunk(
+                self.path,
+                hash,
+                idx as u64,
+                len as usize,
+                &chunk_hash,
+            ) else {
+                break;
+            };
             total += data.len() as i64;
             whole.update(&data);
         }
