@@ -1,6 +1,8 @@
 //! Scan transfer: per-chunk zstd with a cheap compressibility probe, bounded decompression,
 //! and verification of every chunk against the manifest before it is stored.
 
+use std::cell::RefCell;
+
 use super::wire::Hash32;
 use super::ProtoError;
 
@@ -19,15 +21,45 @@ pub fn level_for_rate(rate_bps: u64) -> i32 {
     }
 }
 
+thread_local! {
+    /// One zstd context per thread, reused from chunk to chunk: a fresh one per 256 KiB chunk
+    /// costs an allocation and the set-up of its tables each time.
+    static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+fn compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with_borrow_mut(|slot| {
+        let z = match slot {
+            Some(z) => {
+                z.set_compression_level(level)?;
+                z
+            }
+            None => slot.insert(zstd::bulk::Compressor::new(level)?),
+        };
+        z.compress(data)
+    })
+}
+
+fn decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with_borrow_mut(|slot| {
+        let z = match slot {
+            Some(z) => z,
+            None => slot.insert(zstd::bulk::Decompressor::new()?),
+        };
+        z.decompress(data, capacity)
+    })
+}
+
 /// Encodes a chunk for the wire: compressed when that pays, raw otherwise. Returns (compressed, bytes).
 pub fn encode_chunk(data: &[u8], level: i32) -> (bool, Vec<u8>) {
     let probe = &data[..data.len().min(PROBE_BYTES)];
-    let worth_it = match zstd::bulk::compress(probe, 1) {
+    let worth_it = match compress(probe, 1) {
         Ok(z) => (z.len() as f64) < probe.len() as f64 * PROBE_RATIO_MAX,
         Err(_) => false,
     };
     if worth_it {
-        if let Ok(z) = zstd::bulk::compress(data, level) {
+        if let Ok(z) = compress(data, level) {
             if z.len() < data.len() {
                 return (true, z);
             }
@@ -52,7 +84,7 @@ pub fn decode_chunk(
         )));
     }
     let raw = if compressed {
-        let out = zstd::bulk::decompress(&data, raw_len as usize)
+        let out = decompress(&data, raw_len as usize)
             .map_err(|e| ProtoError::Malformed(format!("chunk does not decompress: {e}")))?;
         if out.len() as u64 != raw_len {
             return Err(ProtoError::Malformed(
