@@ -3,6 +3,7 @@
 //! transfer resumes at the first missing chunk.
 
 use std::path::Path;
+use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
 use quinn::RecvStream;
@@ -13,7 +14,7 @@ use super::{read_frame, write_frame, Event, NetError, STREAM_BLOB};
 use crate::node::blobsink::BlobSink;
 use crate::node::DB_FILE;
 use crate::proto::blob::{encode_chunk, level_for_rate, link_rate_bps, LinkView};
-use crate::proto::{Frame, Hash32, ProtoError};
+use crate::proto::{wire, Frame, Hash32, ProtoError};
 use crate::store::blobs::CHUNK_BYTES;
 use crate::store::Store;
 
@@ -91,6 +92,16 @@ pub(super) fn spawn_sender(
     });
 }
 
+/// Chunks a sender reads, verifies and encodes ahead of its stream (at most 1 MiB of scan per
+/// stream): the store and the compressor work while QUIC sends.
+const CHUNKS_AHEAD_MAX: usize = 4;
+/// Chunk frames a receiver reads off its stream ahead of verifying and storing them: the stream
+/// keeps flowing while a batch is committed.
+const FRAMES_AHEAD_MAX: usize = 4;
+
+/// One encoded BlobChunk frame and the size of its payload (what the rate limit counts).
+type EncodedChunk = (Vec<u8>, usize);
+
 async fn send(
     conn: &quinn::Connection,
     dir: &Path,
@@ -116,46 +127,73 @@ async fn send(
         .write_all(&[STREAM_BLOB])
         .await
         .map_err(|e| lost(e.to_string()))?;
-    let first = from.min(chunk_hashes.len() as u64);
+    let count = chunk_hashes.len() as u64;
+    let first = from.min(count);
     let header = Frame::BlobHeader {
         hash,
         size,
         chunk_bytes: CHUNK_BYTES as u64,
         first,
-        chunk_hashes: chunk_hashes.clone(),
+        chunk_hashes,
     };
     write_frame(&mut stream, &header, 3).await?;
-    for idx in first..chunk_hashes.len() as u64 {
-        let data = store.blob_chunk(&hash, idx).map_err(store_err)?;
+    // The level is chosen here, per chunk, as the link changes; the reader uses the latest
+    // choice for the chunks it encodes ahead.
+    let level_now = Arc::new(AtomicI32::new(level_for_rate(estimated_rate_bps(conn))));
+    let mut chunks = spawn_chunk_reader(store, hash, first..count, level_now.clone());
+    for _ in first..count {
         let level = level_for_rate(estimated_rate_bps(conn));
-        let raw_len = data.len() as u64;
-        // High levels cost tens of milliseconds per chunk: keep them off the async workers.
-        let (compressed, payload) = if level >= 9 {
-            tokio::task::spawn_blocking(move || encode_chunk(&data, level))
-                .await
-                .map_err(|e| NetError::Node(e.to_string()))?
-        } else {
-            encode_chunk(&data, level)
-        };
-        rate.take(payload.len()).await;
-        write_frame(
-            &mut stream,
-            &Frame::BlobChunk {
-                idx,
-                compressed,
-                raw_len,
-                data: payload,
-            },
-            1,
-        )
-        .await?;
+        level_now.store(level, Ordering::Relaxed);
+        let (frame, payload_bytes) = chunks
+            .recv()
+            .await
+            .unwrap_or_else(|| Err(NetError::Node("the scan reader stopped".into())))?;
+        rate.take(payload_bytes).await;
+        stream
+            .write_all(&frame)
+            .await
+            .map_err(|e| lost(e.to_string()))?;
     }
     stream.finish().map_err(|e| lost(e.to_string()))?;
     debug!(hash = %hex::encode(hash), from, "scan sent");
     Ok(())
 }
 
-/// Receives one scan stream into the store; returns its hash once complete and verified.
+/// Reads, verifies and encodes chunks `range` of a stored scan on a blocking thread, at most
+/// CHUNKS_AHEAD_MAX ahead of the stream; it stops at the first error (which it hands on) or
+/// when the receiving end is dropped.
+fn spawn_chunk_reader(
+    store: Store,
+    hash: Hash32,
+    range: std::ops::Range<u64>,
+    level: Arc<AtomicI32>,
+) -> mpsc::Receiver<Result<EncodedChunk, NetError>> {
+    let (tx, rx) = mpsc::channel(CHUNKS_AHEAD_MAX);
+    tokio::task::spawn_blocking(move || {
+        for idx in range {
+            let encoded = store.blob_chunk(&hash, idx).map_err(store_err).map(|data| {
+                let raw_len = data.len() as u64;
+                let (compressed, payload) = encode_chunk(&data, level.load(Ordering::Relaxed));
+                let payload_bytes = payload.len();
+                let frame = Frame::BlobChunk {
+                    idx,
+                    compressed,
+                    raw_len,
+                    data: payload,
+                };
+                (wire::encode(&frame, 1), payload_bytes)
+            });
+            let failed = encoded.is_err();
+            if tx.blocking_send(encoded).is_err() || failed {
+                break;
+            }
+        }
+    });
+    rx
+}
+
+/// Receives one scan stream into the store; returns its hash once complete and verified. The
+/// stream is read here while a blocking thread verifies and stores the chunks.
 pub(super) async fn receive(
     recv: &mut RecvStream,
     dir: &Path,
@@ -170,14 +208,48 @@ pub(super) async fn receive(
         }
         Err(e) => return Err((None, e)),
     };
-    let mut store = Store::open(&dir.join(DB_FILE), 1).map_err(|e| (None, store_err(e)))?;
+    // Frames still to come if the header is well formed; BlobSink::begin checks it.
+    let expected = match &header {
+        Frame::BlobHeader {
+            first,
+            chunk_hashes,
+            ..
+        } => (chunk_hashes.len() as u64).saturating_sub(*first),
+        _ => 0,
+    };
+    let (tx, rx) = mpsc::channel(FRAMES_AHEAD_MAX);
+    let db = dir.join(DB_FILE);
+    let sink = tokio::task::spawn_blocking(move || store_scan(&db, header, rx));
+    for _ in 0..expected {
+        let frame = tokio::select! {
+            frame = read_frame(recv) => frame,
+            // The sink refused the scan or a chunk: stop reading, its error says why.
+            () = tx.closed() => break,
+        };
+        let ended = !matches!(frame, Ok(Some(_)));
+        if tx.send(frame).await.is_err() || ended {
+            break;
+        }
+    }
+    drop(tx);
+    sink.await
+        .map_err(|e| (None, NetError::Node(e.to_string())))?
+}
+
+/// The blocking half of `receive`: verifies and stores the frames the stream hands over.
+fn store_scan(
+    db: &Path,
+    header: Frame,
+    mut frames: mpsc::Receiver<Result<Option<Frame>, NetError>>,
+) -> Result<Hash32, (Option<Hash32>, NetError)> {
+    let mut store = Store::open(db, 1).map_err(|e| (None, store_err(e)))?;
     let mut sink = BlobSink::begin(&mut store, header).map_err(|(h, e)| (h, e.into()))?;
     let hash = sink.hash;
     while !sink.is_complete() {
-        let frame = match read_frame(recv).await {
-            Ok(Some(f)) => f,
-            Ok(None) => break,
-            Err(e) => {
+        let frame = match frames.blocking_recv() {
+            Some(Ok(Some(f))) => f,
+            Some(Ok(None)) | None => break,
+            Some(Err(e)) => {
                 // Keep what arrived verified: the next session resumes after it.
                 sink.flush().map_err(|e| (Some(hash), e.into()))?;
                 return Err((Some(hash), e));

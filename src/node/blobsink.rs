@@ -1,15 +1,17 @@
 //! Receiving one scan from a peer or a bundle into the store: the manifest is checked, each
-//! chunk verified against it before it is stored (in batches, so a cut loses little), and the
-//! whole content against its hash before the scan becomes available.
+//! chunk verified against it before it is written to the scan's file and recorded (in batches,
+//! so a cut loses little), and the whole content against its hash before the scan becomes
+//! available.
 
 use crate::proto::blob::decode_chunk;
 use crate::proto::{Frame, Hash32, ProtoError};
-use crate::store::blobs::{BLOB_BYTES_MAX, CHUNK_BYTES};
+use crate::store::blobs::{ScanFile, BLOB_BYTES_MAX, CHUNK_BYTES};
 use crate::store::Store;
 
 use super::now_ms;
 
-/// Verified chunks written per transaction at most: amortises the fsync on fast links.
+/// Verified chunks recorded per transaction at most: amortises the fsyncs on fast links. The
+/// chunks themselves go to the scan's file as they arrive, so a batch holds no scan bytes.
 const CHUNKS_PER_COMMIT: usize = 16;
 /// A batch is committed at least this often, so a kill or power cut on a slow link loses at
 /// most this much transfer time.
@@ -24,8 +26,13 @@ pub struct BlobSink<'a> {
     pub hash: Hash32,
     manifest: Vec<Hash32>,
     next: u64,
-    batch: Vec<(u64, Vec<u8>)>,
+    file: ScanFile,
+    /// Chunks written to `file` and not yet recorded: (idx, length).
+    batch: Vec<(u64, usize)>,
     flushed_at: std::time::Instant,
+    /// BLAKE3 of the content so far and its size, when this transfer started at chunk 0: the
+    /// whole is then checked without reading the scan back from the store.
+    whole: Option<(blake3::Hasher, u64)>,
 }
 
 impl<'a> BlobSink<'a> {
@@ -72,13 +79,18 @@ impl<'a> BlobSink<'a> {
                 "data starts at chunk {first} but this node holds only {have}"
             )));
         }
+        let file = store
+            .blob_partial_file(&hash)
+            .map_err(|e| (Some(hash), local(e)))?;
         Ok(BlobSink {
             store,
             hash,
             manifest: chunk_hashes,
             next: first,
-            batch: Vec::new(),
+            file,
+            batch: Vec::with_capacity(CHUNKS_PER_COMMIT),
             flushed_at: std::time::Instant::now(),
+            whole: (first == 0).then(|| (blake3::Hasher::new(), 0)),
         })
     }
 
@@ -116,10 +128,15 @@ impl<'a> BlobSink<'a> {
             compressed,
             raw_len,
             CHUNK_BYTES as u64,
-            &data,
+            data,
             &self.manifest[idx as usize],
         )?;
-        self.batch.push((idx, raw));
+        if let Some((hasher, size)) = &mut self.whole {
+            hasher.update(&raw);
+            *size += raw.len() as u64;
+        }
+        self.file.write(idx, &raw).map_err(local)?;
+        self.batch.push((idx, raw.len()));
         self.next += 1;
         if self.batch.len() >= CHUNKS_PER_COMMIT || self.flushed_at.elapsed() >= COMMIT_INTERVAL {
             self.flush()?;
@@ -127,18 +144,20 @@ impl<'a> BlobSink<'a> {
         Ok(())
     }
 
-    /// Commits the verified chunks received so far (also when the transfer breaks off).
+    /// Records the verified chunks received so far (also when the transfer breaks off), once
+    /// their bytes are durable in the scan's file.
     pub fn flush(&mut self) -> Result<(), ProtoError> {
-        let (hash, batch) = (self.hash, std::mem::take(&mut self.batch));
         self.flushed_at = std::time::Instant::now();
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        self.file.sync().map_err(local)?;
+        let (hash, manifest, batch) = (self.hash, &self.manifest, &self.batch);
         self.store
-            .write(|tx| {
-                for (idx, data) in &batch {
-                    tx.blob_partial_chunk(&hash, *idx, data)?;
-                }
-                Ok(())
-            })
-            .map_err(local)
+            .write(|tx| tx.blob_partial_chunks(&hash, manifest, batch))
+            .map_err(local)?;
+        self.batch.clear();
+        Ok(())
     }
 
     /// Checks the whole scan against its hash and makes it available.
@@ -152,8 +171,12 @@ impl<'a> BlobSink<'a> {
             )));
         }
         let hash = self.hash;
+        let streamed = self
+            .whole
+            .take()
+            .map(|(hasher, size)| (&self.manifest[..], *hasher.finalize().as_bytes(), size));
         self.store
-            .write(|tx| tx.blob_partial_finish(&hash, now_ms()))
+            .write(|tx| tx.blob_partial_finish(&hash, streamed, now_ms()))
             .map_err(local)?;
         Ok(hash)
     }

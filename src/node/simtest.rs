@@ -126,20 +126,23 @@ fn run_once(a: &mut Side, b: &mut Side, rng: &mut StdRng, cut_per_step: f64) -> 
                 compressed,
                 data.len() as u64,
                 crate::store::blobs::CHUNK_BYTES as u64,
-                &wire,
+                wire,
                 &manifest[t.next as usize],
             )
             .unwrap();
             let (hash, idx) = (t.hash, t.next);
+            let mut file = dst.node.store.blob_partial_file(&hash).unwrap();
+            file.write(idx, &raw).unwrap();
+            file.sync().unwrap();
             dst.node
                 .store
-                .write(|tx| tx.blob_partial_chunk(&hash, idx, &raw))
+                .write(|tx| tx.blob_partial_chunks(&hash, &manifest, &[(idx, raw.len())]))
                 .unwrap();
             t.next += 1;
             if t.next == manifest.len() as u64 {
                 dst.node
                     .store
-                    .write(|tx| tx.blob_partial_finish(&hash, 2))
+                    .write(|tx| tx.blob_partial_finish(&hash, None, 2))
                     .unwrap();
                 transfers.swap_remove(i);
                 dst_session

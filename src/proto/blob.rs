@@ -1,6 +1,8 @@
 //! Scan transfer: per-chunk zstd with a cheap compressibility probe, bounded decompression,
 //! and verification of every chunk against the manifest before it is stored.
 
+use std::cell::RefCell;
+
 use super::wire::Hash32;
 use super::ProtoError;
 
@@ -65,15 +67,45 @@ pub fn link_rate_bps(link: &LinkView) -> u64 {
     }
 }
 
+thread_local! {
+    /// One zstd context per thread, reused from chunk to chunk: a fresh one per 256 KiB chunk
+    /// costs an allocation and the set-up of its tables each time.
+    static COMPRESSOR: RefCell<Option<zstd::bulk::Compressor<'static>>> = const { RefCell::new(None) };
+    static DECOMPRESSOR: RefCell<Option<zstd::bulk::Decompressor<'static>>> = const { RefCell::new(None) };
+}
+
+fn compress(data: &[u8], level: i32) -> std::io::Result<Vec<u8>> {
+    COMPRESSOR.with_borrow_mut(|slot| {
+        let z = match slot {
+            Some(z) => {
+                z.set_compression_level(level)?;
+                z
+            }
+            None => slot.insert(zstd::bulk::Compressor::new(level)?),
+        };
+        z.compress(data)
+    })
+}
+
+fn decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
+    DECOMPRESSOR.with_borrow_mut(|slot| {
+        let z = match slot {
+            Some(z) => z,
+            None => slot.insert(zstd::bulk::Decompressor::new()?),
+        };
+        z.decompress(data, capacity)
+    })
+}
+
 /// Encodes a chunk for the wire: compressed when that pays, raw otherwise. Returns (compressed, bytes).
 pub fn encode_chunk(data: &[u8], level: i32) -> (bool, Vec<u8>) {
     let probe = &data[..data.len().min(PROBE_BYTES)];
-    let worth_it = match zstd::bulk::compress(probe, 1) {
+    let worth_it = match compress(probe, 1) {
         Ok(z) => (z.len() as f64) < probe.len() as f64 * PROBE_RATIO_MAX,
         Err(_) => false,
     };
     if worth_it {
-        if let Ok(z) = zstd::bulk::compress(data, level) {
+        if let Ok(z) = compress(data, level) {
             if z.len() < data.len() {
                 return (true, z);
             }
@@ -83,12 +115,13 @@ pub fn encode_chunk(data: &[u8], level: i32) -> (bool, Vec<u8>) {
 }
 
 /// Decodes a chunk, refusing anything that would expand past `raw_len` (itself bounded by the
-/// chunk size announced in the manifest), then checks it against its manifest hash.
+/// chunk size announced in the manifest), then checks it against its manifest hash. A raw chunk
+/// is returned in the buffer it came in, without a copy.
 pub fn decode_chunk(
     compressed: bool,
     raw_len: u64,
     chunk_bytes: u64,
-    data: &[u8],
+    data: Vec<u8>,
     expected: &Hash32,
 ) -> Result<Vec<u8>, ProtoError> {
     if raw_len > chunk_bytes {
@@ -97,7 +130,7 @@ pub fn decode_chunk(
         )));
     }
     let raw = if compressed {
-        let out = zstd::bulk::decompress(data, raw_len as usize)
+        let out = decompress(&data, raw_len as usize)
             .map_err(|e| ProtoError::Malformed(format!("chunk does not decompress: {e}")))?;
         if out.len() as u64 != raw_len {
             return Err(ProtoError::Malformed(
@@ -111,7 +144,7 @@ pub fn decode_chunk(
                 "raw chunk length differs from announced".into(),
             ));
         }
-        data.to_vec()
+        data
     };
     if blake3::hash(&raw).as_bytes() != expected {
         return Err(ProtoError::Malformed(
@@ -135,7 +168,7 @@ mod tests {
         assert!(c && z.len() < text.len() / 10);
         let expected = *blake3::hash(&text).as_bytes();
         assert_eq!(
-            decode_chunk(true, text.len() as u64, 256 * 1024, &z, &expected).unwrap(),
+            decode_chunk(true, text.len() as u64, 256 * 1024, z, &expected).unwrap(),
             text
         );
 
@@ -180,16 +213,16 @@ mod tests {
         let z = zstd::bulk::compress(&zeros, 1).unwrap();
         let h = *blake3::hash(&zeros).as_bytes();
         assert!(
-            decode_chunk(true, 1 << 20, 256 * 1024, &z, &h).is_err(),
+            decode_chunk(true, 1 << 20, 256 * 1024, z.clone(), &h).is_err(),
             "larger than the chunk size"
         );
         assert!(
-            decode_chunk(true, 1000, 256 * 1024, &z, &h).is_err(),
+            decode_chunk(true, 1000, 256 * 1024, z, &h).is_err(),
             "expands past its declared length"
         );
         let data = b"scan bytes".to_vec();
         assert!(
-            decode_chunk(false, data.len() as u64, 64, &data, &[0; 32]).is_err(),
+            decode_chunk(false, data.len() as u64, 64, data.clone(), &[0; 32]).is_err(),
             "wrong hash"
         );
     }

@@ -1,9 +1,16 @@
 //! Content-addressed scans: BLAKE3 over the whole content, stored once in fixed-size chunks,
 //! each chunk with its own hash so a read (or a peer's chunk) is verified before it is trusted.
+//!
+//! The bytes live in one file per scan under `blobs/` beside the database (chunk `idx` at byte
+//! `idx * CHUNK_BYTES`); `blob_chunks` holds each chunk's hash and length. A chunk's bytes are
+//! written and fsynced before the transaction that adds its row commits, so a row always means
+//! its bytes survived. Files are only ever written with content verified against a hash, so two
+//! writers of the same scan write the same bytes.
 
-use std::fs::File;
+use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
-use std::path::Path;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 
 use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
@@ -14,6 +21,8 @@ use super::{Result, SqlContext, Store, StoreError, WriteTx};
 pub const CHUNK_BYTES: usize = 256 * 1024;
 /// Largest scan accepted, from a file or a peer.
 pub const BLOB_BYTES_MAX: u64 = 1 << 30;
+/// Directory beside the database holding the scans' bytes, one file per scan.
+pub const BLOB_DIR: &str = "blobs";
 
 pub type Hash = [u8; 32];
 
@@ -38,6 +47,148 @@ fn io_err(path: &Path) -> impl Fn(std::io::Error) -> StoreError + '_ {
         path: path.to_path_buf(),
         source,
     }
+}
+
+/// The directory of scan files of the database at `db`.
+pub(crate) fn blob_dir(db: &Path) -> PathBuf {
+    db.parent().unwrap_or(Path::new(".")).join(BLOB_DIR)
+}
+
+fn blob_path(db: &Path, hash: &Hash) -> PathBuf {
+    blob_dir(db).join(hex::encode(hash))
+}
+
+/// Makes a new directory entry durable (after creating a file or directory in `dir`).
+fn sync_dir(dir: &Path) -> Result<()> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(io_err(dir))
+}
+
+/// One scan's file, open for writing chunks. Nothing written is durable before `sync`.
+pub struct ScanFile {
+    file: File,
+    path: PathBuf,
+    /// The file (or its directory) was created here: its directory entry needs an fsync too.
+    created: bool,
+}
+
+impl ScanFile {
+    pub(crate) fn open(db: &Path, hash: &Hash) -> Result<ScanFile> {
+        let path = blob_path(db, hash);
+        let dir = blob_dir(db);
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
+            if let Some(parent) = dir.parent() {
+                sync_dir(parent)?;
+            }
+        }
+        let created = !path.exists();
+        let file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(io_err(&path))?;
+        Ok(ScanFile {
+            file,
+            path,
+            created,
+        })
+    }
+
+    /// Writes chunk `idx`, already verified against its hash, at its place in the file.
+    pub fn write(&self, idx: u64, data: &[u8]) -> Result<()> {
+        assert!(data.len() <= CHUNK_BYTES, "a chunk is at most CHUNK_BYTES");
+        self.file
+            .write_all_at(data, idx * CHUNK_BYTES as u64)
+            .map_err(io_err(&self.path))
+    }
+
+    /// Makes every chunk written so far durable; only then may rows naming them commit.
+    pub fn sync(&mut self) -> Result<()> {
+        self.file.sync_data().map_err(io_err(&self.path))?;
+        if self.created {
+            sync_dir(self.path.parent().unwrap_or(Path::new(".")))?;
+            self.created = false;
+        }
+        Ok(())
+    }
+}
+
+/// Reads `len` bytes of chunk `idx` from a scan's file and checks them against `chunk_hash`.
+fn read_chunk(
+    file: &File,
+    path: &Path,
+    idx: u64,
+    len: usize,
+    chunk_hash: &[u8],
+) -> Result<Vec<u8>> {
+    let mut data = vec![0u8; len];
+    file.read_exact_at(&mut data, idx * CHUNK_BYTES as u64)
+        .map_err(io_err(path))?;
+    if blake3::hash(&data).as_bytes()[..] != chunk_hash[..] {
+        return Err(StoreError::Corrupt(format!(
+            "{}: chunk {idx} is damaged",
+            path.display()
+        )));
+    }
+    Ok(data)
+}
+
+/// Opens a scan's file for reading; a missing file is damage, since rows say its bytes exist.
+fn open_for_read(db: &Path, hash: &Hash) -> Result<(File, PathBuf)> {
+    let path = blob_path(db, hash);
+    match File::open(&path) {
+        Ok(file) => Ok((file, path)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(StoreError::Corrupt(format!(
+            "scan {}: its file {} is missing",
+            hex::encode(hash),
+            path.display()
+        ))),
+        Err(e) => Err(io_err(&path)(e)),
+    }
+}
+
+/// Reads chunk `idx` of a scan whose row gives its length and hash, verified.
+pub(crate) fn read_stored_chunk(
+    db: &Path,
+    hash: &Hash,
+    idx: u64,
+    len: usize,
+    chunk_hash: &[u8],
+) -> Result<Vec<u8>> {
+    let (file, path) = open_for_read(db, hash)?;
+    read_chunk(&file, &path, idx, len, chunk_hash)
+}
+
+/// Copies the scan files of `store` (stored scans and scans in transit) into `blobs/` beside
+/// `dest`, a backup just taken of its database: rows in the backup name only bytes already in
+/// these files. A stored scan's file already in the backup is skipped: it never changes.
+pub(crate) fn backup_scan_files(store: &Store, dest: &Path) -> Result<()> {
+    let from_dir = blob_dir(&store.path);
+    if !from_dir.exists() {
+        return Ok(());
+    }
+    let to_dir = blob_dir(dest);
+    std::fs::create_dir_all(&to_dir).map_err(io_err(&to_dir))?;
+    for entry in std::fs::read_dir(&from_dir).map_err(io_err(&from_dir))? {
+        let from = entry.map_err(io_err(&from_dir))?.path();
+        let Some(name) = from.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        let to = to_dir.join(name);
+        let size = std::fs::metadata(&from).map_err(io_err(&from))?.len();
+        let stored = parse_hash(name).map_or(Ok(false), |h| store.has_blob(&h))?;
+        if stored && std::fs::metadata(&to).is_ok_and(|m| m.len() == size) {
+            continue;
+        }
+        std::fs::copy(&from, &to).map_err(io_err(&to))?;
+        File::open(&to)
+            .and_then(|f| f.sync_all())
+            .map_err(io_err(&to))?;
+    }
+    sync_dir(&to_dir)
 }
 
 /// Streams a file through `each` in CHUNK_BYTES pieces; returns its BLAKE3 hash and size.
@@ -97,10 +248,11 @@ impl Store {
             .optional()
             .at(&self.path)?
             .ok_or_else(|| StoreError::NotFound(format!("scan {hex_hash}")))?;
+        let (file, path) = open_for_read(&self.path, hash)?;
         let mut stmt = self
             .conn
             .prepare_cached(
-                "SELECT idx, chunk_hash, data FROM blob_chunks WHERE hash = ?1 ORDER BY idx",
+                "SELECT idx, chunk_hash, len FROM blob_chunks WHERE hash = ?1 ORDER BY idx",
             )
             .at(&self.path)?;
         let rows = stmt
@@ -108,19 +260,25 @@ impl Store {
                 Ok((
                     r.get::<_, i64>(0)?,
                     r.get::<_, Vec<u8>>(1)?,
-                    r.get::<_, Vec<u8>>(2)?,
+                    r.get::<_, i64>(2)?,
                 ))
             })
             .at(&self.path)?;
         let mut whole = blake3::Hasher::new();
         let (mut expected_idx, mut size) = (0i64, 0u64);
         for row in rows {
-            let (idx, chunk_hash, data) = row.at(&self.path)?;
-            if idx != expected_idx || blake3::hash(&data).as_bytes()[..] != chunk_hash[..] {
+            let (idx, chunk_hash, len) = row.at(&self.path)?;
+            if idx != expected_idx || !(0..=CHUNK_BYTES as i64).contains(&len) {
                 return Err(StoreError::Corrupt(format!(
                     "scan {hex_hash}: chunk {expected_idx} is missing or damaged"
                 )));
             }
+            let data =
+                read_chunk(&file, &path, idx as u64, len as usize, &chunk_hash).map_err(|_| {
+                    StoreError::Corrupt(format!(
+                        "scan {hex_hash}: chunk {expected_idx} is missing or damaged"
+                    ))
+                })?;
             whole.update(&data);
             out.write_all(&data).map_err(|source| StoreError::Io {
                 path: "output".into(),
@@ -149,17 +307,18 @@ impl WriteTx<'_> {
             .at(self.path)
     }
 
+    /// Records a chunk whose bytes are in the scan's file (durable before this commits).
     fn insert_chunk(&self, hash: &Hash, idx: usize, data: &[u8]) -> Result<()> {
         self.tx
             .prepare_cached(
-                "INSERT INTO blob_chunks (hash, idx, chunk_hash, data) VALUES (?1, ?2, ?3, ?4)",
+                "INSERT INTO blob_chunks (hash, idx, chunk_hash, len) VALUES (?1, ?2, ?3, ?4)",
             )
             .at(self.path)?
             .execute(params![
                 &hash[..],
                 idx as i64,
                 &blake3::hash(data).as_bytes()[..],
-                data
+                data.len() as i64
             ])
             .at(self.path)?;
         Ok(())
@@ -188,10 +347,13 @@ impl WriteTx<'_> {
             });
         }
         let mut chunks = 0;
+        let mut file = ScanFile::open(self.path, &hash)?;
         let (again, again_size) = scan_file(path, |idx, data| {
             chunks = idx + 1;
+            file.write(idx as u64, data)?;
             self.insert_chunk(&hash, idx, data)
         })?;
+        file.sync()?;
         if again != hash || again_size != size {
             return Err(StoreError::Invalid(format!(
                 "{}: the file changed while it was being stored; try again",
@@ -223,10 +385,13 @@ impl WriteTx<'_> {
             });
         }
         let mut chunks = 0;
+        let mut file = ScanFile::open(self.path, &hash)?;
         for (idx, chunk) in data.chunks(CHUNK_BYTES).enumerate() {
+            file.write(idx as u64, chunk)?;
             self.insert_chunk(&hash, idx, chunk)?;
             chunks = idx + 1;
         }
+        file.sync()?;
         self.insert_blob_row(&hash, size, chunks, at_ms)?;
         Ok(BlobInfo {
             hash: hex::encode(hash),
@@ -265,13 +430,10 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM blob_chunks", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, 3, "stored once, in three chunks");
-        store
-            .conn()
-            .execute(
-                "UPDATE blob_chunks SET data = zeroblob(10) WHERE idx = 1",
-                [],
-            )
-            .unwrap();
+        let file = dir.path().join(BLOB_DIR).join(&first.hash);
+        let mut damaged = std::fs::read(&file).unwrap();
+        damaged[CHUNK_BYTES + 7] ^= 1;
+        std::fs::write(&file, &damaged).unwrap();
         assert!(matches!(
             store.read_blob(&hash, &mut Vec::new()),
             Err(StoreError::Corrupt(_))

@@ -145,7 +145,8 @@ impl Store {
         Ok(value)
     }
 
-    /// A consistent copy of the database, taken while it is in use (SQLite's VACUUM INTO).
+    /// A consistent copy of the database, taken while it is in use (SQLite's VACUUM INTO), and
+    /// of the files of the scans it holds, into `blobs/` beside `dest`.
     pub fn backup_to(&self, dest: &Path) -> Result<()> {
         if dest.exists() {
             return Err(StoreError::Invalid(format!(
@@ -156,7 +157,7 @@ impl Store {
         self.conn
             .execute("VACUUM INTO ?1", [dest.to_string_lossy()])
             .at(&self.path)?;
-        Ok(())
+        blobs::backup_scan_files(self, dest)
     }
 
     /// SQLite's own consistency check of the file: "ok" or the problems it found.

@@ -2,14 +2,22 @@
 
 use std::path::Path;
 
-use rusqlite::Connection;
+use rusqlite::{Connection, Transaction};
 
+use super::blobs::{ScanFile, CHUNK_BYTES};
 use super::{Result, SqlContext, StoreError};
 
+/// One schema step: SQL, or code for what SQL cannot do (files beside the database).
+enum Migration {
+    Sql(&'static str),
+    Code(fn(&Transaction<'_>, &Path) -> Result<()>),
+}
+
 /// Each entry moves the schema from version `index` to `index + 1`. Never edit a released one.
-const MIGRATIONS: &[&str] = &[
+const MIGRATIONS: &[Migration] = &[
     // 1: the offline node.
-    "
+    Migration::Sql(
+        "
     CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     CREATE TABLE users (name TEXT PRIMARY KEY, title TEXT, created_at INTEGER NOT NULL);
     CREATE TABLE feed (id INTEGER PRIMARY KEY CHECK (id = 1), seq INTEGER NOT NULL);
@@ -80,8 +88,10 @@ const MIGRATIONS: &[&str] = &[
     CREATE TABLE doc_blobs (hash BLOB NOT NULL, doc_id TEXT NOT NULL, priority_rank INTEGER NOT NULL, size INTEGER NOT NULL, PRIMARY KEY (hash, doc_id)) WITHOUT ROWID;
     CREATE INDEX doc_blobs_by_doc ON doc_blobs (doc_id);
     ",
+    ),
     // 2: sync with peers.
-    "
+    Migration::Sql(
+        "
     -- Peers an administrator configured (the upstream, usually).
     CREATE TABLE peers (name TEXT PRIMARY KEY, addr TEXT NOT NULL, added_at INTEGER NOT NULL, upstream INTEGER NOT NULL DEFAULT 0,
         node_id TEXT);  -- the node last met at that address (learnt from its certificate)
@@ -104,19 +114,77 @@ const MIGRATIONS: &[&str] = &[
     ALTER TABLE docs ADD COLUMN origin TEXT;
     CREATE TABLE blob_partial (hash BLOB PRIMARY KEY, size INTEGER NOT NULL, chunk_bytes INTEGER NOT NULL, manifest BLOB NOT NULL, updated_at INTEGER NOT NULL);
     ",
+    ),
     // 3: scans still to fetch, kept up to date instead of computed by a scan of doc_blobs.
-    "
+    Migration::Sql(
+        "
     CREATE TABLE blob_wants (hash BLOB PRIMARY KEY, rank INTEGER NOT NULL, size INTEGER NOT NULL) WITHOUT ROWID;
     CREATE INDEX blob_wants_by_urgency ON blob_wants (rank DESC, size);
     INSERT INTO blob_wants (hash, rank, size)
         SELECT db.hash, MAX(db.priority_rank), MIN(db.size) FROM doc_blobs db
         WHERE NOT EXISTS (SELECT 1 FROM blobs b WHERE b.hash = db.hash) GROUP BY db.hash;
     ",
-    // 4: the MTU last found on the path to each peer address, so a reconnect skips probing.
-    "
+    ),
+    // 4: scan bytes move out of SQLite into one file per scan (store/blobs.rs says why).
+    Migration::Code(scan_bytes_to_files),
+    // 5: the MTU last found on the path to each peer address, so a reconnect skips probing.
+    Migration::Sql(
+        "
     CREATE TABLE path_mtu (ip TEXT PRIMARY KEY, mtu INTEGER NOT NULL, probed_at INTEGER NOT NULL) WITHOUT ROWID;
     ",
+    ),
 ];
+
+/// Writes every chunk held in `blob_chunks.data` into its scan's file, makes the files durable,
+/// and only then replaces the column by the chunk's length. A crash before the commit leaves
+/// the database at version 3 and the files rewritten identically on the next open.
+fn scan_bytes_to_files(tx: &Transaction<'_>, db: &Path) -> Result<()> {
+    tx.execute_batch(
+        "ALTER TABLE blob_chunks ADD COLUMN len INTEGER NOT NULL DEFAULT 0;
+         UPDATE blob_chunks SET len = length(data);",
+    )
+    .at(db)?;
+    {
+        let mut stmt = tx
+            .prepare("SELECT hash, idx, data FROM blob_chunks ORDER BY hash, idx")
+            .at(db)?;
+        let mut rows = stmt.query([]).at(db)?;
+        let mut open: Option<(Vec<u8>, ScanFile)> = None;
+        while let Some(row) = rows.next().at(db)? {
+            let hash: Vec<u8> = row.get(0).at(db)?;
+            let idx: i64 = row.get(1).at(db)?;
+            let data = row
+                .get_ref(2)
+                .at(db)?
+                .as_blob()
+                .map_err(|e| StoreError::Corrupt(format!("blob_chunks.data: {e}")))?;
+            if data.len() > CHUNK_BYTES || idx < 0 {
+                return Err(StoreError::Corrupt(format!(
+                    "chunk {idx} of scan {} holds {} bytes",
+                    hex::encode(&hash),
+                    data.len()
+                )));
+            }
+            if open.as_ref().is_none_or(|(h, _)| *h != hash) {
+                if let Some((_, mut done)) = open.take() {
+                    done.sync()?;
+                }
+                let fixed: [u8; 32] = hash.as_slice().try_into().map_err(|_| {
+                    StoreError::Corrupt("blob_chunks holds a hash that is not 32 bytes".into())
+                })?;
+                open = Some((hash, ScanFile::open(db, &fixed)?));
+            }
+            if let Some((_, file)) = &open {
+                file.write(idx as u64, data)?;
+            }
+        }
+        if let Some((_, mut done)) = open {
+            done.sync()?;
+        }
+    }
+    tx.execute_batch("ALTER TABLE blob_chunks DROP COLUMN data;")
+        .at(db)
+}
 
 pub const SCHEMA_VERSION: i64 = MIGRATIONS.len() as i64;
 
@@ -135,8 +203,11 @@ pub fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
         return Ok(());
     }
     let tx = conn.transaction().at(path)?;
-    for (version, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-        tx.execute_batch(sql).at(path)?;
+    for (version, step) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+        match step {
+            Migration::Sql(sql) => tx.execute_batch(sql).at(path)?,
+            Migration::Code(run) => run(&tx, path)?,
+        }
         tx.pragma_update(None, "user_version", version as i64 + 1)
             .at(path)?;
     }
@@ -147,15 +218,83 @@ pub fn migrate(conn: &mut Connection, path: &Path) -> Result<()> {
 mod tests {
     use super::*;
 
+    /// A database as a node of schema version `version` left it.
+    fn at_version(path: &Path, version: usize) -> Connection {
+        let conn = Connection::open(path).unwrap();
+        for step in &MIGRATIONS[..version] {
+            let Migration::Sql(sql) = step else {
+                panic!("only SQL steps before version {version}");
+            };
+            conn.execute_batch(sql).unwrap();
+        }
+        conn.pragma_update(None, "user_version", version as i64)
+            .unwrap();
+        conn
+    }
+
+    #[test]
+    fn version_3_scans_move_to_files_and_stay_readable() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let conn = at_version(&path, 3);
+        let content: Vec<u8> = (0..CHUNK_BYTES + 1000).map(|i| (i % 253) as u8).collect();
+        let hash = *blake3::hash(&content).as_bytes();
+        for (idx, chunk) in content.chunks(CHUNK_BYTES).enumerate() {
+            conn.execute(
+                "INSERT INTO blob_chunks (hash, idx, chunk_hash, data) VALUES (?1, ?2, ?3, ?4)",
+                rusqlite::params![
+                    &hash[..],
+                    idx as i64,
+                    &blake3::hash(chunk).as_bytes()[..],
+                    chunk
+                ],
+            )
+            .unwrap();
+        }
+        conn.execute(
+            "INSERT INTO blobs (hash, size, chunk_bytes, chunks, created_at) VALUES (?1, ?2, ?3, 2, 1)",
+            rusqlite::params![&hash[..], content.len() as i64, CHUNK_BYTES as i64],
+        )
+        .unwrap();
+        // Half a scan in transit: its chunk must survive for the transfer to resume.
+        let partial = [7u8; 32];
+        conn.execute(
+            "INSERT INTO blob_chunks (hash, idx, chunk_hash, data) VALUES (?1, 0, ?2, x'0102')",
+            rusqlite::params![&partial[..], &blake3::hash(&[1, 2]).as_bytes()[..]],
+        )
+        .unwrap();
+        drop(conn);
+
+        let store = crate::store::Store::open(&path, 4).unwrap();
+        let mut out = Vec::new();
+        store.read_blob(&hash, &mut out).unwrap();
+        assert_eq!(out, content);
+        assert_eq!(store.blob_chunk(&partial, 0).unwrap(), vec![1, 2]);
+        let columns: Vec<String> = store
+            .conn()
+            .prepare("SELECT name FROM pragma_table_info('blob_chunks')")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(
+            columns,
+            ["hash", "idx", "chunk_hash", "len"],
+            "no bytes left in SQLite"
+        );
+        let file = dir
+            .path()
+            .join(crate::store::blobs::BLOB_DIR)
+            .join(hex::encode(hash));
+        assert_eq!(std::fs::read(file).unwrap(), content);
+    }
+
     #[test]
     fn an_older_database_is_migrated_in_place() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("node.db");
-        let conn = Connection::open(&path).unwrap();
-        for sql in &MIGRATIONS[..2] {
-            conn.execute_batch(sql).unwrap();
-        }
-        conn.pragma_update(None, "user_version", 2).unwrap();
+        let conn = at_version(&path, 2);
         // A scan referenced by a document but never received, as a version-2 node would hold it.
         conn.execute("INSERT INTO doc_blobs (hash, doc_id, priority_rank, size) VALUES (x'01', 'dsp_0000000000000001', 3, 10)", []).unwrap();
         drop(conn);

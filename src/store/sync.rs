@@ -4,7 +4,7 @@
 use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
-use super::blobs::{Hash, CHUNK_BYTES};
+use super::blobs::{Hash, ScanFile, CHUNK_BYTES};
 use super::{Result, SqlContext, Store, StoreError, WriteTx};
 
 /// A configured peer (`peer add`).
@@ -382,9 +382,9 @@ impl Store {
 
     /// One stored chunk, verified against its hash before it leaves this node.
     pub fn blob_chunk(&self, hash: &Hash, idx: u64) -> Result<Vec<u8>> {
-        let (chunk_hash, data): (Vec<u8>, Vec<u8>) = self
+        let (chunk_hash, len): (Vec<u8>, i64) = self
             .conn
-            .prepare_cached("SELECT chunk_hash, data FROM blob_chunks WHERE hash = ?1 AND idx = ?2")
+            .prepare_cached("SELECT chunk_hash, len FROM blob_chunks WHERE hash = ?1 AND idx = ?2")
             .at(&self.path)?
             .query_row(params![&hash[..], idx as i64], |r| {
                 Ok((r.get(0)?, r.get(1)?))
@@ -394,13 +394,18 @@ impl Store {
             .ok_or_else(|| {
                 StoreError::NotFound(format!("chunk {idx} of scan {}", hex::encode(hash)))
             })?;
-        if blake3::hash(&data).as_bytes()[..] != chunk_hash[..] {
+        if !(0..=CHUNK_BYTES as i64).contains(&len) {
             return Err(StoreError::Corrupt(format!(
-                "chunk {idx} of scan {} is damaged",
+                "chunk {idx} of scan {} has a length of {len}",
                 hex::encode(hash)
             )));
         }
-        Ok(data)
+        super::blobs::read_stored_chunk(&self.path, hash, idx, len as usize, &chunk_hash)
+    }
+
+    /// The file that chunks of a scan in transit are written to before their rows commit.
+    pub fn blob_partial_file(&self, hash: &Hash) -> Result<ScanFile> {
+        ScanFile::open(&self.path, hash)
     }
 }
 
@@ -576,19 +581,55 @@ impl WriteTx<'_> {
             .at(self.path)
     }
 
-    /// Stores a chunk already verified against the manifest.
-    pub fn blob_partial_chunk(&self, hash: &Hash, idx: u64, data: &[u8]) -> Result<()> {
-        self.tx
-            .prepare_cached("INSERT OR REPLACE INTO blob_chunks (hash, idx, chunk_hash, data) VALUES (?1, ?2, ?3, ?4)")
+    /// Records chunks of a scan in transit, each verified against `manifest` and already made
+    /// durable in the scan's file (`Store::blob_partial_file`), as `(idx, len)`. Refuses if the
+    /// transfer was restarted meanwhile with another manifest, so its chunks are not mixed in.
+    pub fn blob_partial_chunks(
+        &self,
+        hash: &Hash,
+        manifest: &[Hash],
+        chunks: &[(u64, usize)],
+    ) -> Result<()> {
+        let stored: Option<Vec<u8>> = self
+            .tx
+            .prepare_cached("SELECT manifest FROM blob_partial WHERE hash = ?1")
             .at(self.path)?
-            .execute(params![&hash[..], idx as i64, &blake3::hash(data).as_bytes()[..], data])
+            .query_row([&hash[..]], |r| r.get(0))
+            .optional()
             .at(self.path)?;
+        if stored.as_deref() != Some(&manifest.concat()[..]) {
+            return Err(StoreError::Invalid(format!(
+                "scan {} is no longer in transit with this manifest",
+                hex::encode(hash)
+            )));
+        }
+        let mut insert = self
+            .tx
+            .prepare_cached("INSERT OR REPLACE INTO blob_chunks (hash, idx, chunk_hash, len) VALUES (?1, ?2, ?3, ?4)")
+            .at(self.path)?;
+        for &(idx, len) in chunks {
+            let chunk_hash = manifest.get(idx as usize).ok_or_else(|| {
+                StoreError::Invalid(format!("chunk {idx} is past the end of the manifest"))
+            })?;
+            insert
+                .execute(params![&hash[..], idx as i64, &chunk_hash[..], len as i64])
+                .at(self.path)?;
+        }
         Ok(())
     }
 
     /// Checks the whole content against its hash and makes the scan available; on mismatch
-    /// discards the chunks (the manifest lied) and fails.
-    pub fn blob_partial_finish(&self, hash: &Hash, at_ms: i64) -> Result<()> {
+    /// discards the chunks (the manifest lied) and fails. `streamed` describes a receiver that
+    /// verified and stored every chunk itself, in order: the manifest it checked them against,
+    /// and the BLAKE3 and size of what it stored. The stored chunks are then taken as that
+    /// content if the stored manifest is still the same and no chunk is missing; otherwise (or
+    /// without `streamed`) they are read back and hashed.
+    pub fn blob_partial_finish(
+        &self,
+        hash: &Hash,
+        streamed: Option<(&[Hash], Hash, u64)>,
+        at_ms: i64,
+    ) -> Result<()> {
         let (size, manifest): (i64, Vec<u8>) = self
             .tx
             .query_row(
@@ -598,28 +639,25 @@ impl WriteTx<'_> {
             )
             .at(self.path)?;
         let chunks = (manifest.len() / 32) as i64;
-        let mut whole = blake3::Hasher::new();
-        let mut total = 0i64;
-        {
-            let mut stmt = self
-                .tx
-                .prepare_cached("SELECT idx, data FROM blob_chunks WHERE hash = ?1 ORDER BY idx")
-                .at(self.path)?;
-            let rows = stmt
-                .query_map([&hash[..]], |r| {
-                    Ok((r.get::<_, i64>(0)?, r.get::<_, Vec<u8>>(1)?))
-                })
-                .at(self.path)?;
-            for (expected, row) in rows.enumerate() {
-                let (idx, data) = row.at(self.path)?;
-                if idx != expected as i64 {
-                    break;
-                }
-                total += data.len() as i64;
-                whole.update(&data);
+        let streamed = match streamed {
+            Some((checked, content, total)) if checked.concat() == manifest => {
+                // The key is (hash, idx) and every idx is below `chunks`: a full count means
+                // none is missing, and each was verified against this same manifest.
+                let held: i64 = self
+                    .tx
+                    .prepare_cached("SELECT COUNT(*) FROM blob_chunks WHERE hash = ?1")
+                    .at(self.path)?
+                    .query_row([&hash[..]], |r| r.get(0))
+                    .at(self.path)?;
+                (held == chunks).then_some((content, total as i64))
             }
-        }
-        if total != size || whole.finalize().as_bytes() != hash {
+            _ => None,
+        };
+        let (content, total) = match streamed {
+            Some(known) => known,
+            None => self.blob_partial_read_back(hash)?,
+        };
+        if total != size || &content != hash {
             self.tx
                 .execute("DELETE FROM blob_chunks WHERE hash = ?1", [&hash[..]])
                 .at(self.path)?;
@@ -644,5 +682,45 @@ impl WriteTx<'_> {
             .execute("DELETE FROM blob_partial WHERE hash = ?1", [&hash[..]])
             .at(self.path)?;
         Ok(())
+    }
+
+    /// BLAKE3 and size of the leading run of stored chunks of a scan in transit, read back from
+    /// its file and each checked against its hash.
+    fn blob_partial_read_back(&self, hash: &Hash) -> Result<(Hash, i64)> {
+        let mut stmt = self
+            .tx
+            .prepare_cached(
+                "SELECT idx, chunk_hash, len FROM blob_chunks WHERE hash = ?1 ORDER BY idx",
+            )
+            .at(self.path)?;
+        let rows = stmt
+            .query_map([&hash[..]], |r| {
+                Ok((
+                    r.get::<_, i64>(0)?,
+                    r.get::<_, Vec<u8>>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })
+            .at(self.path)?;
+        let mut whole = blake3::Hasher::new();
+        let mut total = 0i64;
+        for (expected, row) in rows.enumerate() {
+            let (idx, chunk_hash, len) = row.at(self.path)?;
+            if idx != expected as i64 || !(0..=CHUNK_BYTES as i64).contains(&len) {
+                break;
+            }
+            let Ok(data) = super::blobs::read_stored_chunk(
+                self.path,
+                hash,
+                idx as u64,
+                len as usize,
+                &chunk_hash,
+            ) else {
+                break;
+            };
+            total += data.len() as i64;
+            whole.update(&data);
+        }
+        Ok((*whole.finalize().as_bytes(), total))
     }
 }
