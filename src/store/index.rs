@@ -10,19 +10,42 @@ use serde::Serialize;
 use super::{Result, SqlContext, Store};
 use crate::model::{self, assignment, dispatch, dossier, DocId, DocKind};
 
-/// Rebuilds every index row of one document from its current state.
-pub(crate) fn reindex(conn: &Connection, path: &Path, id: &DocId, doc: &AutoCommit) -> Result<()> {
+/// Rebuilds every index row of one document from its current state. `new` says the document
+/// was just inserted, so it has no rows to delete; `parties`, when the caller has them already,
+/// must be `model::parties` of `doc`.
+pub(crate) fn reindex(
+    conn: &Connection,
+    path: &Path,
+    id: &DocId,
+    doc: &AutoCommit,
+    new: bool,
+    parties: Option<&[String]>,
+) -> Result<()> {
     let key = id.as_str();
-    for table in ["doc_parties", "doc_blobs"] {
-        conn.prepare_cached(&format!("DELETE FROM {table} WHERE doc_id = ?1"))
-            .at(path)?
-            .execute([key])
-            .at(path)?;
+    if !new {
+        for sql in [
+            "DELETE FROM doc_parties WHERE doc_id = ?1",
+            "DELETE FROM doc_blobs WHERE doc_id = ?1",
+            "DELETE FROM dispatch_recipients WHERE id = ?1",
+        ] {
+            conn.prepare_cached(sql).at(path)?.execute([key]).at(path)?;
+        }
     }
-    for unit in model::parties(doc, id)? {
+    let computed;
+    let parties = match parties {
+        Some(p) => {
+            debug_assert_eq!(p, &model::parties(doc, id)?[..], "parties hint for {id}");
+            p
+        }
+        None => {
+            computed = model::parties(doc, id)?;
+            &computed[..]
+        }
+    };
+    for unit in parties {
         conn.prepare_cached("INSERT INTO doc_parties (unit, doc_id) VALUES (?1, ?2)")
             .at(path)?
-            .execute([&unit, key])
+            .execute([unit, key])
             .at(path)?;
     }
     match id.kind() {
@@ -45,10 +68,6 @@ pub(crate) fn reindex(conn: &Connection, path: &Path, id: &DocId, doc: &AutoComm
             .at(path)?
             .execute(params![key, v.ref_no, v.summary, v.kind, v.priority, rank, v.issuer, v.created_at_ms, v.recipients.len(), received, v.attachments.len()])
             .at(path)?;
-            conn.prepare_cached("DELETE FROM dispatch_recipients WHERE id = ?1")
-                .at(path)?
-                .execute([key])
-                .at(path)?;
             for r in &v.recipients {
                 conn.prepare_cached(
                     "INSERT INTO dispatch_recipients (unit, id, received_at) VALUES (?1, ?2, ?3)",
@@ -146,6 +165,17 @@ pub struct DossierRow {
 }
 
 impl Store {
+    /// The units a stored document concerns, as its index rows hold them (`model::parties` of its
+    /// current state); empty if the document is not stored.
+    pub fn doc_parties(&self, id: &DocId) -> Result<Vec<String>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT unit FROM doc_parties WHERE doc_id = ?1 ORDER BY unit")
+            .at(&self.path)?;
+        let rows = stmt.query_map([id.as_str()], |r| r.get(0)).at(&self.path)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
+    }
+
     pub fn list_dispatches(
         &self,
         filter: DispatchFilter<'_>,

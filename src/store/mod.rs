@@ -10,6 +10,7 @@ pub mod index;
 mod schema;
 pub mod sync;
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior};
@@ -125,6 +126,14 @@ impl Store {
 
     /// Runs `f` in one write transaction; commits only if it returns Ok.
     pub fn write<T>(&mut self, f: impl FnOnce(&mut WriteTx<'_>) -> Result<T>) -> Result<T> {
+        self.write_with(f)
+    }
+
+    /// [`Store::write`] for a caller whose own errors can also end the transaction.
+    pub fn write_with<T, E: From<StoreError>>(
+        &mut self,
+        f: impl FnOnce(&mut WriteTx<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
         let path = self.path.clone();
         let tx = self
             .conn
@@ -134,7 +143,7 @@ impl Store {
             tx,
             path: &path,
             cache: &mut self.cache,
-            touched: Vec::new(),
+            touched: VecDeque::new(),
         };
         let value = f(&mut wtx)?;
         let WriteTx {
@@ -243,10 +252,21 @@ pub struct WriteTx<'a> {
     tx: Transaction<'a>,
     path: &'a Path,
     cache: &'a mut DocCache,
-    touched: Vec<(crate::model::DocId, DocRecord)>,
+    /// Documents written, for the cache; never more than the cache holds, so a transaction
+    /// that stores thousands of documents does not keep them all in memory until it commits.
+    touched: VecDeque<(crate::model::DocId, DocRecord)>,
 }
 
 impl WriteTx<'_> {
+    /// Remembers a written document for the cache; the oldest is forgotten when full, as the
+    /// cache would drop it anyway.
+    fn touch(&mut self, id: crate::model::DocId, rec: DocRecord) {
+        if self.touched.len() >= self.cache.capacity() {
+            self.touched.pop_front();
+        }
+        self.touched.push_back((id, rec));
+    }
+
     pub fn path(&self) -> &Path {
         self.path
     }
