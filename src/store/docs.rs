@@ -281,12 +281,7 @@ impl WriteTx<'_> {
         let origin = hints
             .origin
             .and_then(|(node, sender_heads)| (sender_heads == &heads[..]).then_some(node));
-        let seq: i64 = self
-            .tx
-            .prepare_cached("UPDATE feed SET seq = seq + 1 WHERE id = 1 RETURNING seq")
-            .at(self.path)?
-            .query_row([], |r| r.get(0))
-            .at(self.path)?;
+        let seq = self.next_feed_seq()?;
         let heads_bytes = encode_heads(&heads);
         match &old_heads {
             None => {

@@ -144,8 +144,10 @@ impl Store {
             path: &path,
             cache: &mut self.cache,
             touched: VecDeque::new(),
+            feed: None,
         };
         let value = f(&mut wtx)?;
+        wtx.flush_feed()?;
         let WriteTx {
             tx, touched, cache, ..
         } = wtx;
@@ -255,9 +257,50 @@ pub struct WriteTx<'a> {
     /// Documents written, for the cache; never more than the cache holds, so a transaction
     /// that stores thousands of documents does not keep them all in memory until it commits.
     touched: VecDeque<(crate::model::DocId, DocRecord)>,
+    /// The change feed's position as this transaction has advanced it: (read at first use,
+    /// now). Written back once before commit rather than once per saved document.
+    feed: Option<(i64, i64)>,
 }
 
 impl WriteTx<'_> {
+    /// The next position of the change feed, for one saved document.
+    fn next_feed_seq(&mut self) -> Result<i64> {
+        let (read, now) = match self.feed {
+            Some(feed) => feed,
+            None => {
+                let seq: i64 = self
+                    .tx
+                    .prepare_cached("SELECT seq FROM feed WHERE id = 1")
+                    .at(self.path)?
+                    .query_row([], |r| r.get(0))
+                    .at(self.path)?;
+                (seq, seq)
+            }
+        };
+        self.feed = Some((read, now + 1));
+        Ok(now + 1)
+    }
+
+    fn flush_feed(&mut self) -> Result<()> {
+        if let Some((read, now)) = self.feed.take() {
+            if now != read {
+                let updated = self
+                    .tx
+                    .prepare_cached("UPDATE feed SET seq = ?1 WHERE id = 1 AND seq = ?2")
+                    .at(self.path)?
+                    .execute([now, read])
+                    .at(self.path)?;
+                // Nothing else writes the feed while this transaction holds the write lock.
+                if updated != 1 {
+                    return Err(StoreError::Corrupt(
+                        "the change feed moved inside a write transaction".into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Remembers a written document for the cache; the oldest is forgotten when full, as the
     /// cache would drop it anyway.
     fn touch(&mut self, id: crate::model::DocId, rec: DocRecord) {
