@@ -463,6 +463,43 @@ pub(crate) fn push_map(doc: &mut AutoCommit, list: &ObjId) -> Result<ObjId> {
     )?)
 }
 
+/// A document's fields, read once for both the scope checks and the index rows.
+#[derive(Debug, Clone)]
+pub enum DocView {
+    Dispatch(dispatch::DispatchView),
+    Assignment(assignment::AssignmentView),
+    Dossier(dossier::DossierView),
+}
+
+impl DocView {
+    pub fn read(doc: &AutoCommit, id: &DocId) -> Result<DocView> {
+        Ok(match id.kind() {
+            DocKind::Dispatch => DocView::Dispatch(dispatch::read(doc, id)?),
+            DocKind::Assignment => DocView::Assignment(assignment::read(doc, id)?),
+            DocKind::Dossier => DocView::Dossier(dossier::read(doc, id)?),
+        })
+    }
+
+    /// The units [`parties`] returns for the same document, from the fields already read.
+    pub fn parties(&self) -> Vec<String> {
+        let mut units = match self {
+            DocView::Dispatch(v) => std::iter::once(v.issuer.clone())
+                .chain(v.recipients.iter().map(|r| r.unit.clone()))
+                .collect(),
+            DocView::Assignment(v) => vec![v.unit.clone()],
+            DocView::Dossier(v) => v
+                .route
+                .iter()
+                .map(|s| s.unit.clone())
+                .chain([v.origin.clone(), v.holder.clone()])
+                .collect(),
+        };
+        units.sort();
+        units.dedup();
+        units
+    }
+}
+
 /// The units a document concerns: what decides which nodes replicate it.
 pub fn parties(doc: &AutoCommit, id: &DocId) -> Result<Vec<String>> {
     let mut units = match id.kind() {

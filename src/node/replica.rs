@@ -5,7 +5,7 @@ use automerge::{AutoCommit, ChangeHash};
 use tracing::warn;
 
 use super::{now_ms, Node};
-use crate::model::{self, ChangeNote, DocId};
+use crate::model::{self, ChangeNote, DocId, DocView};
 use crate::proto::{DocChanges, DocHeads, Hash32, ProtoError, Replica};
 use crate::store::docs::{decode_heads, encode_heads, SaveHints};
 use crate::store::sync::Scope;
@@ -192,8 +192,16 @@ impl Sender<'_> {
                 }
             }
         }
-        let parties =
-            model::parties(&doc, &id).map_err(|e| self.refuse(id.as_str(), e.to_string()))?;
+        // The fields are read once, for the scope checks and the index rows. A document whose
+        // fields do not read is still checked on its parties alone, and then fails as its
+        // indexing would.
+        let view = DocView::read(&doc, &id);
+        let parties = match &view {
+            Ok(view) => view.parties(),
+            Err(_) => {
+                model::parties(&doc, &id).map_err(|e| self.refuse(id.as_str(), e.to_string()))?
+            }
+        };
         if !in_scope_of(&parties, self.me) {
             return Err(self
                 .refuse(
@@ -213,12 +221,13 @@ impl Sender<'_> {
                 )
                 .into());
         }
+        let view = view.map_err(StoreError::from)?;
         let mut sender_heads: Vec<ChangeHash> =
             change.heads.iter().map(|h| ChangeHash(*h)).collect();
         sender_heads.sort();
         let hints = SaveHints {
             snapshot: whole.then_some(bytes),
-            parties: Some(&parties),
+            view: Some(&view),
             // The sender already holds this exact state: never offer it back.
             origin: Some((peer_id, &sender_heads)),
         };

@@ -8,7 +8,7 @@ use lru::LruCache;
 use rusqlite::{params, OptionalExtension};
 
 use super::{index, Result, SqlContext, Store, StoreError, WriteTx};
-use crate::model::DocId;
+use crate::model::{DocId, DocView};
 
 /// Compact into a new snapshot once this many incremental chunks pile up.
 const CHUNKS_BEFORE_COMPACT_MAX: i64 = 32;
@@ -206,8 +206,8 @@ pub struct SaveHints<'a> {
     /// For a new document: bytes that `AutoCommit::load` turns into exactly this document (the
     /// `save()` a peer sent), stored as the snapshot instead of saving the document again.
     pub snapshot: Option<&'a [u8]>,
-    /// The document's parties, as `model::parties` returns them.
-    pub parties: Option<&'a [String]>,
+    /// The document's fields, as `DocView::read` returns them.
+    pub view: Option<&'a DocView>,
     /// A peer node and the heads (sorted) it holds: if the stored state has exactly these heads,
     /// it came whole from that peer, which is then never offered it back.
     pub origin: Option<(&'a str, &'a [ChangeHash])>,
@@ -346,7 +346,7 @@ impl WriteTx<'_> {
             }
         }
         let new = old_heads.is_none();
-        index::reindex(&self.tx, self.path, id, &doc, new, hints.parties)?;
+        index::reindex(&self.tx, self.path, id, &doc, new, hints.view)?;
         self.touch(id.clone(), DocRecord { doc, heads });
         Ok(Saved::Changed(seq))
     }

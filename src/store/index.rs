@@ -8,18 +8,18 @@ use rusqlite::{params, Connection};
 use serde::Serialize;
 
 use super::{Result, SqlContext, Store};
-use crate::model::{self, assignment, dispatch, dossier, DocId, DocKind};
+use crate::model::{self, dispatch, DocId, DocView};
 
 /// Rebuilds every index row of one document from its current state. `new` says the document
-/// was just inserted, so it has no rows to delete; `parties`, when the caller has them already,
-/// must be `model::parties` of `doc`.
+/// was just inserted, so it has no rows to delete; `view`, when the caller has it already, must
+/// be `DocView::read` of `doc`.
 pub(crate) fn reindex(
     conn: &Connection,
     path: &Path,
     id: &DocId,
     doc: &AutoCommit,
     new: bool,
-    parties: Option<&[String]>,
+    view: Option<&DocView>,
 ) -> Result<()> {
     let key = id.as_str();
     if !new {
@@ -31,26 +31,23 @@ pub(crate) fn reindex(
             conn.prepare_cached(sql).at(path)?.execute([key]).at(path)?;
         }
     }
-    let computed;
-    let parties = match parties {
-        Some(p) => {
-            debug_assert_eq!(p, &model::parties(doc, id)?[..], "parties hint for {id}");
-            p
-        }
+    let read;
+    let view = match view {
+        Some(view) => view,
         None => {
-            computed = model::parties(doc, id)?;
-            &computed[..]
+            read = DocView::read(doc, id)?;
+            &read
         }
     };
-    for unit in parties {
+    debug_assert_eq!(view.parties(), model::parties(doc, id)?, "parties of {id}");
+    for unit in view.parties() {
         conn.prepare_cached("INSERT INTO doc_parties (unit, doc_id) VALUES (?1, ?2)")
             .at(path)?
-            .execute([unit, key])
+            .execute([&unit, key])
             .at(path)?;
     }
-    match id.kind() {
-        DocKind::Dispatch => {
-            let v = dispatch::read(doc, id)?;
+    match view {
+        DocView::Dispatch(v) => {
             let rank = v
                 .priority
                 .parse::<dispatch::Priority>()
@@ -93,8 +90,7 @@ pub(crate) fn reindex(
                 .at(path)?;
             }
         }
-        DocKind::Assignment => {
-            let v = assignment::read(doc, id)?;
+        DocView::Assignment(v) => {
             conn.prepare_cached(
                 "INSERT OR REPLACE INTO assignments (id, dispatch_id, unit, lead, deadline, status, conflicted) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )
@@ -102,8 +98,7 @@ pub(crate) fn reindex(
             .execute(params![key, v.dispatch_id, v.unit, v.lead, v.deadline, v.status, !v.conflicts.is_empty()])
             .at(path)?;
         }
-        DocKind::Dossier => {
-            let v = dossier::read(doc, id)?;
+        DocView::Dossier(v) => {
             conn.prepare_cached("INSERT OR REPLACE INTO dossiers (id, applicant, procedure, holder, step, since) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
                 .at(path)?
                 .execute(params![key, v.applicant, v.procedure, v.holder, v.step, v.since_ms])
