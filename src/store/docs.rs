@@ -454,6 +454,54 @@ mod tests {
     }
 
     #[test]
+    fn stored_bytes_load_as_the_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::create(&dir.path().join("node.db"), 4).unwrap();
+        // A long summary makes the snapshot large beside one comment, so both are sent as stored.
+        let id = DocId::generate(DocKind::Dispatch);
+        let summary: String = (0..600).map(|i| format!("{} ", i * 7919 % 1000)).collect();
+        let d = dispatch::NewDispatch {
+            ref_no: "2/UBND".into(),
+            summary,
+            kind: dispatch::DispatchKind::Report,
+            priority: dispatch::Priority::Normal,
+            issuer: "qn".into(),
+            to: vec!["qn/binhlieu".into()],
+            attachments: vec![],
+        };
+        store
+            .write(|tx| {
+                tx.create_doc(&id, &actor(), 1, |doc| {
+                    Ok(dispatch::create(doc, &id, &d, &author(), 1)?)
+                })
+            })
+            .unwrap();
+        let (heads, bytes) = store.doc_load_bytes(&id).unwrap().unwrap();
+        let mut doc = AutoCommit::load(&bytes).unwrap();
+        assert_eq!(sorted(doc.get_heads()), heads, "a bare snapshot loads");
+        // A comment is a chunk after the snapshot; snapshot then chunks is still load() input.
+        store
+            .write(|tx| {
+                tx.update_doc(&id, &actor(), 2, |doc| {
+                    Ok(dispatch::add_comment(doc, &id, "ok", &author(), 2)?)
+                })
+            })
+            .unwrap();
+        let chunks: i64 = store
+            .conn()
+            .query_row("SELECT chunks FROM docs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(chunks, 1);
+        let want = store.read_doc(&id, |doc| sorted(doc.get_heads())).unwrap();
+        let (heads, bytes) = store.doc_load_bytes(&id).unwrap().unwrap();
+        assert_eq!(heads, want);
+        let mut doc = AutoCommit::load(&bytes).unwrap();
+        assert_eq!(sorted(doc.get_heads()), want, "snapshot and chunks load");
+        let unknown = DocId::generate(DocKind::Dispatch);
+        assert!(store.doc_load_bytes(&unknown).unwrap().is_none());
+    }
+
+    #[test]
     fn unknown_documents_are_not_found() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::create(&dir.path().join("node.db"), 4).unwrap();
