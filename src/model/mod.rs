@@ -7,12 +7,13 @@ pub mod assignment;
 pub mod dispatch;
 pub mod dossier;
 
+use std::cell::{Ref, RefCell};
 use std::fmt;
 use std::str::FromStr;
 
 use automerge::{
     transaction::CommitOptions, AutoCommit, ChangeHash, ObjId, ObjType, ReadDoc, ScalarValue,
-    Value, ROOT,
+    Value, ValueRef, ROOT,
 };
 use serde::{Deserialize, Serialize};
 
@@ -225,6 +226,33 @@ pub(crate) struct Reader<'a> {
     doc: &'a AutoCommit,
     id: &'a str,
     pub conflicts: Vec<Conflict>,
+    /// The maps read so far, each read whole in one pass: one Automerge lookup seeks through the
+    /// document's operations, and costs about as much as reading a small map whole.
+    maps: RefCell<Vec<(ObjId, Option<MapRead>)>>,
+}
+
+/// A map read whole: its entries in Automerge's order, and their positions sorted by key.
+struct MapRead {
+    entries: Vec<Entry>,
+    by_key: Vec<usize>,
+}
+
+impl MapRead {
+    fn get(&self, key: &str) -> Option<&Entry> {
+        self.by_key
+            .binary_search_by(|&i| self.entries[i].key.as_str().cmp(key))
+            .ok()
+            .map(|at| &self.entries[self.by_key[at]])
+    }
+}
+
+/// One key of a map as read in one pass: its winning value, and whether others were kept.
+struct Entry {
+    key: String,
+    value: Value<'static>,
+    /// Set when the value is an object.
+    obj: Option<ObjId>,
+    conflict: bool,
 }
 
 fn scalar_text(value: &Value<'_>) -> String {
@@ -246,7 +274,43 @@ impl<'a> Reader<'a> {
             doc,
             id,
             conflicts: Vec::new(),
+            maps: RefCell::new(Vec::new()),
         }
+    }
+
+    /// The map `obj` read whole (once per reader), or None when `obj` is not a map: then the
+    /// caller asks Automerge directly, for its exact answer or error.
+    fn map(&self, obj: &ObjId) -> Option<Ref<'_, MapRead>> {
+        if !self.maps.borrow().iter().any(|(o, _)| o == obj) {
+            let read = match self.doc.object_type(obj) {
+                Ok(ObjType::Map | ObjType::Table) => {
+                    let entries: Vec<Entry> = self
+                        .doc
+                        .map_range(obj, ..)
+                        .map(|item| {
+                            let obj = matches!(item.value, ValueRef::Object(_)).then(|| item.id());
+                            Entry {
+                                key: item.key.into_owned(),
+                                value: item.value.into_value(),
+                                obj,
+                                conflict: item.conflict,
+                            }
+                        })
+                        .collect();
+                    let mut by_key: Vec<usize> = (0..entries.len()).collect();
+                    by_key.sort_by(|&a, &b| entries[a].key.cmp(&entries[b].key));
+                    Some(MapRead { entries, by_key })
+                }
+                _ => None,
+            };
+            self.maps.borrow_mut().push((obj.clone(), read));
+        }
+        Ref::filter_map(self.maps.borrow(), |maps| {
+            maps.iter()
+                .find(|(o, _)| o == obj)
+                .and_then(|(_, read)| read.as_ref())
+        })
+        .ok()
     }
 
     fn malformed(&self, what: String) -> ModelError {
@@ -254,56 +318,69 @@ impl<'a> Reader<'a> {
     }
 
     /// The winning value of `key`, recording a conflict when several are kept.
+    ///
+    /// One lookup: Automerge's `get` is the last of `get_all` (the winner sorts last), and each
+    /// lookup seeks through the document's operations, the costliest part of reading.
     fn value(&mut self, obj: &ObjId, key: &str, path: &str) -> Result<Option<Value<'a>>> {
-        let all = self.doc.get_all(obj, key)?;
+        if let Some(map) = self.map(obj) {
+            match map.get(key) {
+                None => return Ok(None),
+                Some(e) if !e.conflict => return Ok(Some(e.value.clone())),
+                Some(_) => {}
+            }
+        }
+        let mut all = self.doc.get_all(obj, key)?;
         if all.len() > 1 {
             self.conflicts.push(Conflict {
                 field: path.to_string(),
                 values: all.iter().map(|(v, _)| scalar_text(v)).collect(),
             });
         }
-        Ok(self.doc.get(obj, key)?.map(|(v, _)| v))
+        Ok(all.pop().map(|(v, _)| v))
     }
 
     pub fn str(&mut self, obj: &ObjId, key: &str, path: &str) -> Result<String> {
-        match self.value(obj, key, path)? {
-            Some(Value::Scalar(s)) => match s.as_ref() {
-                ScalarValue::Str(s) => Ok(s.to_string()),
-                _ => Err(self.malformed(format!("field {path} is not text"))),
-            },
-            Some(_) => Err(self.malformed(format!("field {path} is not text"))),
-            None => Err(self.malformed(format!("field {path} is missing"))),
-        }
+        self.opt_str(obj, key, path)?
+            .ok_or_else(|| self.malformed(format!("field {path} is missing")))
     }
 
     pub fn opt_str(&mut self, obj: &ObjId, key: &str, path: &str) -> Result<Option<String>> {
-        match self.doc.get(obj, key)? {
+        match self.value(obj, key, path)? {
+            Some(Value::Scalar(s)) => match s.as_ref() {
+                ScalarValue::Str(s) => Ok(Some(s.to_string())),
+                _ => Err(self.malformed(format!("field {path} is not text"))),
+            },
+            Some(_) => Err(self.malformed(format!("field {path} is not text"))),
             None => Ok(None),
-            Some(_) => self.str(obj, key, path).map(Some),
         }
     }
 
     pub fn int(&mut self, obj: &ObjId, key: &str, path: &str) -> Result<i64> {
-        match self.value(obj, key, path)? {
-            Some(Value::Scalar(s)) => match s.as_ref() {
-                ScalarValue::Int(i) => Ok(*i),
-                ScalarValue::Uint(u) => i64::try_from(*u)
-                    .map_err(|_| self.malformed(format!("field {path} is out of range"))),
-                ScalarValue::Timestamp(t) => Ok(*t),
-                _ => Err(self.malformed(format!("field {path} is not a number"))),
-            },
-            _ => Err(self.malformed(format!("field {path} is missing or not a number"))),
-        }
+        self.opt_int(obj, key, path)?
+            .ok_or_else(|| self.malformed(format!("field {path} is missing or not a number")))
     }
 
     pub fn opt_int(&mut self, obj: &ObjId, key: &str, path: &str) -> Result<Option<i64>> {
-        match self.doc.get(obj, key)? {
+        match self.value(obj, key, path)? {
+            Some(Value::Scalar(s)) => match s.as_ref() {
+                ScalarValue::Int(i) => Ok(Some(*i)),
+                ScalarValue::Uint(u) => i64::try_from(*u)
+                    .map(Some)
+                    .map_err(|_| self.malformed(format!("field {path} is out of range"))),
+                ScalarValue::Timestamp(t) => Ok(Some(*t)),
+                _ => Err(self.malformed(format!("field {path} is not a number"))),
+            },
+            Some(_) => Err(self.malformed(format!("field {path} is missing or not a number"))),
             None => Ok(None),
-            Some(_) => self.int(obj, key, path).map(Some),
         }
     }
 
     pub fn object(&self, obj: &ObjId, key: &str, path: &str) -> Result<ObjId> {
+        if let Some(map) = self.map(obj) {
+            return map.get(key).and_then(|e| e.obj.clone()).ok_or_else(|| {
+                self.malformed(format!("field {path} is missing or not an object"))
+            });
+        }
         match self.doc.get(obj, key)? {
             Some((Value::Object(_), id)) => Ok(id),
             _ => Err(self.malformed(format!("field {path} is missing or not an object"))),
@@ -330,7 +407,10 @@ impl<'a> Reader<'a> {
     }
 
     pub fn keys(&self, obj: &ObjId) -> Vec<String> {
-        self.doc.keys(obj).collect()
+        match self.map(obj) {
+            Some(map) => map.entries.iter().map(|e| e.key.clone()).collect(),
+            None => self.doc.keys(obj).collect(),
+        }
     }
 
     pub fn doc_type(&mut self) -> Result<String> {
@@ -381,6 +461,43 @@ pub(crate) fn push_map(doc: &mut AutoCommit, list: &ObjId) -> Result<ObjId> {
         len,
         ObjType::Map,
     )?)
+}
+
+/// A document's fields, read once for both the scope checks and the index rows.
+#[derive(Debug, Clone)]
+pub enum DocView {
+    Dispatch(dispatch::DispatchView),
+    Assignment(assignment::AssignmentView),
+    Dossier(dossier::DossierView),
+}
+
+impl DocView {
+    pub fn read(doc: &AutoCommit, id: &DocId) -> Result<DocView> {
+        Ok(match id.kind() {
+            DocKind::Dispatch => DocView::Dispatch(dispatch::read(doc, id)?),
+            DocKind::Assignment => DocView::Assignment(assignment::read(doc, id)?),
+            DocKind::Dossier => DocView::Dossier(dossier::read(doc, id)?),
+        })
+    }
+
+    /// The units [`parties`] returns for the same document, from the fields already read.
+    pub fn parties(&self) -> Vec<String> {
+        let mut units = match self {
+            DocView::Dispatch(v) => std::iter::once(v.issuer.clone())
+                .chain(v.recipients.iter().map(|r| r.unit.clone()))
+                .collect(),
+            DocView::Assignment(v) => vec![v.unit.clone()],
+            DocView::Dossier(v) => v
+                .route
+                .iter()
+                .map(|s| s.unit.clone())
+                .chain([v.origin.clone(), v.holder.clone()])
+                .collect(),
+        };
+        units.sort();
+        units.dedup();
+        units
+    }
 }
 
 /// The units a document concerns: what decides which nodes replicate it.

@@ -5,11 +5,11 @@ use automerge::{AutoCommit, ChangeHash};
 use tracing::warn;
 
 use super::{now_ms, Node};
-use crate::model::{self, ChangeNote, DocId};
+use crate::model::{self, ChangeNote, DocId, DocView};
 use crate::proto::{DocChanges, DocHeads, Hash32, ProtoError, Replica};
-use crate::store::docs::Saved;
-use crate::store::docs::{decode_heads, encode_heads};
+use crate::store::docs::{decode_heads, encode_heads, SaveHints};
 use crate::store::sync::Scope;
+use crate::store::{StoreError, WriteTx};
 use crate::trust::PeerIdentity;
 use crate::units::{is_within, parent};
 
@@ -73,7 +73,36 @@ impl<'a> NodeReplica<'a> {
             peer_id,
         }
     }
+}
 
+/// Who sent a frame of changes, as the checks on each incoming document need it.
+struct Sender<'a> {
+    peer: &'a PeerIdentity,
+    /// This node's unit.
+    me: &'a str,
+    /// Whether the sender may relay changes authored by others ([`is_trusted_relay`]).
+    upstream: bool,
+}
+
+/// Why applying a frame stopped: the sender's fault, or this node's store.
+enum ApplyError {
+    Proto(ProtoError),
+    Store(StoreError),
+}
+
+impl From<ProtoError> for ApplyError {
+    fn from(e: ProtoError) -> Self {
+        ApplyError::Proto(e)
+    }
+}
+
+impl From<StoreError> for ApplyError {
+    fn from(e: StoreError) -> Self {
+        ApplyError::Store(e)
+    }
+}
+
+impl Sender<'_> {
     fn refuse(&self, id: &str, why: String) -> ProtoError {
         let msg = format!(
             "node {} ({}) sent document {id}: {why}",
@@ -83,79 +112,127 @@ impl<'a> NodeReplica<'a> {
         ProtoError::Refused(msg)
     }
 
-    /// Checks one incoming document and returns its merged state (not yet stored).
-    fn check_incoming(
+    /// Checks one incoming document against what is stored now (scope, authorship, integrity)
+    /// and stores the merged state in `tx`. Runs inside the write lock, so a local write that
+    /// landed since the frame arrived is merged, never overwritten.
+    fn check_and_store(
         &self,
-        id: &DocId,
-        existing: Option<&AutoCommit>,
-        bytes: &[u8],
-    ) -> Result<AutoCommit, ProtoError> {
-        let me = self.node.unit();
-        let upstream = is_trusted_relay(&self.peer.unit, me);
-        let (mut doc, old_heads) = match existing {
-            Some(doc) => {
-                let mut doc = doc.clone();
-                let heads = doc.get_heads();
-                if !upstream {
-                    let parties = model::parties(&doc, id).map_err(local)?;
+        tx: &mut WriteTx<'_>,
+        peer_id: &str,
+        change: DocChanges,
+        at_ms: i64,
+    ) -> Result<(), ApplyError> {
+        let id: DocId = change
+            .id
+            .parse()
+            .map_err(|e| ProtoError::Malformed(format!("changes: {e}")))?;
+        let bytes = &change.data[..];
+        let (mut doc, old_heads, whole) = match tx.load_doc(&id)? {
+            Some(current) => {
+                if !self.upstream {
+                    let parties = model::parties(&current.doc, &id).map_err(local)?;
                     if !parties.iter().any(|p| is_within(p, &self.peer.unit)) {
-                        return Err(self.refuse(
-                            id.as_str(),
-                            "the document is outside the sender's scope".into(),
-                        ));
+                        return Err(self
+                            .refuse(
+                                id.as_str(),
+                                "the document is outside the sender's scope".into(),
+                            )
+                            .into());
                     }
                 }
-                (doc, heads)
+                (current.doc, Some(current.heads), false)
             }
-            None => (AutoCommit::new(), Vec::new()),
+            // A new document sent whole (`save()`) loads strictly; its bytes are then stored as
+            // they came, instead of saving the parsed document again. Anything else (changes
+            // without a document chunk, or a partial load) goes through `load_incremental`,
+            // whose checks follow.
+            None => match AutoCommit::load(bytes) {
+                Ok(doc) => (doc, None, true),
+                Err(_) => (AutoCommit::new(), None, false),
+            },
         };
-        doc.load_incremental(bytes)
-            .map_err(|e| self.refuse(id.as_str(), format!("changes do not decode: {e}")))?;
-        if !doc.get_missing_deps(&[]).is_empty() {
-            return Err(self.refuse(
-                id.as_str(),
-                "changes depend on changes that were not sent".into(),
-            ));
+        if !whole {
+            doc.load_incremental(bytes)
+                .map_err(|e| self.refuse(id.as_str(), format!("changes do not decode: {e}")))?;
         }
-        if !upstream {
-            for change in doc.get_changes(&old_heads) {
+        if !doc.get_missing_deps(&[]).is_empty() {
+            return Err(self
+                .refuse(
+                    id.as_str(),
+                    "changes depend on changes that were not sent".into(),
+                )
+                .into());
+        }
+        if !self.upstream {
+            for change in doc.get_changes(old_heads.as_deref().unwrap_or_default()) {
                 let note = change.message().and_then(|m| ChangeNote::parse(m));
                 let Some(note) = note else {
-                    return Err(self.refuse(id.as_str(), "a change carries no author".into()));
+                    return Err(self
+                        .refuse(id.as_str(), "a change carries no author".into())
+                        .into());
                 };
                 if !is_within(&note.unit, &self.peer.unit) {
-                    return Err(self.refuse(
-                        id.as_str(),
-                        format!(
-                            "a change claims author unit {}, outside the sender's subtree",
-                            note.unit
-                        ),
-                    ));
+                    return Err(self
+                        .refuse(
+                            id.as_str(),
+                            format!(
+                                "a change claims author unit {}, outside the sender's subtree",
+                                note.unit
+                            ),
+                        )
+                        .into());
                 }
                 if note.node != change.actor_id().to_hex_string() {
-                    return Err(self.refuse(
-                        id.as_str(),
-                        "a change's author node differs from its actor".into(),
-                    ));
+                    return Err(self
+                        .refuse(
+                            id.as_str(),
+                            "a change's author node differs from its actor".into(),
+                        )
+                        .into());
                 }
             }
         }
-        let parties =
-            model::parties(&doc, id).map_err(|e| self.refuse(id.as_str(), e.to_string()))?;
-        if !in_scope_of(&parties, me) {
-            return Err(self.refuse(
-                id.as_str(),
-                format!("the document is outside this node's scope ({me})"),
-            ));
+        // The fields are read once, for the scope checks and the index rows. A document whose
+        // fields do not read is still checked on its parties alone, and then fails as its
+        // indexing would.
+        let view = DocView::read(&doc, &id);
+        let parties = match &view {
+            Ok(view) => view.parties(),
+            Err(_) => {
+                model::parties(&doc, &id).map_err(|e| self.refuse(id.as_str(), e.to_string()))?
+            }
+        };
+        if !in_scope_of(&parties, self.me) {
+            return Err(self
+                .refuse(
+                    id.as_str(),
+                    format!("the document is outside this node's scope ({})", self.me),
+                )
+                .into());
         }
-        if !upstream && existing.is_none() && !parties.iter().any(|p| is_within(p, &self.peer.unit))
+        if !self.upstream
+            && old_heads.is_none()
+            && !parties.iter().any(|p| is_within(p, &self.peer.unit))
         {
-            return Err(self.refuse(
-                id.as_str(),
-                "a new document that does not concern the sender".into(),
-            ));
+            return Err(self
+                .refuse(
+                    id.as_str(),
+                    "a new document that does not concern the sender".into(),
+                )
+                .into());
         }
-        Ok(doc)
+        let view = view.map_err(StoreError::from)?;
+        let mut sender_heads: Vec<ChangeHash> =
+            change.heads.iter().map(|h| ChangeHash(*h)).collect();
+        sender_heads.sort();
+        let hints = SaveHints {
+            snapshot: whole.then_some(bytes),
+            view: Some(&view),
+            // The sender already holds this exact state: never offer it back.
+            origin: Some((peer_id, &sender_heads)),
+        };
+        tx.save_doc_with(&id, old_heads, doc, at_ms, hints)?;
+        Ok(())
     }
 }
 
@@ -289,35 +366,44 @@ impl Replica for NodeReplica<'_> {
             .map_err(|e| ProtoError::Malformed(format!("want: {e}")))?;
         let scope = scope_for(&self.peer.unit, self.node.unit());
         if let Scope::Subtree(unit) = &scope {
-            let parties = self
-                .node
-                .store
-                .read_doc(&id, |doc| model::parties(doc, &id))
-                .map_err(local)?
-                .map_err(local)?;
+            // The index rows hold the stored state's parties: no need to parse the document.
+            let parties = self.node.store.doc_parties(&id).map_err(local)?;
+            if parties.is_empty() && !self.node.store.doc_exists(&id).map_err(local)? {
+                return Err(local(StoreError::NotFound(format!("{} {id}", id.kind()))));
+            }
             if !parties.iter().any(|p| is_within(p, unit)) {
                 warn!(peer = %self.peer.unit, doc = %id, "peer asked for a document outside its scope; not sent");
                 return Ok(None);
             }
         }
-        let heads: Vec<ChangeHash> = want.heads.iter().map(|h| ChangeHash(*h)).collect();
-        let (data, mine) = self
-            .node
-            .store
-            .read_doc(&id, |doc| {
-                let mine = doc.get_heads();
-                // A peer with nothing gets the compact, compressed whole document.
-                if heads.is_empty() {
-                    return (doc.save(), mine);
-                }
-                let known: Vec<ChangeHash> = heads
-                    .iter()
-                    .filter(|h| doc.get_change_by_hash(h).is_some())
-                    .copied()
-                    .collect();
-                (doc.save_after(&known), mine)
-            })
-            .map_err(local)?;
+        // A peer with nothing gets the whole document, compact and compressed: the stored
+        // snapshot and chunks as they are when they are compact enough, else a fresh save().
+        let stored = if want.heads.is_empty() {
+            self.node.store.doc_load_bytes(&id).map_err(local)?
+        } else {
+            None
+        };
+        let (mine, data) = match stored {
+            Some(stored) => stored,
+            None => {
+                let heads: Vec<ChangeHash> = want.heads.iter().map(|h| ChangeHash(*h)).collect();
+                self.node
+                    .store
+                    .read_doc(&id, |doc| {
+                        let mine = doc.get_heads();
+                        if heads.is_empty() {
+                            return (mine, doc.save());
+                        }
+                        let known: Vec<ChangeHash> = heads
+                            .iter()
+                            .filter(|h| doc.get_change_by_hash(h).is_some())
+                            .copied()
+                            .collect();
+                        (mine, doc.save_after(&known))
+                    })
+                    .map_err(local)?
+            }
+        };
         if data.len() > crate::proto::wire::DOC_CHANGES_BYTES_MAX {
             warn!(doc = %id, bytes = data.len(), "document changes too large to send in one frame; not sent");
             return Ok(None);
@@ -330,57 +416,29 @@ impl Replica for NodeReplica<'_> {
     }
 
     fn apply(&mut self, docs: Vec<DocChanges>) -> Result<usize, ProtoError> {
-        let mut checked = Vec::with_capacity(docs.len());
-        for change in docs {
-            let id: DocId = change
-                .id
-                .parse()
-                .map_err(|e| ProtoError::Malformed(format!("changes: {e}")))?;
-            let existing = if self.node.store.doc_exists(&id).map_err(local)? {
-                Some(
-                    self.node
-                        .store
-                        .read_doc(&id, |doc| doc.clone())
-                        .map_err(local)?,
-                )
-            } else {
-                None
-            };
-            let doc = self.check_incoming(&id, existing.as_ref(), &change.data)?;
-            let mut sender_heads: Vec<ChangeHash> =
-                change.heads.iter().map(|h| ChangeHash(*h)).collect();
-            sender_heads.sort();
-            checked.push((id, doc, sender_heads));
-        }
+        let n = docs.len();
         let at_ms = now_ms();
-        let n = checked.len();
-        let peer_id = self.peer_id.clone();
-        // Merge into what is stored now, inside the write lock: a local write that landed
-        // since the check is kept, never overwritten.
+        let me = self.node.unit().to_string();
+        let sender = Sender {
+            peer: &self.peer,
+            me: &me,
+            upstream: is_trusted_relay(&self.peer.unit, &me),
+        };
+        let peer_id = &self.peer_id;
+        // One transaction for the frame: it is stored whole or not at all. Each document is
+        // checked and stored in turn, so only one is held parsed at a time.
         self.node
             .store
-            .write(|tx| {
-                for (id, mut doc, sender_heads) in checked {
-                    let merged = match tx.load_doc(&id)? {
-                        Some(current) => {
-                            let mut merged = current.doc;
-                            merged.merge(&mut doc).map_err(|e| {
-                                crate::store::StoreError::Corrupt(format!("merging {id}: {e}"))
-                            })?;
-                            tx.save_doc(&id, Some(current.heads), merged, at_ms)?
-                        }
-                        None => tx.save_doc(&id, None, doc, at_ms)?,
-                    };
-                    // The sender already holds this exact state: never offer it back.
-                    if let Saved::Changed(_) = merged {
-                        if tx.doc_heads_sorted(&id)? == sender_heads {
-                            tx.set_doc_origin(&id, &peer_id)?;
-                        }
-                    }
+            .write_with(|tx| {
+                for change in docs {
+                    sender.check_and_store(tx, peer_id, change, at_ms)?;
                 }
                 Ok(())
             })
-            .map_err(local)?;
+            .map_err(|e| match e {
+                ApplyError::Proto(e) => e,
+                ApplyError::Store(e) => local(e),
+            })?;
         Ok(n)
     }
 

@@ -8,7 +8,7 @@ use lru::LruCache;
 use rusqlite::{params, OptionalExtension};
 
 use super::{index, Result, SqlContext, Store, StoreError, WriteTx};
-use crate::model::DocId;
+use crate::model::{DocId, DocView};
 
 /// Compact into a new snapshot once this many incremental chunks pile up.
 const CHUNKS_BEFORE_COMPACT_MAX: i64 = 32;
@@ -41,7 +41,11 @@ impl DocCache {
         }
     }
 
-    pub(super) fn commit(&mut self, touched: Vec<(DocId, DocRecord)>) {
+    pub(super) fn capacity(&self) -> usize {
+        self.entries.cap().get()
+    }
+
+    pub(super) fn commit(&mut self, touched: impl IntoIterator<Item = (DocId, DocRecord)>) {
         for (id, rec) in touched {
             self.entries.put(id, rec);
         }
@@ -122,6 +126,45 @@ impl Store {
         Ok(value)
     }
 
+    /// A stored document as bytes that `AutoCommit::load` reads (its snapshot, then its chunks),
+    /// with its sorted heads, without parsing it: what a peer that lacks the document needs.
+    /// None when the document is not stored, or when its chunks would add more than a quarter
+    /// to the snapshot (then a fresh `save()` is worth its cost on the wire).
+    pub fn doc_load_bytes(&self, id: &DocId) -> Result<Option<(Vec<ChangeHash>, Vec<u8>)>> {
+        let row: Option<(Vec<u8>, Vec<u8>, i64, i64)> = self
+            .conn
+            .prepare_cached("SELECT heads, snapshot, chunks, chunk_bytes FROM docs WHERE id = ?1")
+            .at(&self.path)?
+            .query_row([id.as_str()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .optional()
+            .at(&self.path)?;
+        let Some((heads, mut bytes, chunks, chunk_bytes)) = row else {
+            return Ok(None);
+        };
+        if chunks > 0 {
+            if chunk_bytes * 4 > bytes.len() as i64 {
+                return Ok(None);
+            }
+            let mut stmt = self
+                .conn
+                .prepare_cached("SELECT data FROM doc_chunks WHERE doc_id = ?1 ORDER BY n")
+                .at(&self.path)?;
+            let mut rows = stmt.query([id.as_str()]).at(&self.path)?;
+            while let Some(row) = rows.next().at(&self.path)? {
+                let chunk = row.get_ref(0).at(&self.path)?;
+                bytes.extend_from_slice(
+                    chunk
+                        .as_blob()
+                        .map_err(rusqlite::Error::from)
+                        .at(&self.path)?,
+                );
+            }
+        }
+        Ok(Some((decode_heads(&heads)?, bytes)))
+    }
+
     pub fn doc_exists(&self, id: &DocId) -> Result<bool> {
         self.conn
             .prepare_cached("SELECT 1 FROM docs WHERE id = ?1")
@@ -156,31 +199,24 @@ pub enum Saved {
     Unchanged,
 }
 
+/// What a caller of [`WriteTx::save_doc_with`] already knows, so the store does not compute it
+/// again. Each hint must be exactly what the store would compute itself.
+#[derive(Debug, Default)]
+pub struct SaveHints<'a> {
+    /// For a new document: bytes that `AutoCommit::load` turns into exactly this document (the
+    /// `save()` a peer sent), stored as the snapshot instead of saving the document again.
+    pub snapshot: Option<&'a [u8]>,
+    /// The document's fields, as `DocView::read` returns them.
+    pub view: Option<&'a DocView>,
+    /// A peer node and the heads (sorted) it holds: if the stored state has exactly these heads,
+    /// it came whole from that peer, which is then never offered it back.
+    pub origin: Option<(&'a str, &'a [ChangeHash])>,
+}
+
 impl WriteTx<'_> {
     /// Loads a document inside the write lock, so what it sees is what it changes.
     pub fn load_doc(&mut self, id: &DocId) -> Result<Option<DocRecord>> {
         load(&self.tx, self.path, self.cache, id)
-    }
-
-    /// Sorted heads of a stored document, read inside the transaction.
-    pub fn doc_heads_sorted(&self, id: &DocId) -> Result<Vec<ChangeHash>> {
-        let bytes: Vec<u8> = self
-            .tx
-            .prepare_cached("SELECT heads FROM docs WHERE id = ?1")
-            .at(self.path)?
-            .query_row([id.as_str()], |r| r.get(0))
-            .at(self.path)?;
-        decode_heads(&bytes)
-    }
-
-    /// Marks the document's current state as received whole from a peer node.
-    pub fn set_doc_origin(&self, id: &DocId, peer_node: &str) -> Result<()> {
-        self.tx
-            .prepare_cached("UPDATE docs SET origin = ?2 WHERE id = ?1")
-            .at(self.path)?
-            .execute([id.as_str(), peer_node])
-            .at(self.path)?;
-        Ok(())
     }
 
     /// Creates a document with `build`, as `actor`.
@@ -223,29 +259,51 @@ impl WriteTx<'_> {
         &mut self,
         id: &DocId,
         old_heads: Option<Vec<ChangeHash>>,
+        doc: AutoCommit,
+        at_ms: i64,
+    ) -> Result<Saved> {
+        self.save_doc_with(id, old_heads, doc, at_ms, SaveHints::default())
+    }
+
+    /// [`WriteTx::save_doc`], reusing what the caller already computed (see [`SaveHints`]).
+    pub fn save_doc_with(
+        &mut self,
+        id: &DocId,
+        old_heads: Option<Vec<ChangeHash>>,
         mut doc: AutoCommit,
         at_ms: i64,
+        hints: SaveHints<'_>,
     ) -> Result<Saved> {
         let heads = sorted(doc.get_heads());
         if old_heads.as_deref() == Some(&heads[..]) {
             return Ok(Saved::Unchanged);
         }
-        let seq: i64 = self
-            .tx
-            .query_row(
-                "UPDATE feed SET seq = seq + 1 WHERE id = 1 RETURNING seq",
-                [],
-                |r| r.get(0),
-            )
-            .at(self.path)?;
+        let origin = hints
+            .origin
+            .and_then(|(node, sender_heads)| (sender_heads == &heads[..]).then_some(node));
+        let seq = self.next_feed_seq()?;
         let heads_bytes = encode_heads(&heads);
         match &old_heads {
             None => {
-                let snapshot = doc.save();
+                let saved;
+                let snapshot = match hints.snapshot {
+                    Some(bytes) => {
+                        debug_assert!(
+                            AutoCommit::load(bytes)
+                                .is_ok_and(|mut d| sorted(d.get_heads()) == heads),
+                            "the snapshot hint for {id} does not load to the document"
+                        );
+                        bytes
+                    }
+                    None => {
+                        saved = doc.save();
+                        &saved[..]
+                    }
+                };
                 self.tx
-                    .prepare_cached("INSERT INTO docs (id, kind, snapshot, heads, chunks, chunk_bytes, seq, updated_at) VALUES (?1, ?2, ?3, ?4, 0, 0, ?5, ?6)")
+                    .prepare_cached("INSERT INTO docs (id, kind, snapshot, heads, chunks, chunk_bytes, seq, updated_at, origin) VALUES (?1, ?2, ?3, ?4, 0, 0, ?5, ?6, ?7)")
                     .at(self.path)?
-                    .execute(params![id.as_str(), id.kind().as_str(), snapshot, heads_bytes, seq, at_ms])
+                    .execute(params![id.as_str(), id.kind().as_str(), snapshot, heads_bytes, seq, at_ms, origin])
                     .at(self.path)?;
             }
             Some(old) => {
@@ -267,9 +325,9 @@ impl WriteTx<'_> {
                         .execute([id.as_str()])
                         .at(self.path)?;
                     self.tx
-                        .prepare_cached("UPDATE docs SET snapshot = ?2, heads = ?3, chunks = 0, chunk_bytes = 0, seq = ?4, updated_at = ?5, origin = NULL WHERE id = ?1")
+                        .prepare_cached("UPDATE docs SET snapshot = ?2, heads = ?3, chunks = 0, chunk_bytes = 0, seq = ?4, updated_at = ?5, origin = ?6 WHERE id = ?1")
                         .at(self.path)?
-                        .execute(params![id.as_str(), snapshot, heads_bytes, seq, at_ms])
+                        .execute(params![id.as_str(), snapshot, heads_bytes, seq, at_ms, origin])
                         .at(self.path)?;
                 } else {
                     self.tx
@@ -280,15 +338,16 @@ impl WriteTx<'_> {
                         .execute(params![id.as_str(), chunks, chunk])
                         .at(self.path)?;
                     self.tx
-                        .prepare_cached("UPDATE docs SET heads = ?2, chunks = ?3, chunk_bytes = ?4, seq = ?5, updated_at = ?6, origin = NULL WHERE id = ?1")
+                        .prepare_cached("UPDATE docs SET heads = ?2, chunks = ?3, chunk_bytes = ?4, seq = ?5, updated_at = ?6, origin = ?7 WHERE id = ?1")
                         .at(self.path)?
-                        .execute(params![id.as_str(), heads_bytes, chunks + 1, chunk_bytes, seq, at_ms])
+                        .execute(params![id.as_str(), heads_bytes, chunks + 1, chunk_bytes, seq, at_ms, origin])
                         .at(self.path)?;
                 }
             }
         }
-        index::reindex(&self.tx, self.path, id, &doc)?;
-        self.touched.push((id.clone(), DocRecord { doc, heads }));
+        let new = old_heads.is_none();
+        index::reindex(&self.tx, self.path, id, &doc, new, hints.view)?;
+        self.touch(id.clone(), DocRecord { doc, heads });
         Ok(Saved::Changed(seq))
     }
 }
@@ -392,6 +451,54 @@ mod tests {
             view.comments.is_empty(),
             "the rolled-back comment must not appear, even from the cache"
         );
+    }
+
+    #[test]
+    fn stored_bytes_load_as_the_document() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::create(&dir.path().join("node.db"), 4).unwrap();
+        // A long summary makes the snapshot large beside one comment, so both are sent as stored.
+        let id = DocId::generate(DocKind::Dispatch);
+        let summary: String = (0..600).map(|i| format!("{} ", i * 7919 % 1000)).collect();
+        let d = dispatch::NewDispatch {
+            ref_no: "2/UBND".into(),
+            summary,
+            kind: dispatch::DispatchKind::Report,
+            priority: dispatch::Priority::Normal,
+            issuer: "qn".into(),
+            to: vec!["qn/binhlieu".into()],
+            attachments: vec![],
+        };
+        store
+            .write(|tx| {
+                tx.create_doc(&id, &actor(), 1, |doc| {
+                    Ok(dispatch::create(doc, &id, &d, &author(), 1)?)
+                })
+            })
+            .unwrap();
+        let (heads, bytes) = store.doc_load_bytes(&id).unwrap().unwrap();
+        let mut doc = AutoCommit::load(&bytes).unwrap();
+        assert_eq!(sorted(doc.get_heads()), heads, "a bare snapshot loads");
+        // A comment is a chunk after the snapshot; snapshot then chunks is still load() input.
+        store
+            .write(|tx| {
+                tx.update_doc(&id, &actor(), 2, |doc| {
+                    Ok(dispatch::add_comment(doc, &id, "ok", &author(), 2)?)
+                })
+            })
+            .unwrap();
+        let chunks: i64 = store
+            .conn()
+            .query_row("SELECT chunks FROM docs", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(chunks, 1);
+        let want = store.read_doc(&id, |doc| sorted(doc.get_heads())).unwrap();
+        let (heads, bytes) = store.doc_load_bytes(&id).unwrap().unwrap();
+        assert_eq!(heads, want);
+        let mut doc = AutoCommit::load(&bytes).unwrap();
+        assert_eq!(sorted(doc.get_heads()), want, "snapshot and chunks load");
+        let unknown = DocId::generate(DocKind::Dispatch);
+        assert!(store.doc_load_bytes(&unknown).unwrap().is_none());
     }
 
     #[test]

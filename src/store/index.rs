@@ -8,26 +8,46 @@ use rusqlite::{params, Connection};
 use serde::Serialize;
 
 use super::{Result, SqlContext, Store};
-use crate::model::{self, assignment, dispatch, dossier, DocId, DocKind};
+use crate::model::{self, dispatch, DocId, DocView};
 
-/// Rebuilds every index row of one document from its current state.
-pub(crate) fn reindex(conn: &Connection, path: &Path, id: &DocId, doc: &AutoCommit) -> Result<()> {
+/// Rebuilds every index row of one document from its current state. `new` says the document
+/// was just inserted, so it has no rows to delete; `view`, when the caller has it already, must
+/// be `DocView::read` of `doc`.
+pub(crate) fn reindex(
+    conn: &Connection,
+    path: &Path,
+    id: &DocId,
+    doc: &AutoCommit,
+    new: bool,
+    view: Option<&DocView>,
+) -> Result<()> {
     let key = id.as_str();
-    for table in ["doc_parties", "doc_blobs"] {
-        conn.prepare_cached(&format!("DELETE FROM {table} WHERE doc_id = ?1"))
-            .at(path)?
-            .execute([key])
-            .at(path)?;
+    if !new {
+        for sql in [
+            "DELETE FROM doc_parties WHERE doc_id = ?1",
+            "DELETE FROM doc_blobs WHERE doc_id = ?1",
+            "DELETE FROM dispatch_recipients WHERE id = ?1",
+        ] {
+            conn.prepare_cached(sql).at(path)?.execute([key]).at(path)?;
+        }
     }
-    for unit in model::parties(doc, id)? {
+    let read;
+    let view = match view {
+        Some(view) => view,
+        None => {
+            read = DocView::read(doc, id)?;
+            &read
+        }
+    };
+    debug_assert_eq!(view.parties(), model::parties(doc, id)?, "parties of {id}");
+    for unit in view.parties() {
         conn.prepare_cached("INSERT INTO doc_parties (unit, doc_id) VALUES (?1, ?2)")
             .at(path)?
             .execute([&unit, key])
             .at(path)?;
     }
-    match id.kind() {
-        DocKind::Dispatch => {
-            let v = dispatch::read(doc, id)?;
+    match view {
+        DocView::Dispatch(v) => {
             let rank = v
                 .priority
                 .parse::<dispatch::Priority>()
@@ -45,10 +65,6 @@ pub(crate) fn reindex(conn: &Connection, path: &Path, id: &DocId, doc: &AutoComm
             .at(path)?
             .execute(params![key, v.ref_no, v.summary, v.kind, v.priority, rank, v.issuer, v.created_at_ms, v.recipients.len(), received, v.attachments.len()])
             .at(path)?;
-            conn.prepare_cached("DELETE FROM dispatch_recipients WHERE id = ?1")
-                .at(path)?
-                .execute([key])
-                .at(path)?;
             for r in &v.recipients {
                 conn.prepare_cached(
                     "INSERT INTO dispatch_recipients (unit, id, received_at) VALUES (?1, ?2, ?3)",
@@ -74,8 +90,7 @@ pub(crate) fn reindex(conn: &Connection, path: &Path, id: &DocId, doc: &AutoComm
                 .at(path)?;
             }
         }
-        DocKind::Assignment => {
-            let v = assignment::read(doc, id)?;
+        DocView::Assignment(v) => {
             conn.prepare_cached(
                 "INSERT OR REPLACE INTO assignments (id, dispatch_id, unit, lead, deadline, status, conflicted) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )
@@ -83,8 +98,7 @@ pub(crate) fn reindex(conn: &Connection, path: &Path, id: &DocId, doc: &AutoComm
             .execute(params![key, v.dispatch_id, v.unit, v.lead, v.deadline, v.status, !v.conflicts.is_empty()])
             .at(path)?;
         }
-        DocKind::Dossier => {
-            let v = dossier::read(doc, id)?;
+        DocView::Dossier(v) => {
             conn.prepare_cached("INSERT OR REPLACE INTO dossiers (id, applicant, procedure, holder, step, since) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
                 .at(path)?
                 .execute(params![key, v.applicant, v.procedure, v.holder, v.step, v.since_ms])
@@ -146,6 +160,17 @@ pub struct DossierRow {
 }
 
 impl Store {
+    /// The units a stored document concerns, as its index rows hold them (`model::parties` of its
+    /// current state); empty if the document is not stored.
+    pub fn doc_parties(&self, id: &DocId) -> Result<Vec<String>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT unit FROM doc_parties WHERE doc_id = ?1 ORDER BY unit")
+            .at(&self.path)?;
+        let rows = stmt.query_map([id.as_str()], |r| r.get(0)).at(&self.path)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
+    }
+
     pub fn list_dispatches(
         &self,
         filter: DispatchFilter<'_>,

@@ -10,6 +10,7 @@ pub mod index;
 mod schema;
 pub mod sync;
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 
 use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, TransactionBehavior};
@@ -125,6 +126,14 @@ impl Store {
 
     /// Runs `f` in one write transaction; commits only if it returns Ok.
     pub fn write<T>(&mut self, f: impl FnOnce(&mut WriteTx<'_>) -> Result<T>) -> Result<T> {
+        self.write_with(f)
+    }
+
+    /// [`Store::write`] for a caller whose own errors can also end the transaction.
+    pub fn write_with<T, E: From<StoreError>>(
+        &mut self,
+        f: impl FnOnce(&mut WriteTx<'_>) -> Result<T, E>,
+    ) -> Result<T, E> {
         let path = self.path.clone();
         let tx = self
             .conn
@@ -134,9 +143,11 @@ impl Store {
             tx,
             path: &path,
             cache: &mut self.cache,
-            touched: Vec::new(),
+            touched: VecDeque::new(),
+            feed: None,
         };
         let value = f(&mut wtx)?;
+        wtx.flush_feed()?;
         let WriteTx {
             tx, touched, cache, ..
         } = wtx;
@@ -244,10 +255,62 @@ pub struct WriteTx<'a> {
     tx: Transaction<'a>,
     path: &'a Path,
     cache: &'a mut DocCache,
-    touched: Vec<(crate::model::DocId, DocRecord)>,
+    /// Documents written, for the cache; never more than the cache holds, so a transaction
+    /// that stores thousands of documents does not keep them all in memory until it commits.
+    touched: VecDeque<(crate::model::DocId, DocRecord)>,
+    /// The change feed's position as this transaction has advanced it: (read at first use,
+    /// now). Written back once before commit rather than once per saved document.
+    feed: Option<(i64, i64)>,
 }
 
 impl WriteTx<'_> {
+    /// The next position of the change feed, for one saved document.
+    fn next_feed_seq(&mut self) -> Result<i64> {
+        let (read, now) = match self.feed {
+            Some(feed) => feed,
+            None => {
+                let seq: i64 = self
+                    .tx
+                    .prepare_cached("SELECT seq FROM feed WHERE id = 1")
+                    .at(self.path)?
+                    .query_row([], |r| r.get(0))
+                    .at(self.path)?;
+                (seq, seq)
+            }
+        };
+        self.feed = Some((read, now + 1));
+        Ok(now + 1)
+    }
+
+    fn flush_feed(&mut self) -> Result<()> {
+        if let Some((read, now)) = self.feed.take() {
+            if now != read {
+                let updated = self
+                    .tx
+                    .prepare_cached("UPDATE feed SET seq = ?1 WHERE id = 1 AND seq = ?2")
+                    .at(self.path)?
+                    .execute([now, read])
+                    .at(self.path)?;
+                // Nothing else writes the feed while this transaction holds the write lock.
+                if updated != 1 {
+                    return Err(StoreError::Corrupt(
+                        "the change feed moved inside a write transaction".into(),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Remembers a written document for the cache; the oldest is forgotten when full, as the
+    /// cache would drop it anyway.
+    fn touch(&mut self, id: crate::model::DocId, rec: DocRecord) {
+        if self.touched.len() >= self.cache.capacity() {
+            self.touched.pop_front();
+        }
+        self.touched.push_back((id, rec));
+    }
+
     pub fn path(&self) -> &Path {
         self.path
     }
