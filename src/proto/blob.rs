@@ -52,12 +52,13 @@ const BBR_WINDOW_GAIN: u64 = 2;
 pub fn link_rate_bps(link: &LinkView) -> u64 {
     let rtt = link.rtt.as_secs_f64().max(1e-4);
     let window_rate = (link.window_bytes as f64 * 8.0 / rtt) as u64;
+    // On a LAN or loopback the compressor, not the link, is the bottleneck; a pacing rate read
+    // while the sender waits on it would only push the level up and the throughput down.
+    if link.rtt < FIELD_LINK_RTT {
+        return window_rate;
+    }
     if link.bytes_sent < RATE_SAMPLE_BYTES {
-        return if link.rtt >= FIELD_LINK_RTT {
-            window_rate.min(FIELD_LINK_BPS)
-        } else {
-            window_rate
-        };
+        return window_rate.min(FIELD_LINK_BPS);
     }
     match link.pacing_bps {
         Some(pacing) if pacing > 0 => {
@@ -205,6 +206,8 @@ mod tests {
         // Cubic: the window is about one BDP.
         assert_eq!(level(view(200, 25_000, None, 2 << 20)), 19);
         assert_eq!(level(view(1, 4 << 20, None, 64 << 20)), 1);
+        // Loopback with the compressor as the bottleneck: BBR's pacing rate reads low.
+        assert_eq!(level(view(1, 4 << 20, Some(50_000_000), 64 << 20)), 1);
     }
 
     #[test]
