@@ -1,6 +1,6 @@
 //! Benchmark of a node working alone: durable `dispatch new` with a 1 MiB scan (library and
 //! binary), listing 10,000 dispatches and overdue assignments, and database bytes per dispatch
-//! and per MiB of scan. Run with `cargo bench --bench local`; prints a Markdown table.
+//! and per MiB of scan (database and scan files). Run with `cargo bench --bench local`; prints a Markdown table.
 
 mod common;
 use common::{load_average, machine};
@@ -93,14 +93,20 @@ fn new_node(dir: &Path) -> Node {
     Node::open(dir).expect("open")
 }
 
-/// Bytes of `node.db` once the WAL is folded in, so the file holds everything.
+/// Bytes the node stores: `node.db` once the WAL is folded in, plus the scan files in `blobs/`.
 fn db_bytes(dir: &Path) -> u64 {
     let path = dir.join(communesync::node::DB_FILE);
     let conn = rusqlite::Connection::open(&path).expect("open node.db");
     conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
         .expect("checkpoint");
     drop(conn);
-    std::fs::metadata(&path).expect("node.db").len()
+    let scans: u64 = std::fs::read_dir(dir.join(communesync::store::blobs::BLOB_DIR))
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok()?.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    std::fs::metadata(&path).expect("node.db").len() + scans
 }
 
 /// Issues WRITE_RUNS dispatches, each with a fresh scan, through the library; returns ms each.
