@@ -390,7 +390,7 @@ pub async fn run_session(
             {
                 let mut replica = NodeReplica::new(&mut node, peer.clone());
                 session.offer_crl(&crl_der);
-                while let Some(frame) = session.poll_frame(&mut replica)? {
+                while let Some(frame) = blocking(|| session.poll_frame(&mut replica))? {
                     write_frame(&mut control, &frame, CONTROL_LEVEL).await?;
                     sent_since_receive = true;
                 }
@@ -420,7 +420,7 @@ pub async fn run_session(
                     }
                 }
                 // Frames the actions produced (BlobMissing) go out now too.
-                while let Some(frame) = session.poll_frame(&mut replica)? {
+                while let Some(frame) = blocking(|| session.poll_frame(&mut replica))? {
                     write_frame(&mut control, &frame, CONTROL_LEVEL).await?;
                 }
             }
@@ -446,7 +446,7 @@ pub async fn run_session(
                                 sent_since_receive = false;
                             }
                             debug!(?frame, "frame from {}", peer.unit);
-                            if let Err(e) = session.handle(&mut replica, frame) {
+                            if let Err(e) = blocking(|| session.handle(&mut replica, frame)) {
                                 if let ProtoError::Refused(reason) = &e {
                                     let _ = write_frame(&mut control, &Frame::Refused { reason: reason.clone() }, 1).await;
                                 }
@@ -550,6 +550,18 @@ pub async fn run_session(
             Ok(report)
         }
         Err(e) => Err(e),
+    }
+}
+
+/// Runs store-bound protocol work (applying a frame of documents, loading documents to send)
+/// off the async worker, so the connection's other tasks (its UDP I/O, the stream reading the
+/// next frame) keep running meanwhile on the multi-threaded runtime.
+fn blocking<T>(f: impl FnOnce() -> T) -> T {
+    match tokio::runtime::Handle::try_current() {
+        Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+            tokio::task::block_in_place(f)
+        }
+        _ => f(),
     }
 }
 
