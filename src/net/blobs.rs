@@ -252,6 +252,16 @@ fn store_scan(
     mut frames: mpsc::Receiver<Result<Option<Frame>, NetError>>,
 ) -> Result<Hash32, (Option<Hash32>, NetError)> {
     let mut store = Store::open(db, 1).map_err(|e| (None, store_err(e)))?;
+    // A second copy of a scan asked for twice (a retry racing the first transfer, or the
+    // same scan arriving through another peer) is not a hostile one: it is dropped unread.
+    if let Frame::BlobHeader { hash, .. } = &header {
+        if store
+            .has_blob(hash)
+            .map_err(|e| (Some(*hash), store_err(e)))?
+        {
+            return Err((Some(*hash), NetError::AlreadyStored));
+        }
+    }
     let mut sink = BlobSink::begin(&mut store, header).map_err(|(h, e)| (h, e.into()))?;
     let hash = sink.hash;
     while !sink.is_complete() {

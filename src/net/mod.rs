@@ -47,6 +47,8 @@ pub enum NetError {
     Lost { peer: String, reason: String },
     #[error("local node: {0}")]
     Node(String),
+    #[error("scan already stored here")]
+    AlreadyStored,
     #[error("{0}")]
     Setup(String),
 }
@@ -211,6 +213,7 @@ enum Event {
     Frame(Frame),
     ControlEnded,
     BlobDone(Hash32, bool),
+    BlobAlreadyStored(Hash32),
     BlobSent,
     Failed(NetError),
 }
@@ -286,6 +289,13 @@ fn spawn_acceptor(conn: quinn::Connection, dir: PathBuf, events: mpsc::Sender<Ev
                         match result {
                             Ok(hash) => {
                                 let _ = events.send(Event::BlobDone(hash, true)).await;
+                            }
+                            Err((Some(hash), NetError::AlreadyStored)) => {
+                                debug!(
+                                    "scan {} from peer already stored here; dropped",
+                                    hex::encode(hash)
+                                );
+                                let _ = events.send(Event::BlobAlreadyStored(hash)).await;
                             }
                             // A cut link is not a refusal: what arrived verified is kept.
                             Err((Some(hash), e @ NetError::Lost { .. })) => {
@@ -454,6 +464,7 @@ pub async fn run_session(
                             }
                         }
                         Some(Event::BlobDone(hash, ok)) => session.blob_finished(&mut replica, &hash, ok)?,
+                        Some(Event::BlobAlreadyStored(hash)) => session.blob_already_stored(&mut replica, &hash)?,
                         Some(Event::BlobSent) => report.blobs_sent += 1,
                         Some(Event::Failed(e)) => return Err(e),
                         Some(Event::ControlEnded) | None => {

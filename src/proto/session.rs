@@ -436,6 +436,15 @@ impl Session {
         self.blob_settled(replica, hash)
     }
 
+    /// A scan stream brought a scan this side already holds (asked for twice): nothing to count.
+    pub fn blob_already_stored(
+        &mut self,
+        replica: &mut impl Replica,
+        hash: &Hash32,
+    ) -> Result<(), ProtoError> {
+        self.blob_settled(replica, hash)
+    }
+
     fn blob_settled(
         &mut self,
         replica: &mut impl Replica,
