@@ -162,6 +162,21 @@ pub(crate) fn read_stored_chunk(
     read_chunk(&file, &path, idx, len, chunk_hash)
 }
 
+/// (idx, chunk hash, length) of every chunk row of a scan, in index order.
+pub(super) fn chunk_rows(
+    conn: &rusqlite::Connection,
+    db: &Path,
+    hash: &Hash,
+) -> Result<Vec<(i64, Vec<u8>, i64)>> {
+    let mut stmt = conn
+        .prepare_cached("SELECT idx, chunk_hash, len FROM blob_chunks WHERE hash = ?1 ORDER BY idx")
+        .at(db)?;
+    let rows = stmt
+        .query_map([&hash[..]], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .at(db)?;
+    rows.collect::<rusqlite::Result<Vec<_>>>().at(db)
+}
+
 /// Copies the scan files of `store` (stored scans and scans in transit) into `blobs/` beside
 /// `dest`, a backup just taken of its database: rows in the backup name only bytes already in
 /// these files. A stored scan's file already in the backup is skipped: it never changes.
@@ -249,25 +264,9 @@ impl Store {
             .at(&self.path)?
             .ok_or_else(|| StoreError::NotFound(format!("scan {hex_hash}")))?;
         let (file, path) = open_for_read(&self.path, hash)?;
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT idx, chunk_hash, len FROM blob_chunks WHERE hash = ?1 ORDER BY idx",
-            )
-            .at(&self.path)?;
-        let rows = stmt
-            .query_map([&hash[..]], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, Vec<u8>>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
-            })
-            .at(&self.path)?;
         let mut whole = blake3::Hasher::new();
         let (mut expected_idx, mut size) = (0i64, 0u64);
-        for row in rows {
-            let (idx, chunk_hash, len) = row.at(&self.path)?;
+        for (idx, chunk_hash, len) in chunk_rows(&self.conn, &self.path, hash)? {
             if idx != expected_idx || !(0..=CHUNK_BYTES as i64).contains(&len) {
                 return Err(StoreError::Corrupt(format!(
                     "scan {hex_hash}: chunk {expected_idx} is missing or damaged"

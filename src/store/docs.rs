@@ -370,10 +370,14 @@ mod tests {
     }
 
     fn new_dispatch(store: &mut Store) -> DocId {
+        new_dispatch_with(store, "1/UBND", "s".into())
+    }
+
+    fn new_dispatch_with(store: &mut Store, ref_no: &str, summary: String) -> DocId {
         let id = DocId::generate(DocKind::Dispatch);
         let d = dispatch::NewDispatch {
-            ref_no: "1/UBND".into(),
-            summary: "s".into(),
+            ref_no: ref_no.into(),
+            summary,
             kind: dispatch::DispatchKind::Report,
             priority: dispatch::Priority::Normal,
             issuer: "qn".into(),
@@ -458,24 +462,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::create(&dir.path().join("node.db"), 4).unwrap();
         // A long summary makes the snapshot large beside one comment, so both are sent as stored.
-        let id = DocId::generate(DocKind::Dispatch);
         let summary: String = (0..600).map(|i| format!("{} ", i * 7919 % 1000)).collect();
-        let d = dispatch::NewDispatch {
-            ref_no: "2/UBND".into(),
-            summary,
-            kind: dispatch::DispatchKind::Report,
-            priority: dispatch::Priority::Normal,
-            issuer: "qn".into(),
-            to: vec!["qn/binhlieu".into()],
-            attachments: vec![],
-        };
-        store
-            .write(|tx| {
-                tx.create_doc(&id, &actor(), 1, |doc| {
-                    Ok(dispatch::create(doc, &id, &d, &author(), 1)?)
-                })
-            })
-            .unwrap();
+        let id = new_dispatch_with(&mut store, "2/UBND", summary);
         let (heads, bytes) = store.doc_load_bytes(&id).unwrap().unwrap();
         let mut doc = AutoCommit::load(&bytes).unwrap();
         assert_eq!(sorted(doc.get_heads()), heads, "a bare snapshot loads");

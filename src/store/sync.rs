@@ -687,25 +687,10 @@ impl WriteTx<'_> {
     /// BLAKE3 and size of the leading run of stored chunks of a scan in transit, read back from
     /// its file and each checked against its hash.
     fn blob_partial_read_back(&self, hash: &Hash) -> Result<(Hash, i64)> {
-        let mut stmt = self
-            .tx
-            .prepare_cached(
-                "SELECT idx, chunk_hash, len FROM blob_chunks WHERE hash = ?1 ORDER BY idx",
-            )
-            .at(self.path)?;
-        let rows = stmt
-            .query_map([&hash[..]], |r| {
-                Ok((
-                    r.get::<_, i64>(0)?,
-                    r.get::<_, Vec<u8>>(1)?,
-                    r.get::<_, i64>(2)?,
-                ))
-            })
-            .at(self.path)?;
+        let rows = super::blobs::chunk_rows(&self.tx, self.path, hash)?;
         let mut whole = blake3::Hasher::new();
         let mut total = 0i64;
-        for (expected, row) in rows.enumerate() {
-            let (idx, chunk_hash, len) = row.at(self.path)?;
+        for (expected, (idx, chunk_hash, len)) in rows.into_iter().enumerate() {
             if idx != expected as i64 || !(0..=CHUNK_BYTES as i64).contains(&len) {
                 break;
             }
