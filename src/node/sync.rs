@@ -519,13 +519,14 @@ pub async fn serve(
                 };
                 let (dir, shutdown, wake) = (dir.to_path_buf(), shutdown.clone(), wake.clone());
                 let remote = incoming.remote_address();
-                let mtu = path::known_mtu(&dir, remote.ip());
-                let mut cfg = server_cfg.clone();
-                if mtu.is_some() {
-                    cfg.transport_config(Arc::new(net::transport_config(&sync_cfg, mtu)));
-                }
+                let (mut cfg, sync_cfg) = (server_cfg.clone(), sync_cfg.clone());
                 tokio::spawn(async move {
                     let _permit = permit;
+                    // Read here, not in the accept loop: it opens the database.
+                    let mtu = path::known_mtu(&dir, remote.ip());
+                    if mtu.is_some() {
+                        cfg.transport_config(Arc::new(net::transport_config(&sync_cfg, mtu)));
+                    }
                     let handshake = match incoming.accept_with(Arc::new(cfg)) {
                         Ok(connecting) => connecting.await,
                         Err(e) => Err(e),
