@@ -25,6 +25,7 @@ use communesync::node::replica::NodeReplica;
 use communesync::node::{now_ms, path, sync, DispatchRequest, Node, DB_FILE, KEY_FILE};
 use communesync::proto::blob::encode_chunk;
 use communesync::proto::{wire, Action, Frame, Session};
+use communesync::store::SCHEMA_VERSION;
 use communesync::trust::{Crl, NodeKey, PeerIdentity, TlsMaterial};
 use communesync::units::Role;
 use rand::{RngCore, SeedableRng};
@@ -225,12 +226,14 @@ const SUMMARIES: &[&str] = &[
 /// the rest of the province are SQL copies of those templates' rows under new ids (every table
 /// with a `doc_id` or text `id` column), then the feed is renumbered to interleave the scope.
 /// Copies are never loaded: a commune's sync reads only their feed and party rows.
+/// A cached province of `n` dispatches at this build's schema version. Several worktrees share
+/// the cache, each at its own version, so a cached copy is never migrated in place: a new
+/// version starts from a copy of an older one, migrated.
 fn province_fixture(opts: &Opts, n: usize) -> PathBuf {
-    let dir = data_root().join(format!("province-{n}"));
-    let done = data_root().join(format!("province-{n}.complete"));
+    let name = format!("province-{n}-v{SCHEMA_VERSION}");
+    let dir = data_root().join(&name);
+    let done = data_root().join(format!("{name}.complete"));
     if done.exists() && !opts.regen {
-        // Never opened here: several worktrees share the cache, each at its own schema
-        // version; each scenario migrates its own copy.
         println!(
             "province of {n} dispatches: cached in {} (generated in {} s)",
             dir.display(),
@@ -241,6 +244,27 @@ fn province_fixture(opts: &Opts, n: usize) -> PathBuf {
     let _ = std::fs::remove_file(&done);
     let _ = std::fs::remove_dir_all(&dir);
     let started = Instant::now();
+    let older = (!opts.regen)
+        .then(|| {
+            (1..SCHEMA_VERSION)
+                .rev()
+                .map(|v| format!("province-{n}-v{v}"))
+                .chain([format!("province-{n}")])
+                .find(|old| data_root().join(format!("{old}.complete")).exists())
+        })
+        .flatten();
+    if let Some(old) = older {
+        copy_dir(&data_root().join(&old), &dir);
+        drop(Node::open(&dir).expect("migrate the cached province"));
+        let secs = started.elapsed().as_secs_f64();
+        std::fs::write(
+            &done,
+            format!("{secs:.1} (copied from {old} and migrated)\n"),
+        )
+        .expect("marker");
+        println!("province of {n} dispatches: {old} copied and migrated in {secs:.1} s");
+        return dir;
+    }
     Node::init(&dir, "qn", Role::Province, "admin").expect("init province");
     let mut node = Node::open(&dir).expect("open province");
     node.ca_init().expect("ca init");
@@ -354,7 +378,8 @@ fn clone_fillers(db: &Path, n: usize, scope: &[String], templates: &[String]) {
         let key = cols.iter().find_map(|(c, ty)| {
             (c == "doc_id" || (c == "id" && ty.eq_ignore_ascii_case("TEXT"))).then(|| c.clone())
         });
-        if let Some(key) = key {
+        // The per-subtree feed is keyed by feed position: rebuilt once the feed is renumbered.
+        if let Some(key) = key.filter(|_| table != "doc_scopes") {
             plans.push((
                 table,
                 key,
@@ -419,6 +444,9 @@ fn clone_fillers(db: &Path, n: usize, scope: &[String], templates: &[String]) {
     }
     tx.execute("UPDATE feed SET seq = ?1", [n as i64])
         .expect("feed");
+    tx.execute("DELETE FROM doc_scopes", [])
+        .expect("doc_scopes");
+    communesync::store::index::rebuild_scopes(&tx, db).expect("doc_scopes");
     tx.commit().expect("commit");
 }
 

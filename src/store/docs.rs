@@ -283,7 +283,7 @@ impl WriteTx<'_> {
             .and_then(|(node, sender_heads)| (sender_heads == &heads[..]).then_some(node));
         let seq = self.next_feed_seq()?;
         let heads_bytes = encode_heads(&heads);
-        match &old_heads {
+        let old_seq = match &old_heads {
             None => {
                 let saved;
                 let snapshot = match hints.snapshot {
@@ -305,16 +305,19 @@ impl WriteTx<'_> {
                     .at(self.path)?
                     .execute(params![id.as_str(), id.kind().as_str(), snapshot, heads_bytes, seq, at_ms, origin])
                     .at(self.path)?;
+                None
             }
             Some(old) => {
                 let chunk = doc.save_after(old);
-                let (chunks, chunk_bytes, snapshot_len): (i64, i64, i64) = self
+                let (chunks, chunk_bytes, snapshot_len, old_seq): (i64, i64, i64, i64) = self
                     .tx
                     .prepare_cached(
-                        "SELECT chunks, chunk_bytes, length(snapshot) FROM docs WHERE id = ?1",
+                        "SELECT chunks, chunk_bytes, length(snapshot), seq FROM docs WHERE id = ?1",
                     )
                     .at(self.path)?
-                    .query_row([id.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+                    .query_row([id.as_str()], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+                    })
                     .at(self.path)?;
                 let chunk_bytes = chunk_bytes + chunk.len() as i64;
                 if chunks + 1 >= CHUNKS_BEFORE_COMPACT_MAX || chunk_bytes > snapshot_len.max(4096) {
@@ -343,10 +346,10 @@ impl WriteTx<'_> {
                         .execute(params![id.as_str(), heads_bytes, chunks + 1, chunk_bytes, seq, at_ms, origin])
                         .at(self.path)?;
                 }
+                Some(old_seq)
             }
-        }
-        let new = old_heads.is_none();
-        index::reindex(&self.tx, self.path, id, &doc, new, hints.view)?;
+        };
+        index::reindex(&self.tx, self.path, id, &doc, (old_seq, seq), hints.view)?;
         self.touch(id.clone(), DocRecord { doc, heads });
         Ok(Saved::Changed(seq))
     }
@@ -355,44 +358,8 @@ impl WriteTx<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{dispatch, Author, DocKind};
-
-    fn actor() -> ActorId {
-        ActorId::from(&[1u8; 16][..])
-    }
-
-    fn author() -> Author {
-        Author {
-            user: "lan".into(),
-            unit: "qn".into(),
-            node: "01".repeat(16),
-        }
-    }
-
-    fn new_dispatch(store: &mut Store) -> DocId {
-        new_dispatch_with(store, "1/UBND", "s".into())
-    }
-
-    fn new_dispatch_with(store: &mut Store, ref_no: &str, summary: String) -> DocId {
-        let id = DocId::generate(DocKind::Dispatch);
-        let d = dispatch::NewDispatch {
-            ref_no: ref_no.into(),
-            summary,
-            kind: dispatch::DispatchKind::Report,
-            priority: dispatch::Priority::Normal,
-            issuer: "qn".into(),
-            to: vec!["qn/binhlieu".into()],
-            attachments: vec![],
-        };
-        store
-            .write(|tx| {
-                tx.create_doc(&id, &actor(), 1, |doc| {
-                    Ok(dispatch::create(doc, &id, &d, &author(), 1)?)
-                })
-            })
-            .unwrap();
-        id
-    }
+    use crate::model::{dispatch, DocKind};
+    use crate::store::testutil::{actor, author, new_dispatch, new_dispatch_with};
 
     #[test]
     fn changes_survive_reopen_and_compaction() {

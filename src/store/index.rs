@@ -1,6 +1,7 @@
 //! Index tables derived from documents: what list and filter queries and sync read, so that
 //! listing 10,000 dispatches never loads 10,000 documents.
 
+use std::collections::BTreeSet;
 use std::path::Path;
 
 use automerge::AutoCommit;
@@ -9,20 +10,36 @@ use serde::Serialize;
 
 use super::{Result, SqlContext, Store};
 use crate::model::{self, dispatch, DocId, DocView};
+use crate::units::parent;
 
-/// Rebuilds every index row of one document from its current state. `new` says the document
-/// was just inserted, so it has no rows to delete; `view`, when the caller has it already, must
-/// be `DocView::read` of `doc`.
+/// Rebuilds every index row of one document from its current state, now at feed position
+/// `seq`. `old_seq` is the position of the state it replaces (None: the document was just
+/// inserted, so it has no rows to delete); `view`, when the caller has it already, must be
+/// `DocView::read` of `doc`.
 pub(crate) fn reindex(
     conn: &Connection,
     path: &Path,
     id: &DocId,
     doc: &AutoCommit,
-    new: bool,
+    seqs: (Option<i64>, i64),
     view: Option<&DocView>,
 ) -> Result<()> {
     let key = id.as_str();
-    if !new {
+    let (old_seq, seq) = seqs;
+    if let Some(old_seq) = old_seq {
+        let old_parties: Vec<String> = conn
+            .prepare_cached("SELECT unit FROM doc_parties WHERE doc_id = ?1")
+            .at(path)?
+            .query_map([key], |r| r.get(0))
+            .at(path)?
+            .collect::<rusqlite::Result<_>>()
+            .at(path)?;
+        for unit in scope_units(&old_parties) {
+            conn.prepare_cached("DELETE FROM doc_scopes WHERE unit = ?1 AND seq = ?2")
+                .at(path)?
+                .execute(params![unit, old_seq])
+                .at(path)?;
+        }
         for sql in [
             "DELETE FROM doc_parties WHERE doc_id = ?1",
             "DELETE FROM doc_blobs WHERE doc_id = ?1",
@@ -40,12 +57,14 @@ pub(crate) fn reindex(
         }
     };
     debug_assert_eq!(view.parties(), model::parties(doc, id)?, "parties of {id}");
-    for unit in view.parties() {
+    let parties = view.parties();
+    for unit in &parties {
         conn.prepare_cached("INSERT INTO doc_parties (unit, doc_id) VALUES (?1, ?2)")
             .at(path)?
-            .execute([&unit, key])
+            .execute([unit, key])
             .at(path)?;
     }
+    insert_scopes(conn, path, key, seq, &parties)?;
     match view {
         DocView::Dispatch(v) => {
             let rank = v
@@ -104,6 +123,69 @@ pub(crate) fn reindex(
                 .execute(params![key, v.applicant, v.procedure, v.holder, v.step, v.since_ms])
                 .at(path)?;
         }
+    }
+    Ok(())
+}
+
+/// The units whose subtree holds a document with these parties: each party and its ancestors,
+/// short of the province, whose subtree is every document (read from `docs` directly). The
+/// `doc_scopes` rows these name let a peer's offer page read only its own subtree's feed.
+fn scope_units(parties: &[String]) -> BTreeSet<&str> {
+    let mut units = BTreeSet::new();
+    for party in parties {
+        let mut unit = party.as_str();
+        while let Some(up) = parent(unit) {
+            units.insert(unit);
+            unit = up;
+        }
+    }
+    units
+}
+
+fn insert_scopes(
+    conn: &Connection,
+    path: &Path,
+    doc_id: &str,
+    seq: i64,
+    parties: &[String],
+) -> Result<()> {
+    for unit in scope_units(parties) {
+        conn.prepare_cached("INSERT INTO doc_scopes (unit, seq, doc_id) VALUES (?1, ?2, ?3)")
+            .at(path)?
+            .execute(params![unit, seq, doc_id])
+            .at(path)?;
+    }
+    Ok(())
+}
+
+/// Fills `doc_scopes` from `doc_parties` and the documents' feed positions (schema migration 6,
+/// and tools that renumber the feed in SQL). The table must be empty.
+pub fn rebuild_scopes(conn: &Connection, path: &Path) -> Result<()> {
+    let mut stmt = conn
+        .prepare(
+            "SELECT p.doc_id, d.seq, p.unit FROM doc_parties p JOIN docs d ON d.id = p.doc_id
+             ORDER BY p.doc_id",
+        )
+        .at(path)?;
+    let mut rows = stmt.query([]).at(path)?;
+    let mut current: Option<(String, i64, Vec<String>)> = None;
+    while let Some(row) = rows.next().at(path)? {
+        let (doc_id, seq, unit): (String, i64, String) = (
+            row.get(0).at(path)?,
+            row.get(1).at(path)?,
+            row.get(2).at(path)?,
+        );
+        match &mut current {
+            Some((id, _, parties)) if *id == doc_id => parties.push(unit),
+            _ => {
+                if let Some((id, seq, parties)) = current.replace((doc_id, seq, vec![unit])) {
+                    insert_scopes(conn, path, &id, seq, &parties)?;
+                }
+            }
+        }
+    }
+    if let Some((id, seq, parties)) = current {
+        insert_scopes(conn, path, &id, seq, &parties)?;
     }
     Ok(())
 }

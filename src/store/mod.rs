@@ -9,6 +9,8 @@ pub mod docs;
 pub mod index;
 mod schema;
 pub mod sync;
+#[cfg(test)]
+mod testutil;
 
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
@@ -18,6 +20,7 @@ use rusqlite::{Connection, OpenFlags, OptionalExtension, Transaction, Transactio
 use crate::model::ModelError;
 
 pub use docs::{DocCache, DocRecord};
+pub use schema::SCHEMA_VERSION;
 
 /// How long a writer waits for another process's write lock before giving up.
 const BUSY_TIMEOUT_MS: u64 = 10_000;

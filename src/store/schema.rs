@@ -133,7 +133,19 @@ const MIGRATIONS: &[Migration] = &[
     CREATE TABLE path_mtu (ip TEXT PRIMARY KEY, mtu INTEGER NOT NULL, probed_at INTEGER NOT NULL) WITHOUT ROWID;
     ",
     ),
+    // 6: the change feed per unit subtree, so an offer to a commune reads its own documents'
+    // feed positions instead of filtering the province's whole feed (store/index.rs).
+    Migration::Code(scoped_feed),
 ];
+
+fn scoped_feed(tx: &Transaction<'_>, db: &Path) -> Result<()> {
+    tx.execute_batch(
+        "CREATE TABLE doc_scopes (unit TEXT NOT NULL, seq INTEGER NOT NULL, doc_id TEXT NOT NULL,
+             PRIMARY KEY (unit, seq)) WITHOUT ROWID;",
+    )
+    .at(db)?;
+    super::index::rebuild_scopes(tx, db)
+}
 
 /// Writes every chunk held in `blob_chunks.data` into its scan's file, makes the files durable,
 /// and only then replaces the column by the chunk's length. A crash before the commit leaves

@@ -41,6 +41,17 @@ pub enum Scope {
     Subtree(String),
 }
 
+impl Scope {
+    /// The same set of documents, as `All` when the subtree is the province's (which holds
+    /// every document, and has no `doc_scopes` rows: see `store::index`).
+    fn widest(&self) -> &Scope {
+        match self {
+            Scope::Subtree(unit) if crate::units::parent(unit).is_none() => &Scope::All,
+            scope => scope,
+        }
+    }
+}
+
 /// What a peer has not acknowledged yet, as far as this node knows.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Pending {
@@ -180,7 +191,7 @@ impl Store {
     ) -> Result<Vec<FeedRow>> {
         let skip = skip_origin.unwrap_or("");
         let map = |r: &rusqlite::Row<'_>| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?));
-        let rows = match scope {
+        let rows = match scope.widest() {
             Scope::All => {
                 let mut stmt = self
                     .conn
@@ -198,17 +209,13 @@ impl Store {
                 let mut stmt = self
                     .conn
                     .prepare_cached(
-                        "SELECT d.seq, d.id, d.heads, COALESCE(x.priority_rank, 0) FROM docs d LEFT JOIN dispatches x ON x.id = d.id
-                         WHERE d.seq > ?1 AND d.origin IS NOT ?5 AND EXISTS
-                           (SELECT 1 FROM doc_parties p WHERE p.doc_id = d.id AND (p.unit = ?2 OR p.unit LIKE ?3))
-                         ORDER BY d.seq LIMIT ?4",
+                        "SELECT s.seq, s.doc_id, d.heads, COALESCE(x.priority_rank, 0) FROM doc_scopes s
+                         JOIN docs d ON d.id = s.doc_id LEFT JOIN dispatches x ON x.id = s.doc_id
+                         WHERE s.unit = ?2 AND s.seq > ?1 AND d.origin IS NOT ?4 ORDER BY s.seq LIMIT ?3",
                     )
                     .at(&self.path)?;
                 let rows = stmt
-                    .query_map(
-                        params![after, unit, format!("{unit}/%"), limit as i64, skip],
-                        map,
-                    )
+                    .query_map(params![after, unit, limit as i64, skip], map)
                     .at(&self.path)?;
                 rows.collect::<rusqlite::Result<Vec<_>>>()
             }
@@ -218,20 +225,23 @@ impl Store {
 
     /// Documents in `scope` after `after` (skipping those that came whole from `skip_origin`).
     pub fn pending(&self, scope: &Scope, skip_origin: &str, after: i64) -> Result<Pending> {
-        let (filter, unit) = match scope {
-            Scope::All => ("1", String::new()),
-            Scope::Subtree(u) => ("EXISTS (SELECT 1 FROM doc_parties p WHERE p.doc_id = d.id AND (p.unit = ?3 OR p.unit LIKE ?3 || '/%'))", u.clone()),
+        let (rows, unit) = match scope.widest() {
+            Scope::All => ("docs d WHERE d.seq > ?1", String::new()),
+            Scope::Subtree(u) => (
+                "doc_scopes s JOIN docs d ON d.id = s.doc_id WHERE s.unit = ?3 AND s.seq > ?1",
+                u.clone(),
+            ),
         };
         let sql = format!(
-            "WITH pend AS (SELECT d.id, length(d.snapshot) + d.chunk_bytes AS bytes, d.updated_at FROM docs d
-                           WHERE d.seq > ?1 AND d.origin IS NOT ?2 AND {filter})
+            "WITH pend AS (SELECT d.id, length(d.snapshot) + d.chunk_bytes AS bytes, d.updated_at FROM {rows}
+                           AND d.origin IS NOT ?2)
              SELECT (SELECT COUNT(*) FROM pend), (SELECT COALESCE(SUM(bytes), 0) FROM pend)
                     + (SELECT COALESCE(SUM(b.size), 0) FROM blobs b WHERE b.hash IN
                          (SELECT db.hash FROM doc_blobs db WHERE db.doc_id IN (SELECT id FROM pend))),
                     (SELECT MIN(updated_at) FROM pend)"
         );
         let mut stmt = self.conn.prepare_cached(&sql).at(&self.path)?;
-        let row = match scope {
+        let row = match scope.widest() {
             Scope::All => stmt.query_row(params![after, skip_origin], |r| {
                 Ok(Pending {
                     docs: r.get(0)?,
@@ -707,5 +717,76 @@ impl WriteTx<'_> {
             whole.update(&data);
         }
         Ok((*whole.finalize().as_bytes(), total))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::dispatch;
+    use crate::store::testutil::{actor, author, new_dispatch_to};
+
+    const A: &str = "qn/binhlieu/tinhhuc";
+    const B: &str = "qn/binhlieu/hucdong";
+
+    fn offered(store: &Store, scope: &Scope, after: i64) -> Vec<String> {
+        let rows = store.changed_since(scope, None, after, 100).unwrap();
+        assert!(rows.windows(2).all(|w| w[0].0 < w[1].0), "feed order");
+        rows.into_iter().map(|(_, id, _, _)| id).collect()
+    }
+
+    fn subtree(unit: &str) -> Scope {
+        Scope::Subtree(unit.into())
+    }
+
+    #[test]
+    fn a_subtree_is_offered_its_own_documents_in_feed_order_once_each() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let mut store = Store::create(&path, 16).unwrap();
+        let to_a = new_dispatch_to(&mut store, "1/UBND", "a".into(), &[A]);
+        let to_b = new_dispatch_to(&mut store, "2/UBND", "b".into(), &[B]);
+        let to_both = new_dispatch_to(&mut store, "3/UBND", "ab".into(), &[A, B]);
+        let elsewhere = new_dispatch_to(&mut store, "4/UBND", "c".into(), &["qn/campha/xa01"]);
+        let ids = |docs: &[&crate::model::DocId]| -> Vec<String> {
+            docs.iter().map(|d| d.to_string()).collect()
+        };
+        assert_eq!(offered(&store, &subtree(A), 0), ids(&[&to_a, &to_both]));
+        assert_eq!(
+            offered(&store, &subtree("qn/binhlieu"), 0),
+            ids(&[&to_a, &to_b, &to_both])
+        );
+        let everything = ids(&[&to_a, &to_b, &to_both, &elsewhere]);
+        assert_eq!(offered(&store, &subtree("qn"), 0), everything);
+        assert_eq!(offered(&store, &Scope::All, 0), everything);
+
+        // A change moves the document to the feed's end, under every unit, without a stale row.
+        let before = store.feed_seq().unwrap();
+        store
+            .write(|tx| {
+                tx.update_doc(&to_a, &actor(), 2, |doc| {
+                    Ok(dispatch::add_comment(doc, &to_a, "seen", &author(), 2)?)
+                })
+            })
+            .unwrap();
+        assert_eq!(offered(&store, &subtree(A), 0), ids(&[&to_both, &to_a]));
+        assert_eq!(offered(&store, &subtree(A), before), ids(&[&to_a]));
+        assert_eq!(offered(&store, &subtree(B), before), Vec::<String>::new());
+        let pending = store.pending(&subtree("qn/binhlieu"), "", before).unwrap();
+        assert_eq!(pending.docs, 1);
+        assert_eq!(store.pending(&subtree(B), "", 0).unwrap().docs, 2);
+
+        // A database from before the per-subtree feed is migrated to the same answers.
+        drop(store);
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch("DROP TABLE doc_scopes; PRAGMA user_version = 5;")
+            .unwrap();
+        drop(conn);
+        let store = Store::open(&path, 16).unwrap();
+        assert_eq!(offered(&store, &subtree(A), 0), ids(&[&to_both, &to_a]));
+        assert_eq!(
+            offered(&store, &subtree("qn/binhlieu"), 0),
+            ids(&[&to_b, &to_both, &to_a])
+        );
     }
 }
