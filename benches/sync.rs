@@ -585,6 +585,9 @@ struct Exchange {
     /// CPU time of the bench thread, which runs both sides: steadier than `elapsed` on a
     /// shared machine.
     cpu: Duration,
+    /// The part of `cpu` each side spent (encoding, decoding and handling its frames).
+    province_cpu: Duration,
+    commune_cpu: Duration,
 }
 
 impl Exchange {
@@ -627,9 +630,15 @@ fn exchange(p: &mut Party, c: &mut Party) -> Exchange {
     let mut sp = Session::new(&mut NodeReplica::new(&mut p.node, p.peer.clone()), 0).expect("s");
     let mut sc = Session::new(&mut NodeReplica::new(&mut c.node, c.peer.clone()), 0).expect("s");
     let mut x = Exchange::default();
+    let timed = |spent: &mut Duration, f: &mut dyn FnMut()| {
+        let t = thread_cpu();
+        f();
+        *spent += thread_cpu() - t;
+    };
     loop {
-        let down = drain(&mut sp, p);
-        let up = drain(&mut sc, c);
+        let (mut down, mut up) = (Vec::new(), Vec::new());
+        timed(&mut x.province_cpu, &mut || down = drain(&mut sp, p));
+        timed(&mut x.commune_cpu, &mut || up = drain(&mut sc, c));
         if down.is_empty() && up.is_empty() {
             break;
         }
@@ -638,8 +647,12 @@ fn exchange(p: &mut Party, c: &mut Party) -> Exchange {
         x.frames += down.len() + up.len();
         x.bytes_down += down.iter().map(|f| f.len() as u64).sum::<u64>();
         x.bytes_up += up.iter().map(|f| f.len() as u64).sum::<u64>();
-        deliver(&mut sc, c, down);
-        deliver(&mut sp, p, up);
+        timed(&mut x.commune_cpu, &mut || {
+            deliver(&mut sc, c, std::mem::take(&mut down))
+        });
+        timed(&mut x.province_cpu, &mut || {
+            deliver(&mut sp, p, std::mem::take(&mut up))
+        });
     }
     x.elapsed = started.elapsed();
     x.cpu = thread_cpu() - cpu_started;
@@ -777,7 +790,7 @@ fn reconnect_protocol(opts: &Opts, n: usize) {
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     let row = |what: &str, x: &Exchange, bar: String| {
         println!(
-            "| {what} | {} ({}) | {} | {} / {} | {} | {} / {} | {:.0} ms ({:.0} ms CPU) | {bar} |",
+            "| {what} | {} ({}) | {} | {} / {} | {} | {} / {} | {:.0} ms ({:.0} ms CPU: province {:.0}, commune {:.0}) | {bar} |",
             x.legs,
             x.round_trips(),
             x.frames,
@@ -787,7 +800,9 @@ fn reconnect_protocol(opts: &Opts, n: usize) {
             x.docs_down,
             x.docs_up,
             x.elapsed.as_secs_f64() * 1e3,
-            x.cpu.as_secs_f64() * 1e3
+            x.cpu.as_secs_f64() * 1e3,
+            x.province_cpu.as_secs_f64() * 1e3,
+            x.commune_cpu.as_secs_f64() * 1e3
         )
     };
     row(

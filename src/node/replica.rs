@@ -9,7 +9,7 @@ use crate::model::{self, ChangeNote, DocId, DocView};
 use crate::proto::{DocChanges, DocHeads, Hash32, ProtoError, Replica};
 use crate::store::docs::{decode_heads, encode_heads, SaveHints};
 use crate::store::sync::Scope;
-use crate::store::{StoreError, WriteTx};
+use crate::store::{DocRecord, StoreError, WriteTx};
 use crate::trust::PeerIdentity;
 use crate::units::{is_within, parent};
 
@@ -102,136 +102,168 @@ impl From<StoreError> for ApplyError {
     }
 }
 
+/// An incoming document loaded and checked, ready to store: the merged state, its fields, and
+/// the heads it replaces (None when new).
+struct Checked {
+    doc: AutoCommit,
+    view: Result<DocView, model::ModelError>,
+    old_heads: Option<Vec<ChangeHash>>,
+    /// The received bytes are the document's whole `save()`: stored as they came.
+    whole: bool,
+}
+
+/// Incoming documents checked ahead of the store by a second thread, at most: the checks of
+/// the next documents (Automerge load, fields) overlap the store's inserts of the previous ones.
+const CHECKED_AHEAD_MAX: usize = 32;
+
 impl Sender<'_> {
     fn refuse(&self, id: &str, why: String) -> ProtoError {
-        let msg = format!(
+        ProtoError::Refused(format!(
             "node {} ({}) sent document {id}: {why}",
             self.peer.node_id, self.peer.unit
-        );
-        warn!(peer = %self.peer.unit, doc = id, "refused: {why}");
-        ProtoError::Refused(msg)
+        ))
     }
 
-    /// Checks one incoming document against what is stored now (scope, authorship, integrity)
-    /// and stores the merged state in `tx`. Runs inside the write lock, so a local write that
-    /// landed since the frame arrived is merged, never overwritten.
-    fn check_and_store(
-        &self,
-        tx: &mut WriteTx<'_>,
-        peer_id: &str,
-        change: DocChanges,
-        at_ms: i64,
-    ) -> Result<(), ApplyError> {
-        let id: DocId = change
-            .id
-            .parse()
-            .map_err(|e| ProtoError::Malformed(format!("changes: {e}")))?;
-        let bytes = &change.data[..];
-        let (mut doc, old_heads, whole) = match tx.load_doc(&id)? {
-            Some(current) => {
-                if !self.upstream {
-                    let parties = model::parties(&current.doc, &id).map_err(local)?;
-                    if !parties.iter().any(|p| is_within(p, &self.peer.unit)) {
-                        return Err(self
-                            .refuse(
-                                id.as_str(),
-                                "the document is outside the sender's scope".into(),
-                            )
-                            .into());
-                    }
-                }
-                (current.doc, Some(current.heads), false)
-            }
-            // A new document sent whole (`save()`) loads strictly; its bytes are then stored as
-            // they came, instead of saving the parsed document again. Anything else (changes
-            // without a document chunk, or a partial load) goes through `load_incremental`,
-            // whose checks follow.
-            None => match AutoCommit::load(bytes) {
-                Ok(doc) => (doc, None, true),
-                Err(_) => (AutoCommit::new(), None, false),
-            },
+    /// Loads a document this node does not hold from the bytes received and checks it. Needs
+    /// no store, so it runs beside the transaction.
+    fn check_new(&self, id: &DocId, bytes: &[u8]) -> Result<Checked, ProtoError> {
+        // A new document sent whole (`save()`) loads strictly; its bytes are then stored as
+        // they came, instead of saving the parsed document again. Anything else (changes
+        // without a document chunk, or a partial load) goes through `load_incremental`.
+        let (mut doc, whole) = match AutoCommit::load(bytes) {
+            Ok(doc) => (doc, true),
+            Err(_) => (AutoCommit::new(), false),
         };
         if !whole {
             doc.load_incremental(bytes)
                 .map_err(|e| self.refuse(id.as_str(), format!("changes do not decode: {e}")))?;
         }
+        self.check(id, doc, None, whole)
+    }
+
+    /// Merges the bytes received into the stored state of a document and checks the result.
+    fn check_stored(
+        &self,
+        id: &DocId,
+        current: DocRecord,
+        bytes: &[u8],
+    ) -> Result<Checked, ApplyError> {
+        if !self.upstream {
+            let parties = model::parties(&current.doc, id).map_err(local)?;
+            if !parties.iter().any(|p| is_within(p, &self.peer.unit)) {
+                return Err(self
+                    .refuse(
+                        id.as_str(),
+                        "the document is outside the sender's scope".into(),
+                    )
+                    .into());
+            }
+        }
+        let mut doc = current.doc;
+        doc.load_incremental(bytes)
+            .map_err(|e| self.refuse(id.as_str(), format!("changes do not decode: {e}")))?;
+        Ok(self.check(id, doc, Some(current.heads), false)?)
+    }
+
+    /// Integrity, authorship and scope checks of a document as it would be stored.
+    fn check(
+        &self,
+        id: &DocId,
+        mut doc: AutoCommit,
+        old_heads: Option<Vec<ChangeHash>>,
+        whole: bool,
+    ) -> Result<Checked, ProtoError> {
         if !doc.get_missing_deps(&[]).is_empty() {
-            return Err(self
-                .refuse(
-                    id.as_str(),
-                    "changes depend on changes that were not sent".into(),
-                )
-                .into());
+            return Err(self.refuse(
+                id.as_str(),
+                "changes depend on changes that were not sent".into(),
+            ));
         }
         if !self.upstream {
             for change in doc.get_changes(old_heads.as_deref().unwrap_or_default()) {
                 let note = change.message().and_then(|m| ChangeNote::parse(m));
                 let Some(note) = note else {
-                    return Err(self
-                        .refuse(id.as_str(), "a change carries no author".into())
-                        .into());
+                    return Err(self.refuse(id.as_str(), "a change carries no author".into()));
                 };
                 if !is_within(&note.unit, &self.peer.unit) {
-                    return Err(self
-                        .refuse(
-                            id.as_str(),
-                            format!(
-                                "a change claims author unit {}, outside the sender's subtree",
-                                note.unit
-                            ),
-                        )
-                        .into());
+                    return Err(self.refuse(
+                        id.as_str(),
+                        format!(
+                            "a change claims author unit {}, outside the sender's subtree",
+                            note.unit
+                        ),
+                    ));
                 }
                 if note.node != change.actor_id().to_hex_string() {
-                    return Err(self
-                        .refuse(
-                            id.as_str(),
-                            "a change's author node differs from its actor".into(),
-                        )
-                        .into());
+                    return Err(self.refuse(
+                        id.as_str(),
+                        "a change's author node differs from its actor".into(),
+                    ));
                 }
             }
         }
         // The fields are read once, for the scope checks and the index rows. A document whose
         // fields do not read is still checked on its parties alone, and then fails as its
         // indexing would.
-        let view = DocView::read(&doc, &id);
+        let view = DocView::read(&doc, id);
         let parties = match &view {
             Ok(view) => view.parties(),
             Err(_) => {
-                model::parties(&doc, &id).map_err(|e| self.refuse(id.as_str(), e.to_string()))?
+                model::parties(&doc, id).map_err(|e| self.refuse(id.as_str(), e.to_string()))?
             }
         };
         if !in_scope_of(&parties, self.me) {
-            return Err(self
-                .refuse(
-                    id.as_str(),
-                    format!("the document is outside this node's scope ({})", self.me),
-                )
-                .into());
+            return Err(self.refuse(
+                id.as_str(),
+                format!("the document is outside this node's scope ({})", self.me),
+            ));
         }
         if !self.upstream
             && old_heads.is_none()
             && !parties.iter().any(|p| is_within(p, &self.peer.unit))
         {
-            return Err(self
-                .refuse(
-                    id.as_str(),
-                    "a new document that does not concern the sender".into(),
-                )
-                .into());
+            return Err(self.refuse(
+                id.as_str(),
+                "a new document that does not concern the sender".into(),
+            ));
         }
-        let view = view.map_err(StoreError::from)?;
+        Ok(Checked {
+            doc,
+            view,
+            old_heads,
+            whole,
+        })
+    }
+
+    /// Stores one incoming document in `tx`, checked ahead (`early`, when it was not stored as
+    /// the frame began) or here. Runs inside the write lock, so a local write or another
+    /// session's change that landed since is merged, never overwritten.
+    fn store(
+        &self,
+        tx: &mut WriteTx<'_>,
+        peer_id: &str,
+        id: &DocId,
+        change: &DocChanges,
+        early: Option<Result<Checked, ProtoError>>,
+        at_ms: i64,
+    ) -> Result<(), ApplyError> {
+        let bytes = &change.data[..];
+        let checked = match (tx.load_doc(id)?, early) {
+            (Some(current), _) => self.check_stored(id, current, bytes)?,
+            (None, Some(early)) => early?,
+            (None, None) => self.check_new(id, bytes)?,
+        };
+        let view = checked.view.map_err(StoreError::from)?;
         let mut sender_heads: Vec<ChangeHash> =
             change.heads.iter().map(|h| ChangeHash(*h)).collect();
         sender_heads.sort();
         let hints = SaveHints {
-            snapshot: whole.then_some(bytes),
+            snapshot: checked.whole.then_some(bytes),
             view: Some(&view),
             // The sender already holds this exact state: never offer it back.
             origin: Some((peer_id, &sender_heads)),
         };
-        tx.save_doc_with(&id, old_heads, doc, at_ms, hints)?;
+        tx.save_doc_with(id, checked.old_heads, checked.doc, at_ms, hints)?;
         Ok(())
     }
 }
@@ -424,21 +456,60 @@ impl Replica for NodeReplica<'_> {
             me: &me,
             upstream: is_trusted_relay(&self.peer.unit, &me),
         };
+        let mut incoming = Vec::with_capacity(n);
+        for change in docs {
+            let id: DocId = change
+                .id
+                .parse()
+                .map_err(|e| ProtoError::Malformed(format!("changes: {e}")))?;
+            let stored = self.node.store.doc_exists(&id).map_err(local)?;
+            incoming.push((id, change, stored));
+        }
         let peer_id = &self.peer_id;
-        // One transaction for the frame: it is stored whole or not at all. Each document is
-        // checked and stored in turn, so only one is held parsed at a time.
-        self.node
-            .store
-            .write_with(|tx| {
-                for change in docs {
-                    sender.check_and_store(tx, peer_id, change, at_ms)?;
+        let store = &mut self.node.store;
+        // One transaction for the frame: it is stored whole or not at all. Documents new here are
+        // loaded and checked on a second thread, in order, a bounded distance ahead; the others
+        // are merged with their stored state inside the transaction.
+        let result = std::thread::scope(|scope| {
+            let (ahead, checked) = std::sync::mpsc::sync_channel(CHECKED_AHEAD_MAX);
+            let jobs: Vec<(&DocId, &[u8])> = incoming
+                .iter()
+                .filter(|(_, _, stored)| !stored)
+                .map(|(id, change, _)| (id, &change.data[..]))
+                .collect();
+            let sender = &sender;
+            scope.spawn(move || {
+                for (id, bytes) in jobs {
+                    if ahead.send(sender.check_new(id, bytes)).is_err() {
+                        break;
+                    }
+                }
+            });
+            store.write_with(|tx| {
+                for (id, change, stored) in &incoming {
+                    let early =
+                        if *stored {
+                            None
+                        } else {
+                            Some(checked.recv().map_err(|_| {
+                                local("the thread checking incoming documents stopped")
+                            })?)
+                        };
+                    sender.store(tx, peer_id, id, change, early, at_ms)?;
                 }
                 Ok(())
             })
-            .map_err(|e| match e {
-                ApplyError::Proto(e) => e,
-                ApplyError::Store(e) => local(e),
-            })?;
+            // Dropping the receiver stops the checking thread at its next document.
+        });
+        result.map_err(|e| match e {
+            ApplyError::Proto(e) => {
+                if let ProtoError::Refused(why) = &e {
+                    warn!(peer = %self.peer.unit, "refused: {why}");
+                }
+                e
+            }
+            ApplyError::Store(e) => local(e),
+        })?;
         Ok(n)
     }
 
