@@ -478,13 +478,17 @@ impl Replica for NodeReplica<'_> {
                 .map(|(id, change, _)| (id, &change.data[..]))
                 .collect();
             let sender = &sender;
-            scope.spawn(move || {
+            let checker = move || {
                 for (id, bytes) in jobs {
                     if ahead.send(sender.check_new(id, bytes)).is_err() {
                         break;
                     }
                 }
-            });
+            };
+            std::thread::Builder::new()
+                .name("check-docs".into())
+                .spawn_scoped(scope, checker)
+                .map_err(|e| ApplyError::Proto(local(format!("starting a thread: {e}"))))?;
             store.write_with(|tx| {
                 for (id, change, stored) in &incoming {
                     let early =
