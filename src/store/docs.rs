@@ -349,7 +349,15 @@ impl WriteTx<'_> {
                 Some(old_seq)
             }
         };
-        index::reindex(&self.tx, self.path, id, &doc, (old_seq, seq), hints.view)?;
+        index::reindex(
+            &self.tx,
+            self.path,
+            id,
+            &doc,
+            (old_seq, seq),
+            hints.view,
+            self.unit,
+        )?;
         self.touch(id.clone(), DocRecord { doc, heads });
         Ok(Saved::Changed(seq))
     }

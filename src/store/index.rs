@@ -5,17 +5,17 @@ use std::collections::BTreeSet;
 use std::path::Path;
 
 use automerge::AutoCommit;
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 use super::{Result, SqlContext, Store};
 use crate::model::{self, dispatch, DocId, DocView};
-use crate::units::parent;
+use crate::units::{is_within, parent};
 
 /// Rebuilds every index row of one document from its current state, now at feed position
 /// `seq`. `old_seq` is the position of the state it replaces (None: the document was just
 /// inserted, so it has no rows to delete); `view`, when the caller has it already, must be
-/// `DocView::read` of `doc`.
+/// `DocView::read` of `doc`; `me` is this node's unit (see [`scope_units`]).
 pub(crate) fn reindex(
     conn: &Connection,
     path: &Path,
@@ -23,6 +23,7 @@ pub(crate) fn reindex(
     doc: &AutoCommit,
     seqs: (Option<i64>, i64),
     view: Option<&DocView>,
+    me: Option<&str>,
 ) -> Result<()> {
     let key = id.as_str();
     let (old_seq, seq) = seqs;
@@ -34,7 +35,7 @@ pub(crate) fn reindex(
             .at(path)?
             .collect::<rusqlite::Result<_>>()
             .at(path)?;
-        for unit in scope_units(&old_parties) {
+        for unit in scope_units(&old_parties, me) {
             conn.prepare_cached("DELETE FROM doc_scopes WHERE unit = ?1 AND seq = ?2")
                 .at(path)?
                 .execute(params![unit, old_seq])
@@ -64,7 +65,7 @@ pub(crate) fn reindex(
             .execute([unit, key])
             .at(path)?;
     }
-    insert_scopes(conn, path, key, seq, &parties)?;
+    insert_scopes(conn, path, key, seq, &parties, me)?;
     match view {
         DocView::Dispatch(v) => {
             let rank = v
@@ -127,15 +128,19 @@ pub(crate) fn reindex(
     Ok(())
 }
 
-/// The units whose subtree holds a document with these parties: each party and its ancestors,
-/// short of the province, whose subtree is every document (read from `docs` directly). The
-/// `doc_scopes` rows these name let a peer's offer page read only its own subtree's feed.
-fn scope_units(parties: &[String]) -> BTreeSet<&str> {
+/// The units below this node's (`me`) whose subtree holds a document with these parties: each
+/// party and its ancestors. Offers to this node's own unit or any above it read `docs` directly
+/// (every document a node holds is in its own subtree), so those need no rows; with `me`
+/// unknown, every unit short of the province gets one. The `doc_scopes` rows these name let an
+/// offer to a peer below read only that peer's feed.
+fn scope_units<'a>(parties: &'a [String], me: Option<&str>) -> BTreeSet<&'a str> {
     let mut units = BTreeSet::new();
     for party in parties {
         let mut unit = party.as_str();
         while let Some(up) = parent(unit) {
-            units.insert(unit);
+            if me.is_none_or(|me| unit != me && is_within(unit, me)) {
+                units.insert(unit);
+            }
             unit = up;
         }
     }
@@ -148,8 +153,9 @@ fn insert_scopes(
     doc_id: &str,
     seq: i64,
     parties: &[String],
+    me: Option<&str>,
 ) -> Result<()> {
-    for unit in scope_units(parties) {
+    for unit in scope_units(parties, me) {
         conn.prepare_cached("INSERT INTO doc_scopes (unit, seq, doc_id) VALUES (?1, ?2, ?3)")
             .at(path)?
             .execute(params![unit, seq, doc_id])
@@ -158,9 +164,20 @@ fn insert_scopes(
     Ok(())
 }
 
+/// This node's unit, as `init` recorded it (None before that).
+pub(crate) fn node_unit(conn: &Connection, path: &Path) -> Result<Option<String>> {
+    conn.query_row("SELECT value FROM meta WHERE key = 'unit'", [], |r| {
+        r.get(0)
+    })
+    .optional()
+    .at(path)
+}
+
 /// Fills `doc_scopes` from `doc_parties` and the documents' feed positions (schema migration 6,
 /// and tools that renumber the feed in SQL). The table must be empty.
 pub fn rebuild_scopes(conn: &Connection, path: &Path) -> Result<()> {
+    let me = node_unit(conn, path)?;
+    let me = me.as_deref();
     let mut stmt = conn
         .prepare(
             "SELECT p.doc_id, d.seq, p.unit FROM doc_parties p JOIN docs d ON d.id = p.doc_id
@@ -179,13 +196,13 @@ pub fn rebuild_scopes(conn: &Connection, path: &Path) -> Result<()> {
             Some((id, _, parties)) if *id == doc_id => parties.push(unit),
             _ => {
                 if let Some((id, seq, parties)) = current.replace((doc_id, seq, vec![unit])) {
-                    insert_scopes(conn, path, &id, seq, &parties)?;
+                    insert_scopes(conn, path, &id, seq, &parties, me)?;
                 }
             }
         }
     }
     if let Some((id, seq, parties)) = current {
-        insert_scopes(conn, path, &id, seq, &parties)?;
+        insert_scopes(conn, path, &id, seq, &parties, me)?;
     }
     Ok(())
 }

@@ -64,6 +64,8 @@ pub struct Store {
     conn: Connection,
     path: PathBuf,
     cache: DocCache,
+    /// This node's unit, once `init` has recorded it: which subtrees need their own feed.
+    unit: Option<String>,
 }
 
 /// Attaches the database path to a SQLite error.
@@ -111,10 +113,12 @@ impl Store {
         conn.pragma_update(None, "synchronous", "FULL").at(path)?;
         conn.pragma_update(None, "foreign_keys", "ON").at(path)?;
         schema::migrate(&mut conn, path)?;
+        let unit = index::node_unit(&conn, path)?;
         Ok(Store {
             conn,
             path: path.to_path_buf(),
             cache: DocCache::new(cache_docs),
+            unit,
         })
     }
 
@@ -148,6 +152,7 @@ impl Store {
             cache: &mut self.cache,
             touched: VecDeque::new(),
             feed: None,
+            unit: self.unit.as_deref(),
         };
         let value = f(&mut wtx)?;
         wtx.flush_feed()?;
@@ -264,6 +269,8 @@ pub struct WriteTx<'a> {
     /// The change feed's position as this transaction has advanced it: (read at first use,
     /// now). Written back once before commit rather than once per saved document.
     feed: Option<(i64, i64)>,
+    /// This node's unit (see [`Store`]).
+    unit: Option<&'a str>,
 }
 
 impl WriteTx<'_> {

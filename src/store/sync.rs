@@ -6,6 +6,7 @@ use serde::Serialize;
 
 use super::blobs::{Hash, ScanFile, CHUNK_BYTES};
 use super::{Result, SqlContext, Store, StoreError, WriteTx};
+use crate::units::{is_within, parent};
 
 /// A configured peer (`peer add`).
 #[derive(Debug, Clone, Serialize)]
@@ -39,17 +40,6 @@ pub enum Scope {
     All,
     /// Documents with a party at or below this unit.
     Subtree(String),
-}
-
-impl Scope {
-    /// The same set of documents, as `All` when the subtree is the province's (which holds
-    /// every document, and has no `doc_scopes` rows: see `store::index`).
-    fn widest(&self) -> &Scope {
-        match self {
-            Scope::Subtree(unit) if crate::units::parent(unit).is_none() => &Scope::All,
-            scope => scope,
-        }
-    }
 }
 
 /// What a peer has not acknowledged yet, as far as this node knows.
@@ -180,6 +170,33 @@ impl Store {
             .unwrap_or((0, 0)))
     }
 
+    /// Where the documents of `scope` past a feed position are read from, as SQL over rows `d`
+    /// of `docs` (parameters: ?1 the position, ?3 the unit), and the feed column to order by.
+    /// A peer's own unit or any above it gets the whole feed (every document a node holds is in
+    /// its own subtree); a unit below, its rows of the per-subtree feed; any other unit (not a
+    /// tree edge) the whole feed filtered by party, which costs the whole feed.
+    fn feed_rows(&self, scope: &Scope) -> (&'static str, &'static str, Option<String>) {
+        let Scope::Subtree(unit) = scope else {
+            return ("docs d WHERE d.seq > ?1", "d.seq", None);
+        };
+        let me = self.unit.as_deref();
+        if parent(unit).is_none() || me.is_some_and(|me| is_within(me, unit)) {
+            ("docs d WHERE d.seq > ?1", "d.seq", None)
+        } else if me.is_none_or(|me| is_within(unit, me)) {
+            (
+                "doc_scopes s JOIN docs d ON d.id = s.doc_id WHERE s.unit = ?3 AND s.seq > ?1",
+                "s.seq",
+                Some(unit.clone()),
+            )
+        } else {
+            (
+                "docs d WHERE d.seq > ?1 AND EXISTS (SELECT 1 FROM doc_parties p WHERE p.doc_id = d.id AND (p.unit = ?3 OR p.unit LIKE ?3 || '/%'))",
+                "d.seq",
+                Some(unit.clone()),
+            )
+        }
+    }
+
     /// Documents in `scope` whose feed position is after `after`, in feed order.
     /// `skip_origin` leaves out documents whose current state came whole from that peer node.
     pub fn changed_since(
@@ -189,49 +206,24 @@ impl Store {
         after: i64,
         limit: usize,
     ) -> Result<Vec<FeedRow>> {
-        let skip = skip_origin.unwrap_or("");
-        let map = |r: &rusqlite::Row<'_>| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?));
-        let rows = match scope.widest() {
-            Scope::All => {
-                let mut stmt = self
-                    .conn
-                    .prepare_cached(
-                        "SELECT d.seq, d.id, d.heads, COALESCE(x.priority_rank, 0) FROM docs d LEFT JOIN dispatches x ON x.id = d.id
-                         WHERE d.seq > ?1 AND d.origin IS NOT ?3 ORDER BY d.seq LIMIT ?2",
-                    )
-                    .at(&self.path)?;
-                let rows = stmt
-                    .query_map(params![after, limit as i64, skip], map)
-                    .at(&self.path)?;
-                rows.collect::<rusqlite::Result<Vec<_>>>()
-            }
-            Scope::Subtree(unit) => {
-                let mut stmt = self
-                    .conn
-                    .prepare_cached(
-                        "SELECT s.seq, s.doc_id, d.heads, COALESCE(x.priority_rank, 0) FROM doc_scopes s
-                         JOIN docs d ON d.id = s.doc_id LEFT JOIN dispatches x ON x.id = s.doc_id
-                         WHERE s.unit = ?2 AND s.seq > ?1 AND d.origin IS NOT ?4 ORDER BY s.seq LIMIT ?3",
-                    )
-                    .at(&self.path)?;
-                let rows = stmt
-                    .query_map(params![after, unit, limit as i64, skip], map)
-                    .at(&self.path)?;
-                rows.collect::<rusqlite::Result<Vec<_>>>()
-            }
-        };
-        rows.at(&self.path)
+        let (rows, seq, unit) = self.feed_rows(scope);
+        let sql = format!(
+            "SELECT {seq}, d.id, d.heads, COALESCE((SELECT x.priority_rank FROM dispatches x WHERE x.id = d.id), 0)
+             FROM {rows} AND d.origin IS NOT ?2 ORDER BY {seq} LIMIT ?4"
+        );
+        let mut stmt = self.conn.prepare_cached(&sql).at(&self.path)?;
+        let rows = stmt
+            .query_map(
+                params![after, skip_origin.unwrap_or(""), unit, limit as i64],
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)),
+            )
+            .at(&self.path)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
     }
 
     /// Documents in `scope` after `after` (skipping those that came whole from `skip_origin`).
     pub fn pending(&self, scope: &Scope, skip_origin: &str, after: i64) -> Result<Pending> {
-        let (rows, unit) = match scope.widest() {
-            Scope::All => ("docs d WHERE d.seq > ?1", String::new()),
-            Scope::Subtree(u) => (
-                "doc_scopes s JOIN docs d ON d.id = s.doc_id WHERE s.unit = ?3 AND s.seq > ?1",
-                u.clone(),
-            ),
-        };
+        let (rows, _, unit) = self.feed_rows(scope);
         let sql = format!(
             "WITH pend AS (SELECT d.id, length(d.snapshot) + d.chunk_bytes AS bytes, d.updated_at FROM {rows}
                            AND d.origin IS NOT ?2)
@@ -241,23 +233,18 @@ impl Store {
                     (SELECT MIN(updated_at) FROM pend)"
         );
         let mut stmt = self.conn.prepare_cached(&sql).at(&self.path)?;
-        let row = match scope.widest() {
-            Scope::All => stmt.query_row(params![after, skip_origin], |r| {
-                Ok(Pending {
-                    docs: r.get(0)?,
-                    bytes: r.get(1)?,
-                    oldest_change_at_ms: r.get(2)?,
-                })
-            }),
-            Scope::Subtree(_) => stmt.query_row(params![after, skip_origin, unit], |r| {
-                Ok(Pending {
-                    docs: r.get(0)?,
-                    bytes: r.get(1)?,
-                    oldest_change_at_ms: r.get(2)?,
-                })
-            }),
+        let read = |r: &rusqlite::Row<'_>| {
+            Ok(Pending {
+                docs: r.get(0)?,
+                bytes: r.get(1)?,
+                oldest_change_at_ms: r.get(2)?,
+            })
         };
-        row.at(&self.path)
+        match unit {
+            Some(unit) => stmt.query_row(params![after, skip_origin, unit], read),
+            None => stmt.query_row(params![after, skip_origin], read),
+        }
+        .at(&self.path)
     }
 
     /// Stored heads of a document, without loading it.
@@ -788,5 +775,37 @@ mod tests {
             offered(&store, &subtree("qn/binhlieu"), 0),
             ids(&[&to_b, &to_both, &to_a])
         );
+
+        // On the district's node only its communes need their own feed; its own unit and the
+        // units above read the whole feed, and a unit elsewhere is filtered by party.
+        drop(store);
+        let conn = rusqlite::Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "INSERT INTO meta (key, value) VALUES ('unit', 'qn/binhlieu');
+             DROP TABLE doc_scopes; PRAGMA user_version = 5;",
+        )
+        .unwrap();
+        drop(conn);
+        let store = Store::open(&path, 16).unwrap();
+        let units: Vec<String> = store
+            .conn()
+            .prepare("SELECT DISTINCT unit FROM doc_scopes ORDER BY unit")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<rusqlite::Result<_>>()
+            .unwrap();
+        assert_eq!(units, [B, A]);
+        let everything = ids(&[&to_b, &to_both, &elsewhere, &to_a]);
+        assert_eq!(offered(&store, &subtree("qn/binhlieu"), 0), everything);
+        assert_eq!(offered(&store, &subtree("qn"), 0), everything);
+        assert_eq!(offered(&store, &subtree(A), 0), ids(&[&to_both, &to_a]));
+        assert_eq!(
+            offered(&store, &subtree("qn/campha"), 0),
+            ids(&[&elsewhere])
+        );
+        assert_eq!(store.pending(&subtree("qn/campha"), "", 0).unwrap().docs, 1);
+        assert_eq!(store.pending(&subtree(B), "", 0).unwrap().docs, 2);
+        assert_eq!(store.pending(&Scope::All, "", 0).unwrap().docs, 4);
     }
 }
