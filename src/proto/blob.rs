@@ -62,10 +62,13 @@ const BBR_WINDOW_GAIN: u64 = 2;
 pub fn link_rate_bps(link: &LinkView) -> u64 {
     let rtt = link.rtt.as_secs_f64().max(1e-4);
     let window_rate = (link.window_bytes as f64 * 8.0 / rtt) as u64;
-    // On a LAN or loopback the compressor, not the link, is the bottleneck; a pacing rate read
-    // while the sender waits on it would only push the level up and the throughput down.
+    // On a LAN or loopback the link is as fast as the higher reading: the pacing rate falls
+    // while the sender itself is the bottleneck (compressing, say), and the window collapses to
+    // a few packets for BBR's 200 ms RTT probe (which quinn's BBR starts as soon as a new
+    // connection first fills its window) and in loss recovery. Either alone would pick a level
+    // that makes the sender slower still.
     if link.rtt < FIELD_LINK_RTT {
-        return window_rate;
+        return window_rate.max(link.pacing_bps.unwrap_or(0));
     }
     if link.bytes_sent < RATE_SAMPLE_BYTES {
         return window_rate.min(FIELD_LINK_BPS);
@@ -231,6 +234,11 @@ mod tests {
         // Loopback with the sender as the bottleneck: BBR's pacing rate reads low.
         assert_eq!(
             level(view(1, 4 << 20, Some(50_000_000), 64 << 20)),
+            LEVEL_RAW
+        );
+        // Loopback during BBR's RTT probe: the window is 4 packets, the pacing rate still high.
+        assert_eq!(
+            level(view(1, 5_808, Some(2_000_000_000), 64 << 20)),
             LEVEL_RAW
         );
     }
