@@ -6,6 +6,7 @@ use std::path::Path;
 use std::sync::atomic::{AtomicI32, Ordering};
 use std::sync::Arc;
 
+use bytes::Bytes;
 use quinn::RecvStream;
 use tokio::sync::{mpsc, Mutex};
 use tracing::{debug, warn};
@@ -103,8 +104,9 @@ const FIRST_CHUNK_LEVEL_MAX: i32 = 9;
 /// keeps flowing while a batch is committed.
 const FRAMES_AHEAD_MAX: usize = 4;
 
-/// One encoded BlobChunk frame and the size of its payload (what the rate limit counts).
-type EncodedChunk = (Vec<u8>, usize);
+/// One BlobChunk frame as its header and its data (whose size the rate limit counts), written to
+/// the stream as two `Bytes` so the data reaches QUIC's send buffer without a copy.
+type EncodedChunk = [Bytes; 2];
 
 async fn send(
     conn: &quinn::Connection,
@@ -148,13 +150,13 @@ async fn send(
     for _ in first..count {
         let level = level_for_rate(estimated_rate_bps(conn));
         level_now.store(level, Ordering::Relaxed);
-        let (frame, payload_bytes) = chunks
+        let mut frame = chunks
             .recv()
             .await
             .unwrap_or_else(|| Err(NetError::Node("the scan reader stopped".into())))?;
-        rate.take(payload_bytes).await;
+        rate.take(frame[1].len()).await;
         stream
-            .write_all(&frame)
+            .write_all_chunks(&mut frame)
             .await
             .map_err(|e| lost(e.to_string()))?;
     }
@@ -182,15 +184,15 @@ fn spawn_chunk_reader(
                 if idx == first {
                     level = level.min(FIRST_CHUNK_LEVEL_MAX);
                 }
-                let (compressed, payload) = encode_chunk(&data, level);
-                let payload_bytes = payload.len();
+                let (compressed, data) = encode_chunk(data.into(), level);
                 let frame = Frame::BlobChunk {
                     idx,
                     compressed,
                     raw_len,
-                    data: payload,
+                    data,
                 };
-                (wire::encode(&frame, 1), payload_bytes)
+                let (header, data) = wire::encode_split(&frame, 1);
+                [header.into(), data]
             });
             let failed = encoded.is_err();
             if tx.blocking_send(encoded).is_err() || failed {

@@ -230,11 +230,17 @@ async fn read_frame(recv: &mut RecvStream) -> Result<Option<Frame>, NetError> {
         Err(e) => return Err(lost(e.to_string())),
     }
     let len = wire::frame_len(header)?;
-    let mut body = vec![0u8; len];
-    recv.read_exact(&mut body)
-        .await
-        .map_err(|e| lost(e.to_string()))?;
-    Ok(Some(wire::decode(&body)?))
+    // Read as QUIC's own chunks into one buffer (not zeroed first), which a scan chunk's data
+    // then shares: one copy from the stream to the store.
+    let mut body = Vec::with_capacity(len);
+    while body.len() < len {
+        match recv.read_chunk(len - body.len(), true).await {
+            Ok(Some(chunk)) => body.extend_from_slice(&chunk.bytes),
+            Ok(None) => return Err(lost("the stream ended inside a frame".into())),
+            Err(e) => return Err(lost(e.to_string())),
+        }
+    }
+    Ok(Some(wire::decode_shared(&body.into())?))
 }
 
 async fn write_frame(send: &mut SendStream, frame: &Frame, level: i32) -> Result<(), NetError> {

@@ -169,13 +169,14 @@ impl Node {
             emit(&header, &mut payload)?;
             for idx in 0..count {
                 let data = self.store.blob_chunk(&hash, idx)?;
-                let (compressed, wire_data) = encode_chunk(&data, BUNDLE_LEVEL);
+                let raw_len = data.len() as u64;
+                let (compressed, data) = encode_chunk(data.into(), BUNDLE_LEVEL);
                 emit(
                     &Frame::BlobChunk {
                         idx,
                         compressed,
-                        raw_len: data.len() as u64,
-                        data: wire_data,
+                        raw_len,
+                        data,
                     },
                     &mut payload,
                 )?;

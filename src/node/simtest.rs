@@ -121,7 +121,7 @@ fn run_once(a: &mut Side, b: &mut Side, rng: &mut StdRng, cut_per_step: f64) -> 
                 .unwrap();
             assert!(t.next <= have, "a resumed transfer never skips a chunk");
             let data = src.node.store.blob_chunk(&t.hash, t.next).unwrap();
-            let (compressed, wire) = encode_chunk(&data, 1);
+            let (compressed, wire) = encode_chunk(data.clone().into(), 1);
             let raw = decode_chunk(
                 compressed,
                 data.len() as u64,

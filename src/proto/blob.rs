@@ -3,6 +3,8 @@
 
 use std::cell::RefCell;
 
+use bytes::Bytes;
+
 use super::wire::Hash32;
 use super::ProtoError;
 
@@ -11,13 +13,21 @@ const PROBE_BYTES: usize = 16 * 1024;
 /// A probe that does not shrink below this fraction means "incompressible" (JPEG, most PDFs).
 const PROBE_RATIO_MAX: f64 = 0.90;
 
-/// zstd level for a link of `rate_bps`: a slow link spends CPU to save bytes, a fast one does not.
+/// The "level" that sends chunks uncompressed (zstd itself reads 0 as its default, 3).
+pub const LEVEL_RAW: i32 = 0;
+
+/// zstd level for a link of `rate_bps`: a slow link spends CPU to save bytes, a fast one does
+/// not, and one faster than the compressor gets raw chunks: zstd -1 runs at 90–400 MB/s per
+/// core on scans (the noisier the page, the slower), under what loopback or a LAN beyond
+/// 1 Gbit/s carries, and compressing and decompressing cost both ends more CPU than QUIC spends
+/// on the bytes saved.
 pub fn level_for_rate(rate_bps: u64) -> i32 {
     match rate_bps {
         0..=2_000_000 => 19,
         2_000_001..=20_000_000 => 9,
         20_000_001..=200_000_000 => 3,
-        _ => 1,
+        200_000_001..=1_000_000_000 => 1,
+        _ => LEVEL_RAW,
     }
 }
 
@@ -52,10 +62,13 @@ const BBR_WINDOW_GAIN: u64 = 2;
 pub fn link_rate_bps(link: &LinkView) -> u64 {
     let rtt = link.rtt.as_secs_f64().max(1e-4);
     let window_rate = (link.window_bytes as f64 * 8.0 / rtt) as u64;
-    // On a LAN or loopback the compressor, not the link, is the bottleneck; a pacing rate read
-    // while the sender waits on it would only push the level up and the throughput down.
+    // On a LAN or loopback the link is as fast as the higher reading: the pacing rate falls
+    // while the sender itself is the bottleneck (compressing, say), and the window collapses to
+    // a few packets for BBR's 200 ms RTT probe (which quinn's BBR starts as soon as a new
+    // connection first fills its window) and in loss recovery. Either alone would pick a level
+    // that makes the sender slower still.
     if link.rtt < FIELD_LINK_RTT {
-        return window_rate;
+        return window_rate.max(link.pacing_bps.unwrap_or(0));
     }
     if link.bytes_sent < RATE_SAMPLE_BYTES {
         return window_rate.min(FIELD_LINK_BPS);
@@ -98,21 +111,25 @@ fn decompress(data: &[u8], capacity: usize) -> std::io::Result<Vec<u8>> {
     })
 }
 
-/// Encodes a chunk for the wire: compressed when that pays, raw otherwise. Returns (compressed, bytes).
-pub fn encode_chunk(data: &[u8], level: i32) -> (bool, Vec<u8>) {
+/// Encodes a chunk for the wire: compressed when that pays at `level`, otherwise the chunk
+/// itself, not copied. Returns (compressed, bytes).
+pub fn encode_chunk(data: Bytes, level: i32) -> (bool, Bytes) {
+    if level == LEVEL_RAW {
+        return (false, data);
+    }
     let probe = &data[..data.len().min(PROBE_BYTES)];
     let worth_it = match compress(probe, 1) {
         Ok(z) => (z.len() as f64) < probe.len() as f64 * PROBE_RATIO_MAX,
         Err(_) => false,
     };
     if worth_it {
-        if let Ok(z) = compress(data, level) {
+        if let Ok(z) = compress(&data, level) {
             if z.len() < data.len() {
-                return (true, z);
+                return (true, z.into());
             }
         }
     }
-    (false, data.to_vec())
+    (false, data)
 }
 
 /// Decodes a chunk, refusing anything that would expand past `raw_len` (itself bounded by the
@@ -122,9 +139,9 @@ pub fn decode_chunk(
     compressed: bool,
     raw_len: u64,
     chunk_bytes: u64,
-    data: Vec<u8>,
+    data: Bytes,
     expected: &Hash32,
-) -> Result<Vec<u8>, ProtoError> {
+) -> Result<Bytes, ProtoError> {
     if raw_len > chunk_bytes {
         return Err(ProtoError::Malformed(format!(
             "chunk of {raw_len} bytes, larger than the announced {chunk_bytes}"
@@ -138,7 +155,7 @@ pub fn decode_chunk(
                 "chunk decompressed to a different length than announced".into(),
             ));
         }
-        out
+        out.into()
     } else {
         if data.len() as u64 != raw_len {
             return Err(ProtoError::Malformed(
@@ -165,20 +182,26 @@ mod tests {
         let text: Vec<u8> = (0..256 * 1024)
             .map(|i| if (i / 40) % 3 == 0 { 20 } else { 240 })
             .collect();
-        let (c, z) = encode_chunk(&text, 3);
+        let (c, z) = encode_chunk(text.clone().into(), 3);
         assert!(c && z.len() < text.len() / 10);
         let expected = *blake3::hash(&text).as_bytes();
         assert_eq!(
             decode_chunk(true, text.len() as u64, 256 * 1024, z, &expected).unwrap(),
             text
         );
+        let (c, z) = encode_chunk(text.clone().into(), LEVEL_RAW);
+        assert!(
+            !c && z == text,
+            "a link faster than zstd gets the chunk raw"
+        );
 
         let mut noise = vec![0u8; 256 * 1024];
         rand::rngs::StdRng::seed_from_u64(1).fill_bytes(&mut noise);
-        let (c, z) = encode_chunk(&noise, 19);
+        let noise = Bytes::from(noise);
+        let (c, z) = encode_chunk(noise.clone(), 19);
         assert!(
-            !c && z.len() == noise.len(),
-            "incompressible data is sent as is"
+            !c && z.as_ptr() == noise.as_ptr() && z.len() == noise.len(),
+            "incompressible data is sent as is, not copied"
         );
     }
 
@@ -196,18 +219,28 @@ mod tests {
         assert_eq!(level(view(200, 240_000, Some(27_000_000), 6_000)), 19);
         assert_eq!(
             level(view(1, 240_000, Some(2_000_000_000), 6_000)),
-            1,
+            LEVEL_RAW,
             "loopback"
         );
+        // A gigabit LAN at 1 ms with about one BDP in flight: still worth level 1.
+        assert_eq!(level(view(1, 100_000, None, 64 << 20)), 1);
         // Weak 4G measured by BBR: a window of 2 × BDP over a queue-inflated RTT, pacing 1.25 ×.
         assert_eq!(level(view(300, 75_000, Some(1_250_000), 2 << 20)), 19);
         // VSAT, 10 Mbit/s at 650 ms, BBR cruising.
         assert_eq!(level(view(650, 1_625_000, Some(10_000_000), 8 << 20)), 9);
         // Cubic: the window is about one BDP.
         assert_eq!(level(view(200, 25_000, None, 2 << 20)), 19);
-        assert_eq!(level(view(1, 4 << 20, None, 64 << 20)), 1);
-        // Loopback with the compressor as the bottleneck: BBR's pacing rate reads low.
-        assert_eq!(level(view(1, 4 << 20, Some(50_000_000), 64 << 20)), 1);
+        assert_eq!(level(view(1, 4 << 20, None, 64 << 20)), LEVEL_RAW);
+        // Loopback with the sender as the bottleneck: BBR's pacing rate reads low.
+        assert_eq!(
+            level(view(1, 4 << 20, Some(50_000_000), 64 << 20)),
+            LEVEL_RAW
+        );
+        // Loopback during BBR's RTT probe: the window is 4 packets, the pacing rate still high.
+        assert_eq!(
+            level(view(1, 5_808, Some(2_000_000_000), 64 << 20)),
+            LEVEL_RAW
+        );
     }
 
     #[test]
@@ -216,14 +249,14 @@ mod tests {
         let z = zstd::bulk::compress(&zeros, 1).unwrap();
         let h = *blake3::hash(&zeros).as_bytes();
         assert!(
-            decode_chunk(true, 1 << 20, 256 * 1024, z.clone(), &h).is_err(),
+            decode_chunk(true, 1 << 20, 256 * 1024, z.clone().into(), &h).is_err(),
             "larger than the chunk size"
         );
         assert!(
-            decode_chunk(true, 1000, 256 * 1024, z, &h).is_err(),
+            decode_chunk(true, 1000, 256 * 1024, z.into(), &h).is_err(),
             "expands past its declared length"
         );
-        let data = b"scan bytes".to_vec();
+        let data = Bytes::from_static(b"scan bytes");
         assert!(
             decode_chunk(false, data.len() as u64, 64, data.clone(), &[0; 32]).is_err(),
             "wrong hash"

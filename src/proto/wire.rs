@@ -3,6 +3,8 @@
 //! Encoding and decoding only; no I/O. Every length read from a peer is checked against a
 //! bound before anything is allocated or decompressed.
 
+use bytes::Bytes;
+
 use super::ProtoError;
 
 /// Protocol version spoken by this build (sent in Hello).
@@ -89,7 +91,8 @@ pub enum Frame {
         idx: u64,
         compressed: bool,
         raw_len: u64,
-        data: Vec<u8>,
+        /// Shared, not copied, between the store, the compressor and QUIC's send buffer.
+        data: Bytes,
     },
     BlobsDone,
     Crl {
@@ -237,7 +240,8 @@ impl<'a> Dec<'a> {
     }
 }
 
-fn body(frame: &Frame) -> Vec<u8> {
+/// A frame's body, except a scan chunk's data, which ends its body and is returned apart.
+fn body(frame: &Frame) -> (Vec<u8>, Option<&Bytes>) {
     let mut e = Enc(Vec::new());
     match frame {
         Frame::Hello {
@@ -302,17 +306,27 @@ fn body(frame: &Frame) -> Vec<u8> {
             e.uint(*idx);
             e.uint(u64::from(*compressed));
             e.uint(*raw_len);
-            e.bytes(data);
+            e.uint(data.len() as u64);
+            return (e.0, Some(data));
         }
         Frame::Crl { der } => e.bytes(der),
         Frame::Refused { reason } => e.bytes(reason.as_bytes()),
     }
-    e.0
+    (e.0, None)
 }
 
 /// Encodes a frame; bodies of list frames are zstd-compressed when that saves bytes.
 pub fn encode(frame: &Frame, level: i32) -> Vec<u8> {
-    let raw = body(frame);
+    let (mut out, data) = encode_split(frame, level);
+    out.extend_from_slice(&data);
+    out
+}
+
+/// Encodes a frame as two parts to be sent one after the other: the bytes up to a scan chunk's
+/// data, and that data, shared rather than copied (empty for other frames).
+pub fn encode_split(frame: &Frame, level: i32) -> (Vec<u8>, Bytes) {
+    let (raw, data) = body(frame);
+    let data_len = data.map_or(0, Bytes::len);
     let mut flags = 0;
     let payload = if frame.compressible() && raw.len() >= COMPRESS_BYTES_MIN {
         match zstd::bulk::compress(&raw, level) {
@@ -328,17 +342,17 @@ pub fn encode(frame: &Frame, level: i32) -> Vec<u8> {
     } else {
         raw
     };
+    let len = payload.len() + data_len + 2;
     assert!(
-        payload.len() + 2 <= FRAME_BYTES_MAX,
-        "frame of {} bytes exceeds FRAME_BYTES_MAX; the sender must batch",
-        payload.len()
+        len <= FRAME_BYTES_MAX,
+        "frame of {len} bytes exceeds FRAME_BYTES_MAX; the sender must batch"
     );
-    let mut out = Vec::with_capacity(HEADER_BYTES + payload.len());
-    out.extend_from_slice(&((payload.len() + 2) as u32).to_be_bytes());
+    let mut out = Vec::with_capacity(HEADER_BYTES + payload.len() + data_len);
+    out.extend_from_slice(&(len as u32).to_be_bytes());
     out.push(frame.kind());
     out.push(flags);
     out.extend_from_slice(&payload);
-    out
+    (out, data.cloned().unwrap_or_default())
 }
 
 /// Reads the length prefix: how many bytes follow it. Refuses oversized frames before reading them.
@@ -354,6 +368,16 @@ pub fn frame_len(header: [u8; 4]) -> Result<usize, ProtoError> {
 
 /// Decodes what follows the length prefix (type, flags, body).
 pub fn decode(buf: &[u8]) -> Result<Frame, ProtoError> {
+    decode_in(buf, None)
+}
+
+/// As [`decode`], for a frame received into `Bytes`: a scan chunk's data is a view of `buf`.
+pub fn decode_shared(buf: &Bytes) -> Result<Frame, ProtoError> {
+    decode_in(buf, Some(buf))
+}
+
+/// Decodes `buf`; `shared`, when given, holds the same bytes as `buf`.
+fn decode_in(buf: &[u8], shared: Option<&Bytes>) -> Result<Frame, ProtoError> {
     let [kind, flags, rest @ ..] = buf else {
         return Err(ProtoError::Malformed(
             "frame shorter than its header".into(),
@@ -365,7 +389,7 @@ pub fn decode(buf: &[u8]) -> Result<Frame, ProtoError> {
         )));
     }
     let decompressed;
-    let raw: &[u8] = if flags & FLAG_ZSTD != 0 {
+    let (raw, shared): (&[u8], _) = if flags & FLAG_ZSTD != 0 {
         let mut d = Dec { buf: rest };
         let raw_len = d.count(FRAME_RAW_BYTES_MAX)?;
         decompressed = zstd::bulk::decompress(d.buf, raw_len)
@@ -375,9 +399,9 @@ pub fn decode(buf: &[u8]) -> Result<Frame, ProtoError> {
                 "zstd body length differs from its declared length".into(),
             ));
         }
-        &decompressed
+        (&decompressed, None)
     } else {
-        rest
+        (rest, shared)
     };
     let mut d = Dec { buf: raw };
     let frame = match kind {
@@ -438,11 +462,14 @@ pub fn decode(buf: &[u8]) -> Result<Frame, ProtoError> {
                 1 => true,
                 _ => return Err(Dec::bad("chunk compression flag")),
             };
+            let raw_len = d.uint()?;
+            let n = d.count(FRAME_RAW_BYTES_MAX)?;
+            let data = d.take(n)?;
             Frame::BlobChunk {
                 idx,
                 compressed,
-                raw_len: d.uint()?,
-                data: d.bytes()?,
+                raw_len,
+                data: shared.map_or_else(|| Bytes::copy_from_slice(data), |b| b.slice_ref(data)),
             }
         }
         13 => Frame::BlobsDone,
@@ -529,7 +556,7 @@ mod tests {
                 idx: 2,
                 compressed: true,
                 raw_len: 256,
-                data: vec![0; 40],
+                data: vec![0; 40].into(),
             },
             Frame::BlobsDone,
             Frame::Crl {
@@ -551,6 +578,18 @@ mod tests {
     }
 
     #[test]
+    fn a_received_chunk_shares_the_frame_buffer() {
+        for f in samples() {
+            let body = Bytes::from(encode(&f, 3)[4..].to_vec());
+            let frame = decode_shared(&body).unwrap();
+            if let Frame::BlobChunk { data, .. } = &frame {
+                assert!(body.as_ptr_range().contains(&data.as_ptr()), "not copied");
+            }
+            assert_eq!(frame, f);
+        }
+    }
+
+    #[test]
     fn list_frames_are_compressed() {
         let f = Frame::Changes {
             docs: vec![
@@ -564,7 +603,7 @@ mod tests {
         };
         let encoded = encode(&f, 3);
         assert_eq!(encoded[5] & FLAG_ZSTD, FLAG_ZSTD);
-        assert!(encoded.len() < body(&f).len() / 4);
+        assert!(encoded.len() < body(&f).0.len() / 4);
     }
 
     #[test]
