@@ -1,6 +1,8 @@
 //! The node's store seen by one sync session with one authenticated peer: scope filtering on the
 //! way out, and scope, authorship and integrity checks on the way in.
 
+use std::collections::HashSet;
+
 use automerge::{AutoCommit, ChangeHash};
 use tracing::warn;
 
@@ -235,20 +237,18 @@ impl Sender<'_> {
         })
     }
 
-    /// Stores one incoming document in `tx`, checked ahead (`early`, when it was not stored as
-    /// the frame began) or here. Runs inside the write lock, so a local write or another
-    /// session's change that landed since is merged, never overwritten.
+    /// Checks one incoming document, merged with its stored state `current` or new (then
+    /// checked ahead, `early`, unless the frame carried it twice), and stores it in `tx`.
     fn store(
         &self,
         tx: &mut WriteTx<'_>,
         peer_id: &str,
-        id: &DocId,
-        change: &DocChanges,
-        early: Option<Result<Checked, ProtoError>>,
+        (id, change): (&DocId, &DocChanges),
+        (current, early): (Option<DocRecord>, Option<Result<Checked, ProtoError>>),
         at_ms: i64,
     ) -> Result<(), ApplyError> {
         let bytes = &change.data[..];
-        let checked = match (tx.load_doc(id)?, early) {
+        let checked = match (current, early) {
             (Some(current), _) => self.check_stored(id, current, bytes)?,
             (None, Some(early)) => early?,
             (None, None) => self.check_new(id, bytes)?,
@@ -456,40 +456,41 @@ impl Replica for NodeReplica<'_> {
             me: &me,
             upstream: is_trusted_relay(&self.peer.unit, &me),
         };
-        let mut incoming = Vec::with_capacity(n);
-        for change in docs {
-            let id: DocId = change
-                .id
-                .parse()
-                .map_err(|e| ProtoError::Malformed(format!("changes: {e}")))?;
-            let stored = self.node.store.doc_exists(&id).map_err(local)?;
-            incoming.push((id, change, stored));
-        }
         let peer_id = &self.peer_id;
-        let store = &mut self.node.store;
-        // One transaction for the frame: it is stored whole or not at all. Documents new here are
-        // loaded and checked on a second thread, in order, a bounded distance ahead; the others
-        // are merged with their stored state inside the transaction.
-        let result = std::thread::scope(|scope| {
-            let (ahead, checked) = std::sync::mpsc::sync_channel(CHECKED_AHEAD_MAX);
-            let jobs: Vec<(&DocId, &[u8])> = incoming
-                .iter()
-                .filter(|(_, _, stored)| !stored)
-                .map(|(id, change, _)| (id, &change.data[..]))
-                .collect();
-            let sender = &sender;
-            let checker = move || {
-                for (id, bytes) in jobs {
-                    if ahead.send(sender.check_new(id, bytes)).is_err() {
-                        break;
+        // One transaction for the frame: it is stored whole or not at all. Which documents are
+        // new is read inside it (the write lock), so nothing else can store them meanwhile; those
+        // are loaded and checked on a second thread, in order, a bounded distance ahead, while
+        // the others are merged with their stored state here.
+        let result = self.node.store.write_with(|tx| {
+            let mut incoming = Vec::with_capacity(n);
+            for change in docs {
+                let id: DocId = change
+                    .id
+                    .parse()
+                    .map_err(|e| ProtoError::Malformed(format!("changes: {e}")))?;
+                let stored = tx.doc_exists(&id)?;
+                incoming.push((id, change, stored));
+            }
+            std::thread::scope(|scope| {
+                let (ahead, checked) = std::sync::mpsc::sync_channel(CHECKED_AHEAD_MAX);
+                let jobs: Vec<(&DocId, &[u8])> = incoming
+                    .iter()
+                    .filter(|(_, _, stored)| !stored)
+                    .map(|(id, change, _)| (id, &change.data[..]))
+                    .collect();
+                let sender = &sender;
+                let checker = move || {
+                    for (id, bytes) in jobs {
+                        if ahead.send(sender.check_new(id, bytes)).is_err() {
+                            break;
+                        }
                     }
-                }
-            };
-            std::thread::Builder::new()
-                .name("check-docs".into())
-                .spawn_scoped(scope, checker)
-                .map_err(|e| ApplyError::Proto(local(format!("starting a thread: {e}"))))?;
-            store.write_with(|tx| {
+                };
+                std::thread::Builder::new()
+                    .name("check-docs".into())
+                    .spawn_scoped(scope, checker)
+                    .map_err(|e| local(format!("starting a thread: {e}")))?;
+                let mut new_here = HashSet::new();
                 for (id, change, stored) in &incoming {
                     let early =
                         if *stored {
@@ -499,11 +500,17 @@ impl Replica for NodeReplica<'_> {
                                 local("the thread checking incoming documents stopped")
                             })?)
                         };
-                    sender.store(tx, peer_id, id, change, early, at_ms)?;
+                    // New when the frame began, and still new unless the frame carries it twice.
+                    let current = if *stored || !new_here.insert(id) {
+                        tx.load_doc(id)?
+                    } else {
+                        None
+                    };
+                    sender.store(tx, peer_id, (id, change), (current, early), at_ms)?;
                 }
                 Ok(())
+                // Dropping the receiver stops the checking thread at its next document.
             })
-            // Dropping the receiver stops the checking thread at its next document.
         });
         result.map_err(|e| match e {
             ApplyError::Proto(e) => {

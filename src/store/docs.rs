@@ -166,13 +166,7 @@ impl Store {
     }
 
     pub fn doc_exists(&self, id: &DocId) -> Result<bool> {
-        self.conn
-            .prepare_cached("SELECT 1 FROM docs WHERE id = ?1")
-            .at(&self.path)?
-            .query_row([id.as_str()], |_| Ok(()))
-            .optional()
-            .map(|r| r.is_some())
-            .at(&self.path)
+        exists(&self.conn, &self.path, id)
     }
 
     /// The latest position of this node's change feed.
@@ -213,7 +207,20 @@ pub struct SaveHints<'a> {
     pub origin: Option<(&'a str, &'a [ChangeHash])>,
 }
 
+fn exists(conn: &rusqlite::Connection, path: &std::path::Path, id: &DocId) -> Result<bool> {
+    conn.prepare_cached("SELECT 1 FROM docs WHERE id = ?1")
+        .at(path)?
+        .query_row([id.as_str()], |_| Ok(()))
+        .optional()
+        .map(|r| r.is_some())
+        .at(path)
+}
+
 impl WriteTx<'_> {
+    pub fn doc_exists(&self, id: &DocId) -> Result<bool> {
+        exists(&self.tx, self.path, id)
+    }
+
     /// Loads a document inside the write lock, so what it sees is what it changes.
     pub fn load_doc(&mut self, id: &DocId) -> Result<Option<DocRecord>> {
         load(&self.tx, self.path, self.cache, id)
