@@ -11,10 +11,11 @@ use super::{DispatchRequest, Node};
 use crate::model::assignment::Status;
 use crate::model::dispatch::{DispatchKind, Priority};
 use crate::proto::blob::{decode_chunk, encode_chunk};
-use crate::proto::{Action, Frame, Hash32, Session};
+use crate::proto::{Action, Frame, Hash32, ProtoError, Session};
 use crate::store::index::DispatchFilter;
 use crate::trust::PeerIdentity;
 use crate::units::Role;
+use automerge::AutoCommit;
 
 struct Side {
     node: Node,
@@ -363,4 +364,77 @@ fn a_peer_restored_from_a_backup_gets_back_what_it_lost() {
         b.node.dispatch_show(&later.id).is_ok(),
         "the province offered it again"
     );
+}
+
+/// Applies one Changes frame of `docs` (each a document's whole `save()` at the province) at
+/// the commune, as its session would.
+fn apply_frame(b: &mut Side, docs: &[(&str, Vec<u8>)]) -> Result<usize, ProtoError> {
+    use crate::proto::{DocChanges, Replica};
+    let frame = docs
+        .iter()
+        .map(|(id, data)| DocChanges {
+            id: id.to_string(),
+            heads: AutoCommit::load(data)
+                .unwrap()
+                .get_heads()
+                .iter()
+                .map(|h| h.0)
+                .collect(),
+            data: data.clone(),
+        })
+        .collect();
+    NodeReplica::new(&mut b.node, b.peer.clone()).apply(frame)
+}
+
+fn saved(node: &mut Node, id: &str) -> Vec<u8> {
+    node.store
+        .read_doc(&id.parse().unwrap(), |doc| doc.save())
+        .unwrap()
+}
+
+fn dispatch_to(node: &mut Node, unit: &str) -> String {
+    let req = DispatchRequest {
+        ref_no: "1/UBND".into(),
+        summary: "s".into(),
+        kind: DispatchKind::Report,
+        priority: Priority::Normal,
+        to: vec![unit.into()],
+        attach: vec![],
+    };
+    node.dispatch_new(None, &req).unwrap().id
+}
+
+#[test]
+fn a_frame_carrying_a_document_twice_stores_it_merged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = pair(dir.path());
+    let id = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
+    let first = saved(&mut a.node, &id);
+    a.node.dispatch_comment(None, &id, "later").unwrap();
+    let second = saved(&mut a.node, &id);
+    let other = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
+    let third = saved(&mut a.node, &other);
+    let n = apply_frame(&mut b, &[(&id, first), (&other, third), (&id, second)]).unwrap();
+    assert_eq!(n, 3);
+    assert_eq!(heads_of(&mut b.node, &id), heads_of(&mut a.node, &id));
+    assert_eq!(heads_of(&mut b.node, &other), heads_of(&mut a.node, &other));
+}
+
+#[test]
+fn a_frame_with_one_refused_document_stores_none_of_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = pair(dir.path());
+    let ours = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
+    let not_ours = dispatch_to(&mut a.node, "qn/binhlieu/hucdong");
+    let frame = [
+        (ours.as_str(), saved(&mut a.node, &ours)),
+        (not_ours.as_str(), saved(&mut a.node, &not_ours)),
+    ];
+    let err = apply_frame(&mut b, &frame).unwrap_err();
+    assert!(
+        matches!(&err, ProtoError::Refused(why) if why.contains(&not_ours) && why.contains("outside this node's scope")),
+        "{err}"
+    );
+    assert!(!b.node.store.doc_exists(&ours.parse().unwrap()).unwrap());
+    assert!(!b.node.store.doc_exists(&not_ours.parse().unwrap()).unwrap());
 }
