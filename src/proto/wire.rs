@@ -5,8 +5,8 @@
 
 use super::ProtoError;
 
-/// Protocol version spoken by this build (sent in Hello).
-pub const VERSION: u16 = 1;
+/// Protocol version spoken by this build (sent in Hello). 2 added `Push`.
+pub const VERSION: u16 = 2;
 /// Largest frame on the wire (header excluded), compressed or not.
 pub const FRAME_BYTES_MAX: usize = 16 << 20;
 /// Largest frame body after decompression: checked before zstd runs (no decompression bombs).
@@ -66,6 +66,10 @@ pub enum Frame {
     Changes {
         docs: Vec<DocChanges>,
     },
+    /// Urgent documents sent whole ahead of the offer that lists them, without waiting for a Want.
+    Push {
+        docs: Vec<DocChanges>,
+    },
     ChangesEnd {
         upto: u64,
     },
@@ -118,6 +122,7 @@ impl Frame {
             Frame::BlobsDone => 13,
             Frame::Crl { .. } => 14,
             Frame::Refused { .. } => 15,
+            Frame::Push { .. } => 16,
         }
     }
 
@@ -128,6 +133,7 @@ impl Frame {
             Frame::Offer { .. }
                 | Frame::Want { .. }
                 | Frame::Changes { .. }
+                | Frame::Push { .. }
                 | Frame::BlobHeader { .. }
         )
     }
@@ -228,6 +234,18 @@ impl<'a> Dec<'a> {
             })
             .collect()
     }
+    fn doc_changes(&mut self) -> Result<Vec<DocChanges>, ProtoError> {
+        let n = self.count(ITEMS_MAX)?;
+        let mut docs = Vec::with_capacity(n.min(1024));
+        for _ in 0..n {
+            docs.push(DocChanges {
+                id: self.string(64)?,
+                heads: self.hashes(HEADS_MAX)?,
+                data: self.bytes()?,
+            });
+        }
+        Ok(docs)
+    }
     fn end(&self) -> Result<(), ProtoError> {
         if self.buf.is_empty() {
             Ok(())
@@ -257,7 +275,7 @@ fn body(frame: &Frame) -> Vec<u8> {
             e.uint(*offered);
         }
         Frame::WantEnd | Frame::BlobsDone => {}
-        Frame::Changes { docs } => {
+        Frame::Changes { docs } | Frame::Push { docs } => {
             e.uint(docs.len() as u64);
             for c in docs {
                 e.bytes(c.id.as_bytes());
@@ -401,18 +419,12 @@ pub fn decode(buf: &[u8]) -> Result<Frame, ProtoError> {
             docs: d.doc_heads()?,
         },
         5 => Frame::WantEnd,
-        6 => {
-            let n = d.count(ITEMS_MAX)?;
-            let mut docs = Vec::with_capacity(n.min(1024));
-            for _ in 0..n {
-                docs.push(DocChanges {
-                    id: d.string(64)?,
-                    heads: d.hashes(HEADS_MAX)?,
-                    data: d.bytes()?,
-                });
-            }
-            Frame::Changes { docs }
-        }
+        6 => Frame::Changes {
+            docs: d.doc_changes()?,
+        },
+        16 => Frame::Push {
+            docs: d.doc_changes()?,
+        },
         7 => Frame::ChangesEnd { upto: d.uint()? },
         8 => Frame::Ack { upto: d.uint()? },
         9 => {
@@ -511,6 +523,13 @@ mod tests {
                     };
                     300
                 ],
+            },
+            Frame::Push {
+                docs: vec![DocChanges {
+                    id: "dsp_0011223344556677".into(),
+                    heads: vec![[2; 32]],
+                    data: vec![4; 600],
+                }],
             },
             Frame::ChangesEnd { upto: 5 },
             Frame::Ack { upto: 5 },
