@@ -4,9 +4,10 @@
 //! `communesync` processes. Prints Markdown tables.
 //!
 //! `cargo bench --bench sync [-- SCENARIO... N... key=value...]`, where SCENARIO is `reconnect`,
-//! `quic`, `scan`, `weak4g` or `memory` (default: all), N a province size for `reconnect`
-//! (default 100000 1000000; `quic` and `memory` use the largest), and the keys `scan-mb=200`,
-//! `weak-mb=2`, `memory-mb=1024`, `regen=1` (rebuild the cached provinces).
+//! `quic`, `scan`, `weak4g`, `urgent` or `memory` (default: all), N a province size for
+//! `reconnect` (default 100000 1000000; `quic` and `memory` use the largest), and the keys
+//! `scan-mb=200`, `weak-mb=2`, `urgent-mb=4`, `memory-mb=1024`, `regen=1` (rebuild the cached
+//! provinces).
 
 mod common;
 use common::{load_average, machine};
@@ -24,7 +25,7 @@ use communesync::net::{self, SessionReport};
 use communesync::node::replica::NodeReplica;
 use communesync::node::{now_ms, path, sync, DispatchRequest, Node, DB_FILE, KEY_FILE};
 use communesync::proto::blob::{encode_chunk, LEVEL_RAW};
-use communesync::proto::{wire, Action, Frame, Session};
+use communesync::proto::{wire, Action, DocChanges, DocHeads, Frame, Session};
 use communesync::store::SCHEMA_VERSION;
 use communesync::trust::{Crl, NodeKey, PeerIdentity, TlsMaterial};
 use communesync::units::Role;
@@ -104,6 +105,9 @@ fn main() {
     if opts.wants("weak4g") {
         rt.block_on(scan_weak_4g(opts.weak_mb));
     }
+    if opts.wants("urgent") {
+        rt.block_on(urgent_weak_4g(opts.urgent_mb));
+    }
     if opts.wants("memory") {
         memory(&opts, largest);
     }
@@ -119,6 +123,7 @@ struct Opts {
     sizes: Vec<usize>,
     scan_mb: usize,
     weak_mb: usize,
+    urgent_mb: usize,
     memory_mb: usize,
     regen: bool,
 }
@@ -130,6 +135,7 @@ impl Opts {
             sizes: Vec::new(),
             scan_mb: 200,
             weak_mb: 2,
+            urgent_mb: 4,
             memory_mb: 1024,
             regen: false,
         };
@@ -139,6 +145,7 @@ impl Opts {
             match arg.split_once('=') {
                 Some(("scan-mb", v)) => o.scan_mb = num(v),
                 Some(("weak-mb", v)) => o.weak_mb = num(v),
+                Some(("urgent-mb", v)) => o.urgent_mb = num(v),
                 Some(("memory-mb", v)) => o.memory_mb = num(v),
                 Some(("regen", v)) => o.regen = v != "0",
                 Some(_) => panic!("unknown option {arg}"),
@@ -1654,5 +1661,274 @@ fn memory(opts: &Opts, n: usize) {
     }
     println!(
         "\npeak RSS is VmHWM from /proc/PID/status, polled every 10 ms while the processes run."
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Urgent dispatches over a busy weak-4G link
+
+/// Urgent dispatches sent per priority on the idle link; twice as many, alternating, during the
+/// bulk transfer.
+const URGENT_SENDS: usize = 5;
+/// Gap between two urgent dispatches, and how far into the bulk transfer the first one goes.
+const URGENT_GAP: Duration = Duration::from_millis(2_000);
+const URGENT_AFTER: Duration = Duration::from_secs(3);
+/// How often the commune's store is read while waiting.
+const URGENT_POLL: Duration = Duration::from_millis(10);
+const URGENT_WAIT_MAX: Duration = Duration::from_secs(120);
+/// Weak 4G's base round trip (`LinkProfile::weak_4g`: 100 ms each way).
+const WEAK_4G_RTT_S: f64 = 0.2;
+
+/// The commune's store, read-only, as an operator's query would read it while its daemon writes.
+struct Watcher(rusqlite::Connection);
+
+impl Watcher {
+    fn open(dir: &Path) -> Watcher {
+        Watcher(
+            rusqlite::Connection::open_with_flags(
+                dir.join(DB_FILE),
+                rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+            )
+            .expect("open db"),
+        )
+    }
+
+    fn has(&self, sql: &str, key: impl rusqlite::ToSql) -> bool {
+        self.0
+            .prepare_cached(sql)
+            .expect("sql")
+            .exists([key])
+            .expect("query")
+    }
+
+    fn has_doc(&self, id: &str) -> bool {
+        self.has("SELECT 1 FROM docs WHERE id = ?1", id)
+    }
+
+    fn has_blob(&self, hash: &[u8; 32]) -> bool {
+        self.has("SELECT 1 FROM blobs WHERE hash = ?1", &hash[..])
+    }
+}
+
+/// Waits until `done()`, reading every URGENT_POLL; returns the time since `from`.
+async fn until(from: Instant, what: &str, mut done: impl FnMut() -> bool) -> Duration {
+    loop {
+        if done() {
+            return from.elapsed();
+        }
+        assert!(from.elapsed() < URGENT_WAIT_MAX, "{what} never arrived");
+        tokio::time::sleep(URGENT_POLL).await;
+    }
+}
+
+/// Bytes of the control frames that carry a new urgent document to a peer that lacks it: the
+/// push of its whole `save()` and the offer page and end that follow it in the same flight.
+fn dispatch_wire_bytes(node: &Node, id: &str) -> u64 {
+    let doc: DocId = id.parse().expect("doc id");
+    let (heads, data) = node
+        .store
+        .doc_load_bytes(&doc)
+        .expect("read doc")
+        .expect("a stored snapshot");
+    let heads: Vec<_> = heads.iter().map(|h| h.0).collect();
+    let upto = node.store.feed_seq().expect("feed") as u64;
+    let frames = [
+        Frame::Push {
+            docs: vec![DocChanges {
+                id: id.into(),
+                heads: heads.clone(),
+                data,
+            }],
+        },
+        Frame::Offer {
+            docs: vec![DocHeads {
+                id: id.into(),
+                heads,
+            }],
+        },
+        Frame::OfferEnd { upto, offered: 1 },
+    ];
+    frames
+        .iter()
+        .map(|f| wire::encode(f, CONTROL_LEVEL).len() as u64)
+        .sum()
+}
+
+/// One dispatch committed at the province and seen stored at the commune.
+struct Delivery {
+    priority: Priority,
+    latency: Duration,
+    wire: u64,
+    /// The bulk scan was still arriving when the dispatch was stored.
+    busy: bool,
+}
+
+impl Delivery {
+    fn bar_s(&self) -> f64 {
+        2.0 * WEAK_4G_RTT_S + self.wire as f64 * 8.0 / WEAK_4G_RATE_BPS
+    }
+
+    fn met(&self) -> bool {
+        self.latency.as_secs_f64() <= self.bar_s()
+    }
+}
+
+/// Commits a dispatch with no scan to the commune at the province (the command returns once it
+/// is durable, and wakes the daemon) and waits until the commune's store holds it.
+async fn deliver_one(
+    province: &mut Node,
+    watch: &Watcher,
+    priority: Priority,
+    ref_no: &str,
+    bulk: Option<&[u8; 32]>,
+) -> Delivery {
+    let req = DispatchRequest {
+        ref_no: ref_no.into(),
+        summary: "Khẩn: di dời dân khỏi vùng sạt lở".into(),
+        kind: DispatchKind::Directive,
+        priority,
+        to: vec![COMMUNE.into()],
+        attach: Vec::new(),
+    };
+    let id = province.dispatch_new(None, &req).expect("dispatch new").id;
+    let committed = Instant::now();
+    let latency = until(committed, &id, || watch.has_doc(&id)).await;
+    Delivery {
+        priority,
+        latency,
+        wire: dispatch_wire_bytes(province, &id),
+        busy: bulk.is_some_and(|h| !watch.has_blob(h)),
+    }
+}
+
+fn ms(d: Duration) -> u128 {
+    d.as_millis()
+}
+
+/// Latency of urgent and flash dispatches from a province `serve` to a commune `serve` (which
+/// keeps its upstream session, as in production) over linksim weak 4G, on the idle link and
+/// while a bulk scan fills it.
+async fn urgent_weak_4g(scan_mb: usize) {
+    println!("\n## Urgent dispatch over a busy link: weak 4G (1 Mbit/s, 200 ms RTT, 2% loss, 64 KiB queue), bulk scan of {scan_mb} MB (incompressible)\n");
+    let tmp = scratch();
+    let province_dir = empty_province(&tmp.path().join("province"));
+    let served = serve_here(&province_dir).await;
+    let sim = LinkSim::start(
+        "127.0.0.1:0".parse().expect("addr"),
+        served.addr,
+        LinkProfile::weak_4g(),
+        LinkProfile::weak_4g(),
+        43,
+        vec![],
+    )
+    .await
+    .expect("linksim");
+    let commune = enrolled_commune(&province_dir, &tmp.path().join("commune"), sim.local_addr());
+    let daemon = serve_here(&commune).await;
+    let watch = Watcher::open(&commune);
+    let mut province = Node::open(&province_dir).expect("open province");
+    // The commune's daemon connects and converges; the first delivery also warms the path.
+    deliver_one(&mut province, &watch, Priority::Normal, "0/WARM", None).await;
+
+    let mut rows = Vec::new();
+    for priority in [Priority::Urgent, Priority::Flash] {
+        for i in 0..URGENT_SENDS {
+            tokio::time::sleep(URGENT_GAP / 2).await;
+            let d = deliver_one(&mut province, &watch, priority, &format!("{i}/IDLE"), None).await;
+            rows.push(("idle", d));
+        }
+    }
+
+    let scan_path = tmp.path().join("bulk.jpg");
+    let scan = random_scan(scan_mb * 1_000_000, 44);
+    let hash = *blake3::hash(&scan).as_bytes();
+    std::fs::write(&scan_path, &scan).expect("write scan");
+    drop(scan);
+    let bulk_id = {
+        let req = DispatchRequest {
+            ref_no: "9/BULK".into(),
+            summary: "Hồ sơ quét kèm theo".into(),
+            kind: DispatchKind::Dispatch,
+            priority: Priority::Normal,
+            to: vec![COMMUNE.into()],
+            attach: vec![scan_path],
+        };
+        province.dispatch_new(None, &req).expect("dispatch new").id
+    };
+    let bulk_started = Instant::now();
+    // The commune asks for the scan as soon as it holds the document.
+    until(bulk_started, "the bulk dispatch", || {
+        watch.has_doc(&bulk_id)
+    })
+    .await;
+    let (scan_started, link_before) = (Instant::now(), sim.stats());
+    tokio::time::sleep(URGENT_AFTER).await;
+    for i in 0..2 * URGENT_SENDS {
+        let priority = [Priority::Urgent, Priority::Flash][i % 2];
+        let d = deliver_one(
+            &mut province,
+            &watch,
+            priority,
+            &format!("{i}/BUSY"),
+            Some(&hash),
+        )
+        .await;
+        rows.push(("bulk scan", d));
+        tokio::time::sleep(URGENT_GAP).await;
+    }
+    let scan_secs = until(scan_started, "the bulk scan", || watch.has_blob(&hash))
+        .await
+        .as_secs_f64();
+    let link = sim.stats();
+    daemon.stop().await;
+    sim.shutdown().await;
+    served.stop().await;
+
+    println!("| # | link | priority | latency | frames carrying it | bar (2 × {:.0} ms + its transfer) | |", WEAK_4G_RTT_S * 1e3);
+    println!("| --- | --- | --- | --- | --- | --- | --- |");
+    for (n, (link, d)) in rows.iter().enumerate() {
+        println!(
+            "| {} | {link}{} | {} | {} ms | {} B | {:.0} ms | {} |",
+            n + 1,
+            if *link != "idle" && !d.busy {
+                " (scan already done)"
+            } else {
+                ""
+            },
+            d.priority,
+            ms(d.latency),
+            d.wire,
+            d.bar_s() * 1e3,
+            met(d.met())
+        );
+    }
+    println!();
+    for link in ["idle", "bulk scan"] {
+        for priority in [Priority::Urgent, Priority::Flash] {
+            let mut lat: Vec<u128> = rows
+                .iter()
+                .filter(|(l, d)| *l == link && d.priority == priority)
+                .map(|(_, d)| ms(d.latency))
+                .collect();
+            lat.sort();
+            let met_n = rows
+                .iter()
+                .filter(|(l, d)| *l == link && d.priority == priority && d.met())
+                .count();
+            println!(
+                "{link}, {priority}: latency {}–{} ms (median {} ms), bar met {met_n}/{}",
+                lat[0],
+                lat[lat.len() - 1],
+                lat[lat.len() / 2],
+                lat.len()
+            );
+        }
+    }
+    let down = sub_stats(link.down, link_before.down);
+    println!(
+        "\nbulk scan: {} in {scan_secs:.1} s after its document arrived = {:.0} kbit/s of file, {:.1}% of the link rate; linksim down meanwhile: {down}",
+        mb((scan_mb * 1_000_000) as f64),
+        (scan_mb * 1_000_000) as f64 * 8.0 / scan_secs / 1e3,
+        (scan_mb * 1_000_000) as f64 * 8.0 / scan_secs / WEAK_4G_RATE_BPS * 100.0,
     );
 }

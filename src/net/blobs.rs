@@ -11,6 +11,7 @@ use quinn::RecvStream;
 use tokio::sync::{mpsc, Mutex};
 use tracing::{debug, warn};
 
+use super::pace::Pacer;
 use super::{read_frame, write_frame, Event, NetError, STREAM_BLOB};
 use crate::node::blobsink::BlobSink;
 use crate::node::DB_FILE;
@@ -24,7 +25,7 @@ fn store_err(e: impl std::fmt::Display) -> NetError {
 }
 
 /// The link's rate as the congestion controller sees it (see [`link_rate_bps`]).
-fn estimated_rate_bps(conn: &quinn::Connection) -> u64 {
+pub(super) fn estimated_rate_bps(conn: &quinn::Connection) -> u64 {
     let stats = conn.stats();
     link_rate_bps(&LinkView {
         rtt: conn.rtt(),
@@ -72,13 +73,13 @@ pub(super) fn spawn_sender(
     dir: std::path::PathBuf,
     queue: Arc<Mutex<mpsc::Receiver<(Hash32, u64)>>>,
     events: mpsc::Sender<Event>,
-    rate: Arc<RateLimit>,
+    (rate, pacer): (Arc<RateLimit>, Arc<Pacer>),
 ) {
     tokio::spawn(async move {
         loop {
             let next = queue.lock().await.recv().await;
             let Some((hash, from)) = next else { break };
-            match send(&conn, &dir, hash, from, &rate).await {
+            match send(&conn, &dir, hash, from, &rate, &pacer).await {
                 Ok(()) => {
                     let _ = events.send(Event::BlobSent).await;
                 }
@@ -114,6 +115,7 @@ async fn send(
     hash: Hash32,
     from: u64,
     rate: &RateLimit,
+    pacer: &Pacer,
 ) -> Result<(), NetError> {
     let store = Store::open(&dir.join(DB_FILE), 1).map_err(store_err)?;
     let (size, chunk_hashes) = store
@@ -155,10 +157,7 @@ async fn send(
             .await
             .unwrap_or_else(|| Err(NetError::Node("the scan reader stopped".into())))?;
         rate.take(frame[1].len()).await;
-        stream
-            .write_all_chunks(&mut frame)
-            .await
-            .map_err(|e| lost(e.to_string()))?;
+        pacer.write(&mut stream, &mut frame).await?;
     }
     stream.finish().map_err(|e| lost(e.to_string()))?;
     debug!(hash = %hex::encode(hash), from, "scan sent");

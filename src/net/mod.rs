@@ -2,6 +2,7 @@
 //! real streams: one control stream each way, one data stream per scan in transit.
 
 mod blobs;
+mod pace;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -372,13 +373,14 @@ pub async fn run_session(
         .map_err(|e| lost(e.to_string()))?;
 
     let (blob_queue, blob_rx) = async_channel();
+    let pacer = Arc::new(pace::Pacer::new(conn.clone()));
     for _ in 0..BLOB_SENDERS {
         blobs::spawn_sender(
             conn.clone(),
             dir.clone(),
             blob_rx.clone(),
             events_tx.clone(),
-            rate.clone(),
+            (rate.clone(), pacer.clone()),
         );
     }
 

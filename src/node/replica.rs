@@ -338,7 +338,7 @@ impl Replica for NodeReplica<'_> {
         &mut self,
         after: u64,
         limit: usize,
-    ) -> Result<Vec<(u64, DocHeads)>, ProtoError> {
+    ) -> Result<Vec<(u64, DocHeads, i64)>, ProtoError> {
         let scope = scope_for(&self.peer.unit, self.node.unit());
         let mut rows = self
             .node
@@ -348,13 +348,14 @@ impl Replica for NodeReplica<'_> {
         // Flash and urgent dispatches travel first within the page.
         rows.sort_by_key(|(seq, _, _, rank)| (std::cmp::Reverse(*rank), *seq));
         rows.into_iter()
-            .map(|(seq, id, heads, _)| {
+            .map(|(seq, id, heads, rank)| {
                 Ok((
                     seq as u64,
                     DocHeads {
                         id,
                         heads: to_hashes(&decode_heads(&heads).map_err(local)?),
                     },
+                    rank,
                 ))
             })
             .collect()

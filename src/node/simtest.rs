@@ -10,6 +10,7 @@ use super::replica::NodeReplica;
 use super::{DispatchRequest, Node};
 use crate::model::assignment::Status;
 use crate::model::dispatch::{DispatchKind, Priority};
+use crate::model::{dispatch, Author};
 use crate::proto::blob::{decode_chunk, encode_chunk};
 use crate::proto::{Action, Frame, Hash32, ProtoError, Session};
 use crate::store::index::DispatchFilter;
@@ -45,6 +46,41 @@ fn pair(dir: &std::path::Path) -> (Side, Side) {
     (a, b)
 }
 
+/// Everything a session has to send now, each frame through the wire encoding, as over QUIC.
+fn flight(session: &mut Session, side: &mut Side) -> Vec<Frame> {
+    let mut r = NodeReplica::new(&mut side.node, side.peer.clone());
+    let mut out = Vec::new();
+    while let Some(f) = session.poll_frame(&mut r).unwrap() {
+        let bytes = crate::proto::wire::encode(&f, 1);
+        out.push(crate::proto::wire::decode(&bytes[4..]).unwrap());
+    }
+    out
+}
+
+/// Hands a flight to the session on the other side, in order.
+fn land(session: &mut Session, side: &mut Side, frames: Vec<Frame>) -> Result<(), ProtoError> {
+    let mut r = NodeReplica::new(&mut side.node, side.peer.clone());
+    frames
+        .into_iter()
+        .try_for_each(|f| session.handle(&mut r, f))
+}
+
+/// Exchanges whole flights both ways until neither side has anything to say.
+fn settle(sa: &mut Session, a: &mut Side, sb: &mut Session, b: &mut Side) {
+    for _ in 0..LEGS_MAX {
+        let (fa, fb) = (flight(sa, a), flight(sb, b));
+        if fa.is_empty() && fb.is_empty() {
+            assert!(sa.is_done() && sb.is_done(), "both sides idle, not done");
+            return;
+        }
+        land(sb, b, fa).unwrap();
+        land(sa, a, fb).unwrap();
+    }
+    panic!("no convergence within {LEGS_MAX} flights");
+}
+
+const LEGS_MAX: usize = 32;
+
 /// A scan transfer in flight: chunks still to copy.
 struct Transfer {
     from_a: bool,
@@ -69,12 +105,8 @@ fn run_once(a: &mut Side, b: &mut Side, rng: &mut StdRng, cut_per_step: f64) -> 
             (&mut *a, &mut sa, &mut a_to_b, true),
             (&mut *b, &mut sb, &mut b_to_a, false),
         ] {
-            let mut r = NodeReplica::new(&mut side.node, side.peer.clone());
-            while let Some(f) = session.poll_frame(&mut r).unwrap() {
-                // Every frame crosses the wire encoding, as it would over QUIC.
-                let bytes = crate::proto::wire::encode(&f, 1);
-                queue.push_back(crate::proto::wire::decode(&bytes[4..]).unwrap());
-            }
+            queue.extend(flight(session, side));
+            let r = NodeReplica::new(&mut side.node, side.peer.clone());
             while let Some(action) = session.poll_action() {
                 if let Action::SendBlob { hash, from } = action {
                     if r.node.store.has_blob(&hash).unwrap() {
@@ -437,4 +469,133 @@ fn a_frame_with_one_refused_document_stores_none_of_it() {
     );
     assert!(!b.node.store.doc_exists(&ours.parse().unwrap()).unwrap());
     assert!(!b.node.store.doc_exists(&not_ours.parse().unwrap()).unwrap());
+}
+
+fn to_commune(ref_no: &str, priority: Priority) -> DispatchRequest {
+    DispatchRequest {
+        ref_no: ref_no.into(),
+        summary: "Sơ tán khẩn cấp".into(),
+        kind: DispatchKind::Directive,
+        priority,
+        to: vec!["qn/binhlieu/tinhhuc".into()],
+        attach: vec![],
+    }
+}
+
+fn ids_wanted(frames: &[Frame]) -> Vec<String> {
+    frames
+        .iter()
+        .flat_map(|f| match f {
+            Frame::Want { docs } => docs.iter().map(|d| d.id.clone()).collect(),
+            _ => Vec::new(),
+        })
+        .collect()
+}
+
+#[test]
+fn an_urgent_dispatch_is_stored_from_the_flight_that_offers_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = pair(dir.path());
+    let mut sa = Session::new(&mut NodeReplica::new(&mut a.node, a.peer.clone()), 0).unwrap();
+    let mut sb = Session::new(&mut NodeReplica::new(&mut b.node, b.peer.clone()), 0).unwrap();
+    settle(&mut sa, &mut a, &mut sb, &mut b);
+
+    // A continuous session, as `serve` runs it: the province writes, then offers.
+    let urgent = a
+        .node
+        .dispatch_new(None, &to_commune("1/KHAN", Priority::Urgent))
+        .unwrap();
+    let normal = a
+        .node
+        .dispatch_new(None, &to_commune("2/THUONG", Priority::Normal))
+        .unwrap();
+    let mut ra = NodeReplica::new(&mut a.node, a.peer.clone());
+    assert!(sa.poll_local_changes(&mut ra, false).unwrap());
+    let first = flight(&mut sa, &mut a);
+    assert!(
+        matches!(&first[0], Frame::Push { docs } if docs.len() == 1 && docs[0].id == urgent.id)
+    );
+    land(&mut sb, &mut b, first).unwrap();
+    assert!(
+        b.node.store.doc_heads(&urgent.id).unwrap().is_some(),
+        "the urgent dispatch is stored half a round trip after the write"
+    );
+    assert!(
+        b.node.store.doc_heads(&normal.id).unwrap().is_none(),
+        "a normal dispatch waits for its Want"
+    );
+    // A Push is accepted only where an Offer would be, not while a round's changes arrive.
+    let mut rb = NodeReplica::new(&mut b.node, b.peer.clone());
+    assert!(matches!(
+        sb.handle(&mut rb, Frame::Push { docs: vec![] }),
+        Err(ProtoError::Violation(_))
+    ));
+    let answer = flight(&mut sb, &mut b);
+    assert_eq!(ids_wanted(&answer), vec![normal.id.clone()]);
+    land(&mut sa, &mut a, answer).unwrap();
+    settle(&mut sa, &mut a, &mut sb, &mut b);
+
+    // A change to a document the peer holds is pushed whole again: merged, nothing asked for.
+    a.node
+        .dispatch_comment(None, &urgent.id, "đã có xe")
+        .unwrap();
+    let mut ra = NodeReplica::new(&mut a.node, a.peer.clone());
+    assert!(sa.poll_local_changes(&mut ra, false).unwrap());
+    let again = flight(&mut sa, &mut a);
+    assert!(matches!(&again[0], Frame::Push { .. }));
+    land(&mut sb, &mut b, again).unwrap();
+    assert_eq!(ids_wanted(&flight(&mut sb, &mut b)), Vec::<String>::new());
+    for id in [&urgent.id, &normal.id] {
+        assert_eq!(heads_of(&mut a.node, id), heads_of(&mut b.node, id));
+    }
+    assert_eq!(
+        b.node
+            .dispatch_show(&urgent.id)
+            .unwrap()
+            .dispatch
+            .comments
+            .len(),
+        1
+    );
+}
+
+#[test]
+fn a_pushed_document_passes_the_checks_of_any_change() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = pair(dir.path());
+    let mut flash = to_commune("3/HOATOC", Priority::Flash);
+    flash.to = vec!["qn".into()];
+    let d = b.node.dispatch_new(None, &flash).unwrap();
+    // The commune adds a change claiming the province wrote it.
+    let id: crate::model::DocId = d.id.parse().unwrap();
+    let forged = Author {
+        user: "admin".into(),
+        unit: "qn".into(),
+        node: b.node.node_id().to_string(),
+    };
+    let actor = b.node.actor().clone();
+    b.node
+        .store
+        .write(|tx| {
+            tx.update_doc(&id, &actor, super::now_ms(), |doc| {
+                Ok(dispatch::add_comment(
+                    doc,
+                    &id,
+                    "forged",
+                    &forged,
+                    super::now_ms(),
+                )?)
+            })
+        })
+        .unwrap();
+    let mut sa = Session::new(&mut NodeReplica::new(&mut a.node, a.peer.clone()), 0).unwrap();
+    let mut sb = Session::new(&mut NodeReplica::new(&mut b.node, b.peer.clone()), 0).unwrap();
+    let first = flight(&mut sb, &mut b);
+    assert!(first.iter().any(|f| matches!(f, Frame::Push { .. })));
+    let refused = land(&mut sa, &mut a, first).unwrap_err();
+    assert!(
+        matches!(&refused, ProtoError::Refused(why) if why.contains("claims author unit qn")),
+        "{refused}"
+    );
+    assert!(a.node.store.doc_heads(&d.id).unwrap().is_none());
 }

@@ -4,7 +4,9 @@
 //! its feed (so an unchanged reconnect costs one exchange, whatever the store size), the peer
 //! asks only for what it lacks, changes travel batched across documents and are acknowledged
 //! once durable; scans are then pulled by the receiver, a few at a time, most urgent first, so a
-//! scan that becomes urgent mid-transfer overtakes bulk ones. See docs/protocol.md.
+//! scan that becomes urgent mid-transfer overtakes bulk ones. Urgent documents do not wait for
+//! the peer's Want: they are pushed whole just ahead of the offer that lists them, half a round
+//! trip after they are written. See docs/protocol.md.
 
 use std::collections::{HashSet, VecDeque};
 
@@ -22,6 +24,11 @@ pub const BLOBS_IN_FLIGHT_MAX: usize = 2;
 pub const BLOB_WANT_MAX: usize = 256;
 /// Frames queued before the session stops paging more offers (bounds memory).
 const QUEUE_FRAMES_MAX: usize = 8;
+/// Documents of at least this priority rank (urgent and above) are pushed with their offer.
+pub const PUSH_RANK_MIN: i64 = 1;
+/// Largest document pushed whole; a larger one waits for the peer's Want like any other (it may
+/// hold most of it already, and a push is resent whole whatever the peer holds).
+pub const PUSH_DOC_BYTES_MAX: usize = 64 << 10;
 
 /// What the session needs from the node's store, seen from this side of one peer.
 pub trait Replica {
@@ -38,13 +45,14 @@ pub trait Replica {
     /// The peer has less of this node's feed than it acknowledged (restored from a backup):
     /// lower the checkpoint to `have` and forget which documents it was known to hold.
     fn peer_regressed(&mut self, have: u64) -> Result<(), ProtoError>;
-    /// Documents in the peer's scope changed after `after`, with their feed positions: in feed
-    /// order across pages, most urgent first within a page.
+    /// Documents in the peer's scope changed after `after`, with their feed positions and
+    /// priority ranks (0 for anything but an urgent dispatch): in feed order across pages, most
+    /// urgent first within a page.
     fn changed_since(
         &mut self,
         after: u64,
         limit: usize,
-    ) -> Result<Vec<(u64, DocHeads)>, ProtoError>;
+    ) -> Result<Vec<(u64, DocHeads, i64)>, ProtoError>;
     /// For offered documents this node lacks changes of: this node's heads (empty when absent).
     fn wants(&mut self, offered: &[DocHeads]) -> Result<Vec<DocHeads>, ProtoError>;
     /// The changes the peer lacks, given its heads; None when there is nothing to send.
@@ -230,7 +238,7 @@ impl Session {
                 };
                 break;
             }
-            let last = page.iter().map(|(seq, _)| *seq).max().unwrap_or(cursor);
+            let last = page.iter().map(|(seq, ..)| *seq).max().unwrap_or(cursor);
             let n = page.len() as u64;
             self.tx = Tx::Offering {
                 cursor: last,
@@ -238,11 +246,45 @@ impl Session {
                 offered: offered + n,
             };
             self.stats.docs_offered += n;
+            self.push_urgent(replica, &page)?;
             self.out.push_back(Frame::Offer {
-                docs: page.into_iter().map(|(_, d)| d).collect(),
+                docs: page.into_iter().map(|(_, d, _)| d).collect(),
             });
         }
         Ok(self.out.pop_front())
+    }
+
+    /// Queues the urgent documents of an offer page, whole, ahead of the offer: the peer stores
+    /// them on arrival instead of a round trip later. They stay in the offer, so the round and
+    /// its checkpoint are exactly those of a round without the push.
+    fn push_urgent(
+        &mut self,
+        replica: &mut impl Replica,
+        page: &[(u64, DocHeads, i64)],
+    ) -> Result<(), ProtoError> {
+        let (mut docs, mut bytes) = (Vec::new(), 0);
+        // Pages come most urgent first, so the scan stops at the first normal document.
+        for (_, doc, _) in page.iter().take_while(|(.., rank)| *rank >= PUSH_RANK_MIN) {
+            if bytes >= CHANGES_FRAME_BYTES {
+                break;
+            }
+            let whole = DocHeads {
+                id: doc.id.clone(),
+                heads: Vec::new(),
+            };
+            let Some(changes) = replica.changes_for(&whole)? else {
+                continue;
+            };
+            if changes.data.len() <= PUSH_DOC_BYTES_MAX {
+                bytes += changes.data.len();
+                docs.push(changes);
+            }
+        }
+        if !docs.is_empty() {
+            self.stats.docs_sent += docs.len() as u64;
+            self.out.push_back(Frame::Push { docs });
+        }
+        Ok(())
     }
 
     pub fn poll_action(&mut self) -> Option<Action> {
@@ -290,6 +332,14 @@ impl Session {
                 if !wants.is_empty() {
                     self.out.push_back(Frame::Want { docs: wants });
                 }
+            }
+            Frame::Push { docs } => {
+                // Pushed documents come ahead of the offer that lists them, where an Offer
+                // would be accepted; they pass the same checks as any Changes.
+                if !matches!(self.rx, Rx::Waiting | Rx::Offers | Rx::Applied) {
+                    return Err(ProtoError::Violation("Push during a round".into()));
+                }
+                self.stats.docs_received += replica.apply(docs)? as u64;
             }
             Frame::OfferEnd { upto, offered } => {
                 if !matches!(self.rx, Rx::Waiting | Rx::Offers | Rx::Applied) {

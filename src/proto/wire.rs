@@ -7,8 +7,8 @@ use bytes::Bytes;
 
 use super::ProtoError;
 
-/// Protocol version spoken by this build (sent in Hello).
-pub const VERSION: u16 = 1;
+/// Protocol version spoken by this build (sent in Hello). 2 added `Push`.
+pub const VERSION: u16 = 2;
 /// Largest frame on the wire (header excluded), compressed or not.
 pub const FRAME_BYTES_MAX: usize = 16 << 20;
 /// Largest frame body after decompression: checked before zstd runs (no decompression bombs).
@@ -68,6 +68,10 @@ pub enum Frame {
     Changes {
         docs: Vec<DocChanges>,
     },
+    /// Urgent documents sent whole ahead of the offer that lists them, without waiting for a Want.
+    Push {
+        docs: Vec<DocChanges>,
+    },
     ChangesEnd {
         upto: u64,
     },
@@ -121,6 +125,7 @@ impl Frame {
             Frame::BlobsDone => 13,
             Frame::Crl { .. } => 14,
             Frame::Refused { .. } => 15,
+            Frame::Push { .. } => 16,
         }
     }
 
@@ -131,6 +136,7 @@ impl Frame {
             Frame::Offer { .. }
                 | Frame::Want { .. }
                 | Frame::Changes { .. }
+                | Frame::Push { .. }
                 | Frame::BlobHeader { .. }
         )
     }
@@ -231,6 +237,18 @@ impl<'a> Dec<'a> {
             })
             .collect()
     }
+    fn doc_changes(&mut self) -> Result<Vec<DocChanges>, ProtoError> {
+        let n = self.count(ITEMS_MAX)?;
+        let mut docs = Vec::with_capacity(n.min(1024));
+        for _ in 0..n {
+            docs.push(DocChanges {
+                id: self.string(64)?,
+                heads: self.hashes(HEADS_MAX)?,
+                data: self.bytes()?,
+            });
+        }
+        Ok(docs)
+    }
     fn end(&self) -> Result<(), ProtoError> {
         if self.buf.is_empty() {
             Ok(())
@@ -261,7 +279,7 @@ fn body(frame: &Frame) -> (Vec<u8>, Option<&Bytes>) {
             e.uint(*offered);
         }
         Frame::WantEnd | Frame::BlobsDone => {}
-        Frame::Changes { docs } => {
+        Frame::Changes { docs } | Frame::Push { docs } => {
             e.uint(docs.len() as u64);
             for c in docs {
                 e.bytes(c.id.as_bytes());
@@ -425,18 +443,12 @@ fn decode_in(buf: &[u8], shared: Option<&Bytes>) -> Result<Frame, ProtoError> {
             docs: d.doc_heads()?,
         },
         5 => Frame::WantEnd,
-        6 => {
-            let n = d.count(ITEMS_MAX)?;
-            let mut docs = Vec::with_capacity(n.min(1024));
-            for _ in 0..n {
-                docs.push(DocChanges {
-                    id: d.string(64)?,
-                    heads: d.hashes(HEADS_MAX)?,
-                    data: d.bytes()?,
-                });
-            }
-            Frame::Changes { docs }
-        }
+        6 => Frame::Changes {
+            docs: d.doc_changes()?,
+        },
+        16 => Frame::Push {
+            docs: d.doc_changes()?,
+        },
         7 => Frame::ChangesEnd { upto: d.uint()? },
         8 => Frame::Ack { upto: d.uint()? },
         9 => {
@@ -538,6 +550,13 @@ mod tests {
                     };
                     300
                 ],
+            },
+            Frame::Push {
+                docs: vec![DocChanges {
+                    id: "dsp_0011223344556677".into(),
+                    heads: vec![[2; 32]],
+                    data: vec![4; 600],
+                }],
             },
             Frame::ChangesEnd { upto: 5 },
             Frame::Ack { upto: 5 },
