@@ -112,7 +112,6 @@ impl Store {
         conn.pragma_update(None, "journal_mode", "WAL").at(path)?;
         conn.pragma_update(None, "synchronous", "FULL").at(path)?;
         conn.pragma_update(None, "foreign_keys", "ON").at(path)?;
-        conn.pragma_update(None, "cache_size", -8192).at(path)?;
         schema::migrate(&mut conn, path)?;
         let unit = index::node_unit(&conn, path)?;
         Ok(Store {
