@@ -455,6 +455,9 @@ pub async fn run_session(
                 return Ok(());
             }
             tokio::select! {
+                // Events first: the peer's last frames (its Ack) are read before it closes, so
+                // when both are ready they must be handled before the close ends the session.
+                biased;
                 event = events.recv() => {
                     let mut replica = NodeReplica::new(&mut node, peer.clone());
                     match event {
