@@ -1346,6 +1346,28 @@ async fn scan_loopback(scan_mb: usize) {
     );
 }
 
+/// A commune enrolled with `province`, its upstream the province's `serve` at `addr` through a
+/// linksim weak-4G link both ways (random loss from `seed`).
+async fn commune_behind_weak_4g(
+    province: &Path,
+    addr: SocketAddr,
+    dir: &Path,
+    seed: u64,
+) -> (LinkSim, PathBuf) {
+    let sim = LinkSim::start(
+        "127.0.0.1:0".parse().expect("addr"),
+        addr,
+        LinkProfile::weak_4g(),
+        LinkProfile::weak_4g(),
+        seed,
+        vec![],
+    )
+    .await
+    .expect("linksim");
+    let commune = enrolled_commune(province, dir, sim.local_addr());
+    (sim, commune)
+}
+
 async fn scan_weak_4g(scan_mb: usize) {
     println!("\n## Scan over linksim weak 4G (1 Mbit/s, 200 ms RTT, 2% loss, both ways), {scan_mb} MB greyscale scan\n");
     let bytes = scan_mb * 1_000_000;
@@ -1358,17 +1380,8 @@ async fn scan_weak_4g(scan_mb: usize) {
     let (f19, f9) = (blob_frame_bytes(&grey, 19), blob_frame_bytes(&grey, 9));
     drop(grey);
     let served = serve_here(&province).await;
-    let sim = LinkSim::start(
-        "127.0.0.1:0".parse().expect("addr"),
-        served.addr,
-        LinkProfile::weak_4g(),
-        LinkProfile::weak_4g(),
-        42,
-        vec![],
-    )
-    .await
-    .expect("linksim");
-    let commune = enrolled_commune(&province, &tmp.path().join("commune"), sim.local_addr());
+    let (sim, commune) =
+        commune_behind_weak_4g(&province, served.addr, &tmp.path().join("commune"), 42).await;
     // Baseline: the same session shape with a dispatch and no scan, over the same link.
     dispatch_with_scan(&province, None, "1/NOSCAN");
     let base = sync_now(&commune).await;
@@ -1813,17 +1826,8 @@ async fn urgent_weak_4g(scan_mb: usize) {
     let tmp = scratch();
     let province_dir = empty_province(&tmp.path().join("province"));
     let served = serve_here(&province_dir).await;
-    let sim = LinkSim::start(
-        "127.0.0.1:0".parse().expect("addr"),
-        served.addr,
-        LinkProfile::weak_4g(),
-        LinkProfile::weak_4g(),
-        43,
-        vec![],
-    )
-    .await
-    .expect("linksim");
-    let commune = enrolled_commune(&province_dir, &tmp.path().join("commune"), sim.local_addr());
+    let (sim, commune) =
+        commune_behind_weak_4g(&province_dir, served.addr, &tmp.path().join("commune"), 43).await;
     let daemon = serve_here(&commune).await;
     let watch = Watcher::open(&commune);
     let mut province = Node::open(&province_dir).expect("open province");
