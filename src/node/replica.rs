@@ -489,8 +489,8 @@ impl Replica for NodeReplica<'_> {
                     .map(|(id, change, _)| (id, &change.data[..]))
                     .collect();
                 // Checker k takes every `checkers`-th new document; results are read back in
-                // frame order, one from each in turn.
-                let checkers = checker_threads().min(jobs.len()).max(1);
+                // frame order, one from each in turn. No new document, no checker.
+                let checkers = checker_threads().min(jobs.len());
                 let mut results = Vec::with_capacity(checkers);
                 for k in 0..checkers {
                     let (ahead, checked) =
