@@ -175,9 +175,16 @@ impl<'a> BlobSink<'a> {
             .whole
             .take()
             .map(|(hasher, size)| (&self.manifest[..], *hasher.finalize().as_bytes(), size));
-        self.store
+        let stored = self
+            .store
             .write(|tx| tx.blob_partial_finish(&hash, streamed, now_ms()))
             .map_err(local)?;
+        if !stored {
+            return Err(ProtoError::Malformed(format!(
+                "scan {} does not match its hash; discarded, the next transfer starts afresh",
+                hex::encode(hash)
+            )));
+        }
         Ok(hash)
     }
 }

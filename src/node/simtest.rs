@@ -173,10 +173,12 @@ fn run_once(a: &mut Side, b: &mut Side, rng: &mut StdRng, cut_per_step: f64) -> 
                 .unwrap();
             t.next += 1;
             if t.next == manifest.len() as u64 {
-                dst.node
+                let stored = dst
+                    .node
                     .store
                     .write(|tx| tx.blob_partial_finish(&hash, None, 2))
                     .unwrap();
+                assert!(stored, "the scan matches its hash");
                 transfers.swap_remove(i);
                 dst_session
                     .blob_finished(

@@ -615,8 +615,9 @@ impl WriteTx<'_> {
         Ok(())
     }
 
-    /// Checks the whole content against its hash and makes the scan available; on mismatch
-    /// discards the chunks (the manifest lied) and fails. `streamed` describes a receiver that
+    /// Checks the whole content against its hash and makes the scan available (true); on
+    /// mismatch discards the chunks and the manifest (the manifest lied) and returns false, so
+    /// the discarding commits and the next transfer starts afresh. `streamed` describes a receiver that
     /// verified and stored every chunk itself, in order: the manifest it checked them against,
     /// and the BLAKE3 and size of what it stored. The stored chunks are then taken as that
     /// content if the stored manifest is still the same and no chunk is missing; otherwise (or
@@ -626,7 +627,7 @@ impl WriteTx<'_> {
         hash: &Hash,
         streamed: Option<(&[Hash], Hash, u64)>,
         at_ms: i64,
-    ) -> Result<()> {
+    ) -> Result<bool> {
         let (size, manifest): (i64, Vec<u8>) = self
             .tx
             .query_row(
@@ -661,10 +662,7 @@ impl WriteTx<'_> {
             self.tx
                 .execute("DELETE FROM blob_partial WHERE hash = ?1", [&hash[..]])
                 .at(self.path)?;
-            return Err(StoreError::Corrupt(format!(
-                "scan {} received from a peer does not match its hash; discarded",
-                hex::encode(hash)
-            )));
+            return Ok(false);
         }
         self.tx
             .execute("DELETE FROM blob_wants WHERE hash = ?1", [&hash[..]])
@@ -678,7 +676,7 @@ impl WriteTx<'_> {
         self.tx
             .execute("DELETE FROM blob_partial WHERE hash = ?1", [&hash[..]])
             .at(self.path)?;
-        Ok(())
+        Ok(true)
     }
 
     /// BLAKE3 and size of the leading run of stored chunks of a scan in transit, read back from
@@ -724,6 +722,41 @@ mod tests {
 
     fn subtree(unit: &str) -> Scope {
         Scope::Subtree(unit.into())
+    }
+
+    #[test]
+    fn a_scan_that_does_not_match_its_hash_is_discarded_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::create(&dir.path().join("node.db"), 4).unwrap();
+        // A peer's manifest whose one chunk verifies, but whose content is not the scan claimed.
+        let claimed = [9u8; 32];
+        let chunk = b"not the scan".to_vec();
+        let manifest = [*blake3::hash(&chunk).as_bytes()];
+        let have = store
+            .write(|tx| tx.blob_partial_begin(&claimed, chunk.len() as u64, &manifest, 1))
+            .unwrap();
+        assert_eq!(have, 0);
+        let mut file = store.blob_partial_file(&claimed).unwrap();
+        file.write(0, &chunk).unwrap();
+        file.sync().unwrap();
+        store
+            .write(|tx| tx.blob_partial_chunks(&claimed, &manifest, &[(0, chunk.len())]))
+            .unwrap();
+        let stored = store
+            .write(|tx| tx.blob_partial_finish(&claimed, None, 2))
+            .unwrap();
+        assert!(!stored, "a mismatching scan is not stored");
+        assert!(!store.has_blob(&claimed).unwrap());
+        // The discarding committed: the next transfer starts from the first chunk.
+        let have = store
+            .write(|tx| tx.blob_partial_begin(&claimed, chunk.len() as u64, &manifest, 3))
+            .unwrap();
+        assert_eq!(have, 0);
+        let held: i64 = store
+            .conn()
+            .query_row("SELECT COUNT(*) FROM blob_chunks", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(held, 0, "no chunk of the lying transfer is kept");
     }
 
     #[test]
