@@ -296,6 +296,27 @@ impl Store {
 }
 
 impl WriteTx<'_> {
+    /// Opens the file of a scan this transaction stores, remembering it for removal on
+    /// rollback when this transaction created it and no transfer in progress (whose manifest
+    /// row committed before any of its bytes were written) is writing to it.
+    fn new_scan_file(&mut self, hash: &Hash) -> Result<ScanFile> {
+        let file = ScanFile::open(self.path, hash)?;
+        if file.created {
+            let receiving = self
+                .tx
+                .prepare_cached("SELECT 1 FROM blob_partial WHERE hash = ?1")
+                .at(self.path)?
+                .query_row([&hash[..]], |_| Ok(()))
+                .optional()
+                .at(self.path)?
+                .is_some();
+            if !receiving {
+                self.new_files.push(file.path.clone());
+            }
+        }
+        Ok(file)
+    }
+
     fn blob_exists(&self, hash: &Hash) -> Result<bool> {
         self.tx
             .prepare_cached("SELECT 1 FROM blobs WHERE hash = ?1")
@@ -346,7 +367,7 @@ impl WriteTx<'_> {
             });
         }
         let mut chunks = 0;
-        let mut file = ScanFile::open(self.path, &hash)?;
+        let mut file = self.new_scan_file(&hash)?;
         let (again, again_size) = scan_file(path, |idx, data| {
             chunks = idx + 1;
             file.write(idx as u64, data)?;
@@ -384,7 +405,7 @@ impl WriteTx<'_> {
             });
         }
         let mut chunks = 0;
-        let mut file = ScanFile::open(self.path, &hash)?;
+        let mut file = self.new_scan_file(&hash)?;
         for (idx, chunk) in data.chunks(CHUNK_BYTES).enumerate() {
             file.write(idx as u64, chunk)?;
             self.insert_chunk(&hash, idx, chunk)?;

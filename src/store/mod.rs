@@ -153,15 +153,36 @@ impl Store {
             touched: VecDeque::new(),
             feed: None,
             unit: self.unit.as_deref(),
+            new_files: Vec::new(),
         };
-        let value = f(&mut wtx)?;
-        wtx.flush_feed()?;
+        let outcome = f(&mut wtx).and_then(|value| {
+            wtx.flush_feed()?;
+            Ok(value)
+        });
         let WriteTx {
-            tx, touched, cache, ..
+            tx,
+            touched,
+            cache,
+            new_files,
+            ..
         } = wtx;
-        tx.commit().at(&path)?;
-        cache.commit(touched);
-        Ok(value)
+        let committed = outcome.and_then(|value| {
+            tx.commit().at(&path)?;
+            Ok(value)
+        });
+        match committed {
+            Ok(value) => {
+                cache.commit(touched);
+                Ok(value)
+            }
+            Err(e) => {
+                // The rollback leaves the scan files this transaction created unreferenced.
+                for file in new_files {
+                    let _ = std::fs::remove_file(file);
+                }
+                Err(e)
+            }
+        }
     }
 
     /// A consistent copy of the database, taken while it is in use (SQLite's VACUUM INTO), and
@@ -271,6 +292,9 @@ pub struct WriteTx<'a> {
     feed: Option<(i64, i64)>,
     /// This node's unit (see [`Store`]).
     unit: Option<&'a str>,
+    /// Scan files this transaction created and nothing else was writing: removed if it rolls
+    /// back, so a refused write leaves no file behind.
+    new_files: Vec<PathBuf>,
 }
 
 impl WriteTx<'_> {

@@ -899,6 +899,8 @@ fn a_dispatch_refused_after_its_scans_were_stored_leaves_no_trace() {
     for table in ["docs", "blobs", "blob_chunks", "doc_blobs"] {
         assert_eq!(node.count(table), 0, "{table}");
     }
+    let files = std::fs::read_dir(node.data().join("blobs")).map_or(0, |d| d.count());
+    assert_eq!(files, 0, "no scan file is left behind");
 }
 
 #[test]
