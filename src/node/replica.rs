@@ -2,6 +2,7 @@
 //! way out, and scope, authorship and integrity checks on the way in.
 
 use std::collections::HashSet;
+use std::sync::mpsc::{sync_channel, Receiver};
 
 use automerge::{AutoCommit, ChangeHash};
 use tracing::warn;
@@ -126,6 +127,50 @@ const CHECKED_AHEAD_MAX: usize = 32;
 /// cores two checkers and the storing thread keep both busy.
 fn checker_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+}
+
+/// The new documents of a frame, checked on other threads and read back in frame order: checker
+/// k takes every `n`-th document, and the results are read from each in turn.
+struct CheckedAhead {
+    results: Vec<Receiver<Result<Checked, ProtoError>>>,
+    read: usize,
+}
+
+impl CheckedAhead {
+    /// Starts the checkers inside `scope` (none when there is nothing to check).
+    fn start<'scope, 'env>(
+        scope: &'scope std::thread::Scope<'scope, 'env>,
+        sender: &'env Sender<'env>,
+        jobs: Vec<(&'env DocId, &'env [u8])>,
+    ) -> Result<Self, ProtoError> {
+        let n = checker_threads().min(jobs.len());
+        let mut results = Vec::with_capacity(n);
+        for k in 0..n {
+            let (ahead, checked) = sync_channel(CHECKED_AHEAD_MAX / n);
+            let mine: Vec<_> = jobs.iter().skip(k).step_by(n).copied().collect();
+            let checker = move || {
+                for (id, bytes) in mine {
+                    if ahead.send(sender.check_new(id, bytes)).is_err() {
+                        break;
+                    }
+                }
+            };
+            std::thread::Builder::new()
+                .name(format!("check-docs-{k}"))
+                .spawn_scoped(scope, checker)
+                .map_err(|e| local(format!("starting a thread: {e}")))?;
+            results.push(checked);
+        }
+        Ok(CheckedAhead { results, read: 0 })
+    }
+
+    /// The check of the next new document, in frame order.
+    fn next(&mut self) -> Result<Result<Checked, ProtoError>, ProtoError> {
+        let from = &self.results[self.read % self.results.len()];
+        self.read += 1;
+        from.recv()
+            .map_err(|_| local("a thread checking incoming documents stopped"))
+    }
 }
 
 impl Sender<'_> {
@@ -483,46 +528,14 @@ impl Replica for NodeReplica<'_> {
                 incoming.push((id, change, stored));
             }
             std::thread::scope(|scope| {
-                let jobs: Vec<(&DocId, &[u8])> = incoming
+                let jobs = incoming
                     .iter()
                     .filter(|(_, _, stored)| !stored)
-                    .map(|(id, change, _)| (id, &change.data[..]))
-                    .collect();
-                // Checker k takes every `checkers`-th new document; results are read back in
-                // frame order, one from each in turn. No new document, no checker.
-                let checkers = checker_threads().min(jobs.len());
-                let mut results = Vec::with_capacity(checkers);
-                for k in 0..checkers {
-                    let (ahead, checked) =
-                        std::sync::mpsc::sync_channel(CHECKED_AHEAD_MAX / checkers);
-                    let mine: Vec<_> = jobs.iter().skip(k).step_by(checkers).copied().collect();
-                    let sender = &sender;
-                    let checker = move || {
-                        for (id, bytes) in mine {
-                            if ahead.send(sender.check_new(id, bytes)).is_err() {
-                                break;
-                            }
-                        }
-                    };
-                    std::thread::Builder::new()
-                        .name(format!("check-docs-{k}"))
-                        .spawn_scoped(scope, checker)
-                        .map_err(|e| local(format!("starting a thread: {e}")))?;
-                    results.push(checked);
-                }
-                let mut next_new = 0;
+                    .map(|(id, change, _)| (id, &change.data[..]));
+                let mut checked = CheckedAhead::start(scope, &sender, jobs.collect())?;
                 let mut new_here = HashSet::new();
                 for (id, change, stored) in &incoming {
-                    let early =
-                        if *stored {
-                            None
-                        } else {
-                            next_new += 1;
-                            let from = &results[(next_new - 1) % checkers];
-                            Some(from.recv().map_err(|_| {
-                                local("a thread checking incoming documents stopped")
-                            })?)
-                        };
+                    let early = if *stored { None } else { Some(checked.next()?) };
                     // New when the frame began, and still new unless the frame carries it twice.
                     let current = if *stored || !new_here.insert(id) {
                         tx.load_doc(id)?
@@ -532,7 +545,7 @@ impl Replica for NodeReplica<'_> {
                     sender.store(tx, peer_id, (id, change), (current, early), at_ms)?;
                 }
                 Ok(())
-                // Dropping the receivers stops the checking threads at their next document.
+                // Dropping `checked` stops the checking threads at their next document.
             })
         });
         result.map_err(|e| match e {
