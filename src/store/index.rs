@@ -28,8 +28,9 @@ pub(crate) fn reindex(
     let key = id.as_str();
     let (old_seq, seq) = seqs;
     if let Some(old_seq) = old_seq {
+        // The old parties name the old per-subtree feed rows, keyed by the old position.
         let old_parties: Vec<String> = conn
-            .prepare_cached("SELECT unit FROM doc_parties WHERE doc_id = ?1")
+            .prepare_cached("DELETE FROM doc_parties WHERE doc_id = ?1 RETURNING unit")
             .at(path)?
             .query_map([key], |r| r.get(0))
             .at(path)?
@@ -42,7 +43,6 @@ pub(crate) fn reindex(
                 .at(path)?;
         }
         for sql in [
-            "DELETE FROM doc_parties WHERE doc_id = ?1",
             "DELETE FROM doc_blobs WHERE doc_id = ?1",
             "DELETE FROM dispatch_recipients WHERE id = ?1",
         ] {
