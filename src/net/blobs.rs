@@ -11,7 +11,7 @@ use quinn::RecvStream;
 use tokio::sync::{mpsc, Mutex};
 use tracing::{debug, warn};
 
-use super::pace::Pacer;
+use super::pace::{Pacer, RateLimit};
 use super::{read_frame, write_frame, Event, NetError, STREAM_BLOB};
 use crate::node::blobsink::BlobSink;
 use crate::node::DB_FILE;
@@ -33,39 +33,6 @@ pub(super) fn estimated_rate_bps(conn: &quinn::Connection) -> u64 {
         pacing_bps: conn.congestion_state().metrics().pacing_rate,
         bytes_sent: stats.udp_tx.bytes,
     })
-}
-
-/// A token bucket on scan bytes sent to one peer (`sync.limit.rate_kbps`).
-pub(super) struct RateLimit {
-    bytes_per_s: Option<f64>,
-    state: Mutex<(f64, std::time::Instant)>,
-}
-
-impl RateLimit {
-    pub(super) fn new(rate_kbps: Option<u64>) -> Self {
-        RateLimit {
-            bytes_per_s: rate_kbps.map(|k| k as f64 * 1000.0 / 8.0),
-            state: Mutex::new((0.0, std::time::Instant::now())),
-        }
-    }
-
-    /// Waits until `bytes` may be sent. The bucket holds at most one second of credit.
-    async fn take(&self, bytes: usize) {
-        let Some(rate) = self.bytes_per_s else { return };
-        let wait = {
-            let mut state = self.state.lock().await;
-            let now = std::time::Instant::now();
-            let credit = (state.0 + now.duration_since(state.1).as_secs_f64() * rate).min(rate);
-            state.0 = credit - bytes as f64;
-            state.1 = now;
-            if state.0 < 0.0 {
-                std::time::Duration::from_secs_f64(-state.0 / rate)
-            } else {
-                std::time::Duration::ZERO
-            }
-        };
-        tokio::time::sleep(wait).await;
-    }
 }
 
 pub(super) fn spawn_sender(

@@ -354,7 +354,7 @@ pub async fn run_session(
         .unwrap_or((0, Vec::new()));
     let push_every = Duration::from_millis(node.config.sync.push_interval_ms);
     let limit = node.config.sync.limit_for(&peer.unit).cloned();
-    let rate = Arc::new(blobs::RateLimit::new(
+    let rate = Arc::new(pace::RateLimit::new(
         limit.as_ref().and_then(|l| l.rate_kbps),
     ));
     let utc_offset = node.config.node.utc_offset();

@@ -1,5 +1,6 @@
-//! Pacing of scan data on field links, so that it does not fill the bottleneck queue that
-//! control frames (urgent dispatches, acknowledgements) must cross too.
+//! Pacing of scan data: the administrator's rate limit per peer, and on field links a pace that
+//! keeps scans from filling the bottleneck queue that control frames (urgent dispatches,
+//! acknowledgements) must cross too.
 
 use std::time::{Duration, Instant};
 
@@ -8,6 +9,57 @@ use tokio::sync::Mutex;
 
 use super::blobs::estimated_rate_bps;
 use super::NetError;
+
+/// Credit in bytes that refills at a rate, up to a cap: what both pacers below charge.
+struct Bucket {
+    credit: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new() -> Self {
+        Bucket {
+            credit: 0.0,
+            at: Instant::now(),
+        }
+    }
+
+    /// Charges `bytes` at `rate` bytes/s with at most `cap` bytes of credit held, and says how
+    /// long to wait before sending them.
+    fn charge(&mut self, now: Instant, rate: f64, cap: f64, bytes: usize) -> Duration {
+        let held = (self.credit + now.duration_since(self.at).as_secs_f64() * rate).min(cap);
+        self.credit = held - bytes as f64;
+        self.at = now;
+        Duration::from_secs_f64((-self.credit).max(0.0) / rate)
+    }
+}
+
+/// A token bucket on scan bytes sent to one peer (`sync.limit.rate_kbps`), holding at most one
+/// second of credit.
+pub(super) struct RateLimit {
+    bytes_per_s: Option<f64>,
+    bucket: Mutex<Bucket>,
+}
+
+impl RateLimit {
+    pub(super) fn new(rate_kbps: Option<u64>) -> Self {
+        RateLimit {
+            bytes_per_s: rate_kbps.map(|k| k as f64 * 1000.0 / 8.0),
+            bucket: Mutex::new(Bucket::new()),
+        }
+    }
+
+    /// Waits until `bytes` may be sent.
+    pub(super) async fn take(&self, bytes: usize) {
+        let Some(rate) = self.bytes_per_s else { return };
+        let wait = self
+            .bucket
+            .lock()
+            .await
+            .charge(Instant::now(), rate, rate, bytes);
+        tokio::time::sleep(wait).await;
+    }
+}
 
 /// Queueing delay (smoothed RTT above the path's minimum) the scan pacer aims for on a field
 /// link: a control frame sent meanwhile waits about this long behind scan data, so a pushed
@@ -39,17 +91,15 @@ const PACE_RATE_MIN: f64 = 4_000.0;
 /// nothing.
 pub(super) struct Pacer {
     conn: quinn::Connection,
-    /// Bytes/s (0 until the first scan), credit in bytes, when credit was counted, when the rate
-    /// last changed.
-    state: Mutex<(f64, f64, Instant, Instant)>,
+    /// Bytes/s (0 until the first scan), its credit, when the rate last changed.
+    state: Mutex<(f64, Bucket, Instant)>,
 }
 
 impl Pacer {
     pub(super) fn new(conn: quinn::Connection) -> Self {
-        let now = Instant::now();
         Pacer {
             conn,
-            state: Mutex::new((0.0, 0.0, now, now)),
+            state: Mutex::new((0.0, Bucket::new(), Instant::now())),
         }
     }
 
@@ -85,7 +135,7 @@ impl Pacer {
     async fn take(&self, bytes: usize) {
         let wait = {
             let mut state = self.state.lock().await;
-            let (rate, credit, at, adjusted) = &mut *state;
+            let (rate, bucket, adjusted) = &mut *state;
             let now = Instant::now();
             let (rtt, min_rtt) = (self.conn.rtt(), self.conn.min_rtt());
             if *rate == 0.0 {
@@ -98,12 +148,40 @@ impl Pacer {
                 *rate = (*rate * factor.clamp(PACE_DOWN_MAX, PACE_UP_MAX)).max(PACE_RATE_MIN);
                 *adjusted = now;
             }
-            let held = (*credit + now.duration_since(*at).as_secs_f64() * *rate)
-                .min(PACE_SLICE_BYTES as f64);
-            *credit = held - bytes as f64;
-            *at = now;
-            Duration::from_secs_f64((-*credit).max(0.0) / *rate)
+            bucket.charge(now, *rate, PACE_SLICE_BYTES as f64, bytes)
         };
         tokio::time::sleep(wait).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_bucket_makes_bytes_wait_their_time_and_holds_at_most_its_cap() {
+        let t0 = Instant::now();
+        let mut bucket = Bucket {
+            credit: 0.0,
+            at: t0,
+        };
+        // 1,000 bytes/s: 500 bytes with no credit wait half a second.
+        assert_eq!(
+            bucket.charge(t0, 1000.0, 1000.0, 500),
+            Duration::from_millis(500)
+        );
+        // Ten idle seconds pay the debt and refill only up to the cap: 1,500 bytes then wait for
+        // the 500 the cap did not hold.
+        let later = t0 + Duration::from_secs(10);
+        assert_eq!(
+            bucket.charge(later, 1000.0, 1000.0, 1500),
+            Duration::from_millis(500)
+        );
+        // Within the credit there is no wait.
+        let much_later = later + Duration::from_secs(10);
+        assert_eq!(
+            bucket.charge(much_later, 1000.0, 1000.0, 1000),
+            Duration::ZERO
+        );
     }
 }
