@@ -427,15 +427,20 @@ fn saved(node: &mut Node, id: &str) -> Vec<u8> {
 }
 
 fn dispatch_to(node: &mut Node, unit: &str) -> String {
-    let req = DispatchRequest {
-        ref_no: "1/UBND".into(),
-        summary: "s".into(),
-        kind: DispatchKind::Report,
-        priority: Priority::Normal,
+    let req = request("1/UBND", Priority::Normal, unit);
+    node.dispatch_new(None, &req).unwrap().id
+}
+
+/// A dispatch without scans from the province to `unit`.
+fn request(ref_no: &str, priority: Priority, unit: &str) -> DispatchRequest {
+    DispatchRequest {
+        ref_no: ref_no.into(),
+        summary: "Sơ tán khẩn cấp".into(),
+        kind: DispatchKind::Directive,
+        priority,
         to: vec![unit.into()],
         attach: vec![],
-    };
-    node.dispatch_new(None, &req).unwrap().id
+    }
 }
 
 #[test]
@@ -474,14 +479,7 @@ fn a_frame_with_one_refused_document_stores_none_of_it() {
 }
 
 fn to_commune(ref_no: &str, priority: Priority) -> DispatchRequest {
-    DispatchRequest {
-        ref_no: ref_no.into(),
-        summary: "Sơ tán khẩn cấp".into(),
-        kind: DispatchKind::Directive,
-        priority,
-        to: vec!["qn/binhlieu/tinhhuc".into()],
-        attach: vec![],
-    }
+    request(ref_no, priority, "qn/binhlieu/tinhhuc")
 }
 
 fn ids_wanted(frames: &[Frame]) -> Vec<String> {
