@@ -473,7 +473,7 @@ pub async fn serve(
     let sync_cfg = node.config.sync.clone();
     // Each connection gets this with the transport for its path (see [`path`]).
     let mut server_cfg =
-        trust::quinn_server_config(&tls, Arc::new(net::transport_config(&sync_cfg, None)))?;
+        trust::quinn_server_config(&tls, Arc::new(net::transport_config(&sync_cfg)))?;
     let ep = net::server_endpoint(listen, &tls, server_cfg.clone())?;
     info!(unit = node.unit(), addr = %ep.local_addr()?, "serving");
     eprintln!(
@@ -524,9 +524,7 @@ pub async fn serve(
                     let _permit = permit;
                     // Read here, not in the accept loop: it opens the database.
                     let mtu = path::known_mtu(&dir, remote.ip());
-                    if mtu.is_some() {
-                        cfg.transport_config(Arc::new(net::transport_config(&sync_cfg, mtu)));
-                    }
+                    cfg.transport_config(Arc::new(net::path_transport(&sync_cfg, remote, mtu)));
                     let handshake = match incoming.accept_with(Arc::new(cfg)) {
                         Ok(connecting) => connecting.await,
                         Err(e) => Err(e),
@@ -602,7 +600,7 @@ fn reload_crl(
         return Ok(None);
     }
     let tls = node.tls_material()?;
-    let cfg = trust::quinn_server_config(&tls, Arc::new(net::transport_config(sync, None)))?;
+    let cfg = trust::quinn_server_config(&tls, Arc::new(net::transport_config(sync)))?;
     info!(crl = ?held, "revocation list reloaded");
     Ok(Some((held, cfg)))
 }
