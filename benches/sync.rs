@@ -53,7 +53,7 @@ const ZSTD_SAMPLE_BYTES: usize = 32 << 20;
 /// Chunk size of the scan store and the wire (`store::blobs::CHUNK_BYTES`).
 const CHUNK_BYTES: usize = 256 * 1024;
 const WEAK_4G_RATE_BPS: f64 = 1_000_000.0;
-/// UDP bytes per byte of stream payload in full 1452-byte QUIC packets towards a client with
+/// UDP bytes per byte of stream payload in full 1,452–1,472-byte QUIC packets towards a client with
 /// zero-length connection ids, as the `scan` scenario measures for incompressible data on
 /// loopback (1.0173–1.0175; 1.0233 with 8-byte ids).
 const QUIC_UDP_PER_PAYLOAD: f64 = 1.0174;
@@ -1238,9 +1238,11 @@ impl Transfer {
 /// The sender's count, not the receiver's: datagrams dropped on the way are on the wire too.
 fn province_udp_sent(province: &Path) -> u64 {
     let db = rusqlite::Connection::open(province.join(DB_FILE)).expect("open province db");
-    db.query_row("SELECT COALESCE(SUM(bytes_sent), 0) FROM peer_sync", [], |r| {
-        r.get::<_, i64>(0)
-    })
+    db.query_row(
+        "SELECT COALESCE(SUM(bytes_sent), 0) FROM peer_sync",
+        [],
+        |r| r.get::<_, i64>(0),
+    )
     .expect("read peer_sync") as u64
 }
 
@@ -1310,7 +1312,11 @@ async fn scan_loopback(scan_mb: usize) {
         let a = Transfer::from_report(&report, cpu, province_udp_sent(&province) - sent);
         let (cpu, sent) = (cpu_secs().1, province_udp_sent(&province));
         let json = sync_processes(&province, &cb);
-        let b = Transfer::from_json(&json, cpu_secs().1 - cpu, province_udp_sent(&province) - sent);
+        let b = Transfer::from_json(
+            &json,
+            cpu_secs().1 - cpu,
+            province_udp_sent(&province) - sent,
+        );
         rows.push((what, frames, ingest, a, b));
     }
 
@@ -1482,11 +1488,12 @@ fn sub_stats(
     b: communesync::linksim::DirectionStats,
 ) -> String {
     format!(
-        "{} datagrams / {} B forwarded, {} lost at random, {} tail-dropped",
+        "{} datagrams / {} B forwarded, {} lost at random, {} tail-dropped, {} over the MTU",
         a.forwarded_datagrams - b.forwarded_datagrams,
         a.forwarded_bytes - b.forwarded_bytes,
         a.dropped_loss - b.dropped_loss,
-        a.dropped_queue - b.dropped_queue
+        a.dropped_queue - b.dropped_queue,
+        a.dropped_too_big - b.dropped_too_big
     )
 }
 

@@ -15,7 +15,8 @@ use communesync::linksim::{LinkProfile, LinkSim, LinkStats, Outage};
     version,
     after_help = "LINK SPECS: a preset (loopback, weak4g, 2g, vsat) and/or comma-separated \
                   overrides: rate=64kbit|1mbit|unlimited, delay=100ms, jitter=5ms, loss=2%, \
-                  queue=64k, reorder.\nExamples: --up weak4g --down \"weak4g,jitter=20ms\"; \
+                  queue=64k, reorder, mtu=1500|none (IP packet bytes; the field presets \
+                  have 1500, larger datagrams are dropped).\nExamples: --up weak4g --down \"weak4g,jitter=20ms\"; \
                   --up \"rate=1mbit,delay=100ms,loss=2%\"; --outage 10s+5s --outage 1m+30s"
 )]
 struct Args {

@@ -14,15 +14,24 @@ pub const DEFAULT_QUEUE_BYTES: usize = 64 * 1024;
 pub const MAX_QUEUE_BYTES: usize = 64 * 1024 * 1024;
 /// Largest accepted one-way delay plus jitter; longer "delays" are outages.
 pub const MAX_DELAY_MS: u32 = 60_000;
+/// Accepted MTUs: IPv6's minimum up to the largest IP packet.
+pub const MTU_MIN: u32 = 1280;
+pub const MTU_MAX: u32 = 65_535;
 /// Slowest accepted rate; below this a single datagram would occupy the link for minutes.
 pub const MIN_RATE_BPS: u64 = 1_000;
+/// IP MTU of the field presets: Ethernet's, which 4G, 2G and VSAT modems present.
+pub const FIELD_MTU: u32 = 1500;
+/// IPv4 and UDP headers: a datagram's payload must fit in the MTU with them.
+pub const UDP_IPV4_HEADERS: u32 = 28;
 /// Names accepted by [`LinkProfile::preset`].
 pub const PRESET_NAMES: &[&str] = &["loopback", "weak4g", "2g", "vsat"];
 
 /// How one direction of the link behaves.
 ///
-/// A datagram first waits in a tail-drop queue for the serialising link (`rate_bps`),
-/// then may be lost (`loss`), then propagates for `delay_ms` ± `jitter_ms`.
+/// A datagram larger than the link's MTU is dropped at once (as a router drops a packet too big
+/// to forward without fragments); the others first wait in a tail-drop queue for the
+/// serialising link (`rate_bps`), then may be lost (`loss`), then propagate for `delay_ms` ±
+/// `jitter_ms`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct LinkProfile {
     /// One-way base propagation delay in milliseconds.
@@ -37,6 +46,11 @@ pub struct LinkProfile {
     pub queue_bytes_max: usize,
     /// If false, jitter never reorders: each delivery is at or after the previous one.
     pub reorder: bool,
+    /// Largest IP packet the link carries (UDP payload + 28 bytes of IPv4 and UDP headers);
+    /// `None`: any datagram. Path-MTU discovery needs it: without it, a sender on loopback
+    /// would find a 6,500-byte "4G" path.
+    #[serde(default)]
+    pub mtu: Option<u32>,
 }
 
 impl Default for LinkProfile {
@@ -55,6 +69,7 @@ impl LinkProfile {
             rate_bps: None,
             queue_bytes_max: DEFAULT_QUEUE_BYTES,
             reorder: false,
+            mtu: None,
         }
     }
 
@@ -64,6 +79,7 @@ impl LinkProfile {
             delay_ms: 100,
             loss: 0.02,
             rate_bps: Some(1_000_000),
+            mtu: Some(FIELD_MTU),
             ..Self::loopback()
         }
     }
@@ -73,6 +89,7 @@ impl LinkProfile {
         Self {
             delay_ms: 500,
             rate_bps: Some(64_000),
+            mtu: Some(FIELD_MTU),
             ..Self::loopback()
         }
     }
@@ -82,6 +99,7 @@ impl LinkProfile {
         Self {
             delay_ms: 300,
             rate_bps: Some(5_000_000),
+            mtu: Some(FIELD_MTU),
             ..Self::loopback()
         }
     }
@@ -106,7 +124,8 @@ impl LinkProfile {
     ///
     /// Keys: `rate` (`64kbit`, `1mbit`, `1.5gbit`, plain bit/s, `unlimited`),
     /// `delay`/`jitter` (`100ms`, `0.5s`), `loss` (`2%` or `0.02`),
-    /// `queue` (bytes, `64k`, `1m`; binary units), `reorder` (bare flag or `=on|off`).
+    /// `queue` (bytes, `64k`, `1m`; binary units), `reorder` (bare flag or `=on|off`),
+    /// `mtu` (IP packet bytes, `1500`, or `none`; field presets have 1500).
     /// Example: `weak4g,jitter=20ms` or `rate=1mbit,delay=100ms,loss=2%,queue=64k`.
     pub fn parse(spec: &str) -> Result<Self, LinkSimError> {
         let bad = |reason: String| LinkSimError::Spec(format!("{spec:?}: {reason}"));
@@ -143,11 +162,10 @@ impl LinkProfile {
                 "loss" => profile.loss = parse_loss(value).map_err(bad)?,
                 "queue" => profile.queue_bytes_max = parse_bytes(value).map_err(bad)?,
                 "reorder" => profile.reorder = parse_bool(value).map_err(bad)?,
-                other => {
-                    return Err(bad(format!(
-                        "unknown key {other:?} (known: rate, delay, jitter, loss, queue, reorder)"
-                    )))
-                }
+                "mtu" => profile.mtu = parse_mtu(value).map_err(bad)?,
+                other => return Err(bad(format!(
+                    "unknown key {other:?} (known: rate, delay, jitter, loss, queue, reorder, mtu)"
+                ))),
             }
         }
         profile.validate()?;
@@ -168,6 +186,9 @@ impl LinkProfile {
         }
         if self.queue_bytes_max > MAX_QUEUE_BYTES {
             return bad("queue must be at most 64m");
+        }
+        if self.mtu.is_some_and(|m| !(MTU_MIN..=MTU_MAX).contains(&m)) {
+            return bad("mtu must be between 1280 and 65535 bytes");
         }
         Ok(())
     }
@@ -205,6 +226,9 @@ impl fmt::Display for LinkProfile {
         }
         if self.reorder {
             f.write_str(",reorder")?;
+        }
+        if let Some(mtu) = self.mtu {
+            write!(f, ",mtu={mtu}")?;
         }
         Ok(())
     }
@@ -245,6 +269,16 @@ impl fmt::Display for Outage {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{:?}+{:?}", self.start, self.duration)
     }
+}
+
+fn parse_mtu(value: &str) -> Result<Option<u32>, String> {
+    if value.eq_ignore_ascii_case("none") {
+        return Ok(None);
+    }
+    value
+        .parse()
+        .map(Some)
+        .map_err(|_| format!("mtu {value:?}: expected bytes, e.g. 1500, or none"))
 }
 
 /// Splits `1.5mbit` into (`1.5`, `mbit`); the unit is lowercased.
@@ -398,6 +432,9 @@ mod tests {
                 .rate_bps,
             None
         );
+        assert_eq!(LinkProfile::weak_4g().mtu, Some(1500));
+        assert_eq!(LinkProfile::parse("2g,mtu=none").unwrap().mtu, None);
+        assert_eq!(LinkProfile::parse("mtu=9000").unwrap().mtu, Some(9000));
     }
 
     #[test]
@@ -408,7 +445,7 @@ mod tests {
             LinkProfile::two_g(),
             LinkProfile::vsat(),
             LinkProfile::parse(
-                "rate=1234bit,delay=7ms,jitter=3ms,loss=0.1234567,queue=1000,reorder",
+                "rate=1234bit,delay=7ms,jitter=3ms,loss=0.1234567,queue=1000,reorder,mtu=9000",
             )
             .unwrap(),
         ] {
@@ -440,6 +477,9 @@ mod tests {
             "queue=1g",
             "queue=100m",
             "reorder=maybe",
+            "mtu=576",
+            "mtu=70000",
+            "mtu=jumbo",
             "colour=blue",
             "rate",
         ] {

@@ -61,6 +61,8 @@ pub struct DirectionStats {
     pub dropped_loss: u64,
     /// Tail-dropped because the queue in front of the rate limiter was full.
     pub dropped_queue: u64,
+    /// Larger than the link's MTU (path-MTU probes, mostly).
+    pub dropped_too_big: u64,
     /// Dropped because the link was down (scheduled outage or [`LinkHandle::set_up`]).
     pub dropped_outage: u64,
     /// Dropped for resource limits (flow table, in-flight bytes) or socket errors.
@@ -70,7 +72,11 @@ pub struct DirectionStats {
 impl DirectionStats {
     /// All drops, whatever the cause.
     pub fn dropped(&self) -> u64 {
-        self.dropped_loss + self.dropped_queue + self.dropped_outage + self.dropped_other
+        self.dropped_loss
+            + self.dropped_queue
+            + self.dropped_too_big
+            + self.dropped_outage
+            + self.dropped_other
     }
 }
 
@@ -78,11 +84,12 @@ impl fmt::Display for DirectionStats {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "fwd {} dgrams/{} B, lost {}, queue-drop {}, outage-drop {}, other-drop {}",
+            "fwd {} dgrams/{} B, lost {}, queue-drop {}, too-big-drop {}, outage-drop {}, other-drop {}",
             self.forwarded_datagrams,
             self.forwarded_bytes,
             self.dropped_loss,
             self.dropped_queue,
+            self.dropped_too_big,
             self.dropped_outage,
             self.dropped_other
         )
@@ -106,6 +113,7 @@ struct Counters {
     forwarded_bytes: AtomicU64,
     dropped_loss: AtomicU64,
     dropped_queue: AtomicU64,
+    dropped_too_big: AtomicU64,
     dropped_outage: AtomicU64,
     dropped_other: AtomicU64,
 }
@@ -121,6 +129,7 @@ impl Counters {
             forwarded_bytes: self.forwarded_bytes.load(Relaxed),
             dropped_loss: self.dropped_loss.load(Relaxed),
             dropped_queue: self.dropped_queue.load(Relaxed),
+            dropped_too_big: self.dropped_too_big.load(Relaxed),
             dropped_outage: self.dropped_outage.load(Relaxed),
             dropped_other: self.dropped_other.load(Relaxed),
         }
@@ -418,6 +427,7 @@ async fn run_direction(
                 match shaper.admit(dgram.arrived, dgram.data.len()) {
                     Verdict::DropQueue => Counters::bump(&counters.dropped_queue),
                     Verdict::DropLoss => Counters::bump(&counters.dropped_loss),
+                    Verdict::DropTooBig => Counters::bump(&counters.dropped_too_big),
                     // Already due and nothing earlier pending: skip the timer, whose
                     // millisecond granularity would add latency to an unshaped link.
                     Verdict::Deliver(at)

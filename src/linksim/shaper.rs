@@ -17,6 +17,8 @@ pub(crate) enum Verdict {
     DropQueue,
     /// Lost on the link.
     DropLoss,
+    /// Larger than the link's MTU.
+    DropTooBig,
 }
 
 /// Pure shaping state for one direction: no sockets, time is passed in.
@@ -58,6 +60,11 @@ impl Shaper {
 
     /// Decides the fate of a datagram of `len` bytes arriving at `now`.
     pub(crate) fn admit(&mut self, now: Instant, len: usize) -> Verdict {
+        if let Some(mtu) = self.profile.mtu {
+            if len as u64 + u64::from(super::profile::UDP_IPV4_HEADERS) > u64::from(mtu) {
+                return Verdict::DropTooBig;
+            }
+        }
         let departs = match self.profile.rate_bps {
             None => now,
             Some(rate) => {
@@ -170,6 +177,25 @@ mod tests {
         // Once one datagram has left, there is room for one more.
         assert!(matches!(s.admit(t0 + ms(125), 1000), Verdict::Deliver(_)));
         assert_eq!(s.admit(t0 + ms(125), 1000), Verdict::DropQueue);
+    }
+
+    #[test]
+    fn datagrams_over_the_mtu_are_dropped_before_they_take_the_link() {
+        let t0 = Instant::now();
+        let mut s = Shaper::new(LinkProfile::weak_4g(), 1);
+        // 1,472 bytes of UDP payload + 28 of headers fill a 1,500-byte MTU exactly.
+        assert_eq!(s.admit(t0, 1_473), Verdict::DropTooBig);
+        let profile = LinkProfile {
+            loss: 0.0,
+            ..LinkProfile::weak_4g()
+        };
+        let mut s = Shaper::new(profile, 1);
+        assert_eq!(s.admit(t0, 6_500), Verdict::DropTooBig);
+        // The dropped one did not occupy the link: the next leaves after its own 1,472 bytes.
+        assert_eq!(
+            deliver(s.admit(t0, 1_472)),
+            t0 + serialisation(1_472, 1_000_000) + ms(100)
+        );
     }
 
     #[test]

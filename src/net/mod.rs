@@ -70,7 +70,8 @@ pub fn route_udp_payload(peer: SocketAddr) -> u16 {
     route_mtu(peer)
         .map(|mtu| {
             let headers = if peer.is_ipv4() { 28 } else { 48 };
-            mtu.saturating_sub(headers).clamp(1200, u32::from(UDP_PAYLOAD_MAX)) as u16
+            mtu.saturating_sub(headers)
+                .clamp(1200, u32::from(UDP_PAYLOAD_MAX)) as u16
         })
         .unwrap_or(UDP_PAYLOAD_DEFAULT)
 }
