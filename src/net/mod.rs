@@ -149,7 +149,7 @@ pub fn transport_config(sync: &SyncSection) -> quinn::TransportConfig {
     t.keep_alive_interval(Some(Duration::from_secs(sync.keep_alive_s)));
     t.initial_rtt(Duration::from_millis(sync.initial_rtt_ms));
     // Windows sized for the largest bandwidth-delay product in the field (VSAT: 10 Mbit/s × 0.7 s).
-    t.stream_receive_window(quinn::VarInt::from_u32(8 << 20));
+    t.stream_receive_window(quinn::VarInt::from_u32(4 << 20));
     t.receive_window(quinn::VarInt::from_u32(32 << 20));
     t.send_window(32 << 20);
     t.max_concurrent_uni_streams(quinn::VarInt::from_u32(64));
