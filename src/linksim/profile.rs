@@ -163,9 +163,11 @@ impl LinkProfile {
                 "queue" => profile.queue_bytes_max = parse_bytes(value).map_err(bad)?,
                 "reorder" => profile.reorder = parse_bool(value).map_err(bad)?,
                 "mtu" => profile.mtu = parse_mtu(value).map_err(bad)?,
-                other => return Err(bad(format!(
+                other => {
+                    return Err(bad(format!(
                     "unknown key {other:?} (known: rate, delay, jitter, loss, queue, reorder, mtu)"
-                ))),
+                )))
+                }
             }
         }
         profile.validate()?;
