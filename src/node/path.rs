@@ -2,12 +2,14 @@
 //! starts at that MTU instead of probing for it again (the probes cost more than a whole
 //! unchanged sync: about 10 KB against a few hundred bytes).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::Path;
+use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
 use super::{now_ms, DB_FILE};
+use crate::net;
 use crate::store::Store;
 
 /// A path is probed afresh after this long, so a route that changed is found again.
@@ -28,12 +30,38 @@ pub fn known_mtu(dir: &Path, ip: IpAddr) -> Option<u16> {
     }
 }
 
-/// Records what a connection that started at `started_at` (None: it probed) ended up using.
-/// A probed path is stored as new; a known one only when black-hole detection lowered it.
-pub fn remember(dir: &Path, ip: IpAddr, started_at: Option<u16>, conn: &quinn::Connection) {
+/// Round trips (each with quinn's 25 ms maximum ACK delay) after which a path-MTU search has
+/// surely ended: one whose probes are lost (a tunnel narrower than its route) takes up to three
+/// tries per step, each after a probe timeout of a few round trips, over 5–6 failing steps.
+const SEARCH_ROUND_TRIPS: u32 = 60;
+/// quinn's default maximum ACK delay, part of every probe timeout.
+const ACK_DELAY: Duration = Duration::from_millis(25);
+
+/// Records what a connection to `peer` that started at `started_at` (None: it probed) ended up
+/// using. A probed path is stored as new once its search is over: it reached what the route
+/// allows, or the connection lived long enough for any search to end. An unfinished search
+/// (a short session) is not stored, or the next day's connections would start, and stay, at
+/// some step of it. A known path is stored only when black-hole detection lowered it.
+pub fn remember(
+    dir: &Path,
+    peer: SocketAddr,
+    started_at: Option<u16>,
+    opened: Instant,
+    conn: &quinn::Connection,
+) {
     let current = conn.stats().path.current_mtu;
-    if started_at.is_some_and(|known| current >= known) {
-        return;
+    let ip = peer.ip();
+    match started_at {
+        Some(known) if current >= known => return,
+        Some(_) => {}
+        None => {
+            let searched_long_enough =
+                opened.elapsed() >= (conn.rtt() + ACK_DELAY) * SEARCH_ROUND_TRIPS;
+            if current < net::route_udp_payload(peer) && !searched_long_enough {
+                debug!(%ip, mtu = current, "path MTU search unfinished: not remembered");
+                return;
+            }
+        }
     }
     let key = ip.to_string();
     let result = Store::open(&dir.join(DB_FILE), 1).and_then(|mut store| {

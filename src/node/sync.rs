@@ -4,7 +4,7 @@
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use tokio::sync::watch;
@@ -428,6 +428,7 @@ pub async fn sync_once(
     let ep = net::client_endpoint(addr, &tls, &node.config.sync, mtu)?;
     drop(node);
     let (conn, identity) = connect(dir, &ep, addr, mtu).await?;
+    let opened = Instant::now();
     bind_peer(dir, &peer.name, &identity)?;
     let (_stop, shutdown) = watch::channel(false);
     let session = net::run_session(
@@ -439,7 +440,7 @@ pub async fn sync_once(
         None,
     )
     .await;
-    path::remember(dir, addr.ip(), mtu, &conn);
+    path::remember(dir, addr, mtu, opened, &conn);
     ep.wait_idle().await;
     Ok(session?)
 }
@@ -550,10 +551,10 @@ pub async fn serve(
                     info!(%remote, unit = %identity.unit, node = %identity.node_id, "peer connected");
                     // Remembered as soon as the peer closes, before this side's session winds down,
                     // so that even an immediate reconnect finds the path known.
-                    let (watched, watch_dir) = (conn.clone(), dir.clone());
+                    let (watched, watch_dir, opened) = (conn.clone(), dir.clone(), Instant::now());
                     tokio::spawn(async move {
                         watched.closed().await;
-                        path::remember(&watch_dir, remote.ip(), mtu, &watched);
+                        path::remember(&watch_dir, remote, mtu, opened, &watched);
                     });
                     if let Err(e) = net::run_session(conn, identity.clone(), dir, Mode::Continuous, shutdown, Some(wake)).await {
                         warn!(unit = %identity.unit, "session ended: {e}");
@@ -624,6 +625,7 @@ async fn keep_upstream(
             let ep = net::client_endpoint(addr, &tls, &node.config.sync, mtu)?;
             drop(node);
             let (conn, identity) = connect(&dir, &ep, addr, mtu).await?;
+            let opened = Instant::now();
             info!(upstream = %identity.unit, "connected to upstream");
             bind_peer(&dir, &name, &identity)?;
             let session = net::run_session(
@@ -635,7 +637,7 @@ async fn keep_upstream(
                 Some(wake.clone()),
             )
             .await;
-            path::remember(&dir, addr.ip(), mtu, &conn);
+            path::remember(&dir, addr, mtu, opened, &conn);
             Ok::<SessionReport, anyhow::Error>(session?)
         };
         match attempt.await {

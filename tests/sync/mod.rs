@@ -817,7 +817,9 @@ fn a_reconnect_starts_at_the_path_mtu_found_before_instead_of_probing() {
     // The first session probes the path (PLPMTUD, both sides) and both remember what it found.
     let first = synced(&commune);
     let (mtu, probed_at) = path_mtu(&commune).expect("the commune remembers the path");
-    assert!((1200..=1452).contains(&mtu), "{mtu}");
+    // Loopback carries large datagrams: discovery climbs to what the route allows (6,500).
+    let route = communesync::net::route_udp_payload("127.0.0.1:7410".parse().unwrap());
+    assert_eq!(mtu, i64::from(route), "the path MTU found");
     let deadline = Instant::now() + Duration::from_secs(10);
     while path_mtu(&province).is_none() {
         assert!(
@@ -853,6 +855,49 @@ fn a_reconnect_starts_at_the_path_mtu_found_before_instead_of_probing() {
     assert!(
         reprobed_at > two_days_ago,
         "the stale path was not probed again"
+    );
+    server.finish();
+}
+
+#[test]
+fn through_a_link_with_a_1500_byte_mtu_discovery_settles_at_1472_and_the_scan_arrives() {
+    let province = province();
+    let server = Server::start(&province);
+    let commune = enrolled(&province, COMMUNE, "commune");
+    let mut data = vec![0u8; 3 << 20];
+    rand::fill(&mut data[..]);
+    let scan_path = province.write_file("so-do.jpg", &data);
+    province.new_dispatch("9/VP", &[COMMUNE], &[&scan_path]);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    // Loopback's route allows 6,500-byte datagrams; the simulated link in between does not.
+    // At 8 Mbit/s the 3 MB scan keeps the connection open long enough for the search to end.
+    let link: LinkProfile = "mtu=1500,rate=8mbit".parse().unwrap();
+    let sim = rt
+        .block_on(LinkSim::start(
+            "127.0.0.1:0".parse().unwrap(),
+            server.addr().parse().unwrap(),
+            link.clone(),
+            link,
+            3,
+            vec![],
+        ))
+        .unwrap();
+    commune.ok(&["peer", "add", "up", "--addr", &sim.local_addr().to_string()]);
+
+    let report = synced(&commune);
+    assert_eq!(report["blobs_received"], 1, "{report}");
+    // quinn's binary search in 20-byte steps ends within 20 bytes of the link's 1,472.
+    let (mtu, _) = path_mtu(&commune)
+        .unwrap_or_else(|| panic!("the search ended and was remembered: {report}"));
+    assert!((1452..=1472).contains(&mtu), "{mtu}");
+    let stats = sim.stats();
+    assert!(
+        stats.up.dropped_too_big > 0 && stats.up.dropped_too_big == stats.up.dropped(),
+        "the commune's larger probes are dropped, and only they: {stats:?}"
     );
     server.finish();
 }
