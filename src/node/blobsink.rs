@@ -1,7 +1,11 @@
 //! Receiving one scan from a peer or a bundle into the store: the manifest is checked, each
 //! chunk verified against it before it is written to the scan's file and recorded (in batches,
-//! so a cut loses little), and the whole content against its hash before the scan becomes
-//! available.
+//! so a cut loses little, made durable on a thread of their own while the next chunks arrive),
+//! and the whole content against its hash before the scan becomes available.
+
+use std::path::PathBuf;
+use std::sync::mpsc::{sync_channel, SyncSender};
+use std::thread::JoinHandle;
 
 use crate::proto::blob::decode_chunk;
 use crate::proto::{Frame, Hash32, ProtoError};
@@ -16,6 +20,53 @@ const CHUNKS_PER_COMMIT: usize = 16;
 /// A batch is committed at least this often, so a kill or power cut on a slow link loses at
 /// most this much transfer time.
 const COMMIT_INTERVAL: std::time::Duration = std::time::Duration::from_millis(500);
+/// Batches handed to the committer and not yet taken: beyond this the sink waits for the disk.
+const BATCHES_QUEUED_MAX: usize = 1;
+
+/// Chunks written to the scan's file and not yet recorded: (idx, length).
+type Batch = Vec<(u64, usize)>;
+
+/// Makes batches durable and records them, in order, on its own thread and database connection:
+/// `fdatasync` and the commit took 40 % of a receiver's time on loopback (340 + 55 ms per
+/// 200 MB), during which it verified and wrote nothing.
+struct Committer {
+    batches: SyncSender<Batch>,
+    thread: JoinHandle<Result<(), ProtoError>>,
+}
+
+impl Committer {
+    fn start(
+        db: PathBuf,
+        mut file: ScanFile,
+        hash: Hash32,
+        manifest: Vec<Hash32>,
+    ) -> Result<Committer, ProtoError> {
+        let (batches, queued) = sync_channel::<Batch>(BATCHES_QUEUED_MAX);
+        let mut store = Store::open(&db, 1).map_err(local)?;
+        let thread = std::thread::Builder::new()
+            .name("scan-commit".into())
+            .spawn(move || {
+                for batch in queued {
+                    // The sync covers every chunk written before it, this batch's included.
+                    file.sync().map_err(local)?;
+                    store
+                        .write(|tx| tx.blob_partial_chunks(&hash, &manifest, &batch))
+                        .map_err(local)?;
+                }
+                Ok(())
+            })
+            .map_err(local)?;
+        Ok(Committer { batches, thread })
+    }
+
+    /// Waits until every batch handed over is recorded.
+    fn finish(self) -> Result<(), ProtoError> {
+        drop(self.batches);
+        self.thread
+            .join()
+            .unwrap_or_else(|_| Err(local("the scan committer panicked")))
+    }
+}
 
 fn local(e: impl std::fmt::Display) -> ProtoError {
     ProtoError::Local(e.to_string())
@@ -27,8 +78,9 @@ pub struct BlobSink<'a> {
     manifest: Vec<Hash32>,
     next: u64,
     file: ScanFile,
-    /// Chunks written to `file` and not yet recorded: (idx, length).
-    batch: Vec<(u64, usize)>,
+    /// Chunks written to `file` and not yet handed to the committer.
+    batch: Batch,
+    committer: Option<Committer>,
     flushed_at: std::time::Instant,
     /// BLAKE3 of the content so far and its size, when this transfer started at chunk 0: the
     /// whole is then checked without reading the scan back from the store.
@@ -89,6 +141,7 @@ impl<'a> BlobSink<'a> {
             next: first,
             file,
             batch: Vec::with_capacity(CHUNKS_PER_COMMIT),
+            committer: None,
             flushed_at: std::time::Instant::now(),
             whole: (first == 0).then(|| (blake3::Hasher::new(), 0)),
         })
@@ -139,25 +192,44 @@ impl<'a> BlobSink<'a> {
         self.batch.push((idx, raw.len()));
         self.next += 1;
         if self.batch.len() >= CHUNKS_PER_COMMIT || self.flushed_at.elapsed() >= COMMIT_INTERVAL {
-            self.flush()?;
+            self.hand_off()?;
         }
         Ok(())
     }
 
-    /// Records the verified chunks received so far (also when the transfer breaks off), once
-    /// their bytes are durable in the scan's file.
-    pub fn flush(&mut self) -> Result<(), ProtoError> {
+    /// Hands the batch to the committer, which makes it durable while more chunks arrive.
+    fn hand_off(&mut self) -> Result<(), ProtoError> {
         self.flushed_at = std::time::Instant::now();
         if self.batch.is_empty() {
             return Ok(());
         }
-        self.file.sync().map_err(local)?;
-        let (hash, manifest, batch) = (self.hash, &self.manifest, &self.batch);
-        self.store
-            .write(|tx| tx.blob_partial_chunks(&hash, manifest, batch))
-            .map_err(local)?;
-        self.batch.clear();
+        let committer = match self.committer.take() {
+            Some(c) => c,
+            None => Committer::start(
+                self.store.path().to_path_buf(),
+                self.file.try_clone().map_err(local)?,
+                self.hash,
+                self.manifest.clone(),
+            )?,
+        };
+        let batch = std::mem::replace(&mut self.batch, Vec::with_capacity(CHUNKS_PER_COMMIT));
+        if committer.batches.send(batch).is_err() {
+            // It stopped on an error: that error is the one to report.
+            committer.finish()?;
+            return Err(local("the scan committer stopped"));
+        }
+        self.committer = Some(committer);
         Ok(())
+    }
+
+    /// Records the verified chunks received so far (also when the transfer breaks off), once
+    /// their bytes are durable in the scan's file; returns when they are.
+    pub fn flush(&mut self) -> Result<(), ProtoError> {
+        self.hand_off()?;
+        match self.committer.take() {
+            Some(c) => c.finish(),
+            None => Ok(()),
+        }
     }
 
     /// Checks the whole scan against its hash and makes it available.
@@ -186,5 +258,17 @@ impl<'a> BlobSink<'a> {
             )));
         }
         Ok(hash)
+    }
+}
+
+/// A sink dropped on an error path still waits for the batches it handed over, so nothing
+/// writes this scan's rows once its caller has moved on (a retry, a discard).
+impl Drop for BlobSink<'_> {
+    fn drop(&mut self) {
+        if let Some(committer) = self.committer.take() {
+            if let Err(e) = committer.finish() {
+                tracing::warn!(hash = %hex::encode(self.hash), "recording received chunks: {e}");
+            }
+        }
     }
 }

@@ -131,6 +131,16 @@ impl ScanFile {
         Ok(())
     }
 
+    /// A second handle on the same file, e.g. to make it durable from another thread while
+    /// this one writes.
+    pub fn try_clone(&self) -> Result<ScanFile> {
+        Ok(ScanFile {
+            file: self.file.try_clone().map_err(io_err(&self.path))?,
+            path: self.path.clone(),
+            created: self.created,
+        })
+    }
+
     /// Makes every chunk written so far durable; only then may rows naming them commit.
     pub fn sync(&mut self) -> Result<()> {
         self.file.sync_data().map_err(io_err(&self.path))?;
