@@ -30,8 +30,8 @@ use std::io;
 use std::net::SocketAddr;
 
 pub use profile::{
-    LinkProfile, Outage, DEFAULT_QUEUE_BYTES, MAX_DELAY_MS, MAX_QUEUE_BYTES, MIN_RATE_BPS,
-    PRESET_NAMES,
+    LinkProfile, Outage, DEFAULT_QUEUE_BYTES, FIELD_MTU, MAX_DELAY_MS, MAX_QUEUE_BYTES,
+    MIN_RATE_BPS, MTU_MAX, MTU_MIN, PRESET_NAMES, UDP_IPV4_HEADERS,
 };
 pub use proxy::{
     Direction, DirectionStats, LinkHandle, LinkSim, LinkStats, MAX_DATAGRAM, MAX_FLOWS, MAX_OUTAGES,
