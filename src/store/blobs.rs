@@ -65,28 +65,6 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(io_err(dir))
 }
 
-/// Asks the kernel to start writing `len` bytes at `at` to disk without waiting for it
-/// (`sync_file_range(SYNC_FILE_RANGE_WRITE)`). A scan arrives faster than one fsync per batch
-/// can flush it all at once: without this a receiver spent about a third of its time waiting in
-/// `fdatasync`. Only a hint; durability still comes from [`ScanFile::sync`].
-#[cfg(target_os = "linux")]
-fn start_writeback(file: &File, at: u64, len: usize) {
-    use std::os::fd::AsRawFd;
-    // SAFETY: plain syscall on an open descriptor; no memory is passed. A failure only means
-    // the later fsync does all the work.
-    unsafe {
-        libc::sync_file_range(
-            file.as_raw_fd(),
-            at as libc::off64_t,
-            len as libc::off64_t,
-            libc::SYNC_FILE_RANGE_WRITE,
-        );
-    }
-}
-
-#[cfg(not(target_os = "linux"))]
-fn start_writeback(_file: &File, _at: u64, _len: usize) {}
-
 /// One scan's file, open for writing chunks. Nothing written is durable before `sync`.
 pub struct ScanFile {
     file: File,
@@ -119,16 +97,12 @@ impl ScanFile {
         })
     }
 
-    /// Writes chunk `idx`, already verified against its hash, at its place in the file, and
-    /// starts writing it back to disk, so that `sync` later waits for little.
+    /// Writes chunk `idx`, already verified against its hash, at its place in the file.
     pub fn write(&self, idx: u64, data: &[u8]) -> Result<()> {
         assert!(data.len() <= CHUNK_BYTES, "a chunk is at most CHUNK_BYTES");
-        let at = idx * CHUNK_BYTES as u64;
         self.file
-            .write_all_at(data, at)
-            .map_err(io_err(&self.path))?;
-        start_writeback(&self.file, at, data.len());
-        Ok(())
+            .write_all_at(data, idx * CHUNK_BYTES as u64)
+            .map_err(io_err(&self.path))
     }
 
     /// A second handle on the same file, e.g. to make it durable from another thread while
