@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use automerge::AutoCommit;
-use communesync::linksim::{LinkProfile, LinkSim};
 use communesync::model::assignment::Status;
 use communesync::model::{dispatch, Author, DocId};
 use communesync::node::{now_ms, Node};
@@ -630,22 +629,8 @@ fn a_cut_scan_transfer_resumes_where_it_stopped() {
     )
     .unwrap();
 
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap();
-    let link: LinkProfile = "rate=40mbit".parse().unwrap();
-    let sim = rt
-        .block_on(LinkSim::start(
-            "127.0.0.1:0".parse().unwrap(),
-            server.addr().parse().unwrap(),
-            link.clone(),
-            link,
-            7,
-            vec![],
-        ))
-        .unwrap();
+    let rt = crate::tree_util::runtime();
+    let sim = crate::tree_util::link(&rt, server.addr(), "rate=40mbit", 7);
     commune.ok(&["peer", "add", "up", "--addr", &sim.local_addr().to_string()]);
     let stored = || -> i64 {
         db_read_only(&commune)
@@ -868,24 +853,10 @@ fn through_a_link_with_a_1500_byte_mtu_discovery_settles_at_1472_and_the_scan_ar
     rand::fill(&mut data[..]);
     let scan_path = province.write_file("so-do.jpg", &data);
     province.new_dispatch("9/VP", &[COMMUNE], &[&scan_path]);
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()
-        .unwrap();
+    let rt = crate::tree_util::runtime();
     // Loopback's route allows 6,500-byte datagrams; the simulated link in between does not.
     // At 8 Mbit/s the 3 MB scan keeps the connection open long enough for the search to end.
-    let link: LinkProfile = "mtu=1500,rate=8mbit".parse().unwrap();
-    let sim = rt
-        .block_on(LinkSim::start(
-            "127.0.0.1:0".parse().unwrap(),
-            server.addr().parse().unwrap(),
-            link.clone(),
-            link,
-            3,
-            vec![],
-        ))
-        .unwrap();
+    let sim = crate::tree_util::link(&rt, server.addr(), "mtu=1500,rate=8mbit", 3);
     commune.ok(&["peer", "add", "up", "--addr", &sim.local_addr().to_string()]);
 
     let report = synced(&commune);
