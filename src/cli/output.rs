@@ -426,6 +426,18 @@ impl Out {
             if r.problems.is_empty() {
                 println!("no problems found");
             }
+            if !r.unreferenced_scan_files.is_empty() {
+                let bytes: u64 = r.unreferenced_scan_files.iter().map(|f| f.bytes).sum();
+                println!(
+                    "{} scan file(s) in blobs/ that no scan names ({bytes} bytes), left by a write \
+                     cut short by a crash; safe to delete while no other communesync command \
+                     or `serve` runs on this node:",
+                    r.unreferenced_scan_files.len()
+                );
+                for f in &r.unreferenced_scan_files {
+                    println!("  {} ({} bytes)", f.path.display(), f.bytes);
+                }
+            }
         })
     }
 

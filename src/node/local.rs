@@ -448,11 +448,20 @@ pub struct CheckReport {
     pub documents: u64,
     pub scans: u64,
     pub problems: Vec<String>,
+    /// Files in `blobs/` no scan names (not damage: left by a crash mid-write).
+    pub unreferenced_scan_files: Vec<UnreferencedFile>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct UnreferencedFile {
+    pub path: PathBuf,
+    pub bytes: u64,
 }
 
 impl Node {
     /// Verifies the database file, that every document loads to its recorded heads and that
-    /// every scan matches its hash. Reads only; one document or chunk in memory at a time.
+    /// every scan matches its hash, and lists scan files nothing names. Reads only; one
+    /// document or chunk in memory at a time.
     pub fn check(&mut self, full: bool) -> Result<CheckReport> {
         let database = self.store.integrity_check(full)?;
         let mut problems: Vec<String> = database
@@ -501,11 +510,18 @@ impl Node {
             }
             after_hash = last;
         }
+        let unreferenced_scan_files = self
+            .store
+            .unreferenced_scan_files()?
+            .into_iter()
+            .map(|(path, bytes)| UnreferencedFile { path, bytes })
+            .collect();
         Ok(CheckReport {
             database,
             documents,
             scans,
             problems,
+            unreferenced_scan_files,
         })
     }
 

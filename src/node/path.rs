@@ -2,14 +2,13 @@
 //! starts at that MTU instead of probing for it again (the probes cost more than a whole
 //! unchanged sync: about 10 KB against a few hundred bytes).
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::IpAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
 use super::{now_ms, DB_FILE};
-use crate::net;
 use crate::store::Store;
 
 /// A path is probed afresh after this long, so a route that changed is found again.
@@ -36,29 +35,32 @@ pub fn known_mtu(dir: &Path, ip: IpAddr) -> Option<u16> {
 const SEARCH_ROUND_TRIPS: u32 = 60;
 /// quinn's default maximum ACK delay, part of every probe timeout.
 const ACK_DELAY: Duration = Duration::from_millis(25);
+/// Where every search starts (QUIC's minimum datagram).
+const MTU_START: u16 = 1200;
 
-/// Records what a connection to `peer` that started at `started_at` (None: it probed) ended up
-/// using. A probed path is stored as new once its search is over: it reached what the route
-/// allows, or the connection lived long enough for any search to end. An unfinished search
-/// (a short session) is not stored, or the next day's connections would start, and stay, at
-/// some step of it. A known path is stored only when black-hole detection lowered it.
+/// Records what a connection to `ip` that started at `started_at` (None: it probed) ended up
+/// using. A probed path is stored as new once a probe has succeeded (that size is proven; a
+/// search cut short by the end of the session leaves a smaller MTU than the path's, for a day),
+/// or, still at 1,200 bytes, once the connection lived long enough for any search to end: a
+/// short session whose probes had not come back yet would otherwise pin the path at 1,200 for
+/// a day (through a 1,500-byte link on a 6,500-byte route, every probe until the fourth fails).
+/// A known path is stored only when black-hole detection lowered it.
 pub fn remember(
     dir: &Path,
-    peer: SocketAddr,
+    ip: IpAddr,
     started_at: Option<u16>,
     opened: Instant,
     conn: &quinn::Connection,
 ) {
     let current = conn.stats().path.current_mtu;
-    let ip = peer.ip();
     match started_at {
         Some(known) if current >= known => return,
         Some(_) => {}
         None => {
             let searched_long_enough =
                 opened.elapsed() >= (conn.rtt() + ACK_DELAY) * SEARCH_ROUND_TRIPS;
-            if current < net::route_udp_payload(peer) && !searched_long_enough {
-                debug!(%ip, mtu = current, "path MTU search unfinished: not remembered");
+            if current <= MTU_START && !searched_long_enough {
+                debug!(%ip, "no path MTU probe answered yet: not remembered");
                 return;
             }
         }

@@ -440,7 +440,7 @@ pub async fn sync_once(
         None,
     )
     .await;
-    path::remember(dir, addr, mtu, opened, &conn);
+    path::remember(dir, addr.ip(), mtu, opened, &conn);
     ep.wait_idle().await;
     Ok(session?)
 }
@@ -554,7 +554,7 @@ pub async fn serve(
                     let (watched, watch_dir, opened) = (conn.clone(), dir.clone(), Instant::now());
                     tokio::spawn(async move {
                         watched.closed().await;
-                        path::remember(&watch_dir, remote, mtu, opened, &watched);
+                        path::remember(&watch_dir, remote.ip(), mtu, opened, &watched);
                     });
                     if let Err(e) = net::run_session(conn, identity.clone(), dir, Mode::Continuous, shutdown, Some(wake)).await {
                         warn!(unit = %identity.unit, "session ended: {e}");
@@ -637,7 +637,7 @@ async fn keep_upstream(
                 Some(wake.clone()),
             )
             .await;
-            path::remember(&dir, addr, mtu, opened, &conn);
+            path::remember(&dir, addr.ip(), mtu, opened, &conn);
             Ok::<SessionReport, anyhow::Error>(session?)
         };
         match attempt.await {

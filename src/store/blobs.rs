@@ -252,6 +252,42 @@ fn scan_file(path: &Path, mut each: impl FnMut(usize, &[u8]) -> Result<()>) -> R
 }
 
 impl Store {
+    /// Files in `blobs/` that no stored scan and no transfer in progress names, with their
+    /// sizes: what a crash between writing a new scan's file and committing its row leaves (the
+    /// write's own rollback removes them otherwise). A command writing a scan at this moment
+    /// has one too, so they are reported, never deleted here.
+    pub fn unreferenced_scan_files(&self) -> Result<Vec<(PathBuf, u64)>> {
+        let dir = blob_dir(&self.path);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        let mut named = self
+            .conn
+            .prepare_cached(
+                "SELECT EXISTS(SELECT 1 FROM blobs WHERE hash = ?1)
+                     OR EXISTS(SELECT 1 FROM blob_partial WHERE hash = ?1)",
+            )
+            .at(&self.path)?;
+        let mut found = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io_err(&dir))?;
+            let referenced = match parse_hash(&entry.file_name().to_string_lossy()) {
+                Ok(hash) => named
+                    .query_row([&hash[..]], |r| r.get::<_, bool>(0))
+                    .at(&self.path)?,
+                Err(_) => false,
+            };
+            if !referenced {
+                let bytes = entry.metadata().map_err(io_err(&entry.path()))?.len();
+                found.push((entry.path(), bytes));
+            }
+        }
+        found.sort();
+        Ok(found)
+    }
+
     pub fn has_blob(&self, hash: &Hash) -> Result<bool> {
         self.conn
             .prepare_cached("SELECT 1 FROM blobs WHERE hash = ?1")

@@ -1184,3 +1184,44 @@ fn concurrent_dispatches_with_the_same_scan_store_it_once() {
     assert_eq!(node.count("blobs"), 1);
     assert_eq!(node.count("doc_blobs"), 4);
 }
+
+#[test]
+fn check_lists_scan_files_that_no_scan_names_and_leaves_them() {
+    let node = TestNode::commune();
+    let good = node.write_file("good.pgm", &scan(300_000, 8));
+    node.new_dispatch("1/CHECK", &[DISTRICT], &[&good]);
+    // What a crash between writing a new scan's file and committing its row leaves behind.
+    let blobs = node.data().join("blobs");
+    let stray = blobs.join("ab".repeat(32));
+    std::fs::write(&stray, vec![7u8; 1000]).unwrap();
+    std::fs::write(blobs.join("junk"), b"x").unwrap();
+
+    let report = node.json(&["check"]);
+    assert_eq!(report["problems"], serde_json::json!([]), "{report}");
+    assert_eq!(report["scans"], 1, "{report}");
+    let listed: Vec<(String, u64)> = report["unreferenced_scan_files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| {
+            (
+                f["path"].as_str().unwrap().to_string(),
+                f["bytes"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        listed,
+        vec![
+            (stray.display().to_string(), 1000),
+            (blobs.join("junk").display().to_string(), 1),
+        ],
+        "the stored scan's own file is not listed"
+    );
+    let text = node.ok(&["check"]);
+    assert!(
+        text.contains("2 scan file(s) in blobs/ that no scan names"),
+        "{text}"
+    );
+    assert!(stray.exists(), "check only reports");
+}

@@ -802,9 +802,13 @@ fn a_reconnect_starts_at_the_path_mtu_found_before_instead_of_probing() {
     // The first session probes the path (PLPMTUD, both sides) and both remember what it found.
     let first = synced(&commune);
     let (mtu, probed_at) = path_mtu(&commune).expect("the commune remembers the path");
-    // Loopback carries large datagrams: discovery climbs to what the route allows (6,500).
+    // Loopback carries large datagrams: discovery climbs past Ethernet's 1,452 towards what the
+    // route allows (6,500; how far depends on how long the session lasts).
     let route = communesync::net::route_udp_payload("127.0.0.1:7410".parse().unwrap());
-    assert_eq!(mtu, i64::from(route), "the path MTU found");
+    assert!(
+        (1453..=i64::from(route)).contains(&mtu),
+        "the path MTU found: {mtu}"
+    );
     let deadline = Instant::now() + Duration::from_secs(10);
     while path_mtu(&province).is_none() {
         assert!(
@@ -826,7 +830,9 @@ fn a_reconnect_starts_at_the_path_mtu_found_before_instead_of_probing() {
         "nothing new to record"
     );
 
-    // A stale entry is probed afresh.
+    // A stale entry is probed afresh: the session sends probes (the first alone is 3,850
+    // bytes). Whether this short session also records what it found depends on whether the
+    // search ended before it closed (node::path::remember), so that is not asserted here.
     let two_days_ago = now_ms() - 2 * 24 * 3600 * 1000;
     commune
         .db()
@@ -835,11 +841,10 @@ fn a_reconnect_starts_at_the_path_mtu_found_before_instead_of_probing() {
             [two_days_ago],
         )
         .unwrap();
-    synced(&commune);
-    let (_, reprobed_at) = path_mtu(&commune).unwrap();
+    let reprobed = synced(&commune);
     assert!(
-        reprobed_at > two_days_ago,
-        "the stale path was not probed again"
+        udp_bytes(&reprobed) > udp_bytes(&again) + 3_000,
+        "the stale path was not probed again: {reprobed} against {again}"
     );
     server.finish();
 }
