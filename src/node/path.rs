@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use tracing::{debug, warn};
 
 use super::{now_ms, DB_FILE};
+use crate::net;
 use crate::store::Store;
 
 /// A path is probed afresh after this long, so a route that changed is found again.
@@ -35,8 +36,6 @@ pub fn known_mtu(dir: &Path, ip: IpAddr) -> Option<u16> {
 const SEARCH_ROUND_TRIPS: u32 = 60;
 /// quinn's default maximum ACK delay, part of every probe timeout.
 const ACK_DELAY: Duration = Duration::from_millis(25);
-/// Where every search starts (QUIC's minimum datagram).
-const MTU_START: u16 = 1200;
 
 /// Records what a connection to `ip` that started at `started_at` (None: it probed) ended up
 /// using. A probed path is stored as new once a probe has succeeded (that size is proven; a
@@ -59,7 +58,7 @@ pub fn remember(
         None => {
             let searched_long_enough =
                 opened.elapsed() >= (conn.rtt() + ACK_DELAY) * SEARCH_ROUND_TRIPS;
-            if current <= MTU_START && !searched_long_enough {
+            if current <= net::UDP_PAYLOAD_MIN && !searched_long_enough {
                 debug!(%ip, "no path MTU probe answered yet: not remembered");
                 return;
             }
