@@ -31,6 +31,9 @@ pub mod exit {
     pub const NODE: u8 = 4;
     /// The peer is unreachable, refused us, or the session broke off.
     pub const PEER: u8 = 5;
+    /// `sync` ran to its end but something is still pending (a scan withheld by a scans window,
+    /// or held by neither side yet): the summary and `--json` say what and why.
+    pub const PENDING: u8 = 6;
 }
 
 #[derive(Debug, Parser)]
@@ -538,7 +541,13 @@ pub fn run(cli: Cli) -> Result<()> {
             if let Some(p) = progress {
                 p.finish_and_clear();
             }
-            out.sync_report(&report?)
+            let report = report?;
+            out.sync_report(&report)?;
+            if report.converged {
+                Ok(())
+            } else {
+                Err(Pending(report.scans_withheld.len() + report.scans_not_received.len()).into())
+            }
         }
         Command::Serve { listen } => {
             let dir = data_dir(&cli)?;
@@ -579,8 +588,16 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
+/// A sync that ended with scans still pending (exit 6); the summary already said which.
+#[derive(Debug, thiserror::Error)]
+#[error("not converged: {0} scan(s) still pending (see the summary above; sync again later)")]
+pub struct Pending(usize);
+
 /// Maps an error to the exit code documented in [`exit`].
 pub fn exit_code(err: &anyhow::Error) -> u8 {
+    if err.downcast_ref::<Pending>().is_some() {
+        return exit::PENDING;
+    }
     match err.downcast_ref::<NodeError>() {
         Some(e) if e.is_not_found() => exit::NOT_FOUND,
         Some(

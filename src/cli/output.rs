@@ -351,7 +351,18 @@ impl Out {
                 r.bytes_received,
                 r.round_trips,
                 r.elapsed_ms as f64 / 1000.0
-            )
+            );
+            for (list, direction) in [
+                (&r.scans_withheld, "not sent to the peer"),
+                (&r.scans_not_received, "not received from the peer"),
+            ] {
+                for scan in list.iter() {
+                    println!("  pending: scan {} {direction}: {}", &scan.hash[..16], scan.why);
+                }
+            }
+            if !r.converged {
+                println!("not converged: sync again once the cause above has passed");
+            }
         })
     }
 

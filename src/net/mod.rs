@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 use crate::node::config::SyncSection;
 use crate::node::replica::NodeReplica;
 use crate::node::Node;
-use crate::proto::{wire, Action, Frame, Hash32, ProtoError, Session};
+use crate::proto::{wire, Action, Frame, Hash32, MissingReason, ProtoError, Session};
 use crate::trust::{PeerIdentity, TlsMaterial, TrustError};
 
 /// First byte of every unidirectional stream: what it carries.
@@ -322,7 +322,39 @@ pub struct SessionReport {
     pub bytes_received: u64,
     pub round_trips: u64,
     pub elapsed_ms: u64,
+    /// Both sides hold every document change and every scan of the other's that the shared
+    /// scope holds: nothing withheld, nothing missing.
     pub converged: bool,
+    /// Scans the peer asked for that this node did not send, and why.
+    pub scans_withheld: Vec<PendingScan>,
+    /// Scans this node asked for and did not get, and why.
+    pub scans_not_received: Vec<PendingScan>,
+}
+
+/// A scan left behind by a session.
+#[derive(Debug, Clone, Serialize)]
+pub struct PendingScan {
+    pub hash: String,
+    pub reason: MissingReason,
+    pub why: &'static str,
+}
+
+fn pending(scans: &std::collections::BTreeMap<Hash32, MissingReason>) -> Vec<PendingScan> {
+    scans
+        .iter()
+        .map(|(hash, reason)| PendingScan {
+            hash: hex::encode(hash),
+            reason: *reason,
+            why: reason.describe(),
+        })
+        .collect()
+}
+
+/// How long a one-shot sync waits on a peer it hears nothing from: the configured floor, or 8
+/// round trips of the path when that is longer (a 2G path's RTT reaches 1.5 s, more when a
+/// scan fills its queue). The sync's own keep-alives make a live peer answer well within it.
+fn silence_max(floor: Duration, rtt: Duration) -> Duration {
+    floor.max(rtt * 8)
 }
 
 enum Event {
@@ -514,6 +546,8 @@ pub async fn run_session(
     let relay_for_peer =
         mode == Mode::Continuous && crate::node::replica::is_upstream(node.unit(), &peer.unit);
     let mut parked: Vec<(Hash32, u64, Instant)> = Vec::new();
+    let silence_floor = Duration::from_secs(node.config.sync.peer_silence_s);
+    let mut heard = (conn.stats().udp_rx.datagrams, Instant::now());
     let mut tick = tokio::time::interval(push_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
 
@@ -531,22 +565,25 @@ pub async fn run_session(
                     match action {
                         Action::SendBlob { hash, from } => {
                             let window_open = limit.as_ref().is_none_or(|l| l.window_open(local_minute(utc_offset)));
+                            let store_err = |e: crate::store::StoreError| NetError::Node(e.to_string());
                             if !window_open {
                                 debug!(peer = %peer.unit, "scan deferred: outside the scans window");
-                                session.blob_unavailable_here(hash);
+                                session.blob_unavailable_here(hash, MissingReason::Deferred);
                             } else if !replica.node.blob_in_peer_scope(&hash, &peer.unit).map_err(node_err)? {
                                 // Only scans of documents the peer may hold leave this node. Often
                                 // benign: the document has not reached this node yet.
                                 debug!(peer = %peer.unit, "scan not attached here to a document of the peer's scope; not sent");
-                                session.blob_unavailable_here(hash);
-                            } else if replica.node.store.has_blob(&hash).map_err(|e| NetError::Node(e.to_string()))? {
+                                session.blob_unavailable_here(hash, MissingReason::NotInScope);
+                            } else if replica.node.store.has_blob(&hash).map_err(store_err)? {
                                 let _ = blob_queue.send((hash, from)).await;
-                            } else if relay_for_peer && replica.node.store.blob_wanted(&hash).map_err(|e| NetError::Node(e.to_string()))? {
-                                // Store and forward: this relay is fetching the scan itself; the
+                            } else if relay_for_peer && replica.node.store.blob_arriving(&hash, crate::node::now_ms(), PARKED_BLOB_WAIT_MAX.as_millis() as i64).map_err(store_err)? {
+                                // Store and forward: the scan is arriving here right now; the
                                 // request waits for it instead of failing and retrying later.
+                                // A scan nobody is sending is answered at once: the asker may
+                                // be its only source, and two nodes must not wait on each other.
                                 parked.push((hash, from, Instant::now()));
                             } else {
-                                session.blob_unavailable_here(hash);
+                                session.blob_unavailable_here(hash, MissingReason::NotHeld);
                             }
                         }
                         Action::StoreCrl { der } => replica.node.install_crl_der(&der).map_err(node_err)?,
@@ -557,7 +594,7 @@ pub async fn run_session(
                     write_frame(&mut control, &frame, CONTROL_LEVEL).await?;
                 }
             }
-            let converged = session.is_done();
+            let converged = session.is_converged();
             if converged && !was_converged {
                 // A long-lived session records each point where both sides agree.
                 let stats = conn.stats();
@@ -566,7 +603,7 @@ pub async fn run_session(
                 recorded = (stats.udp_tx.bytes, stats.udp_rx.bytes);
             }
             was_converged = converged;
-            if mode == Mode::OneShot && converged {
+            if mode == Mode::OneShot && session.is_done() {
                 return Ok(());
             }
             tokio::select! {
@@ -604,14 +641,36 @@ pub async fn run_session(
                     for (hash, from, since) in parked.drain(..) {
                         if node.store.has_blob(&hash).map_err(|e| NetError::Node(e.to_string()))? {
                             let _ = blob_queue.send((hash, from)).await;
-                        } else if since.elapsed() > PARKED_BLOB_WAIT_MAX {
-                            session.blob_unavailable_here(hash);
+                        } else if since.elapsed() > PARKED_BLOB_WAIT_MAX
+                            || !node.store.blob_arriving(&hash, crate::node::now_ms(), PARKED_BLOB_WAIT_MAX.as_millis() as i64).map_err(|e| NetError::Node(e.to_string()))?
+                        {
+                            session.blob_unavailable_here(hash, MissingReason::NotHeld);
                         } else {
                             still.push((hash, from, since));
                         }
                     }
                     parked = still;
                     if mode == Mode::OneShot {
+                        // A peer that died (or a link that went dark) costs a few seconds, not
+                        // the idle timeout: any datagram from it, keep-alive ACKs included,
+                        // proves it alive.
+                        let received = conn.stats().udp_rx.datagrams;
+                        if received != heard.0 {
+                            heard = (received, Instant::now());
+                        } else if heard.1.elapsed() > silence_max(silence_floor, conn.rtt()) {
+                            let st = &session.stats;
+                            return Err(lost(format!(
+                                "no packet from the peer for {:.0} s (path RTT {} ms): it stopped or the link is cut; \
+                                 so far {} documents sent, {} received, {} of {} scans requested received; \
+                                 all of it is stored and the next sync resumes from there",
+                                heard.1.elapsed().as_secs_f64(),
+                                conn.rtt().as_millis(),
+                                st.docs_sent,
+                                st.docs_received,
+                                st.blobs_received,
+                                st.blobs_requested,
+                            )));
+                        }
                         continue;
                     }
                     let retry = ticks % RETRY_UNAVAILABLE_TICKS == 0;
@@ -648,7 +707,9 @@ pub async fn run_session(
     }
     .await;
 
-    report.converged = session.is_done();
+    report.converged = outcome.is_ok() && session.is_converged();
+    report.scans_withheld = pending(session.scans_withheld());
+    report.scans_not_received = pending(session.scans_not_received());
     report.docs_sent = session.stats.docs_sent;
     report.docs_received = session.stats.docs_received;
     report.blobs_received = session.stats.blobs_received;

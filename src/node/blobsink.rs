@@ -50,7 +50,9 @@ impl Committer {
                     // The sync covers every chunk written before it, this batch's included.
                     file.sync().map_err(local)?;
                     store
-                        .write(|tx| tx.blob_partial_chunks(&hash, &manifest, &batch))
+                        .write(|tx| {
+                            tx.blob_partial_chunks(&hash, &manifest, &batch, super::now_ms())
+                        })
                         .map_err(local)?;
                 }
                 Ok(())

@@ -44,6 +44,9 @@ pub struct SyncSection {
     pub idle_timeout_s: u64,
     /// Keep-alive period, well under the idle timeout, so NATs and the peer keep the path open.
     pub keep_alive_s: u64,
+    /// A one-shot `sync` gives up on a peer it has heard nothing from for this long, or for 8
+    /// round trips of the path if that is longer (exit 5; the next sync resumes).
+    pub peer_silence_s: u64,
     /// RTT assumed before the first measurement: high, since 2G and VSAT links run at 0.6–1.5 s.
     pub initial_rtt_ms: u64,
     /// Congestion controller: "bbr" (holds its rate under random loss) or "cubic".
@@ -124,6 +127,7 @@ impl Default for SyncSection {
             upstream: None,
             idle_timeout_s: 120,
             keep_alive_s: 10,
+            peer_silence_s: 10,
             initial_rtt_ms: 750,
             congestion: "bbr".into(),
             reconnect_max_s: 300,
@@ -278,6 +282,12 @@ impl Config {
             return Err(format!(
                 "sync.keep_alive_s = {} must be at least 1 and below sync.idle_timeout_s",
                 sync.keep_alive_s
+            ));
+        }
+        if !(3..=sync.idle_timeout_s).contains(&sync.peer_silence_s) {
+            return Err(format!(
+                "sync.peer_silence_s = {} must be between 3 and sync.idle_timeout_s",
+                sync.peer_silence_s
             ));
         }
         if !(10..=10_000).contains(&sync.initial_rtt_ms) {

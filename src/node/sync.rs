@@ -415,6 +415,9 @@ fn bind_peer(dir: &Path, name: &str, identity: &PeerIdentity) -> Result<()> {
     Ok(node.store.write(|tx| tx.peer_bind(name, &id))?)
 }
 
+/// Keep-alive period of a one-shot sync (see `sync.peer_silence_s`).
+const ONE_SHOT_KEEP_ALIVE_S: u64 = 2;
+
 /// One full round with a peer in the foreground (both directions, documents then scans).
 pub async fn sync_once(
     dir: &Path,
@@ -425,7 +428,11 @@ pub async fn sync_once(
     let addr = resolve(&peer.addr)?;
     let tls = node.tls_material()?;
     let mtu = path::known_mtu(dir, addr.ip());
-    let ep = net::client_endpoint(addr, &tls, &node.config.sync, mtu)?;
+    // Frequent keep-alives make a live peer answer while nothing else flows, so silence means
+    // a dead peer within `sync.peer_silence_s` (net::run_session); a short sync can afford them.
+    let mut transport = node.config.sync.clone();
+    transport.keep_alive_s = transport.keep_alive_s.min(ONE_SHOT_KEEP_ALIVE_S);
+    let ep = net::client_endpoint(addr, &tls, &transport, mtu)?;
     drop(node);
     let (conn, identity) = connect(dir, &ep, addr, mtu).await?;
     let opened = Instant::now();

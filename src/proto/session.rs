@@ -8,9 +8,9 @@
 //! the peer's Want: they are pushed whole just ahead of the offer that lists them, half a round
 //! trip after they are written. See docs/protocol.md.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::{BTreeMap, HashSet, VecDeque};
 
-use super::wire::{DocChanges, DocHeads, Frame, Hash32, VERSION};
+use super::wire::{DocChanges, DocHeads, Frame, Hash32, MissingReason, VERSION};
 use super::ProtoError;
 
 /// Documents listed per Offer frame.
@@ -119,11 +119,16 @@ pub struct Session {
     rx: Rx,
     /// Scans requested from the peer and not yet arrived.
     blobs_in_flight: HashSet<Hash32>,
-    /// Scans the peer lacks or that failed verification: not asked for again this session.
-    unavailable: HashSet<Hash32>,
-    /// Whether we told the peer we pull nothing more (re-armed when we request again).
+    /// Scans the peer lacks or that failed verification, and why: not asked for again this
+    /// session, and reported as pending.
+    unavailable: BTreeMap<Hash32, MissingReason>,
+    /// Scans the peer asked for and this side did not send, and why (reported as pending).
+    withheld: BTreeMap<Hash32, MissingReason>,
+    /// Whether we told the peer we pull nothing more since its last round (re-armed when we
+    /// request again, and by each round of the peer's we apply).
     blobs_done_sent: bool,
-    /// Whether the peer told us it pulls nothing more from us.
+    /// Whether the peer told us, after acknowledging our last round, that it pulls nothing
+    /// more from us.
     peer_blobs_done: bool,
     crl_number: u64,
     peer_crl_number: u64,
@@ -144,7 +149,8 @@ impl Session {
             tx_start: 0,
             rx: Rx::Waiting,
             blobs_in_flight: HashSet::new(),
-            unavailable: HashSet::new(),
+            unavailable: BTreeMap::new(),
+            withheld: BTreeMap::new(),
             blobs_done_sent: false,
             peer_blobs_done: false,
             crl_number,
@@ -195,13 +201,31 @@ impl Session {
     }
 
     /// Both directions finished: our offers acknowledged, the peer's applied, every scan either
-    /// side wanted from the other transferred (or known to be unavailable).
+    /// side wanted from the other transferred or answered as unavailable. The peer's BlobsDone
+    /// counts only once it follows the Ack of our last round, so a peer that has not yet seen
+    /// which scans our documents reference cannot end the session early.
     pub fn is_done(&self) -> bool {
         self.tx == Tx::Done
             && self.rx == Rx::Applied
             && self.blobs_in_flight.is_empty()
             && self.blobs_done_sent
             && self.peer_blobs_done
+    }
+
+    /// Done, and nothing left behind: no scan withheld from the peer or unavailable from it.
+    /// What a one-shot sync may call converged.
+    pub fn is_converged(&self) -> bool {
+        self.is_done() && self.unavailable.is_empty() && self.withheld.is_empty()
+    }
+
+    /// Scans this side asked for and did not get this session, and why.
+    pub fn scans_not_received(&self) -> &BTreeMap<Hash32, MissingReason> {
+        &self.unavailable
+    }
+
+    /// Scans the peer asked for that this side did not send, and why.
+    pub fn scans_withheld(&self) -> &BTreeMap<Hash32, MissingReason> {
+        &self.withheld
     }
 
     /// A newer revocation list arrived here during the session: the peer gets it too.
@@ -411,15 +435,24 @@ impl Session {
                         self.tx = Tx::Done;
                     }
                 }
+                // The peer answers every round it applies with BlobWant or BlobsDone after its
+                // Ack; a BlobsDone from before it knew our documents' scans no longer counts.
+                self.peer_blobs_done = false;
             }
             Frame::BlobWant { blobs } => {
                 self.peer_blobs_done = false;
                 for (hash, from) in blobs {
+                    self.withheld.remove(&hash);
                     self.actions.push_back(Action::SendBlob { hash, from });
                 }
             }
-            Frame::BlobMissing { hash } => {
-                self.unavailable.insert(hash);
+            Frame::BlobMissing { hash, reason } => {
+                if !self.blobs_in_flight.contains(&hash) {
+                    return Err(ProtoError::Violation(
+                        "BlobMissing for a scan that was not asked for".into(),
+                    ));
+                }
+                self.unavailable.insert(hash, reason);
                 self.blob_settled(replica, &hash)?;
             }
             Frame::BlobsDone => self.peer_blobs_done = true,
@@ -434,16 +467,19 @@ impl Session {
         Ok(())
     }
 
-    /// The peer's round is durable here: record the checkpoint, acknowledge, pull its scans.
+    /// The peer's round is durable here: record the checkpoint, acknowledge, then answer the
+    /// round with the scans it made us want, or BlobsDone (always one of the two after an Ack).
     fn round_applied(&mut self, replica: &mut impl Replica, upto: u64) -> Result<(), ProtoError> {
         replica.set_have_from_peer(upto)?;
         self.out.push_back(Frame::Ack { upto });
         self.rx = Rx::Applied;
+        self.blobs_done_sent = false;
         self.pull_blobs(replica)
     }
 
-    /// Keeps up to BLOBS_IN_FLIGHT_MAX scans requested, most urgent first; says BlobsDone when
-    /// nothing more is wanted.
+    /// Keeps up to BLOBS_IN_FLIGHT_MAX scans requested, most urgent first. Scans of documents
+    /// pushed mid-round are requested at once, but BlobsDone is said only between rounds:
+    /// before the peer's round is applied, the scans it references are not known to be missing.
     fn pull_blobs(&mut self, replica: &mut impl Replica) -> Result<(), ProtoError> {
         if self.rx == Rx::Waiting || self.blobs_in_flight.len() >= BLOBS_IN_FLIGHT_MAX {
             return Ok(());
@@ -453,11 +489,11 @@ impl Session {
         let wanted: Vec<_> = replica
             .missing_blobs(room + skip)?
             .into_iter()
-            .filter(|(h, _)| !self.unavailable.contains(h) && !self.blobs_in_flight.contains(h))
+            .filter(|(h, _)| !self.unavailable.contains_key(h) && !self.blobs_in_flight.contains(h))
             .take(room)
             .collect();
         if wanted.is_empty() {
-            if self.blobs_in_flight.is_empty() && !self.blobs_done_sent {
+            if self.rx == Rx::Applied && self.blobs_in_flight.is_empty() && !self.blobs_done_sent {
                 self.out.push_back(Frame::BlobsDone);
                 self.blobs_done_sent = true;
             }
@@ -481,7 +517,7 @@ impl Session {
         if ok {
             self.stats.blobs_received += 1;
         } else {
-            self.unavailable.insert(*hash);
+            self.unavailable.insert(*hash, MissingReason::Failed);
         }
         self.blob_settled(replica, hash)
     }
@@ -504,8 +540,10 @@ impl Session {
         self.pull_blobs(replica)
     }
 
-    /// This side does not hold a blob the peer asked for.
-    pub fn blob_unavailable_here(&mut self, hash: Hash32) {
-        self.out.push_back(Frame::BlobMissing { hash });
+    /// This side does not send a blob the peer asked for, for `reason` (never `Failed`).
+    pub fn blob_unavailable_here(&mut self, hash: Hash32, reason: MissingReason) {
+        debug_assert_ne!(reason, MissingReason::Failed, "not a wire reason");
+        self.withheld.insert(hash, reason);
+        self.out.push_back(Frame::BlobMissing { hash, reason });
     }
 }

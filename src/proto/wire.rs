@@ -7,8 +7,9 @@ use bytes::Bytes;
 
 use super::ProtoError;
 
-/// Protocol version spoken by this build (sent in Hello). 2 added `Push`.
-pub const VERSION: u16 = 2;
+/// Protocol version spoken by this build (sent in Hello). 2 added `Push`; 3 gave `BlobMissing`
+/// a reason and made `BlobsDone` answer each acknowledged round (protocol.md §4.1).
+pub const VERSION: u16 = 3;
 /// Largest frame on the wire (header excluded), compressed or not.
 pub const FRAME_BYTES_MAX: usize = 16 << 20;
 /// Largest frame body after decompression: checked before zstd runs (no decompression bombs).
@@ -28,6 +29,47 @@ pub const HEADER_BYTES: usize = 6;
 const FLAG_ZSTD: u8 = 1;
 
 pub type Hash32 = [u8; 32];
+
+/// Why a side does not send a scan the peer asked for (`BlobMissing`). The asking side reports
+/// it: a one-shot sync that ends with any scan missing either way is not converged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MissingReason {
+    /// The sender does not hold the scan (yet): nobody it could ask has delivered it.
+    NotHeld = 0,
+    /// Held, but a configured scans window holds it back until the window opens.
+    Deferred = 1,
+    /// No document of the asker's scope attaches it here (often: that document has not
+    /// reached the sender yet).
+    NotInScope = 2,
+    /// Never on the wire: the transfer arrived but failed verification, or was cut.
+    Failed = 3,
+}
+
+impl MissingReason {
+    fn from_wire(v: u64) -> Result<MissingReason, ProtoError> {
+        Ok(match v {
+            0 => MissingReason::NotHeld,
+            1 => MissingReason::Deferred,
+            2 => MissingReason::NotInScope,
+            _ => {
+                return Err(ProtoError::Malformed(format!(
+                    "BlobMissing reason {v} is not one of 0, 1, 2"
+                )))
+            }
+        })
+    }
+
+    /// Words for a summary line.
+    pub fn describe(self) -> &'static str {
+        match self {
+            MissingReason::NotHeld => "not held there either yet",
+            MissingReason::Deferred => "deferred by the configured scans window",
+            MissingReason::NotInScope => "not attached there to a document of the asker's scope",
+            MissingReason::Failed => "transfer cut or failed verification; resumes next sync",
+        }
+    }
+}
 
 /// A document and its Automerge heads (sorted change hashes).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,6 +125,7 @@ pub enum Frame {
     },
     BlobMissing {
         hash: Hash32,
+        reason: MissingReason,
     },
     BlobHeader {
         hash: Hash32,
@@ -298,7 +341,10 @@ fn body(frame: &Frame) -> (Vec<u8>, Option<&Bytes>) {
                 e.uint(*from);
             }
         }
-        Frame::BlobMissing { hash } => e.hash(hash),
+        Frame::BlobMissing { hash, reason } => {
+            e.hash(hash);
+            e.uint(*reason as u64);
+        }
         Frame::BlobHeader {
             hash,
             size,
@@ -459,7 +505,10 @@ fn decode_in(buf: &[u8], shared: Option<&Bytes>) -> Result<Frame, ProtoError> {
             }
             Frame::BlobWant { blobs }
         }
-        10 => Frame::BlobMissing { hash: d.hash()? },
+        10 => Frame::BlobMissing {
+            hash: d.hash()?,
+            reason: MissingReason::from_wire(d.uint()?)?,
+        },
         11 => Frame::BlobHeader {
             hash: d.hash()?,
             size: d.uint()?,
@@ -563,7 +612,10 @@ mod tests {
             Frame::BlobWant {
                 blobs: vec![([1; 32], 0), ([2; 32], 17)],
             },
-            Frame::BlobMissing { hash: [3; 32] },
+            Frame::BlobMissing {
+                hash: [3; 32],
+                reason: MissingReason::Deferred,
+            },
             Frame::BlobHeader {
                 hash: [4; 32],
                 size: 1000,

@@ -336,6 +336,18 @@ impl Store {
             .at(&self.path)
     }
 
+    /// Whether a transfer of this scan into this node has begun or stored chunks within the last
+    /// `recent_ms`: a relay waits for such a scan instead of answering that it lacks it.
+    pub fn blob_arriving(&self, hash: &Hash, now_ms: i64, recent_ms: i64) -> Result<bool> {
+        self.conn
+            .prepare_cached("SELECT updated_at FROM blob_partial WHERE hash = ?1")
+            .at(&self.path)?
+            .query_row([&hash[..]], |r| r.get::<_, i64>(0))
+            .optional()
+            .map(|at| at.is_some_and(|at| now_ms - at <= recent_ms))
+            .at(&self.path)
+    }
+
     /// Bytes still to fetch for missing scans (for `status`).
     pub fn missing_blob_bytes(&self) -> Result<(i64, i64)> {
         self.conn
@@ -567,6 +579,8 @@ impl WriteTx<'_> {
                     params![&hash[..], size as i64, CHUNK_BYTES as i64, manifest_bytes, at_ms],
                 )
                 .at(self.path)?;
+        } else {
+            self.blob_partial_touch(hash, at_ms)?;
         }
         self.tx
             .query_row(
@@ -586,6 +600,7 @@ impl WriteTx<'_> {
         hash: &Hash,
         manifest: &[Hash],
         chunks: &[(u64, usize)],
+        at_ms: i64,
     ) -> Result<()> {
         let stored: Option<Vec<u8>> = self
             .tx
@@ -612,6 +627,16 @@ impl WriteTx<'_> {
                 .execute(params![&hash[..], idx as i64, &chunk_hash[..], len as i64])
                 .at(self.path)?;
         }
+        self.blob_partial_touch(hash, at_ms)
+    }
+
+    /// Notes that a transfer in progress moved (see `Store::blob_arriving`).
+    fn blob_partial_touch(&self, hash: &Hash, at_ms: i64) -> Result<()> {
+        self.tx
+            .prepare_cached("UPDATE blob_partial SET updated_at = ?2 WHERE hash = ?1")
+            .at(self.path)?
+            .execute(params![&hash[..], at_ms])
+            .at(self.path)?;
         Ok(())
     }
 
@@ -740,7 +765,7 @@ mod tests {
         file.write(0, &chunk).unwrap();
         file.sync().unwrap();
         store
-            .write(|tx| tx.blob_partial_chunks(&claimed, &manifest, &[(0, chunk.len())]))
+            .write(|tx| tx.blob_partial_chunks(&claimed, &manifest, &[(0, chunk.len())], 1))
             .unwrap();
         let stored = store
             .write(|tx| tx.blob_partial_finish(&claimed, None, 2))
