@@ -310,18 +310,62 @@ impl Node {
             .map(|p| p.name))
     }
 
-    /// The peer `sync` talks to: the named one, else the configured upstream, else the only one.
+    /// The peers `serve` keeps a session with. A peer is dialled when it is marked upstream
+    /// (`peer add --upstream`, `sync.upstream`), when its certificate showed a unit above this
+    /// node's, when it is another node of this unit with a greater node id (so two standbys
+    /// keep one session, not two), or when it was never met (first contact shows what it is).
+    /// A peer below this node, or elsewhere in the tree, dials this node instead.
+    pub fn peers_to_dial(&self) -> Result<Vec<String>> {
+        let configured = self.config.sync.upstream.as_deref();
+        let met = self.store.peers_met()?;
+        if let Some(name) = configured {
+            if !met.iter().any(|(p, _)| p.name == name) {
+                return Err(NodeError::Config(super::config::ConfigError::Invalid {
+                    path: self.dir.join(super::config::CONFIG_FILE),
+                    message: format!("sync.upstream = {name:?} names no peer: add it with `communesync peer add {name} --addr HOST:PORT`, or remove the key"),
+                }));
+            }
+        }
+        let me = self.node_id.to_string();
+        Ok(met
+            .into_iter()
+            .filter(|(peer, met)| {
+                peer.upstream
+                    || configured == Some(peer.name.as_str())
+                    || match met {
+                        None => true,
+                        Some((unit, node)) => {
+                            super::replica::is_upstream(unit, self.unit())
+                                || (unit == self.unit() && *node > me)
+                        }
+                    }
+            })
+            .map(|(peer, _)| peer.name)
+            .collect())
+    }
+
+    /// The peer `sync` talks to: the named one, else the configured upstream, else the only
+    /// peer, else the only one whose certificate showed a unit above this node's.
     fn pick_peer(&self, name: Option<&str>) -> Result<Peer> {
         if let Some(name) = name.map(str::to_string).or(self.upstream_name()?) {
             return Ok(self.store.peer(&name)?);
         }
-        match &self.store.peers()?[..] {
-            [only] => Ok(only.clone()),
-            [] => Err(NodeError::Invalid(
+        let met = self.store.peers_met()?;
+        let above: Vec<_> = met
+            .iter()
+            .filter(|(_, m)| {
+                m.as_ref()
+                    .is_some_and(|(unit, _)| super::replica::is_upstream(unit, self.unit()))
+            })
+            .collect();
+        match (&met[..], &above[..]) {
+            ([(only, _)], _) | (_, [(only, _)]) => Ok(only.clone()),
+            ([], _) => Err(NodeError::Invalid(
                 "no peers: add one with `communesync peer add NAME --addr HOST:PORT`".into(),
             )),
             _ => Err(NodeError::Invalid(
-                "several peers: choose one with --peer NAME (or set sync.upstream)".into(),
+                "several peers and none known to be above this node: choose one with --peer NAME"
+                    .into(),
             )),
         }
     }
@@ -448,8 +492,16 @@ pub async fn sync_once(
     )
     .await;
     path::remember(dir, addr.ip(), mtu, opened, &conn);
-    ep.wait_idle().await;
+    // The close is sent at once; waiting out QUIC's drain period (3 PTOs, half a minute on a
+    // 2G link whose queue a scan filled) only serves to repeat it if it was lost. A couple of
+    // round trips covers that; past them the peer's idle timeout ends its side.
+    let _ = tokio::time::timeout(close_wait(conn.rtt()), ep.wait_idle()).await;
     Ok(session?)
+}
+
+/// How long a one-shot sync lingers after closing, for a lost close to be repeated.
+fn close_wait(rtt: Duration) -> Duration {
+    (rtt * 2 + Duration::from_millis(100)).min(Duration::from_secs(3))
 }
 
 /// Dials a peer; a failed handshake on a path with a remembered MTU forgets it (see [`path`]).
@@ -492,14 +544,20 @@ pub async fn serve(
     let limit = Arc::new(tokio::sync::Semaphore::new(
         node.config.sync.connections_max,
     ));
-    let upstream = node.upstream_name()?;
+    let dial = node.peers_to_dial()?;
+    if dial.is_empty() && node.role() == crate::units::Role::Commune {
+        warn!("no peer to dial and a commune has no node below it to accept: nothing will sync; add the district with `communesync peer add NAME --addr HOST:PORT`");
+    } else if dial.is_empty() && node.role() != crate::units::Role::Province {
+        warn!("no peer to dial: this node relays only between the nodes that connect to it; add its upstream with `communesync peer add NAME --addr HOST:PORT`");
+    }
     let reconnect_max = Duration::from_secs(node.config.sync.reconnect_max_s);
     drop(node);
 
     let wake = listen_for_local_writes(dir)?;
-    if let Some(name) = upstream {
+    for name in dial {
+        info!(peer = %name, "keeping a session with configured peer");
         let (dir, shutdown, wake) = (dir.to_path_buf(), shutdown.clone(), wake.clone());
-        tokio::spawn(async move { keep_upstream(dir, name, reconnect_max, shutdown, wake).await });
+        tokio::spawn(async move { keep_peer(dir, name, reconnect_max, shutdown, wake).await });
     }
     let mut stop = shutdown.clone();
     // A newer CRL (from `ca revoke` or a peer) takes effect for new connections without a restart.
@@ -613,8 +671,9 @@ fn reload_crl(
     Ok(Some((held, cfg)))
 }
 
-/// Keeps a session with the upstream peer, reconnecting with bounded, jittered backoff.
-async fn keep_upstream(
+/// Keeps a session with a configured peer, reconnecting with bounded, jittered backoff, until
+/// its certificate shows it is a node that dials this one instead (see `peers_to_dial`).
+async fn keep_peer(
     dir: std::path::PathBuf,
     name: String,
     backoff_max: Duration,
@@ -633,8 +692,13 @@ async fn keep_upstream(
             drop(node);
             let (conn, identity) = connect(&dir, &ep, addr, mtu).await?;
             let opened = Instant::now();
-            info!(upstream = %identity.unit, "connected to upstream");
+            info!(peer = %name, unit = %identity.unit, "connected");
             bind_peer(&dir, &name, &identity)?;
+            if !Node::open(&dir)?.peers_to_dial()?.contains(&name) {
+                info!(peer = %name, unit = %identity.unit, "this peer connects to us; not dialling it");
+                conn.close(0u32.into(), b"you dial us");
+                return Ok(None);
+            }
             let session = net::run_session(
                 conn.clone(),
                 identity,
@@ -645,12 +709,13 @@ async fn keep_upstream(
             )
             .await;
             path::remember(&dir, addr.ip(), mtu, opened, &conn);
-            Ok::<SessionReport, anyhow::Error>(session?)
+            Ok::<Option<SessionReport>, anyhow::Error>(Some(session?))
         };
         match attempt.await {
-            Ok(_) => backoff = Duration::from_secs(1),
+            Ok(Some(_)) => backoff = Duration::from_secs(1),
+            Ok(None) => return,
             Err(e) => {
-                error!(upstream = %name, "sync with upstream failed: {e:#}");
+                error!(peer = %name, "sync failed: {e:#}");
                 backoff = (backoff * 2).min(backoff_max);
             }
         }

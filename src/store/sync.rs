@@ -73,6 +73,33 @@ impl Store {
         rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
     }
 
+    /// Each configured peer with the unit and node id its certificate showed when last met
+    /// (None before first contact).
+    pub fn peers_met(&self) -> Result<Vec<(Peer, Option<(String, String)>)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT p.name, p.addr, p.upstream, s.unit, s.node_id FROM peers p
+                 LEFT JOIN peer_sync s ON s.node_id = p.node_id ORDER BY p.name",
+            )
+            .at(&self.path)?;
+        let rows = stmt
+            .query_map([], |r| {
+                let peer = Peer {
+                    name: r.get(0)?,
+                    addr: r.get(1)?,
+                    upstream: r.get(2)?,
+                };
+                let met = match (r.get::<_, Option<String>>(3)?, r.get(4)?) {
+                    (Some(unit), Some(node)) => Some((unit, node)),
+                    _ => None,
+                };
+                Ok((peer, met))
+            })
+            .at(&self.path)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
+    }
+
     pub fn peer(&self, name: &str) -> Result<Peer> {
         self.conn
             .query_row(
