@@ -408,33 +408,19 @@ pub fn run_tree(keep: bool, out: &Out) -> Result<()> {
         &["user", "add", "minh", "--title", "địa chính"],
     )?;
 
-    println!("\n== Start the province and the district relay (communesync serve); the district keeps the province as upstream");
+    println!("\n== Start the province and the district relay (communesync serve); the district dials the province, whose certificate shows it is upstream");
     let (_p, province_addr) = serve(&exe, &province)?;
     quiet(
         &exe,
         &district,
-        &[
-            "peer",
-            "add",
-            "province",
-            "--addr",
-            &province_addr,
-            "--upstream",
-        ],
+        &["peer", "add", "province", "--addr", &province_addr],
     )?;
     let (_d, district_addr) = serve(&exe, &district)?;
     for commune in [&tinhhuc, &hucdong] {
         quiet(
             &exe,
             commune,
-            &[
-                "peer",
-                "add",
-                "district",
-                "--addr",
-                &district_addr,
-                "--upstream",
-            ],
+            &["peer", "add", "district", "--addr", &district_addr],
         )?;
     }
     println!("province on {province_addr}, district on {district_addr}");

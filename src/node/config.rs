@@ -284,9 +284,9 @@ impl Config {
                 sync.keep_alive_s
             ));
         }
-        if !(3..=sync.idle_timeout_s).contains(&sync.peer_silence_s) {
+        if !(3..=86_400).contains(&sync.peer_silence_s) {
             return Err(format!(
-                "sync.peer_silence_s = {} must be between 3 and sync.idle_timeout_s",
+                "sync.peer_silence_s = {} must be between 3 and 86400",
                 sync.peer_silence_s
             ));
         }
