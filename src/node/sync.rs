@@ -525,6 +525,8 @@ pub async fn serve(
     shutdown: watch::Receiver<bool>,
 ) -> std::result::Result<(), anyhow::Error> {
     let node = Node::open(dir)?;
+    // A misconfigured upstream fails here, before anything is bound or announced.
+    let dial = node.peers_to_dial()?;
     let listen = match listen {
         Some(a) => a,
         None => node.config.sync.listen.parse()?,
@@ -544,7 +546,6 @@ pub async fn serve(
     let limit = Arc::new(tokio::sync::Semaphore::new(
         node.config.sync.connections_max,
     ));
-    let dial = node.peers_to_dial()?;
     if dial.is_empty() && node.role() == crate::units::Role::Commune {
         warn!("no peer to dial and a commune has no node below it to accept: nothing will sync; add the district with `communesync peer add NAME --addr HOST:PORT`");
     } else if dial.is_empty() && node.role() != crate::units::Role::Province {

@@ -176,3 +176,199 @@ fn trial_matrix() {
         lies.join("\n")
     );
 }
+
+/// Appends a scans window that never opens, for peers at or below `unit`.
+fn close_scans_window(node: &TestNode, unit: &str) {
+    let path = node.config_path();
+    let mut text = std::fs::read_to_string(&path).expect("reading config.toml");
+    text.push_str(&format!(
+        "\n[[sync.limit]]\nunit = \"{unit}\"\nscans_window = \"00:00-00:00\"\n"
+    ));
+    std::fs::write(&path, text).expect("writing config.toml");
+}
+
+fn reopen_scans_window(node: &TestNode) {
+    let path = node.config_path();
+    let text = std::fs::read_to_string(&path).expect("reading config.toml");
+    let kept = &text[..text.find("\n[[sync.limit]]").expect("a limit to remove")];
+    std::fs::write(&path, format!("{kept}\n")).expect("writing config.toml");
+}
+
+#[test]
+fn a_scan_held_back_by_the_peers_scans_window_is_named_pending_with_exit_6_then_arrives() {
+    let province = province();
+    close_scans_window(&province, COMMUNE);
+    let server = Server::start(&province);
+    let commune = enrolled(&province, COMMUNE, "commune");
+    commune.ok(&["peer", "add", "up", "--addr", server.addr()]);
+    let scan = province.write_file(
+        "so-do.jpg",
+        &incompressible(40_000, &mut StdRng::seed_from_u64(5)),
+    );
+    let d = id(&province.new_dispatch("5/UBND-VP", &[COMMUNE], &[&scan]));
+
+    let run = commune.run(&["--json", "sync"]);
+    assert_eq!(
+        run.code,
+        i32::from(exit::PENDING),
+        "{}{}",
+        run.stdout,
+        run.stderr
+    );
+    let report = run.json();
+    assert_eq!(report["converged"], false, "{report}");
+    assert_eq!(
+        report["scans_not_received"][0]["reason"], "deferred",
+        "{report}"
+    );
+    assert!(
+        holds_doc(&commune, &d),
+        "the dispatch itself is never held back"
+    );
+    let hash = attachment_hash(&province, &d);
+    assert_eq!(blob_rows(&commune, &hash), 0);
+    let text = commune.run(&["sync"]);
+    assert!(
+        text.stdout.contains("pending: scan") && text.stdout.contains("scans window"),
+        "the summary names the scan and why: {}",
+        text.stdout
+    );
+
+    reopen_scans_window(&province);
+    assert_eq!(
+        commune.run(&["--json", "sync"]).ok().json()["converged"],
+        true
+    );
+    assert_eq!(
+        blob_rows(&commune, &hash),
+        1,
+        "the scan arrived once the window opened"
+    );
+    server.finish();
+}
+
+/// Issue 10's second lie: a relay asked for a scan it lacks too used to hold the request for
+/// 120 s, waiting for a scan from its only possible source, then the sync said converged.
+#[test]
+fn a_relay_that_lacks_a_scan_too_answers_at_once_and_the_sync_says_pending() {
+    let province = province();
+    close_scans_window(&province, "qn/binhlieu");
+    let upstream = Server::start(&province);
+    let district = enrolled(&province, "qn/binhlieu", "district");
+    district.ok(&["peer", "add", "province", "--addr", upstream.addr()]);
+    let relay = Server::start(&district);
+    let commune = enrolled(&province, COMMUNE, "commune");
+    commune.ok(&["peer", "add", "district", "--addr", relay.addr()]);
+    let scan = province.write_file(
+        "so-do.jpg",
+        &incompressible(40_000, &mut StdRng::seed_from_u64(6)),
+    );
+    let d = id(&province.new_dispatch("6/UBND-VP", &[COMMUNE], &[&scan]));
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    while !holds_doc(&district, &d) {
+        assert!(
+            Instant::now() < deadline,
+            "the district never received the dispatch"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+
+    let started = Instant::now();
+    let run = commune.run(&["--json", "sync"]);
+    let took = started.elapsed();
+    assert_eq!(
+        run.code,
+        i32::from(exit::PENDING),
+        "{}{}",
+        run.stdout,
+        run.stderr
+    );
+    let report = run.json();
+    assert_eq!(
+        report["scans_not_received"][0]["reason"], "not_held",
+        "{report}"
+    );
+    assert!(holds_doc(&commune, &d));
+    assert!(
+        took < std::time::Duration::from_secs(60),
+        "the relay answered at once, not after 120 s: {took:?}"
+    );
+    relay.finish();
+    upstream.finish();
+}
+
+/// Issue 10: `serve` killed mid-transfer cost the commune the full 120 s idle timeout.
+#[test]
+fn a_sync_whose_peer_dies_mid_transfer_exits_5_within_seconds_and_resumes_later() {
+    let province = province();
+    let server = Server::start(&province);
+    let commune = enrolled(&province, COMMUNE, "commune");
+    let rt = runtime();
+    let sim = link(&rt, server.addr(), "rate=1mbit", 7);
+    commune.ok(&["peer", "add", "up", "--addr", &sim.local_addr().to_string()]);
+    let scan = province.write_file(
+        "so-do.jpg",
+        &incompressible(3 << 20, &mut StdRng::seed_from_u64(7)),
+    );
+    let d = id(&province.new_dispatch("7/UBND-VP", &[COMMUNE], &[&scan]));
+    let hash = attachment_hash(&province, &d);
+
+    let (_, mut sync) = commune.spawn(&["--json", "sync"]);
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    while crate::tree_util::chunks_stored(&commune, &hash) == 0 {
+        assert!(Instant::now() < deadline, "no chunk arrived");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let killed = Instant::now();
+    server.finish();
+    let status = sync.wait().expect("waiting for sync");
+    let took = killed.elapsed();
+    assert_eq!(status.code(), Some(i32::from(exit::PEER)));
+    assert!(
+        took < std::time::Duration::from_secs(40),
+        "a dead peer is given up within seconds, not the 120 s idle timeout: {took:?}"
+    );
+    let kept = crate::tree_util::chunks_stored(&commune, &hash);
+    assert!(kept > 0, "verified chunks stay for the resume");
+
+    let server = Server::start(&province);
+    let _ = commune.run(&["peer", "remove", "up"]);
+    commune.ok(&["peer", "add", "up", "--addr", server.addr()]);
+    assert_eq!(
+        commune.run(&["--json", "sync"]).ok().json()["converged"],
+        true
+    );
+    assert_eq!(blob_rows(&commune, &hash), 1);
+    rt.block_on(sim.shutdown());
+    server.finish();
+}
+
+/// Issue 10: a district that added the province as a peer, without `--upstream`, and ran
+/// `serve` never connected and logged nothing.
+#[test]
+fn serve_dials_a_configured_peer_without_upstream_and_refuses_an_upstream_that_does_not_exist() {
+    let province = province();
+    let upstream = Server::start(&province);
+    let district = enrolled(&province, "qn/binhlieu", "district");
+    district.ok(&["peer", "add", "province", "--addr", upstream.addr()]);
+    let relay = Server::start(&district);
+    let d = id(&province.new_dispatch("8/UBND-VP", &[COMMUNE], &[]));
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    while !holds_doc(&district, &d) {
+        assert!(
+            Instant::now() < deadline,
+            "the district never dialled the province:\n{}",
+            relay.log()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    relay.finish();
+    upstream.finish();
+
+    crate::tree_util::set_sync(&district, "upstream", "\"nosuchpeer\"");
+    let error = district.fails(&["serve", "--listen", "127.0.0.1:0"], exit::NODE);
+    assert!(
+        error.contains("nosuchpeer") && error.contains("peer add"),
+        "{error}"
+    );
+}
