@@ -17,6 +17,9 @@ pub struct Peer {
     pub upstream: bool,
 }
 
+/// (unit, node id) a configured peer's certificate showed when last met.
+pub type MetAs = (String, String);
+
 /// What this node knows of one peer node, for `status`.
 #[derive(Debug, Clone, Serialize)]
 pub struct PeerSync {
@@ -75,7 +78,7 @@ impl Store {
 
     /// Each configured peer with the unit and node id its certificate showed when last met
     /// (None before first contact).
-    pub fn peers_met(&self) -> Result<Vec<(Peer, Option<(String, String)>)>> {
+    pub fn peers_met(&self) -> Result<Vec<(Peer, Option<MetAs>)>> {
         let mut stmt = self
             .conn
             .prepare_cached(
