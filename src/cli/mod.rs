@@ -546,7 +546,7 @@ pub fn run(cli: Cli) -> Result<()> {
             if report.converged {
                 Ok(())
             } else {
-                Err(Pending(report.scans_withheld.len() + report.scans_not_received.len()).into())
+                Err(Pending.into())
             }
         }
         Command::Serve { listen } => {
@@ -588,10 +588,10 @@ async fn wait_for_signal() {
     let _ = tokio::signal::ctrl_c().await;
 }
 
-/// A sync that ended with scans still pending (exit 6); the summary already said which.
+/// A sync that ended with something left behind (exit 6); the summary already said what.
 #[derive(Debug, thiserror::Error)]
-#[error("not converged: {0} scan(s) still pending (see the summary above; sync again later)")]
-pub struct Pending(usize);
+#[error("not converged: scans pending or documents refused (see the summary); sync again later")]
+pub struct Pending;
 
 /// Maps an error to the exit code documented in [`exit`].
 pub fn exit_code(err: &anyhow::Error) -> u8 {

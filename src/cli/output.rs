@@ -360,6 +360,12 @@ impl Out {
                     println!("  pending: scan {} {direction}: {}", &scan.hash[..16], scan.why);
                 }
             }
+            for doc in &r.docs_refused {
+                println!("  refused here: document {} from the peer: {}", doc.id, doc.reason);
+            }
+            for doc in &r.docs_refused_by_peer {
+                println!("  refused by the peer: document {}: {}", doc.id, doc.reason);
+            }
             if !r.converged {
                 println!("not converged: sync again once the cause above has passed");
             }
@@ -417,6 +423,21 @@ impl Out {
                     p.pending_in_changes,
                     lag
                 );
+                for (what, total, list) in [
+                    ("refused here from this peer", p.refused_total, &p.refused),
+                    (
+                        "of ours this peer refuses",
+                        p.refused_by_peer_total,
+                        &p.refused_by_peer,
+                    ),
+                ] {
+                    if total > 0 {
+                        println!("    documents {what}: {total}");
+                        for (doc, why, at) in list {
+                            println!("      {doc} at {}: {why}", when(*at, node));
+                        }
+                    }
+                }
                 if let Some(err) = p.sync.as_ref().and_then(|s| s.last_error.as_deref()) {
                     println!("    last error: {err}");
                 }

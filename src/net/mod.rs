@@ -35,6 +35,8 @@ const RETRY_UNAVAILABLE_TICKS: u64 = 15;
 const CLOSE_REASON_BYTES_MAX: usize = 200;
 /// How long a relay holds a peer's request for a scan it is still fetching itself.
 const PARKED_BLOB_WAIT_MAX: Duration = Duration::from_secs(120);
+/// Documents of ours the peer still refuses, listed in a session's report at most.
+const REFUSALS_LISTED_MAX: usize = 100;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -329,6 +331,26 @@ pub struct SessionReport {
     pub scans_withheld: Vec<PendingScan>,
     /// Scans this node asked for and did not get, and why.
     pub scans_not_received: Vec<PendingScan>,
+    /// Documents of the peer's this node's checks refused, and why (the rest were stored).
+    pub docs_refused: Vec<RefusedDoc>,
+    /// Documents of this node's the peer refused, and why.
+    pub docs_refused_by_peer: Vec<RefusedDoc>,
+}
+
+/// A document one side refused: left out alone, the session went on.
+#[derive(Debug, Clone, Serialize)]
+pub struct RefusedDoc {
+    pub id: String,
+    pub reason: String,
+}
+
+fn refused_docs(docs: &std::collections::BTreeMap<String, String>) -> Vec<RefusedDoc> {
+    docs.iter()
+        .map(|(id, reason)| RefusedDoc {
+            id: id.clone(),
+            reason: reason.clone(),
+        })
+        .collect()
 }
 
 /// A scan left behind by a session.
@@ -707,9 +729,19 @@ pub async fn run_session(
     }
     .await;
 
-    report.converged = outcome.is_ok() && session.is_converged();
+    // A change of ours the peer refused in an earlier session is still missing there.
+    let (standing, standing_total) = node
+        .store
+        .refusals(&peer.node_id.to_string(), true, REFUSALS_LISTED_MAX)
+        .map_err(|e| NetError::Node(e.to_string()))?;
+    report.converged = outcome.is_ok() && session.is_converged() && standing_total == 0;
     report.scans_withheld = pending(session.scans_withheld());
     report.scans_not_received = pending(session.scans_not_received());
+    report.docs_refused = refused_docs(session.docs_refused());
+    report.docs_refused_by_peer = standing
+        .into_iter()
+        .map(|(id, reason, _)| RefusedDoc { id, reason })
+        .collect();
     report.docs_sent = session.stats.docs_sent;
     report.docs_received = session.stats.docs_received;
     report.blobs_received = session.stats.blobs_received;

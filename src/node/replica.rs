@@ -9,7 +9,7 @@ use tracing::warn;
 
 use super::{now_ms, Node};
 use crate::model::{self, ChangeNote, DocId, DocView};
-use crate::proto::{DocChanges, DocHeads, Hash32, ProtoError, Replica};
+use crate::proto::{Applied, DocChanges, DocHeads, Hash32, ProtoError, Replica};
 use crate::store::docs::{decode_heads, encode_heads, SaveHints};
 use crate::store::sync::Scope;
 use crate::store::{DocRecord, StoreError, WriteTx};
@@ -308,7 +308,9 @@ impl Sender<'_> {
             (None, Some(early)) => early?,
             (None, None) => self.check_new(id, bytes)?,
         };
-        let view = checked.view.map_err(StoreError::from)?;
+        let view = checked
+            .view
+            .map_err(|e| self.refuse(id.as_str(), format!("its fields do not read: {e}")))?;
         let mut sender_heads: Vec<ChangeHash> =
             change.heads.iter().map(|h| ChangeHash(*h)).collect();
         sender_heads.sort();
@@ -321,6 +323,40 @@ impl Sender<'_> {
         tx.save_doc_with(id, checked.old_heads, checked.doc, at_ms, hints)?;
         Ok(())
     }
+}
+
+/// A stored document that no longer loads (poisoned by a hostile peer before its changes were
+/// checked, or damaged) is left out of offers and sends, logged, instead of ending every
+/// session; `communesync check` names it. Any other store error ends the session.
+fn quarantined<T>(id: &DocId, read: Result<T, StoreError>) -> Result<Option<T>, ProtoError> {
+    match read {
+        Ok(v) => Ok(Some(v)),
+        Err(e @ (StoreError::Corrupt(_) | StoreError::Model(_))) => {
+            warn!(doc = %id, "stored document does not load, left out of this session: {e}");
+            Ok(None)
+        }
+        Err(e) => Err(local(e)),
+    }
+}
+
+/// Leaves one refused document out of a frame: logged once, recorded for `status`, and
+/// reported to the peer by the session.
+fn refused(
+    tx: &mut WriteTx<'_>,
+    peer_id: &str,
+    applied: &mut Applied,
+    id: &str,
+    why: ProtoError,
+    at_ms: i64,
+) -> Result<(), ApplyError> {
+    let reason = match why {
+        ProtoError::Refused(reason) => reason,
+        other => other.to_string(),
+    };
+    warn!("refused: {reason}");
+    tx.refusal_record(peer_id, id, false, &reason, at_ms)?;
+    applied.refused.push((id.to_string(), reason));
+    Ok(())
 }
 
 impl Replica for NodeReplica<'_> {
@@ -425,18 +461,17 @@ impl Replica for NodeReplica<'_> {
             if encode_heads(&offered_heads) == mine {
                 continue;
             }
-            let (lacking, heads) = self
-                .node
-                .store
-                .read_doc(&id, |doc| {
-                    (
-                        offered_heads
-                            .iter()
-                            .any(|h| doc.get_change_by_hash(h).is_none()),
-                        doc.get_heads(),
-                    )
-                })
-                .map_err(local)?;
+            let read = self.node.store.read_doc(&id, |doc| {
+                (
+                    offered_heads
+                        .iter()
+                        .any(|h| doc.get_change_by_hash(h).is_none()),
+                    doc.get_heads(),
+                )
+            });
+            let Some((lacking, heads)) = quarantined(&id, read)? else {
+                continue;
+            };
             if lacking {
                 wants.push(DocHeads {
                     id: offer.id.clone(),
@@ -467,7 +502,10 @@ impl Replica for NodeReplica<'_> {
         // A peer with nothing gets the whole document, compact and compressed: the stored
         // snapshot and chunks as they are when they are compact enough, else a fresh save().
         let stored = if want.heads.is_empty() {
-            self.node.store.doc_load_bytes(&id).map_err(local)?
+            let Some(stored) = quarantined(&id, self.node.store.doc_load_bytes(&id))? else {
+                return Ok(None);
+            };
+            stored
         } else {
             None
         };
@@ -475,21 +513,22 @@ impl Replica for NodeReplica<'_> {
             Some(stored) => stored,
             None => {
                 let heads: Vec<ChangeHash> = want.heads.iter().map(|h| ChangeHash(*h)).collect();
-                self.node
-                    .store
-                    .read_doc(&id, |doc| {
-                        let mine = doc.get_heads();
-                        if heads.is_empty() {
-                            return (mine, doc.save());
-                        }
-                        let known: Vec<ChangeHash> = heads
-                            .iter()
-                            .filter(|h| doc.get_change_by_hash(h).is_some())
-                            .copied()
-                            .collect();
-                        (mine, doc.save_after(&known))
-                    })
-                    .map_err(local)?
+                let read = self.node.store.read_doc(&id, |doc| {
+                    let mine = doc.get_heads();
+                    if heads.is_empty() {
+                        return (mine, doc.save());
+                    }
+                    let known: Vec<ChangeHash> = heads
+                        .iter()
+                        .filter(|h| doc.get_change_by_hash(h).is_some())
+                        .copied()
+                        .collect();
+                    (mine, doc.save_after(&known))
+                });
+                let Some(read) = quarantined(&id, read)? else {
+                    return Ok(None);
+                };
+                read
             }
         };
         if data.len() > crate::proto::wire::DOC_CHANGES_BYTES_MAX {
@@ -503,7 +542,7 @@ impl Replica for NodeReplica<'_> {
         }))
     }
 
-    fn apply(&mut self, docs: Vec<DocChanges>) -> Result<usize, ProtoError> {
+    fn apply(&mut self, docs: Vec<DocChanges>) -> Result<Applied, ProtoError> {
         let n = docs.len();
         let at_ms = now_ms();
         let me = self.node.unit().to_string();
@@ -513,19 +552,25 @@ impl Replica for NodeReplica<'_> {
             upstream: is_trusted_relay(&self.peer.unit, &me),
         };
         let peer_id = &self.peer_id;
-        // One transaction for the frame: it is stored whole or not at all. Which documents are
-        // new is read inside it (the write lock), so nothing else can store them meanwhile; those
-        // are loaded and checked on other threads, a bounded distance ahead, while the others
-        // are merged with their stored state here.
+        // One transaction for the frame. A document the checks refuse is left out alone and
+        // recorded; only a failure of this node's own store rolls the frame back. Which
+        // documents are new is read inside the transaction (the write lock), so nothing else
+        // can store them meanwhile; those are loaded and checked on other threads, a bounded
+        // distance ahead, while the others are merged with their stored state here.
         let result = self.node.store.write_with(|tx| {
+            let mut applied = Applied::default();
             let mut incoming = Vec::with_capacity(n);
             for change in docs {
-                let id: DocId = change
-                    .id
-                    .parse()
-                    .map_err(|e| ProtoError::Malformed(format!("changes: {e}")))?;
-                let stored = tx.doc_exists(&id)?;
-                incoming.push((id, change, stored));
+                match change.id.parse::<DocId>() {
+                    Ok(id) => {
+                        let stored = tx.doc_exists(&id)?;
+                        incoming.push((id, change, stored));
+                    }
+                    Err(e) => {
+                        let why = sender.refuse(&change.id, format!("not a document id: {e}"));
+                        refused(tx, peer_id, &mut applied, &change.id, why, at_ms)?;
+                    }
+                }
             }
             std::thread::scope(|scope| {
                 let jobs = incoming
@@ -536,28 +581,51 @@ impl Replica for NodeReplica<'_> {
                 let mut new_here = HashSet::new();
                 for (id, change, stored) in &incoming {
                     let early = if *stored { None } else { Some(checked.next()?) };
-                    // New when the frame began, and still new unless the frame carries it twice.
+                    // New when the frame began, and still new unless the frame carries it twice
+                    // (and its first copy was stored).
                     let current = if *stored || !new_here.insert(id) {
-                        tx.load_doc(id)?
+                        match tx.load_doc(id) {
+                            Ok(current) => current,
+                            // A stored copy that no longer loads (poisoned elsewhere, damaged)
+                            // is quarantined: this document is refused, the others go on.
+                            Err(e @ (StoreError::Corrupt(_) | StoreError::Model(_))) => {
+                                let why = sender.refuse(
+                                    id.as_str(),
+                                    format!("the copy stored here does not load ({e}); run `communesync check`"),
+                                );
+                                refused(tx, peer_id, &mut applied, id.as_str(), why, at_ms)?;
+                                continue;
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
                     } else {
                         None
                     };
-                    sender.store(tx, peer_id, (id, change), (current, early), at_ms)?;
+                    match sender.store(tx, peer_id, (id, change), (current, early), at_ms) {
+                        Ok(()) => applied.stored += 1,
+                        Err(ApplyError::Proto(why)) => {
+                            refused(tx, peer_id, &mut applied, id.as_str(), why, at_ms)?
+                        }
+                        Err(e @ ApplyError::Store(_)) => return Err(e),
+                    }
                 }
-                Ok(())
+                Ok(applied)
                 // Dropping `checked` stops the checking threads at their next document.
             })
         });
         result.map_err(|e| match e {
-            ApplyError::Proto(e) => {
-                if let ProtoError::Refused(why) = &e {
-                    warn!(peer = %self.peer.unit, "refused: {why}");
-                }
-                e
-            }
+            ApplyError::Proto(e) => e,
             ApplyError::Store(e) => local(e),
-        })?;
-        Ok(n)
+        })
+    }
+
+    fn peer_refused(&mut self, id: &str, reason: &str) -> Result<(), ProtoError> {
+        warn!(peer = %self.peer.unit, doc = %id, "the peer refused a document of ours: {reason}");
+        let peer_id = self.peer_id.clone();
+        self.node
+            .store
+            .write(|tx| tx.refusal_record(&peer_id, id, true, reason, now_ms()))
+            .map_err(local)
     }
 
     fn missing_blobs(&mut self, limit: usize) -> Result<Vec<(Hash32, u64)>, ProtoError> {

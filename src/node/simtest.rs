@@ -434,7 +434,10 @@ fn a_peer_restored_from_a_backup_gets_back_what_it_lost() {
 
 /// Applies one Changes frame of `docs` (each a document's whole `save()` at the province) at
 /// the commune, as its session would.
-fn apply_frame(b: &mut Side, docs: &[(&str, Vec<u8>)]) -> Result<usize, ProtoError> {
+fn apply_frame(
+    b: &mut Side,
+    docs: &[(&str, Vec<u8>)],
+) -> Result<crate::proto::Applied, ProtoError> {
     use crate::proto::{DocChanges, Replica};
     let frame = docs
         .iter()
@@ -485,29 +488,83 @@ fn a_frame_carrying_a_document_twice_stores_it_merged() {
     let second = saved(&mut a.node, &id);
     let other = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
     let third = saved(&mut a.node, &other);
-    let n = apply_frame(&mut b, &[(&id, first), (&other, third), (&id, second)]).unwrap();
-    assert_eq!(n, 3);
+    let applied = apply_frame(&mut b, &[(&id, first), (&other, third), (&id, second)]).unwrap();
+    assert_eq!((applied.stored, applied.refused.len()), (3, 0));
     assert_eq!(heads_of(&mut b.node, &id), heads_of(&mut a.node, &id));
     assert_eq!(heads_of(&mut b.node, &other), heads_of(&mut a.node, &other));
 }
 
+/// Issue 12: one refused document used to roll back its whole frame and end the session, so
+/// one bad change blocked everything behind it at every session.
 #[test]
-fn a_frame_with_one_refused_document_stores_none_of_it() {
+fn a_frame_with_one_refused_document_stores_the_others_and_records_why() {
     let dir = tempfile::tempdir().unwrap();
     let (mut a, mut b) = pair(dir.path());
     let ours = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
     let not_ours = dispatch_to(&mut a.node, "qn/binhlieu/hucdong");
+    let also_ours = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
     let frame = [
         (ours.as_str(), saved(&mut a.node, &ours)),
         (not_ours.as_str(), saved(&mut a.node, &not_ours)),
+        (also_ours.as_str(), saved(&mut a.node, &also_ours)),
     ];
-    let err = apply_frame(&mut b, &frame).unwrap_err();
-    assert!(
-        matches!(&err, ProtoError::Refused(why) if why.contains(&not_ours) && why.contains("outside this node's scope")),
-        "{err}"
-    );
-    assert!(!b.node.store.doc_exists(&ours.parse().unwrap()).unwrap());
+    let applied = apply_frame(&mut b, &frame).unwrap();
+    assert_eq!(applied.stored, 2);
+    let [(id, why)] = &applied.refused[..] else {
+        panic!("one refusal: {applied:?}")
+    };
+    assert_eq!(id, &not_ours);
+    assert!(why.contains("outside this node's scope"), "{why}");
+    assert!(b.node.store.doc_exists(&ours.parse().unwrap()).unwrap());
+    assert!(b
+        .node
+        .store
+        .doc_exists(&also_ours.parse().unwrap())
+        .unwrap());
     assert!(!b.node.store.doc_exists(&not_ours.parse().unwrap()).unwrap());
+    let (recorded, total) = b
+        .node
+        .store
+        .refusals(&a.node.node_id().to_string(), false, 5)
+        .unwrap();
+    assert_eq!((total, recorded[0].0.as_str()), (1, not_ours.as_str()));
+}
+
+/// The refusing side tells the sender which document and why; the session goes on, and
+/// neither side calls itself converged.
+#[test]
+fn a_refused_document_is_reported_to_its_sender_and_neither_side_converges() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = pair(dir.path());
+    let ours = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
+    let frame = [(ours.as_str(), saved(&mut a.node, &ours))];
+    apply_frame(&mut b, &frame).unwrap();
+    // The commune adds a comment that claims the province as its author: refused there,
+    // while the commune's honest dispatch in the same session goes through.
+    forge_comment(&mut b.node, &ours, "qn");
+    let honest = b
+        .node
+        .dispatch_new(None, &request("2/UBND", Priority::Normal, "qn"))
+        .unwrap();
+    let mut sa = Session::new(&mut NodeReplica::new(&mut a.node, a.peer.clone()), 0).unwrap();
+    let mut sb = Session::new(&mut NodeReplica::new(&mut b.node, b.peer.clone()), 0).unwrap();
+    for _ in 0..LEGS_MAX {
+        let (fa, fb) = (flight(&mut sa, &mut a), flight(&mut sb, &mut b));
+        if fa.is_empty() && fb.is_empty() {
+            break;
+        }
+        land(&mut sb, &mut b, fa).unwrap();
+        land(&mut sa, &mut a, fb).unwrap();
+    }
+    assert!(sa.is_done() && sb.is_done(), "the session ran to its end");
+    assert!(a
+        .node
+        .store
+        .doc_exists(&honest.id.parse().unwrap())
+        .unwrap());
+    assert_eq!(sa.docs_refused().len(), 1, "{:?}", sa.docs_refused());
+    assert_eq!(sb.docs_refused_by_peer().keys().next(), Some(&ours));
+    assert!(!sa.is_converged() && !sb.is_converged());
 }
 
 fn to_commune(ref_no: &str, priority: Priority) -> DispatchRequest {
@@ -599,15 +656,31 @@ fn a_pushed_document_passes_the_checks_of_any_change() {
     flash.to = vec!["qn".into()];
     let d = b.node.dispatch_new(None, &flash).unwrap();
     // The commune adds a change claiming the province wrote it.
-    let id: crate::model::DocId = d.id.parse().unwrap();
+    forge_comment(&mut b.node, &d.id, "qn");
+    let mut sa = Session::new(&mut NodeReplica::new(&mut a.node, a.peer.clone()), 0).unwrap();
+    let mut sb = Session::new(&mut NodeReplica::new(&mut b.node, b.peer.clone()), 0).unwrap();
+    let first = flight(&mut sb, &mut b);
+    assert!(first.iter().any(|f| matches!(f, Frame::Push { .. })));
+    land(&mut sa, &mut a, first).unwrap();
+    let answer = flight(&mut sa, &mut a);
+    assert!(
+        answer.iter().any(|f| matches!(f, Frame::DocRefused { id, reason } if *id == d.id && reason.contains("claims author unit qn"))),
+        "{answer:?}"
+    );
+    assert!(a.node.store.doc_heads(&d.id).unwrap().is_none());
+}
+
+/// Adds a comment to a document in `node`'s store under a forged author unit: what a tampered
+/// node would send.
+fn forge_comment(node: &mut Node, id: &str, claimed_unit: &str) {
+    let id: crate::model::DocId = id.parse().unwrap();
     let forged = Author {
         user: "admin".into(),
-        unit: "qn".into(),
-        node: b.node.node_id().to_string(),
+        unit: claimed_unit.into(),
+        node: node.node_id().to_string(),
     };
-    let actor = b.node.actor().clone();
-    b.node
-        .store
+    let actor = node.actor().clone();
+    node.store
         .write(|tx| {
             tx.update_doc(&id, &actor, super::now_ms(), |doc| {
                 Ok(dispatch::add_comment(
@@ -620,16 +693,6 @@ fn a_pushed_document_passes_the_checks_of_any_change() {
             })
         })
         .unwrap();
-    let mut sa = Session::new(&mut NodeReplica::new(&mut a.node, a.peer.clone()), 0).unwrap();
-    let mut sb = Session::new(&mut NodeReplica::new(&mut b.node, b.peer.clone()), 0).unwrap();
-    let first = flight(&mut sb, &mut b);
-    assert!(first.iter().any(|f| matches!(f, Frame::Push { .. })));
-    let refused = land(&mut sa, &mut a, first).unwrap_err();
-    assert!(
-        matches!(&refused, ProtoError::Refused(why) if why.contains("claims author unit qn")),
-        "{refused}"
-    );
-    assert!(a.node.store.doc_heads(&d.id).unwrap().is_none());
 }
 
 /// Issue 10: a serving node's push tick, falling between a one-shot peer's offer and the

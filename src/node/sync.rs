@@ -78,6 +78,13 @@ pub struct PeerStatus {
     /// For a unit never in direct contact: the relay below this node that serves it; the
     /// pending figures are then what has not yet left for that relay.
     pub via: Option<String>,
+    /// Documents from this peer node that the checks refused (each alone), the latest first:
+    /// (document, reason, when), at most 5 listed; `refused_total` counts them all.
+    pub refused: Vec<(String, String, i64)>,
+    pub refused_total: i64,
+    /// Documents of this node's that the peer still refuses, likewise.
+    pub refused_by_peer: Vec<(String, String, i64)>,
+    pub refused_by_peer_total: i64,
 }
 
 impl Node {
@@ -378,7 +385,14 @@ impl Node {
         for sync in &syncs {
             let scope = super::replica::scope_for(&sync.unit, self.unit());
             let pending_out = self.store.pending(&scope, &sync.node_id, sync.acked_by)?;
+            let (refused, refused_total) = self.store.refusals(&sync.node_id, false, 5)?;
+            let (refused_by_peer, refused_by_peer_total) =
+                self.store.refusals(&sync.node_id, true, 5)?;
             peers.push(PeerStatus {
+                refused,
+                refused_total,
+                refused_by_peer,
+                refused_by_peer_total,
                 unit: sync.unit.clone(),
                 role: sync.role.parse()?,
                 lag_ms: pending_out.oldest_change_at_ms.map(|t| (now - t).max(0)),
@@ -422,6 +436,10 @@ impl Node {
                 pending_out,
                 sync: None,
                 via: relay.map(|r| r.unit.clone()),
+                refused: Vec::new(),
+                refused_total: 0,
+                refused_by_peer: Vec::new(),
+                refused_by_peer_total: 0,
             });
         }
         peers.sort_by(|a, b| a.unit.cmp(&b.unit));

@@ -8,7 +8,7 @@ pub mod blob;
 pub mod session;
 pub mod wire;
 
-pub use session::{Action, Replica, Session, SessionStats};
+pub use session::{Action, Applied, Replica, Session, SessionStats};
 pub use wire::{DocChanges, DocHeads, Frame, Hash32, MissingReason};
 
 #[derive(Debug, thiserror::Error)]

@@ -57,12 +57,28 @@ pub trait Replica {
     fn wants(&mut self, offered: &[DocHeads]) -> Result<Vec<DocHeads>, ProtoError>;
     /// The changes the peer lacks, given its heads; None when there is nothing to send.
     fn changes_for(&mut self, want: &DocHeads) -> Result<Option<DocChanges>, ProtoError>;
-    /// Checks (scope, authorship, integrity) and applies a batch atomically.
-    fn apply(&mut self, docs: Vec<DocChanges>) -> Result<usize, ProtoError>;
+    /// Checks (scope, authorship, integrity) each document of a batch and stores, in one
+    /// transaction, those that pass; a refused document is left out alone, with its reason.
+    /// An error means this node could not store anything (its own store failed).
+    fn apply(&mut self, docs: Vec<DocChanges>) -> Result<Applied, ProtoError>;
+    /// The peer refused a document of ours, for `reason`: remember it until the document
+    /// changes here.
+    fn peer_refused(&mut self, id: &str, reason: &str) -> Result<(), ProtoError>;
     /// Scans referenced by this node's documents and missing here, most urgent first, then
     /// smallest, with the first chunk still needed (so a cut transfer resumes).
     fn missing_blobs(&mut self, limit: usize) -> Result<Vec<(Hash32, u64)>, ProtoError>;
 }
+
+/// What applying a frame of documents did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Applied {
+    pub stored: usize,
+    /// Documents the checks refused, with why; the others were stored.
+    pub refused: Vec<(String, String)>,
+}
+
+/// Refused documents remembered per session and direction, for the report; more are counted.
+const REFUSALS_KEPT_MAX: usize = 1_000;
 
 /// Work for the network layer that is not a control frame.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -80,6 +96,10 @@ pub struct SessionStats {
     pub docs_received: u64,
     pub blobs_requested: u64,
     pub blobs_received: u64,
+    /// Documents of the peer's this side refused.
+    pub docs_refused: u64,
+    /// Documents of ours the peer refused.
+    pub docs_refused_by_peer: u64,
 }
 
 /// This side's outgoing round.
@@ -124,6 +144,10 @@ pub struct Session {
     unavailable: BTreeMap<Hash32, MissingReason>,
     /// Scans the peer asked for and this side did not send, and why (reported as pending).
     withheld: BTreeMap<Hash32, MissingReason>,
+    /// Documents of the peer's this side refused, and why.
+    refused_here: BTreeMap<String, String>,
+    /// Documents of ours the peer refused, and why.
+    refused_by_peer: BTreeMap<String, String>,
     /// Whether we told the peer we pull nothing more since its last round (re-armed when we
     /// request again, and by each round of the peer's we apply).
     blobs_done_sent: bool,
@@ -151,6 +175,8 @@ impl Session {
             blobs_in_flight: HashSet::new(),
             unavailable: BTreeMap::new(),
             withheld: BTreeMap::new(),
+            refused_here: BTreeMap::new(),
+            refused_by_peer: BTreeMap::new(),
             blobs_done_sent: false,
             peer_blobs_done: false,
             crl_number,
@@ -212,10 +238,46 @@ impl Session {
             && self.peer_blobs_done
     }
 
-    /// Done, and nothing left behind: no scan withheld from the peer or unavailable from it.
-    /// What a one-shot sync may call converged.
+    /// Done, and nothing left behind: no scan withheld from the peer or unavailable from it, no
+    /// document refused either way. What a one-shot sync may call converged.
     pub fn is_converged(&self) -> bool {
-        self.is_done() && self.unavailable.is_empty() && self.withheld.is_empty()
+        self.is_done()
+            && self.unavailable.is_empty()
+            && self.withheld.is_empty()
+            && self.stats.docs_refused == 0
+            && self.stats.docs_refused_by_peer == 0
+    }
+
+    /// Documents of the peer's this side refused this session (the first
+    /// [`REFUSALS_KEPT_MAX`]), and why.
+    pub fn docs_refused(&self) -> &BTreeMap<String, String> {
+        &self.refused_here
+    }
+
+    /// Documents of ours the peer refused this session (the first [`REFUSALS_KEPT_MAX`]).
+    pub fn docs_refused_by_peer(&self) -> &BTreeMap<String, String> {
+        &self.refused_by_peer
+    }
+
+    /// Stores what passed of a frame of documents; answers each refused one with DocRefused.
+    fn apply(
+        &mut self,
+        replica: &mut impl Replica,
+        docs: Vec<DocChanges>,
+    ) -> Result<(), ProtoError> {
+        let applied = replica.apply(docs)?;
+        self.stats.docs_received += applied.stored as u64;
+        for (id, reason) in applied.refused {
+            self.stats.docs_refused += 1;
+            self.out.push_back(Frame::DocRefused {
+                id: id.clone(),
+                reason: reason.clone(),
+            });
+            if self.refused_here.len() < REFUSALS_KEPT_MAX {
+                self.refused_here.insert(id, reason);
+            }
+        }
+        Ok(())
     }
 
     /// Scans this side asked for and did not get this session, and why.
@@ -363,7 +425,7 @@ impl Session {
                 if !matches!(self.rx, Rx::Waiting | Rx::Offers | Rx::Applied) {
                     return Err(ProtoError::Violation("Push during a round".into()));
                 }
-                self.stats.docs_received += replica.apply(docs)? as u64;
+                self.apply(replica, docs)?;
             }
             Frame::OfferEnd { upto, offered } => {
                 if !matches!(self.rx, Rx::Waiting | Rx::Offers | Rx::Applied) {
@@ -414,7 +476,7 @@ impl Session {
                         "Changes that were not asked for".into(),
                     ));
                 }
-                self.stats.docs_received += replica.apply(docs)? as u64;
+                self.apply(replica, docs)?;
             }
             Frame::ChangesEnd { upto } => {
                 if self.rx != Rx::Changes {
@@ -463,6 +525,13 @@ impl Session {
                 ));
             }
             Frame::Refused { reason } => return Err(ProtoError::PeerRefused(reason)),
+            Frame::DocRefused { id, reason } => {
+                replica.peer_refused(&id, &reason)?;
+                self.stats.docs_refused_by_peer += 1;
+                if self.refused_by_peer.len() < REFUSALS_KEPT_MAX {
+                    self.refused_by_peer.insert(id, reason);
+                }
+            }
         }
         Ok(())
     }

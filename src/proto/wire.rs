@@ -23,6 +23,8 @@ const COMPRESS_BYTES_MIN: usize = 512;
 pub const ITEMS_MAX: usize = 100_000;
 /// Most heads one document may advertise (concurrent edits make a few; thousands mean abuse).
 pub const HEADS_MAX: usize = 256;
+/// Longest document id a frame may name (ids are a kind prefix and 16 hex digits).
+pub const DOC_ID_BYTES_MAX: usize = 64;
 /// Bytes of the frame header: u32 length, u8 type, u8 flags.
 pub const HEADER_BYTES: usize = 6;
 
@@ -148,6 +150,12 @@ pub enum Frame {
     Refused {
         reason: String,
     },
+    /// One document of a Changes or Push frame was refused by the receiver's checks; the rest
+    /// of the frame was stored and the session goes on (since version 3).
+    DocRefused {
+        id: String,
+        reason: String,
+    },
 }
 
 impl Frame {
@@ -169,6 +177,7 @@ impl Frame {
             Frame::Crl { .. } => 14,
             Frame::Refused { .. } => 15,
             Frame::Push { .. } => 16,
+            Frame::DocRefused { .. } => 17,
         }
     }
 
@@ -375,6 +384,10 @@ fn body(frame: &Frame) -> (Vec<u8>, Option<&Bytes>) {
         }
         Frame::Crl { der } => e.bytes(der),
         Frame::Refused { reason } => e.bytes(reason.as_bytes()),
+        Frame::DocRefused { id, reason } => {
+            e.bytes(id.as_bytes());
+            e.bytes(reason.as_bytes());
+        }
     }
     (e.0, None)
 }
@@ -538,6 +551,10 @@ fn decode_in(buf: &[u8], shared: Option<&Bytes>) -> Result<Frame, ProtoError> {
         15 => Frame::Refused {
             reason: d.string(4096)?,
         },
+        17 => Frame::DocRefused {
+            id: d.string(DOC_ID_BYTES_MAX)?,
+            reason: d.string(4096)?,
+        },
         other => return Err(ProtoError::Malformed(format!("unknown frame type {other}"))),
     };
     d.end()?;
@@ -635,6 +652,10 @@ mod tests {
             },
             Frame::Refused {
                 reason: "revoked".into(),
+            },
+            Frame::DocRefused {
+                id: "dsp_0011223344556677".into(),
+                reason: "a change claims author unit qn".into(),
             },
         ]
     }

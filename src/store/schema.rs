@@ -136,6 +136,17 @@ const MIGRATIONS: &[Migration] = &[
     // 6: the change feed per unit subtree, so an offer to a commune reads its own documents'
     // feed positions instead of filtering the province's whole feed (store/index.rs).
     Migration::Code(scoped_feed),
+    // 7: documents refused, each alone (the rest of its frame was stored), with why: those a
+    // peer node sent and this node's checks refused (by_peer = 0), and those of this node's
+    // that the peer refused (by_peer = 1). For `status`, and so that a sync is not called
+    // converged while the peer still refuses a change of ours.
+    Migration::Sql(
+        "
+    CREATE TABLE refused_docs (peer_node TEXT NOT NULL, doc_id TEXT NOT NULL, by_peer INTEGER NOT NULL,
+        reason TEXT NOT NULL, at_ms INTEGER NOT NULL,
+        PRIMARY KEY (peer_node, doc_id, by_peer)) WITHOUT ROWID;
+    ",
+    ),
 ];
 
 fn scoped_feed(tx: &Transaction<'_>, db: &Path) -> Result<()> {

@@ -366,6 +366,40 @@ impl Store {
             .at(&self.path)
     }
 
+    /// Documents refused between this node and a peer node, as (document, reason, when),
+    /// newest first, at most `limit`, and how many in all: those this node refused from it,
+    /// or (`by_peer`) those of ours it still refuses, that is whose refusal is newer than the
+    /// document's last change here (a changed document is offered and judged again).
+    pub fn refusals(
+        &self,
+        peer_node: &str,
+        by_peer: bool,
+        limit: usize,
+    ) -> Result<(Vec<(String, String, i64)>, i64)> {
+        const STANDING: &str = "FROM refused_docs r LEFT JOIN docs d ON d.id = r.doc_id
+             WHERE r.peer_node = ?1 AND r.by_peer = ?2 AND (?2 = 0 OR r.at_ms >= COALESCE(d.updated_at, 0))";
+        let total = self
+            .conn
+            .prepare_cached(&format!("SELECT COUNT(*) {STANDING}"))
+            .at(&self.path)?
+            .query_row(params![peer_node, by_peer], |r| r.get(0))
+            .at(&self.path)?;
+        let mut stmt = self
+            .conn
+            .prepare_cached(&format!(
+                "SELECT r.doc_id, r.reason, r.at_ms {STANDING} ORDER BY r.at_ms DESC LIMIT ?3"
+            ))
+            .at(&self.path)?;
+        let rows = stmt
+            .query_map(params![peer_node, by_peer, limit as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .at(&self.path)?
+            .collect::<rusqlite::Result<Vec<_>>>()
+            .at(&self.path)?;
+        Ok((rows, total))
+    }
+
     /// Whether a transfer of this scan into this node has begun or stored chunks within the last
     /// `recent_ms`: a relay waits for such a scan instead of answering that it lacks it.
     pub fn blob_arriving(&self, hash: &Hash, now_ms: i64, recent_ms: i64) -> Result<bool> {
@@ -490,6 +524,26 @@ impl WriteTx<'_> {
                  ON CONFLICT(node_id) DO UPDATE SET unit = excluded.unit, role = excluded.role, last_contact_at = excluded.last_contact_at",
                 params![node_id, unit, role, at_ms],
             )
+            .at(self.path)?;
+        Ok(())
+    }
+
+    /// Records that a document was refused, and why: sent by the peer node and refused here,
+    /// or (`by_peer`) ours and refused by it. The latest refusal per document is kept.
+    pub fn refusal_record(
+        &self,
+        peer_node: &str,
+        doc_id: &str,
+        by_peer: bool,
+        reason: &str,
+        at_ms: i64,
+    ) -> Result<()> {
+        self.tx
+            .prepare_cached(
+                "INSERT OR REPLACE INTO refused_docs (peer_node, doc_id, by_peer, reason, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+            )
+            .at(self.path)?
+            .execute(params![peer_node, doc_id, by_peer, reason, at_ms])
             .at(self.path)?;
         Ok(())
     }
@@ -854,8 +908,10 @@ mod tests {
         // A database from before the per-subtree feed is migrated to the same answers.
         drop(store);
         let conn = rusqlite::Connection::open(&path).unwrap();
-        conn.execute_batch("DROP TABLE doc_scopes; PRAGMA user_version = 5;")
-            .unwrap();
+        conn.execute_batch(
+            "DROP TABLE doc_scopes; DROP TABLE refused_docs; PRAGMA user_version = 5;",
+        )
+        .unwrap();
         drop(conn);
         let store = Store::open(&path, 16).unwrap();
         assert_eq!(offered(&store, &subtree(A), 0), ids(&[&to_both, &to_a]));
@@ -870,7 +926,7 @@ mod tests {
         let conn = rusqlite::Connection::open(&path).unwrap();
         conn.execute_batch(
             "INSERT INTO meta (key, value) VALUES ('unit', 'qn/binhlieu');
-             DROP TABLE doc_scopes; PRAGMA user_version = 5;",
+             DROP TABLE doc_scopes; DROP TABLE refused_docs; PRAGMA user_version = 5;",
         )
         .unwrap();
         drop(conn);

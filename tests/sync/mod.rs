@@ -16,8 +16,8 @@ use rusqlite::OptionalExtension;
 use serde_json::Value;
 
 use crate::sync_util::{
-    db_read_only, doc_heads, enrolled, node_id, province, rows, set_sync_config, sync_refused,
-    synced, Server,
+    db_read_only, doc_heads, enrolled, node_id, province, rows, set_sync_config, sync_pending,
+    sync_refused, synced, Server,
 };
 use crate::util::{exit, id, path_arg, scan, TestNode, COMMUNE, DISTRICT, SIBLING};
 
@@ -494,7 +494,18 @@ fn a_commune_writing_to_another_communes_document_is_refused() {
     drop(hostile);
 
     let heads = doc_heads(&province, &a);
-    sync_refused(&sibling);
+    // Refused alone: the sibling's honest work in the same session still arrives.
+    let honest = id(&sibling.new_dispatch("5/honest", &["qn"], &[]));
+    let report = sync_pending(&sibling);
+    assert_eq!(
+        report["docs_refused_by_peer"][0]["id"],
+        a.as_str(),
+        "{report}"
+    );
+    assert!(
+        doc_heads(&province, &honest).is_some(),
+        "the rest of the session was refused too"
+    );
     assert_eq!(
         doc_heads(&province, &a),
         heads,
@@ -551,7 +562,12 @@ fn forged_sibling() -> (TestNode, Server, TestNode, String) {
 fn a_change_claiming_an_author_outside_the_senders_subtree_is_refused() {
     let (province, server, sibling, d) = forged_sibling();
     let heads = doc_heads(&province, &d);
-    sync_refused(&sibling);
+    let report = sync_pending(&sibling);
+    assert_eq!(
+        report["docs_refused_by_peer"][0]["id"],
+        d.as_str(),
+        "{report}"
+    );
     assert_eq!(
         doc_heads(&province, &d),
         heads,
@@ -569,15 +585,30 @@ fn a_change_claiming_an_author_outside_the_senders_subtree_is_refused() {
 
 #[test]
 fn a_refused_sender_is_told_why_every_time() {
-    let (_province, server, sibling, _) = forged_sibling();
+    let (province, server, sibling, d) = forged_sibling();
     let cause = format!("claims author unit {COMMUNE}");
-    for attempt in 1..=10 {
-        let line = sync_refused(&sibling);
+    for attempt in 1..=5 {
+        let report = sync_pending(&sibling);
+        let reason = report["docs_refused_by_peer"][0]["reason"]
+            .as_str()
+            .unwrap_or_default();
         assert!(
-            line.contains(&cause),
-            "attempt {attempt}: the refused node is not told why: {line}"
+            reason.contains(&cause),
+            "attempt {attempt}: the refused node is not told why: {report}"
+        );
+        // Other work keeps flowing meanwhile.
+        let other = id(&province.new_dispatch(&format!("{attempt}/more"), &[SIBLING], &[]));
+        assert!(doc_heads(&sibling, &other).is_none());
+        sync_pending(&sibling);
+        assert!(
+            doc_heads(&sibling, &other).is_some(),
+            "attempt {attempt}: blocked"
         );
     }
+    let status = sibling.json(&["status"]);
+    let peer = &status["peers"][0];
+    assert_eq!(peer["refused_by_peer_total"], 1, "{status}");
+    assert_eq!(peer["refused_by_peer"][0][0], d.as_str(), "{status}");
     server.finish();
 }
 
@@ -589,9 +620,13 @@ fn a_node_refusing_a_hostile_server_names_the_cause_once() {
     let hostile = Server::start(&sibling);
     province.ok(&["peer", "add", "hucdong", "--addr", hostile.addr()]);
     let heads = doc_heads(&province, &d);
-    let line = sync_refused(&province);
+    let report = sync_pending(&province);
     let cause = format!("claims author unit {COMMUNE}");
-    assert_eq!(line.matches(&cause).count(), 1, "{line}");
+    assert_eq!(report["docs_refused"][0]["id"], d.as_str(), "{report}");
+    let reason = report["docs_refused"][0]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert_eq!(reason.matches(&cause).count(), 1, "{report}");
     assert_eq!(
         doc_heads(&province, &d),
         heads,

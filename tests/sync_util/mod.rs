@@ -90,6 +90,21 @@ pub fn synced(node: &TestNode) -> Value {
     report
 }
 
+/// Syncs, asserting it ran to its end without converging (exit 6); returns the session report.
+pub fn sync_pending(node: &TestNode) -> Value {
+    let run = sync(node);
+    assert_eq!(
+        run.code,
+        i32::from(crate::util::exit::PENDING),
+        "sync should end not converged:\nstdout: {}\nstderr: {}",
+        run.stdout,
+        run.stderr
+    );
+    let report = run.json();
+    assert_eq!(report["converged"], false, "{report}");
+    report
+}
+
 /// Asserts a sync failed with the peer exit code and printed no report; returns its `error:` line.
 pub fn sync_refused(node: &TestNode) -> String {
     let run = sync(node);
