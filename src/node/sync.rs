@@ -80,10 +80,10 @@ pub struct PeerStatus {
     pub via: Option<String>,
     /// Documents from this peer node that the checks refused (each alone), the latest first:
     /// (document, reason, when), at most 5 listed; `refused_total` counts them all.
-    pub refused: Vec<(String, String, i64)>,
+    pub refused: Vec<crate::store::sync::Refusal>,
     pub refused_total: i64,
     /// Documents of this node's that the peer still refuses, likewise.
-    pub refused_by_peer: Vec<(String, String, i64)>,
+    pub refused_by_peer: Vec<crate::store::sync::Refusal>,
     pub refused_by_peer_total: i64,
 }
 

@@ -17,6 +17,9 @@ pub struct Peer {
     pub upstream: bool,
 }
 
+/// A refused document: (id, reason, when in ms).
+pub type Refusal = (String, String, i64);
+
 /// (unit, node id) a configured peer's certificate showed when last met.
 pub type MetAs = (String, String);
 
@@ -375,7 +378,7 @@ impl Store {
         peer_node: &str,
         by_peer: bool,
         limit: usize,
-    ) -> Result<(Vec<(String, String, i64)>, i64)> {
+    ) -> Result<(Vec<Refusal>, i64)> {
         const STANDING: &str = "FROM refused_docs r LEFT JOIN docs d ON d.id = r.doc_id
              WHERE r.peer_node = ?1 AND r.by_peer = ?2 AND (?2 = 0 OR r.at_ms >= COALESCE(d.updated_at, 0))";
         let total = self
