@@ -5,6 +5,7 @@
 mod demo;
 pub use demo::synthetic_scan;
 mod output;
+pub use output::safe;
 
 use std::path::PathBuf;
 

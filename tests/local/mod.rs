@@ -1225,3 +1225,129 @@ fn check_lists_scan_files_that_no_scan_names_and_leaves_them() {
     );
     assert!(stray.exists(), "check only reports");
 }
+
+// ---- local safety (issues 11, 12, 13) ----
+
+/// Escape sequences a hostile peer could put in any text field: OSC 52 (set the clipboard),
+/// clear screen, a C1 CSI, DEL and a right-to-left override.
+const HOSTILE: &str = "\u{1b}]52;c;ZWNobyBwd25lZA==\u{7}\u{1b}[2J\u{9b}31m\u{7f}\u{202e}";
+
+/// Characters a terminal acts on instead of showing.
+fn raw_controls(text: &str) -> Vec<char> {
+    text.chars()
+        .filter(|&c| {
+            (c.is_control() && c != '\n')
+                || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        })
+        .collect()
+}
+
+#[test]
+fn text_from_peers_reaches_the_screen_with_escape_sequences_neutralised() {
+    let node = TestNode::commune();
+    let summary = format!("Công văn khẩn {HOSTILE}end");
+    let scan_name = format!("scan{HOSTILE}.pgm");
+    let scan_path = node.write_file(&scan_name, &scan(5_000, 21));
+    let d = id(&node.json(&[
+        "dispatch",
+        "new",
+        "--ref",
+        &format!("1/{HOSTILE}"),
+        "--summary",
+        &summary,
+        "--to",
+        COMMUNE,
+        "--attach",
+        &scan_path,
+    ]));
+    let comment = format!("ý kiến {HOSTILE}");
+    node.ok(&["dispatch", "comment", &d, &comment]);
+    let a = id(&node.json(&[
+        "assign",
+        "new",
+        &d,
+        "--lead",
+        "lan",
+        "--deadline",
+        "2030-01-01",
+    ]));
+    node.ok(&[
+        "assign",
+        "update",
+        &a,
+        "--status",
+        "in-progress",
+        "--note",
+        HOSTILE,
+    ]);
+    let dossier = id(&node.json(&[
+        "dossier",
+        "new",
+        "--applicant",
+        &format!("Nguyễn Văn A{HOSTILE}"),
+        "--procedure",
+        HOSTILE,
+    ]));
+    // A refusal reason from a peer, as a session records it.
+    node.db()
+        .execute(
+            "INSERT INTO peer_sync (node_id, unit, role, last_error) VALUES ('00', ?1, 'district', ?2)",
+            [DISTRICT, &format!("peer refused: {HOSTILE}")],
+        )
+        .unwrap();
+
+    for args in [
+        vec!["dispatch", "show", &d],
+        vec!["dispatch", "list"],
+        vec!["audit", &d],
+        vec!["assign", "show", &a],
+        vec!["assign", "list"],
+        vec!["dossier", "track", &dossier],
+        vec!["dossier", "list"],
+        vec!["status"],
+    ] {
+        let text = node.ok(&args);
+        assert_eq!(
+            raw_controls(&text),
+            [],
+            "{args:?} printed raw controls:\n{text}"
+        );
+        let json = node.run(&[&["--json"][..], &args].concat()).ok();
+        assert_eq!(
+            raw_controls(&json.stdout),
+            [],
+            "{args:?} --json printed raw controls"
+        );
+    }
+    let shown = node.ok(&["dispatch", "show", &d]);
+    assert!(
+        shown.contains("Công văn khẩn \\u{1b}]52;c;ZWNobyBwd25lZA==\\u{7}\\u{1b}[2J\\u{9b}31m\\u{7f}\\u{202e}end"),
+        "escapes are visible, Vietnamese intact:\n{shown}"
+    );
+    assert!(shown.contains("scan scan\\u{1b}]52"), "{shown}");
+    assert!(shown.contains("ý kiến \\u{1b}"), "{shown}");
+    let status = node.ok(&["status"]);
+    assert!(
+        status.contains("last error: peer refused: \\u{1b}]52"),
+        "{status}"
+    );
+    // JSON keeps the exact text.
+    let json = node.json(&["dispatch", "show", &d]);
+    assert_eq!(json["summary"], summary.as_str());
+    assert_eq!(json["attachments"][0]["name"], scan_name.as_str());
+    assert_eq!(json["comments"][0]["text"], comment.as_str());
+
+    // The name in an error line is neutralised too.
+    let line = node.fails(
+        &[
+            "dispatch",
+            "attachment",
+            &d,
+            &format!("x{HOSTILE}"),
+            "--out",
+            "-",
+        ],
+        exit::USAGE,
+    );
+    assert_eq!(raw_controls(&line), [], "{line}");
+}
