@@ -384,7 +384,7 @@ fn attachments_come_back_bit_for_bit_and_are_stored_once() {
     assert_eq!(std::fs::read(&out_b).unwrap(), content);
     assert!(dir_listing(node.file("").as_path())
         .iter()
-        .all(|f| !f.ends_with("communesync-partial")));
+        .all(|f| !f.contains("communesync-partial")));
 
     let missing = node.file("never.pgm");
     let line = node.fails(
@@ -1350,4 +1350,98 @@ fn text_from_peers_reaches_the_screen_with_escape_sequences_neutralised() {
         exit::USAGE,
     );
     assert_eq!(raw_controls(&line), [], "{line}");
+}
+
+#[test]
+fn attachment_out_never_replaces_a_device_fifo_link_directory_or_the_node() {
+    use std::os::unix::fs::FileTypeExt;
+    let node = TestNode::commune();
+    let content = scan(300_000, 22);
+    let d = id(&node.new_dispatch("1/OUT", &[DISTRICT], &[&node.write_file("s.pgm", &content)]));
+    let get = |out: &str, extra: &[&str]| {
+        let mut args = vec!["dispatch", "attachment", &d, "s.pgm", "--out", out];
+        args.extend_from_slice(extra);
+        node.run(&args)
+    };
+
+    let fifo = node.file("fifo");
+    let c_fifo = std::ffi::CString::new(path_arg(&fifo)).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
+    let target = node.write_file("target.txt", b"not yours");
+    let link = node.file("link");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let dir = node.file("a-directory");
+    std::fs::create_dir(&dir).unwrap();
+    for (out, what) in [
+        (&fifo, "a device, FIFO or socket"),
+        (&link, "a symbolic link"),
+        (&dir, "a directory"),
+    ] {
+        for force in [&[][..], &["--force"][..]] {
+            let line = get(&path_arg(out), force).fails(exit::USAGE);
+            assert!(
+                line.contains(what) && line.contains("nothing was written"),
+                "{line}"
+            );
+        }
+    }
+    assert!(std::fs::symlink_metadata(&fifo)
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(std::fs::read(&target).unwrap(), b"not yours");
+    assert!(dir.is_dir() && dir_listing(&dir).is_empty());
+
+    // Nothing inside the data directory, above all not the database.
+    let db_before = fingerprint(&node.db_path());
+    for out in [
+        node.db_path(),
+        node.data().join("copy.pgm"),
+        node.data().join("blobs/x"),
+    ] {
+        let line = get(&path_arg(&out), &["--force"]).fails(exit::USAGE);
+        assert!(line.contains("inside this node's data directory"), "{line}");
+    }
+    let dotted = format!("{}/../node/node.db", path_arg(node.data()));
+    let line = get(&dotted, &["--force"]).fails(exit::USAGE);
+    assert!(line.contains("inside this node's data directory"), "{line}");
+    assert_eq!(fingerprint(&node.db_path()), db_before);
+    assert!(!node.data().join("copy.pgm").exists());
+
+    // An existing file only with --force.
+    let existing = node.write_file("existing.pgm", b"old");
+    let line = get(&path_arg(&node.file("existing.pgm")), &[]).fails(exit::USAGE);
+    assert!(
+        line.contains("already there") && line.contains("--force"),
+        "{line}"
+    );
+    assert_eq!(std::fs::read(&existing).unwrap(), b"old");
+    get(&existing, &["--force"]).ok();
+    assert_eq!(std::fs::read(&existing).unwrap(), content);
+
+    // `-` is standard output, the bytes alone.
+    let out = node
+        .command(&["dispatch", "attachment", &d, "s.pgm", "--out", "-"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout == content, "stdout holds the scan, nothing else");
+    assert!(!node.file("-").exists());
+    // No temporary file left anywhere.
+    assert!(
+        dir_listing(&node.file(""))
+            .iter()
+            .all(|f| !f.contains("communesync-partial")),
+        "{:?}",
+        dir_listing(&node.file(""))
+    );
 }
