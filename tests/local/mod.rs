@@ -1445,3 +1445,82 @@ fn attachment_out_never_replaces_a_device_fifo_link_directory_or_the_node() {
         dir_listing(&node.file(""))
     );
 }
+
+/// A bundle export whose output name ends in `.partial` keeps its output, and an import reads
+/// the bundle once: from a pipe, which cannot be read twice, it applies what it verified.
+#[test]
+fn bundle_export_keeps_a_partial_named_output_and_import_reads_the_file_once() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let province = crate::sync_util::province();
+    let commune = crate::sync_util::enrolled(&province, COMMUNE, "commune");
+    let data = scan(600_000, 23);
+    let d =
+        id(&province.new_dispatch("3/KH", &[COMMUNE], &[&province.write_file("kh.pgm", &data)]));
+    let out = province.file("for-tinhhuc.partial");
+    let export = province.json(&[
+        "bundle",
+        "export",
+        "--for",
+        COMMUNE,
+        "--out",
+        &path_arg(&out),
+    ]);
+    assert_eq!(export["docs"], 1, "{export}");
+    assert!(out.exists(), "the export removed its own output");
+    // Exporting again replaces the file whole; nothing else is left beside it.
+    province.json(&[
+        "bundle",
+        "export",
+        "--for",
+        COMMUNE,
+        "--out",
+        &path_arg(&out),
+    ]);
+    let beside: Vec<String> = dir_listing(&province.file(""))
+        .into_iter()
+        .filter(|f| f.contains("partial"))
+        .collect();
+    assert_eq!(beside, ["for-tinhhuc.partial"]);
+    let line = province.fails(
+        &[
+            "bundle",
+            "export",
+            "--for",
+            COMMUNE,
+            "--out",
+            &path_arg(&province.db_path()),
+        ],
+        exit::USAGE,
+    );
+    assert!(line.contains("inside this node's data directory"), "{line}");
+    assert!(province.json(&["status"])["documents"].as_i64().unwrap() >= 1);
+
+    let bundle = std::fs::read(&out).unwrap();
+    let mut child = commune
+        .command(&["--json", "bundle", "import", "/dev/stdin"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(&bundle));
+    let done = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(
+        done.status.success(),
+        "import from a pipe failed: {}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let report: Value = serde_json::from_slice(&done.stdout).unwrap();
+    assert_eq!(report["scans_stored"], 1, "{report}");
+    let back = commune.file("back.pgm");
+    commune.ok(&[
+        "dispatch",
+        "attachment",
+        &d,
+        "kh.pgm",
+        "--out",
+        &path_arg(&back),
+    ]);
+    assert!(std::fs::read(&back).unwrap() == data);
+}
