@@ -600,6 +600,21 @@ impl Out {
                     );
                 }
             }
+            if !r.stale_scan_writes.is_empty() {
+                let bytes: u64 = r.stale_scan_writes.iter().map(|f| f.bytes).sum();
+                println!(
+                    "{} unfinished scan write(s) in blobs/ whose process is gone ({bytes} bytes), \
+                     left by a `dispatch new` that was killed; safe to delete:",
+                    r.stale_scan_writes.len()
+                );
+                for f in &r.stale_scan_writes {
+                    println!(
+                        "  {} ({} bytes)",
+                        safe(&f.path.display().to_string()),
+                        f.bytes
+                    );
+                }
+            }
         })
     }
 

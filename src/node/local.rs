@@ -566,6 +566,8 @@ pub struct CheckReport {
     pub problems: Vec<String>,
     /// Files in `blobs/` no scan names (not damage: left by a crash mid-write).
     pub unreferenced_scan_files: Vec<UnreferencedFile>,
+    /// Temporary files in `blobs/` of local scan writes whose process is gone (killed).
+    pub stale_scan_writes: Vec<UnreferencedFile>,
 }
 
 #[derive(Debug, Serialize)]
@@ -626,18 +628,19 @@ impl Node {
             }
             after_hash = last;
         }
-        let unreferenced_scan_files = self
-            .store
-            .unreferenced_scan_files()?
-            .into_iter()
-            .map(|(path, bytes)| UnreferencedFile { path, bytes })
-            .collect();
+        let listed = |files: Vec<(PathBuf, u64)>| {
+            files
+                .into_iter()
+                .map(|(path, bytes)| UnreferencedFile { path, bytes })
+                .collect()
+        };
         Ok(CheckReport {
             database,
             documents,
             scans,
             problems,
-            unreferenced_scan_files,
+            unreferenced_scan_files: listed(self.store.unreferenced_scan_files()?),
+            stale_scan_writes: listed(self.store.stale_scan_writes()?),
         })
     }
 

@@ -156,10 +156,17 @@ impl Node {
         config
             .check(&tree)
             .map_err(|message| NodeError::Invalid(format!("cannot create the node: {message}")))?;
-        std::fs::create_dir_all(dir).map_err(|source| NodeError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        // The directory holds every document and scan in clear, and the node's key: only the
+        // node's user may enter it, whatever the umask (an empty directory given is tightened).
+        crate::trust::fsutil::create_private_dir(dir)
+            .and_then(|()| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            })
+            .map_err(|source| NodeError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         let created = Self::init_files(dir, &config, user, tree_text.as_deref());
         if created.is_err() {
             for file in [

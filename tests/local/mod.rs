@@ -1524,3 +1524,163 @@ fn bundle_export_keeps_a_partial_named_output_and_import_reads_the_file_once() {
     ]);
     assert!(std::fs::read(&back).unwrap() == data);
 }
+
+/// Runs the binary on `node` with umask 022 (group and others may read new files by default).
+fn run_umask_022(node: &TestNode, args: &[&str]) -> crate::util::Run {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = node.command(args);
+    // SAFETY: umask is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0o022);
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let run = crate::util::Run {
+        args: args.iter().map(|a| a.to_string()).collect(),
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    run.ok()
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[test]
+fn data_directory_key_database_scans_and_backups_are_private_under_umask_022() {
+    let node = TestNode::uninitialised();
+    run_umask_022(&node, &["init", "--unit", COMMUNE, "--role", "commune"]);
+    let scan_path = node.write_file("s.pgm", &scan(300_000, 24));
+    let d = run_umask_022(
+        &node,
+        &[
+            "--json",
+            "dispatch",
+            "new",
+            "--ref",
+            "1/P",
+            "--summary",
+            "s",
+            "--to",
+            DISTRICT,
+            "--attach",
+            &scan_path,
+        ],
+    )
+    .json();
+    let hash = d["attachments"][0]["hash"].as_str().unwrap().to_string();
+    let backup = node.file("backups").join("node.db");
+    std::fs::create_dir(node.file("backups")).unwrap();
+    run_umask_022(&node, &["backup", "--out", &path_arg(&backup)]);
+
+    assert_eq!(mode(node.data()), 0o700, "data directory");
+    assert_eq!(mode(&node.data().join("node.key")), 0o600, "node.key");
+    assert_eq!(mode(&node.db_path()), 0o600, "node.db");
+    assert_eq!(mode(&node.data().join("blobs")), 0o700, "blobs/");
+    assert_eq!(
+        mode(&node.data().join("blobs").join(&hash)),
+        0o600,
+        "a scan file"
+    );
+    assert_eq!(mode(&backup), 0o600, "the backup");
+    assert_eq!(
+        mode(&node.file("backups/blobs")),
+        0o700,
+        "the backup's blobs/"
+    );
+    assert_eq!(
+        mode(&node.file("backups/blobs").join(&hash)),
+        0o600,
+        "a backed-up scan"
+    );
+    // SQLite gives its -wal and -shm files the database file's mode.
+    let db = node.db();
+    db.execute("INSERT INTO meta (key, value) VALUES ('probe', 'x')", [])
+        .unwrap();
+    for side in ["node.db-wal", "node.db-shm"] {
+        assert_eq!(mode(&node.data().join(side)), 0o600, "{side}");
+    }
+}
+
+#[test]
+fn a_killed_dispatch_new_leaves_no_partial_file_under_a_hash_name() {
+    const SCAN_BYTES: usize = 64 << 20;
+    let node = TestNode::commune();
+    let content: Vec<u8> = (0..SCAN_BYTES)
+        .map(|i| (i.wrapping_mul(31) % 251) as u8)
+        .collect();
+    let file = node.write_file("big.pgm", &content);
+    let blobs = node.data().join("blobs");
+    let (_, mut child) = node.spawn(&[
+        "dispatch",
+        "new",
+        "--ref",
+        "1/K",
+        "--summary",
+        "s",
+        "--to",
+        DISTRICT,
+        "--attach",
+        &file,
+    ]);
+    // Kill it as soon as it has started writing the scan.
+    let started = std::time::Instant::now();
+    while !blobs.exists() || dir_listing(&blobs).is_empty() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "dispatch new ended before it could be killed"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let expected = blake3::hash(&content).to_hex().to_string();
+    for name in dir_listing(&blobs) {
+        if name.len() == 64 {
+            let bytes = std::fs::read(blobs.join(&name)).unwrap();
+            assert_eq!(
+                blake3::hash(&bytes).to_hex().as_str(),
+                name,
+                "a partial file under a hash name"
+            );
+        }
+    }
+    let report = node.json(&["check"]);
+    assert_eq!(report["problems"], serde_json::json!([]), "{report}");
+    let stale = report["stale_scan_writes"].as_array().unwrap();
+    assert_eq!(stale.len(), 1, "{report}");
+    assert!(
+        stale[0]["path"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("/blobs/.writing-{expected}-")),
+        "{report}"
+    );
+    assert_eq!(
+        report["unreferenced_scan_files"],
+        serde_json::json!([]),
+        "{report}"
+    );
+    let text = node.ok(&["check"]);
+    assert!(
+        text.contains("1 unfinished scan write(s) in blobs/ whose process is gone"),
+        "{text}"
+    );
+
+    // The same scan stores whole afterwards.
+    let d = node.new_dispatch("2/K", &[DISTRICT], &[&file]);
+    assert_eq!(d["attachments"][0]["hash"], expected.as_str());
+    assert!(std::fs::read(blobs.join(&expected)).unwrap() == content);
+    assert_eq!(node.json(&["check"])["scans"], 1);
+}
