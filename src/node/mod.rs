@@ -53,7 +53,7 @@ pub enum NodeError {
     Unit(#[from] UnitError),
     #[error(transparent)]
     Trust(#[from] TrustError),
-    #[error("{path}: {source}")]
+    #[error("{path}: {source}{}", crate::store::fault::io_advice(.source, .path))]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -219,8 +219,17 @@ impl Node {
 
     /// Opens the node in `dir`, validating its config and database.
     pub fn open(dir: &Path) -> Result<Node> {
-        if !dir.join(config::CONFIG_FILE).exists() {
-            return Err(NodeError::NotInitialised(dir.to_path_buf()));
+        // A directory this user may not enter is not "no node": say so.
+        let config_file = dir.join(config::CONFIG_FILE);
+        match config_file.try_exists() {
+            Ok(true) => {}
+            Ok(false) => return Err(NodeError::NotInitialised(dir.to_path_buf())),
+            Err(source) => {
+                return Err(NodeError::Io {
+                    path: dir.to_path_buf(),
+                    source,
+                })
+            }
         }
         let (config, tree) = Config::load(dir)?;
         let store = Store::open(&dir.join(DB_FILE), config.store.doc_cache_entries)?;

@@ -6,6 +6,7 @@
 
 pub mod blobs;
 pub mod docs;
+pub mod fault;
 pub mod index;
 mod schema;
 pub mod sync;
@@ -27,7 +28,7 @@ const BUSY_TIMEOUT_MS: u64 = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database {path}: {source}; if the file is damaged, restore it from a backup (docs/operations.md)")]
+    #[error("database {path}: {source}{}", fault::sqlite_advice(.source, .path))]
     Sqlite {
         path: PathBuf,
         source: rusqlite::Error,
@@ -48,7 +49,7 @@ pub enum StoreError {
     Corrupt(String),
     #[error(transparent)]
     Model(#[from] ModelError),
-    #[error("{path}: {source}")]
+    #[error("{path}: {source}{}", fault::io_advice(.source, .path))]
     Io {
         path: PathBuf,
         source: std::io::Error,

@@ -1112,6 +1112,10 @@ fn a_corrupted_database_is_reported_by_name() {
             "{args:?}: {line}"
         );
         assert!(line.contains("not a database"), "{line}");
+        assert!(
+            line.contains("restore it from a backup"),
+            "real damage: {line}"
+        );
     }
     assert_eq!(
         std::fs::read(node.db_path()).unwrap(),
@@ -1683,4 +1687,211 @@ fn a_killed_dispatch_new_leaves_no_partial_file_under_a_hash_name() {
     assert_eq!(d["attachments"][0]["hash"], expected.as_str());
     assert!(std::fs::read(blobs.join(&expected)).unwrap() == content);
     assert_eq!(node.json(&["check"])["scans"], 1);
+}
+
+/// A tmpfs of `size` mounted on `point` (created), unmounted when dropped; None where this test
+/// process may not mount (not root, or no CAP_SYS_ADMIN in a container).
+struct Tmpfs {
+    point: std::path::PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(point: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(point).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(point)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("cannot mount a tmpfs here: the mount-based checks are skipped");
+            return None;
+        }
+        Some(Tmpfs {
+            point: point.to_path_buf(),
+        })
+    }
+
+    fn remount_read_only(&self) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", "remount,ro"])
+            .arg(&self.point)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.point)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_or_a_read_only_mount_is_said_as_such_without_advising_a_restore() {
+    let node = TestNode::uninitialised();
+    // The data directory is a 2 MiB file system of its own.
+    let Some(disk) = Tmpfs::mount(node.data(), "2m") else {
+        return;
+    };
+    node.ok(&["init", "--unit", COMMUNE, "--role", "commune"]);
+    let big = node.write_file("big.pgm", &scan(4 << 20, 25));
+    let line = node.fails(
+        &[
+            "dispatch",
+            "new",
+            "--ref",
+            "1/F",
+            "--summary",
+            "s",
+            "--to",
+            DISTRICT,
+            "--attach",
+            &big,
+        ],
+        exit::FAILURE,
+    );
+    assert!(
+        line.contains(&format!(
+            "no space left on the device holding {}",
+            path_arg(&node.data().join("blobs"))
+        )),
+        "{line}"
+    );
+    assert!(!line.contains("backup"), "{line}");
+    assert_eq!(
+        dir_listing(&node.data().join("blobs")),
+        BTreeSet::new(),
+        "the failed write left a file"
+    );
+    assert_eq!(node.count("docs"), 0);
+
+    disk.remount_read_only();
+    for args in [
+        vec![
+            "dispatch",
+            "new",
+            "--ref",
+            "2/F",
+            "--summary",
+            "s",
+            "--to",
+            DISTRICT,
+        ],
+        vec!["dispatch", "list"],
+    ] {
+        let line = node.fails(&args, exit::FAILURE);
+        assert!(
+            line.contains(&format!(
+                "the file system holding {} is mounted read-only",
+                path_arg(node.data())
+            )),
+            "{args:?}: {line}"
+        );
+        assert!(!line.contains("backup"), "{line}");
+    }
+}
+
+/// Runs the binary on `node` as a user who does not own it: as root, the binary drops to
+/// `nobody` (uid 65534), from a copy it can execute if the build directory is closed to it;
+/// as anyone else, it runs as itself on files the test made unreadable (`unreadable`).
+fn run_as_stranger(
+    node: &TestNode,
+    unreadable: &std::path::Path,
+    args: &[&str],
+) -> crate::util::Run {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut cmd = node.command(args);
+    if root {
+        let probe = std::process::Command::new(BIN)
+            .arg("--version")
+            .uid(65534)
+            .gid(65534)
+            .output();
+        if !probe.is_ok_and(|o| o.status.success()) {
+            let copy = node.file("bin/communesync");
+            if !copy.exists() {
+                std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
+                std::fs::copy(BIN, &copy).unwrap();
+                std::fs::set_permissions(
+                    copy.parent().unwrap(),
+                    std::fs::Permissions::from_mode(0o755),
+                )
+                .unwrap();
+            }
+            let mut other = std::process::Command::new(&copy);
+            other
+                .args(cmd.get_args())
+                .stdin(std::process::Stdio::null());
+            cmd = other;
+        }
+        // std drops root's supplementary groups too when it changes the uid.
+        cmd.uid(65534).gid(65534);
+    } else {
+        std::fs::set_permissions(unreadable, std::fs::Permissions::from_mode(0o000)).unwrap();
+    }
+    let out = cmd.output().unwrap();
+    if !root {
+        let restore = if unreadable.is_dir() || unreadable == node.data() {
+            0o700
+        } else {
+            0o600
+        };
+        std::fs::set_permissions(unreadable, std::fs::Permissions::from_mode(restore)).unwrap();
+    }
+    crate::util::Run {
+        args: args.iter().map(|a| a.to_string()).collect(),
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn permission_denied_names_the_user_and_the_file_without_advising_a_restore() {
+    use std::os::unix::fs::PermissionsExt;
+    let node = TestNode::commune();
+    std::fs::set_permissions(node.file(""), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The data directory itself is closed to the stranger.
+    let line = run_as_stranger(&node, node.data(), &["dispatch", "list"]).fails(exit::FAILURE);
+    assert!(
+        line.contains("permission denied for ") && line.contains("(uid "),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("on {} (owned by uid", path_arg(node.data()))),
+        "{line}"
+    );
+    assert!(
+        !line.contains("backup") && !line.contains("no communesync node"),
+        "{line}"
+    );
+
+    // The directory is open, the database is not.
+    std::fs::set_permissions(node.data(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let line = run_as_stranger(&node, &node.db_path(), &["dispatch", "list"]).fails(exit::FAILURE);
+    assert!(
+        line.contains(&format!("on {} (owned by uid", path_arg(&node.db_path()))),
+        "{line}"
+    );
+    assert!(
+        line.contains("permission denied for ") && !line.contains("backup"),
+        "{line}"
+    );
+    std::fs::set_permissions(node.data(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert!(node.ok(&["dispatch", "list"]).contains("no dispatches"));
 }
