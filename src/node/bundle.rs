@@ -212,12 +212,8 @@ impl Node {
         // own beside `out`, which is the only file this command ever removes.
         let partial = fsutil::temp_beside(out, out.file_name().expect("checked"), "partial");
         let written = (|| -> std::io::Result<()> {
-            let mut file = BufWriter::new(
-                File::options()
-                    .write(true)
-                    .create_new(true)
-                    .open(&partial)?,
-            );
+            // Bundles hold documents in clear: readable by this user only, like the database.
+            let mut file = BufWriter::new(fsutil::create_private_file(&partial)?);
             file.write_all(MAGIC)?;
             file.write_all(&[FORMAT])?;
             file.write_all(&(header_json.len() as u32).to_be_bytes())?;

@@ -189,4 +189,50 @@ mod tests {
             Err(TrustError::Io { .. })
         ));
     }
+
+    #[test]
+    fn rename_no_replace_leaves_files_and_links_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let (from, to) = (dir.path().join("new"), dir.path().join("old"));
+        fs::write(&from, b"new").unwrap();
+        fs::write(&to, b"old").unwrap();
+        let err = rename_no_replace(&from, &to).unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+        assert_eq!(fs::read(&to).unwrap(), b"old");
+        #[cfg(unix)]
+        {
+            let link = dir.path().join("link");
+            std::os::unix::fs::symlink(dir.path().join("nowhere"), &link).unwrap();
+            let err = rename_no_replace(&from, &link).unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::AlreadyExists);
+            assert!(fs::symlink_metadata(&link)
+                .unwrap()
+                .file_type()
+                .is_symlink());
+        }
+        let fresh = dir.path().join("fresh");
+        rename_no_replace(&from, &fresh).unwrap();
+        assert_eq!(fs::read(&fresh).unwrap(), b"new");
+        assert!(!from.exists());
+    }
+
+    #[test]
+    fn private_files_and_directories_ignore_a_permissive_umask() {
+        let dir = tempfile::tempdir().unwrap();
+        let sub = dir.path().join("a/b");
+        create_private_dir(&sub).unwrap();
+        let file = sub.join("f");
+        drop(create_private_file(&file).unwrap());
+        assert_eq!(
+            create_private_file(&file).unwrap_err().kind(),
+            io::ErrorKind::AlreadyExists
+        );
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode(&sub), 0o700);
+            assert_eq!(mode(&file), 0o600);
+        }
+    }
 }

@@ -1472,6 +1472,7 @@ fn bundle_export_keeps_a_partial_named_output_and_import_reads_the_file_once() {
     ]);
     assert_eq!(export["docs"], 1, "{export}");
     assert!(out.exists(), "the export removed its own output");
+    assert_eq!(mode(&out), 0o600, "a bundle holds documents in clear");
     // Exporting again replaces the file whole; nothing else is left beside it.
     province.json(&[
         "bundle",
