@@ -123,7 +123,7 @@ fn process_runs(pid: u32) -> bool {
 /// A new scan's file, written under a temporary name in `blobs/` and renamed to its hash only
 /// once whole and durable ([`NewScanFile::finish`]): a file under a hash name that a local
 /// write made is never partial, even after a kill. Dropped unfinished, it removes its file.
-pub struct NewScanFile {
+struct NewScanFile {
     file: File,
     tmp: PathBuf,
     path: PathBuf,
