@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use communesync::cli::{exit_code, run, Cli};
+use communesync::cli::{exit_code, run, safe, Cli};
 
 fn main() -> ExitCode {
     // Like other Unix tools, end quietly when the reader of our output goes away (`| head`).
@@ -29,7 +29,8 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
-            eprintln!("error: {}", one_line(&err));
+            // Errors may quote a peer's refusal reason or a file name: shown, never obeyed.
+            eprintln!("error: {}", safe(&one_line(&err)));
             ExitCode::from(exit_code(&err))
         }
     }

@@ -5,6 +5,7 @@
 mod demo;
 pub use demo::synthetic_scan;
 mod output;
+pub use output::safe;
 
 use std::path::PathBuf;
 
@@ -249,8 +250,12 @@ pub enum DispatchCmd {
         id: String,
         /// Attachment file name (or a hash prefix of at least 8 digits)
         name: String,
+        /// A new file outside the node's data directory, or `-` for standard output
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
+        /// Replace FILE if it is an existing regular file
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -416,7 +421,18 @@ pub fn run(cli: Cli) -> Result<()> {
                     id,
                     name,
                     out: file,
-                } => out.attachment(&node.dispatch_attachment(id, name, file)?),
+                    force,
+                } => {
+                    if file.as_os_str() == "-" {
+                        // The scan's bytes are the output: no report after them.
+                        let mut stdout = std::io::BufWriter::new(std::io::stdout().lock());
+                        node.dispatch_attachment_to(id, name, &mut stdout)?;
+                        std::io::Write::flush(&mut stdout).context("writing to standard output")?;
+                        Ok(())
+                    } else {
+                        out.attachment(&node.dispatch_attachment(id, name, file, *force)?)
+                    }
+                }
             }
         }
         Command::Assign(cmd) => {

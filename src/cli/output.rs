@@ -1,4 +1,11 @@
 //! Rendering results: JSON for scripts (`--json`), aligned plain text for people.
+//!
+//! Text that came from a peer or a file (summaries, names, comments, notes, refusal reasons)
+//! never reaches a terminal raw: plain text shows its control characters as `\u{..}`
+//! escapes, and JSON writes them as `\uXXXX` escapes, which decode to the exact text.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
 
 use anyhow::Result;
 use serde::Serialize;
@@ -19,6 +26,119 @@ use crate::units::Unit;
 
 pub struct Out {
     json: bool,
+}
+
+/// Whether a terminal could act on `c` instead of showing it: C0 and C1 controls and DEL
+/// (escape sequences that move the cursor, clear the screen, set the clipboard with OSC 52),
+/// line and paragraph separators, and the bidirectional marks, embeddings, overrides and
+/// isolates that reorder what is shown. Letters and combining marks (Vietnamese) pass.
+fn is_unsafe(c: char) -> bool {
+    c.is_control()
+        || matches!(
+            c,
+            '\u{061C}'
+                | '\u{200E}'
+                | '\u{200F}'
+                | '\u{2028}'
+                | '\u{2029}'
+                | '\u{202A}'..='\u{202E}'
+                | '\u{2066}'..='\u{2069}'
+        )
+}
+
+/// `text` with every character a terminal would act on shown as a visible escape (`\u{1b}`),
+/// for plain-text output of anything a peer, a file or a user wrote.
+pub fn safe(text: &str) -> Cow<'_, str> {
+    if !text.chars().any(is_unsafe) {
+        return Cow::Borrowed(text);
+    }
+    let mut shown = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if is_unsafe(c) {
+            let _ = write!(shown, "\\u{{{:x}}}", u32::from(c));
+        } else {
+            shown.push(c);
+        }
+    }
+    Cow::Owned(shown)
+}
+
+/// serde_json's pretty printer, except that the characters [`is_unsafe`] names are written as
+/// `\uXXXX` escapes: serde_json escapes C0 controls itself but writes DEL, C1 controls and the
+/// bidi marks raw. Every one of them is in the Basic Multilingual Plane, so one escape each.
+struct SafeJson(serde_json::ser::PrettyFormatter<'static>);
+
+impl serde_json::ser::Formatter for SafeJson {
+    fn write_string_fragment<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        fragment: &str,
+    ) -> std::io::Result<()> {
+        let mut start = 0;
+        for (i, c) in fragment.char_indices() {
+            if is_unsafe(c) {
+                w.write_all(&fragment.as_bytes()[start..i])?;
+                write!(w, "\\u{:04x}", u32::from(c))?;
+                start = i + c.len_utf8();
+            }
+        }
+        w.write_all(&fragment.as_bytes()[start..])
+    }
+
+    fn begin_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.begin_array(w)
+    }
+
+    fn end_array<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.end_array(w)
+    }
+
+    fn begin_array_value<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.0.begin_array_value(w, first)
+    }
+
+    fn end_array_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.end_array_value(w)
+    }
+
+    fn begin_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.begin_object(w)
+    }
+
+    fn end_object<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.end_object(w)
+    }
+
+    fn begin_object_key<W: ?Sized + std::io::Write>(
+        &mut self,
+        w: &mut W,
+        first: bool,
+    ) -> std::io::Result<()> {
+        self.0.begin_object_key(w, first)
+    }
+
+    fn begin_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.begin_object_value(w)
+    }
+
+    fn end_object_value<W: ?Sized + std::io::Write>(&mut self, w: &mut W) -> std::io::Result<()> {
+        self.0.end_object_value(w)
+    }
+}
+
+/// `value` as pretty JSON with [`SafeJson`]'s escapes.
+fn to_safe_json<T: Serialize>(value: &T) -> serde_json::Result<String> {
+    let mut bytes = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(
+        &mut bytes,
+        SafeJson(serde_json::ser::PrettyFormatter::new()),
+    );
+    value.serialize(&mut ser)?;
+    Ok(String::from_utf8(bytes).expect("serde_json writes UTF-8"))
 }
 
 /// A timestamp as local wall time at the node's offset, e.g. `2026-11-26 14:05:09 +07`.
@@ -47,8 +167,8 @@ fn conflicts(list: &[Conflict]) {
     for c in list {
         println!(
             "  CONFLICT {}: {} (set concurrently; set it again to resolve)",
-            c.field,
-            c.values.join(" | ")
+            safe(&c.field),
+            safe(&c.values.join(" | "))
         );
     }
 }
@@ -65,7 +185,7 @@ impl Out {
     /// Prints `value` as JSON when asked, else runs `human`.
     fn emit<T: Serialize>(&self, value: &T, human: impl FnOnce()) -> Result<()> {
         if self.json {
-            println!("{}", serde_json::to_string_pretty(value)?);
+            println!("{}", to_safe_json(value)?);
         } else {
             human();
         }
@@ -76,21 +196,30 @@ impl Out {
         self.emit(r, || {
             println!(
                 "initialised {} node {} for unit {}",
-                r.role, r.node_id, r.unit
+                r.role,
+                r.node_id,
+                safe(&r.unit)
             );
-            println!("data directory: {}", r.data_dir.display());
-            println!("default user: {}", r.user);
+            println!(
+                "data directory: {}",
+                safe(&r.data_dir.display().to_string())
+            );
+            println!("default user: {}", safe(&r.user));
         })
     }
 
     pub fn user(&self, u: &User) -> Result<()> {
-        self.emit(u, || println!("user {} added", u.name))
+        self.emit(u, || println!("user {} added", safe(&u.name)))
     }
 
     pub fn users(&self, users: &[User]) -> Result<()> {
         self.emit(&users, || {
             for u in users {
-                println!("{:<20} {}", u.name, u.title.as_deref().unwrap_or(""));
+                println!(
+                    "{:<20} {}",
+                    safe(&u.name),
+                    safe(u.title.as_deref().unwrap_or(""))
+                );
             }
         })
     }
@@ -103,7 +232,7 @@ impl Out {
         self.emit(d, || {
             print_dispatch(&d.dispatch, node);
             if !d.assignments.is_empty() {
-                println!("assignments: {}", d.assignments.join(", "));
+                println!("assignments: {}", safe(&d.assignments.join(", ")));
             }
             if !d.missing_scans.is_empty() {
                 println!("scans not yet on this node: {}", d.missing_scans.len());
@@ -116,16 +245,16 @@ impl Out {
             for r in rows {
                 println!(
                     "{}  {:<16} {:<11} {:<9} {:<24} {}/{} received  {} scan(s)  {}  {}",
-                    r.id,
-                    r.ref_no,
-                    r.priority,
-                    r.kind,
-                    r.issuer,
+                    safe(&r.id),
+                    safe(&r.ref_no),
+                    safe(&r.priority),
+                    safe(&r.kind),
+                    safe(&r.issuer),
                     r.received,
                     r.recipients,
                     r.scans,
                     when(r.created_at_ms, node),
-                    r.summary
+                    safe(&r.summary)
                 );
             }
             if rows.is_empty() {
@@ -137,11 +266,12 @@ impl Out {
     pub fn receipt(&self, r: &ReceiveReport) -> Result<()> {
         self.emit(r, || {
             if r.recorded {
-                println!("{} received by {}", r.id, r.unit);
+                println!("{} received by {}", r.id, safe(&r.unit));
             } else {
                 println!(
                     "{} was already received by {}; nothing changed",
-                    r.id, r.unit
+                    r.id,
+                    safe(&r.unit)
                 );
             }
         })
@@ -151,25 +281,34 @@ impl Out {
         self.emit(a, || {
             println!(
                 "wrote {} ({} bytes, blake3 {}) to {}",
-                a.name,
+                safe(&a.name),
                 a.size,
-                a.hash,
-                a.out.display()
+                safe(&a.hash),
+                safe(&a.out.display().to_string())
             )
         })
     }
 
     pub fn assignment(&self, a: &AssignmentView, node: &Node) -> Result<()> {
         self.emit(a, || {
-            println!("{}  status {}  deadline {}", a.id, a.status, a.deadline);
-            println!("  dispatch {}  unit {}", a.dispatch_id, a.unit);
+            println!(
+                "{}  status {}  deadline {}",
+                safe(&a.id),
+                safe(&a.status),
+                safe(&a.deadline)
+            );
+            println!(
+                "  dispatch {}  unit {}",
+                safe(&a.dispatch_id),
+                safe(&a.unit)
+            );
             println!(
                 "  lead {}{}",
-                a.lead,
+                safe(&a.lead),
                 if a.co.is_empty() {
                     String::new()
                 } else {
-                    format!("  co-handlers {}", a.co.join(", "))
+                    format!("  co-handlers {}", safe(&a.co.join(", ")))
                 }
             );
             conflicts(&a.conflicts);
@@ -178,14 +317,14 @@ impl Out {
                 let note = t
                     .note
                     .as_deref()
-                    .map(|n| format!(" — {n}"))
+                    .map(|n| format!(" — {}", safe(n)))
                     .unwrap_or_default();
                 println!(
                     "    {}  {:<12} by {}@{}{}",
                     when(t.at_ms, node),
-                    t.status,
-                    t.by,
-                    t.unit,
+                    safe(&t.status),
+                    safe(&t.by),
+                    safe(&t.unit),
                     note
                 );
             }
@@ -198,7 +337,12 @@ impl Out {
                 let flag = if r.conflicted { "  CONFLICT" } else { "" };
                 println!(
                     "{}  {}  {:<12} lead {:<12} dispatch {}{}",
-                    r.id, r.deadline, r.status, r.lead, r.dispatch_id, flag
+                    safe(&r.id),
+                    safe(&r.deadline),
+                    safe(&r.status),
+                    safe(&r.lead),
+                    safe(&r.dispatch_id),
+                    flag
                 );
             }
             if rows.is_empty() {
@@ -209,12 +353,17 @@ impl Out {
 
     pub fn dossier(&self, d: &DossierView, node: &Node) -> Result<()> {
         self.emit(d, || {
-            println!("{}  {} — {}", d.id, d.applicant, d.procedure);
+            println!(
+                "{}  {} — {}",
+                safe(&d.id),
+                safe(&d.applicant),
+                safe(&d.procedure)
+            );
             println!(
                 "  at step \"{}\" since {}, held by {}",
-                d.step,
+                safe(&d.step),
                 when(d.since_ms, node),
-                d.holder
+                safe(&d.holder)
             );
             conflicts(&d.conflicts);
             println!("  route:");
@@ -222,9 +371,9 @@ impl Out {
                 println!(
                     "    {}  {:<24} {:<28} by {}",
                     when(s.at_ms, node),
-                    s.step,
-                    s.unit,
-                    s.by
+                    safe(&s.step),
+                    safe(&s.unit),
+                    safe(&s.by)
                 );
             }
         })
@@ -235,11 +384,11 @@ impl Out {
             for r in rows {
                 println!(
                     "{}  {:<20} {:<24} step {:<20} at {} since {}",
-                    r.id,
-                    r.applicant,
-                    r.procedure,
-                    r.step,
-                    r.holder,
+                    safe(&r.id),
+                    safe(&r.applicant),
+                    safe(&r.procedure),
+                    safe(&r.step),
+                    safe(&r.holder),
                     when(r.since_ms, node)
                 );
             }
@@ -255,10 +404,10 @@ impl Out {
                 println!(
                     "{}  {}@{}  node {}  {}",
                     when(e.at_ms, node),
-                    e.user,
-                    e.unit,
-                    &e.node[..e.node.len().min(12)],
-                    e.what
+                    safe(&e.user),
+                    safe(&e.unit),
+                    safe(e.node.get(..12).unwrap_or(&e.node)),
+                    safe(&e.what)
                 );
             }
         })
@@ -288,12 +437,12 @@ impl Out {
             role: id.role.as_str(),
         };
         self.emit(&v, || {
-            println!("enrolled node {} as {} {}", v.node_id, v.role, v.unit)
+            println!("enrolled node {} as {} {}", v.node_id, v.role, safe(v.unit))
         })
     }
 
     pub fn issued(&self, r: &IssueReport) -> Result<()> {
-        self.emit(r, || println!("issued a certificate for node {} as {} {}; carry {} to the node and run `communesync enrol install`", r.node_id, r.role, r.unit, r.out))
+        self.emit(r, || println!("issued a certificate for node {} as {} {}; carry {} to the node and run `communesync enrol install`", r.node_id, r.role, safe(&r.unit), safe(&r.out)))
     }
 
     pub fn issued_list(&self, list: &[IssuedRecord]) -> Result<()> {
@@ -306,7 +455,11 @@ impl Out {
                 };
                 println!(
                     "{}  {:<9} {:<28} serial {}  {}",
-                    r.node_id, r.role, r.unit, r.serial, state
+                    r.node_id,
+                    r.role,
+                    safe(&r.unit),
+                    r.serial,
+                    state
                 );
             }
         })
@@ -314,18 +467,23 @@ impl Out {
 
     pub fn revoked(&self, node_id: &str, crl_number: u64) -> Result<()> {
         let v = serde_json::json!({ "node_id": node_id, "crl_number": crl_number });
-        self.emit(&v, || println!("revoked node {node_id}; revocation list #{crl_number} spreads to every node by sync"))
+        self.emit(&v, || {
+            println!(
+                "revoked node {}; revocation list #{crl_number} spreads to every node by sync",
+                safe(node_id)
+            )
+        })
     }
 
     pub fn request_written(&self, node_id: &str, file: &std::path::Path) -> Result<()> {
         let v = serde_json::json!({ "node_id": node_id, "out": file });
-        self.emit(&v, || println!("wrote the enrolment request of node {node_id} to {}; carry it to the province for `communesync ca issue`", file.display()))
+        self.emit(&v, || println!("wrote the enrolment request of node {} to {}; carry it to the province for `communesync ca issue`", safe(node_id), safe(&file.display().to_string())))
     }
 
     pub fn peers(&self, peers: &[Peer]) -> Result<()> {
         self.emit(&peers, || {
             for p in peers {
-                println!("{:<20} {}", p.name, p.addr);
+                println!("{:<20} {}", safe(&p.name), safe(&p.addr));
             }
             if peers.is_empty() {
                 println!("no peers");
@@ -335,7 +493,7 @@ impl Out {
 
     pub fn removed(&self, name: &str) -> Result<()> {
         let v = serde_json::json!({ "removed": name });
-        self.emit(&v, || println!("peer {name} removed"))
+        self.emit(&v, || println!("peer {} removed", safe(name)))
     }
 
     pub fn sync_report(&self, r: &SessionReport) -> Result<()> {
@@ -378,7 +536,7 @@ impl Out {
                 "node {} — {} {}{}",
                 s.node_id,
                 s.role,
-                s.unit,
+                safe(&s.unit),
                 if s.enrolled { "" } else { " (not enrolled)" }
             );
             println!(
@@ -407,14 +565,14 @@ impl Out {
                             .unwrap_or_else(|| "never".into()),
                     ),
                     None => match &p.via {
-                        Some(via) => (format!("via {via}"), String::new()),
+                        Some(via) => (format!("via {}", safe(via)), String::new()),
                         None => ("never".into(), "never".into()),
                     },
                 };
                 let lag = p.lag_ms.map(format_age).unwrap_or_else(|| "-".into());
                 println!(
                     "  {:<26} {:<8} {:<25} {:<25} {:>7} {:>12} {:>8} {:>9}",
-                    p.unit,
+                    safe(&p.unit),
                     p.role,
                     contact,
                     synced,
@@ -439,7 +597,7 @@ impl Out {
                     }
                 }
                 if let Some(err) = p.sync.as_ref().and_then(|s| s.last_error.as_deref()) {
-                    println!("    last error: {err}");
+                    println!("    last error: {}", safe(err));
                 }
             }
         })
@@ -453,7 +611,7 @@ impl Out {
                 r.documents, r.scans
             );
             for p in &r.problems {
-                println!("PROBLEM: {p}");
+                println!("PROBLEM: {}", safe(p));
             }
             if r.problems.is_empty() {
                 println!("no problems found");
@@ -467,7 +625,26 @@ impl Out {
                     r.unreferenced_scan_files.len()
                 );
                 for f in &r.unreferenced_scan_files {
-                    println!("  {} ({} bytes)", f.path.display(), f.bytes);
+                    println!(
+                        "  {} ({} bytes)",
+                        safe(&f.path.display().to_string()),
+                        f.bytes
+                    );
+                }
+            }
+            if !r.stale_scan_writes.is_empty() {
+                let bytes: u64 = r.stale_scan_writes.iter().map(|f| f.bytes).sum();
+                println!(
+                    "{} unfinished scan write(s) in blobs/ whose process is gone ({bytes} bytes), \
+                     left by a `dispatch new` that was killed; safe to delete:",
+                    r.stale_scan_writes.len()
+                );
+                for f in &r.stale_scan_writes {
+                    println!(
+                        "  {} ({} bytes)",
+                        safe(&f.path.display().to_string()),
+                        f.bytes
+                    );
                 }
             }
         })
@@ -478,7 +655,7 @@ impl Out {
         self.emit(&v, || {
             println!(
                 "wrote a consistent copy of the database to {}",
-                file.display()
+                safe(&file.display().to_string())
             )
         })
     }
@@ -487,7 +664,11 @@ impl Out {
         self.emit(r, || {
             println!(
                 "wrote {} documents and {} scans for {} into {} ({} bytes)",
-                r.docs, r.scans, r.for_unit, r.out, r.bytes
+                r.docs,
+                r.scans,
+                safe(&r.for_unit),
+                safe(&r.out),
+                r.bytes
             )
         })
     }
@@ -496,7 +677,12 @@ impl Out {
         self.emit(r, || {
             println!(
                 "imported a bundle from {} ({}): {} documents, {} changed here; {} scans stored, {} already held",
-                r.from_unit, r.from_node, r.docs, r.docs_changed, r.scans_stored, r.scans_already_held
+                safe(&r.from_unit),
+                safe(&r.from_node),
+                r.docs,
+                r.docs_changed,
+                r.scans_stored,
+                r.scans_already_held
             )
         })
     }
@@ -504,7 +690,7 @@ impl Out {
     pub fn units(&self, units: &[&Unit]) -> Result<()> {
         self.emit(&units, || {
             for u in units {
-                println!("{:<28} {:<9} {}", u.path, u.role, u.name);
+                println!("{:<28} {:<9} {}", safe(&u.path), u.role, safe(&u.name));
             }
         })
     }
@@ -513,39 +699,85 @@ impl Out {
 fn print_dispatch(d: &DispatchView, node: &Node) {
     println!(
         "{}  {}  [{} {}]  {}",
-        d.id, d.ref_no, d.priority, d.kind, d.summary
+        safe(&d.id),
+        safe(&d.ref_no),
+        safe(&d.priority),
+        safe(&d.kind),
+        safe(&d.summary)
     );
     println!(
         "  issued by {} ({}) at {}",
-        d.issuer,
-        d.created_by,
+        safe(&d.issuer),
+        safe(&d.created_by),
         when(d.created_at_ms, node)
     );
     for r in &d.recipients {
         match (r.received_at_ms, &r.received_by) {
             (Some(at), Some(by)) => {
-                println!("  to {:<28} received {} by {}", r.unit, when(at, node), by)
+                println!(
+                    "  to {:<28} received {} by {}",
+                    safe(&r.unit),
+                    when(at, node),
+                    safe(by)
+                )
             }
-            _ => println!("  to {:<28} not yet received", r.unit),
+            _ => println!("  to {:<28} not yet received", safe(&r.unit)),
         }
     }
     for a in &d.attachments {
         println!(
             "  scan {} ({}, {} bytes, blake3 {})",
-            a.name,
-            a.media_type,
+            safe(&a.name),
+            safe(&a.media_type),
             a.size,
-            &a.hash[..16]
+            safe(a.hash.get(..16).unwrap_or(&a.hash))
         );
     }
     for c in &d.comments {
         println!(
             "  comment {} {}@{}: {}",
             when(c.at_ms, node),
-            c.by,
-            c.unit,
-            c.text
+            safe(&c.by),
+            safe(&c.unit),
+            safe(&c.text)
         );
     }
     conflicts(&d.conflicts);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn safe_shows_controls_and_bidi_marks_as_escapes_and_keeps_vietnamese() {
+        let hostile = "a\u{1b}]52;c;ZWNobw==\u{7}b\u{1b}[2Jc\u{9b}d\u{7f}e\u{202e}f\u{2066}g\nh\ti";
+        let shown = safe(hostile);
+        assert_eq!(
+            shown,
+            "a\\u{1b}]52;c;ZWNobw==\\u{7}b\\u{1b}[2Jc\\u{9b}d\\u{7f}e\\u{202e}f\\u{2066}g\\u{a}h\\u{9}i"
+        );
+        assert!(!shown.chars().any(is_unsafe));
+        let vietnamese = "Công văn khẩn: Ủy ban nhân dân xã Tình Húc, huyện Bình Liêu";
+        assert!(matches!(safe(vietnamese), Cow::Borrowed(t) if t == vietnamese));
+    }
+
+    #[test]
+    fn json_escapes_what_serde_json_leaves_raw_and_decodes_to_the_same_text() {
+        let value = serde_json::json!({ "summary": "x\u{1b}[2J\u{9b}31m\u{7f}\u{202e}ệ" });
+        let text = to_safe_json(&value).unwrap();
+        assert!(!text.chars().any(|c| is_unsafe(c) && c != '\n'), "{text}");
+        assert!(
+            text.contains("\\u001b[2J\\u009b31m\\u007f\\u202eệ"),
+            "{text}"
+        );
+        let back: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(back, value);
+        // Only string contents change: the layout is serde_json's pretty one.
+        let plain = serde_json::json!({ "a": [1, "b"], "c": {} });
+        assert_eq!(
+            to_safe_json(&plain).unwrap(),
+            serde_json::to_string_pretty(&plain).unwrap()
+        );
+    }
 }

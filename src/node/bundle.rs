@@ -20,7 +20,7 @@ use crate::model::DocId;
 use crate::proto::blob::encode_chunk;
 use crate::proto::{wire, DocChanges, Frame, ProtoError, Replica};
 use crate::store::blobs::Hash;
-use crate::trust::{self, NodeKey};
+use crate::trust::{self, fsutil, NodeKey};
 
 const MAGIC: &[u8; 8] = b"CSBUNDLE";
 const FORMAT: u8 = 1;
@@ -28,6 +28,8 @@ const FORMAT: u8 = 1;
 const HEADER_BYTES_MAX: u32 = 256 * 1024;
 /// zstd level for scans in a bundle: a USB stick has room, the import machine has little time.
 const BUNDLE_LEVEL: i32 = 9;
+/// Bytes read at a time while a bundle's payload is hashed and copied.
+const COPY_BYTES: usize = 64 * 1024;
 /// Documents read per page while exporting.
 const PAGE_DOCS: usize = 1_000;
 
@@ -96,10 +98,13 @@ impl Node {
             Some(id) => self.store.peer_checkpoints(id)?.1,
             None => 0,
         } as u64;
+        self.check_output_path(out, true)?;
         let scope = scope_for(&unit, self.unit());
         let upto = self.store.feed_seq()? as u64;
-        let tmp = out.with_extension("partial");
-        let mut payload = BufWriter::new(File::create(&tmp).map_err(io(&tmp))?);
+        // The payload is written first (its hash goes in the signed header) to a file with no
+        // name in the data directory: private, and gone with the process whatever happens.
+        let tmp = self.dir.clone();
+        let mut payload = BufWriter::new(tempfile::tempfile_in(&self.dir).map_err(io(&self.dir))?);
         let (mut hasher, mut bytes, mut docs, mut scans) =
             (blake3::Hasher::new(), 0u64, 0u64, 0u64);
         let mut emit = |frame: &Frame, payload: &mut BufWriter<File>| -> Result<()> {
@@ -183,8 +188,8 @@ impl Node {
             }
             scans += 1;
         }
-        payload.flush().map_err(io(&tmp))?;
-        drop(payload);
+        let mut payload = payload.into_inner().map_err(|e| io(&tmp)(e.into_error()))?;
+        payload.seek(SeekFrom::Start(0)).map_err(io(&tmp))?;
 
         let header = BundleHeader {
             from_node: self.node_id().to_string(),
@@ -203,19 +208,27 @@ impl Node {
         };
         let header_json = serde_json::to_vec(&header).expect("a bundle header serializes");
         let signature = NodeKey::load(self.dir.join(KEY_FILE))?.sign(&header_json)?;
-        let mut file = BufWriter::new(File::create(out).map_err(io(out))?);
-        file.write_all(MAGIC).map_err(io(out))?;
-        file.write_all(&[FORMAT]).map_err(io(out))?;
-        file.write_all(&(header_json.len() as u32).to_be_bytes())
-            .map_err(io(out))?;
-        file.write_all(&header_json).map_err(io(out))?;
-        file.write_all(&(signature.len() as u16).to_be_bytes())
-            .map_err(io(out))?;
-        file.write_all(&signature).map_err(io(out))?;
-        std::io::copy(&mut File::open(&tmp).map_err(io(&tmp))?, &mut file).map_err(io(out))?;
-        let file = file.into_inner().map_err(|e| io(out)(e.into_error()))?;
-        file.sync_all().map_err(io(out))?;
-        std::fs::remove_file(&tmp).map_err(io(&tmp))?;
+        // The bundle appears under its name whole or not at all: written under a name of its
+        // own beside `out`, which is the only file this command ever removes.
+        let partial = fsutil::temp_beside(out, out.file_name().expect("checked"), "partial");
+        let written = (|| -> std::io::Result<()> {
+            // Bundles hold documents in clear: readable by this user only, like the database.
+            let mut file = BufWriter::new(fsutil::create_private_file(&partial)?);
+            file.write_all(MAGIC)?;
+            file.write_all(&[FORMAT])?;
+            file.write_all(&(header_json.len() as u32).to_be_bytes())?;
+            file.write_all(&header_json)?;
+            file.write_all(&(signature.len() as u16).to_be_bytes())?;
+            file.write_all(&signature)?;
+            std::io::copy(&mut payload, &mut file)?;
+            file.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            std::fs::rename(&partial, out)?;
+            fsutil::sync_dir_io(fsutil::parent_dir(out))
+        })();
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&partial);
+            return Err(io(out)(e));
+        }
         info!(docs, scans, bytes, "bundle written");
         Ok(ExportReport {
             out: out.display().to_string(),
@@ -293,10 +306,24 @@ impl Node {
                 self.unit()
             )));
         }
-        let payload_start = file.stream_position().map_err(io(path))?;
+        // The payload is read from the bundle once, through the hash into a private copy with
+        // no name (in the data directory, which must hold what it brings anyway), and applied
+        // from that copy: a bundle file changed after its hash was checked changes nothing.
+        let mut copy = BufWriter::new(tempfile::tempfile_in(&self.dir).map_err(io(&self.dir))?);
         let mut hasher = blake3::Hasher::new();
-        let copied = std::io::copy(&mut (&mut file).take(header.payload_bytes + 1), &mut hasher)
-            .map_err(io(path))?;
+        let (mut buf, mut copied) = (vec![0u8; COPY_BYTES], 0u64);
+        let mut payload = (&mut file).take(header.payload_bytes + 1);
+        loop {
+            let n = match payload.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => n,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(io(path)(e)),
+            };
+            hasher.update(&buf[..n]);
+            copy.write_all(&buf[..n]).map_err(io(&self.dir))?;
+            copied += n as u64;
+        }
         if copied != header.payload_bytes
             || hasher.finalize().to_hex().as_str() != header.payload_blake3
         {
@@ -305,8 +332,12 @@ impl Node {
                 path.display()
             )));
         }
-        file.seek(SeekFrom::Start(payload_start))
-            .map_err(io(path))?;
+        drop(file);
+        let mut copy = copy
+            .into_inner()
+            .map_err(|e| io(&self.dir)(e.into_error()))?;
+        copy.seek(SeekFrom::Start(0)).map_err(io(&self.dir))?;
+        let mut file = BufReader::new(copy);
 
         self.record_contact(&signer)?;
         let mut report = ImportReport {

@@ -1,6 +1,7 @@
 //! Local operations: every action a commune office takes, each one durable transaction that
 //! never waits for the network.
 
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use serde::Serialize;
@@ -10,7 +11,7 @@ use crate::model::assignment::{self, AssignmentView, NewAssignment, Status};
 use crate::model::dispatch::{self, Attachment, DispatchKind, DispatchView, NewDispatch, Priority};
 use crate::model::dossier::{self, DossierView};
 use crate::model::{audit, AuditEntry, DocId, DocKind};
-use crate::store::blobs::{parse_hash, BlobInfo};
+use crate::store::blobs::{parse_hash, BlobInfo, Hash};
 use crate::store::index::{AssignmentRow, DispatchFilter, DispatchRow, DossierRow};
 use crate::store::{StoreError, User};
 
@@ -87,6 +88,13 @@ pub struct AttachmentReport {
     pub hash: String,
     pub size: u64,
     pub out: PathBuf,
+}
+
+fn already_there(out: &Path) -> NodeError {
+    NodeError::Invalid(format!(
+        "--out {}: a file is already there; pass --force to replace it, or name a new file",
+        out.display()
+    ))
 }
 
 fn parse_id(text: &str, kind: DocKind) -> Result<DocId> {
@@ -241,13 +249,9 @@ impl Node {
         self.dispatch_view(&id)
     }
 
-    /// Writes an attachment (found by name, or by hash prefix) to `out`, bit for bit, verified.
-    pub fn dispatch_attachment(
-        &mut self,
-        id: &str,
-        name: &str,
-        out: &Path,
-    ) -> Result<AttachmentReport> {
+    /// The attachment of dispatch `id` named `name` (or whose hash starts with `name`), with
+    /// its hash; refused if its scan has not arrived here yet.
+    fn find_attachment(&mut self, id: &str, name: &str) -> Result<(DocId, Attachment, Hash)> {
         let id = parse_id(id, DocKind::Dispatch)?;
         let view = self.dispatch_view(&id)?;
         let attachment = view
@@ -269,7 +273,8 @@ impl Node {
                         names.join(", ")
                     }
                 ))
-            })?;
+            })?
+            .clone();
         let hash = parse_hash(&attachment.hash)?;
         if !self.store.has_blob(&hash)? {
             return Err(NodeError::Invalid(format!(
@@ -277,33 +282,144 @@ impl Node {
                 attachment.name
             )));
         }
-        let tmp = out.with_extension("communesync-partial");
-        let io = |source| NodeError::Io {
-            path: out.to_path_buf(),
-            source,
+        Ok((id, attachment, hash))
+    }
+
+    /// Writes an attachment (found by name, or by hash prefix) to `sink` (standard output, for
+    /// `--out -`), bit for bit, verified as it goes.
+    pub fn dispatch_attachment_to(
+        &mut self,
+        id: &str,
+        name: &str,
+        sink: &mut impl Write,
+    ) -> Result<AttachmentReport> {
+        let (id, attachment, hash) = self.find_attachment(id, name)?;
+        let size = self.store.read_blob(&hash, sink)?;
+        Ok(AttachmentReport {
+            id: id.to_string(),
+            name: attachment.name,
+            hash: attachment.hash,
+            size,
+            out: PathBuf::from("-"),
+        })
+    }
+
+    /// Writes an attachment (found by name, or by hash prefix) to the file `out`, bit for bit,
+    /// verified; the file appears whole or not at all. Refused (nothing written): anything at
+    /// `out` that is not a regular file (a device, FIFO, symlink or directory), any path inside
+    /// this node's data directory, and an existing file unless `replace`.
+    pub fn dispatch_attachment(
+        &mut self,
+        id: &str,
+        name: &str,
+        out: &Path,
+        replace: bool,
+    ) -> Result<AttachmentReport> {
+        let (id, attachment, hash) = self.find_attachment(id, name)?;
+        self.check_output_path(out, replace)?;
+        let file_name = out.file_name().expect("checked: names a file");
+        let tmp = crate::trust::fsutil::temp_beside(out, file_name, "communesync-partial");
+        let io = |path: &Path| {
+            let path = path.to_path_buf();
+            move |source| NodeError::Io { path, source }
         };
-        let mut file = std::fs::File::create(&tmp).map_err(io)?;
-        let written = self.store.read_blob(&hash, &mut file).and_then(|n| {
-            file.sync_all().map_err(|source| StoreError::Io {
-                path: tmp.clone(),
-                source,
-            })?;
-            Ok(n)
-        });
-        match written {
-            Ok(size) => {
-                std::fs::rename(&tmp, out).map_err(io)?;
-                Ok(AttachmentReport {
-                    id: id.to_string(),
-                    name: attachment.name.clone(),
-                    hash: attachment.hash.clone(),
-                    size,
-                    out: out.to_path_buf(),
-                })
-            }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io(&tmp))?;
+        let written = self
+            .store
+            .read_blob(&hash, &mut file)
+            .map_err(NodeError::from)
+            .and_then(|size| {
+                file.sync_all().map_err(io(&tmp))?;
+                if replace {
+                    std::fs::rename(&tmp, out).map_err(io(out))?;
+                } else {
+                    crate::trust::fsutil::rename_no_replace(&tmp, out).map_err(|e| {
+                        if e.kind() == std::io::ErrorKind::AlreadyExists {
+                            already_there(out)
+                        } else {
+                            io(out)(e)
+                        }
+                    })?;
+                }
+                Ok(size)
+            });
+        let size = match written {
+            Ok(size) => size,
             Err(e) => {
+                // Only the temporary file is ours to remove; `out` was never touched.
                 let _ = std::fs::remove_file(&tmp);
-                Err(e.into())
+                return Err(e);
+            }
+        };
+        crate::trust::fsutil::sync_dir_io(crate::trust::fsutil::parent_dir(out))
+            .map_err(io(out))?;
+        Ok(AttachmentReport {
+            id: id.to_string(),
+            name: attachment.name,
+            hash: attachment.hash,
+            size,
+            out: out.to_path_buf(),
+        })
+    }
+
+    /// Refuses an output path a command must not write: one inside this node's data directory
+    /// (its database, key or scans), anything there that is not a regular file (writing over a
+    /// device or FIFO would replace it with a file; a symlink could point anywhere), and an
+    /// existing file unless `replace`.
+    pub(crate) fn check_output_path(&self, out: &Path, replace: bool) -> Result<()> {
+        let refuse = |why: &str| {
+            Err(NodeError::Invalid(format!(
+                "--out {}: {why}; nothing was written",
+                out.display()
+            )))
+        };
+        let Some(file_name) = out.file_name() else {
+            return refuse("not a file name");
+        };
+        let parent = crate::trust::fsutil::parent_dir(out);
+        let dir = parent.canonicalize().map_err(|source| NodeError::Io {
+            path: parent.to_path_buf(),
+            source,
+        })?;
+        let data = self.dir.canonicalize().map_err(|source| NodeError::Io {
+            path: self.dir.clone(),
+            source,
+        })?;
+        if dir.starts_with(&data) {
+            return refuse(&format!(
+                "inside this node's data directory {}; write it somewhere else",
+                data.display()
+            ));
+        }
+        match std::fs::symlink_metadata(dir.join(file_name)) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(NodeError::Io {
+                path: out.to_path_buf(),
+                source,
+            }),
+            Ok(meta) if meta.file_type().is_file() => {
+                if replace {
+                    Ok(())
+                } else {
+                    Err(already_there(out))
+                }
+            }
+            Ok(meta) => {
+                let t = meta.file_type();
+                let what = if t.is_dir() {
+                    "a directory"
+                } else if t.is_symlink() {
+                    "a symbolic link"
+                } else {
+                    "a device, FIFO or socket, not a regular file"
+                };
+                refuse(&format!(
+                    "is {what}; name a new file (or `-` for standard output)"
+                ))
             }
         }
     }
@@ -450,6 +566,8 @@ pub struct CheckReport {
     pub problems: Vec<String>,
     /// Files in `blobs/` no scan names (not damage: left by a crash mid-write).
     pub unreferenced_scan_files: Vec<UnreferencedFile>,
+    /// Temporary files in `blobs/` of local scan writes whose process is gone (killed).
+    pub stale_scan_writes: Vec<UnreferencedFile>,
 }
 
 #[derive(Debug, Serialize)]
@@ -510,18 +628,19 @@ impl Node {
             }
             after_hash = last;
         }
-        let unreferenced_scan_files = self
-            .store
-            .unreferenced_scan_files()?
-            .into_iter()
-            .map(|(path, bytes)| UnreferencedFile { path, bytes })
-            .collect();
+        let listed = |files: Vec<(PathBuf, u64)>| {
+            files
+                .into_iter()
+                .map(|(path, bytes)| UnreferencedFile { path, bytes })
+                .collect()
+        };
         Ok(CheckReport {
             database,
             documents,
             scans,
             problems,
-            unreferenced_scan_files,
+            unreferenced_scan_files: listed(self.store.unreferenced_scan_files()?),
+            stale_scan_writes: listed(self.store.stale_scan_writes()?),
         })
     }
 

@@ -53,7 +53,7 @@ pub enum NodeError {
     Unit(#[from] UnitError),
     #[error(transparent)]
     Trust(#[from] TrustError),
-    #[error("{path}: {source}")]
+    #[error("{path}: {source}{}", crate::store::fault::io_advice(.source, .path))]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -156,10 +156,17 @@ impl Node {
         config
             .check(&tree)
             .map_err(|message| NodeError::Invalid(format!("cannot create the node: {message}")))?;
-        std::fs::create_dir_all(dir).map_err(|source| NodeError::Io {
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        // The directory holds every document and scan in clear, and the node's key: only the
+        // node's user may enter it, whatever the umask (an empty directory given is tightened).
+        crate::trust::fsutil::create_private_dir(dir)
+            .and_then(|()| {
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            })
+            .map_err(|source| NodeError::Io {
+                path: dir.to_path_buf(),
+                source,
+            })?;
         let created = Self::init_files(dir, &config, user, tree_text.as_deref());
         if created.is_err() {
             for file in [
@@ -212,8 +219,17 @@ impl Node {
 
     /// Opens the node in `dir`, validating its config and database.
     pub fn open(dir: &Path) -> Result<Node> {
-        if !dir.join(config::CONFIG_FILE).exists() {
-            return Err(NodeError::NotInitialised(dir.to_path_buf()));
+        // A directory this user may not enter is not "no node": say so.
+        let config_file = dir.join(config::CONFIG_FILE);
+        match config_file.try_exists() {
+            Ok(true) => {}
+            Ok(false) => return Err(NodeError::NotInitialised(dir.to_path_buf())),
+            Err(source) => {
+                return Err(NodeError::Io {
+                    path: dir.to_path_buf(),
+                    source,
+                })
+            }
         }
         let (config, tree) = Config::load(dir)?;
         let store = Store::open(&dir.join(DB_FILE), config.store.doc_cache_entries)?;

@@ -5,7 +5,10 @@
 //! `idx * CHUNK_BYTES`); `blob_chunks` holds each chunk's hash and length. A chunk's bytes are
 //! written and fsynced before the transaction that adds its row commits, so a row always means
 //! its bytes survived. Files are only ever written with content verified against a hash, so two
-//! writers of the same scan write the same bytes.
+//! writers of the same scan write the same bytes. A scan stored locally (`dispatch new`, tests)
+//! is written under a temporary name and renamed to its hash once whole and durable; a scan
+//! received from a peer is written chunk by chunk under its hash, so a cut transfer resumes.
+//! Scan files and `blobs/` are readable by the node's user only.
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
@@ -23,6 +26,8 @@ pub const CHUNK_BYTES: usize = 256 * 1024;
 pub const BLOB_BYTES_MAX: u64 = 1 << 30;
 /// Directory beside the database holding the scans' bytes, one file per scan.
 pub const BLOB_DIR: &str = "blobs";
+/// Name prefix of a scan file being written locally: `.writing-HASH-PID-RANDOM`.
+const WRITING_PREFIX: &str = ".writing-";
 
 pub type Hash = [u8; 32];
 
@@ -65,6 +70,114 @@ fn sync_dir(dir: &Path) -> Result<()> {
         .map_err(io_err(dir))
 }
 
+/// Creates `blobs/` beside the database if it is missing, readable by the owner only.
+fn ensure_blob_dir(db: &Path) -> Result<PathBuf> {
+    let dir = blob_dir(db);
+    if !dir.exists() {
+        private_dir(&dir)?;
+        if let Some(parent) = dir.parent() {
+            sync_dir(parent)?;
+        }
+    }
+    Ok(dir)
+}
+
+/// Creates `dir` (mode 0700 whatever the umask); one already there is left as it is.
+fn private_dir(dir: &Path) -> Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io_err(dir))
+}
+
+/// Options for opening a scan file for writing, created with mode 0600 whatever the umask.
+fn private_file() -> OpenOptions {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opts = OpenOptions::new();
+    opts.write(true).mode(0o600);
+    opts
+}
+
+/// The process id in the name of a scan file being written (see [`WRITING_PREFIX`]).
+fn writer_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(WRITING_PREFIX)?;
+    let mut parts = rest.split('-');
+    let (hash, pid, random) = (parts.next()?, parts.next()?, parts.next()?);
+    (hash.len() == 64 && random.len() == 16 && parts.next().is_none())
+        .then(|| pid.parse().ok())
+        .flatten()
+}
+
+/// Whether process `pid` still runs (and may still be writing); a pid we may not signal runs.
+fn process_runs(pid: u32) -> bool {
+    let Ok(pid) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    // SAFETY: signal 0 sends nothing; it only checks that the process exists.
+    let rc = unsafe { libc::kill(pid, 0) };
+    rc == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// A new scan's file, written under a temporary name in `blobs/` and renamed to its hash only
+/// once whole and durable ([`NewScanFile::finish`]): a file under a hash name that a local
+/// write made is never partial, even after a kill. Dropped unfinished, it removes its file.
+struct NewScanFile {
+    file: File,
+    tmp: PathBuf,
+    path: PathBuf,
+    finished: bool,
+}
+
+impl NewScanFile {
+    fn create(db: &Path, hash: &Hash) -> Result<NewScanFile> {
+        let dir = ensure_blob_dir(db)?;
+        let tmp = dir.join(format!(
+            "{WRITING_PREFIX}{}-{}-{:016x}",
+            hex::encode(hash),
+            std::process::id(),
+            rand::random::<u64>()
+        ));
+        let file = private_file()
+            .create_new(true)
+            .open(&tmp)
+            .map_err(io_err(&tmp))?;
+        Ok(NewScanFile {
+            file,
+            tmp,
+            path: blob_path(db, hash),
+            finished: false,
+        })
+    }
+
+    /// Writes chunk `idx` at its place in the file.
+    fn write(&self, idx: u64, data: &[u8]) -> Result<()> {
+        assert!(data.len() <= CHUNK_BYTES, "a chunk is at most CHUNK_BYTES");
+        self.file
+            .write_all_at(data, idx * CHUNK_BYTES as u64)
+            .map_err(io_err(&self.tmp))
+    }
+
+    /// Makes the content durable, then gives the file its hash name (replacing any file there:
+    /// the same content, or an unreferenced leftover) and makes the rename durable.
+    fn finish(mut self) -> Result<PathBuf> {
+        self.file.sync_data().map_err(io_err(&self.tmp))?;
+        std::fs::rename(&self.tmp, &self.path).map_err(io_err(&self.path))?;
+        self.finished = true;
+        sync_dir(self.path.parent().unwrap_or(Path::new(".")))?;
+        Ok(std::mem::take(&mut self.path))
+    }
+}
+
+impl Drop for NewScanFile {
+    fn drop(&mut self) {
+        if !self.finished {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
+    }
+}
+
 /// One scan's file, open for writing chunks. Nothing written is durable before `sync`.
 pub struct ScanFile {
     file: File,
@@ -76,16 +189,9 @@ pub struct ScanFile {
 impl ScanFile {
     pub(crate) fn open(db: &Path, hash: &Hash) -> Result<ScanFile> {
         let path = blob_path(db, hash);
-        let dir = blob_dir(db);
-        if !dir.exists() {
-            std::fs::create_dir_all(&dir).map_err(io_err(&dir))?;
-            if let Some(parent) = dir.parent() {
-                sync_dir(parent)?;
-            }
-        }
+        ensure_blob_dir(db)?;
         let created = !path.exists();
-        let file = OpenOptions::new()
-            .write(true)
+        let file = private_file()
             .create(true)
             .truncate(false)
             .open(&path)
@@ -196,22 +302,30 @@ pub(crate) fn backup_scan_files(store: &Store, dest: &Path) -> Result<()> {
         return Ok(());
     }
     let to_dir = blob_dir(dest);
-    std::fs::create_dir_all(&to_dir).map_err(io_err(&to_dir))?;
+    private_dir(&to_dir)?;
     for entry in std::fs::read_dir(&from_dir).map_err(io_err(&from_dir))? {
         let from = entry.map_err(io_err(&from_dir))?.path();
         let Some(name) = from.file_name().and_then(|n| n.to_str()) else {
             continue;
         };
+        if name.starts_with(WRITING_PREFIX) {
+            // Not a scan yet: nothing the backup's rows can name.
+            continue;
+        }
         let to = to_dir.join(name);
         let size = std::fs::metadata(&from).map_err(io_err(&from))?.len();
         let stored = parse_hash(name).map_or(Ok(false), |h| store.has_blob(&h))?;
         if stored && std::fs::metadata(&to).is_ok_and(|m| m.len() == size) {
             continue;
         }
-        std::fs::copy(&from, &to).map_err(io_err(&to))?;
-        File::open(&to)
-            .and_then(|f| f.sync_all())
+        let mut source = File::open(&from).map_err(io_err(&from))?;
+        let mut copy = private_file()
+            .create(true)
+            .truncate(true)
+            .open(&to)
             .map_err(io_err(&to))?;
+        std::io::copy(&mut source, &mut copy).map_err(io_err(&to))?;
+        copy.sync_all().map_err(io_err(&to))?;
     }
     sync_dir(&to_dir)
 }
@@ -273,6 +387,10 @@ impl Store {
         let mut found = Vec::new();
         for entry in entries {
             let entry = entry.map_err(io_err(&dir))?;
+            if writer_pid(&entry.file_name().to_string_lossy()).is_some() {
+                // Listed by `stale_scan_writes`.
+                continue;
+            }
             let referenced = match parse_hash(&entry.file_name().to_string_lossy()) {
                 Ok(hash) => named
                     .query_row([&hash[..]], |r| r.get::<_, bool>(0))
@@ -282,6 +400,30 @@ impl Store {
             if !referenced {
                 let bytes = entry.metadata().map_err(io_err(&entry.path()))?.len();
                 found.push((entry.path(), bytes));
+            }
+        }
+        found.sort();
+        Ok(found)
+    }
+
+    /// Files in `blobs/` of a local scan write whose process is gone (killed before it could
+    /// give the file its hash name), with their sizes. Writes still running are left out.
+    pub fn stale_scan_writes(&self) -> Result<Vec<(PathBuf, u64)>> {
+        let dir = blob_dir(&self.path);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io_err(&dir)(e)),
+        };
+        let mut found = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io_err(&dir))?;
+            match writer_pid(&entry.file_name().to_string_lossy()) {
+                Some(pid) if !process_runs(pid) => {
+                    let bytes = entry.metadata().map_err(io_err(&entry.path()))?.len();
+                    found.push((entry.path(), bytes));
+                }
+                _ => {}
             }
         }
         found.sort();
@@ -342,25 +484,23 @@ impl Store {
 }
 
 impl WriteTx<'_> {
-    /// Opens the file of a scan this transaction stores, remembering it for removal on
-    /// rollback when this transaction created it and no transfer in progress (whose manifest
-    /// row committed before any of its bytes were written) is writing to it.
-    fn new_scan_file(&mut self, hash: &Hash) -> Result<ScanFile> {
-        let file = ScanFile::open(self.path, hash)?;
-        if file.created {
-            let receiving = self
-                .tx
-                .prepare_cached("SELECT 1 FROM blob_partial WHERE hash = ?1")
-                .at(self.path)?
-                .query_row([&hash[..]], |_| Ok(()))
-                .optional()
-                .at(self.path)?
-                .is_some();
-            if !receiving {
-                self.new_files.push(file.path.clone());
-            }
+    /// Gives a new scan's file its hash name, remembering it for removal on rollback unless a
+    /// transfer in progress (whose manifest row committed before any of its bytes were
+    /// written) is writing to that name too.
+    fn finish_scan_file(&mut self, file: NewScanFile, hash: &Hash) -> Result<()> {
+        let path = file.finish()?;
+        let receiving = self
+            .tx
+            .prepare_cached("SELECT 1 FROM blob_partial WHERE hash = ?1")
+            .at(self.path)?
+            .query_row([&hash[..]], |_| Ok(()))
+            .optional()
+            .at(self.path)?
+            .is_some();
+        if !receiving {
+            self.new_files.push(path);
         }
-        Ok(file)
+        Ok(())
     }
 
     fn blob_exists(&self, hash: &Hash) -> Result<bool> {
@@ -413,19 +553,19 @@ impl WriteTx<'_> {
             });
         }
         let mut chunks = 0;
-        let mut file = self.new_scan_file(&hash)?;
+        let file = NewScanFile::create(self.path, &hash)?;
         let (again, again_size) = scan_file(path, |idx, data| {
             chunks = idx + 1;
             file.write(idx as u64, data)?;
             self.insert_chunk(&hash, idx, data)
         })?;
-        file.sync()?;
         if again != hash || again_size != size {
             return Err(StoreError::Invalid(format!(
                 "{}: the file changed while it was being stored; try again",
                 path.display()
             )));
         }
+        self.finish_scan_file(file, &hash)?;
         self.insert_blob_row(&hash, size, chunks, at_ms)?;
         Ok(BlobInfo {
             hash: hex::encode(hash),
@@ -451,13 +591,13 @@ impl WriteTx<'_> {
             });
         }
         let mut chunks = 0;
-        let mut file = self.new_scan_file(&hash)?;
+        let file = NewScanFile::create(self.path, &hash)?;
         for (idx, chunk) in data.chunks(CHUNK_BYTES).enumerate() {
             file.write(idx as u64, chunk)?;
             self.insert_chunk(&hash, idx, chunk)?;
             chunks = idx + 1;
         }
-        file.sync()?;
+        self.finish_scan_file(file, &hash)?;
         self.insert_blob_row(&hash, size, chunks, at_ms)?;
         Ok(BlobInfo {
             hash: hex::encode(hash),

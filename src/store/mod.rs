@@ -6,6 +6,7 @@
 
 pub mod blobs;
 pub mod docs;
+pub mod fault;
 pub mod index;
 mod schema;
 pub mod sync;
@@ -27,7 +28,7 @@ const BUSY_TIMEOUT_MS: u64 = 10_000;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("database {path}: {source}; if the file is damaged, restore it from a backup (docs/operations.md)")]
+    #[error("database {path}: {source}{}", fault::sqlite_advice(.source, .path))]
     Sqlite {
         path: PathBuf,
         source: rusqlite::Error,
@@ -48,7 +49,7 @@ pub enum StoreError {
     Corrupt(String),
     #[error(transparent)]
     Model(#[from] ModelError),
-    #[error("{path}: {source}")]
+    #[error("{path}: {source}{}", fault::io_advice(.source, .path))]
     Io {
         path: PathBuf,
         source: std::io::Error,
@@ -58,6 +59,17 @@ pub enum StoreError {
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Creates a new, empty file with mode 0600 whatever the umask; fails if anything is there.
+fn create_private_file(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map(drop)
+}
 
 /// One node's database.
 pub struct Store {
@@ -83,11 +95,18 @@ impl<T> SqlContext<T> for rusqlite::Result<T> {
 }
 
 impl Store {
-    /// Creates a new database; refuses if one exists.
+    /// Creates a new database, readable by the owner only; refuses if one exists.
     pub fn create(path: &Path, cache_docs: usize) -> Result<Store> {
-        if path.exists() {
-            return Err(StoreError::Exists(path.to_path_buf()));
-        }
+        // SQLite creates its file with mode 0644 less the umask, and gives the -wal and -shm
+        // files the database file's mode: an empty file made first with 0600 keeps all three
+        // private (SQLite takes an empty file for a new database).
+        create_private_file(path).map_err(|source| match source.kind() {
+            std::io::ErrorKind::AlreadyExists => StoreError::Exists(path.to_path_buf()),
+            _ => StoreError::Io {
+                path: path.to_path_buf(),
+                source,
+            },
+        })?;
         Self::open_with(
             path,
             OpenFlags::SQLITE_OPEN_READ_WRITE | OpenFlags::SQLITE_OPEN_CREATE,
@@ -187,16 +206,28 @@ impl Store {
 
     /// A consistent copy of the database, taken while it is in use (SQLite's VACUUM INTO), and
     /// of the files of the scans it holds, into `blobs/` beside `dest`.
+    /// The copy is readable by the owner only, like the database.
     pub fn backup_to(&self, dest: &Path) -> Result<()> {
-        if dest.exists() {
-            return Err(StoreError::Invalid(format!(
+        // VACUUM INTO writes into an empty file it is given, keeping that file's mode.
+        create_private_file(dest).map_err(|source| match source.kind() {
+            std::io::ErrorKind::AlreadyExists => StoreError::Invalid(format!(
                 "{} already exists; choose a new file for the backup",
                 dest.display()
-            )));
-        }
-        self.conn
+            )),
+            _ => StoreError::Io {
+                path: dest.to_path_buf(),
+                source,
+            },
+        })?;
+        if let Err(e) = self
+            .conn
             .execute("VACUUM INTO ?1", [dest.to_string_lossy()])
-            .at(&self.path)?;
+            .at(&self.path)
+        {
+            // The file is the one just created here: nothing of anyone else's is removed.
+            let _ = std::fs::remove_file(dest);
+            return Err(e);
+        }
         blobs::backup_scan_files(self, dest)
     }
 

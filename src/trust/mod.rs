@@ -7,7 +7,7 @@
 
 mod ca;
 mod crl;
-mod fsutil;
+pub mod fsutil;
 mod identity;
 mod sign;
 mod tls;

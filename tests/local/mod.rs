@@ -384,7 +384,7 @@ fn attachments_come_back_bit_for_bit_and_are_stored_once() {
     assert_eq!(std::fs::read(&out_b).unwrap(), content);
     assert!(dir_listing(node.file("").as_path())
         .iter()
-        .all(|f| !f.ends_with("communesync-partial")));
+        .all(|f| !f.contains("communesync-partial")));
 
     let missing = node.file("never.pgm");
     let line = node.fails(
@@ -1112,6 +1112,10 @@ fn a_corrupted_database_is_reported_by_name() {
             "{args:?}: {line}"
         );
         assert!(line.contains("not a database"), "{line}");
+        assert!(
+            line.contains("restore it from a backup"),
+            "real damage: {line}"
+        );
     }
     assert_eq!(
         std::fs::read(node.db_path()).unwrap(),
@@ -1224,4 +1228,671 @@ fn check_lists_scan_files_that_no_scan_names_and_leaves_them() {
         "{text}"
     );
     assert!(stray.exists(), "check only reports");
+}
+
+// ---- local safety (issues 11, 12, 13) ----
+
+/// Escape sequences a hostile peer could put in any text field: OSC 52 (set the clipboard),
+/// clear screen, a C1 CSI, DEL and a right-to-left override.
+const HOSTILE: &str = "\u{1b}]52;c;ZWNobyBwd25lZA==\u{7}\u{1b}[2J\u{9b}31m\u{7f}\u{202e}";
+
+/// Characters a terminal acts on instead of showing.
+fn raw_controls(text: &str) -> Vec<char> {
+    text.chars()
+        .filter(|&c| {
+            (c.is_control() && c != '\n')
+                || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+        })
+        .collect()
+}
+
+#[test]
+fn text_from_peers_reaches_the_screen_with_escape_sequences_neutralised() {
+    let node = TestNode::commune();
+    let summary = format!("Công văn khẩn {HOSTILE}end");
+    let scan_name = format!("scan{HOSTILE}.pgm");
+    let scan_path = node.write_file(&scan_name, &scan(5_000, 21));
+    let d = id(&node.json(&[
+        "dispatch",
+        "new",
+        "--ref",
+        &format!("1/{HOSTILE}"),
+        "--summary",
+        &summary,
+        "--to",
+        COMMUNE,
+        "--attach",
+        &scan_path,
+    ]));
+    let comment = format!("ý kiến {HOSTILE}");
+    node.ok(&["dispatch", "comment", &d, &comment]);
+    let a = id(&node.json(&[
+        "assign",
+        "new",
+        &d,
+        "--lead",
+        "lan",
+        "--deadline",
+        "2030-01-01",
+    ]));
+    node.ok(&[
+        "assign",
+        "update",
+        &a,
+        "--status",
+        "in-progress",
+        "--note",
+        HOSTILE,
+    ]);
+    let dossier = id(&node.json(&[
+        "dossier",
+        "new",
+        "--applicant",
+        &format!("Nguyễn Văn A{HOSTILE}"),
+        "--procedure",
+        HOSTILE,
+    ]));
+    // A refusal reason from a peer, as a session records it.
+    node.db()
+        .execute(
+            "INSERT INTO peer_sync (node_id, unit, role, last_error) VALUES ('00', ?1, 'district', ?2)",
+            [DISTRICT, &format!("peer refused: {HOSTILE}")],
+        )
+        .unwrap();
+
+    for args in [
+        vec!["dispatch", "show", &d],
+        vec!["dispatch", "list"],
+        vec!["audit", &d],
+        vec!["assign", "show", &a],
+        vec!["assign", "list"],
+        vec!["dossier", "track", &dossier],
+        vec!["dossier", "list"],
+        vec!["status"],
+    ] {
+        let text = node.ok(&args);
+        assert_eq!(
+            raw_controls(&text),
+            [],
+            "{args:?} printed raw controls:\n{text}"
+        );
+        let json = node.run(&[&["--json"][..], &args].concat()).ok();
+        assert_eq!(
+            raw_controls(&json.stdout),
+            [],
+            "{args:?} --json printed raw controls"
+        );
+    }
+    let shown = node.ok(&["dispatch", "show", &d]);
+    assert!(
+        shown.contains("Công văn khẩn \\u{1b}]52;c;ZWNobyBwd25lZA==\\u{7}\\u{1b}[2J\\u{9b}31m\\u{7f}\\u{202e}end"),
+        "escapes are visible, Vietnamese intact:\n{shown}"
+    );
+    assert!(shown.contains("scan scan\\u{1b}]52"), "{shown}");
+    assert!(shown.contains("ý kiến \\u{1b}"), "{shown}");
+    let status = node.ok(&["status"]);
+    assert!(
+        status.contains("last error: peer refused: \\u{1b}]52"),
+        "{status}"
+    );
+    // JSON keeps the exact text.
+    let json = node.json(&["dispatch", "show", &d]);
+    assert_eq!(json["summary"], summary.as_str());
+    assert_eq!(json["attachments"][0]["name"], scan_name.as_str());
+    assert_eq!(json["comments"][0]["text"], comment.as_str());
+
+    // The name in an error line is neutralised too.
+    let line = node.fails(
+        &[
+            "dispatch",
+            "attachment",
+            &d,
+            &format!("x{HOSTILE}"),
+            "--out",
+            "-",
+        ],
+        exit::USAGE,
+    );
+    assert_eq!(raw_controls(&line), [], "{line}");
+}
+
+#[test]
+fn attachment_out_never_replaces_a_device_fifo_link_directory_or_the_node() {
+    use std::os::unix::fs::FileTypeExt;
+    let node = TestNode::commune();
+    let content = scan(300_000, 22);
+    let d = id(&node.new_dispatch("1/OUT", &[DISTRICT], &[&node.write_file("s.pgm", &content)]));
+    let get = |out: &str, extra: &[&str]| {
+        let mut args = vec!["dispatch", "attachment", &d, "s.pgm", "--out", out];
+        args.extend_from_slice(extra);
+        node.run(&args)
+    };
+
+    let fifo = node.file("fifo");
+    let c_fifo = std::ffi::CString::new(path_arg(&fifo)).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c_fifo.as_ptr(), 0o600) }, 0);
+    let target = node.write_file("target.txt", b"not yours");
+    let link = node.file("link");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let dir = node.file("a-directory");
+    std::fs::create_dir(&dir).unwrap();
+    for (out, what) in [
+        (&fifo, "a device, FIFO or socket"),
+        (&link, "a symbolic link"),
+        (&dir, "a directory"),
+    ] {
+        for force in [&[][..], &["--force"][..]] {
+            let line = get(&path_arg(out), force).fails(exit::USAGE);
+            assert!(
+                line.contains(what) && line.contains("nothing was written"),
+                "{line}"
+            );
+        }
+    }
+    assert!(std::fs::symlink_metadata(&fifo)
+        .unwrap()
+        .file_type()
+        .is_fifo());
+    assert!(std::fs::symlink_metadata(&link)
+        .unwrap()
+        .file_type()
+        .is_symlink());
+    assert_eq!(std::fs::read(&target).unwrap(), b"not yours");
+    assert!(dir.is_dir() && dir_listing(&dir).is_empty());
+
+    // Nothing inside the data directory, above all not the database.
+    let db_before = fingerprint(&node.db_path());
+    for out in [
+        node.db_path(),
+        node.data().join("copy.pgm"),
+        node.data().join("blobs/x"),
+    ] {
+        let line = get(&path_arg(&out), &["--force"]).fails(exit::USAGE);
+        assert!(line.contains("inside this node's data directory"), "{line}");
+    }
+    let dotted = format!("{}/../node/node.db", path_arg(node.data()));
+    let line = get(&dotted, &["--force"]).fails(exit::USAGE);
+    assert!(line.contains("inside this node's data directory"), "{line}");
+    assert_eq!(fingerprint(&node.db_path()), db_before);
+    assert!(!node.data().join("copy.pgm").exists());
+
+    // An existing file only with --force.
+    let existing = node.write_file("existing.pgm", b"old");
+    let line = get(&path_arg(&node.file("existing.pgm")), &[]).fails(exit::USAGE);
+    assert!(
+        line.contains("already there") && line.contains("--force"),
+        "{line}"
+    );
+    assert_eq!(std::fs::read(&existing).unwrap(), b"old");
+    get(&existing, &["--force"]).ok();
+    assert_eq!(std::fs::read(&existing).unwrap(), content);
+
+    // `-` is standard output, the bytes alone.
+    let out = node
+        .command(&["dispatch", "attachment", &d, "s.pgm", "--out", "-"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.stdout == content, "stdout holds the scan, nothing else");
+    assert!(!node.file("-").exists());
+    // No temporary file left anywhere.
+    assert!(
+        dir_listing(&node.file(""))
+            .iter()
+            .all(|f| !f.contains("communesync-partial")),
+        "{:?}",
+        dir_listing(&node.file(""))
+    );
+}
+
+/// A bundle export whose output name ends in `.partial` keeps its output, and an import reads
+/// the bundle once: from a pipe, which cannot be read twice, it applies what it verified.
+#[test]
+fn bundle_export_keeps_a_partial_named_output_and_import_reads_the_file_once() {
+    use std::io::Write;
+    use std::process::Stdio;
+    let province = crate::sync_util::province();
+    let commune = crate::sync_util::enrolled(&province, COMMUNE, "commune");
+    let data = scan(600_000, 23);
+    let d =
+        id(&province.new_dispatch("3/KH", &[COMMUNE], &[&province.write_file("kh.pgm", &data)]));
+    let out = province.file("for-tinhhuc.partial");
+    let export = province.json(&[
+        "bundle",
+        "export",
+        "--for",
+        COMMUNE,
+        "--out",
+        &path_arg(&out),
+    ]);
+    assert_eq!(export["docs"], 1, "{export}");
+    assert!(out.exists(), "the export removed its own output");
+    assert_eq!(mode(&out), 0o600, "a bundle holds documents in clear");
+    // Exporting again replaces the file whole; nothing else is left beside it.
+    province.json(&[
+        "bundle",
+        "export",
+        "--for",
+        COMMUNE,
+        "--out",
+        &path_arg(&out),
+    ]);
+    let beside: Vec<String> = dir_listing(&province.file(""))
+        .into_iter()
+        .filter(|f| f.contains("partial"))
+        .collect();
+    assert_eq!(beside, ["for-tinhhuc.partial"]);
+    let line = province.fails(
+        &[
+            "bundle",
+            "export",
+            "--for",
+            COMMUNE,
+            "--out",
+            &path_arg(&province.db_path()),
+        ],
+        exit::USAGE,
+    );
+    assert!(line.contains("inside this node's data directory"), "{line}");
+    assert!(province.json(&["status"])["documents"].as_i64().unwrap() >= 1);
+
+    let bundle = std::fs::read(&out).unwrap();
+    let mut child = commune
+        .command(&["--json", "bundle", "import", "/dev/stdin"])
+        .stdin(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    let writer = std::thread::spawn(move || stdin.write_all(&bundle));
+    let done = child.wait_with_output().unwrap();
+    writer.join().unwrap().unwrap();
+    assert!(
+        done.status.success(),
+        "import from a pipe failed: {}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+    let report: Value = serde_json::from_slice(&done.stdout).unwrap();
+    assert_eq!(report["scans_stored"], 1, "{report}");
+    let back = commune.file("back.pgm");
+    commune.ok(&[
+        "dispatch",
+        "attachment",
+        &d,
+        "kh.pgm",
+        "--out",
+        &path_arg(&back),
+    ]);
+    assert!(std::fs::read(&back).unwrap() == data);
+}
+
+/// Runs the binary on `node` with umask 022 (group and others may read new files by default).
+fn run_umask_022(node: &TestNode, args: &[&str]) -> crate::util::Run {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = node.command(args);
+    // SAFETY: umask is async-signal-safe; nothing else runs between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::umask(0o022);
+            Ok(())
+        });
+    }
+    let out = cmd.output().unwrap();
+    let run = crate::util::Run {
+        args: args.iter().map(|a| a.to_string()).collect(),
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    };
+    run.ok()
+}
+
+fn mode(path: &std::path::Path) -> u32 {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::metadata(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[test]
+fn data_directory_key_database_scans_and_backups_are_private_under_umask_022() {
+    let node = TestNode::uninitialised();
+    run_umask_022(&node, &["init", "--unit", COMMUNE, "--role", "commune"]);
+    let scan_path = node.write_file("s.pgm", &scan(300_000, 24));
+    let d = run_umask_022(
+        &node,
+        &[
+            "--json",
+            "dispatch",
+            "new",
+            "--ref",
+            "1/P",
+            "--summary",
+            "s",
+            "--to",
+            DISTRICT,
+            "--attach",
+            &scan_path,
+        ],
+    )
+    .json();
+    let hash = d["attachments"][0]["hash"].as_str().unwrap().to_string();
+    let backup = node.file("backups").join("node.db");
+    std::fs::create_dir(node.file("backups")).unwrap();
+    run_umask_022(&node, &["backup", "--out", &path_arg(&backup)]);
+
+    assert_eq!(mode(node.data()), 0o700, "data directory");
+    assert_eq!(mode(&node.data().join("node.key")), 0o600, "node.key");
+    assert_eq!(mode(&node.db_path()), 0o600, "node.db");
+    assert_eq!(mode(&node.data().join("blobs")), 0o700, "blobs/");
+    assert_eq!(
+        mode(&node.data().join("blobs").join(&hash)),
+        0o600,
+        "a scan file"
+    );
+    assert_eq!(mode(&backup), 0o600, "the backup");
+    assert_eq!(
+        mode(&node.file("backups/blobs")),
+        0o700,
+        "the backup's blobs/"
+    );
+    assert_eq!(
+        mode(&node.file("backups/blobs").join(&hash)),
+        0o600,
+        "a backed-up scan"
+    );
+    // SQLite gives its -wal and -shm files the database file's mode.
+    let db = node.db();
+    db.execute("INSERT INTO meta (key, value) VALUES ('probe', 'x')", [])
+        .unwrap();
+    for side in ["node.db-wal", "node.db-shm"] {
+        assert_eq!(mode(&node.data().join(side)), 0o600, "{side}");
+    }
+}
+
+#[test]
+fn a_killed_dispatch_new_leaves_no_partial_file_under_a_hash_name() {
+    const SCAN_BYTES: usize = 64 << 20;
+    let node = TestNode::commune();
+    let content: Vec<u8> = (0..SCAN_BYTES)
+        .map(|i| (i.wrapping_mul(31) % 251) as u8)
+        .collect();
+    let file = node.write_file("big.pgm", &content);
+    let blobs = node.data().join("blobs");
+    let (_, mut child) = node.spawn(&[
+        "dispatch",
+        "new",
+        "--ref",
+        "1/K",
+        "--summary",
+        "s",
+        "--to",
+        DISTRICT,
+        "--attach",
+        &file,
+    ]);
+    // Kill it as soon as it has started writing the scan.
+    let started = std::time::Instant::now();
+    while !blobs.exists() || dir_listing(&blobs).is_empty() {
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "dispatch new ended before it could be killed"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(60));
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+
+    let expected = blake3::hash(&content).to_hex().to_string();
+    for name in dir_listing(&blobs) {
+        if name.len() == 64 {
+            let bytes = std::fs::read(blobs.join(&name)).unwrap();
+            assert_eq!(
+                blake3::hash(&bytes).to_hex().as_str(),
+                name,
+                "a partial file under a hash name"
+            );
+        }
+    }
+    let report = node.json(&["check"]);
+    assert_eq!(report["problems"], serde_json::json!([]), "{report}");
+    let stale = report["stale_scan_writes"].as_array().unwrap();
+    assert_eq!(stale.len(), 1, "{report}");
+    assert!(
+        stale[0]["path"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("/blobs/.writing-{expected}-")),
+        "{report}"
+    );
+    assert_eq!(
+        report["unreferenced_scan_files"],
+        serde_json::json!([]),
+        "{report}"
+    );
+    let text = node.ok(&["check"]);
+    assert!(
+        text.contains("1 unfinished scan write(s) in blobs/ whose process is gone"),
+        "{text}"
+    );
+
+    // The same scan stores whole afterwards.
+    let d = node.new_dispatch("2/K", &[DISTRICT], &[&file]);
+    assert_eq!(d["attachments"][0]["hash"], expected.as_str());
+    assert!(std::fs::read(blobs.join(&expected)).unwrap() == content);
+    assert_eq!(node.json(&["check"])["scans"], 1);
+}
+
+/// A tmpfs of `size` mounted on `point` (created), unmounted when dropped; None where this test
+/// process may not mount (not root, or no CAP_SYS_ADMIN in a container).
+struct Tmpfs {
+    point: std::path::PathBuf,
+}
+
+impl Tmpfs {
+    fn mount(point: &std::path::Path, size: &str) -> Option<Tmpfs> {
+        std::fs::create_dir_all(point).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(point)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !mounted {
+            eprintln!("cannot mount a tmpfs here: the mount-based checks are skipped");
+            return None;
+        }
+        Some(Tmpfs {
+            point: point.to_path_buf(),
+        })
+    }
+
+    fn remount_read_only(&self) {
+        let status = std::process::Command::new("mount")
+            .args(["-o", "remount,ro"])
+            .arg(&self.point)
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.point)
+            .status();
+    }
+}
+
+#[test]
+fn a_full_disk_or_a_read_only_mount_is_said_as_such_without_advising_a_restore() {
+    let node = TestNode::uninitialised();
+    // The data directory is a 2 MiB file system of its own.
+    let Some(disk) = Tmpfs::mount(node.data(), "2m") else {
+        return;
+    };
+    node.ok(&["init", "--unit", COMMUNE, "--role", "commune"]);
+    let big = node.write_file("big.pgm", &scan(4 << 20, 25));
+    let line = node.fails(
+        &[
+            "dispatch",
+            "new",
+            "--ref",
+            "1/F",
+            "--summary",
+            "s",
+            "--to",
+            DISTRICT,
+            "--attach",
+            &big,
+        ],
+        exit::FAILURE,
+    );
+    assert!(
+        line.contains(&format!(
+            "no space left on the device holding {}",
+            path_arg(&node.data().join("blobs"))
+        )),
+        "{line}"
+    );
+    assert!(!line.contains("backup"), "{line}");
+    assert_eq!(
+        dir_listing(&node.data().join("blobs")),
+        BTreeSet::new(),
+        "the failed write left a file"
+    );
+    assert_eq!(node.count("docs"), 0);
+
+    disk.remount_read_only();
+    for args in [
+        vec![
+            "dispatch",
+            "new",
+            "--ref",
+            "2/F",
+            "--summary",
+            "s",
+            "--to",
+            DISTRICT,
+        ],
+        vec!["dispatch", "list"],
+    ] {
+        let line = node.fails(&args, exit::FAILURE);
+        assert!(
+            line.contains(&format!(
+                "the file system holding {} is mounted read-only",
+                path_arg(node.data())
+            )),
+            "{args:?}: {line}"
+        );
+        assert!(!line.contains("backup"), "{line}");
+    }
+}
+
+/// Runs the binary on `node` as a user who does not own it: as root, the binary drops to
+/// `nobody` (uid 65534), from a copy it can execute if the build directory is closed to it;
+/// as anyone else, it runs as itself on files the test made unreadable (`unreadable`).
+fn run_as_stranger(
+    node: &TestNode,
+    unreadable: &std::path::Path,
+    args: &[&str],
+) -> crate::util::Run {
+    use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
+    // SAFETY: geteuid cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    let mut cmd = node.command(args);
+    if root {
+        let probe = std::process::Command::new(BIN)
+            .arg("--version")
+            .uid(65534)
+            .gid(65534)
+            .output();
+        if !probe.is_ok_and(|o| o.status.success()) {
+            let copy = node.file("bin/communesync");
+            if !copy.exists() {
+                std::fs::create_dir_all(copy.parent().unwrap()).unwrap();
+                std::fs::copy(BIN, &copy).unwrap();
+                std::fs::set_permissions(
+                    copy.parent().unwrap(),
+                    std::fs::Permissions::from_mode(0o755),
+                )
+                .unwrap();
+            }
+            let mut other = std::process::Command::new(&copy);
+            other
+                .args(cmd.get_args())
+                .stdin(std::process::Stdio::null());
+            cmd = other;
+        }
+        // std drops root's supplementary groups too when it changes the uid.
+        cmd.uid(65534).gid(65534);
+    } else {
+        std::fs::set_permissions(unreadable, std::fs::Permissions::from_mode(0o000)).unwrap();
+    }
+    let out = cmd.output().unwrap();
+    if !root {
+        let restore = if unreadable.is_dir() || unreadable == node.data() {
+            0o700
+        } else {
+            0o600
+        };
+        std::fs::set_permissions(unreadable, std::fs::Permissions::from_mode(restore)).unwrap();
+    }
+    crate::util::Run {
+        args: args.iter().map(|a| a.to_string()).collect(),
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+#[test]
+fn permission_denied_names_the_user_and_the_file_without_advising_a_restore() {
+    use std::os::unix::fs::PermissionsExt;
+    let node = TestNode::commune();
+    std::fs::set_permissions(node.file(""), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The data directory itself is closed to the stranger.
+    let line = run_as_stranger(&node, node.data(), &["dispatch", "list"]).fails(exit::FAILURE);
+    assert!(
+        line.contains("permission denied for ") && line.contains("(uid "),
+        "{line}"
+    );
+    assert!(
+        line.contains(&format!("on {} (owned by uid", path_arg(node.data()))),
+        "{line}"
+    );
+    assert!(
+        !line.contains("backup") && !line.contains("no communesync node"),
+        "{line}"
+    );
+
+    // The directory is open, the database is not.
+    std::fs::set_permissions(node.data(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let line = run_as_stranger(&node, &node.db_path(), &["dispatch", "list"]).fails(exit::FAILURE);
+    assert!(
+        line.contains(&format!("on {} (owned by uid", path_arg(&node.db_path()))),
+        "{line}"
+    );
+    assert!(
+        line.contains("permission denied for ") && !line.contains("backup"),
+        "{line}"
+    );
+    std::fs::set_permissions(node.data(), std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert!(node.ok(&["dispatch", "list"]).contains("no dispatches"));
 }
