@@ -500,7 +500,7 @@ impl Out {
         self.emit(r, || {
             println!(
                 "synced with {}: documents {} sent / {} received, scans {} sent / {} received, {} bytes out / {} bytes in, {} round trips, {:.2} s",
-                r.peer_unit,
+                safe(&r.peer_unit),
                 r.docs_sent,
                 r.docs_received,
                 r.blobs_sent,
@@ -519,10 +519,18 @@ impl Out {
                 }
             }
             for doc in &r.docs_refused {
-                println!("  refused here: document {} from the peer: {}", doc.id, doc.reason);
+                println!(
+                    "  refused here: document {} from the peer: {}",
+                    safe(&doc.id),
+                    safe(&doc.reason)
+                );
             }
             for doc in &r.docs_refused_by_peer {
-                println!("  refused by the peer: document {}: {}", doc.id, doc.reason);
+                println!(
+                    "  refused by the peer: document {}: {}",
+                    safe(&doc.id),
+                    safe(&doc.reason)
+                );
             }
             if !r.converged {
                 println!("not converged: sync again once the cause above has passed");
@@ -592,7 +600,7 @@ impl Out {
                     if total > 0 {
                         println!("    documents {what}: {total}");
                         for (doc, why, at) in list {
-                            println!("      {doc} at {}: {why}", when(*at, node));
+                            println!("      {} at {}: {}", safe(doc), when(*at, node), safe(why));
                         }
                     }
                 }
