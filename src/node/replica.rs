@@ -398,6 +398,25 @@ impl Replica for NodeReplica<'_> {
             .map_err(local)
     }
 
+    fn epoch(&mut self) -> Result<u64, ProtoError> {
+        let hex = self.node.store.epoch().map_err(local)?;
+        u64::from_str_radix(&hex, 16)
+            .map_err(|_| local(format!("the stored epoch {hex:?} is not 16 hex digits")))
+    }
+
+    fn note_peer_epoch(&mut self, epoch: u64) -> Result<bool, ProtoError> {
+        let id = self.peer_id.clone();
+        let changed = self
+            .node
+            .store
+            .write(|tx| tx.set_peer_epoch(&id, &format!("{epoch:016x}")))
+            .map_err(local)?;
+        if changed {
+            warn!(peer = %self.peer.unit, "peer's database is another copy than last time (restored from a backup?): offering again what it may have lost");
+        }
+        Ok(changed)
+    }
+
     fn peer_regressed(&mut self, have: u64) -> Result<(), ProtoError> {
         let id = self.peer_id.clone();
         warn!(peer = %self.peer.unit, have, "peer holds less than it acknowledged (restored from a backup?): offering again");

@@ -432,6 +432,60 @@ fn a_peer_restored_from_a_backup_gets_back_what_it_lost() {
     );
 }
 
+/// Issue 11: a commune backed up, wrote a document and synced it, then was restored from the
+/// backup. The province held the document as received whole from the commune and never
+/// offered it back, so the commune lost its own work for good.
+#[test]
+fn a_node_restored_from_a_backup_gets_back_what_it_had_sent_since() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = pair(dir.path());
+    let mut rng = StdRng::seed_from_u64(4);
+    a.node
+        .dispatch_new(
+            None,
+            &request("1/A", Priority::Normal, "qn/binhlieu/tinhhuc"),
+        )
+        .unwrap();
+    while !matches!(run_once(&mut a, &mut b, &mut rng, 0.0), Outcome::Converged) {}
+    let db = dir.path().join("c").join(crate::node::DB_FILE);
+    let backup = dir.path().join("backup.db");
+    b.node.store.backup_to(&backup).unwrap();
+    let sent = b
+        .node
+        .dispatch_new(None, &request("2/C", Priority::Normal, "qn"))
+        .unwrap();
+    while !matches!(run_once(&mut a, &mut b, &mut rng, 0.0), Outcome::Converged) {}
+    assert!(a.node.dispatch_show(&sent.id).is_ok());
+    let peer = b.peer.clone();
+    drop(b);
+    std::fs::copy(&backup, &db).unwrap();
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    let mut b = Side {
+        node: Node::open(&dir.path().join("c")).unwrap(),
+        peer,
+    };
+    assert!(
+        b.node.dispatch_show(&sent.id).is_err(),
+        "the restore lost it"
+    );
+    // Work done after the restore reuses feed positions the province has seen already.
+    let after = b
+        .node
+        .dispatch_new(None, &request("3/C", Priority::Normal, "qn"))
+        .unwrap();
+    while !matches!(run_once(&mut a, &mut b, &mut rng, 0.0), Outcome::Converged) {}
+    assert!(
+        b.node.dispatch_show(&sent.id).is_ok(),
+        "the province offered back what the commune had sent before the restore"
+    );
+    assert!(
+        a.node.dispatch_show(&after.id).is_ok(),
+        "and took what came after"
+    );
+}
+
 /// Applies one Changes frame of `docs` (each a document's whole `save()` at the province) at
 /// the commune, as its session would.
 fn apply_frame(

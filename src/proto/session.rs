@@ -42,6 +42,11 @@ pub trait Replica {
     fn set_acked_by_peer(&mut self, upto: u64) -> Result<(), ProtoError>;
     /// Notes the peer's feed position from its Hello (how much it may still have for us).
     fn note_peer_feed(&mut self, seq: u64) -> Result<(), ProtoError>;
+    /// The random id of this node's copy of its database (a restored backup has another).
+    fn epoch(&mut self) -> Result<u64, ProtoError>;
+    /// Records the peer's epoch from its Hello; true when it differs from the one recorded
+    /// before (the peer was restored from a backup since).
+    fn note_peer_epoch(&mut self, epoch: u64) -> Result<bool, ProtoError>;
     /// The peer has less of this node's feed than it acknowledged (restored from a backup):
     /// lower the checkpoint to `have` and forget which documents it was known to hold.
     fn peer_regressed(&mut self, have: u64) -> Result<(), ProtoError>;
@@ -158,6 +163,11 @@ pub struct Session {
     peer_crl_number: u64,
     /// Where to offer from again after the current round (the peer was restored from a backup).
     resend_from: Option<u64>,
+    /// Rounds of the peer's begun so far, and the count when the peer announced a Reoffer: a
+    /// round begun after that must be applied before this side is done.
+    rx_rounds_begun: u64,
+    reoffer_after: Option<u64>,
+    rx_round_applied: u64,
     pub stats: SessionStats,
 }
 
@@ -182,6 +192,9 @@ impl Session {
             crl_number,
             peer_crl_number: 0,
             resend_from: None,
+            rx_rounds_begun: 0,
+            reoffer_after: None,
+            rx_round_applied: 0,
             stats: SessionStats::default(),
         };
         s.out.push_back(Frame::Hello {
@@ -189,6 +202,7 @@ impl Session {
             feed_seq: replica.feed_seq()?,
             have_from_you: replica.have_from_peer()?,
             crl_number,
+            epoch: replica.epoch()?,
         });
         let from = replica.acked_by_peer()?;
         s.start_round(replica, from)?;
@@ -233,6 +247,9 @@ impl Session {
     pub fn is_done(&self) -> bool {
         self.tx == Tx::Done
             && self.rx == Rx::Applied
+            && self
+                .reoffer_after
+                .is_none_or(|after| self.rx_round_applied > after)
             && self.blobs_in_flight.is_empty()
             && self.blobs_done_sent
             && self.peer_blobs_done
@@ -257,6 +274,14 @@ impl Session {
     /// Documents of ours the peer refused this session (the first [`REFUSALS_KEPT_MAX`]).
     pub fn docs_refused_by_peer(&self) -> &BTreeMap<String, String> {
         &self.refused_by_peer
+    }
+
+    /// Counts a round of the peer's when its first Offer (or its OfferEnd, for an empty round)
+    /// arrives between rounds.
+    fn round_begins(&mut self) {
+        if matches!(self.rx, Rx::Waiting | Rx::Applied) {
+            self.rx_rounds_begun += 1;
+        }
     }
 
     /// Stores what passed of a frame of documents; answers each refused one with DocRefused.
@@ -388,6 +413,7 @@ impl Session {
                 feed_seq,
                 have_from_you,
                 crl_number,
+                epoch,
             } => {
                 if version != VERSION {
                     return Err(ProtoError::Version(version));
@@ -398,14 +424,23 @@ impl Session {
                 self.hello_seen = true;
                 self.peer_crl_number = crl_number;
                 replica.note_peer_feed(feed_seq)?;
-                // The peer holds less of our feed than we believed (restored from a backup):
-                // offer again from what it really has, once the round already under way ends.
-                if have_from_you < self.tx_start {
-                    replica.peer_regressed(have_from_you)?;
+                // The peer holds less of our feed than we believed, or its own feed went back
+                // (restored from a backup, a disk image, a VM snapshot): it may lack anything
+                // it received or wrote since, documents it once sent us whole included. Offer
+                // again from what it really has, origin marks forgotten, once the round already
+                // under way ends.
+                let restored =
+                    replica.note_peer_epoch(epoch)? || feed_seq < replica.have_from_peer()?;
+                if have_from_you < self.tx_start || restored {
+                    let from = have_from_you.min(self.tx_start);
+                    replica.peer_regressed(from)?;
                     if matches!(self.tx, Tx::Offering { offered: 0, .. }) {
-                        self.start_round(replica, have_from_you)?;
+                        self.start_round(replica, from)?;
                     } else {
-                        self.resend_from = Some(have_from_you);
+                        // Said now, ahead of our Ack of the peer's round, so that a one-shot
+                        // peer waits for the second round instead of ending after the first.
+                        self.out.push_back(Frame::Reoffer);
+                        self.resend_from = Some(from);
                     }
                 }
             }
@@ -413,6 +448,7 @@ impl Session {
                 if !matches!(self.rx, Rx::Waiting | Rx::Offers | Rx::Applied) {
                     return Err(ProtoError::Violation("Offer during a round".into()));
                 }
+                self.round_begins();
                 self.rx = Rx::Offers;
                 let wants = replica.wants(&docs)?;
                 if !wants.is_empty() {
@@ -431,6 +467,7 @@ impl Session {
                 if !matches!(self.rx, Rx::Waiting | Rx::Offers | Rx::Applied) {
                     return Err(ProtoError::Violation("OfferEnd during a round".into()));
                 }
+                self.round_begins();
                 if offered == 0 {
                     self.round_applied(replica, upto)?;
                 } else {
@@ -525,6 +562,15 @@ impl Session {
                 ));
             }
             Frame::Refused { reason } => return Err(ProtoError::PeerRefused(reason)),
+            Frame::Reoffer => {
+                if self
+                    .reoffer_after
+                    .is_some_and(|after| self.rx_round_applied <= after)
+                {
+                    return Err(ProtoError::Violation("a second Reoffer".into()));
+                }
+                self.reoffer_after = Some(self.rx_rounds_begun);
+            }
             Frame::DocRefused { id, reason } => {
                 replica.peer_refused(&id, &reason)?;
                 self.stats.docs_refused_by_peer += 1;
@@ -540,6 +586,7 @@ impl Session {
     /// round with the scans it made us want, or BlobsDone (always one of the two after an Ack).
     fn round_applied(&mut self, replica: &mut impl Replica, upto: u64) -> Result<(), ProtoError> {
         replica.set_have_from_peer(upto)?;
+        self.rx_round_applied = self.rx_rounds_begun;
         self.out.push_back(Frame::Ack { upto });
         self.rx = Rx::Applied;
         self.blobs_done_sent = false;

@@ -97,6 +97,8 @@ pub enum Frame {
         feed_seq: u64,
         have_from_you: u64,
         crl_number: u64,
+        /// The random id of the sender's copy of its database (a restored backup has another).
+        epoch: u64,
     },
     Offer {
         docs: Vec<DocHeads>,
@@ -156,6 +158,9 @@ pub enum Frame {
         id: String,
         reason: String,
     },
+    /// The sender found the receiver restored from a backup after its round went out: it will
+    /// offer again, from lower, once that round is acknowledged (since version 3).
+    Reoffer,
 }
 
 impl Frame {
@@ -178,6 +183,7 @@ impl Frame {
             Frame::Refused { .. } => 15,
             Frame::Push { .. } => 16,
             Frame::DocRefused { .. } => 17,
+            Frame::Reoffer => 18,
         }
     }
 
@@ -319,10 +325,12 @@ fn body(frame: &Frame) -> (Vec<u8>, Option<&Bytes>) {
             feed_seq,
             have_from_you,
             crl_number,
+            epoch,
         } => {
             e.uint(u64::from(*version));
             e.uint(*feed_seq);
             e.uint(*have_from_you);
+            e.uint(*epoch);
             e.uint(*crl_number);
         }
         Frame::Offer { docs } | Frame::Want { docs } => e.doc_heads(docs),
@@ -330,7 +338,7 @@ fn body(frame: &Frame) -> (Vec<u8>, Option<&Bytes>) {
             e.uint(*upto);
             e.uint(*offered);
         }
-        Frame::WantEnd | Frame::BlobsDone => {}
+        Frame::WantEnd | Frame::BlobsDone | Frame::Reoffer => {}
         Frame::Changes { docs } | Frame::Push { docs } => {
             e.uint(docs.len() as u64);
             for c in docs {
@@ -484,10 +492,22 @@ fn decode_in(buf: &[u8], shared: Option<&Bytes>) -> Result<Frame, ProtoError> {
     let frame = match kind {
         1 => {
             let version = u16::try_from(d.uint()?).map_err(|_| Dec::bad("version out of range"))?;
+            if version != VERSION {
+                // Another version's Hello may not parse as this one's: the session reports the
+                // version mismatch, not a malformed frame.
+                return Ok(Frame::Hello {
+                    version,
+                    feed_seq: 0,
+                    have_from_you: 0,
+                    crl_number: 0,
+                    epoch: 0,
+                });
+            }
             Frame::Hello {
                 version,
                 feed_seq: d.uint()?,
                 have_from_you: d.uint()?,
+                epoch: d.uint()?,
                 crl_number: d.uint()?,
             }
         }
@@ -551,6 +571,7 @@ fn decode_in(buf: &[u8], shared: Option<&Bytes>) -> Result<Frame, ProtoError> {
         15 => Frame::Refused {
             reason: d.string(4096)?,
         },
+        18 => Frame::Reoffer,
         17 => Frame::DocRefused {
             id: d.string(DOC_ID_BYTES_MAX)?,
             reason: d.string(4096)?,
@@ -599,6 +620,7 @@ mod tests {
                 feed_seq: 1 << 40,
                 have_from_you: 3,
                 crl_number: 2,
+                epoch: 0xfeed_beef,
             },
             Frame::Offer { docs: docs.clone() },
             Frame::OfferEnd {
@@ -657,6 +679,7 @@ mod tests {
                 id: "dsp_0011223344556677".into(),
                 reason: "a change claims author unit qn".into(),
             },
+            Frame::Reoffer,
         ]
     }
 

@@ -219,11 +219,12 @@ impl Store {
                 source,
             },
         })?;
-        if let Err(e) = self
+        let copied = self
             .conn
             .execute("VACUUM INTO ?1", [dest.to_string_lossy()])
             .at(&self.path)
-        {
+            .and_then(|_| new_epoch(dest));
+        if let Err(e) = copied {
             // The file is the one just created here: nothing of anyone else's is removed.
             let _ = std::fs::remove_file(dest);
             return Err(e);
@@ -267,6 +268,11 @@ impl Store {
             .query_map(rusqlite::params![after, limit as i64], |r| r.get(0))
             .at(&self.path)?;
         rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
+    }
+
+    /// The random id of this copy of the database (see [`new_epoch`]).
+    pub fn epoch(&self) -> Result<String> {
+        Ok(self.meta("epoch")?.unwrap_or_default())
     }
 
     pub fn meta(&self, key: &str) -> Result<Option<String>> {
@@ -404,4 +410,17 @@ impl WriteTx<'_> {
             created_at_ms: at_ms,
         })
     }
+}
+
+/// Gives a backup copy its own epoch: a node restored from it then tells its peers, in its
+/// Hello, that it is not the database they last synced with, and they offer it again what it
+/// may have lost (its own work since the backup included).
+fn new_epoch(copy: &Path) -> Result<()> {
+    let conn = Connection::open(copy).at(copy)?;
+    conn.execute(
+        "UPDATE meta SET value = lower(hex(randomblob(8))) WHERE key = 'epoch'",
+        [],
+    )
+    .at(copy)?;
+    Ok(())
 }

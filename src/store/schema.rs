@@ -145,6 +145,11 @@ const MIGRATIONS: &[Migration] = &[
     CREATE TABLE refused_docs (peer_node TEXT NOT NULL, doc_id TEXT NOT NULL, by_peer INTEGER NOT NULL,
         reason TEXT NOT NULL, at_ms INTEGER NOT NULL,
         PRIMARY KEY (peer_node, doc_id, by_peer)) WITHOUT ROWID;
+    -- A random id of this copy of the database: a backup gets a new one, so that a node
+    -- restored from it is known to its peers as restored (protocol.md §4.1), and the epoch
+    -- last seen from each peer node.
+    INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', lower(hex(randomblob(8))));
+    ALTER TABLE peer_sync ADD COLUMN epoch TEXT;
     ",
     ),
 ];

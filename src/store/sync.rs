@@ -599,6 +599,28 @@ impl WriteTx<'_> {
         Ok(())
     }
 
+    /// Records the epoch a peer node's Hello carried; true when a different one was recorded
+    /// before (the peer's database was restored from a backup since).
+    pub fn set_peer_epoch(&self, node_id: &str, epoch: &str) -> Result<bool> {
+        let before: Option<String> = self
+            .tx
+            .query_row(
+                "SELECT epoch FROM peer_sync WHERE node_id = ?1",
+                [node_id],
+                |r| r.get(0),
+            )
+            .optional()
+            .at(self.path)?
+            .flatten();
+        self.tx
+            .execute(
+                "UPDATE peer_sync SET epoch = ?2 WHERE node_id = ?1",
+                params![node_id, epoch],
+            )
+            .at(self.path)?;
+        Ok(before.is_some_and(|b| b != epoch))
+    }
+
     pub fn set_peer_feed(&self, node_id: &str, seq: i64) -> Result<()> {
         self.tx
             .execute(
@@ -912,7 +934,7 @@ mod tests {
         drop(store);
         let conn = rusqlite::Connection::open(&path).unwrap();
         conn.execute_batch(
-            "DROP TABLE doc_scopes; DROP TABLE refused_docs; PRAGMA user_version = 5;",
+            "DROP TABLE doc_scopes; DROP TABLE refused_docs; ALTER TABLE peer_sync DROP COLUMN epoch; PRAGMA user_version = 5;",
         )
         .unwrap();
         drop(conn);
@@ -929,7 +951,7 @@ mod tests {
         let conn = rusqlite::Connection::open(&path).unwrap();
         conn.execute_batch(
             "INSERT INTO meta (key, value) VALUES ('unit', 'qn/binhlieu');
-             DROP TABLE doc_scopes; DROP TABLE refused_docs; PRAGMA user_version = 5;",
+             DROP TABLE doc_scopes; DROP TABLE refused_docs; ALTER TABLE peer_sync DROP COLUMN epoch; PRAGMA user_version = 5;",
         )
         .unwrap();
         drop(conn);

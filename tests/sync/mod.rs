@@ -950,3 +950,46 @@ fn a_running_daemon_offers_a_local_write_at_once_not_at_its_next_push_tick() {
     daemon.finish();
     upstream.finish();
 }
+
+/// Issue 11: a commune backed up, registered a dossier and synced it to its district, then was
+/// restored from the backup. Its district believed it held the dossier (it had come from it),
+/// so the dossier never came back.
+#[test]
+fn a_commune_restored_from_a_backup_gets_back_the_dossier_it_had_synced() {
+    let province = province();
+    let upstream = Server::start(&province);
+    let district = enrolled(&province, DISTRICT, "district");
+    district.ok(&["peer", "add", "province", "--addr", upstream.addr()]);
+    let relay = Server::start(&district);
+    let commune = enrolled(&province, COMMUNE, "commune");
+    commune.ok(&["peer", "add", "district", "--addr", relay.addr()]);
+    synced(&commune);
+    let backup = commune.file("backup").join("node.db");
+    std::fs::create_dir_all(backup.parent().unwrap()).unwrap();
+    commune.ok(&["backup", "--out", &crate::util::path_arg(&backup)]);
+    let dossier = id(&commune.json(&[
+        "dossier",
+        "new",
+        "--applicant",
+        "Nguyễn Văn A",
+        "--procedure",
+        "đăng ký khai sinh",
+    ]));
+    synced(&commune);
+    assert!(doc_heads(&district, &dossier).is_some());
+
+    // Restore: the backup's database over the node's, as operations.md says.
+    let db = commune.db_path();
+    std::fs::copy(&backup, &db).unwrap();
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    commune.fails(
+        &["dossier", "track", &dossier],
+        crate::util::exit::NOT_FOUND,
+    );
+    synced(&commune);
+    commune.ok(&["dossier", "track", &dossier]);
+    relay.finish();
+    upstream.finish();
+}
