@@ -441,7 +441,7 @@ pub async fn sync_once(
     )
     .await;
     path::remember(dir, addr.ip(), mtu, opened, &conn);
-    ep.wait_idle().await;
+    net::close_client(&ep).await;
     Ok(session?)
 }
 
