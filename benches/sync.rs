@@ -1046,7 +1046,9 @@ async fn reconnect_quic(opts: &Opts, n: usize) {
 /// Reconnects of a synced commune through linksim at weak 4G and 2G: UDP bytes, the session's
 /// round trips, and the wall time of `sync_once` (opening the node to exit) in base RTTs.
 async fn reconnect_link(opts: &Opts, n: usize) {
-    println!("\n## Reconnect through linksim (`serve` + `sync_once`), province of {n} dispatches\n");
+    println!(
+        "\n## Reconnect through linksim (`serve` + `sync_once`), province of {n} dispatches\n"
+    );
     let fixture = province_fixture(opts, n);
     let tmp = scratch();
     let province = province_copy(&fixture, tmp.path());
@@ -1086,7 +1088,10 @@ async fn reconnect_link(opts: &Opts, n: usize) {
     ];
     for (k, (name, preset)) in presets.into_iter().enumerate() {
         let rtt = Duration::from_millis(2 * u64::from(preset.delay_ms));
-        let profile = LinkProfile { mtu: None, ..preset };
+        let profile = LinkProfile {
+            mtu: None,
+            ..preset
+        };
         let handle = sim.handle();
         for dir in [Direction::Up, Direction::Down] {
             handle.set_profile(dir, profile.clone()).expect("profile");
