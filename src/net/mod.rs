@@ -309,11 +309,11 @@ const CLOSE_SEND_WAIT: Duration = Duration::from_millis(100);
 ///
 /// [`quinn::Endpoint::wait_idle`] returns only after three probe timeouts (RFC 9000 §10.2),
 /// during which a closed connection merely answers late packets with another
-/// CONNECTION_CLOSE: an unchanged `sync` took 2.1–3.8 s on weak 4G and 11–12 s on 2G with
-/// it, 0.8–1.3 s and 3.6 s without (docs/performance.md). The close leaves at the connection driver's next poll, well inside
-/// [`CLOSE_SEND_WAIT`]. Should that datagram be lost, the peer ends its side at its idle
-/// timeout, as after any cut link; the closing period would rarely have repaired that anyway,
-/// since an idle peer sends nothing before its next keep-alive.
+/// CONNECTION_CLOSE: an unchanged `sync` took 2.1–3.8 s on weak 4G and 11–12 s on 2G with it,
+/// 0.8–1.3 s and 3.6 s without (docs/performance.md). The close leaves at the connection
+/// driver's next poll, well inside [`CLOSE_SEND_WAIT`]. Should that datagram be lost, the peer
+/// closes on its own: its session ends with the control stream that [`run_session`] finished
+/// (and waited up to 2 s for the peer to acknowledge) before closing.
 pub async fn close_client(ep: &quinn::Endpoint) {
     // Connections the session already closed keep their code and reason.
     ep.close(0u32.into(), b"done");
