@@ -4,8 +4,9 @@
 //! `communesync` processes. Prints Markdown tables.
 //!
 //! `cargo bench --bench sync [-- SCENARIO... N... key=value...]`, where SCENARIO is `reconnect`,
-//! `quic`, `scan`, `weak4g`, `urgent` or `memory` (default: all), N a province size for
-//! `reconnect` (default 100000 1000000; `quic` and `memory` use the largest), and the keys
+//! `quic`, `link`, `scan`, `weak4g`, `urgent` or `memory` (default: all), N a province size for
+//! `reconnect` (default 100000 1000000; `quic` and `memory` use the largest, `link` the
+//! smallest), and the keys
 //! `scan-mb=200`, `weak-mb=2`, `urgent-mb=4`, `memory-mb=1024`, `regen=1` (rebuild the cached
 //! provinces).
 
@@ -18,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use communesync::linksim::{LinkProfile, LinkSim};
+use communesync::linksim::{Direction, LinkProfile, LinkSim};
 use communesync::model::dispatch::{self, DispatchKind, NewDispatch, Priority};
 use communesync::model::{DocId, DocKind};
 use communesync::net::{self, SessionReport};
@@ -98,6 +99,10 @@ fn main() {
     }
     if opts.wants("quic") {
         rt.block_on(reconnect_quic(&opts, largest));
+    }
+    if opts.wants("link") {
+        let smallest = *opts.sizes.iter().min().expect("at least one size");
+        rt.block_on(reconnect_link(&opts, smallest));
     }
     if opts.wants("scan") {
         rt.block_on(scan_loopback(opts.scan_mb));
@@ -1036,6 +1041,102 @@ async fn reconnect_quic(opts: &Opts, n: usize) {
         "\nextra cost of the {n}-doc province over the empty one on an unchanged reconnect: {} B",
         total(&again2) as i64 - total(&empty_again) as i64
     );
+}
+
+/// Reconnects of a synced commune through linksim at weak 4G and 2G: UDP bytes, the session's
+/// round trips, and the wall time of `sync_once` (opening the node to exit) in base RTTs.
+async fn reconnect_link(opts: &Opts, n: usize) {
+    println!(
+        "\n## Reconnect through linksim (`serve` + `sync_once`), province of {n} dispatches\n"
+    );
+    let fixture = province_fixture(opts, n);
+    let tmp = scratch();
+    let province = province_copy(&fixture, tmp.path());
+    let served = serve_here(&province).await;
+    // No MTU limit on the link: on loopback the route allows 6,500-byte datagrams, which a
+    // 1,500-byte link would drop, so every short session would probe again (a path narrower
+    // than its route, architecture.md). Idle reconnects send no large datagrams either way.
+    let unshaped = LinkProfile {
+        mtu: None,
+        ..LinkProfile::loopback()
+    };
+    let sim = LinkSim::start(
+        "127.0.0.1:0".parse().expect("addr"),
+        served.addr,
+        unshaped.clone(),
+        unshaped,
+        42,
+        vec![],
+    )
+    .await
+    .expect("linksim");
+    let commune = enrolled_commune(&province, &tmp.path().join("commune"), sim.local_addr());
+    let first = sync_now(&commune).await;
+    println!(
+        "first sync (unshaped link): {} docs, {} ms\n",
+        first.docs_received, first.elapsed_ms
+    );
+    let ids: Vec<DocId> = doc_ids(&commune)
+        .iter()
+        .map(|s| s.parse().expect("id"))
+        .collect();
+    println!("| link | session (seen from the commune) | UDP bytes sent / received | total | round trips (report) | docs in / out | `sync_once` wall time | in base RTTs |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    let presets = [
+        ("weak 4G", LinkProfile::weak_4g()),
+        ("2G", LinkProfile::two_g()),
+    ];
+    for (k, (name, preset)) in presets.into_iter().enumerate() {
+        let rtt = Duration::from_millis(2 * u64::from(preset.delay_ms));
+        let profile = LinkProfile {
+            mtu: None,
+            ..preset
+        };
+        let handle = sim.handle();
+        for dir in [Direction::Up, Direction::Down] {
+            handle.set_profile(dir, profile.clone()).expect("profile");
+        }
+        let row = |what: &str, r: &SessionReport, wall: Duration| {
+            println!(
+                "| {name} | {what} | {} / {} | {} | {} | {} / {} | {} ms | {:.1} |",
+                r.bytes_sent,
+                r.bytes_received,
+                r.bytes_sent + r.bytes_received,
+                r.round_trips,
+                r.docs_received,
+                r.docs_sent,
+                wall.as_millis(),
+                wall.as_secs_f64() / rtt.as_secs_f64()
+            )
+        };
+        for i in 1..=3 {
+            let started = Instant::now();
+            let r = sync_now(&commune).await;
+            row(&format!("nothing changed ({i})"), &r, started.elapsed());
+        }
+        // 100 receipts at the commune, 100 comments at the province, on different documents.
+        let batch = &ids[2 * k * CHANGED_DOCS..2 * (k + 1) * CHANGED_DOCS];
+        let mut c = Node::open(&commune).expect("open commune");
+        for id in &batch[..CHANGED_DOCS] {
+            c.dispatch_receive(None, id.as_str()).expect("receive");
+        }
+        drop(c);
+        let mut p = Node::open(&province).expect("open province");
+        for id in &batch[CHANGED_DOCS..] {
+            p.dispatch_comment(None, id.as_str(), "Đề nghị xã báo cáo trước ngày 15.")
+                .expect("comment");
+        }
+        drop(p);
+        let started = Instant::now();
+        let r = sync_now(&commune).await;
+        row(
+            &format!("{CHANGED_DOCS} docs changed on each side"),
+            &r,
+            started.elapsed(),
+        );
+    }
+    sim.shutdown().await;
+    served.stop().await;
 }
 
 // ---------------------------------------------------------------------------------------------

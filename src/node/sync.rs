@@ -510,16 +510,8 @@ pub async fn sync_once(
     )
     .await;
     path::remember(dir, addr.ip(), mtu, opened, &conn);
-    // The close is sent at once; waiting out QUIC's drain period (3 PTOs, half a minute on a
-    // 2G link whose queue a scan filled) only serves to repeat it if it was lost. A couple of
-    // round trips covers that; past them the peer's idle timeout ends its side.
-    let _ = tokio::time::timeout(close_wait(conn.rtt()), ep.wait_idle()).await;
+    net::close_client(&ep).await;
     Ok(session?)
-}
-
-/// How long a one-shot sync lingers after closing, for a lost close to be repeated.
-fn close_wait(rtt: Duration) -> Duration {
-    (rtt * 2 + Duration::from_millis(100)).min(Duration::from_secs(3))
 }
 
 /// Dials a peer; a failed handshake on a path with a remembered MTU forgets it (see [`path`]).
