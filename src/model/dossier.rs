@@ -89,6 +89,11 @@ pub fn advance(
 ) -> Result<()> {
     check_text("step", step)?;
     let holder = Reader::new(doc, id.as_str()).str(&ROOT, "holder", "holder")?;
+    if holder != author.unit {
+        return Err(ModelError::Invalid(format!(
+            "dossier {id} is held by {holder}: only that unit moves it to a next step"
+        )));
+    }
     let unit = to_unit.unwrap_or(&holder).to_string();
     push_step(doc, id, step, &unit, author, at_ms)?;
     let hand = if unit != holder {

@@ -4,6 +4,7 @@
 //! change whose message records who did what (the audit trail); reads surface conflicts.
 
 pub mod assignment;
+pub mod authz;
 pub mod dispatch;
 pub mod dossier;
 

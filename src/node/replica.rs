@@ -237,7 +237,9 @@ impl Sender<'_> {
             ));
         }
         if !self.upstream {
-            for change in doc.get_changes(old_heads.as_deref().unwrap_or_default()) {
+            let changes = doc.get_changes(old_heads.as_deref().unwrap_or_default());
+            let mut judge = model::authz::Judge::new(&mut doc, id);
+            for change in &changes {
                 let note = change.message().and_then(|m| ChangeNote::parse(m));
                 let Some(note) = note else {
                     return Err(self.refuse(id.as_str(), "a change carries no author".into()));
@@ -257,6 +259,10 @@ impl Sender<'_> {
                         "a change's author node differs from its actor".into(),
                     ));
                 }
+                // What the change does, not what its note says, decides (docs/security.md).
+                judge
+                    .authorize(change, &note.unit)
+                    .map_err(|why| self.refuse(id.as_str(), why))?;
             }
         }
         // The fields are read once, for the scope checks and the index rows. A document whose

@@ -993,3 +993,100 @@ fn a_commune_restored_from_a_backup_gets_back_the_dossier_it_had_synced() {
     relay.finish();
     upstream.finish();
 }
+
+/// Issue 12: changes an enrolled commune could make to official records, each refused at the
+/// province by what it does (not by what its note claims), alone: the commune's honest work
+/// in the same session arrives.
+#[test]
+fn changes_an_enrolled_commune_may_not_make_are_refused_alone_by_what_they_do() {
+    use automerge::transaction::Transactable;
+    let province = province();
+    let server = Server::start(&province);
+    let commune = commune_of(&province, COMMUNE, &server);
+    let directive = id(&province.new_dispatch("7/flash", &[COMMUNE, SIBLING], &[]));
+    let other = id(&province.new_dispatch("8/flash", &[COMMUNE, SIBLING], &[]));
+    synced(&commune);
+
+    let mut hostile = Node::open(commune.data()).unwrap();
+    let me = Author {
+        user: "admin".into(),
+        unit: COMMUNE.into(),
+        node: hostile.node_id().to_string(),
+    };
+    let actor = hostile.actor().clone();
+    // 1. Rewrite the summary of the province's directive.
+    let d: DocId = directive.parse().unwrap();
+    hostile
+        .store
+        .write(|tx| {
+            tx.update_doc(&d, &actor, now_ms(), |doc| {
+                doc.put(automerge::ROOT, "summary", "hủy bỏ").unwrap();
+                communesync::model::commit(doc, &me, now_ms(), "edited");
+                Ok(())
+            })
+        })
+        .unwrap();
+    // 2. Record the sibling's receipt, in the commune's own name.
+    let o: DocId = other.parse().unwrap();
+    hostile
+        .store
+        .write(|tx| {
+            tx.update_doc(&o, &actor, now_ms(), |doc| {
+                Ok(dispatch::receive(doc, &o, SIBLING, &me, now_ms())?)
+            })
+        })
+        .unwrap();
+    // 3. A new flash directive "issued by" the province, written by the commune.
+    let forged: DocId = DocId::generate(communesync::model::DocKind::Dispatch);
+    let mut doc = AutoCommit::new().with_actor(actor.clone());
+    let new = dispatch::NewDispatch {
+        ref_no: "9/UBND".into(),
+        summary: "Sơ tán ngay".into(),
+        kind: dispatch::DispatchKind::Directive,
+        priority: dispatch::Priority::Flash,
+        issuer: "qn".into(),
+        to: vec![COMMUNE.into(), SIBLING.into()],
+        attachments: vec![],
+    };
+    dispatch::create(&mut doc, &forged, &new, &me, now_ms()).unwrap();
+    hostile
+        .store
+        .write(|tx| tx.save_doc(&forged, None, doc, now_ms()))
+        .unwrap();
+    drop(hostile);
+    let before = (
+        doc_heads(&province, &directive),
+        doc_heads(&province, &other),
+    );
+    let honest = id(&commune.new_dispatch("10/BC", &["qn"], &[]));
+
+    let report = sync_pending(&commune);
+    let refused: BTreeSet<String> = field_set(&report["docs_refused_by_peer"], "id");
+    assert_eq!(
+        refused,
+        set(&[&directive, &other, forged.as_str()]),
+        "{report}"
+    );
+    let reasons = report["docs_refused_by_peer"].to_string();
+    for why in [
+        "summary",
+        "wrote the receipt of recipient",
+        "issued by qn created by",
+    ] {
+        assert!(reasons.contains(why), "{why}: {reasons}");
+    }
+    assert_eq!(
+        (
+            doc_heads(&province, &directive),
+            doc_heads(&province, &other)
+        ),
+        before,
+        "the province stored a refused change"
+    );
+    assert!(doc_heads(&province, forged.as_str()).is_none());
+    assert!(
+        doc_heads(&province, &honest).is_some(),
+        "honest work was held back"
+    );
+    server.finish();
+}

@@ -1,0 +1,327 @@
+//! What a change may do to a document, given the unit that made it: the authorization table of
+//! docs/security.md, judged on the document's fields just before and just after the change
+//! (what it does), never on what its message says it does. Pure: no store, no network.
+
+use std::collections::HashMap;
+
+use automerge::{AutoCommit, Change, ChangeHash};
+use serde::Serialize;
+
+use super::{DocId, DocView};
+
+/// Judges changes of one document in turn, remembering the states it read so that a chain of
+/// changes (each depending on the previous one) reads each state once.
+pub struct Judge<'a> {
+    doc: &'a mut AutoCommit,
+    id: &'a DocId,
+    states: HashMap<Vec<ChangeHash>, DocView>,
+}
+
+impl<'a> Judge<'a> {
+    pub fn new(doc: &'a mut AutoCommit, id: &'a DocId) -> Self {
+        Judge {
+            doc,
+            id,
+            states: HashMap::new(),
+        }
+    }
+
+    /// Refuses, with why, a change the unit `unit` may not make.
+    pub fn authorize(&mut self, change: &Change, unit: &str) -> Result<(), String> {
+        let before = if change.deps().is_empty() {
+            None
+        } else {
+            Some(self.state(change.deps())?)
+        };
+        let after = self.state(&[change.hash()])?;
+        match (before.as_ref(), &after) {
+            (None, after) => created(after, unit),
+            (Some(before), after) => changed(before, after, unit),
+        }
+    }
+
+    /// The document's fields at `heads` (sorted, as Automerge sorts them).
+    fn state(&mut self, heads: &[ChangeHash]) -> Result<DocView, String> {
+        let mut key = heads.to_vec();
+        key.sort();
+        if let Some(view) = self.states.get(&key) {
+            return Ok(view.clone());
+        }
+        let at = self
+            .doc
+            .fork_at(&key)
+            .map_err(|e| format!("its history does not replay: {e}"))?;
+        let view = DocView::read(&at, self.id)
+            .map_err(|e| format!("the document does not read at one of its changes: {e}"))?;
+        self.states.insert(key, view.clone());
+        Ok(view)
+    }
+}
+
+fn require(ok: bool, why: impl FnOnce() -> String) -> Result<(), String> {
+    if ok {
+        Ok(())
+    } else {
+        Err(why())
+    }
+}
+
+/// A document's first change: made by the unit it belongs to.
+fn created(doc: &DocView, unit: &str) -> Result<(), String> {
+    match doc {
+        DocView::Dispatch(d) => require(d.issuer == unit, || {
+            format!("a dispatch issued by {} created by {unit}", d.issuer)
+        }),
+        DocView::Assignment(a) => require(a.unit == unit, || {
+            format!("an assignment of {} created by {unit}", a.unit)
+        }),
+        DocView::Dossier(d) => require(d.origin == unit && d.holder == unit, || {
+            format!("a dossier of {} created by {unit}", d.origin)
+        }),
+    }
+}
+
+fn same<T: Serialize>(a: &T, b: &T) -> bool {
+    serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
+}
+
+/// Every entry of `before` is still in `after`, unchanged (entries are only ever appended), and
+/// the new ones, returned, are what the change added.
+fn appended<'a, T: Serialize>(before: &[T], after: &'a [T]) -> Option<Vec<&'a T>> {
+    let mut left: Vec<serde_json::Value> = before
+        .iter()
+        .filter_map(|e| serde_json::to_value(e).ok())
+        .collect();
+    let mut added = Vec::new();
+    for entry in after {
+        let value = serde_json::to_value(entry).ok()?;
+        match left.iter().position(|v| *v == value) {
+            Some(i) => {
+                left.swap_remove(i);
+            }
+            None => added.push(entry),
+        }
+    }
+    left.is_empty().then_some(added)
+}
+
+/// The fields of a dispatch only its issuing unit writes.
+type Fixed<'a> = (
+    [&'a String; 5],
+    &'a Vec<super::dispatch::Attachment>,
+    i64,
+    &'a String,
+);
+
+fn fixed(d: &super::dispatch::DispatchView) -> Fixed<'_> {
+    (
+        [&d.ref_no, &d.summary, &d.kind, &d.priority, &d.issuer],
+        &d.attachments,
+        d.created_at_ms,
+        &d.created_by,
+    )
+}
+
+fn changed(before: &DocView, after: &DocView, unit: &str) -> Result<(), String> {
+    match (before, after) {
+        (DocView::Dispatch(b), DocView::Dispatch(a)) => {
+            let issuer = b.issuer == unit;
+            require(issuer || same(&fixed(b), &fixed(a)), || {
+                format!(
+                    "{unit} changed the reference, summary, kind, priority, issuer or scans of a dispatch issued by {}",
+                    b.issuer
+                )
+            })?;
+            require(a.issuer == b.issuer, || {
+                "a dispatch's issuer changed".into()
+            })?;
+            for r in &b.recipients {
+                let now = a.recipients.iter().find(|x| x.unit == r.unit);
+                require(now.is_some(), || {
+                    format!("{unit} removed recipient {} of a dispatch", r.unit)
+                })?;
+                require(r.unit == unit || now.is_some_and(|n| same(n, r)), || {
+                    format!("{unit} wrote the receipt of recipient {}", r.unit)
+                })?;
+            }
+            for r in &a.recipients {
+                if !b.recipients.iter().any(|x| x.unit == r.unit) {
+                    require(issuer && r.received_at_ms.is_none(), || {
+                        format!(
+                            "{unit} added recipient {} to a dispatch issued by {}",
+                            r.unit, b.issuer
+                        )
+                    })?;
+                }
+            }
+            let added = appended(&b.comments, &a.comments).ok_or_else(|| {
+                format!("{unit} changed or removed a comment (comments are only ever added)")
+            })?;
+            for c in added {
+                require(c.unit == unit, || {
+                    format!("{unit} added a comment signed as unit {}", c.unit)
+                })?;
+            }
+            Ok(())
+        }
+        (DocView::Assignment(b), DocView::Assignment(a)) => {
+            require(b.unit == unit && a.unit == b.unit, || {
+                format!("{unit} changed an assignment of {}", b.unit)
+            })?;
+            let added = appended(&b.history, &a.history)
+                .ok_or_else(|| format!("{unit} changed or removed an assignment's history"))?;
+            for t in added {
+                require(t.unit == unit, || {
+                    format!("{unit} added a status change signed as unit {}", t.unit)
+                })?;
+            }
+            Ok(())
+        }
+        (DocView::Dossier(b), DocView::Dossier(a)) => {
+            require(b.holder == unit, || {
+                format!("{unit} moved a dossier held by {}", b.holder)
+            })?;
+            require(
+                (&b.applicant, &b.procedure, &b.origin) == (&a.applicant, &a.procedure, &a.origin),
+                || format!("{unit} changed a dossier's applicant, procedure or origin"),
+            )?;
+            appended(&b.route, &a.route)
+                .map(|_| ())
+                .ok_or_else(|| format!("{unit} changed or removed a step of a dossier's route"))
+        }
+        _ => Err("a change turned the document into another kind".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::dispatch::{self, DispatchKind, NewDispatch, Priority};
+    use crate::model::{assignment, dossier, Author, DocKind};
+
+    fn author(unit: &str) -> Author {
+        Author {
+            user: "lan".into(),
+            unit: unit.into(),
+            node: "00".repeat(16),
+        }
+    }
+
+    fn dispatch_from(issuer: &str, to: &[&str]) -> (AutoCommit, DocId) {
+        let id = DocId::generate(DocKind::Dispatch);
+        let mut doc = AutoCommit::new();
+        let d = NewDispatch {
+            ref_no: "1/UBND".into(),
+            summary: "Phòng chống lụt bão".into(),
+            kind: DispatchKind::Directive,
+            priority: Priority::Flash,
+            issuer: issuer.into(),
+            to: to.iter().map(|u| u.to_string()).collect(),
+            attachments: vec![],
+        };
+        dispatch::create(&mut doc, &id, &d, &author(issuer), 1).unwrap();
+        (doc, id)
+    }
+
+    /// Judges the last change of `doc` as made by `unit`.
+    fn judge_last(doc: &mut AutoCommit, id: &DocId, unit: &str) -> Result<(), String> {
+        let last = doc.get_changes(&[]).last().cloned().unwrap();
+        Judge::new(doc, id).authorize(&last, unit)
+    }
+
+    const A: &str = "qn/binhlieu/tinhhuc";
+    const B: &str = "qn/binhlieu/hucdong";
+
+    #[test]
+    fn only_the_issuer_creates_a_dispatch_in_its_own_name() {
+        let (mut doc, id) = dispatch_from("qn", &[A, B]);
+        assert!(judge_last(&mut doc, &id, "qn").is_ok());
+        let why = judge_last(&mut doc, &id, A).unwrap_err();
+        assert!(why.contains("issued by qn created by"), "{why}");
+    }
+
+    #[test]
+    fn a_recipient_records_its_own_receipt_and_no_one_elses() {
+        let (mut doc, id) = dispatch_from("qn", &[A, B]);
+        dispatch::receive(&mut doc, &id, A, &author(A), 2).unwrap();
+        assert!(judge_last(&mut doc, &id, A).is_ok());
+        let why = judge_last(&mut doc, &id, B).unwrap_err();
+        assert!(why.contains("wrote the receipt of recipient"), "{why}");
+    }
+
+    #[test]
+    fn a_recipient_may_not_rewrite_the_summary_or_drop_a_comment() {
+        use automerge::transaction::Transactable;
+        let (mut doc, id) = dispatch_from("qn", &[A, B]);
+        doc.put(automerge::ROOT, "summary", "forged").unwrap();
+        doc.commit();
+        let why = judge_last(&mut doc, &id, A).unwrap_err();
+        assert!(why.contains("summary"), "{why}");
+        assert!(judge_last(&mut doc, &id, "qn").is_ok(), "the issuer may");
+
+        let (mut doc, id) = dispatch_from("qn", &[A, B]);
+        dispatch::add_comment(&mut doc, &id, "đã nhận", &author(B), 2).unwrap();
+        let comments = crate::model::Reader::new(&doc, id.as_str())
+            .object(&automerge::ROOT, "comments", "comments")
+            .unwrap();
+        doc.delete(&comments, 0).unwrap();
+        doc.commit();
+        let why = judge_last(&mut doc, &id, "qn").unwrap_err();
+        assert!(why.contains("comment"), "{why}");
+    }
+
+    #[test]
+    fn a_comment_is_added_in_the_authors_own_unit() {
+        let (mut doc, id) = dispatch_from("qn", &[A, B]);
+        dispatch::add_comment(&mut doc, &id, "ok", &author(A), 2).unwrap();
+        assert!(judge_last(&mut doc, &id, A).is_ok());
+        let why = judge_last(&mut doc, &id, B).unwrap_err();
+        assert!(why.contains("signed as unit"), "{why}");
+    }
+
+    #[test]
+    fn an_assignment_is_written_by_its_unit_only() {
+        let id = DocId::generate(DocKind::Assignment);
+        let mut doc = AutoCommit::new();
+        let a = assignment::NewAssignment {
+            dispatch_id: "dsp_0011223344556677".parse().unwrap(),
+            unit: A.into(),
+            lead: "lan".into(),
+            co: vec![],
+            deadline: assignment::parse_deadline("2030-01-01").unwrap(),
+        };
+        assignment::create(&mut doc, &id, &a, &author(A), 1).unwrap();
+        assert!(judge_last(&mut doc, &id, A).is_ok());
+        assert!(judge_last(&mut doc, &id, B).is_err());
+        assignment::update_status(&mut doc, &id, assignment::Status::Done, None, &author(A), 2)
+            .unwrap();
+        assert!(judge_last(&mut doc, &id, A).is_ok());
+        assert!(judge_last(&mut doc, &id, "qn/binhlieu").is_err());
+    }
+
+    #[test]
+    fn a_dossier_moves_only_by_the_unit_holding_it() {
+        let id = DocId::generate(DocKind::Dossier);
+        let mut doc = AutoCommit::new();
+        dossier::create(&mut doc, &id, "Nguyễn Văn A", "khai sinh", &author(A), 1).unwrap();
+        assert!(judge_last(&mut doc, &id, A).is_ok());
+        dossier::advance(
+            &mut doc,
+            &id,
+            "chuyển huyện",
+            Some("qn/binhlieu"),
+            &author(A),
+            2,
+        )
+        .unwrap();
+        assert!(judge_last(&mut doc, &id, A).is_ok());
+        // The model itself refuses a move by another unit; a tampered node writes it raw.
+        assert!(dossier::advance(&mut doc, &id, "thẩm định", None, &author(B), 3).is_err());
+        use automerge::transaction::Transactable;
+        doc.put(automerge::ROOT, "holder", B).unwrap();
+        doc.commit();
+        let why = judge_last(&mut doc, &id, B).unwrap_err();
+        assert!(why.contains("held by qn/binhlieu"), "{why}");
+        assert!(judge_last(&mut doc, &id, "qn/binhlieu").is_ok());
+    }
+}
