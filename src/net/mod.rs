@@ -609,10 +609,10 @@ pub async fn run_session(
                             if !window_open {
                                 debug!(peer = %peer.unit, "scan deferred: outside the scans window");
                                 session.blob_unavailable_here(hash, MissingReason::Deferred);
-                            } else if !replica.node.blob_in_peer_scope(&hash, &peer.unit).map_err(node_err)? {
-                                // Only scans of documents the peer may hold leave this node. Often
-                                // benign: the document has not reached this node yet.
-                                debug!(peer = %peer.unit, "scan not attached here to a document of the peer's scope; not sent");
+                            } else if !replica.node.blob_readable_by(&hash, &peer).map_err(node_err)? {
+                                // Only scans the peer may read leave this node (docs/security.md).
+                                // Often benign: the document has not reached this node yet.
+                                debug!(peer = %peer.unit, "scan not attached here to a document of the peer's scope written by another unit; not sent");
                                 session.blob_unavailable_here(hash, MissingReason::NotInScope);
                             } else if replica.node.store.has_blob(&hash).map_err(store_err)? {
                                 let _ = blob_queue.send((hash, from)).await;
@@ -666,7 +666,13 @@ pub async fn run_session(
                                 return Err(e.into());
                             }
                         }
-                        Some(Event::BlobDone(hash, ok)) => session.blob_finished(&mut replica, &hash, ok)?,
+                        Some(Event::BlobDone(hash, ok)) => {
+                            if ok {
+                                let from = peer.node_id.to_string();
+                                replica.node.store.write(|tx| tx.blob_source(&hash, &from)).map_err(|e| NetError::Node(e.to_string()))?;
+                            }
+                            session.blob_finished(&mut replica, &hash, ok)?
+                        }
                         Some(Event::BlobAlreadyStored(hash)) => session.blob_already_stored(&mut replica, &hash)?,
                         Some(Event::BlobSent) => report.blobs_sent += 1,
                         Some(Event::Failed(e)) => return Err(e),

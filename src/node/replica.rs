@@ -38,11 +38,18 @@ pub fn is_trusted_relay(peer_unit: &str, me: &str) -> bool {
 }
 
 impl Node {
-    /// Whether a scan belongs to a document the peer of `peer_unit` may hold.
-    pub fn blob_in_peer_scope(&self, hash: &Hash32, peer_unit: &str) -> super::Result<bool> {
-        Ok(match scope_for(peer_unit, self.unit()) {
+    /// Whether a peer may read a scan: any scan for a peer above this node; for one below or
+    /// beside it, a scan a document of its scope attaches that someone outside its subtree
+    /// wrote, or that this very peer delivered (docs/security.md).
+    pub fn blob_readable_by(&self, hash: &Hash32, peer: &PeerIdentity) -> super::Result<bool> {
+        Ok(match scope_for(&peer.unit, self.unit()) {
             Scope::All => true,
-            Scope::Subtree(unit) => self.store.blob_in_subtree(hash, &unit)?,
+            // A standby of this same unit holds what this node holds.
+            Scope::Subtree(unit) if unit == self.unit() => true,
+            Scope::Subtree(unit) => {
+                self.store
+                    .blob_readable_by(hash, &unit, &peer.node_id.to_string())?
+            }
         })
     }
 }
@@ -654,6 +661,14 @@ impl Replica for NodeReplica<'_> {
     }
 
     fn missing_blobs(&mut self, limit: usize) -> Result<Vec<(Hash32, u64)>, ProtoError> {
-        self.node.store.missing_blobs(limit).map_err(local)
+        // A peer below is asked only for scans its subtree's documents attach.
+        let within = match scope_for(&self.peer.unit, self.node.unit()) {
+            Scope::All => None,
+            Scope::Subtree(unit) => Some(unit),
+        };
+        self.node
+            .store
+            .missing_blobs(limit, within.as_deref())
+            .map_err(local)
     }
 }

@@ -67,7 +67,9 @@ impl MissingReason {
         match self {
             MissingReason::NotHeld => "not held there either yet",
             MissingReason::Deferred => "deferred by the configured scans window",
-            MissingReason::NotInScope => "not attached there to a document of the asker's scope",
+            MissingReason::NotInScope => {
+                "not attached there to a document of the asker's scope that another unit wrote"
+            }
             MissingReason::Failed => "transfer cut or failed verification; resumes next sync",
         }
     }

@@ -149,6 +149,10 @@ const MIGRATIONS: &[Migration] = &[
     -- restored from it is known to its peers as restored (protocol.md §4.1), and the epoch
     -- last seen from each peer node.
     INSERT OR IGNORE INTO meta (key, value) VALUES ('epoch', lower(hex(randomblob(8))));
+    -- Which peer node delivered each scan received over the wire: that peer may read it back
+    -- (after a restore, say) even though it wrote the only document that attaches it.
+    CREATE TABLE blob_sources (hash BLOB NOT NULL, node_id TEXT NOT NULL,
+        PRIMARY KEY (hash, node_id)) WITHOUT ROWID;
     ALTER TABLE peer_sync ADD COLUMN epoch TEXT;
     ",
     ),

@@ -292,16 +292,22 @@ impl Store {
 
     /// Scans referenced by held documents but not stored here: most urgent first, then smallest,
     /// each with the first chunk still missing.
-    pub fn missing_blobs(&self, limit: usize) -> Result<Vec<(Hash, u64)>> {
+    /// Scans wanted here, most urgent first, then smallest, with the chunks already held;
+    /// only those attached to a document with a party at or below `within` when given (what
+    /// a peer of that subtree could hold: it is asked for nothing else).
+    pub fn missing_blobs(&self, limit: usize, within: Option<&str>) -> Result<Vec<(Hash, u64)>> {
         let mut stmt = self
             .conn
             .prepare_cached(
                 "SELECT w.hash, 0, 0, (SELECT COUNT(*) FROM blob_chunks c WHERE c.hash = w.hash)
-                 FROM blob_wants w ORDER BY w.rank DESC, w.size ASC LIMIT ?1",
+                 FROM blob_wants w
+                 WHERE ?2 IS NULL OR EXISTS (SELECT 1 FROM doc_blobs db JOIN doc_parties p ON p.doc_id = db.doc_id
+                     WHERE db.hash = w.hash AND (p.unit = ?2 OR p.unit LIKE ?2 || '/%'))
+                 ORDER BY w.rank DESC, w.size ASC LIMIT ?1",
             )
             .at(&self.path)?;
         let rows = stmt
-            .query_map([limit as i64], |r| {
+            .query_map(params![limit as i64, within], |r| {
                 let hash: Vec<u8> = r.get(0)?;
                 Ok((hash, r.get::<_, i64>(3)?))
             })
@@ -335,15 +341,21 @@ impl Store {
         Ok(out)
     }
 
-    /// Whether a scan is attached to a document with a party at or below `unit`.
-    pub fn blob_in_subtree(&self, hash: &Hash, unit: &str) -> Result<bool> {
+    /// Whether a peer of subtree `unit` (node `node_id`) may read a scan: a document with a
+    /// party in that subtree attaches it and was issued outside the subtree (someone else
+    /// wrote the reference: a peer's own reference to a hash proves nothing), or that peer
+    /// node delivered the scan here itself.
+    pub fn blob_readable_by(&self, hash: &Hash, unit: &str, node_id: &str) -> Result<bool> {
         self.conn
             .prepare_cached(
-                "SELECT 1 FROM doc_blobs db WHERE db.hash = ?1 AND EXISTS
-                   (SELECT 1 FROM doc_parties p WHERE p.doc_id = db.doc_id AND (p.unit = ?2 OR p.unit LIKE ?2 || '/%')) LIMIT 1",
+                "SELECT 1 FROM doc_blobs db JOIN dispatches ds ON ds.id = db.doc_id
+                 WHERE db.hash = ?1 AND NOT (ds.issuer = ?2 OR ds.issuer LIKE ?2 || '/%')
+                   AND EXISTS (SELECT 1 FROM doc_parties p WHERE p.doc_id = db.doc_id AND (p.unit = ?2 OR p.unit LIKE ?2 || '/%'))
+                 UNION ALL SELECT 1 FROM blob_sources WHERE hash = ?1 AND node_id = ?3
+                 LIMIT 1",
             )
             .at(&self.path)?
-            .query_row(params![&hash[..], unit], |_| Ok(()))
+            .query_row(params![&hash[..], unit, node_id], |_| Ok(()))
             .optional()
             .map(|r| r.is_some())
             .at(&self.path)
@@ -527,6 +539,16 @@ impl WriteTx<'_> {
                  ON CONFLICT(node_id) DO UPDATE SET unit = excluded.unit, role = excluded.role, last_contact_at = excluded.last_contact_at",
                 params![node_id, unit, role, at_ms],
             )
+            .at(self.path)?;
+        Ok(())
+    }
+
+    /// Records that peer node `node_id` delivered scan `hash` (see `Store::blob_readable_by`).
+    pub fn blob_source(&self, hash: &Hash, node_id: &str) -> Result<()> {
+        self.tx
+            .prepare_cached("INSERT OR IGNORE INTO blob_sources (hash, node_id) VALUES (?1, ?2)")
+            .at(self.path)?
+            .execute(params![&hash[..], node_id])
             .at(self.path)?;
         Ok(())
     }

@@ -1090,3 +1090,61 @@ fn changes_an_enrolled_commune_may_not_make_are_refused_alone_by_what_they_do() 
     );
     server.finish();
 }
+
+/// Issue 12: a commune that put the hash of a sibling's scan in a dispatch of its own used to
+/// download the sibling's scan bit for bit once its relay held it.
+#[test]
+fn a_commune_cannot_read_a_siblings_scan_by_naming_its_hash() {
+    let province = province();
+    let server = Server::start(&province);
+    let commune = commune_of(&province, COMMUNE, &server);
+    let sibling = commune_of(&province, SIBLING, &server);
+    let secret = sibling.write_file("ho-so-mat.pgm", &scan(300_000, 9));
+    let theirs = id(&sibling.new_dispatch("1/MAT", &["qn"], &[&secret]));
+    synced(&sibling);
+    let shown = province.json(&["dispatch", "show", &theirs]);
+    let attachment = shown["attachments"][0].clone();
+
+    // The commune writes a dispatch of its own that names the sibling's scan.
+    let mut hostile = Node::open(commune.data()).unwrap();
+    let me = Author {
+        user: "admin".into(),
+        unit: COMMUNE.into(),
+        node: hostile.node_id().to_string(),
+    };
+    let actor = hostile.actor().clone();
+    let mine = DocId::generate(communesync::model::DocKind::Dispatch);
+    let mut doc = AutoCommit::new().with_actor(actor);
+    let new = dispatch::NewDispatch {
+        ref_no: "2/BC".into(),
+        summary: "Báo cáo".into(),
+        kind: dispatch::DispatchKind::Report,
+        priority: dispatch::Priority::Normal,
+        issuer: COMMUNE.into(),
+        to: vec!["qn".into()],
+        attachments: vec![serde_json::from_value(attachment).unwrap()],
+    };
+    dispatch::create(&mut doc, &mine, &new, &me, now_ms()).unwrap();
+    hostile
+        .store
+        .write(|tx| tx.save_doc(&mine, None, doc, now_ms()))
+        .unwrap();
+    drop(hostile);
+
+    let report = sync_pending(&commune);
+    assert_eq!(
+        report["scans_not_received"][0]["reason"], "not_in_scope",
+        "{report}"
+    );
+    assert!(
+        doc_heads(&province, mine.as_str()).is_some(),
+        "the dispatch itself is its own"
+    );
+    let hash = hex::decode(shown["attachments"][0]["hash"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        crate::tree_util::blob_rows(&commune, &hash),
+        0,
+        "the scan leaked"
+    );
+    server.finish();
+}
