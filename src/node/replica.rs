@@ -1,7 +1,7 @@
 //! The node's store seen by one sync session with one authenticated peer: scope filtering on the
 //! way out, and scope, authorship and integrity checks on the way in.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::mpsc::{sync_channel, Receiver};
 
 use automerge::{AutoCommit, ChangeHash};
@@ -38,6 +38,23 @@ pub fn is_trusted_relay(peer_unit: &str, me: &str) -> bool {
 }
 
 impl Node {
+    /// The unit of every node whose certificate this node has seen: the nodes it met, and on
+    /// the province every node its CA certified.
+    pub fn known_node_units(&self) -> super::Result<HashMap<String, String>> {
+        let mut units: HashMap<String, String> = self
+            .store
+            .peer_syncs()?
+            .into_iter()
+            .map(|p| (p.node_id, p.unit))
+            .collect();
+        if self.dir.join(super::sync::CA_DIR).exists() {
+            for record in crate::trust::Ca::open(self.dir.join(super::sync::CA_DIR))?.issued()? {
+                units.insert(record.node_id.to_string(), record.unit);
+            }
+        }
+        Ok(units)
+    }
+
     /// Whether a peer may read a scan: any scan for a peer above this node; for one below or
     /// beside it, a scan a document of its scope attaches that someone outside its subtree
     /// wrote, or that this very peer delivered (docs/security.md).
@@ -92,6 +109,9 @@ struct Sender<'a> {
     me: &'a str,
     /// Whether the sender may relay changes authored by others ([`is_trusted_relay`]).
     upstream: bool,
+    /// The unit of every node whose certificate this node has seen (node id in hex → unit):
+    /// an actor belongs to the node whose key it is derived from.
+    actors: HashMap<String, String>,
 }
 
 /// Why applying a frame stopped: the sender's fault, or this node's store.
@@ -260,10 +280,25 @@ impl Sender<'_> {
                         ),
                     ));
                 }
-                if note.node != change.actor_id().to_hex_string() {
+                let actor = change.actor_id().to_hex_string();
+                if note.node != actor {
                     return Err(self.refuse(
                         id.as_str(),
                         "a change's author node differs from its actor".into(),
+                    ));
+                }
+                // A node writes under its own actor only (its node id): another node's actor
+                // would poison that node's copies (Automerge refuses two changes with one actor
+                // and sequence number).
+                let owner = if actor == self.peer.node_id.to_string() {
+                    Some(self.peer.unit.as_str())
+                } else {
+                    self.actors.get(&actor).map(String::as_str)
+                };
+                if !owner.is_some_and(|unit| is_within(unit, &self.peer.unit)) {
+                    return Err(self.refuse(
+                        id.as_str(),
+                        format!("a change's actor {actor} is not a node of the sender's subtree"),
                     ));
                 }
                 // What the change does, not what its note says, decides (docs/security.md).
@@ -578,10 +613,16 @@ impl Replica for NodeReplica<'_> {
         let n = docs.len();
         let at_ms = now_ms();
         let me = self.node.unit().to_string();
+        let upstream = is_trusted_relay(&self.peer.unit, &me);
         let sender = Sender {
             peer: &self.peer,
             me: &me,
-            upstream: is_trusted_relay(&self.peer.unit, &me),
+            upstream,
+            actors: if upstream {
+                HashMap::new()
+            } else {
+                self.node.known_node_units().map_err(local)?
+            },
         };
         let peer_id = &self.peer_id;
         // One transaction for the frame. A document the checks refuse is left out alone and

@@ -1148,3 +1148,53 @@ fn a_commune_cannot_read_a_siblings_scan_by_naming_its_hash() {
     );
     server.finish();
 }
+
+/// Issue 12: a commune that wrote under a sibling's actor id (and its next sequence number)
+/// poisoned the document for the sibling, whose syncs failed from then on.
+#[test]
+fn a_change_under_another_nodes_actor_is_refused_and_the_owner_keeps_syncing() {
+    let province = province();
+    let server = Server::start(&province);
+    let commune = commune_of(&province, COMMUNE, &server);
+    let sibling = commune_of(&province, SIBLING, &server);
+    let d = id(&province.new_dispatch("3/shared", &[COMMUNE, SIBLING], &[]));
+    synced(&commune);
+    synced(&sibling);
+
+    let victim: automerge::ActorId = hex::decode(node_id(&sibling)).unwrap().into();
+    let mut hostile = Node::open(commune.data()).unwrap();
+    let squatter = Author {
+        user: "admin".into(),
+        unit: COMMUNE.into(),
+        node: node_id(&sibling),
+    };
+    let doc_id: DocId = d.parse().unwrap();
+    hostile
+        .store
+        .write(|tx| {
+            tx.update_doc(&doc_id, &victim, now_ms(), |doc| {
+                Ok(dispatch::add_comment(
+                    doc,
+                    &doc_id,
+                    "squat",
+                    &squatter,
+                    now_ms(),
+                )?)
+            })
+        })
+        .unwrap();
+    drop(hostile);
+
+    let report = sync_pending(&commune);
+    let reason = report["docs_refused_by_peer"][0]["reason"].to_string();
+    assert!(
+        reason.contains("is not a node of the sender's subtree"),
+        "{report}"
+    );
+    // The owner of the actor writes under it as usual, and syncs.
+    sibling.ok(&["dispatch", "comment", &d, "đã nhận"]);
+    synced(&sibling);
+    let comments = province.json(&["dispatch", "show", &d])["comments"].clone();
+    assert_eq!(comments.as_array().map(Vec::len), Some(1), "{comments}");
+    server.finish();
+}
