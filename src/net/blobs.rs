@@ -85,10 +85,13 @@ async fn send(
     pacer: &Pacer,
 ) -> Result<(), NetError> {
     let store = Store::open(&dir.join(DB_FILE), 1).map_err(store_err)?;
-    let (size, chunk_hashes) = store
-        .blob_manifest(&hash)
-        .map_err(store_err)?
-        .ok_or_else(|| NetError::Node("scan vanished".into()))?;
+    // A scan still arriving here is forwarded as its chunks arrive (cut-through): a relay does
+    // not make its communes wait for the whole scan.
+    let (manifest, arriving) = match store.blob_manifest(&hash).map_err(store_err)? {
+        Some(stored) => (Some(stored), false),
+        None => (store.blob_partial_manifest(&hash).map_err(store_err)?, true),
+    };
+    let (size, chunk_hashes) = manifest.ok_or_else(|| NetError::Node("scan vanished".into()))?;
     let lost = |e: String| NetError::Lost {
         peer: "peer".into(),
         reason: e,
@@ -115,7 +118,7 @@ async fn send(
     // The level is chosen here, per chunk, as the link changes; the reader uses the latest
     // choice for the chunks it encodes ahead.
     let level_now = Arc::new(AtomicI32::new(level_for_rate(estimated_rate_bps(conn))));
-    let mut chunks = spawn_chunk_reader(store, hash, first..count, level_now.clone());
+    let mut chunks = spawn_chunk_reader(store, hash, first..count, level_now.clone(), arriving);
     for _ in first..count {
         let level = level_for_rate(estimated_rate_bps(conn));
         level_now.store(level, Ordering::Relaxed);
@@ -131,20 +134,42 @@ async fn send(
     Ok(())
 }
 
-/// Reads, verifies and encodes chunks `range` of a stored scan on a blocking thread, at most
+/// How often a sender forwarding a scan that is still arriving looks for its next chunk.
+const ARRIVING_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+/// A scan still arriving whose next chunk has not come for this long is given up (the peer
+/// asks again later).
+const ARRIVING_STALL_MAX: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Reads, verifies and encodes chunks `range` of a scan on a blocking thread, at most
 /// CHUNKS_AHEAD_MAX ahead of the stream; it stops at the first error (which it hands on) or
-/// when the receiving end is dropped.
+/// when the receiving end is dropped. For a scan still `arriving`, a chunk not recorded yet is
+/// waited for (each is recorded once verified and durable here).
 fn spawn_chunk_reader(
     store: Store,
     hash: Hash32,
     range: std::ops::Range<u64>,
     level: Arc<AtomicI32>,
+    arriving: bool,
 ) -> mpsc::Receiver<Result<EncodedChunk, NetError>> {
     let (tx, rx) = mpsc::channel(CHUNKS_AHEAD_MAX);
     tokio::task::spawn_blocking(move || {
         let first = range.start;
         for idx in range {
-            let encoded = store.blob_chunk(&hash, idx).map_err(store_err).map(|data| {
+            let waited = std::time::Instant::now();
+            let chunk = loop {
+                match store.blob_chunk(&hash, idx) {
+                    Err(crate::store::StoreError::NotFound(_))
+                        if arriving && waited.elapsed() < ARRIVING_STALL_MAX =>
+                    {
+                        if tx.is_closed() {
+                            return;
+                        }
+                        std::thread::sleep(ARRIVING_POLL);
+                    }
+                    other => break other,
+                }
+            };
+            let encoded = chunk.map_err(store_err).map(|data| {
                 let raw_len = data.len() as u64;
                 let mut level = level.load(Ordering::Relaxed);
                 if idx == first {

@@ -33,8 +33,9 @@ const BLOB_RECEIVERS_MAX: usize = 4;
 const RETRY_UNAVAILABLE_TICKS: u64 = 15;
 /// Longest reason text sent in a CONNECTION_CLOSE frame.
 const CLOSE_REASON_BYTES_MAX: usize = 200;
-/// How long a relay holds a peer's request for a scan it is still fetching itself.
-const PARKED_BLOB_WAIT_MAX: Duration = Duration::from_secs(120);
+/// A scan whose transfer into this relay began or moved this recently is "arriving": a peer
+/// below that asks for it gets its chunks as they come, instead of "not held".
+const ARRIVING_RECENT: Duration = Duration::from_secs(120);
 /// Documents of ours the peer still refuses, listed in a session's report at most.
 const REFUSALS_LISTED_MAX: usize = 100;
 
@@ -345,7 +346,7 @@ pub struct SessionReport {
     /// Both sides hold every document change and every scan of the other's that the shared
     /// scope holds: nothing withheld, nothing missing.
     pub converged: bool,
-    /// Scans the peer asked for that this node did not send, and why.
+    /// Scans of ours the peer asked for that this node held back (a scans window).
     pub scans_withheld: Vec<PendingScan>,
     /// Scans this node asked for and did not get, and why.
     pub scans_not_received: Vec<PendingScan>,
@@ -580,12 +581,9 @@ pub async fn run_session(
     let mut sent_since_receive = false;
     let mut ticks: u64 = 0;
     let (mut was_converged, mut recorded) = (false, (0u64, 0u64));
-    // Scans the peer asked for that this node is still fetching from its own upstream; only a
-    // serving relay above the peer waits like this (two nodes lacking a scan must not wait on
-    // each other).
+    // A serving relay above the peer forwards a scan still arriving here chunk by chunk.
     let relay_for_peer =
         mode == Mode::Continuous && crate::node::replica::is_upstream(node.unit(), &peer.unit);
-    let mut parked: Vec<(Hash32, u64, Instant)> = Vec::new();
     let silence_floor = Duration::from_secs(node.config.sync.peer_silence_s);
     let mut heard = (conn.stats().udp_rx.datagrams, Instant::now());
     let mut tick = tokio::time::interval(push_every);
@@ -616,12 +614,12 @@ pub async fn run_session(
                                 session.blob_unavailable_here(hash, MissingReason::NotInScope);
                             } else if replica.node.store.has_blob(&hash).map_err(store_err)? {
                                 let _ = blob_queue.send((hash, from)).await;
-                            } else if relay_for_peer && replica.node.store.blob_arriving(&hash, crate::node::now_ms(), PARKED_BLOB_WAIT_MAX.as_millis() as i64).map_err(store_err)? {
-                                // Store and forward: the scan is arriving here right now; the
-                                // request waits for it instead of failing and retrying later.
-                                // A scan nobody is sending is answered at once: the asker may
-                                // be its only source, and two nodes must not wait on each other.
-                                parked.push((hash, from, Instant::now()));
+                            } else if relay_for_peer && replica.node.store.blob_arriving(&hash, crate::node::now_ms(), ARRIVING_RECENT.as_millis() as i64).map_err(store_err)? {
+                                // Cut-through: the scan is arriving here right now; its verified
+                                // chunks are forwarded as they come (net::blobs). A scan nobody
+                                // is sending here is answered at once: the asker may be its only
+                                // source, and two nodes must not wait on each other.
+                                let _ = blob_queue.send((hash, from)).await;
                             } else {
                                 session.blob_unavailable_here(hash, MissingReason::NotHeld);
                             }
@@ -683,19 +681,6 @@ pub async fn run_session(
                 }
                 _ = tick.tick() => {
                     ticks += 1;
-                    let mut still = Vec::new();
-                    for (hash, from, since) in parked.drain(..) {
-                        if node.store.has_blob(&hash).map_err(|e| NetError::Node(e.to_string()))? {
-                            let _ = blob_queue.send((hash, from)).await;
-                        } else if since.elapsed() > PARKED_BLOB_WAIT_MAX
-                            || !node.store.blob_arriving(&hash, crate::node::now_ms(), PARKED_BLOB_WAIT_MAX.as_millis() as i64).map_err(|e| NetError::Node(e.to_string()))?
-                        {
-                            session.blob_unavailable_here(hash, MissingReason::NotHeld);
-                        } else {
-                            still.push((hash, from, since));
-                        }
-                    }
-                    parked = still;
                     if mode == Mode::OneShot {
                         // A peer that died (or a link that went dark) costs a few seconds, not
                         // the idle timeout: any datagram from it, keep-alive ACKs included,
@@ -759,7 +744,10 @@ pub async fn run_session(
         .refusals(&peer.node_id.to_string(), true, REFUSALS_LISTED_MAX)
         .map_err(|e| NetError::Node(e.to_string()))?;
     report.converged = outcome.is_ok() && session.is_converged() && standing_total == 0;
-    report.scans_withheld = pending(session.scans_withheld());
+    report.scans_withheld = pending(session.scans_withheld())
+        .into_iter()
+        .filter(|s| s.reason == MissingReason::Deferred)
+        .collect();
     report.scans_not_received = pending(session.scans_not_received());
     report.docs_refused = refused_docs(session.docs_refused());
     report.docs_refused_by_peer = standing

@@ -255,12 +255,14 @@ impl Session {
             && self.peer_blobs_done
     }
 
-    /// Done, and nothing left behind: no scan withheld from the peer or unavailable from it, no
-    /// document refused either way. What a one-shot sync may call converged.
+    /// Done, and nothing left behind: no scan of ours deferred from the peer, none unavailable
+    /// from it, no document refused either way. What a one-shot sync may call converged. A
+    /// scan the peer asked for that this side does not hold, or may not give it, is not ours
+    /// to deliver.
     pub fn is_converged(&self) -> bool {
         self.is_done()
             && self.unavailable.is_empty()
-            && self.withheld.is_empty()
+            && !self.withheld.values().any(|r| *r == MissingReason::Deferred)
             && self.stats.docs_refused == 0
             && self.stats.docs_refused_by_peer == 0
     }

@@ -468,6 +468,25 @@ impl Store {
         Ok(Some((size as u64, hashes)))
     }
 
+    /// The size and manifest of a scan still arriving here (see `Store::blob_arriving`).
+    pub fn blob_partial_manifest(&self, hash: &Hash) -> Result<Option<(u64, Vec<Hash>)>> {
+        let row: Option<(i64, Vec<u8>)> = self
+            .conn
+            .prepare_cached("SELECT size, manifest FROM blob_partial WHERE hash = ?1")
+            .at(&self.path)?
+            .query_row([&hash[..]], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()
+            .at(&self.path)?;
+        let Some((size, manifest)) = row else {
+            return Ok(None);
+        };
+        let hashes = manifest
+            .chunks_exact(32)
+            .map(|c| c.try_into().expect("chunks_exact(32)"))
+            .collect();
+        Ok(Some((size as u64, hashes)))
+    }
+
     /// One stored chunk, verified against its hash before it leaves this node.
     pub fn blob_chunk(&self, hash: &Hash, idx: u64) -> Result<Vec<u8>> {
         let (chunk_hash, len): (Vec<u8>, i64) = self

@@ -372,3 +372,72 @@ fn serve_dials_a_configured_peer_without_upstream_and_refuses_an_upstream_that_d
         "{error}"
     );
 }
+
+/// Issue 10: a relay forwards a scan to its communes chunk by chunk as the chunks arrive,
+/// instead of after the whole scan has landed (1.36 × the ideal time on 2G before).
+#[test]
+fn a_relay_forwards_a_scan_to_its_commune_while_the_scan_is_still_arriving() {
+    let province = province();
+    let upstream = Server::start(&province);
+    let district = enrolled(&province, "qn/binhlieu", "district");
+    let rt = runtime();
+    // The province → district hop is slow; the district → commune hop is loopback.
+    let sim = link(&rt, upstream.addr(), "rate=2mbit", 11);
+    district.ok(&[
+        "peer",
+        "add",
+        "province",
+        "--addr",
+        &sim.local_addr().to_string(),
+    ]);
+    let relay = Server::start(&district);
+    let commune = enrolled(&province, COMMUNE, "commune");
+    commune.ok(&["peer", "add", "district", "--addr", relay.addr()]);
+    let scan = province.write_file(
+        "ban-do.jpg",
+        &incompressible(2 << 20, &mut StdRng::seed_from_u64(11)),
+    );
+    let d = id(&province.new_dispatch("11/UBND-VP", &[COMMUNE], &[&scan]));
+    let hash = attachment_hash(&province, &d);
+    let deadline = Instant::now() + std::time::Duration::from_secs(30);
+    while crate::tree_util::chunks_stored(&district, &hash) == 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the district never began receiving the scan"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+
+    let (_, mut sync) = p_sync(&commune);
+    let mut forwarded_early = false;
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    while sync.try_wait().expect("polling sync").is_none() {
+        assert!(Instant::now() < deadline, "sync did not finish");
+        if blob_rows(&district, &hash) == 0 && crate::tree_util::chunks_stored(&commune, &hash) > 0
+        {
+            forwarded_early = true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let status = sync.wait().expect("sync ran");
+    assert!(
+        forwarded_early,
+        "the commune had no chunk before the district held the whole scan"
+    );
+    assert_eq!(status.code(), Some(0));
+    assert_eq!(
+        blob_rows(&commune, &hash),
+        1,
+        "the commune holds the whole scan"
+    );
+    rt.block_on(sim.shutdown());
+    relay.finish();
+    upstream.finish();
+}
+
+fn p_sync(node: &TestNode) -> (Vec<String>, std::process::Child) {
+    let mut cmd = node.command(&["--json", "sync"]);
+    cmd.stdout(std::process::Stdio::null());
+    cmd.stderr(std::process::Stdio::null());
+    (vec![], cmd.spawn().expect("starting sync"))
+}
