@@ -6,6 +6,7 @@
 pub mod assignment;
 pub mod dispatch;
 pub mod dossier;
+pub mod guard;
 
 use std::cell::{Ref, RefCell};
 use std::fmt;

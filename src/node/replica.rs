@@ -8,7 +8,7 @@ use automerge::{AutoCommit, ChangeHash};
 use tracing::warn;
 
 use super::{now_ms, Node};
-use crate::model::{self, ChangeNote, DocId, DocView};
+use crate::model::{self, guard, ChangeNote, DocId, DocView};
 use crate::proto::{DocChanges, DocHeads, Hash32, ProtoError, Replica};
 use crate::store::docs::{decode_heads, encode_heads, SaveHints};
 use crate::store::sync::Scope;
@@ -181,9 +181,18 @@ impl Sender<'_> {
         ))
     }
 
+    /// Refuses bytes that Automerge would inflate past [`guard::INFLATED_BYTES_MAX`], before
+    /// Automerge allocates them (it inflates without a limit).
+    fn guard(&self, id: &DocId, bytes: &[u8]) -> Result<(), ProtoError> {
+        guard::check_inflated(bytes, guard::INFLATED_BYTES_MAX)
+            .map(drop)
+            .map_err(|e| self.refuse(id.as_str(), e.to_string()))
+    }
+
     /// Loads a document this node does not hold from the bytes received and checks it. Needs
     /// no store, so it runs beside the transaction.
     fn check_new(&self, id: &DocId, bytes: &[u8]) -> Result<Checked, ProtoError> {
+        self.guard(id, bytes)?;
         // A new document sent whole (`save()`) loads strictly; its bytes are then stored as
         // they came, instead of saving the parsed document again. Anything else (changes
         // without a document chunk, or a partial load) goes through `load_incremental`.
@@ -216,6 +225,7 @@ impl Sender<'_> {
                     .into());
             }
         }
+        self.guard(id, bytes)?;
         let mut doc = current.doc;
         doc.load_incremental(bytes)
             .map_err(|e| self.refuse(id.as_str(), format!("changes do not decode: {e}")))?;

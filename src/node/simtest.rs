@@ -599,3 +599,40 @@ fn a_pushed_document_passes_the_checks_of_any_change() {
     );
     assert!(a.node.store.doc_heads(&d.id).unwrap().is_none());
 }
+
+#[test]
+fn a_decompression_bomb_is_refused_before_automerge_inflates_it() {
+    use crate::proto::{DocChanges, Replica};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = pair(dir.path());
+    let held = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
+    apply_frame(&mut b, &[(&held, saved(&mut a.node, &held))]).unwrap();
+    let held_heads = heads_of(&mut b.node, &held);
+    let new = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
+    // A compressed change chunk inflating to 1 GiB, for a new document and for a held one.
+    let bomb = crate::model::guard::tests::change_bomb(1024);
+    for id in [&new, &held] {
+        let frame = Frame::Changes {
+            docs: vec![DocChanges {
+                id: id.clone(),
+                heads: vec![[7; 32]],
+                data: bomb.clone(),
+            }],
+        };
+        assert!(crate::proto::wire::encode(&frame, 3).len() < 8 << 10);
+        let Frame::Changes { docs } = frame else {
+            unreachable!()
+        };
+        let started = std::time::Instant::now();
+        let err = NodeReplica::new(&mut b.node, b.peer.clone())
+            .apply(docs)
+            .unwrap_err();
+        assert!(
+            matches!(&err, ProtoError::Refused(why) if why.contains(id.as_str()) && why.contains("decompression bomb")),
+            "{err}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+    assert!(b.node.store.doc_heads(&new).unwrap().is_none());
+    assert_eq!(heads_of(&mut b.node, &held), held_heads);
+}
