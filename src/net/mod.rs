@@ -1,6 +1,7 @@
 //! QUIC transport: quinn endpoints with mutual TLS that drive [`crate::proto`] sessions over
 //! real streams: one control stream each way, one data stream per scan in transit.
 
+pub mod admit;
 mod blobs;
 mod pace;
 

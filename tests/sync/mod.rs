@@ -915,3 +915,101 @@ fn a_running_daemon_offers_a_local_write_at_once_not_at_its_next_push_tick() {
     daemon.finish();
     upstream.finish();
 }
+
+// ---- resource budgets (issue 12) ----
+
+/// `n` QUIC Initials for `n` different connections, as a client that never finishes a handshake
+/// sends them: real quinn clients dial a socket that never answers, and their first datagrams
+/// are kept.
+async fn initials(n: usize) -> Vec<Vec<u8>> {
+    let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    // The sync protocol's ALPN, or the server would end the handshake at its first packet.
+    tls.alpn_protocols = vec![communesync::trust::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let target = sink.local_addr().unwrap();
+    let dialing: Vec<_> = (0..n)
+        .map(|_| ep.connect(target, communesync::trust::SERVER_NAME).unwrap())
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    let mut buf = vec![0u8; 2048];
+    while out.len() < n {
+        let (len, _) = tokio::time::timeout(Duration::from_secs(5), sink.recv_from(&mut buf))
+            .await
+            .expect("the dialing clients send their Initials")
+            .unwrap();
+        out.push(buf[..len].to_vec());
+    }
+    drop(dialing);
+    out
+}
+
+#[test]
+fn issue12_half_open_handshakes_do_not_lock_out_an_enrolled_commune() {
+    let province = province();
+    // A small pool of authenticated sessions, so that a flood a debug build can take in a
+    // second outnumbers it (the same holds for the default 256 and a larger flood).
+    set_sync_config(
+        &province,
+        &[("[sync]", "[sync]\nconnections_max = 32")],
+    );
+    let server = Server::start(&province);
+    let commune = commune_of(&province, COMMUNE, &server);
+    let target: SocketAddr = server.addr().parse().unwrap();
+    let rt = crate::tree_util::runtime();
+    // 64 handshakes begun and never continued, from 16 addresses, then a trickle of 10 more a
+    // second while the commune syncs.
+    let flood = rt.block_on(initials(84));
+    let (first, trickle) = flood.split_at(64);
+    let sources: Vec<_> = (0..16u8)
+        .map(|k| {
+            rt.block_on(tokio::net::UdpSocket::bind(SocketAddr::from((
+                [127, 0, 0, 2 + k],
+                0,
+            ))))
+            .unwrap()
+        })
+        .collect();
+    rt.block_on(async {
+        for (k, initial) in first.iter().enumerate() {
+            sources[k % sources.len()].send_to(initial, target).await.unwrap();
+            // Paced so that the daemon takes each in (a burst would overflow its socket).
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let sources = Arc::new(sources);
+    let (trickle, socks) = (trickle.to_vec(), sources.clone());
+    let trickling = rt.spawn(async move {
+        for (k, initial) in trickle.iter().enumerate() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = socks[k % socks.len()].send_to(initial, target).await;
+        }
+    });
+
+    let started = Instant::now();
+    let d = id(&province.new_dispatch("1/HOATOC", &[COMMUNE], &[]));
+    let report = synced(&commune);
+    assert_eq!(report["docs_received"], 1, "{report}");
+    assert!(doc_heads(&commune, &d).is_some());
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "the commune waited {:?} behind the flood",
+        started.elapsed()
+    );
+    rt.block_on(trickling).unwrap();
+    // Nothing of the flood reached storage: no peer, no path row for its addresses.
+    let db = db_read_only(&province);
+    let paths: i64 = db
+        .query_row("SELECT count(*) FROM path_mtu WHERE ip <> '127.0.0.1'", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(paths, 0);
+    server.finish();
+}
