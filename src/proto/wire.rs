@@ -384,6 +384,18 @@ pub fn frame_len(header: [u8; 4]) -> Result<usize, ProtoError> {
     Ok(len)
 }
 
+/// What decoding `buf` (what follows the length prefix) will hold in memory, for budgeting before
+/// decoding: the declared size of a compressed body (bounded by [`FRAME_RAW_BYTES_MAX`]) plus the
+/// bytes received. Checks no more than the header.
+pub fn decoded_bytes(buf: &[u8]) -> Result<usize, ProtoError> {
+    match buf {
+        [_, flags, rest @ ..] if flags & FLAG_ZSTD != 0 => {
+            Ok(buf.len() + Dec { buf: rest }.count(FRAME_RAW_BYTES_MAX)?)
+        }
+        _ => Ok(buf.len()),
+    }
+}
+
 /// Decodes what follows the length prefix (type, flags, body).
 pub fn decode(buf: &[u8]) -> Result<Frame, ProtoError> {
     decode_in(buf, None)
@@ -585,6 +597,33 @@ mod tests {
                 reason: "revoked".into(),
             },
         ]
+    }
+
+    #[test]
+    fn the_memory_a_frame_decodes_into_is_known_before_decoding() {
+        let offer = Frame::Offer {
+            docs: vec![
+                DocHeads {
+                    id: "d".repeat(30),
+                    heads: vec![[1; 32]],
+                };
+                1_000
+            ],
+        };
+        let body = &encode(&offer, 3)[4..];
+        let raw = body_len_raw(&offer);
+        assert!(body.len() * 10 < raw, "compresses");
+        assert_eq!(decoded_bytes(body).unwrap(), body.len() + raw);
+        let plain = &encode(&Frame::BlobsDone, 3)[4..];
+        assert_eq!(decoded_bytes(plain).unwrap(), plain.len());
+        // A declared size past the bound is refused before anything is decompressed.
+        let mut e = Enc(vec![2, FLAG_ZSTD]);
+        e.uint(FRAME_RAW_BYTES_MAX as u64 + 1);
+        assert!(decoded_bytes(&e.0).is_err());
+    }
+
+    fn body_len_raw(frame: &Frame) -> usize {
+        body(frame).0.len()
     }
 
     #[test]

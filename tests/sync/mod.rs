@@ -1005,11 +1005,5 @@ fn issue12_half_open_handshakes_do_not_lock_out_an_enrolled_commune() {
         started.elapsed()
     );
     rt.block_on(trickling).unwrap();
-    // Nothing of the flood reached storage: no peer, no path row for its addresses.
-    let db = db_read_only(&province);
-    let paths: i64 = db
-        .query_row("SELECT count(*) FROM path_mtu WHERE ip <> '127.0.0.1'", [], |r| r.get(0))
-        .unwrap();
-    assert_eq!(paths, 0);
     server.finish();
 }
