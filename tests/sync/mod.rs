@@ -1007,3 +1007,61 @@ fn issue12_half_open_handshakes_do_not_lock_out_an_enrolled_commune() {
     rt.block_on(trickling).unwrap();
     server.finish();
 }
+
+/// A connection to `server` as `node` (its enrolled key), with nothing started on it.
+fn raw_connection(
+    rt: &tokio::runtime::Runtime,
+    node: &TestNode,
+    server: &Server,
+) -> quinn::Connection {
+    use communesync::node::{sync, KEY_FILE};
+    let read = |name: &str| std::fs::read_to_string(node.data().join(name)).unwrap();
+    let tls = communesync::trust::TlsMaterial {
+        ca_pem: read(sync::CA_FILE),
+        cert_pem: read(sync::CERT_FILE),
+        key: communesync::trust::NodeKey::load(node.data().join(KEY_FILE)).unwrap(),
+        crl: None,
+    };
+    let node = Node::open(node.data()).unwrap();
+    let addr: SocketAddr = server.addr().parse().unwrap();
+    rt.block_on(async {
+        let ep = communesync::net::client_endpoint(addr, &tls, &node.config.sync, None).unwrap();
+        let (conn, _) = communesync::net::connect(&ep, addr, Duration::from_secs(10))
+            .await
+            .unwrap();
+        conn
+    })
+}
+
+#[test]
+fn issue12_an_enrolled_peer_gets_one_control_stream_and_no_oversized_scan_frames() {
+    let province = province();
+    let server = Server::start(&province);
+    let commune = commune_of(&province, COMMUNE, &server);
+    let rt = crate::tree_util::runtime();
+    let conn = raw_connection(&rt, &commune, &server);
+    // A scan stream (tag 2) whose first frame claims 8 MiB: more than any manifest.
+    let mut scan = rt.block_on(conn.open_uni()).unwrap();
+    rt.block_on(scan.write_all(&[2, 0, 0x80, 0, 0])).unwrap();
+    let log = server.wait_log("whose frames are at most", 1);
+    assert!(
+        log.contains("scan stream from peer refused: protocol violation: a frame of 8388608 bytes"),
+        "{log}"
+    );
+    // Two control streams (tag 1): the second ends the session.
+    for _ in 0..2 {
+        let mut control = rt.block_on(conn.open_uni()).unwrap();
+        rt.block_on(control.write_all(&[1])).unwrap();
+    }
+    let log = server.wait_log("second control stream", 1);
+    assert!(
+        log.contains("session ended: protocol violation: the peer opened a second control stream"),
+        "{log}"
+    );
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), conn.closed())
+            .await
+            .expect("the daemon closes the connection")
+    });
+    server.finish();
+}
