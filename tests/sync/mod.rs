@@ -1065,3 +1065,146 @@ fn issue12_an_enrolled_peer_gets_one_control_stream_and_no_oversized_scan_frames
     });
     server.finish();
 }
+
+/// A compressed Automerge change chunk (type 2) whose DEFLATE body inflates to `mib` MiB of
+/// zeros: one flushed MiB, repeated (each repeat refers back only into zeros), so a gibibyte
+/// costs about a megabyte and no time to build.
+fn automerge_bomb(mib: usize) -> Vec<u8> {
+    use flate2::write::DeflateEncoder;
+    use std::io::Write;
+    let zeros = vec![0u8; 1 << 20];
+    let mut e = DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    e.write_all(&zeros).unwrap();
+    e.flush().unwrap();
+    let mut deflated = std::mem::take(e.get_mut());
+    e.write_all(&zeros).unwrap();
+    e.flush().unwrap();
+    let repeat = std::mem::take(e.get_mut());
+    for _ in 1..mib {
+        deflated.extend_from_slice(&repeat);
+    }
+    deflated.extend_from_slice(&e.finish().unwrap());
+    let mut chunk = vec![0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 2];
+    let mut len = deflated.len() as u64;
+    while len >= 0x80 {
+        chunk.push(len as u8 | 0x80);
+        len >>= 7;
+    }
+    chunk.push(len as u8);
+    chunk.extend_from_slice(&deflated);
+    chunk
+}
+
+/// The most memory the process `pid` has held (VmHWM), in MiB.
+fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
+}
+
+#[test]
+fn issue12_a_decompression_bomb_in_a_push_costs_the_daemon_little() {
+    use communesync::proto::{wire, DocChanges, Frame};
+    let province = province();
+    let server = Server::start(&province);
+    let commune = commune_of(&province, COMMUNE, &server);
+    let d = id(&commune.new_dispatch("7/UBND", &["qn"], &[]));
+    let rt = crate::tree_util::runtime();
+    let conn = raw_connection(&rt, &commune, &server);
+    let hello = Frame::Hello {
+        version: wire::VERSION,
+        feed_seq: 0,
+        have_from_you: 0,
+        crl_number: 0,
+    };
+    // One Push of a 1 GiB bomb for the commune's own new dispatch: a few KiB on the wire.
+    let push = wire::encode(
+        &Frame::Push {
+            docs: vec![DocChanges {
+                id: d.clone(),
+                heads: vec![[1; 32]],
+                data: automerge_bomb(1024),
+            }],
+        },
+        19,
+    );
+    assert!(push.len() < 16 << 10, "{}", push.len());
+    let before = peak_rss_mib(server.pid());
+    let started = Instant::now();
+    rt.block_on(async {
+        let mut control = conn.open_uni().await.unwrap();
+        control.write_all(&[1]).await.unwrap();
+        control.write_all(&wire::encode(&hello, 1)).await.unwrap();
+        control.write_all(&push).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(30), conn.closed())
+            .await
+            .expect("the daemon ends the session")
+    });
+    let log = server.wait_log("decompression bomb", 1);
+    assert!(
+        log.contains(&format!("sent document {d}: Automerge data inflates to more than")),
+        "{log}"
+    );
+    let peak = peak_rss_mib(server.pid());
+    eprintln!(
+        "bomb of {} bytes refused in {:?}; daemon peak RSS {before} MiB before, {peak} MiB after",
+        push.len(),
+        started.elapsed()
+    );
+    assert!(peak < before + 100, "peak RSS {before} -> {peak} MiB");
+    assert!(doc_heads(&province, &d).is_none());
+    server.finish();
+}
+
+#[test]
+fn issue12_a_signed_bundle_carrying_a_decompression_bomb_is_refused() {
+    use communesync::node::bundle::BundleHeader;
+    use communesync::proto::{wire, DocChanges, Frame};
+    let province = province();
+    let commune = enrolled(&province, COMMUNE, "commune");
+    let d = id(&province.new_dispatch("8/UBND", &[COMMUNE], &[]));
+    let out = province.file("for-tinhhuc.csb");
+    province.ok(&["bundle", "export", "--for", COMMUNE, "--out", &path_arg(&out)]);
+    // The same bundle with its payload replaced by the bomb, signed again by the province's
+    // own key: everything a bundle is checked for holds.
+    let bundle = std::fs::read(&out).unwrap();
+    let header_len = u32::from_be_bytes(bundle[9..13].try_into().unwrap()) as usize;
+    let mut header: BundleHeader = serde_json::from_slice(&bundle[13..13 + header_len]).unwrap();
+    let payload = wire::encode(
+        &Frame::Changes {
+            docs: vec![DocChanges {
+                id: d.clone(),
+                heads: vec![[1; 32]],
+                data: automerge_bomb(1024),
+            }],
+        },
+        19,
+    );
+    header.payload_bytes = payload.len() as u64;
+    header.payload_blake3 = blake3::hash(&payload).to_hex().to_string();
+    let header_json = serde_json::to_vec(&header).unwrap();
+    let key = communesync::trust::NodeKey::load(province.data().join(communesync::node::KEY_FILE))
+        .unwrap();
+    let signature = key.sign(&header_json).unwrap();
+    let mut bomb = bundle[..9].to_vec();
+    bomb.extend((header_json.len() as u32).to_be_bytes());
+    bomb.extend(&header_json);
+    bomb.extend((signature.len() as u16).to_be_bytes());
+    bomb.extend(&signature);
+    bomb.extend(&payload);
+    assert!(bomb.len() < 32 << 10, "{}", bomb.len());
+    let file = commune.write_file("bomb.csb", &bomb);
+
+    let started = Instant::now();
+    let run = commune.run(&["bundle", "import", &file]);
+    assert_ne!(run.code, 0, "the bomb was imported");
+    assert!(
+        run.stderr.contains("bundle refused")
+            && run.stderr.contains("decompression bomb")
+            && run.stderr.contains(&d),
+        "{}",
+        run.stderr
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    assert_eq!(rows(&commune, "docs"), 0);
+}
