@@ -34,6 +34,13 @@ const BLOB_RECEIVERS_MAX: usize = 4;
 /// decoded together: one frame of the largest size (the session handles one at a time; smaller
 /// frames pipeline within it).
 const CONTROL_QUEUED_BYTES_MAX: usize = wire::FRAME_BYTES_MAX + wire::FRAME_RAW_BYTES_MAX;
+/// Control frames a peer may send per second, sustained. A session sends a few dozen frames to
+/// move 10,000 documents and about one a second while idle; each frame may cost this side a
+/// store query or a document load, so a faster peer is read only at this pace (QUIC's flow
+/// control then holds it back).
+const CONTROL_FRAMES_PER_S: f64 = 500.0;
+/// Control frames a peer may send at once before the pace applies.
+const CONTROL_FRAMES_BURST: f64 = 2_000.0;
 /// Push ticks between asking again for scans the peer could not give.
 const RETRY_UNAVAILABLE_TICKS: u64 = 15;
 /// Longest reason text sent in a CONNECTION_CLOSE frame.
@@ -400,7 +407,12 @@ struct Queued {
 /// Reads the control stream into `events` until it ends or fails.
 async fn read_control(mut recv: RecvStream, events: mpsc::Sender<Event>) {
     let queued = Arc::new(tokio::sync::Semaphore::new(CONTROL_QUEUED_BYTES_MAX));
+    let mut rate = FrameRate::new(Instant::now());
     loop {
+        let wait = rate.take(Instant::now());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
         let event = match next_control(&mut recv, &queued).await {
             Ok(Some((frame, held))) => Event::Frame(frame, held),
             Ok(None) => Event::ControlEnded,
@@ -409,6 +421,34 @@ async fn read_control(mut recv: RecvStream, events: mpsc::Sender<Event>) {
         let last = !matches!(event, Event::Frame(..));
         if events.send(event).await.is_err() || last {
             return;
+        }
+    }
+}
+
+/// A token bucket of control frames: [`CONTROL_FRAMES_BURST`] at once, then
+/// [`CONTROL_FRAMES_PER_S`].
+struct FrameRate {
+    tokens: f64,
+    at: Instant,
+}
+
+impl FrameRate {
+    fn new(now: Instant) -> Self {
+        FrameRate {
+            tokens: CONTROL_FRAMES_BURST,
+            at: now,
+        }
+    }
+
+    /// Takes one frame's token; returns how long to wait before reading it.
+    fn take(&mut self, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * CONTROL_FRAMES_PER_S).min(CONTROL_FRAMES_BURST) - 1.0;
+        self.at = now;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / CONTROL_FRAMES_PER_S)
         }
     }
 }
@@ -803,4 +843,33 @@ type SharedBlobQueue = Arc<tokio::sync::Mutex<mpsc::Receiver<BlobRequest>>>;
 fn async_channel() -> (mpsc::Sender<BlobRequest>, SharedBlobQueue) {
     let (tx, rx) = mpsc::channel(crate::proto::session::BLOB_WANT_MAX * 2);
     (tx, Arc::new(tokio::sync::Mutex::new(rx)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_peer_sending_control_frames_faster_than_the_budget_is_read_at_its_pace() {
+        let start = Instant::now();
+        let mut rate = FrameRate::new(start);
+        // A burst is read at once...
+        for _ in 0..CONTROL_FRAMES_BURST as usize {
+            assert_eq!(rate.take(start), Duration::ZERO);
+        }
+        // ...then each further frame waits its share of a second, however fast they come.
+        let wait = rate.take(start);
+        assert_eq!(wait, Duration::from_secs_f64(1.0 / CONTROL_FRAMES_PER_S));
+        let later = start + wait;
+        assert_eq!(
+            rate.take(later),
+            Duration::from_secs_f64(1.0 / CONTROL_FRAMES_PER_S)
+        );
+        // A quiet peer earns its burst back, and no more.
+        let rested = later + Duration::from_secs(3600);
+        for _ in 0..CONTROL_FRAMES_BURST as usize {
+            assert_eq!(rate.take(rested), Duration::ZERO);
+        }
+        assert!(rate.take(rested) > Duration::ZERO);
+    }
 }
