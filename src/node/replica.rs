@@ -9,6 +9,7 @@ use tracing::warn;
 
 use super::{now_ms, Node};
 use crate::model::{self, guard, ChangeNote, DocId, DocView};
+use crate::proto::session::OFFER_PAGE_DOCS;
 use crate::proto::{DocChanges, DocHeads, Hash32, ProtoError, Replica};
 use crate::store::docs::{decode_heads, encode_heads, SaveHints};
 use crate::store::sync::Scope;
@@ -417,6 +418,14 @@ impl Replica for NodeReplica<'_> {
     }
 
     fn wants(&mut self, offered: &[DocHeads]) -> Result<Vec<DocHeads>, ProtoError> {
+        // An offered document whose heads differ from ours costs a load here: a peer lists at
+        // most a page per Offer, so one frame cannot ask for more.
+        if offered.len() > OFFER_PAGE_DOCS {
+            return Err(ProtoError::Violation(format!(
+                "an Offer of {} documents, more than a page ({OFFER_PAGE_DOCS})",
+                offered.len()
+            )));
+        }
         let mut wants = Vec::new();
         for offer in offered {
             let id: DocId = offer

@@ -742,3 +742,27 @@ fn a_scan_asked_for_again_and_again_is_sent_a_bounded_number_of_times() {
         Err(ProtoError::Violation(_))
     ));
 }
+
+#[test]
+fn an_offer_longer_than_a_page_is_refused_before_any_document_is_loaded() {
+    use crate::proto::session::OFFER_PAGE_DOCS;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = pair(dir.path());
+    let held = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
+    apply_frame(&mut b, &[(&held, saved(&mut a.node, &held))]).unwrap();
+    let mut sb = session_past_hello(&mut b, &mut a);
+    // Bogus heads for a held document: each would cost a load of it.
+    let bogus = crate::proto::DocHeads {
+        id: held.clone(),
+        heads: vec![[3; 32]],
+    };
+    let offer = |n| Frame::Offer {
+        docs: vec![bogus.clone(); n],
+    };
+    land(&mut sb, &mut b, vec![offer(OFFER_PAGE_DOCS)]).unwrap();
+    let err = land(&mut sb, &mut b, vec![offer(OFFER_PAGE_DOCS + 1)]).unwrap_err();
+    assert!(
+        matches!(&err, ProtoError::Violation(why) if why.contains("more than a page")),
+        "{err}"
+    );
+}
