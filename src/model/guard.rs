@@ -51,7 +51,9 @@ pub fn check_inflated(bytes: &[u8], bytes_max: usize) -> Result<usize, GuardErro
     while !input.rest.is_empty() {
         let before = input.rest.len();
         if input.take(MAGIC.len() as u64)? != MAGIC {
-            return Err(GuardError::Malformed("a chunk does not start with the magic"));
+            return Err(GuardError::Malformed(
+                "a chunk does not start with the magic",
+            ));
         }
         let _checksum = input.take(4)?;
         let kind = input.take(1)?[0];
@@ -316,10 +318,16 @@ pub(crate) mod tests {
             &chunk(9, b"x")[..],
             &chunk(CHUNK_COMPRESSED, b"\xff\xff\xff")[..],
             &chunk(CHUNK_CHANGE, b"abc")[..5],
-            &[0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x7f][..],
+            &[
+                0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 1, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+                0xff, 0xff, 0x7f,
+            ][..],
         ] {
             assert!(
-                matches!(check_inflated(bad, INFLATED_BYTES_MAX), Err(GuardError::Malformed(_))),
+                matches!(
+                    check_inflated(bad, INFLATED_BYTES_MAX),
+                    Err(GuardError::Malformed(_))
+                ),
                 "{bad:?}"
             );
         }

@@ -64,8 +64,8 @@ impl Admission {
     pub fn admit(self: &Arc<Self>, source: IpAddr, validated: bool) -> Admit {
         let mut pending = self.state();
         let from_source = pending.by_source.get(&source).copied().unwrap_or(0);
-        let crowded = pending.total >= RETRY_ABOVE_HANDSHAKES
-            || from_source >= HANDSHAKES_PER_SOURCE_MAX;
+        let crowded =
+            pending.total >= RETRY_ABOVE_HANDSHAKES || from_source >= HANDSHAKES_PER_SOURCE_MAX;
         if crowded && !validated {
             return Admit::Retry;
         }
@@ -205,7 +205,10 @@ mod tests {
     fn a_remembered_mtu_that_failed_a_handshake_is_probed_until_a_peer_authenticates() {
         let paths = PathCache::new();
         paths.handshake_failed(ip(1));
-        assert!(!paths.failed(ip(1)), "nothing remembered, nothing to forget");
+        assert!(
+            !paths.failed(ip(1)),
+            "nothing remembered, nothing to forget"
+        );
         paths.set(ip(1), Some(1452));
         assert_eq!(paths.get(ip(1)), Some(1452));
         paths.handshake_failed(ip(1));

@@ -348,7 +348,10 @@ enum Event {
 
 /// Reads the next frame's length prefix; None at the stream's clean end. A frame longer than
 /// `frame_bytes_max` (the bound of this kind of stream) is refused before it is read.
-async fn read_len(recv: &mut RecvStream, frame_bytes_max: usize) -> Result<Option<usize>, NetError> {
+async fn read_len(
+    recv: &mut RecvStream,
+    frame_bytes_max: usize,
+) -> Result<Option<usize>, NetError> {
     let mut header = [0u8; 4];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
@@ -443,7 +446,8 @@ impl FrameRate {
     /// Takes one frame's token; returns how long to wait before reading it.
     fn take(&mut self, now: Instant) -> Duration {
         let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
-        self.tokens = (self.tokens + elapsed * CONTROL_FRAMES_PER_S).min(CONTROL_FRAMES_BURST) - 1.0;
+        self.tokens =
+            (self.tokens + elapsed * CONTROL_FRAMES_PER_S).min(CONTROL_FRAMES_BURST) - 1.0;
         self.at = now;
         if self.tokens >= 0.0 {
             Duration::ZERO
@@ -477,7 +481,10 @@ async fn next_control(
             .await
             .map_err(closed)?,
     );
-    Ok(Some((wire::decode_shared(&body)?, Queued { _permit: held })))
+    Ok(Some((
+        wire::decode_shared(&body)?,
+        Queued { _permit: held },
+    )))
 }
 
 async fn write_frame(send: &mut SendStream, frame: &Frame, level: i32) -> Result<(), NetError> {

@@ -957,10 +957,7 @@ fn issue12_half_open_handshakes_do_not_lock_out_an_enrolled_commune() {
     let province = province();
     // A small pool of authenticated sessions, so that a flood a debug build can take in a
     // second outnumbers it (the same holds for the default 256 and a larger flood).
-    set_sync_config(
-        &province,
-        &[("[sync]", "[sync]\nconnections_max = 32")],
-    );
+    set_sync_config(&province, &[("[sync]", "[sync]\nconnections_max = 32")]);
     let server = Server::start(&province);
     let commune = commune_of(&province, COMMUNE, &server);
     let target: SocketAddr = server.addr().parse().unwrap();
@@ -980,7 +977,10 @@ fn issue12_half_open_handshakes_do_not_lock_out_an_enrolled_commune() {
         .collect();
     rt.block_on(async {
         for (k, initial) in first.iter().enumerate() {
-            sources[k % sources.len()].send_to(initial, target).await.unwrap();
+            sources[k % sources.len()]
+                .send_to(initial, target)
+                .await
+                .unwrap();
             // Paced so that the daemon takes each in (a burst would overflow its socket).
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
@@ -1103,7 +1103,12 @@ fn automerge_bomb(mib: usize) -> Vec<u8> {
 fn peak_rss_mib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
-    line.split_whitespace().nth(1).unwrap().parse::<u64>().unwrap() / 1024
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        / 1024
 }
 
 #[test]
@@ -1146,7 +1151,9 @@ fn issue12_a_decompression_bomb_in_a_push_costs_the_daemon_little() {
     });
     let log = server.wait_log("decompression bomb", 1);
     assert!(
-        log.contains(&format!("sent document {d}: Automerge data inflates to more than")),
+        log.contains(&format!(
+            "sent document {d}: Automerge data inflates to more than"
+        )),
         "{log}"
     );
     let peak = peak_rss_mib(server.pid());
@@ -1168,7 +1175,14 @@ fn issue12_a_signed_bundle_carrying_a_decompression_bomb_is_refused() {
     let commune = enrolled(&province, COMMUNE, "commune");
     let d = id(&province.new_dispatch("8/UBND", &[COMMUNE], &[]));
     let out = province.file("for-tinhhuc.csb");
-    province.ok(&["bundle", "export", "--for", COMMUNE, "--out", &path_arg(&out)]);
+    province.ok(&[
+        "bundle",
+        "export",
+        "--for",
+        COMMUNE,
+        "--out",
+        &path_arg(&out),
+    ]);
     // The same bundle with its payload replaced by the bomb, signed again by the province's
     // own key: everything a bundle is checked for holds.
     let bundle = std::fs::read(&out).unwrap();
