@@ -1231,3 +1231,73 @@ fn issue12_a_signed_bundle_carrying_a_decompression_bomb_is_refused() {
     );
     assert_eq!(rows(&commune, "docs"), 0);
 }
+
+/// The memory the process `pid` holds now (VmRSS), in MiB.
+fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        / 1024
+}
+
+#[test]
+fn issue12_control_frames_a_busy_daemon_has_not_handled_yet_are_held_within_a_budget() {
+    use communesync::proto::{wire, DocHeads, Frame};
+    let province = province();
+    let server = Server::start(&province);
+    let commune = commune_of(&province, COMMUNE, &server);
+    let rt = crate::tree_util::runtime();
+    let conn = raw_connection(&rt, &commune, &server);
+    // The daemon's session has started (it opened its control stream) ...
+    let _theirs = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), conn.accept_uni())
+            .await
+            .unwrap()
+            .unwrap()
+    });
+    // ... and then waits for the database, which this test holds: it handles nothing while
+    // the frames below arrive.
+    let db = province.db();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let hello = Frame::Hello {
+        version: wire::VERSION,
+        feed_seq: 0,
+        have_from_you: 0,
+        crl_number: 0,
+    };
+    // Offers as large as a page may be, each document with the most heads allowed: 16.5 MB
+    // decoded each, a few KiB on the wire.
+    let offers: Vec<Vec<u8>> = (0..20u32)
+        .map(|frame| {
+            let docs = (0..2_000u32)
+                .map(|k| DocHeads {
+                    id: format!("dsp_{frame:08x}{k:08x}"),
+                    heads: vec![[7; 32]; 256],
+                })
+                .collect();
+            wire::encode(&Frame::Offer { docs }, 3)
+        })
+        .collect();
+    assert!(offers.iter().all(|o| o.len() < 64 << 10));
+    let before = rss_mib(server.pid());
+    let mut control = rt.block_on(conn.open_uni()).unwrap();
+    rt.block_on(async {
+        control.write_all(&[1]).await.unwrap();
+        control.write_all(&wire::encode(&hello, 1)).await.unwrap();
+        for offer in &offers {
+            control.write_all(offer).await.unwrap();
+        }
+    });
+    // Time for the daemon to read and decode all 20 (330 MB) if nothing held it back.
+    std::thread::sleep(Duration::from_secs(4));
+    let held = rss_mib(server.pid());
+    db.execute_batch("ROLLBACK").unwrap();
+    eprintln!("20 Offers of 16.5 MB decoded each sent to a busy daemon: RSS {before} MiB before, {held} MiB while it was busy");
+    assert!(held < before + 80, "RSS {before} -> {held} MiB");
+    drop(control);
+    server.finish();
+}
