@@ -17,6 +17,12 @@ use crate::store::{DocRecord, StoreError, WriteTx};
 use crate::trust::PeerIdentity;
 use crate::units::{is_within, parent};
 
+/// Shortest time between two regressions of one peer that this node honours (each costs an
+/// offer of the peer's whole scope from where it says it is).
+const PEER_REGRESSION_INTERVAL_MS: i64 = 10 * 60 * 1000;
+/// Meta key (followed by the peer's node id) of when that peer last regressed.
+const REGRESSED_AT_META: &str = "peer_regressed_at_ms:";
+
 /// Whether `peer` sits above `me` in the tree (then it relays others' changes and is trusted to
 /// have checked them); otherwise it may only write what its own subtree authored.
 pub fn is_upstream(peer_unit: &str, me: &str) -> bool {
@@ -375,10 +381,33 @@ impl Replica for NodeReplica<'_> {
 
     fn peer_regressed(&mut self, have: u64) -> Result<(), ProtoError> {
         let id = self.peer_id.clone();
+        // Each regression makes this node offer the peer's whole scope again from `have`: a
+        // peer restored from a backup needs it once, a peer claiming it at every session would
+        // have this node resend everything each time.
+        let key = format!("{REGRESSED_AT_META}{id}");
+        let now = now_ms();
+        let last: Option<i64> = self
+            .node
+            .store
+            .meta(&key)
+            .map_err(local)?
+            .and_then(|at| at.parse().ok());
+        if let Some(last) = last.filter(|at| now - at < PEER_REGRESSION_INTERVAL_MS) {
+            return Err(ProtoError::Refused(format!(
+                "node {} ({}) again holds less of this node's feed than it acknowledged ({have}), {} s after the last time; once per {} min is honoured: sync again later",
+                self.peer.node_id,
+                self.peer.unit,
+                (now - last) / 1000,
+                PEER_REGRESSION_INTERVAL_MS / 60_000
+            )));
+        }
         warn!(peer = %self.peer.unit, have, "peer holds less than it acknowledged (restored from a backup?): offering again");
         self.node
             .store
-            .write(|tx| tx.peer_regressed(&id, have as i64))
+            .write(|tx| {
+                tx.peer_regressed(&id, have as i64)?;
+                tx.set_meta(&key, &now.to_string())
+            })
             .map_err(local)
     }
 

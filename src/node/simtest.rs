@@ -766,3 +766,24 @@ fn an_offer_longer_than_a_page_is_refused_before_any_document_is_loaded() {
         "{err}"
     );
 }
+
+#[test]
+fn a_peer_that_keeps_claiming_to_have_lost_our_feed_is_honoured_once_per_interval() {
+    use crate::proto::Replica;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, _b) = pair(dir.path());
+    let mut r = NodeReplica::new(&mut a.node, a.peer.clone());
+    r.set_acked_by_peer(40).unwrap();
+    // Restored from a backup: offered again from what it holds.
+    r.peer_regressed(10).unwrap();
+    assert_eq!(r.acked_by_peer().unwrap(), 10);
+    // It acknowledges everything again, then says the same at its next session: refused,
+    // with the reason, and the checkpoint stays.
+    r.set_acked_by_peer(40).unwrap();
+    let err = r.peer_regressed(0).unwrap_err();
+    assert!(
+        matches!(&err, ProtoError::Refused(why) if why.contains("again holds less") && why.contains("sync again later")),
+        "{err}"
+    );
+    assert_eq!(r.acked_by_peer().unwrap(), 40);
+}
