@@ -39,15 +39,27 @@ pub enum GuardError {
     Malformed(&'static str),
 }
 
-/// Counts the bytes Automerge would hold after inflating `bytes` (its chunks as they are, plus
-/// every compressed part inflated), refusing as soon as the count passes `bytes_max`. Memory
-/// stays at one [`INFLATE_STEP_BYTES`] buffer; time at inflating `bytes_max` bytes.
-pub fn check_inflated(bytes: &[u8], bytes_max: usize) -> Result<usize, GuardError> {
+/// What a walk of Automerge bytes found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Inflated {
+    /// The bytes Automerge would hold: the chunks as they are, plus every compressed part
+    /// inflated.
+    pub bytes: usize,
+    /// Whether the first chunk is a document chunk (what `save()` writes first), the only
+    /// shape a strict `load` accepts whole.
+    pub document_first: bool,
+}
+
+/// Counts the bytes Automerge would hold after inflating `bytes`, refusing as soon as the
+/// count passes `bytes_max`. Memory stays at one [`INFLATE_STEP_BYTES`] buffer; time at
+/// inflating `bytes_max` bytes.
+pub fn check_inflated(bytes: &[u8], bytes_max: usize) -> Result<Inflated, GuardError> {
     let mut count = Count {
         bytes: 0,
         bytes_max,
     };
     let mut input = Cursor { rest: bytes };
+    let mut document_first = None;
     while !input.rest.is_empty() {
         let before = input.rest.len();
         if input.take(MAGIC.len() as u64)? != MAGIC {
@@ -60,6 +72,7 @@ pub fn check_inflated(bytes: &[u8], bytes_max: usize) -> Result<usize, GuardErro
         let len = input.leb()?;
         let data = input.take(len)?;
         count.add(before - input.rest.len())?;
+        document_first.get_or_insert(kind == CHUNK_DOCUMENT);
         match kind {
             CHUNK_DOCUMENT => document_columns(data, &mut count)?,
             CHUNK_COMPRESSED => count.inflate(data)?,
@@ -68,7 +81,10 @@ pub fn check_inflated(bytes: &[u8], bytes_max: usize) -> Result<usize, GuardErro
             _ => return Err(GuardError::Malformed("unknown chunk type")),
         }
     }
-    Ok(count.bytes)
+    Ok(Inflated {
+        bytes: count.bytes,
+        document_first: document_first.unwrap_or(false),
+    })
 }
 
 /// Walks a document chunk as Automerge parses it (actors, heads, change and op column
@@ -262,7 +278,9 @@ pub(crate) mod tests {
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
         // Below the bound the same shape is only counted.
         assert_eq!(
-            check_inflated(&change_bomb(2), INFLATED_BYTES_MAX).unwrap(),
+            check_inflated(&change_bomb(2), INFLATED_BYTES_MAX)
+                .unwrap()
+                .bytes,
             (2 << 20) + change_bomb(2).len()
         );
     }
@@ -275,7 +293,7 @@ pub(crate) mod tests {
         ));
         let small = document_bomb(1);
         assert_eq!(
-            check_inflated(&small, INFLATED_BYTES_MAX).unwrap(),
+            check_inflated(&small, INFLATED_BYTES_MAX).unwrap().bytes,
             small.len() + (1 << 20)
         );
         // Chunks add up: two documents of 20 MiB each pass alone, not together.
@@ -297,12 +315,24 @@ pub(crate) mod tests {
         doc.commit();
         let saved = doc.save();
         let inflated = check_inflated(&saved, INFLATED_BYTES_MAX).unwrap();
-        assert!(inflated > 2 * saved.len(), "{inflated} vs {}", saved.len());
+        assert!(inflated.document_first);
+        assert!(
+            inflated.bytes > 2 * saved.len(),
+            "{} vs {}",
+            inflated.bytes,
+            saved.len()
+        );
         let after = doc.save_after(&heads);
-        assert!(check_inflated(&after, INFLATED_BYTES_MAX).is_ok());
+        assert!(
+            !check_inflated(&after, INFLATED_BYTES_MAX)
+                .unwrap()
+                .document_first
+        );
         let uncompressed = doc.save_nocompress();
         assert_eq!(
-            check_inflated(&uncompressed, INFLATED_BYTES_MAX).unwrap(),
+            check_inflated(&uncompressed, INFLATED_BYTES_MAX)
+                .unwrap()
+                .bytes,
             uncompressed.len()
         );
         // A snapshot followed by incremental chunks, as the store keeps them.

@@ -2,6 +2,7 @@
 //! way out, and scope, authorship and integrity checks on the way in.
 
 use std::collections::HashSet;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 
 use automerge::{AutoCommit, ChangeHash};
@@ -92,7 +93,18 @@ struct Sender<'a> {
     me: &'a str,
     /// Whether the sender may relay changes authored by others ([`is_trusted_relay`]).
     upstream: bool,
+    /// What the frame's documents inflate to so far ([`FRAME_INFLATED_BYTES_MAX`]); the
+    /// checking threads add to it as they go.
+    inflated: AtomicUsize,
 }
+
+/// Most bytes all documents of one frame may inflate to together. Each checking thread holds
+/// up to 16 checked documents ahead of the store, and every inflated byte costs Automerge two
+/// SHA-256 passes and a copy as it loads: a frame of documents each just under
+/// [`guard::INFLATED_BYTES_MAX`] would cost that many times over. Twice the bound of one
+/// document: a sender starts a new Changes frame after 2 MiB of changes, and sends a document of
+/// up to 8 MiB alone.
+const FRAME_INFLATED_BYTES_MAX: usize = 2 * guard::INFLATED_BYTES_MAX;
 
 /// Why applying a frame stopped: the sender's fault, or this node's store.
 enum ApplyError {
@@ -188,24 +200,50 @@ impl Sender<'_> {
         ))
     }
 
-    /// Refuses bytes that Automerge would inflate past [`guard::INFLATED_BYTES_MAX`], before
-    /// Automerge allocates them (it inflates without a limit).
-    fn guard(&self, id: &DocId, bytes: &[u8]) -> Result<(), ProtoError> {
-        guard::check_inflated(bytes, guard::INFLATED_BYTES_MAX)
-            .map(drop)
-            .map_err(|e| self.refuse(id.as_str(), e.to_string()))
+    /// Refuses bytes that Automerge would inflate past [`guard::INFLATED_BYTES_MAX`], or past
+    /// what is left of the frame's [`FRAME_INFLATED_BYTES_MAX`], before Automerge allocates them
+    /// (it inflates without a limit).
+    fn guard(&self, id: &DocId, bytes: &[u8]) -> Result<guard::Inflated, ProtoError> {
+        let left = FRAME_INFLATED_BYTES_MAX.saturating_sub(self.inflated.load(Ordering::Relaxed));
+        let frame_full = || {
+            self.refuse(
+                id.as_str(),
+                format!(
+                    "the frame's documents inflate to more than {FRAME_INFLATED_BYTES_MAX} bytes together; send fewer per frame"
+                ),
+            )
+        };
+        let inflated = match guard::check_inflated(bytes, guard::INFLATED_BYTES_MAX.min(left)) {
+            Ok(inflated) => inflated,
+            Err(guard::GuardError::TooLarge { .. }) if left < guard::INFLATED_BYTES_MAX => {
+                return Err(frame_full())
+            }
+            Err(e) => return Err(self.refuse(id.as_str(), e.to_string())),
+        };
+        let total = self.inflated.fetch_add(inflated.bytes, Ordering::Relaxed) + inflated.bytes;
+        if total > FRAME_INFLATED_BYTES_MAX {
+            return Err(frame_full());
+        }
+        Ok(inflated)
     }
 
     /// Loads a document this node does not hold from the bytes received and checks it. Needs
     /// no store, so it runs beside the transaction.
     fn check_new(&self, id: &DocId, bytes: &[u8]) -> Result<Checked, ProtoError> {
-        self.guard(id, bytes)?;
+        let inflated = self.guard(id, bytes)?;
         // A new document sent whole (`save()`) loads strictly; its bytes are then stored as
         // they came, instead of saving the parsed document again. Anything else (changes
-        // without a document chunk, or a partial load) goes through `load_incremental`.
-        let (mut doc, whole) = match AutoCommit::load(bytes) {
-            Ok(doc) => (doc, true),
-            Err(_) => (AutoCommit::new(), false),
+        // without a document chunk, or a partial load) goes through `load_incremental`, at
+        // once when the bytes do not start with a document chunk (a second load would cost
+        // a second pass over everything they inflate to).
+        let strict = if inflated.document_first {
+            AutoCommit::load(bytes).ok()
+        } else {
+            None
+        };
+        let (mut doc, whole) = match strict {
+            Some(doc) => (doc, true),
+            None => (AutoCommit::new(), false),
         };
         if !whole {
             doc.load_incremental(bytes)
@@ -559,6 +597,7 @@ impl Replica for NodeReplica<'_> {
             peer: &self.peer,
             me: &me,
             upstream: is_trusted_relay(&self.peer.unit, &me),
+            inflated: AtomicUsize::new(0),
         };
         let peer_id = &self.peer_id;
         // One transaction for the frame: it is stored whole or not at all. Which documents are
@@ -610,5 +649,41 @@ impl Replica for NodeReplica<'_> {
 
     fn missing_blobs(&mut self, limit: usize) -> Result<Vec<(Hash32, u64)>, ProtoError> {
         self.node.store.missing_blobs(limit).map_err(local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::units::Role;
+
+    #[test]
+    fn the_documents_of_one_frame_inflate_within_a_budget_together() {
+        let dir = tempfile::tempdir().unwrap();
+        Node::init(dir.path(), "qn/binhlieu", Role::District, "lan").unwrap();
+        let node = Node::open(dir.path()).unwrap();
+        let peer = PeerIdentity {
+            node_id: node.node_id(),
+            unit: "qn".into(),
+            role: Role::Province,
+            serial: vec![1],
+        };
+        let sender = Sender {
+            peer: &peer,
+            me: "qn/binhlieu",
+            upstream: true,
+            inflated: AtomicUsize::new(0),
+        };
+        let id: DocId = "dsp_0123456789abcdef".parse().unwrap();
+        // Each just under the bound of one document: two fit a frame, the third does not.
+        let near = guard::tests::change_bomb(30);
+        for _ in 0..2 {
+            sender.guard(&id, &near).unwrap();
+        }
+        let err = sender.guard(&id, &near).unwrap_err();
+        assert!(
+            matches!(&err, ProtoError::Refused(why) if why.contains("inflate to more than 67108864 bytes together")),
+            "{err}"
+        );
     }
 }

@@ -1164,6 +1164,40 @@ fn issue12_a_decompression_bomb_in_a_push_costs_the_daemon_little() {
     );
     assert!(peak < before + 100, "peak RSS {before} -> {peak} MiB");
     assert!(doc_heads(&province, &d).is_none());
+
+    // Just under the bound, many at once: 64 documents each inflating to 31 MiB, checked on
+    // every checking thread. Automerge inflates each and refuses it; memory stays bounded.
+    let conn = raw_connection(&rt, &commune, &server);
+    let docs = (0..64)
+        .map(|_| DocChanges {
+            id: d.clone(),
+            heads: vec![[1; 32]],
+            data: automerge_bomb(31),
+        })
+        .collect();
+    let push = wire::encode(&Frame::Push { docs }, 19);
+    let started = Instant::now();
+    rt.block_on(async {
+        let mut control = conn.open_uni().await.unwrap();
+        control.write_all(&[1]).await.unwrap();
+        control.write_all(&wire::encode(&hello, 1)).await.unwrap();
+        control.write_all(&push).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(60), conn.closed())
+            .await
+            .expect("the daemon ends the session")
+    });
+    let log = server.wait_log("changes do not decode", 1);
+    assert!(log.contains("changes do not decode"), "{log}");
+    let peak_under = peak_rss_mib(server.pid());
+    eprintln!(
+        "64 documents of 31 MiB inflated each in a {}-byte Push refused in {:?}; daemon peak RSS {peak_under} MiB",
+        push.len(),
+        started.elapsed()
+    );
+    assert!(
+        peak_under < before + 300,
+        "peak RSS {before} -> {peak_under} MiB"
+    );
     server.finish();
 }
 
