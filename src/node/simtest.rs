@@ -727,6 +727,32 @@ fn a_scan_asked_for_again_and_again_is_sent_a_bounded_number_of_times() {
         .filter(|f| matches!(f, Frame::BlobMissing { hash, .. } if *hash == scan))
         .count();
     assert_eq!(missing, 3);
+    // A session counts sends of so many different scans, and answers the next as missing.
+    for k in 0..(crate::proto::session::SCANS_COUNTED_MAX as u32 / 256) {
+        let blobs = (0..256u32)
+            .map(|j| {
+                let mut h = [1u8; 32];
+                h[..4].copy_from_slice(&(k * 256 + j).to_be_bytes());
+                (h, 0)
+            })
+            .collect();
+        land(&mut sa, &mut a, vec![Frame::BlobWant { blobs }]).unwrap();
+    }
+    while sa.poll_action().is_some() {}
+    flight(&mut sa, &mut a);
+    let late = [2u8; 32];
+    land(
+        &mut sa,
+        &mut a,
+        vec![Frame::BlobWant {
+            blobs: vec![(late, 0)],
+        }],
+    )
+    .unwrap();
+    assert!(sa.poll_action().is_none());
+    assert!(flight(&mut sa, &mut a)
+        .iter()
+        .any(|f| matches!(f, Frame::BlobMissing { hash, .. } if *hash == late)));
     // A BlobWant longer than any a peer sends is refused whole.
     let flood = Frame::BlobWant {
         blobs: (0..=crate::proto::session::BLOB_WANT_MAX as u32)

@@ -27,6 +27,10 @@ pub const BLOB_WANT_MAX: usize = 256;
 /// retries of unavailable scans), and a scan that failed this often will not pass now. Past it,
 /// the scan is answered as missing, so a peer asking in a loop costs no resend.
 pub const BLOB_SENDS_PER_SCAN_MAX: u32 = 4;
+/// Different scans one session counts sends of (about 3 MB): past it, a scan not yet asked for
+/// is answered as missing (a session that asked for this many has asked for the rest of a
+/// field link's week; the next session serves them).
+pub const SCANS_COUNTED_MAX: usize = 65_536;
 /// Frames queued before the session stops paging more offers (bounds memory).
 const QUEUE_FRAMES_MAX: usize = 8;
 /// Documents of at least this priority rank (urgent and above) are pushed with their offer.
@@ -161,8 +165,12 @@ impl Owed {
         self.docs.remove(&self.keys.hash_one(id))
     }
 
-    /// Counts one more send of `hash`; false past [`BLOB_SENDS_PER_SCAN_MAX`].
+    /// Counts one more send of `hash`; false past [`BLOB_SENDS_PER_SCAN_MAX`], or for a new
+    /// scan once [`SCANS_COUNTED_MAX`] are counted.
     fn send_scan(&mut self, hash: Hash32) -> bool {
+        if self.scans_sent.len() >= SCANS_COUNTED_MAX && !self.scans_sent.contains_key(&hash) {
+            return false;
+        }
         let sent = self.scans_sent.entry(hash).or_default();
         *sent += 1;
         *sent <= BLOB_SENDS_PER_SCAN_MAX
