@@ -13,9 +13,11 @@ use std::time::Duration;
 /// never a slot of the authenticated pool (`sync.connections_max`), so sources that never show a
 /// certificate cannot lock out enrolled peers.
 pub const HANDSHAKES_MAX: usize = 64;
-/// Handshakes in progress from one source address. Communes behind one NAT share an address;
-/// each reconnects with a single handshake, so four leave room for several at once.
-pub const HANDSHAKES_PER_SOURCE_MAX: usize = 4;
+/// Handshakes in progress from one source address. Communes behind one NAT share an address
+/// (a mobile carrier's NAT puts many behind a few); each reconnects with a single handshake, so
+/// eight leave room for several at once, while one address can hold at most an eighth of
+/// [`HANDSHAKES_MAX`].
+pub const HANDSHAKES_PER_SOURCE_MAX: usize = 8;
 /// Past this many handshakes in progress, a source whose address QUIC has not validated is
 /// sent a Retry: it must echo a token (one more round trip) before it costs a handshake, which
 /// a flood of forged or fire-and-forget Initials never does.
