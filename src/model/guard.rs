@@ -12,8 +12,9 @@ use flate2::bufread::DeflateDecoder;
 
 /// Most bytes one document's received bytes may come to once inflated, all chunks together.
 /// Four times the largest document a peer sends in one frame (`DOC_CHANGES_BYTES_MAX`, 8 MiB):
-/// Automerge's own columns deflate about 2-4 times, and four checking threads each holding this
-/// much (plus Automerge's copy of it) stay well under the 512 MB a node may spend on a peer.
+/// Automerge's own columns deflate about 2-4 times. The documents of one frame together get
+/// twice this (node/replica.rs), so what Automerge inflates at once, with its copies, stays far
+/// under the 512 MB a node may spend on a peer.
 pub const INFLATED_BYTES_MAX: usize = 32 << 20;
 
 /// Automerge's chunk magic.
@@ -45,8 +46,8 @@ pub struct Inflated {
     /// The bytes Automerge would hold: the chunks as they are, plus every compressed part
     /// inflated.
     pub bytes: usize,
-    /// Whether the first chunk is a document chunk (what `save()` writes first), the only
-    /// shape a strict `load` accepts whole.
+    /// Whether the first chunk is a document chunk (what `save()` writes first): only then is
+    /// a strict `load`, which takes the bytes whole, worth trying.
     pub document_first: bool,
 }
 
