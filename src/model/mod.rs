@@ -7,6 +7,7 @@ pub mod assignment;
 pub mod authz;
 pub mod dispatch;
 pub mod dossier;
+pub mod guard;
 
 use std::cell::{Ref, RefCell};
 use std::fmt;

@@ -71,6 +71,13 @@ const FIRST_CHUNK_LEVEL_MAX: i32 = 9;
 /// Chunk frames a receiver reads off its stream ahead of verifying and storing them: the stream
 /// keeps flowing while a batch is committed.
 const FRAMES_AHEAD_MAX: usize = 4;
+/// Largest first frame of a scan stream: a manifest of the most chunks a frame may list, its
+/// fields and header. Anything larger is refused before it is read.
+const SCAN_HEADER_FRAME_BYTES_MAX: usize = wire::ITEMS_MAX * 32 + 256;
+/// Largest later frame of a scan stream: one chunk (never larger compressed: a chunk that does
+/// not shrink is sent raw) and its fields. A control stream allows 16 MiB; a scan stream needs
+/// no more than this.
+const SCAN_CHUNK_FRAME_BYTES_MAX: usize = CHUNK_BYTES + 64;
 
 /// One BlobChunk frame as its header and its data (whose size the rate limit counts), written to
 /// the stream as two `Bytes` so the data reaches QUIC's send buffer without a copy.
@@ -200,7 +207,7 @@ pub(super) async fn receive(
     recv: &mut RecvStream,
     dir: &Path,
 ) -> Result<Hash32, (Option<Hash32>, NetError)> {
-    let header = match read_frame(recv).await {
+    let header = match read_frame(recv, SCAN_HEADER_FRAME_BYTES_MAX).await {
         Ok(Some(f)) => f,
         Ok(None) => {
             return Err((
@@ -224,7 +231,7 @@ pub(super) async fn receive(
     let sink = tokio::task::spawn_blocking(move || store_scan(&db, header, rx));
     for _ in 0..expected {
         let frame = tokio::select! {
-            frame = read_frame(recv) => frame,
+            frame = read_frame(recv, SCAN_CHUNK_FRAME_BYTES_MAX) => frame,
             // The sink refused the scan or a chunk: stop reading, its error says why.
             () = tx.closed() => break,
         };

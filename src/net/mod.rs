@@ -1,6 +1,7 @@
 //! QUIC transport: quinn endpoints with mutual TLS that drive [`crate::proto`] sessions over
 //! real streams: one control stream each way, one data stream per scan in transit.
 
+pub mod admit;
 mod blobs;
 mod pace;
 
@@ -29,6 +30,17 @@ const CONTROL_LEVEL: i32 = 3;
 const BLOB_SENDERS: usize = 2;
 /// Scans received at once per connection.
 const BLOB_RECEIVERS_MAX: usize = 4;
+/// Bytes of control frames a connection may hold received but not yet handled, wire and
+/// decoded together: one frame of the largest size (the session handles one at a time; smaller
+/// frames pipeline within it).
+const CONTROL_QUEUED_BYTES_MAX: usize = wire::FRAME_BYTES_MAX + wire::FRAME_RAW_BYTES_MAX;
+/// Control frames a peer may send per second, sustained. A session sends a few dozen frames to
+/// move 10,000 documents and about one a second while idle; each frame may cost this side a
+/// store query or a document load, so a faster peer is read only at this pace (QUIC's flow
+/// control then holds it back).
+const CONTROL_FRAMES_PER_S: f64 = 500.0;
+/// Control frames a peer may send at once before the pace applies.
+const CONTROL_FRAMES_BURST: f64 = 2_000.0;
 /// Push ticks between asking again for scans the peer could not give.
 const RETRY_UNAVAILABLE_TICKS: u64 = 15;
 /// Longest reason text sent in a CONNECTION_CLOSE frame.
@@ -399,7 +411,7 @@ fn silence_max(floor: Duration, rtt: Duration) -> Duration {
 }
 
 enum Event {
-    Frame(Frame),
+    Frame(Frame, Queued),
     ControlEnded,
     BlobDone(Hash32, bool),
     BlobAlreadyStored(Hash32),
@@ -407,11 +419,12 @@ enum Event {
     Failed(NetError),
 }
 
-async fn read_frame(recv: &mut RecvStream) -> Result<Option<Frame>, NetError> {
-    let lost = |e: String| NetError::Lost {
-        peer: "peer".into(),
-        reason: e,
-    };
+/// Reads the next frame's length prefix; None at the stream's clean end. A frame longer than
+/// `frame_bytes_max` (the bound of this kind of stream) is refused before it is read.
+async fn read_len(
+    recv: &mut RecvStream,
+    frame_bytes_max: usize,
+) -> Result<Option<usize>, NetError> {
     let mut header = [0u8; 4];
     match recv.read_exact(&mut header).await {
         Ok(()) => {}
@@ -419,6 +432,17 @@ async fn read_frame(recv: &mut RecvStream) -> Result<Option<Frame>, NetError> {
         Err(e) => return Err(lost(e.to_string())),
     }
     let len = wire::frame_len(header)?;
+    if len > frame_bytes_max {
+        return Err(ProtoError::Violation(format!(
+            "a frame of {len} bytes on a stream whose frames are at most {frame_bytes_max}"
+        ))
+        .into());
+    }
+    Ok(Some(len))
+}
+
+/// Reads a frame's `len` bytes after its length prefix.
+async fn read_body(recv: &mut RecvStream, len: usize) -> Result<bytes::Bytes, NetError> {
     // Read as QUIC's own chunks into one buffer (not zeroed first), which a scan chunk's data
     // then shares: one copy from the stream to the store.
     let mut body = Vec::with_capacity(len);
@@ -429,7 +453,111 @@ async fn read_frame(recv: &mut RecvStream) -> Result<Option<Frame>, NetError> {
             Err(e) => return Err(lost(e.to_string())),
         }
     }
-    Ok(Some(wire::decode_shared(&body.into())?))
+    Ok(body.into())
+}
+
+fn lost(reason: String) -> NetError {
+    NetError::Lost {
+        peer: "peer".into(),
+        reason,
+    }
+}
+
+/// Reads one frame of at most `frame_bytes_max` bytes; None at the stream's clean end.
+async fn read_frame(
+    recv: &mut RecvStream,
+    frame_bytes_max: usize,
+) -> Result<Option<Frame>, NetError> {
+    let Some(len) = read_len(recv, frame_bytes_max).await? else {
+        return Ok(None);
+    };
+    Ok(Some(wire::decode_shared(&read_body(recv, len).await?)?))
+}
+
+/// A received control frame's share of [`CONTROL_QUEUED_BYTES_MAX`], given back once the
+/// session has handled the frame.
+struct Queued {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Reads the control stream into `events` until it ends or fails.
+async fn read_control(mut recv: RecvStream, events: mpsc::Sender<Event>) {
+    let queued = Arc::new(tokio::sync::Semaphore::new(CONTROL_QUEUED_BYTES_MAX));
+    let mut rate = FrameRate::new(Instant::now());
+    loop {
+        let wait = rate.take(Instant::now());
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+        }
+        let event = match next_control(&mut recv, &queued).await {
+            Ok(Some((frame, held))) => Event::Frame(frame, held),
+            Ok(None) => Event::ControlEnded,
+            Err(e) => Event::Failed(e),
+        };
+        let last = !matches!(event, Event::Frame(..));
+        if events.send(event).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// A token bucket of control frames: [`CONTROL_FRAMES_BURST`] at once, then
+/// [`CONTROL_FRAMES_PER_S`].
+struct FrameRate {
+    tokens: f64,
+    at: Instant,
+}
+
+impl FrameRate {
+    fn new(now: Instant) -> Self {
+        FrameRate {
+            tokens: CONTROL_FRAMES_BURST,
+            at: now,
+        }
+    }
+
+    /// Takes one frame's token; returns how long to wait before reading it.
+    fn take(&mut self, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens =
+            (self.tokens + elapsed * CONTROL_FRAMES_PER_S).min(CONTROL_FRAMES_BURST) - 1.0;
+        self.at = now;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / CONTROL_FRAMES_PER_S)
+        }
+    }
+}
+
+/// The next control frame, within the connection's budget of queued control bytes: what it
+/// takes on the wire, then decoded, is reserved before it is read, then before it is
+/// decompressed, so a peer that sends faster than the session handles waits (QUIC's flow
+/// control then holds it back) instead of filling this node's memory.
+async fn next_control(
+    recv: &mut RecvStream,
+    queued: &Arc<tokio::sync::Semaphore>,
+) -> Result<Option<(Frame, Queued)>, NetError> {
+    let Some(len) = read_len(recv, wire::FRAME_BYTES_MAX).await? else {
+        return Ok(None);
+    };
+    let reserve = |n: usize| {
+        // Never more than the budget holds: frame_len and decoded_bytes are bounded below it.
+        let n = u32::try_from(n).expect("bounded by CONTROL_QUEUED_BYTES_MAX");
+        queued.clone().acquire_many_owned(n)
+    };
+    let closed = |_| NetError::Setup("the control budget closed".into());
+    let mut held = reserve(len).await.map_err(closed)?;
+    let body = read_body(recv, len).await?;
+    held.merge(
+        reserve(wire::decoded_bytes(&body)? - len)
+            .await
+            .map_err(closed)?,
+    );
+    Ok(Some((
+        wire::decode_shared(&body)?,
+        Queued { _permit: held },
+    )))
 }
 
 async fn write_frame(send: &mut SendStream, frame: &Frame, level: i32) -> Result<(), NetError> {
@@ -445,6 +573,7 @@ async fn write_frame(send: &mut SendStream, frame: &Frame, level: i32) -> Result
 fn spawn_acceptor(conn: quinn::Connection, dir: PathBuf, events: mpsc::Sender<Event>) {
     tokio::spawn(async move {
         let receivers = Arc::new(tokio::sync::Semaphore::new(BLOB_RECEIVERS_MAX));
+        let mut control_seen = false;
         while let Ok(mut recv) = conn.accept_uni().await {
             let mut tag = [0u8; 1];
             if recv.read_exact(&mut tag).await.is_err() {
@@ -452,26 +581,20 @@ fn spawn_acceptor(conn: quinn::Connection, dir: PathBuf, events: mpsc::Sender<Ev
             }
             let events = events.clone();
             match tag[0] {
+                STREAM_CONTROL if control_seen => {
+                    // One control stream per connection: a second would double what the peer
+                    // may queue here, and a well-behaved peer never opens one.
+                    let _ = events
+                        .send(Event::Failed(
+                            ProtoError::Violation("the peer opened a second control stream".into())
+                                .into(),
+                        ))
+                        .await;
+                    break;
+                }
                 STREAM_CONTROL => {
-                    tokio::spawn(async move {
-                        loop {
-                            match read_frame(&mut recv).await {
-                                Ok(Some(frame)) => {
-                                    if events.send(Event::Frame(frame)).await.is_err() {
-                                        break;
-                                    }
-                                }
-                                Ok(None) => {
-                                    let _ = events.send(Event::ControlEnded).await;
-                                    break;
-                                }
-                                Err(e) => {
-                                    let _ = events.send(Event::Failed(e)).await;
-                                    break;
-                                }
-                            }
-                        }
-                    });
+                    control_seen = true;
+                    tokio::spawn(read_control(recv, events));
                 }
                 STREAM_BLOB => {
                     let Ok(permit) = receivers.clone().acquire_owned().await else {
@@ -651,7 +774,7 @@ pub async fn run_session(
                 event = events.recv() => {
                     let mut replica = NodeReplica::new(&mut node, peer.clone());
                     match event {
-                        Some(Event::Frame(frame)) => {
+                        Some(Event::Frame(frame, _queued)) => {
                             if sent_since_receive {
                                 report.round_trips += 1;
                                 sent_since_receive = false;
@@ -912,5 +1035,29 @@ mod tests {
         );
         server.close(0u32.into(), b"");
         sim.shutdown().await;
+    }
+
+    #[test]
+    fn a_peer_sending_control_frames_faster_than_the_budget_is_read_at_its_pace() {
+        let start = Instant::now();
+        let mut rate = FrameRate::new(start);
+        // A burst is read at once...
+        for _ in 0..CONTROL_FRAMES_BURST as usize {
+            assert_eq!(rate.take(start), Duration::ZERO);
+        }
+        // ...then each further frame waits its share of a second, however fast they come.
+        let wait = rate.take(start);
+        assert_eq!(wait, Duration::from_secs_f64(1.0 / CONTROL_FRAMES_PER_S));
+        let later = start + wait;
+        assert_eq!(
+            rate.take(later),
+            Duration::from_secs_f64(1.0 / CONTROL_FRAMES_PER_S)
+        );
+        // A quiet peer earns its burst back, and no more.
+        let rested = later + Duration::from_secs(3600);
+        for _ in 0..CONTROL_FRAMES_BURST as usize {
+            assert_eq!(rate.take(rested), Duration::ZERO);
+        }
+        assert!(rate.take(rested) > Duration::ZERO);
     }
 }

@@ -2,19 +2,27 @@
 //! way out, and scope, authorship and integrity checks on the way in.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
 
 use automerge::{AutoCommit, ChangeHash};
 use tracing::warn;
 
 use super::{now_ms, Node};
-use crate::model::{self, ChangeNote, DocId, DocView};
+use crate::model::{self, guard, ChangeNote, DocId, DocView};
+use crate::proto::session::OFFER_PAGE_DOCS;
 use crate::proto::{Applied, DocChanges, DocHeads, Hash32, ProtoError, Replica};
 use crate::store::docs::{decode_heads, encode_heads, SaveHints};
 use crate::store::sync::Scope;
 use crate::store::{DocRecord, StoreError, WriteTx};
 use crate::trust::PeerIdentity;
 use crate::units::{is_within, parent};
+
+/// Shortest time between two regressions of one peer that this node honours (each costs an
+/// offer of the peer's whole scope from where it says it is).
+const PEER_REGRESSION_INTERVAL_MS: i64 = 10 * 60 * 1000;
+/// Meta key (followed by the peer's node id) of when that peer last regressed.
+const REGRESSED_AT_META: &str = "peer_regressed_at_ms:";
 
 /// Whether `peer` sits above `me` in the tree (then it relays others' changes and is trusted to
 /// have checked them); otherwise it may only write what its own subtree authored.
@@ -112,7 +120,18 @@ struct Sender<'a> {
     /// The unit of every node whose certificate this node has seen (node id in hex → unit):
     /// an actor belongs to the node whose key it is derived from.
     actors: HashMap<String, String>,
+    /// What the frame's documents inflate to so far ([`FRAME_INFLATED_BYTES_MAX`]); the
+    /// checking threads add to it as they go.
+    inflated: AtomicUsize,
 }
+
+/// Most bytes all documents of one frame may inflate to together. Each checking thread holds
+/// up to 16 checked documents ahead of the store, and every inflated byte costs Automerge two
+/// SHA-256 passes and a copy as it loads: a frame of documents each just under
+/// [`guard::INFLATED_BYTES_MAX`] would cost that many times over. Twice the bound of one
+/// document: a sender starts a new Changes frame after 2 MiB of changes, and sends a document of
+/// up to 8 MiB alone.
+const FRAME_INFLATED_BYTES_MAX: usize = 2 * guard::INFLATED_BYTES_MAX;
 
 /// Why applying a frame stopped: the sender's fault, or this node's store.
 enum ApplyError {
@@ -208,15 +227,50 @@ impl Sender<'_> {
         ))
     }
 
+    /// Refuses bytes that Automerge would inflate past [`guard::INFLATED_BYTES_MAX`], or past
+    /// what is left of the frame's [`FRAME_INFLATED_BYTES_MAX`], before Automerge allocates them
+    /// (it inflates without a limit).
+    fn guard(&self, id: &DocId, bytes: &[u8]) -> Result<guard::Inflated, ProtoError> {
+        let left = FRAME_INFLATED_BYTES_MAX.saturating_sub(self.inflated.load(Ordering::Relaxed));
+        let frame_full = || {
+            self.refuse(
+                id.as_str(),
+                format!(
+                    "the frame's documents inflate to more than {FRAME_INFLATED_BYTES_MAX} bytes together; send fewer per frame"
+                ),
+            )
+        };
+        let inflated = match guard::check_inflated(bytes, guard::INFLATED_BYTES_MAX.min(left)) {
+            Ok(inflated) => inflated,
+            Err(guard::GuardError::TooLarge { .. }) if left < guard::INFLATED_BYTES_MAX => {
+                return Err(frame_full())
+            }
+            Err(e) => return Err(self.refuse(id.as_str(), e.to_string())),
+        };
+        let total = self.inflated.fetch_add(inflated.bytes, Ordering::Relaxed) + inflated.bytes;
+        if total > FRAME_INFLATED_BYTES_MAX {
+            return Err(frame_full());
+        }
+        Ok(inflated)
+    }
+
     /// Loads a document this node does not hold from the bytes received and checks it. Needs
     /// no store, so it runs beside the transaction.
     fn check_new(&self, id: &DocId, bytes: &[u8]) -> Result<Checked, ProtoError> {
+        let inflated = self.guard(id, bytes)?;
         // A new document sent whole (`save()`) loads strictly; its bytes are then stored as
         // they came, instead of saving the parsed document again. Anything else (changes
-        // without a document chunk, or a partial load) goes through `load_incremental`.
-        let (mut doc, whole) = match AutoCommit::load(bytes) {
-            Ok(doc) => (doc, true),
-            Err(_) => (AutoCommit::new(), false),
+        // without a document chunk, or a partial load) goes through `load_incremental`, at
+        // once when the bytes do not start with a document chunk (a second load would cost
+        // a second pass over everything they inflate to).
+        let strict = if inflated.document_first {
+            AutoCommit::load(bytes).ok()
+        } else {
+            None
+        };
+        let (mut doc, whole) = match strict {
+            Some(doc) => (doc, true),
+            None => (AutoCommit::new(), false),
         };
         if !whole {
             doc.load_incremental(bytes)
@@ -243,6 +297,7 @@ impl Sender<'_> {
                     .into());
             }
         }
+        self.guard(id, bytes)?;
         let mut doc = current.doc;
         doc.load_incremental(bytes)
             .map_err(|e| self.refuse(id.as_str(), format!("changes do not decode: {e}")))?;
@@ -467,10 +522,33 @@ impl Replica for NodeReplica<'_> {
 
     fn peer_regressed(&mut self, have: u64) -> Result<(), ProtoError> {
         let id = self.peer_id.clone();
+        // Each regression makes this node offer the peer's whole scope again from `have`: a
+        // peer restored from a backup needs it once, a peer claiming it at every session would
+        // have this node resend everything each time.
+        let key = format!("{REGRESSED_AT_META}{id}");
+        let now = now_ms();
+        let last: Option<i64> = self
+            .node
+            .store
+            .meta(&key)
+            .map_err(local)?
+            .and_then(|at| at.parse().ok());
+        if let Some(last) = last.filter(|at| now - at < PEER_REGRESSION_INTERVAL_MS) {
+            return Err(ProtoError::Refused(format!(
+                "node {} ({}) again holds less of this node's feed than it acknowledged ({have}), {} s after the last time; once per {} min is honoured: sync again later",
+                self.peer.node_id,
+                self.peer.unit,
+                (now - last) / 1000,
+                PEER_REGRESSION_INTERVAL_MS / 60_000
+            )));
+        }
         warn!(peer = %self.peer.unit, have, "peer holds less than it acknowledged (restored from a backup?): offering again");
         self.node
             .store
-            .write(|tx| tx.peer_regressed(&id, have as i64))
+            .write(|tx| {
+                tx.peer_regressed(&id, have as i64)?;
+                tx.set_meta(&key, &now.to_string())
+            })
             .map_err(local)
     }
 
@@ -510,6 +588,14 @@ impl Replica for NodeReplica<'_> {
     }
 
     fn wants(&mut self, offered: &[DocHeads]) -> Result<Vec<DocHeads>, ProtoError> {
+        // An offered document whose heads differ from ours costs a load here: a peer lists at
+        // most a page per Offer, so one frame cannot ask for more.
+        if offered.len() > OFFER_PAGE_DOCS {
+            return Err(ProtoError::Violation(format!(
+                "an Offer of {} documents, more than a page ({OFFER_PAGE_DOCS})",
+                offered.len()
+            )));
+        }
         let mut wants = Vec::new();
         for offer in offered {
             let id: DocId = offer
@@ -623,6 +709,7 @@ impl Replica for NodeReplica<'_> {
             } else {
                 self.node.known_node_units().map_err(local)?
             },
+            inflated: AtomicUsize::new(0),
         };
         let peer_id = &self.peer_id;
         // One transaction for the frame. A document the checks refuse is left out alone and
@@ -711,5 +798,42 @@ impl Replica for NodeReplica<'_> {
             .store
             .missing_blobs(limit, within.as_deref())
             .map_err(local)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::units::Role;
+
+    #[test]
+    fn the_documents_of_one_frame_inflate_within_a_budget_together() {
+        let dir = tempfile::tempdir().unwrap();
+        Node::init(dir.path(), "qn/binhlieu", Role::District, "lan").unwrap();
+        let node = Node::open(dir.path()).unwrap();
+        let peer = PeerIdentity {
+            node_id: node.node_id(),
+            unit: "qn".into(),
+            role: Role::Province,
+            serial: vec![1],
+        };
+        let sender = Sender {
+            peer: &peer,
+            me: "qn/binhlieu",
+            upstream: true,
+            actors: HashMap::new(),
+            inflated: AtomicUsize::new(0),
+        };
+        let id: DocId = "dsp_0123456789abcdef".parse().unwrap();
+        // Each just under the bound of one document: two fit a frame, the third does not.
+        let near = guard::tests::change_bomb(30);
+        for _ in 0..2 {
+            sender.guard(&id, &near).unwrap();
+        }
+        let err = sender.guard(&id, &near).unwrap_err();
+        assert!(
+            matches!(&err, ProtoError::Refused(why) if why.contains("inflate to more than 67108864 bytes together")),
+            "{err}"
+        );
     }
 }

@@ -787,3 +787,217 @@ fn a_one_shot_sync_is_done_only_once_the_serving_peer_holds_its_scans() {
         );
     }
 }
+
+#[test]
+fn a_decompression_bomb_is_refused_before_automerge_inflates_it() {
+    use crate::proto::{DocChanges, Replica};
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = pair(dir.path());
+    let held = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
+    apply_frame(&mut b, &[(&held, saved(&mut a.node, &held))]).unwrap();
+    let held_heads = heads_of(&mut b.node, &held);
+    let new = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
+    // A compressed change chunk inflating to 1 GiB, for a new document and for a held one.
+    let bomb = crate::model::guard::tests::change_bomb(1024);
+    for id in [&new, &held] {
+        let frame = Frame::Changes {
+            docs: vec![DocChanges {
+                id: id.clone(),
+                heads: vec![[7; 32]],
+                data: bomb.clone(),
+            }],
+        };
+        assert!(crate::proto::wire::encode(&frame, 3).len() < 8 << 10);
+        let Frame::Changes { docs } = frame else {
+            unreachable!()
+        };
+        let started = std::time::Instant::now();
+        let err = NodeReplica::new(&mut b.node, b.peer.clone())
+            .apply(docs)
+            .unwrap_err();
+        assert!(
+            matches!(&err, ProtoError::Refused(why) if why.contains(id.as_str()) && why.contains("decompression bomb")),
+            "{err}"
+        );
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+    }
+    assert!(b.node.store.doc_heads(&new).unwrap().is_none());
+    assert_eq!(heads_of(&mut b.node, &held), held_heads);
+}
+
+/// A fresh session at `a` that has taken `b`'s Hello (and nothing else from it yet).
+fn session_past_hello(a: &mut Side, b: &mut Side) -> Session {
+    let mut sa = Session::new(&mut NodeReplica::new(&mut a.node, a.peer.clone()), 0).unwrap();
+    let mut sb = Session::new(&mut NodeReplica::new(&mut b.node, b.peer.clone()), 0).unwrap();
+    let hello = flight(&mut sb, b).remove(0);
+    assert!(matches!(hello, Frame::Hello { .. }));
+    land(&mut sa, a, vec![hello]).unwrap();
+    sa
+}
+
+fn want(ids: &[&str]) -> Frame {
+    Frame::Want {
+        docs: ids
+            .iter()
+            .map(|id| crate::proto::DocHeads {
+                id: id.to_string(),
+                heads: vec![],
+            })
+            .collect(),
+    }
+}
+
+#[test]
+fn a_want_is_served_only_for_documents_offered_this_round_and_only_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = pair(dir.path());
+    let old = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
+    let mut sa = Session::new(&mut NodeReplica::new(&mut a.node, a.peer.clone()), 0).unwrap();
+    let mut sb = Session::new(&mut NodeReplica::new(&mut b.node, b.peer.clone()), 0).unwrap();
+    settle(&mut sa, &mut a, &mut sb, &mut b);
+
+    // The next session offers only the new document: the old one may not be asked for.
+    let new = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
+    let mut sa = session_past_hello(&mut a, &mut b);
+    let err = land(&mut sa, &mut a, vec![want(&[&old])]).unwrap_err();
+    assert!(
+        matches!(&err, ProtoError::Violation(why) if why.contains(&old) && why.contains("did not offer")),
+        "{err}"
+    );
+
+    // Offered, it is sent once; the same Want again is refused, not answered again.
+    let mut sa = session_past_hello(&mut a, &mut b);
+    let offers = flight(&mut sa, &mut a);
+    assert!(offers
+        .iter()
+        .any(|f| matches!(f, Frame::Offer { docs } if docs.iter().any(|d| d.id == new))));
+    land(&mut sa, &mut a, vec![want(&[&new])]).unwrap();
+    let sent = flight(&mut sa, &mut a);
+    assert!(matches!(&sent[..], [Frame::Changes { docs }] if docs[0].id == new));
+    let err = land(&mut sa, &mut a, vec![want(&[&new])]).unwrap_err();
+    assert!(
+        matches!(&err, ProtoError::Violation(why) if why.contains("already sent")),
+        "{err}"
+    );
+
+    // A Want longer than an offer page is refused before anything is loaded.
+    let mut sa = session_past_hello(&mut a, &mut b);
+    flight(&mut sa, &mut a);
+    let ids = vec![new.as_str(); crate::proto::session::OFFER_PAGE_DOCS + 1];
+    let err = land(&mut sa, &mut a, vec![want(&ids)]).unwrap_err();
+    assert!(
+        matches!(&err, ProtoError::Violation(why) if why.contains("more than an offer page")),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_scan_asked_for_again_and_again_is_sent_a_bounded_number_of_times() {
+    use crate::proto::session::BLOB_SENDS_PER_SCAN_MAX;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = pair(dir.path());
+    let mut sa = session_past_hello(&mut a, &mut b);
+    flight(&mut sa, &mut a);
+    let scan = [9u8; 32];
+    let asks = BLOB_SENDS_PER_SCAN_MAX + 3;
+    for _ in 0..asks {
+        let ask = Frame::BlobWant {
+            blobs: vec![(scan, 0)],
+        };
+        land(&mut sa, &mut a, vec![ask]).unwrap();
+    }
+    let sends = std::iter::from_fn(|| sa.poll_action())
+        .filter(|a| matches!(a, Action::SendBlob { hash, .. } if *hash == scan))
+        .count();
+    assert_eq!(sends, BLOB_SENDS_PER_SCAN_MAX as usize);
+    let missing = flight(&mut sa, &mut a)
+        .into_iter()
+        .filter(|f| matches!(f, Frame::BlobMissing { hash, .. } if *hash == scan))
+        .count();
+    assert_eq!(missing, 3);
+    // A session counts sends of so many different scans, and answers the next as missing.
+    for k in 0..(crate::proto::session::SCANS_COUNTED_MAX as u32 / 256) {
+        let blobs = (0..256u32)
+            .map(|j| {
+                let mut h = [1u8; 32];
+                h[..4].copy_from_slice(&(k * 256 + j).to_be_bytes());
+                (h, 0)
+            })
+            .collect();
+        land(&mut sa, &mut a, vec![Frame::BlobWant { blobs }]).unwrap();
+    }
+    while sa.poll_action().is_some() {}
+    flight(&mut sa, &mut a);
+    let late = [2u8; 32];
+    land(
+        &mut sa,
+        &mut a,
+        vec![Frame::BlobWant {
+            blobs: vec![(late, 0)],
+        }],
+    )
+    .unwrap();
+    assert!(sa.poll_action().is_none());
+    assert!(flight(&mut sa, &mut a)
+        .iter()
+        .any(|f| matches!(f, Frame::BlobMissing { hash, .. } if *hash == late)));
+    // A BlobWant longer than any a peer sends is refused whole.
+    let flood = Frame::BlobWant {
+        blobs: (0..=crate::proto::session::BLOB_WANT_MAX as u32)
+            .map(|k| {
+                let mut h = [0u8; 32];
+                h[..4].copy_from_slice(&k.to_be_bytes());
+                (h, 0)
+            })
+            .collect(),
+    };
+    assert!(matches!(
+        land(&mut sa, &mut a, vec![flood]),
+        Err(ProtoError::Violation(_))
+    ));
+}
+
+#[test]
+fn an_offer_longer_than_a_page_is_refused_before_any_document_is_loaded() {
+    use crate::proto::session::OFFER_PAGE_DOCS;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = pair(dir.path());
+    let held = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
+    apply_frame(&mut b, &[(&held, saved(&mut a.node, &held))]).unwrap();
+    let mut sb = session_past_hello(&mut b, &mut a);
+    // Bogus heads for a held document: each would cost a load of it.
+    let bogus = crate::proto::DocHeads {
+        id: held.clone(),
+        heads: vec![[3; 32]],
+    };
+    let offer = |n| Frame::Offer {
+        docs: vec![bogus.clone(); n],
+    };
+    land(&mut sb, &mut b, vec![offer(OFFER_PAGE_DOCS)]).unwrap();
+    let err = land(&mut sb, &mut b, vec![offer(OFFER_PAGE_DOCS + 1)]).unwrap_err();
+    assert!(
+        matches!(&err, ProtoError::Violation(why) if why.contains("more than a page")),
+        "{err}"
+    );
+}
+
+#[test]
+fn a_peer_that_keeps_claiming_to_have_lost_our_feed_is_honoured_once_per_interval() {
+    use crate::proto::Replica;
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, _b) = pair(dir.path());
+    let mut r = NodeReplica::new(&mut a.node, a.peer.clone());
+    r.set_acked_by_peer(40).unwrap();
+    // Restored from a backup: offered again from what it holds.
+    r.peer_regressed(10).unwrap();
+    assert_eq!(r.acked_by_peer().unwrap(), 10);
+    // It acknowledges everything again, then says the same at its next session: refused,
+    // with the reason, and the checkpoint stays.
+    r.set_acked_by_peer(40).unwrap();
+    let err = r.peer_regressed(0).unwrap_err();
+    assert!(
+        matches!(&err, ProtoError::Refused(why) if why.contains("again holds less") && why.contains("sync again later")),
+        "{err}"
+    );
+    assert_eq!(r.acked_by_peer().unwrap(), 40);
+}

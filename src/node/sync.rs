@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use super::{now_ms, path, Node, NodeError, Result};
+use crate::net::admit::{self, Admission, Admit, PathCache};
 use crate::net::{self, Mode, SessionReport};
 use crate::store::sync::{Peer, PeerSync, Pending};
 use crate::trust::{self, Ca, Crl, NodeKey, PeerIdentity, TlsMaterial};
@@ -574,6 +575,7 @@ pub async fn serve(
     // A newer CRL (from `ca revoke` or a peer) takes effect for new connections without a restart.
     let mut crl_check = tokio::time::interval(Duration::from_secs(5));
     let mut crl_number = tls.crl.as_ref().map(|c| c.number());
+    let (admission, paths) = (Admission::new(), PathCache::new());
     loop {
         tokio::select! {
             _ = crl_check.tick() => {
@@ -590,28 +592,43 @@ pub async fn serve(
             }
             incoming = ep.accept() => {
                 let Some(incoming) = incoming else { break };
-                let Ok(permit) = limit.clone().try_acquire_owned() else {
-                    incoming.refuse();
-                    continue;
+                // Before authentication: a handshake slot of its own (never one of the
+                // authenticated pool), a Retry when handshakes crowd, nothing from storage.
+                let remote = incoming.remote_address();
+                let slot = match admission.admit(remote.ip(), incoming.remote_address_validated()) {
+                    Admit::Handshake(slot) => slot,
+                    Admit::Retry => {
+                        if let Err(e) = incoming.retry() {
+                            e.into_incoming().refuse();
+                        }
+                        continue;
+                    }
+                    Admit::Refuse => {
+                        warn!(%remote, pending = admission.pending(), "too many handshakes in progress: refused a connection");
+                        incoming.refuse();
+                        continue;
+                    }
                 };
                 let (dir, shutdown, wake) = (dir.to_path_buf(), shutdown.clone(), wake.clone());
-                let remote = incoming.remote_address();
                 let (mut cfg, sync_cfg) = (server_cfg.clone(), sync_cfg.clone());
+                let (limit, paths) = (limit.clone(), paths.clone());
                 tokio::spawn(async move {
-                    let _permit = permit;
-                    // Read here, not in the accept loop: it opens the database.
-                    let mtu = path::known_mtu(&dir, remote.ip());
+                    let mtu = paths.get(remote.ip());
                     cfg.transport_config(Arc::new(net::path_transport(&sync_cfg, remote, mtu)));
                     let handshake = match incoming.accept_with(Arc::new(cfg)) {
-                        Ok(connecting) => connecting.await,
+                        Ok(connecting) => tokio::time::timeout(admit::HANDSHAKE_TIMEOUT, connecting)
+                            .await
+                            .unwrap_or(Err(quinn::ConnectionError::TimedOut)),
                         Err(e) => Err(e),
                     };
+                    drop(slot);
                     let conn = match handshake {
                         Ok(c) => c,
                         Err(e) => {
                             warn!(%remote, "refused a connection: {e}");
+                            // A remembered MTU the path no longer carries can stall the handshake.
                             if mtu.is_some() {
-                                path::forget(&dir, remote.ip());
+                                paths.handshake_failed(remote.ip());
                             }
                             return;
                         }
@@ -624,13 +641,22 @@ pub async fn serve(
                             return;
                         }
                     };
+                    let Ok(_permit) = limit.try_acquire_owned() else {
+                        warn!(%remote, unit = %identity.unit, "sync.connections_max sessions already open: refused a peer");
+                        conn.close(2u32.into(), b"busy: too many sessions, retry later");
+                        return;
+                    };
                     info!(%remote, unit = %identity.unit, node = %identity.node_id, "peer connected");
                     // Remembered as soon as the peer closes, before this side's session winds down,
                     // so that even an immediate reconnect finds the path known.
                     let (watched, watch_dir, opened) = (conn.clone(), dir.clone(), Instant::now());
                     tokio::spawn(async move {
                         watched.closed().await;
+                        if paths.failed(remote.ip()) {
+                            path::forget(&watch_dir, remote.ip());
+                        }
                         path::remember(&watch_dir, remote.ip(), mtu, opened, &watched);
+                        paths.set(remote.ip(), path::known_mtu(&watch_dir, remote.ip()));
                     });
                     if let Err(e) = net::run_session(conn, identity.clone(), dir, Mode::Continuous, shutdown, Some(wake)).await {
                         warn!(unit = %identity.unit, "session ended: {e}");

@@ -8,7 +8,8 @@
 //! the peer's Want: they are pushed whole just ahead of the offer that lists them, half a round
 //! trip after they are written. See docs/protocol.md.
 
-use std::collections::{BTreeMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::hash::{BuildHasher, RandomState};
 
 use super::wire::{DocChanges, DocHeads, Frame, Hash32, MissingReason, VERSION};
 use super::ProtoError;
@@ -22,6 +23,14 @@ pub const CHANGES_FRAME_BYTES: usize = 2 << 20;
 pub const BLOBS_IN_FLIGHT_MAX: usize = 2;
 /// Blobs listed per BlobWant frame (a peer may send more; the sender bounds its queue).
 pub const BLOB_WANT_MAX: usize = 256;
+/// Times one session sends the same scan: a peer asks again only after a transfer failed (its
+/// retries of unavailable scans), and a scan that failed this often will not pass now. Past it,
+/// the scan is answered as missing, so a peer asking in a loop costs no resend.
+pub const BLOB_SENDS_PER_SCAN_MAX: u32 = 4;
+/// Different scans one session counts sends of (about 3 MB): past it, a scan not yet asked for
+/// is answered as missing (a session that asked for this many has asked for the rest of a
+/// field link's week; the next session serves them).
+pub const SCANS_COUNTED_MAX: usize = 65_536;
 /// Frames queued before the session stops paging more offers (bounds memory).
 const QUEUE_FRAMES_MAX: usize = 8;
 /// Documents of at least this priority rank (urgent and above) are pushed with their offer.
@@ -168,7 +177,43 @@ pub struct Session {
     rx_rounds_begun: u64,
     reoffer_after: Option<u64>,
     rx_round_applied: u64,
+    /// What the peer may still Want, and how often each scan was sent (see [`Owed`]).
+    owed: Owed,
     pub stats: SessionStats,
+}
+
+/// What this session owes the peer: the documents offered in the current round and not yet sent
+/// (a Want for anything else is refused, so each offered document costs at most one load and one
+/// send per round), and the scans sent so far. Documents are kept as keyed 64-bit fingerprints
+/// of their ids (8 bytes each, whatever the id), keyed per session so a peer cannot aim at a
+/// collision.
+#[derive(Default)]
+struct Owed {
+    keys: RandomState,
+    docs: HashSet<u64>,
+    scans_sent: HashMap<Hash32, u32>,
+}
+
+impl Owed {
+    fn offer(&mut self, id: &str) {
+        self.docs.insert(self.keys.hash_one(id));
+    }
+
+    /// Whether `id` was offered this round and not yet sent; it is then no longer owed.
+    fn take(&mut self, id: &str) -> bool {
+        self.docs.remove(&self.keys.hash_one(id))
+    }
+
+    /// Counts one more send of `hash`; false past [`BLOB_SENDS_PER_SCAN_MAX`], or for a new
+    /// scan once [`SCANS_COUNTED_MAX`] are counted.
+    fn send_scan(&mut self, hash: Hash32) -> bool {
+        if self.scans_sent.len() >= SCANS_COUNTED_MAX && !self.scans_sent.contains_key(&hash) {
+            return false;
+        }
+        let sent = self.scans_sent.entry(hash).or_default();
+        *sent += 1;
+        *sent <= BLOB_SENDS_PER_SCAN_MAX
+    }
 }
 
 impl Session {
@@ -195,6 +240,7 @@ impl Session {
             rx_rounds_begun: 0,
             reoffer_after: None,
             rx_round_applied: 0,
+            owed: Owed::default(),
             stats: SessionStats::default(),
         };
         s.out.push_back(Frame::Hello {
@@ -211,6 +257,7 @@ impl Session {
 
     fn start_round(&mut self, replica: &mut impl Replica, from: u64) -> Result<(), ProtoError> {
         self.tx_start = from;
+        self.owed.docs.clear();
         self.tx = Tx::Offering {
             cursor: from,
             upto: replica.feed_seq()?.max(from),
@@ -262,7 +309,10 @@ impl Session {
     pub fn is_converged(&self) -> bool {
         self.is_done()
             && self.unavailable.is_empty()
-            && !self.withheld.values().any(|r| *r == MissingReason::Deferred)
+            && !self
+                .withheld
+                .values()
+                .any(|r| *r == MissingReason::Deferred)
             && self.stats.docs_refused == 0
             && self.stats.docs_refused_by_peer == 0
     }
@@ -360,6 +410,9 @@ impl Session {
             };
             self.stats.docs_offered += n;
             self.push_urgent(replica, &page)?;
+            for (_, doc, _) in &page {
+                self.owed.offer(&doc.id);
+            }
             self.out.push_back(Frame::Offer {
                 docs: page.into_iter().map(|(_, d, _)| d).collect(),
             });
@@ -481,9 +534,23 @@ impl Session {
                 if !matches!(self.tx, Tx::AwaitWantEnd { .. } | Tx::Offering { .. }) {
                     return Err(ProtoError::Violation("Want outside an offer".into()));
                 }
+                // A Want answers one Offer page, with documents of this round not yet sent:
+                // anything else would have this side load and queue documents without end.
+                if docs.len() > OFFER_PAGE_DOCS {
+                    return Err(ProtoError::Violation(format!(
+                        "a Want of {} documents, more than an offer page ({OFFER_PAGE_DOCS})",
+                        docs.len()
+                    )));
+                }
                 let mut batch = Vec::new();
                 let mut bytes = 0;
                 for want in &docs {
+                    if !self.owed.take(&want.id) {
+                        return Err(ProtoError::Violation(format!(
+                            "a Want for document {}, which this round did not offer or already sent",
+                            want.id
+                        )));
+                    }
                     let Some(changes) = replica.changes_for(want)? else {
                         continue;
                     };
@@ -541,10 +608,20 @@ impl Session {
                 self.peer_blobs_done = false;
             }
             Frame::BlobWant { blobs } => {
+                if blobs.len() > BLOB_WANT_MAX {
+                    return Err(ProtoError::Violation(format!(
+                        "a BlobWant of {} scans, more than {BLOB_WANT_MAX}",
+                        blobs.len()
+                    )));
+                }
                 self.peer_blobs_done = false;
                 for (hash, from) in blobs {
                     self.withheld.remove(&hash);
-                    self.actions.push_back(Action::SendBlob { hash, from });
+                    if self.owed.send_scan(hash) {
+                        self.actions.push_back(Action::SendBlob { hash, from });
+                    } else {
+                        self.blob_unavailable_here(hash, MissingReason::Limited);
+                    }
                 }
             }
             Frame::BlobMissing { hash, reason } => {

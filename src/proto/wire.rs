@@ -44,8 +44,10 @@ pub enum MissingReason {
     /// No document of the asker's scope attaches it here (often: that document has not
     /// reached the sender yet).
     NotInScope = 2,
+    /// The asker requested this scan more often in one session than a sender serves it.
+    Limited = 3,
     /// Never on the wire: the transfer arrived but failed verification, or was cut.
-    Failed = 3,
+    Failed = 4,
 }
 
 impl MissingReason {
@@ -54,9 +56,10 @@ impl MissingReason {
             0 => MissingReason::NotHeld,
             1 => MissingReason::Deferred,
             2 => MissingReason::NotInScope,
+            3 => MissingReason::Limited,
             _ => {
                 return Err(ProtoError::Malformed(format!(
-                    "BlobMissing reason {v} is not one of 0, 1, 2"
+                    "BlobMissing reason {v} is not one of 0, 1, 2, 3"
                 )))
             }
         })
@@ -70,6 +73,7 @@ impl MissingReason {
             MissingReason::NotInScope => {
                 "not attached there to a document of the asker's scope that another unit wrote"
             }
+            MissingReason::Limited => "asked for more often in one session than it is sent",
             MissingReason::Failed => "transfer cut or failed verification; resumes next sync",
         }
     }
@@ -453,6 +457,18 @@ pub fn frame_len(header: [u8; 4]) -> Result<usize, ProtoError> {
     Ok(len)
 }
 
+/// What decoding `buf` (what follows the length prefix) will hold in memory, for budgeting before
+/// decoding: the declared size of a compressed body (bounded by [`FRAME_RAW_BYTES_MAX`]) plus the
+/// bytes received. Checks no more than the header.
+pub fn decoded_bytes(buf: &[u8]) -> Result<usize, ProtoError> {
+    match buf {
+        [_, flags, rest @ ..] if flags & FLAG_ZSTD != 0 => {
+            Ok(buf.len() + Dec { buf: rest }.count(FRAME_RAW_BYTES_MAX)?)
+        }
+        _ => Ok(buf.len()),
+    }
+}
+
 /// Decodes what follows the length prefix (type, flags, body).
 pub fn decode(buf: &[u8]) -> Result<Frame, ProtoError> {
     decode_in(buf, None)
@@ -683,6 +699,33 @@ mod tests {
             },
             Frame::Reoffer,
         ]
+    }
+
+    #[test]
+    fn the_memory_a_frame_decodes_into_is_known_before_decoding() {
+        let offer = Frame::Offer {
+            docs: vec![
+                DocHeads {
+                    id: "d".repeat(30),
+                    heads: vec![[1; 32]],
+                };
+                1_000
+            ],
+        };
+        let body = &encode(&offer, 3)[4..];
+        let raw = body_len_raw(&offer);
+        assert!(body.len() * 10 < raw, "compresses");
+        assert_eq!(decoded_bytes(body).unwrap(), body.len() + raw);
+        let plain = &encode(&Frame::BlobsDone, 3)[4..];
+        assert_eq!(decoded_bytes(plain).unwrap(), plain.len());
+        // A declared size past the bound is refused before anything is decompressed.
+        let mut e = Enc(vec![2, FLAG_ZSTD]);
+        e.uint(FRAME_RAW_BYTES_MAX as u64 + 1);
+        assert!(decoded_bytes(&e.0).is_err());
+    }
+
+    fn body_len_raw(frame: &Frame) -> usize {
+        body(frame).0.len()
     }
 
     #[test]

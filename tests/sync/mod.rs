@@ -1198,3 +1198,425 @@ fn a_change_under_another_nodes_actor_is_refused_and_the_owner_keeps_syncing() {
     assert_eq!(comments.as_array().map(Vec::len), Some(1), "{comments}");
     server.finish();
 }
+
+// ---- resource budgets (issue 12) ----
+
+/// `n` QUIC Initials for `n` different connections, as a client that never finishes a handshake
+/// sends them: real quinn clients dial a socket that never answers, and their first datagrams
+/// are kept.
+async fn initials(n: usize) -> Vec<Vec<u8>> {
+    let sink = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut tls = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_protocol_versions(&[&rustls::version::TLS13])
+    .unwrap()
+    .with_root_certificates(rustls::RootCertStore::empty())
+    .with_no_client_auth();
+    // The sync protocol's ALPN, or the server would end the handshake at its first packet.
+    tls.alpn_protocols = vec![communesync::trust::ALPN.to_vec()];
+    let quic = quinn::crypto::rustls::QuicClientConfig::try_from(tls).unwrap();
+    let mut ep = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    ep.set_default_client_config(quinn::ClientConfig::new(Arc::new(quic)));
+    let target = sink.local_addr().unwrap();
+    let dialing: Vec<_> = (0..n)
+        .map(|_| ep.connect(target, communesync::trust::SERVER_NAME).unwrap())
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    let mut buf = vec![0u8; 2048];
+    while out.len() < n {
+        let (len, _) = tokio::time::timeout(Duration::from_secs(5), sink.recv_from(&mut buf))
+            .await
+            .expect("the dialing clients send their Initials")
+            .unwrap();
+        out.push(buf[..len].to_vec());
+    }
+    drop(dialing);
+    out
+}
+
+#[test]
+fn issue12_half_open_handshakes_do_not_lock_out_an_enrolled_commune() {
+    let province = province();
+    // A small pool of authenticated sessions, so that a flood a debug build can take in a
+    // second outnumbers it (the same holds for the default 256 and a larger flood).
+    set_sync_config(&province, &[("[sync]", "[sync]\nconnections_max = 32")]);
+    let server = Server::start(&province);
+    let commune = commune_of(&province, COMMUNE, &server);
+    let target: SocketAddr = server.addr().parse().unwrap();
+    let rt = crate::tree_util::runtime();
+    // 64 handshakes begun and never continued, from 16 addresses, then a trickle of 10 more a
+    // second while the commune syncs.
+    let flood = rt.block_on(initials(84));
+    let (first, trickle) = flood.split_at(64);
+    let sources: Vec<_> = (0..16u8)
+        .map(|k| {
+            rt.block_on(tokio::net::UdpSocket::bind(SocketAddr::from((
+                [127, 0, 0, 2 + k],
+                0,
+            ))))
+            .unwrap()
+        })
+        .collect();
+    rt.block_on(async {
+        for (k, initial) in first.iter().enumerate() {
+            sources[k % sources.len()]
+                .send_to(initial, target)
+                .await
+                .unwrap();
+            // Paced so that the daemon takes each in (a burst would overflow its socket).
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    });
+    let sources = Arc::new(sources);
+    let (trickle, socks) = (trickle.to_vec(), sources.clone());
+    let trickling = rt.spawn(async move {
+        for (k, initial) in trickle.iter().enumerate() {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = socks[k % socks.len()].send_to(initial, target).await;
+        }
+    });
+
+    let started = Instant::now();
+    let d = id(&province.new_dispatch("1/HOATOC", &[COMMUNE], &[]));
+    let report = synced(&commune);
+    let synced_in = started.elapsed();
+    assert_eq!(report["docs_received"], 1, "{report}");
+    assert!(doc_heads(&commune, &d).is_some());
+    assert!(
+        synced_in < Duration::from_secs(10),
+        "the commune waited {synced_in:?} behind the flood"
+    );
+    rt.block_on(trickling).unwrap();
+    eprintln!(
+        "commune synced in {synced_in:?} behind the flood; daemon peak RSS {} MiB",
+        peak_rss_mib(server.pid())
+    );
+    server.finish();
+}
+
+/// A connection to `server` as `node` (its enrolled key), with nothing started on it.
+fn raw_connection(
+    rt: &tokio::runtime::Runtime,
+    node: &TestNode,
+    server: &Server,
+) -> quinn::Connection {
+    use communesync::node::{sync, KEY_FILE};
+    let read = |name: &str| std::fs::read_to_string(node.data().join(name)).unwrap();
+    let tls = communesync::trust::TlsMaterial {
+        ca_pem: read(sync::CA_FILE),
+        cert_pem: read(sync::CERT_FILE),
+        key: communesync::trust::NodeKey::load(node.data().join(KEY_FILE)).unwrap(),
+        crl: None,
+    };
+    let node = Node::open(node.data()).unwrap();
+    let addr: SocketAddr = server.addr().parse().unwrap();
+    rt.block_on(async {
+        let ep = communesync::net::client_endpoint(addr, &tls, &node.config.sync, None).unwrap();
+        let (conn, _) = communesync::net::connect(&ep, addr, Duration::from_secs(10))
+            .await
+            .unwrap();
+        conn
+    })
+}
+
+#[test]
+fn issue12_an_enrolled_peer_gets_one_control_stream_and_no_oversized_scan_frames() {
+    let province = province();
+    let server = Server::start(&province);
+    let commune = commune_of(&province, COMMUNE, &server);
+    let rt = crate::tree_util::runtime();
+    let conn = raw_connection(&rt, &commune, &server);
+    // A scan stream (tag 2) whose first frame claims 8 MiB: more than any manifest.
+    let mut scan = rt.block_on(conn.open_uni()).unwrap();
+    rt.block_on(scan.write_all(&[2, 0, 0x80, 0, 0])).unwrap();
+    let log = server.wait_log("whose frames are at most", 1);
+    assert!(
+        log.contains("scan stream from peer refused: protocol violation: a frame of 8388608 bytes"),
+        "{log}"
+    );
+    // Two control streams (tag 1): the second ends the session.
+    for _ in 0..2 {
+        let mut control = rt.block_on(conn.open_uni()).unwrap();
+        rt.block_on(control.write_all(&[1])).unwrap();
+    }
+    let log = server.wait_log("second control stream", 1);
+    assert!(
+        log.contains("session ended: protocol violation: the peer opened a second control stream"),
+        "{log}"
+    );
+    rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), conn.closed())
+            .await
+            .expect("the daemon closes the connection")
+    });
+    server.finish();
+}
+
+/// A compressed Automerge change chunk (type 2) whose DEFLATE body inflates to `mib` MiB of
+/// zeros: one flushed MiB, repeated (each repeat refers back only into zeros), so a gibibyte
+/// costs about a megabyte and no time to build.
+fn automerge_bomb(mib: usize) -> Vec<u8> {
+    use flate2::write::DeflateEncoder;
+    use std::io::Write;
+    let zeros = vec![0u8; 1 << 20];
+    let mut e = DeflateEncoder::new(Vec::new(), flate2::Compression::best());
+    e.write_all(&zeros).unwrap();
+    e.flush().unwrap();
+    let mut deflated = std::mem::take(e.get_mut());
+    e.write_all(&zeros).unwrap();
+    e.flush().unwrap();
+    let repeat = std::mem::take(e.get_mut());
+    for _ in 1..mib {
+        deflated.extend_from_slice(&repeat);
+    }
+    deflated.extend_from_slice(&e.finish().unwrap());
+    let mut chunk = vec![0x85, 0x6f, 0x4a, 0x83, 0, 0, 0, 0, 2];
+    let mut len = deflated.len() as u64;
+    while len >= 0x80 {
+        chunk.push(len as u8 | 0x80);
+        len >>= 7;
+    }
+    chunk.push(len as u8);
+    chunk.extend_from_slice(&deflated);
+    chunk
+}
+
+/// The most memory the process `pid` has held (VmHWM), in MiB.
+fn peak_rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        / 1024
+}
+
+#[test]
+fn issue12_a_decompression_bomb_in_a_push_costs_the_daemon_little() {
+    use communesync::proto::{wire, DocChanges, Frame};
+    let province = province();
+    let server = Server::start(&province);
+    let commune = commune_of(&province, COMMUNE, &server);
+    let d = id(&commune.new_dispatch("7/UBND", &["qn"], &[]));
+    let rt = crate::tree_util::runtime();
+    let conn = raw_connection(&rt, &commune, &server);
+    let hello = Frame::Hello {
+        version: wire::VERSION,
+        feed_seq: 0,
+        have_from_you: 0,
+        crl_number: 0,
+        epoch: 1,
+    };
+    // One Push of a 1 GiB bomb for the commune's own new dispatch: a few KiB on the wire.
+    let push = wire::encode(
+        &Frame::Push {
+            docs: vec![DocChanges {
+                id: d.clone(),
+                heads: vec![[1; 32]],
+                data: automerge_bomb(1024),
+            }],
+        },
+        19,
+    );
+    assert!(push.len() < 16 << 10, "{}", push.len());
+    let before = peak_rss_mib(server.pid());
+    let started = Instant::now();
+    rt.block_on(async {
+        let mut control = conn.open_uni().await.unwrap();
+        control.write_all(&[1]).await.unwrap();
+        control.write_all(&wire::encode(&hello, 1)).await.unwrap();
+        control.write_all(&push).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(30), conn.closed())
+            .await
+            .expect("the daemon ends the session")
+    });
+    let log = server.wait_log("decompression bomb", 1);
+    assert!(
+        log.contains(&format!(
+            "sent document {d}: Automerge data inflates to more than"
+        )),
+        "{log}"
+    );
+    let peak = peak_rss_mib(server.pid());
+    eprintln!(
+        "bomb of {} bytes refused in {:?}; daemon peak RSS {before} MiB before, {peak} MiB after",
+        push.len(),
+        started.elapsed()
+    );
+    assert!(peak < before + 100, "peak RSS {before} -> {peak} MiB");
+    assert!(doc_heads(&province, &d).is_none());
+
+    // Just under the bound, many at once: 64 documents each inflating to 31 MiB, checked on
+    // every checking thread. Automerge inflates each and refuses it; memory stays bounded.
+    let conn = raw_connection(&rt, &commune, &server);
+    let docs = (0..64)
+        .map(|_| DocChanges {
+            id: d.clone(),
+            heads: vec![[1; 32]],
+            data: automerge_bomb(31),
+        })
+        .collect();
+    let push = wire::encode(&Frame::Push { docs }, 19);
+    let started = Instant::now();
+    rt.block_on(async {
+        let mut control = conn.open_uni().await.unwrap();
+        control.write_all(&[1]).await.unwrap();
+        control.write_all(&wire::encode(&hello, 1)).await.unwrap();
+        control.write_all(&push).await.unwrap();
+        tokio::time::timeout(Duration::from_secs(60), conn.closed())
+            .await
+            .expect("the daemon ends the session")
+    });
+    let log = server.wait_log("changes do not decode", 1);
+    assert!(log.contains("changes do not decode"), "{log}");
+    let peak_under = peak_rss_mib(server.pid());
+    eprintln!(
+        "64 documents of 31 MiB inflated each in a {}-byte Push refused in {:?}; daemon peak RSS {peak_under} MiB",
+        push.len(),
+        started.elapsed()
+    );
+    assert!(
+        peak_under < before + 300,
+        "peak RSS {before} -> {peak_under} MiB"
+    );
+    server.finish();
+}
+
+#[test]
+fn issue12_a_signed_bundle_carrying_a_decompression_bomb_is_refused() {
+    use communesync::node::bundle::BundleHeader;
+    use communesync::proto::{wire, DocChanges, Frame};
+    let province = province();
+    let commune = enrolled(&province, COMMUNE, "commune");
+    let d = id(&province.new_dispatch("8/UBND", &[COMMUNE], &[]));
+    let out = province.file("for-tinhhuc.csb");
+    province.ok(&[
+        "bundle",
+        "export",
+        "--for",
+        COMMUNE,
+        "--out",
+        &path_arg(&out),
+    ]);
+    // The same bundle with its payload replaced by the bomb, signed again by the province's
+    // own key: everything a bundle is checked for holds.
+    let bundle = std::fs::read(&out).unwrap();
+    let header_len = u32::from_be_bytes(bundle[9..13].try_into().unwrap()) as usize;
+    let mut header: BundleHeader = serde_json::from_slice(&bundle[13..13 + header_len]).unwrap();
+    let payload = wire::encode(
+        &Frame::Changes {
+            docs: vec![DocChanges {
+                id: d.clone(),
+                heads: vec![[1; 32]],
+                data: automerge_bomb(1024),
+            }],
+        },
+        19,
+    );
+    header.payload_bytes = payload.len() as u64;
+    header.payload_blake3 = blake3::hash(&payload).to_hex().to_string();
+    let header_json = serde_json::to_vec(&header).unwrap();
+    let key = communesync::trust::NodeKey::load(province.data().join(communesync::node::KEY_FILE))
+        .unwrap();
+    let signature = key.sign(&header_json).unwrap();
+    let mut bomb = bundle[..9].to_vec();
+    bomb.extend((header_json.len() as u32).to_be_bytes());
+    bomb.extend(&header_json);
+    bomb.extend((signature.len() as u16).to_be_bytes());
+    bomb.extend(&signature);
+    bomb.extend(&payload);
+    assert!(bomb.len() < 32 << 10, "{}", bomb.len());
+    let file = commune.write_file("bomb.csb", &bomb);
+
+    let started = Instant::now();
+    let run = commune.run(&["bundle", "import", &file]);
+    assert_ne!(run.code, 0, "the bomb was imported");
+    assert!(
+        run.stderr.contains("bundle refused")
+            && run.stderr.contains("decompression bomb")
+            && run.stderr.contains(&d),
+        "{}",
+        run.stderr
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    eprintln!(
+        "signed bundle of {} bytes carrying a 1 GiB bomb refused in {:?}",
+        bomb.len(),
+        started.elapsed()
+    );
+    assert_eq!(rows(&commune, "docs"), 0);
+}
+
+/// The memory the process `pid` holds now (VmRSS), in MiB.
+fn rss_mib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        / 1024
+}
+
+#[test]
+fn issue12_control_frames_a_busy_daemon_has_not_handled_yet_are_held_within_a_budget() {
+    use communesync::proto::{wire, DocHeads, Frame};
+    let province = province();
+    let server = Server::start(&province);
+    let commune = commune_of(&province, COMMUNE, &server);
+    let rt = crate::tree_util::runtime();
+    let conn = raw_connection(&rt, &commune, &server);
+    // The daemon's session has started (it opened its control stream) ...
+    let _theirs = rt.block_on(async {
+        tokio::time::timeout(Duration::from_secs(10), conn.accept_uni())
+            .await
+            .unwrap()
+            .unwrap()
+    });
+    // ... and then waits for the database, which this test holds: it handles nothing while
+    // the frames below arrive.
+    let db = province.db();
+    db.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let hello = Frame::Hello {
+        version: wire::VERSION,
+        feed_seq: 0,
+        have_from_you: 0,
+        crl_number: 0,
+        epoch: 1,
+    };
+    // Offers as large as a page may be, each document with the most heads allowed: 16.5 MB
+    // decoded each, a few KiB on the wire.
+    let offers: Vec<Vec<u8>> = (0..20u32)
+        .map(|frame| {
+            let docs = (0..2_000u32)
+                .map(|k| DocHeads {
+                    id: format!("dsp_{frame:08x}{k:08x}"),
+                    heads: vec![[7; 32]; 256],
+                })
+                .collect();
+            wire::encode(&Frame::Offer { docs }, 3)
+        })
+        .collect();
+    assert!(offers.iter().all(|o| o.len() < 64 << 10));
+    let before = rss_mib(server.pid());
+    let mut control = rt.block_on(conn.open_uni()).unwrap();
+    rt.block_on(async {
+        control.write_all(&[1]).await.unwrap();
+        control.write_all(&wire::encode(&hello, 1)).await.unwrap();
+        for offer in &offers {
+            control.write_all(offer).await.unwrap();
+        }
+    });
+    // Time for the daemon to read and decode all 20 (330 MB) if nothing held it back.
+    std::thread::sleep(Duration::from_secs(4));
+    let held = rss_mib(server.pid());
+    db.execute_batch("ROLLBACK").unwrap();
+    eprintln!("20 Offers of 16.5 MB decoded each sent to a busy daemon: RSS {before} MiB before, {held} MiB while it was busy");
+    assert!(held < before + 80, "RSS {before} -> {held} MiB");
+    drop(control);
+    server.finish();
+}

@@ -195,6 +195,11 @@ impl Server {
         server
     }
 
+    /// The daemon's process id (to read its memory from /proc).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// HOST:PORT the daemon listens on.
     pub fn addr(&self) -> &str {
         &self.addr
