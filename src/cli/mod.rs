@@ -532,7 +532,17 @@ pub fn run(cli: Cli) -> Result<()> {
             out: file,
         }) => out.exported(&open(&cli)?.bundle_export(for_peer, file)?),
         Command::Bundle(BundleCmd::Import { file }) => {
-            out.imported(&open(&cli)?.bundle_import(file)?)
+            let report = open(&cli)?.bundle_import(file)?;
+            out.imported(&report)?;
+            match report.docs_refused.first() {
+                // What passed is stored; the refusals make the import a failure for scripts.
+                Some((_, why)) => Err(NodeError::Invalid(format!(
+                    "bundle refused in part: {} document(s) not stored; the first: {why}",
+                    report.docs_refused.len()
+                ))
+                .into()),
+                None => Ok(()),
+            }
         }
         Command::Check { full } => {
             let report = open(&cli)?.check(*full)?;

@@ -691,7 +691,10 @@ impl Out {
                 r.docs_changed,
                 r.scans_stored,
                 r.scans_already_held
-            )
+            );
+            for (doc, why) in &r.docs_refused {
+                println!("  refused: document {}: {}", safe(doc), safe(why));
+            }
         })
     }
 

@@ -152,7 +152,14 @@ pub fn update_status(
     if let Some(note) = note {
         check_text("note", note)?;
     }
-    let previous = Reader::new(doc, id.as_str()).str(&ROOT, "status", "status")?;
+    let mut r = Reader::new(doc, id.as_str());
+    let unit = r.str(&ROOT, "unit", "unit")?;
+    if unit != author.unit {
+        return Err(ModelError::Invalid(format!(
+            "assignment {id} belongs to {unit}: only that unit updates it"
+        )));
+    }
+    let previous = r.str(&ROOT, "status", "status")?;
     doc.put(ROOT, "status", status.as_str())?;
     push_transition(doc, id, status, note, author, at_ms)?;
     let note_text = note.map(|n| format!(": {n}")).unwrap_or_default();

@@ -69,6 +69,8 @@ pub struct ImportReport {
     pub docs_changed: u64,
     pub scans_stored: u64,
     pub scans_already_held: u64,
+    /// Documents the checks refused, each alone (the rest was stored), with why.
+    pub docs_refused: Vec<(String, String)>,
 }
 
 fn io(path: &Path) -> impl Fn(std::io::Error) -> NodeError + '_ {
@@ -347,6 +349,7 @@ impl Node {
             docs_changed: 0,
             scans_stored: 0,
             scans_already_held: 0,
+            docs_refused: Vec::new(),
         };
         let feed_before = self.store.feed_seq()?;
         let mut remaining = header.payload_bytes;
@@ -356,9 +359,10 @@ impl Node {
             match frame {
                 Frame::Changes { docs } => {
                     report.docs += docs.len() as u64;
-                    NodeReplica::new(self, signer.clone())
+                    let applied = NodeReplica::new(self, signer.clone())
                         .apply(docs)
                         .map_err(refused)?;
+                    report.docs_refused.extend(applied.refused);
                 }
                 header @ Frame::BlobHeader { .. } => {
                     let Frame::BlobHeader { hash, .. } = &header else {

@@ -812,12 +812,13 @@ fn a_decompression_bomb_is_refused_before_automerge_inflates_it() {
             unreachable!()
         };
         let started = std::time::Instant::now();
-        let err = NodeReplica::new(&mut b.node, b.peer.clone())
+        let applied = NodeReplica::new(&mut b.node, b.peer.clone())
             .apply(docs)
-            .unwrap_err();
+            .unwrap();
+        assert_eq!(applied.stored, 0);
         assert!(
-            matches!(&err, ProtoError::Refused(why) if why.contains(id.as_str()) && why.contains("decompression bomb")),
-            "{err}"
+            matches!(&applied.refused[..], [(refused, why)] if refused == id && why.contains(id.as_str()) && why.contains("decompression bomb")),
+            "{applied:?}"
         );
         assert!(started.elapsed() < std::time::Duration::from_secs(5));
     }

@@ -318,10 +318,18 @@ impl Workload {
         );
     }
 
-    /// Any node holding an assignment moves its status: concurrent edits across the tree.
+    /// The unit of an assignment moves its status (only it may, docs/security.md); with links
+    /// cut, its edits still pile up beside the ones in flight.
     fn update_assignment(&mut self, members: &[Member]) {
         let m = members.choose(&mut self.rng).expect("members");
-        let held = ids_with_prefix(&m.node, "asg_");
+        let held: Vec<String> = ids_with_prefix(&m.node, "asg_")
+            .into_iter()
+            .filter(|a| {
+                self.created
+                    .get(a)
+                    .is_some_and(|c| c.parties == [m.unit.clone()])
+            })
+            .collect();
         let Some(a) = held.choose(&mut self.rng) else {
             return;
         };
@@ -431,11 +439,23 @@ fn a_partitioned_tree_converges_to_each_nodes_exact_scope() {
         last.is_empty()
     });
     let history = work.events.join("\n");
+    let warnings: Vec<String> = members
+        .iter()
+        .filter_map(|m| m.server.as_ref())
+        .flat_map(|s| {
+            s.log()
+                .lines()
+                .filter(|l| l.contains("WARN") || l.contains("ERROR"))
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        })
+        .collect();
     assert!(
         settled.is_some(),
-        "seed {seed}: not converged {} s after healing:\n{}\n\nevents:\n{history}",
+        "seed {seed}: not converged {} s after healing:\n{}\n\nevents:\n{history}\n\ndaemon warnings:\n{}",
         SETTLE_MAX.as_secs(),
-        last.join("\n")
+        last.join("\n"),
+        warnings.join("\n")
     );
     eprintln!(
         "seed {seed}: {} documents, {} events ({cuts} cuts), {} differences at healing, \
