@@ -6,7 +6,7 @@
 //! `cargo bench --bench sync [-- SCENARIO... N... key=value...]`, where SCENARIO is `reconnect`,
 //! `quic`, `scan`, `weak4g`, `urgent`, `outage` or `memory` (default: all), N a province size
 //! for `reconnect` (default 100000 1000000; `quic` and `memory` use the largest), and the keys
-//! `scan-mb=200`, `weak-mb=2`, `urgent-mb=4`, `outage-mb=10`, `outage-s=60`, `memory-mb=1024`,
+//! `scan-mb=200`, `weak-mb=2`, `urgent-mb=4`, `outage-mb=8`, `outage-s=60`, `memory-mb=1024`,
 //! `regen=1` (rebuild the cached provinces).
 
 mod common;
@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use communesync::linksim::{LinkProfile, LinkSim};
+use communesync::linksim::{Direction, LinkProfile, LinkSim};
 use communesync::model::dispatch::{self, DispatchKind, NewDispatch, Priority};
 use communesync::model::{DocId, DocKind};
 use communesync::net::{self, SessionReport};
@@ -141,7 +141,7 @@ impl Opts {
             scan_mb: 200,
             weak_mb: 2,
             urgent_mb: 4,
-            outage_mb: 10,
+            outage_mb: 8,
             outage_s: 60,
             memory_mb: 1024,
             regen: false,
@@ -1983,8 +1983,11 @@ async fn urgent_weak_4g(scan_mb: usize) {
 // ---------------------------------------------------------------------------------------------
 // A link that comes back
 
-/// Share of the scan's bytes delivered before the link is cut.
+/// Share of the scan's bytes delivered before the link fades, and for how long its delay is
+/// doubled (as a fading signal's rises) before it is cut: quinn's smoothed RTT then reads above
+/// the pacer's target when the outage begins, as it did in the field report of issue 10.
 const OUTAGE_CUT_AT: f64 = 0.4;
+const OUTAGE_FADING: Duration = Duration::from_secs(2);
 /// How often the link's counters are read, and the windows goodput is reported in.
 const OUTAGE_SAMPLE: Duration = Duration::from_millis(250);
 const OUTAGE_WINDOW_S: f64 = 5.0;
@@ -1995,9 +1998,10 @@ const OUTAGE_RECOVERY_S_MAX: f64 = 10.0;
 
 /// A bulk scan from a province `serve` to a commune `serve` over linksim weak 4G, cut for
 /// `outage_s` seconds (less than the 120 s idle timeout, so the connection survives) once
-/// `OUTAGE_CUT_AT` of it has crossed: goodput in windows before the cut and after the restore.
+/// `OUTAGE_CUT_AT` of it has crossed and the link has faded for `OUTAGE_FADING`: goodput in
+/// windows before the cut and after the restore.
 async fn outage_weak_4g(scan_mb: usize, outage_s: u64) {
-    println!("\n## A link that comes back: weak 4G (1 Mbit/s, 200 ms RTT, 2% loss), {scan_mb} MB scan (incompressible), cut for {outage_s} s at {:.0}%\n", OUTAGE_CUT_AT * 100.0);
+    println!("\n## A link that comes back: weak 4G (1 Mbit/s, 200 ms RTT, 2% loss), {scan_mb} MB scan (incompressible), delay doubled for {} s at {:.0}%, then cut for {outage_s} s\n", OUTAGE_FADING.as_secs(), OUTAGE_CUT_AT * 100.0);
     let tmp = scratch();
     let province_dir = empty_province(&tmp.path().join("province"));
     let served = serve_here(&province_dir).await;
@@ -2020,7 +2024,17 @@ async fn outage_weak_4g(scan_mb: usize, outage_s: u64) {
     let started = Instant::now();
     let base = sim.stats().down.forwarded_bytes;
     let mut samples: Vec<(f64, u64)> = Vec::new();
-    let (mut cut, mut restored) = (None, None);
+    let (mut faded, mut cut, mut restored) = (None, None, None);
+    let set_delay_ms = |ms: u32| {
+        for dir in [Direction::Up, Direction::Down] {
+            let mut profile = sim.handle().profile(dir);
+            profile.delay_ms = ms;
+            sim.handle()
+                .set_profile(dir, profile)
+                .expect("a valid profile");
+        }
+    };
+    let delay_ms = LinkProfile::weak_4g().delay_ms;
     let wait_max = Duration::from_secs(outage_s) + URGENT_WAIT_MAX * (1 + scan_mb as u32 / 2);
     while !watch.has_blob(&hash) {
         assert!(started.elapsed() < wait_max, "the scan never arrived");
@@ -2030,12 +2044,17 @@ async fn outage_weak_4g(scan_mb: usize, outage_s: u64) {
             sim.stats().down.forwarded_bytes - base,
         );
         samples.push((t, delivered));
-        match (cut, restored) {
-            (None, _) if delivered as f64 >= OUTAGE_CUT_AT * bytes as f64 => {
+        match (faded, cut, restored) {
+            (None, _, _) if delivered as f64 >= OUTAGE_CUT_AT * bytes as f64 => {
+                set_delay_ms(2 * delay_ms);
+                faded = Some(t);
+            }
+            (Some(at), None, _) if t >= at + OUTAGE_FADING.as_secs_f64() => {
                 sim.handle().set_up(false);
                 cut = Some(t);
             }
-            (Some(at), None) if t >= at + outage_s as f64 => {
+            (_, Some(at), None) if t >= at + outage_s as f64 => {
+                set_delay_ms(delay_ms);
                 sim.handle().set_up(true);
                 restored = Some(t);
             }
