@@ -2088,8 +2088,8 @@ async fn outage_weak_4g(scan_mb: usize, outage_s: u64) {
             bps / WEAK_4G_RATE_BPS * 100.0
         )
     };
-    // The first scan data across the restored link: quinn notices the link only when its next
-    // loss probe (PTO, doubled after each unanswered one) gets through.
+    // The first scan data across the restored link: the sender notices the link only when a
+    // probe gets through (the pacer's, every 2 s; quinn's own loss probes double their interval).
     let resumed = samples
         .iter()
         .find(|(t, d)| *t > restored && *d > delivered_at(restored) + 4 * 1500)
@@ -2097,8 +2097,7 @@ async fn outage_weak_4g(scan_mb: usize, outage_s: u64) {
     // The scan's last data (its completion is noticed a commit later).
     let last_data = samples
         .windows(2)
-        .filter(|w| w[1].1 > w[0].1)
-        .last()
+        .rfind(|w| w[1].1 > w[0].1)
         .map_or(done, |w| w[1].0);
     let first_full = samples
         .iter()
