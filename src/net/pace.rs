@@ -261,10 +261,11 @@ impl PaceState {
 /// every control frame (an urgent dispatch, an Ack) waited behind that queue. The rate follows
 /// the queueing delay, not loss (the random loss of weak links is not congestion): once per
 /// round trip it moves in proportion to how far the delay is from `QUEUE_DELAY_TARGET`. It
-/// starts at the link-rate estimate that picks the zstd level. Through an outage (no ACK for a
-/// few round trips) it hands quinn nothing, which would only be lost and then retransmitted in
-/// one unpaced burst, and keeps its rate for when the link is back. On a LAN or loopback it
-/// does nothing.
+/// starts at the link-rate estimate that picks the zstd level; what quinn resends counts against
+/// it. Through an outage (no ACK for a few round trips; quinn holds back no written data but
+/// for the congestion window, so only a dead link leaves a slice unacknowledged that long) it
+/// hands quinn only probes, as anything more would be lost and then resent in one unpaced
+/// burst, and keeps its rate for when the link is back. On a LAN or loopback it does nothing.
 pub(super) struct Pacer {
     conn: quinn::Connection,
     state: Mutex<PaceState>,
