@@ -4,11 +4,10 @@
 //! `communesync` processes. Prints Markdown tables.
 //!
 //! `cargo bench --bench sync [-- SCENARIO... N... key=value...]`, where SCENARIO is `reconnect`,
-//! `quic`, `link`, `scan`, `weak4g`, `urgent` or `memory` (default: all), N a province size for
-//! `reconnect` (default 100000 1000000; `quic` and `memory` use the largest, `link` the
-//! smallest), and the keys
-//! `scan-mb=200`, `weak-mb=2`, `urgent-mb=4`, `memory-mb=1024`, `regen=1` (rebuild the cached
-//! provinces).
+//! `quic`, `link`, `scan`, `weak4g`, `urgent`, `outage` or `memory` (default: all), N a
+//! province size for `reconnect` (default 100000 1000000; `quic` and `memory` use the largest,
+//! `link` the smallest), and the keys `scan-mb=200`, `weak-mb=2`, `urgent-mb=4`,
+//! `outage-mb=8`, `outage-s=60`, `memory-mb=1024`, `regen=1` (rebuild the cached provinces).
 
 mod common;
 use common::{load_average, machine};
@@ -113,6 +112,9 @@ fn main() {
     if opts.wants("urgent") {
         rt.block_on(urgent_weak_4g(opts.urgent_mb));
     }
+    if opts.wants("outage") {
+        rt.block_on(outage_weak_4g(opts.outage_mb, opts.outage_s));
+    }
     if opts.wants("memory") {
         memory(&opts, largest);
     }
@@ -129,6 +131,8 @@ struct Opts {
     scan_mb: usize,
     weak_mb: usize,
     urgent_mb: usize,
+    outage_mb: usize,
+    outage_s: u64,
     memory_mb: usize,
     regen: bool,
 }
@@ -141,6 +145,8 @@ impl Opts {
             scan_mb: 200,
             weak_mb: 2,
             urgent_mb: 4,
+            outage_mb: 8,
+            outage_s: 60,
             memory_mb: 1024,
             regen: false,
         };
@@ -151,6 +157,8 @@ impl Opts {
                 Some(("scan-mb", v)) => o.scan_mb = num(v),
                 Some(("weak-mb", v)) => o.weak_mb = num(v),
                 Some(("urgent-mb", v)) => o.urgent_mb = num(v),
+                Some(("outage-mb", v)) => o.outage_mb = num(v),
+                Some(("outage-s", v)) => o.outage_s = num(v) as u64,
                 Some(("memory-mb", v)) => o.memory_mb = num(v),
                 Some(("regen", v)) => o.regen = v != "0",
                 Some(_) => panic!("unknown option {arg}"),
@@ -2069,5 +2077,165 @@ async fn urgent_weak_4g(scan_mb: usize) {
         mb((scan_mb * 1_000_000) as f64),
         (scan_mb * 1_000_000) as f64 * 8.0 / scan_secs / 1e3,
         (scan_mb * 1_000_000) as f64 * 8.0 / scan_secs / WEAK_4G_RATE_BPS * 100.0,
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// A link that comes back
+
+/// Share of the scan's bytes delivered before the link fades, and for how long its delay is
+/// doubled (as a fading signal's rises) before it is cut: quinn's smoothed RTT then reads above
+/// the pacer's target when the outage begins, as it did in the field report of issue 10.
+const OUTAGE_CUT_AT: f64 = 0.4;
+const OUTAGE_FADING: Duration = Duration::from_secs(2);
+/// How often the link's counters are read, and the windows goodput is reported in.
+const OUTAGE_SAMPLE: Duration = Duration::from_millis(250);
+const OUTAGE_WINDOW_S: f64 = 5.0;
+/// The bar (issue 10): goodput back above this share of the link within `OUTAGE_RECOVERY_S_MAX`
+/// of the restore, from then to the end of the scan.
+const OUTAGE_RECOVERED: f64 = 0.85;
+const OUTAGE_RECOVERY_S_MAX: f64 = 10.0;
+
+/// A bulk scan from a province `serve` to a commune `serve` over linksim weak 4G, cut for
+/// `outage_s` seconds (less than the 120 s idle timeout, so the connection survives) once
+/// `OUTAGE_CUT_AT` of it has crossed and the link has faded for `OUTAGE_FADING`: goodput in
+/// windows before the cut and after the restore.
+async fn outage_weak_4g(scan_mb: usize, outage_s: u64) {
+    println!("\n## A link that comes back: weak 4G (1 Mbit/s, 200 ms RTT, 2% loss), {scan_mb} MB scan (incompressible), delay doubled for {} s at {:.0}%, then cut for {outage_s} s\n", OUTAGE_FADING.as_secs(), OUTAGE_CUT_AT * 100.0);
+    let tmp = scratch();
+    let province_dir = empty_province(&tmp.path().join("province"));
+    let served = serve_here(&province_dir).await;
+    let (sim, commune) =
+        commune_behind_weak_4g(&province_dir, served.addr, &tmp.path().join("commune"), 45).await;
+    let daemon = serve_here(&commune).await;
+    let watch = Watcher::open(&commune);
+    let mut province = Node::open(&province_dir).expect("open province");
+    deliver_one(&mut province, &watch, Priority::Normal, "0/WARM", None).await;
+
+    let bytes = scan_mb * 1_000_000;
+    let scan_path = tmp.path().join("bulk.jpg");
+    let scan = random_scan(bytes, 46);
+    let hash = *blake3::hash(&scan).as_bytes();
+    std::fs::write(&scan_path, &scan).expect("write scan");
+    drop(scan);
+    dispatch_with_scan(&province_dir, Some(&scan_path), "9/BULK");
+
+    // (seconds since the scan's dispatch, UDP bytes delivered to the commune so far)
+    let started = Instant::now();
+    let base = sim.stats().down.forwarded_bytes;
+    let mut samples: Vec<(f64, u64)> = Vec::new();
+    let (mut faded, mut cut, mut restored) = (None, None, None);
+    let set_delay_ms = |ms: u32| {
+        for dir in [Direction::Up, Direction::Down] {
+            let mut profile = sim.handle().profile(dir);
+            profile.delay_ms = ms;
+            sim.handle()
+                .set_profile(dir, profile)
+                .expect("a valid profile");
+        }
+    };
+    let delay_ms = LinkProfile::weak_4g().delay_ms;
+    let wait_max = Duration::from_secs(outage_s) + URGENT_WAIT_MAX * (1 + scan_mb as u32 / 2);
+    while !watch.has_blob(&hash) {
+        assert!(started.elapsed() < wait_max, "the scan never arrived");
+        tokio::time::sleep(OUTAGE_SAMPLE).await;
+        let (t, delivered) = (
+            started.elapsed().as_secs_f64(),
+            sim.stats().down.forwarded_bytes - base,
+        );
+        samples.push((t, delivered));
+        match (faded, cut, restored) {
+            (None, _, _) if delivered as f64 >= OUTAGE_CUT_AT * bytes as f64 => {
+                set_delay_ms(2 * delay_ms);
+                faded = Some(t);
+            }
+            (Some(at), None, _) if t >= at + OUTAGE_FADING.as_secs_f64() => {
+                sim.handle().set_up(false);
+                cut = Some(t);
+            }
+            (_, Some(at), None) if t >= at + outage_s as f64 => {
+                set_delay_ms(delay_ms);
+                sim.handle().set_up(true);
+                restored = Some(t);
+            }
+            _ => {}
+        }
+    }
+    let done = started.elapsed().as_secs_f64();
+    daemon.stop().await;
+    sim.shutdown().await;
+    served.stop().await;
+    let (cut, restored) = (
+        cut.expect("the link was cut"),
+        restored.expect("the scan arrived only after the restore"),
+    );
+
+    // Goodput over [from, to): delivered UDP bytes less QUIC's per-packet share.
+    let delivered_at = |t: f64| {
+        samples
+            .iter()
+            .take_while(|(at, _)| *at <= t)
+            .last()
+            .map_or(0, |s| s.1)
+    };
+    let goodput = |from: f64, to: f64| {
+        (delivered_at(to) - delivered_at(from)) as f64 / QUIC_UDP_PER_PAYLOAD * 8.0 / (to - from)
+    };
+    let kbit = |bps: f64| {
+        format!(
+            "{:.0} kbit/s ({:.0}%)",
+            bps / 1e3,
+            bps / WEAK_4G_RATE_BPS * 100.0
+        )
+    };
+    // The first scan data across the restored link: the sender notices the link only when a
+    // probe gets through (the pacer's, every 2 s; quinn's own loss probes double their interval).
+    let resumed = samples
+        .iter()
+        .find(|(t, d)| *t > restored && *d > delivered_at(restored) + 4 * 1500)
+        .map_or(done, |s| s.0);
+    // The scan's last data (its completion is noticed a commit later).
+    let last_data = samples
+        .windows(2)
+        .rfind(|w| w[1].1 > w[0].1)
+        .map_or(done, |w| w[1].0);
+    let first_full = samples
+        .iter()
+        .map(|s| s.0)
+        .filter(|&t| t >= restored && t + OUTAGE_WINDOW_S <= last_data)
+        .find(|&t| goodput(t, t + OUTAGE_WINDOW_S) >= OUTAGE_RECOVERED * WEAK_4G_RATE_BPS);
+    let after_grace = goodput(restored + OUTAGE_RECOVERY_S_MAX, last_data);
+    println!("| window (s after the restore) | goodput (share of the link) |");
+    println!("| --- | --- |");
+    let faded = faded.expect("the link faded");
+    println!(
+        "| before the cut (0–{faded:.0} s after the dispatch) | {} |",
+        kbit(goodput(0.0, faded))
+    );
+    println!(
+        "| fading ({faded:.0}–{cut:.0} s, delay doubled) | {} |",
+        kbit(goodput(faded, cut))
+    );
+    let mut from = restored;
+    while from < done {
+        let to = (from + OUTAGE_WINDOW_S).min(done);
+        println!(
+            "| {:.0}–{:.0} | {} |",
+            from - restored,
+            to - restored,
+            kbit(goodput(from, to))
+        );
+        from = to;
+    }
+    println!(
+        "\nafter the restore: first scan data at +{:.1} s; first {OUTAGE_WINDOW_S:.0} s window at ≥ {:.0}% from +{}; from +{OUTAGE_RECOVERY_S_MAX:.0} s to the scan's last data (+{:.0} s): {} (bar ≥ {:.0}%: {}); {} on average from the restore",
+        resumed - restored,
+        OUTAGE_RECOVERED * 100.0,
+        first_full.map_or("never".into(), |t| format!("{:.1} s", t - restored)),
+        last_data - restored,
+        kbit(after_grace),
+        OUTAGE_RECOVERED * 100.0,
+        met(after_grace >= OUTAGE_RECOVERED * WEAK_4G_RATE_BPS),
+        kbit(goodput(restored, last_data)),
     );
 }
