@@ -1363,10 +1363,13 @@ fn issue12_an_enrolled_peer_gets_one_control_stream_and_no_oversized_scan_frames
         log.contains("scan stream from peer refused: protocol violation: a frame of 8388608 bytes"),
         "{log}"
     );
-    // Two control streams (tag 1): the second ends the session.
+    // Two control streams (tag 1): the second ends the session. Both stay open (a stream
+    // dropped here could be reset before the daemon reads its tag).
+    let mut controls = Vec::new();
     for _ in 0..2 {
         let mut control = rt.block_on(conn.open_uni()).unwrap();
         rt.block_on(control.write_all(&[1])).unwrap();
+        controls.push(control);
     }
     let log = server.wait_log("second control stream", 1);
     assert!(
