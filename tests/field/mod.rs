@@ -441,3 +441,235 @@ fn p_sync(node: &TestNode) -> (Vec<String>, std::process::Child) {
     cmd.stderr(std::process::Stdio::null());
     (vec![], cmd.spawn().expect("starting sync"))
 }
+
+// ---- every end-to-end scenario on every preset (issue 10, item 2) ----
+
+/// Up to `attempts` one-shot syncs, a second apart, until one exits 0 with `done` holding.
+fn sync_until(node: &TestNode, attempts: usize, done: impl Fn() -> bool) -> bool {
+    for _ in 0..attempts {
+        if node.run(&["--json", "sync"]).code == 0 && done() {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_secs(1));
+    }
+    false
+}
+
+fn scan_for(preset: &str, rng: &mut StdRng) -> Vec<u8> {
+    incompressible(if preset == "2g" { 96 << 10 } else { 1 << 20 }, rng)
+}
+
+/// A commune and its standby edit one assignment offline; after syncing through the link both
+/// hold the same replica, with the conflict visible.
+fn concurrent_edits(preset: &str, seed: u64) {
+    let p = pair();
+    let rt = runtime();
+    let standby = enrolled(&p.province, COMMUNE, "commune");
+    let links: Vec<_> = (0..2)
+        .map(|i| link(&rt, p.server.addr(), preset, seed + i))
+        .collect();
+    for (node, sim) in [(&p.commune, &links[0]), (&standby, &links[1])] {
+        node.ok(&["peer", "add", "up", "--addr", &sim.local_addr().to_string()]);
+    }
+    let d = id(&p.province.new_dispatch("1/VP", &[COMMUNE], &[]));
+    assert!(
+        sync_until(&p.commune, 3, || holds_doc(&p.commune, &d)),
+        "{preset}"
+    );
+    let a = id(&p.commune.json(&[
+        "assign",
+        "new",
+        &d,
+        "--lead",
+        "lan",
+        "--deadline",
+        "2030-01-31",
+    ]));
+    assert!(sync_until(&p.commune, 3, || true), "{preset}");
+    assert!(
+        sync_until(&standby, 3, || holds_doc(&standby, &a)),
+        "{preset}"
+    );
+    p.commune
+        .json(&["assign", "update", &a, "--status", "done"]);
+    standby.json(&["assign", "update", &a, "--status", "returned"]);
+    for node in [&p.commune, &standby, &p.commune] {
+        assert!(sync_until(node, 3, || true), "{preset}");
+    }
+    let shown = p.commune.json(&["assign", "show", &a]);
+    assert_eq!(shown, standby.json(&["assign", "show", &a]), "{preset}");
+    assert_eq!(shown, p.province.json(&["assign", "show", &a]), "{preset}");
+    assert!(
+        shown["conflicts"].to_string().contains("status"),
+        "{preset}: {shown}"
+    );
+    for sim in links {
+        rt.block_on(sim.shutdown());
+    }
+    p.server.finish();
+}
+
+/// A scan transfer cut by the link: the sync gives up in seconds (exit 5) and the next one
+/// resumes from the chunks kept.
+fn resume_after_a_cut(preset: &str, seed: u64) {
+    let p = pair();
+    let rt = runtime();
+    let sim = link(&rt, p.server.addr(), preset, seed);
+    p.commune
+        .ok(&["peer", "add", "up", "--addr", &sim.local_addr().to_string()]);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let scan = p
+        .province
+        .write_file("cut.jpg", &scan_for(preset, &mut rng));
+    let d = id(&p.province.new_dispatch("2/VP", &[COMMUNE], &[&scan]));
+    let hash = attachment_hash(&p.province, &d);
+    let (_, mut sync) = p_sync(&p.commune);
+    let deadline = Instant::now() + std::time::Duration::from_secs(120);
+    while crate::tree_util::chunks_stored(&p.commune, &hash) == 0 {
+        assert!(Instant::now() < deadline, "{preset}: no chunk arrived");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    sim.handle().set_up(false);
+    let status = sync.wait().expect("sync ran");
+    assert_eq!(status.code(), Some(i32::from(exit::PEER)), "{preset}");
+    let kept = crate::tree_util::chunks_stored(&p.commune, &hash);
+    assert!(kept > 0, "{preset}: the verified chunks stay");
+    sim.handle().set_up(true);
+    assert!(
+        sync_until(&p.commune, 3, || blob_rows(&p.commune, &hash) == 1),
+        "{preset}: the scan did not arrive after the link came back"
+    );
+    rt.block_on(sim.shutdown());
+    p.server.finish();
+}
+
+/// Province → district → commune, both hops through the link, a scan down and a report up.
+fn relay_tree(preset: &str, seed: u64) {
+    let province = province();
+    let upstream = Server::start(&province);
+    let rt = runtime();
+    let up = link(&rt, upstream.addr(), preset, seed);
+    let district = enrolled(&province, "qn/binhlieu", "district");
+    district.ok(&[
+        "peer",
+        "add",
+        "province",
+        "--addr",
+        &up.local_addr().to_string(),
+    ]);
+    let relay = Server::start(&district);
+    let down = link(&rt, relay.addr(), preset, seed + 1);
+    let commune = enrolled(&province, COMMUNE, "commune");
+    commune.ok(&[
+        "peer",
+        "add",
+        "district",
+        "--addr",
+        &down.local_addr().to_string(),
+    ]);
+    let mut rng = StdRng::seed_from_u64(seed);
+    let scan = province.write_file("relay.jpg", &scan_for(preset, &mut rng));
+    let d = id(&province.new_dispatch("3/VP", &[COMMUNE], &[&scan]));
+    let hash = attachment_hash(&province, &d);
+    assert!(
+        sync_until(&commune, 20, || blob_rows(&commune, &hash) == 1),
+        "{preset}: the scan never reached the commune through the district"
+    );
+    let report = id(&commune.new_dispatch("4/BC", &["qn"], &[]));
+    assert!(
+        sync_until(&commune, 3, || holds_doc(&district, &report)),
+        "{preset}"
+    );
+    let deadline = Instant::now() + std::time::Duration::from_secs(60);
+    while !holds_doc(&province, &report) {
+        assert!(
+            Instant::now() < deadline,
+            "{preset}: the district never forwarded the report"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    for sim in [up, down] {
+        rt.block_on(sim.shutdown());
+    }
+    relay.finish();
+    upstream.finish();
+}
+
+/// A revocation reaches the district through its link, and the district refuses the node.
+fn revocation(preset: &str, seed: u64) {
+    let province = province();
+    let upstream = Server::start(&province);
+    let rt = runtime();
+    let up = link(&rt, upstream.addr(), preset, seed);
+    let district = enrolled(&province, "qn/binhlieu", "district");
+    district.ok(&[
+        "peer",
+        "add",
+        "province",
+        "--addr",
+        &up.local_addr().to_string(),
+    ]);
+    let commune = enrolled(&province, COMMUNE, "commune");
+    let commune_id = commune.json(&["status"])["node_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    province.ok(&["ca", "revoke", &commune_id]);
+    assert!(
+        sync_until(&district, 3, || true),
+        "{preset}: the district's sync failed"
+    );
+    let relay = Server::start(&district);
+    let down = link(&rt, relay.addr(), preset, seed + 1);
+    commune.ok(&[
+        "peer",
+        "add",
+        "district",
+        "--addr",
+        &down.local_addr().to_string(),
+    ]);
+    let run = commune.run(&["--json", "sync"]);
+    assert_eq!(
+        run.code,
+        i32::from(exit::PEER),
+        "{preset}: {}{}",
+        run.stdout,
+        run.stderr
+    );
+    for sim in [up, down] {
+        rt.block_on(sim.shutdown());
+    }
+    relay.finish();
+    upstream.finish();
+}
+
+const SCENARIOS: [(&str, fn(&str, u64)); 4] = [
+    ("concurrent edits", concurrent_edits),
+    ("resume after a cut", resume_after_a_cut),
+    ("relay tree", relay_tree),
+    ("revocation", revocation),
+];
+
+#[test]
+fn every_scenario_holds_on_weak_4g() {
+    for (_, run) in SCENARIOS {
+        run("weak4g", 21);
+    }
+}
+
+/// Every scenario on every preset: `cargo test --release --test tests
+/// field::every_scenario_on_every_preset -- --ignored --nocapture`.
+#[test]
+#[ignore = "minutes; run by hand for docs/performance.md"]
+fn every_scenario_on_every_preset() {
+    for preset in ["loopback", "weak4g", "vsat", "2g"] {
+        for (name, run) in SCENARIOS {
+            let started = Instant::now();
+            run(preset, 31);
+            println!(
+                "| {preset} | {name} | ok | {:.1} s |",
+                started.elapsed().as_secs_f64()
+            );
+        }
+    }
+}
