@@ -643,7 +643,10 @@ fn revocation(preset: &str, seed: u64) {
     upstream.finish();
 }
 
-const SCENARIOS: [(&str, fn(&str, u64)); 4] = [
+/// A scenario run on one link preset from a seed.
+type Scenario = fn(&str, u64);
+
+const SCENARIOS: [(&str, Scenario); 4] = [
     ("concurrent edits", concurrent_edits),
     ("resume after a cut", resume_after_a_cut),
     ("relay tree", relay_tree),
