@@ -402,7 +402,6 @@ fn a_peer_restored_from_a_backup_gets_back_what_it_lost() {
     a.node.dispatch_new(None, &req("1/A")).unwrap();
     while !matches!(run_once(&mut a, &mut b, &mut rng, 0.0), Outcome::Converged) {}
     // Back up the commune, let more arrive, then restore the backup: what came after is lost.
-    let db = dir.path().join("c").join(crate::node::DB_FILE);
     b.node
         .store
         .write(|tx| tx.set_meta("checkpoint", "1"))
@@ -411,16 +410,7 @@ fn a_peer_restored_from_a_backup_gets_back_what_it_lost() {
     b.node.store.backup_to(&backup).unwrap();
     let later = a.node.dispatch_new(None, &req("2/A")).unwrap();
     while !matches!(run_once(&mut a, &mut b, &mut rng, 0.0), Outcome::Converged) {}
-    let peer = b.peer.clone();
-    drop(b);
-    std::fs::copy(&backup, &db).unwrap();
-    for suffix in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
-    }
-    let mut b = Side {
-        node: Node::open(&dir.path().join("c")).unwrap(),
-        peer,
-    };
+    let mut b = restored(b, &backup);
     assert!(
         b.node.dispatch_show(&later.id).is_err(),
         "the restore lost the later dispatch"
@@ -447,7 +437,6 @@ fn a_node_restored_from_a_backup_gets_back_what_it_had_sent_since() {
         )
         .unwrap();
     while !matches!(run_once(&mut a, &mut b, &mut rng, 0.0), Outcome::Converged) {}
-    let db = dir.path().join("c").join(crate::node::DB_FILE);
     let backup = dir.path().join("backup.db");
     b.node.store.backup_to(&backup).unwrap();
     let sent = b
@@ -456,16 +445,7 @@ fn a_node_restored_from_a_backup_gets_back_what_it_had_sent_since() {
         .unwrap();
     while !matches!(run_once(&mut a, &mut b, &mut rng, 0.0), Outcome::Converged) {}
     assert!(a.node.dispatch_show(&sent.id).is_ok());
-    let peer = b.peer.clone();
-    drop(b);
-    std::fs::copy(&backup, &db).unwrap();
-    for suffix in ["-wal", "-shm"] {
-        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
-    }
-    let mut b = Side {
-        node: Node::open(&dir.path().join("c")).unwrap(),
-        peer,
-    };
+    let mut b = restored(b, &backup);
     assert!(
         b.node.dispatch_show(&sent.id).is_err(),
         "the restore lost it"
@@ -484,6 +464,25 @@ fn a_node_restored_from_a_backup_gets_back_what_it_had_sent_since() {
         a.node.dispatch_show(&after.id).is_ok(),
         "and took what came after"
     );
+}
+
+/// The commune side after its database was replaced by `backup` (a restore, as an operator
+/// does it: the backup's file over `node.db`, the old WAL gone).
+fn restored(b: Side, backup: &std::path::Path) -> Side {
+    let (peer, db) = (b.peer.clone(), b.node.store.path().to_path_buf());
+    let dir = db
+        .parent()
+        .expect("node.db is in the data directory")
+        .to_path_buf();
+    drop(b);
+    std::fs::copy(backup, &db).unwrap();
+    for suffix in ["-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", db.display()));
+    }
+    Side {
+        node: Node::open(&dir).unwrap(),
+        peer,
+    }
 }
 
 /// Applies one Changes frame of `docs` (each a document's whole `save()` at the province) at

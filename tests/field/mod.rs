@@ -63,8 +63,7 @@ fn trial(p: &Pair, preset: &str, seed: u64) -> Trial {
     let mut rng = StdRng::seed_from_u64(seed);
     // The link is new each trial: so is its address.
     let _ = p.commune.run(&["peer", "remove", "up"]);
-    p.commune
-        .ok(&["peer", "add", "up", "--addr", &sim.local_addr().to_string()]);
+    peer_through(&p.commune, "up", &sim);
     let bytes = scan_bytes(preset);
     let up_scan = p
         .commune
@@ -305,7 +304,7 @@ fn a_sync_whose_peer_dies_mid_transfer_exits_5_within_seconds_and_resumes_later(
     let commune = enrolled(&province, COMMUNE, "commune");
     let rt = runtime();
     let sim = link(&rt, server.addr(), "rate=1mbit", 7);
-    commune.ok(&["peer", "add", "up", "--addr", &sim.local_addr().to_string()]);
+    peer_through(&commune, "up", &sim);
     let scan = province.write_file(
         "so-do.jpg",
         &incompressible(3 << 20, &mut StdRng::seed_from_u64(7)),
@@ -383,13 +382,7 @@ fn a_relay_forwards_a_scan_to_its_commune_while_the_scan_is_still_arriving() {
     let rt = runtime();
     // The province → district hop is slow; the district → commune hop is loopback.
     let sim = link(&rt, upstream.addr(), "rate=2mbit", 11);
-    district.ok(&[
-        "peer",
-        "add",
-        "province",
-        "--addr",
-        &sim.local_addr().to_string(),
-    ]);
+    peer_through(&district, "province", &sim);
     let relay = Server::start(&district);
     let commune = enrolled(&province, COMMUNE, "commune");
     commune.ok(&["peer", "add", "district", "--addr", relay.addr()]);
@@ -435,6 +428,11 @@ fn a_relay_forwards_a_scan_to_its_commune_while_the_scan_is_still_arriving() {
     upstream.finish();
 }
 
+/// Adds `name` as a peer of `node` at the link simulator's address.
+fn peer_through(node: &TestNode, name: &str, sim: &communesync::linksim::LinkSim) {
+    node.ok(&["peer", "add", name, "--addr", &sim.local_addr().to_string()]);
+}
+
 fn p_sync(node: &TestNode) -> (Vec<String>, std::process::Child) {
     let mut cmd = node.command(&["--json", "sync"]);
     cmd.stdout(std::process::Stdio::null());
@@ -469,7 +467,7 @@ fn concurrent_edits(preset: &str, seed: u64) {
         .map(|i| link(&rt, p.server.addr(), preset, seed + i))
         .collect();
     for (node, sim) in [(&p.commune, &links[0]), (&standby, &links[1])] {
-        node.ok(&["peer", "add", "up", "--addr", &sim.local_addr().to_string()]);
+        peer_through(&node, "up", &sim);
     }
     let d = id(&p.province.new_dispatch("1/VP", &[COMMUNE], &[]));
     assert!(
@@ -515,8 +513,7 @@ fn resume_after_a_cut(preset: &str, seed: u64) {
     let p = pair();
     let rt = runtime();
     let sim = link(&rt, p.server.addr(), preset, seed);
-    p.commune
-        .ok(&["peer", "add", "up", "--addr", &sim.local_addr().to_string()]);
+    peer_through(&p.commune, "up", &sim);
     let mut rng = StdRng::seed_from_u64(seed);
     let scan = p
         .province
@@ -550,23 +547,11 @@ fn relay_tree(preset: &str, seed: u64) {
     let rt = runtime();
     let up = link(&rt, upstream.addr(), preset, seed);
     let district = enrolled(&province, "qn/binhlieu", "district");
-    district.ok(&[
-        "peer",
-        "add",
-        "province",
-        "--addr",
-        &up.local_addr().to_string(),
-    ]);
+    peer_through(&district, "province", &up);
     let relay = Server::start(&district);
     let down = link(&rt, relay.addr(), preset, seed + 1);
     let commune = enrolled(&province, COMMUNE, "commune");
-    commune.ok(&[
-        "peer",
-        "add",
-        "district",
-        "--addr",
-        &down.local_addr().to_string(),
-    ]);
+    peer_through(&commune, "district", &down);
     let mut rng = StdRng::seed_from_u64(seed);
     let scan = province.write_file("relay.jpg", &scan_for(preset, &mut rng));
     let d = id(&province.new_dispatch("3/VP", &[COMMUNE], &[&scan]));
@@ -602,13 +587,7 @@ fn revocation(preset: &str, seed: u64) {
     let rt = runtime();
     let up = link(&rt, upstream.addr(), preset, seed);
     let district = enrolled(&province, "qn/binhlieu", "district");
-    district.ok(&[
-        "peer",
-        "add",
-        "province",
-        "--addr",
-        &up.local_addr().to_string(),
-    ]);
+    peer_through(&district, "province", &up);
     let commune = enrolled(&province, COMMUNE, "commune");
     let commune_id = commune.json(&["status"])["node_id"]
         .as_str()
@@ -621,13 +600,7 @@ fn revocation(preset: &str, seed: u64) {
     );
     let relay = Server::start(&district);
     let down = link(&rt, relay.addr(), preset, seed + 1);
-    commune.ok(&[
-        "peer",
-        "add",
-        "district",
-        "--addr",
-        &down.local_addr().to_string(),
-    ]);
+    peer_through(&commune, "district", &down);
     let run = commune.run(&["--json", "sync"]);
     assert_eq!(
         run.code,
