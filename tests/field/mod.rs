@@ -467,7 +467,7 @@ fn concurrent_edits(preset: &str, seed: u64) {
         .map(|i| link(&rt, p.server.addr(), preset, seed + i))
         .collect();
     for (node, sim) in [(&p.commune, &links[0]), (&standby, &links[1])] {
-        peer_through(node, "up", &sim);
+        peer_through(node, "up", sim);
     }
     let d = id(&p.province.new_dispatch("1/VP", &[COMMUNE], &[]));
     assert!(
