@@ -295,7 +295,7 @@ impl Node {
         let mut copy = BufWriter::new(tempfile::tempfile_in(&self.dir).map_err(io(&self.dir))?);
         let mut hasher = blake3::Hasher::new();
         let (mut buf, mut copied) = (vec![0u8; COPY_BYTES], 0u64);
-        let mut payload = (&mut file).take(header.payload_bytes + 1);
+        let mut payload = (&mut file).take(header.payload_bytes.saturating_add(1));
         loop {
             let n = match payload.read(&mut buf) {
                 Ok(0) => break,
