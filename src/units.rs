@@ -227,4 +227,87 @@ mod tests {
         assert!(UnitTree::parse(wrong_role).is_err());
         assert!(UnitTree::parse("[[unit]]\npath = 3").is_err());
     }
+
+    // Issue 11: the fuzz target's properties (fuzz/fuzz_targets/config_files.rs), in the
+    // default test run.
+    mod issue11_props {
+        use super::*;
+        use proptest::collection::{btree_set, vec};
+        use proptest::prelude::*;
+        use proptest::sample::Index;
+
+        fn slug() -> impl Strategy<Value = String> {
+            "[a-z0-9-]{1,8}"
+        }
+
+        fn toml_tree(paths: &[String]) -> String {
+            let mut text = String::new();
+            for path in paths {
+                let role = match path.split('/').count() {
+                    1 => "province",
+                    2 => "district",
+                    _ => "commune",
+                };
+                text.push_str(&format!(
+                    "[[unit]]\npath = \"{path}\"\nname = \"Đơn vị {path}\"\nrole = \"{role}\"\n\n"
+                ));
+            }
+            text
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            /// A generated tree (a province, its districts, their communes) parses to exactly
+            /// its units, each with its parent.
+            #[test]
+            fn issue11_generated_trees_parse(
+                districts in btree_set(slug(), 0..5),
+                communes in vec((any::<Index>(), slug()), 0..10),
+            ) {
+                let districts: Vec<String> = districts.into_iter().map(|d| format!("qn/{d}")).collect();
+                let mut paths = vec!["qn".to_string()];
+                paths.extend(districts.iter().cloned());
+                if !districts.is_empty() {
+                    let mut seen = std::collections::BTreeSet::new();
+                    for (at, c) in communes {
+                        let path = format!("{}/{c}", at.get(&districts));
+                        if seen.insert(path.clone()) {
+                            paths.push(path);
+                        }
+                    }
+                }
+                let tree = UnitTree::parse(&toml_tree(&paths)).unwrap();
+                prop_assert_eq!(tree.iter().count(), paths.len());
+                for unit in tree.iter() {
+                    if let Some(p) = parent(&unit.path) {
+                        prop_assert!(tree.get(p).is_ok());
+                    }
+                }
+            }
+
+            /// The shipped tree with characters replaced, and any text: never a panic, and a
+            /// tree that parses holds every unit's parent.
+            #[test]
+            fn issue11_mutated_trees_are_read_safely(
+                edits in vec((any::<Index>(), any::<char>()), 1..4),
+                noise in "\\PC{0,200}",
+            ) {
+                let _ = UnitTree::parse(&noise);
+                let mut text: Vec<char> = SAMPLE_TREE_TOML.chars().collect();
+                for (at, c) in edits {
+                    let at = at.index(text.len());
+                    text[at] = c;
+                }
+                let text: String = text.into_iter().collect();
+                if let Ok(tree) = UnitTree::parse(&text) {
+                    for unit in tree.iter() {
+                        if let Some(p) = parent(&unit.path) {
+                            prop_assert!(tree.get(p).is_ok());
+                        }
+                    }
+                }
+            }
+        }
+    }
 }

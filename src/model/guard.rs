@@ -363,4 +363,78 @@ pub(crate) mod tests {
             );
         }
     }
+
+    // Issue 11: the fuzz target's properties (fuzz/fuzz_targets/automerge_bytes.rs), in the
+    // default test run.
+    mod issue11_props {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        /// What a peer sends: a saved document, or the changes after it, or both.
+        fn sample(text_len: usize, with_changes: bool) -> Vec<u8> {
+            let mut doc = AutoCommit::new();
+            let list = doc.put_object(ROOT, "visits", ObjType::List).unwrap();
+            doc.insert(&list, 0, "x".repeat(text_len)).unwrap();
+            let saved = doc.save();
+            if !with_changes {
+                return saved;
+            }
+            let heads = doc.get_heads();
+            doc.put(ROOT, "status", "closed").unwrap();
+            [saved, doc.save_after(&heads)].concat()
+        }
+
+        /// The count is exact: the bound it reports passes, one byte less does not.
+        fn assert_exact(bytes: &[u8], inflated: Inflated) -> Result<(), TestCaseError> {
+            prop_assert!(inflated.bytes >= bytes.len());
+            prop_assert_eq!(check_inflated(bytes, inflated.bytes), Ok(inflated));
+            if inflated.bytes > 0 {
+                prop_assert_eq!(
+                    check_inflated(bytes, inflated.bytes - 1),
+                    Err(GuardError::TooLarge {
+                        bytes_max: inflated.bytes - 1
+                    })
+                );
+            }
+            Ok(())
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            #[test]
+            fn issue11_any_bytes_are_counted_within_the_bound(
+                bytes in vec(any::<u8>(), 0..400),
+                bytes_max in 0..2000usize,
+            ) {
+                if let Ok(inflated) = check_inflated(&bytes, bytes_max) {
+                    prop_assert!(inflated.bytes <= bytes_max);
+                    assert_exact(&bytes, inflated)?;
+                }
+            }
+
+            /// Mutated documents: the guard's verdict is exact, and Automerge, reached only
+            /// within the bound, refuses or loads them without panicking.
+            #[test]
+            fn issue11_mutated_documents_are_guarded_then_loaded_safely(
+                text_len in 0..3000usize,
+                with_changes in any::<bool>(),
+                edits in vec((any::<prop::sample::Index>(), any::<u8>()), 0..4),
+            ) {
+                let mut bytes = sample(text_len, with_changes);
+                for (at, byte) in edits {
+                    let at = at.index(bytes.len());
+                    bytes[at] = byte;
+                }
+                if let Ok(inflated) = check_inflated(&bytes, 1 << 20) {
+                    assert_exact(&bytes, inflated)?;
+                    if inflated.document_first {
+                        let _ = AutoCommit::load(&bytes);
+                    }
+                    let _ = AutoCommit::new().load_incremental(&bytes);
+                }
+            }
+        }
+    }
 }

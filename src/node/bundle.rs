@@ -252,35 +252,16 @@ impl Node {
             ))
         };
         let mut file = BufReader::new(File::open(path).map_err(io(path))?);
-        let mut magic = [0u8; 9];
-        file.read_exact(&mut magic).map_err(|_| bad("too short"))?;
-        if &magic[..8] != MAGIC || magic[8] != FORMAT {
-            return Err(bad("wrong magic or format"));
-        }
-        let mut len4 = [0u8; 4];
-        file.read_exact(&mut len4)
-            .map_err(|_| bad("truncated header"))?;
-        let header_len = u32::from_be_bytes(len4);
-        if header_len > HEADER_BYTES_MAX {
-            return Err(bad("oversized header"));
-        }
-        let mut header_json = vec![0u8; header_len as usize];
-        file.read_exact(&mut header_json)
-            .map_err(|_| bad("truncated header"))?;
-        let mut len2 = [0u8; 2];
-        file.read_exact(&mut len2)
-            .map_err(|_| bad("truncated signature"))?;
-        let mut signature = vec![0u8; u16::from_be_bytes(len2) as usize];
-        file.read_exact(&mut signature)
-            .map_err(|_| bad("truncated signature"))?;
-
+        let SignedHeader {
+            header,
+            json: header_json,
+            signature,
+        } = read_header(&mut file).map_err(bad)?;
         let ca = std::fs::read_to_string(self.dir.join(CA_FILE)).map_err(|_| {
             NodeError::Invalid(
                 "this node is not enrolled: it cannot check a bundle's signature".into(),
             )
         })?;
-        let header: BundleHeader =
-            serde_json::from_slice(&header_json).map_err(|_| bad("unreadable header"))?;
         // A newer CRL in the bundle is checked and installed first, so a revoked signer is caught.
         if let Some(crl) = &header.crl_pem {
             let crl = trust::Crl::from_pem(crl)?;
@@ -314,7 +295,7 @@ impl Node {
         let mut copy = BufWriter::new(tempfile::tempfile_in(&self.dir).map_err(io(&self.dir))?);
         let mut hasher = blake3::Hasher::new();
         let (mut buf, mut copied) = (vec![0u8; COPY_BYTES], 0u64);
-        let mut payload = (&mut file).take(header.payload_bytes + 1);
+        let mut payload = (&mut file).take(header.payload_bytes.saturating_add(1));
         loop {
             let n = match payload.read(&mut buf) {
                 Ok(0) => break,
@@ -410,6 +391,46 @@ impl Node {
     }
 }
 
+/// A bundle's header as read, before its signature is checked.
+#[derive(Debug)]
+pub struct SignedHeader {
+    pub header: BundleHeader,
+    /// The header's bytes, which the signature covers.
+    pub json: Vec<u8>,
+    pub signature: Vec<u8>,
+}
+
+/// Reads a bundle up to its payload (magic, format, header, signature), leaving `file` at the
+/// first frame. Bounded: at most [`HEADER_BYTES_MAX`] plus 64 KiB of signature are allocated,
+/// whatever the lengths say. The error says what was wrong.
+pub fn read_header(file: &mut impl Read) -> std::result::Result<SignedHeader, &'static str> {
+    let mut magic = [0u8; 9];
+    file.read_exact(&mut magic).map_err(|_| "too short")?;
+    if &magic[..8] != MAGIC || magic[8] != FORMAT {
+        return Err("wrong magic or format");
+    }
+    let mut len4 = [0u8; 4];
+    file.read_exact(&mut len4).map_err(|_| "truncated header")?;
+    let header_len = u32::from_be_bytes(len4);
+    if header_len > HEADER_BYTES_MAX {
+        return Err("oversized header");
+    }
+    let mut json = vec![0u8; header_len as usize];
+    file.read_exact(&mut json).map_err(|_| "truncated header")?;
+    let mut len2 = [0u8; 2];
+    file.read_exact(&mut len2)
+        .map_err(|_| "truncated signature")?;
+    let mut signature = vec![0u8; u16::from_be_bytes(len2) as usize];
+    file.read_exact(&mut signature)
+        .map_err(|_| "truncated signature")?;
+    let header = serde_json::from_slice(&json).map_err(|_| "unreadable header")?;
+    Ok(SignedHeader {
+        header,
+        json,
+        signature,
+    })
+}
+
 fn read_frame(file: &mut impl Read, remaining: &mut u64) -> std::result::Result<Frame, ProtoError> {
     let mut len4 = [0u8; 4];
     file.read_exact(&mut len4)
@@ -423,4 +444,112 @@ fn read_frame(file: &mut impl Read, remaining: &mut u64) -> std::result::Result<
         .map_err(|_| ProtoError::Malformed("truncated frame".into()))?;
     *remaining -= len as u64 + 4;
     wire::decode(&body)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Issue 11: the fuzz target's properties (fuzz/fuzz_targets/bundle_header.rs), in the
+    // default test run.
+    mod issue11_props {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        /// A bundle file as `bundle_export` lays it out.
+        fn envelope(json: &[u8], signature: &[u8], payload: &[u8]) -> Vec<u8> {
+            let mut file = MAGIC.to_vec();
+            file.push(FORMAT);
+            file.extend_from_slice(&(json.len() as u32).to_be_bytes());
+            file.extend_from_slice(json);
+            file.extend_from_slice(&(signature.len() as u16).to_be_bytes());
+            file.extend_from_slice(signature);
+            file.extend_from_slice(payload);
+            file
+        }
+
+        fn header() -> impl Strategy<Value = BundleHeader> {
+            (
+                ("\\PC{0,40}", "\\PC{0,40}", "\\PC{0,40}"),
+                any::<(i64, u64, u64, u64, u64, u64)>(),
+                (
+                    "[0-9a-f]{64}",
+                    "\\PC{0,300}",
+                    proptest::option::of("\\PC{0,300}"),
+                ),
+            )
+                .prop_map(
+                    |(
+                        (from_node, from_unit, for_unit),
+                        (created_at_ms, since, upto, docs, scans, payload_bytes),
+                        (payload_blake3, signer_cert_pem, crl_pem),
+                    )| BundleHeader {
+                        from_node,
+                        from_unit,
+                        for_unit,
+                        created_at_ms,
+                        since,
+                        upto,
+                        docs,
+                        scans,
+                        payload_bytes,
+                        payload_blake3,
+                        signer_cert_pem,
+                        crl_pem,
+                    },
+                )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            /// What the exporter writes reads back as it was, leaving the file at its payload.
+            #[test]
+            fn issue11_written_headers_read_back(
+                h in header(),
+                signature in vec(any::<u8>(), 0..200),
+                payload in vec(any::<u8>(), 0..50),
+            ) {
+                let json = serde_json::to_vec(&h).unwrap();
+                let file = envelope(&json, &signature, &payload);
+                let mut rest = &file[..];
+                let read = read_header(&mut rest).unwrap();
+                prop_assert_eq!(
+                    serde_json::to_value(&read.header).unwrap(),
+                    serde_json::to_value(&h).unwrap()
+                );
+                prop_assert_eq!(read.json, json);
+                prop_assert_eq!(read.signature, signature);
+                prop_assert_eq!(rest, &payload[..]);
+            }
+
+            /// Any bytes, alone or as a header in a well-formed envelope: never a panic, and
+            /// nothing held past the header and signature bounds.
+            #[test]
+            fn issue11_any_bytes_are_read_within_the_bounds(
+                bytes in vec(any::<u8>(), 0..400),
+                header_len in any::<u32>(),
+                signature_len in any::<u16>(),
+            ) {
+                let _ = read_header(&mut &bytes[..]);
+                let _ = read_header(&mut &envelope(&bytes, &[], &[])[..]);
+                let mut file = MAGIC.to_vec();
+                file.push(FORMAT);
+                file.extend_from_slice(&header_len.to_be_bytes());
+                file.extend_from_slice(b"{}");
+                file.extend_from_slice(&signature_len.to_be_bytes());
+                file.extend_from_slice(&bytes);
+                match read_header(&mut &file[..]) {
+                    Ok(read) => {
+                        prop_assert!(read.json.len() <= HEADER_BYTES_MAX as usize);
+                    }
+                    Err(what) if header_len > HEADER_BYTES_MAX => {
+                        prop_assert_eq!(what, "oversized header")
+                    }
+                    Err(_) => {}
+                }
+            }
+        }
+    }
 }

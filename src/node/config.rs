@@ -216,9 +216,15 @@ impl Config {
             path: path.clone(),
             message,
         };
-        let config: Config = toml::from_str(&text).map_err(|e| invalid(describe(&text, &e)))?;
+        let config = Config::parse(&text).map_err(invalid)?;
         let tree = config.validate(dir).map_err(invalid)?;
         Ok((config, tree))
+    }
+
+    /// Reads the TOML of a config file, without checking values against a unit tree; the
+    /// error names the key and the line.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| describe(text, &e))
     }
 
     /// Checks every value; returns the unit tree it names.
@@ -322,18 +328,19 @@ impl Config {
         Ok(())
     }
 
-    /// The annotated file `init` writes.
+    /// The annotated file `init` writes. Text values are written as TOML strings, escaped:
+    /// a user or peer name with a quote in it must not make a file that does not load.
     pub fn to_toml_annotated(&self) -> String {
-        let user = self.node.default_user.as_deref().unwrap_or("admin");
+        let user = quoted(self.node.default_user.as_deref().unwrap_or("admin"));
         format!(
             "# communesync node configuration. Every key is documented in config/{role}.toml of the\n\
              # source tree; unknown keys are refused. Flags on the command line override this file.\n\n\
              [node]\n\
              # This node's unit path and role; must match the unit tree.\n\
-             unit = \"{unit}\"\n\
+             unit = {unit}\n\
              role = \"{role}\"\n\
              # Who acts when --as is not given.\n\
-             default_user = \"{user}\"\n\
+             default_user = {user}\n\
              # Unit tree file until the province's arrives by sync (default: the embedded sample).\n\
              {units_file}\n\
              # Hours east of UTC for deadlines and \"overdue\".\n\
@@ -343,37 +350,42 @@ impl Config {
              doc_cache_entries = {cache}\n\n\
              [sync]\n\
              # Address `communesync serve` listens on.\n\
-             listen = \"{listen}\"\n\
+             listen = {listen}\n\
              # Peer (see `communesync peer add`) that `serve` keeps syncing with.\n\
              {upstream}\n\
              # Transport tuned for slow, lossy links; see config/{role}.toml for every key.\n\
              idle_timeout_s = {idle}\n\
              keep_alive_s = {keep}\n\
              initial_rtt_ms = {rtt}\n\
-             congestion = \"{cc}\"\n",
+             congestion = {cc}\n",
             role = self.node.role,
-            unit = self.node.unit,
+            unit = quoted(&self.node.unit),
             offset = self.node.utc_offset_hours,
             cache = self.store.doc_cache_entries,
-            listen = self.sync.listen,
+            listen = quoted(&self.sync.listen),
             units_file = match &self.node.units_file {
-                Some(f) => format!("units_file = \"{}\"", f.display()),
+                Some(f) => format!("units_file = {}", quoted(&f.display().to_string())),
                 None => "# units_file = \"units.toml\"".to_string(),
             },
             upstream = match &self.sync.upstream {
-                Some(u) => format!("upstream = \"{u}\""),
+                Some(u) => format!("upstream = {}", quoted(u)),
                 None => "# upstream = \"district\"".to_string(),
             },
             idle = self.sync.idle_timeout_s,
             keep = self.sync.keep_alive_s,
             rtt = self.sync.initial_rtt_ms,
-            cc = self.sync.congestion,
+            cc = quoted(&self.sync.congestion),
         )
     }
 }
 
 /// One line naming the key a TOML error concerns, what is wrong, and where, e.g.
 /// `store.doc_cache_entries: invalid type: string "many", expected usize (line 17)`.
+/// `text` as a TOML string value, quoted and escaped.
+fn quoted(text: &str) -> String {
+    toml::Value::String(text.to_string()).to_string()
+}
+
 fn describe(text: &str, err: &toml::de::Error) -> String {
     // toml keeps the key path private; without the input, its Display prints it as a last
     // line "in `store.doc_cache_entries`" instead of a multi-line snippet.
@@ -488,5 +500,73 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("qn/nowhere"), "{err}");
+    }
+
+    /// Found by the issue 11 property test: `init` wrote names unescaped, so a quote or a
+    /// backslash in the user's or the upstream peer's name made a config that did not load.
+    #[test]
+    fn issue11_names_with_quotes_write_a_config_that_loads() {
+        let mut config = Config::new("qn/binhlieu/tinhhuc", Role::Commune, "Lê \"Ba\" \\ 2");
+        config.sync.upstream = Some("district \"a\"".into());
+        let back = Config::parse(&config.to_toml_annotated()).unwrap();
+        assert_eq!(back.node.default_user.as_deref(), Some("Lê \"Ba\" \\ 2"));
+        assert_eq!(back.sync.upstream.as_deref(), Some("district \"a\""));
+    }
+
+    // Issue 11: the fuzz target's properties (fuzz/fuzz_targets/config_files.rs), in the
+    // default test run.
+    mod issue11_props {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+        use proptest::sample::Index;
+
+        const SHIPPED: [&str; 3] = [
+            include_str!("../../config/commune.toml"),
+            include_str!("../../config/district.toml"),
+            include_str!("../../config/province.toml"),
+        ];
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            /// Shipped config files with characters replaced: parsing and checking never panic,
+            /// and an error names a key or a line.
+            #[test]
+            fn issue11_mutated_config_files_are_read_safely(
+                which in 0..SHIPPED.len(),
+                edits in vec((any::<Index>(), any::<char>()), 1..4),
+                noise in "\\PC{0,200}",
+            ) {
+                let _ = Config::parse(&noise);
+                let mut text: Vec<char> = SHIPPED[which].chars().collect();
+                for (at, c) in edits {
+                    let at = at.index(text.len());
+                    text[at] = c;
+                }
+                let text: String = text.into_iter().collect();
+                match Config::parse(&text) {
+                    Ok(config) => {
+                        let _ = config.check(&UnitTree::sample());
+                    }
+                    Err(e) => prop_assert!(!e.is_empty()),
+                }
+            }
+
+            /// What `init` writes loads back as what it was given, whatever the user's name
+            /// and the upstream peer's.
+            #[test]
+            fn issue11_written_configs_load_back(
+                user in "\\PC{0,30}",
+                upstream in proptest::option::of("\\PC{0,30}"),
+            ) {
+                let mut config = Config::new("qn/binhlieu/tinhhuc", Role::Commune, &user);
+                config.sync.upstream = upstream.clone();
+                let back = Config::parse(&config.to_toml_annotated()).unwrap();
+                prop_assert_eq!(back.node.default_user.as_deref(), Some(user.as_str()));
+                prop_assert_eq!(&back.sync.upstream, &upstream);
+                prop_assert!(back.check(&UnitTree::sample()).is_ok());
+            }
+        }
     }
 }

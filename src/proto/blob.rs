@@ -262,4 +262,67 @@ mod tests {
             "wrong hash"
         );
     }
+
+    // Issue 11: the fuzz target's properties (fuzz/fuzz_targets/scan_chunk.rs), in the default
+    // test run.
+    mod issue11_props {
+        use super::*;
+        use crate::store::blobs::CHUNK_BYTES;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        /// Text-like bytes (compressible) or any bytes.
+        fn chunk() -> impl Strategy<Value = Vec<u8>> {
+            prop_oneof![
+                vec(any::<u8>(), 0..4000),
+                ("[a-z ]{1,40}", 0..400usize).prop_map(|(s, n)| s.repeat(n).into_bytes()),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(128))]
+
+            #[test]
+            fn issue11_encoded_chunks_decode_to_themselves(data in chunk(), level in -1..6i32) {
+                let hash = *blake3::hash(&data).as_bytes();
+                let (compressed, wire) = encode_chunk(data.clone().into(), level);
+                let back = decode_chunk(compressed, data.len() as u64, CHUNK_BYTES as u64, wire, &hash);
+                prop_assert_eq!(back.unwrap(), data);
+            }
+
+            /// Whatever arrives, a chunk is returned only at its announced length and hash; a
+            /// compressed one is never inflated past that length.
+            #[test]
+            fn issue11_any_chunk_is_accepted_only_as_announced(
+                data in chunk(),
+                compress in any::<bool>(),
+                compressed in any::<bool>(),
+                len_delta in -2i64..2,
+                right_hash in any::<bool>(),
+            ) {
+                let wire: Vec<u8> = if compress { zstd::bulk::compress(&data, 1).unwrap() } else { data.clone() };
+                let raw_len = (data.len() as i64 + len_delta).max(0) as u64;
+                let expected = if right_hash { *blake3::hash(&data).as_bytes() } else { [7; 32] };
+                match decode_chunk(compressed, raw_len, CHUNK_BYTES as u64, wire.into(), &expected) {
+                    Ok(raw) => {
+                        prop_assert_eq!(raw.len() as u64, raw_len);
+                        prop_assert_eq!(*blake3::hash(&raw).as_bytes(), expected);
+                    }
+                    Err(_) => prop_assert!(
+                        !right_hash || len_delta != 0 || compress != compressed,
+                        "a chunk as announced was refused"
+                    ),
+                }
+            }
+
+            /// A chunk announced larger than the manifest's chunk size is refused before it is
+            /// inflated, however small it is on the wire.
+            #[test]
+            fn issue11_chunks_over_the_manifest_size_are_refused(extra in 1..1_000_000u64) {
+                let z = zstd::bulk::compress(&vec![0u8; CHUNK_BYTES], 1).unwrap();
+                let raw_len = CHUNK_BYTES as u64 + extra;
+                prop_assert!(decode_chunk(true, raw_len, CHUNK_BYTES as u64, z.into(), &[0; 32]).is_err());
+            }
+        }
+    }
 }

@@ -799,4 +799,186 @@ mod tests {
             let _ = decode(&buf);
         }
     }
+
+    // Issue 11: the fuzz targets' properties (fuzz/fuzz_targets/wire_frames.rs), in the default
+    // test run.
+    mod issue11_props {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+
+        /// The bytes a frame holds once decoded, which `decoded_bytes` must have budgeted.
+        fn held_bytes(frame: &Frame) -> usize {
+            let heads = |docs: &[DocHeads]| -> usize {
+                docs.iter().map(|d| d.id.len() + 32 * d.heads.len()).sum()
+            };
+            let changes = |docs: &[DocChanges]| -> usize {
+                docs.iter()
+                    .map(|d| d.id.len() + 32 * d.heads.len() + d.data.len())
+                    .sum()
+            };
+            match frame {
+                Frame::Offer { docs } | Frame::Want { docs } => heads(docs),
+                Frame::Changes { docs } | Frame::Push { docs } => changes(docs),
+                Frame::BlobWant { blobs } => 32 * blobs.len(),
+                Frame::BlobHeader { chunk_hashes, .. } => 32 * chunk_hashes.len(),
+                Frame::BlobChunk { data, .. } => data.len(),
+                Frame::Crl { der } => der.len(),
+                Frame::Refused { reason } => reason.len(),
+                Frame::DocRefused { id, reason } => id.len() + reason.len(),
+                _ => 0,
+            }
+        }
+
+        fn id() -> impl Strategy<Value = String> {
+            "[a-z0-9_]{0,64}"
+        }
+        fn doc_heads() -> impl Strategy<Value = DocHeads> {
+            (id(), vec(any::<Hash32>(), 0..4)).prop_map(|(id, heads)| DocHeads { id, heads })
+        }
+        fn doc_changes() -> impl Strategy<Value = DocChanges> {
+            (id(), vec(any::<Hash32>(), 0..3), vec(any::<u8>(), 0..700))
+                .prop_map(|(id, heads, data)| DocChanges { id, heads, data })
+        }
+        /// Lists of random items, and of one item repeated (which compresses).
+        fn heads_list() -> impl Strategy<Value = Vec<DocHeads>> {
+            prop_oneof![
+                vec(doc_heads(), 0..30),
+                (doc_heads(), 0..200usize).prop_map(|(d, n)| vec![d; n]),
+            ]
+        }
+        fn changes_list() -> impl Strategy<Value = Vec<DocChanges>> {
+            prop_oneof![
+                vec(doc_changes(), 0..6),
+                (doc_changes(), 0..40usize).prop_map(|(d, n)| vec![d; n]),
+            ]
+        }
+
+        fn frame() -> impl Strategy<Value = Frame> {
+            let reason = prop_oneof![
+                Just(MissingReason::NotHeld),
+                Just(MissingReason::Deferred),
+                Just(MissingReason::NotInScope),
+                Just(MissingReason::Limited),
+            ];
+            prop_oneof![
+                any::<(u64, u64, u64, u64)>().prop_map(|(a, b, c, d)| Frame::Hello {
+                    version: VERSION,
+                    feed_seq: a,
+                    have_from_you: b,
+                    crl_number: c,
+                    epoch: d,
+                }),
+                heads_list().prop_map(|docs| Frame::Offer { docs }),
+                any::<(u64, u64)>().prop_map(|(upto, offered)| Frame::OfferEnd { upto, offered }),
+                heads_list().prop_map(|docs| Frame::Want { docs }),
+                Just(Frame::WantEnd),
+                changes_list().prop_map(|docs| Frame::Changes { docs }),
+                changes_list().prop_map(|docs| Frame::Push { docs }),
+                any::<u64>().prop_map(|upto| Frame::ChangesEnd { upto }),
+                any::<u64>().prop_map(|upto| Frame::Ack { upto }),
+                vec(any::<(Hash32, u64)>(), 0..20).prop_map(|blobs| Frame::BlobWant { blobs }),
+                (any::<Hash32>(), reason)
+                    .prop_map(|(hash, reason)| Frame::BlobMissing { hash, reason }),
+                (
+                    any::<(Hash32, u64, u64, u64)>(),
+                    vec(any::<Hash32>(), 0..20)
+                )
+                    .prop_map(
+                        |((hash, size, chunk_bytes, first), chunk_hashes)| Frame::BlobHeader {
+                            hash,
+                            size,
+                            chunk_bytes,
+                            first,
+                            chunk_hashes,
+                        }
+                    ),
+                (any::<(u64, bool, u64)>(), vec(any::<u8>(), 0..2000)).prop_map(
+                    |((idx, compressed, raw_len), data)| Frame::BlobChunk {
+                        idx,
+                        compressed,
+                        raw_len,
+                        data: data.into(),
+                    }
+                ),
+                Just(Frame::BlobsDone),
+                vec(any::<u8>(), 0..1000).prop_map(|der| Frame::Crl { der }),
+                "\\PC{0,200}".prop_map(|reason| Frame::Refused { reason }),
+                (id(), "\\PC{0,200}").prop_map(|(id, reason)| Frame::DocRefused { id, reason }),
+                Just(Frame::Reoffer),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn issue11_generated_frames_roundtrip(frames in vec(frame(), 1..4), level in 1..4i32) {
+                let mut stream = Vec::new();
+                for f in &frames {
+                    let one = encode(f, level);
+                    prop_assert_eq!(&decode(&one[4..]).unwrap(), f);
+                    let shared = decode_shared(&Bytes::from(one[4..].to_vec())).unwrap();
+                    prop_assert_eq!(&shared, f);
+                    prop_assert!(held_bytes(f) <= decoded_bytes(&one[4..]).unwrap());
+                    stream.extend(one);
+                }
+                prop_assert_eq!(decode_all(&stream).unwrap(), frames);
+            }
+
+            #[test]
+            fn issue11_any_bytes_decode_within_their_budget(buf in vec(any::<u8>(), 0..600)) {
+                let _ = decode_all(&buf);
+                let plain = decode(&buf);
+                let shared = decode_shared(&Bytes::from(buf.clone()));
+                prop_assert_eq!(plain.is_ok(), shared.is_ok());
+                if let Ok(frame) = plain {
+                    prop_assert!(held_bytes(&frame) <= decoded_bytes(&buf).unwrap());
+                    prop_assert_eq!(decode(&encode(&frame, 1)[4..]).unwrap(), frame);
+                }
+            }
+
+            #[test]
+            fn issue11_mutated_frames_decode_within_their_budget(
+                f in frame(),
+                edits in vec((any::<prop::sample::Index>(), any::<u8>()), 1..4),
+                cut in any::<prop::sample::Index>(),
+                truncate in any::<bool>(),
+            ) {
+                let mut buf = encode(&f, 1)[4..].to_vec();
+                for (at, byte) in edits {
+                    let at = at.index(buf.len());
+                    buf[at] = byte;
+                }
+                if truncate {
+                    buf.truncate(cut.index(buf.len()));
+                }
+                if let Ok(frame) = decode(&buf) {
+                    prop_assert!(held_bytes(&frame) <= decoded_bytes(&buf).unwrap());
+                }
+            }
+
+            /// A compressed body of any kind decodes to no more than it declares, and only when
+            /// the declaration is true.
+            #[test]
+            fn issue11_zstd_bodies_inflate_only_to_their_declared_length(
+                kind in 0u8..20,
+                raw in vec(any::<u8>(), 0..3000),
+                declared_delta in -3i64..3,
+            ) {
+                let z = zstd::bulk::compress(&raw, 1).unwrap();
+                let declared = (raw.len() as i64 + declared_delta).max(0) as u64;
+                let mut e = Enc(vec![kind, FLAG_ZSTD]);
+                e.uint(declared);
+                e.0.extend_from_slice(&z);
+                let decoded = decode(&e.0);
+                if declared != raw.len() as u64 {
+                    prop_assert!(decoded.is_err());
+                }
+                if let Ok(frame) = decoded {
+                    prop_assert!(held_bytes(&frame) <= decoded_bytes(&e.0).unwrap());
+                }
+            }
+        }
+    }
 }

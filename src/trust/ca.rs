@@ -268,21 +268,7 @@ impl Ca {
             });
         }
 
-        // rcgen checks the request's self-signature: proof the requester holds the key.
-        let csr = CertificateSigningRequestParams::from_pem(request_pem).map_err(|e| {
-            TrustError::BadRequest {
-                reason: match e {
-                    rcgen::Error::CouldNotParseCertificationRequest => {
-                        "not a PEM PKCS#10 request".into()
-                    }
-                    rcgen::Error::InvalidCertificationRequestSignature => {
-                        "signature does not verify (altered or corrupted)".into()
-                    }
-                    other => other.to_string(),
-                },
-            }
-        })?;
-        let node_id = request_node_id(request_pem)?;
+        let (csr, node_id) = read_request(request_pem)?;
 
         let registry = self.load_registry()?;
         if registry
@@ -483,6 +469,26 @@ impl Ca {
         write_file_atomic(self.path(CRL_FILE), crl.to_pem().as_bytes())?;
         Ok(crl)
     }
+}
+
+/// Reads an enrolment request (PEM PKCS#10) as the CA does before issuing: its self-signature
+/// must verify (proof the requester holds the key) and the node id it names must be its key's.
+pub fn read_request(request_pem: &str) -> Result<(CertificateSigningRequestParams, NodeId)> {
+    // rcgen checks the request's self-signature.
+    let csr = CertificateSigningRequestParams::from_pem(request_pem).map_err(|e| {
+        TrustError::BadRequest {
+            reason: match e {
+                rcgen::Error::CouldNotParseCertificationRequest => {
+                    "not a PEM PKCS#10 request".into()
+                }
+                rcgen::Error::InvalidCertificationRequestSignature => {
+                    "signature does not verify (altered or corrupted)".into()
+                }
+                other => other.to_string(),
+            },
+        }
+    })?;
+    Ok((csr, request_node_id(request_pem)?))
 }
 
 /// The node id of the key in a request, checked against the id the request names.

@@ -276,4 +276,63 @@ mod tests {
             );
         }
     }
+
+    // Issue 11: the fuzz target's properties (fuzz/fuzz_targets/crl.rs), in the default test
+    // run.
+    mod issue11_props {
+        use super::*;
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+        use proptest::sample::Index;
+        use proptest::test_runner::{Config, TestRunner};
+
+        /// `bytes` with a few bytes replaced, and maybe cut short.
+        fn mutate(mut bytes: Vec<u8>, edits: Vec<(Index, u8)>, cut: Option<Index>) -> Vec<u8> {
+            for (at, byte) in edits {
+                let at = at.index(bytes.len());
+                bytes[at] = byte;
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut.index(bytes.len()));
+            }
+            bytes
+        }
+
+        fn mutation() -> impl Strategy<Value = (Vec<(Index, u8)>, Option<Index>, Vec<u8>)> {
+            (
+                vec((any::<Index>(), any::<u8>()), 0..4),
+                proptest::option::weighted(0.2, any::<Index>()),
+                vec(any::<u8>(), 0..300),
+            )
+        }
+
+        /// Any bytes, and the CA's real CRL with bytes changed: parsing never panics, a CRL that
+        /// parses round-trips through PEM, and only the CA's own CRL verifies.
+        #[test]
+        fn issue11_any_and_mutated_crls_are_read_safely() {
+            let dir = tempfile::tempdir().unwrap();
+            let ca = Ca::init(dir.path().join("ca"), "north").unwrap();
+            let key = NodeKey::generate().unwrap();
+            let request = enrol_request(&key).unwrap();
+            ca.issue(&request, "north/a", Role::Commune, 30).unwrap();
+            let crl = ca.revoke(key.node_id()).unwrap();
+            let mut runner = TestRunner::new(Config::with_cases(256));
+            runner
+                .run(&mutation(), |(edits, cut, noise)| {
+                    let _ = Crl::from_der(noise.clone());
+                    let _ = Crl::from_pem(&String::from_utf8_lossy(&noise));
+                    let _ = Crl::from_pem(&pem_encode("X509 CRL", &noise));
+                    let bytes = mutate(crl.der().to_vec(), edits, cut);
+                    if let Ok(parsed) = Crl::from_der(bytes.clone()) {
+                        prop_assert_eq!(Crl::from_pem(&parsed.to_pem()).unwrap(), parsed);
+                    }
+                    if let Ok(verified) = verify_crl(ca.cert_pem(), &bytes) {
+                        prop_assert_eq!(verified.number(), crl.number());
+                        prop_assert_eq!(verified.revoked_serials(), crl.revoked_serials());
+                    }
+                    Ok(())
+                })
+                .unwrap();
+        }
+    }
 }

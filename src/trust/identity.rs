@@ -341,4 +341,90 @@ mod tests {
             "CN is the node id"
         );
     }
+
+    // Issue 11: the fuzz targets' properties (fuzz/fuzz_targets/certificate.rs and
+    // enrol_request.rs), in the default test run.
+    mod issue11_props {
+        use super::*;
+        use crate::trust::crl::pem_encode;
+        use crate::trust::{read_request, Ca};
+        use proptest::collection::vec;
+        use proptest::prelude::*;
+        use proptest::sample::Index;
+        use proptest::test_runner::{Config, TestRunner};
+        use rustls_pki_types::CertificateSigningRequestDer;
+
+        /// `bytes` with a few bytes replaced, and maybe cut short.
+        fn mutate(mut bytes: Vec<u8>, edits: Vec<(Index, u8)>, cut: Option<Index>) -> Vec<u8> {
+            for (at, byte) in edits {
+                let at = at.index(bytes.len());
+                bytes[at] = byte;
+            }
+            if let Some(cut) = cut {
+                bytes.truncate(cut.index(bytes.len()));
+            }
+            bytes
+        }
+
+        fn mutation() -> impl Strategy<Value = (Vec<(Index, u8)>, Option<Index>, Vec<u8>)> {
+            (
+                vec((any::<Index>(), any::<u8>()), 0..4),
+                proptest::option::weighted(0.2, any::<Index>()),
+                vec(any::<u8>(), 0..300),
+            )
+        }
+
+        /// Any bytes, and a real certificate with bytes changed: reading never panics, and an
+        /// identity read from DER reads the same from its PEM.
+        #[test]
+        fn issue11_any_and_mutated_certificates_are_read_safely() {
+            let dir = tempfile::tempdir().unwrap();
+            let ca = Ca::init(dir.path().join("ca"), "north").unwrap();
+            let key = NodeKey::generate().unwrap();
+            let issued = ca
+                .issue(&enrol_request(&key).unwrap(), "north/a", Role::Commune, 30)
+                .unwrap();
+            let der = cert_der_from_pem("test", &issued.cert_pem)
+                .unwrap()
+                .to_vec();
+            let mut runner = TestRunner::new(Config::with_cases(256));
+            runner
+                .run(&mutation(), |(edits, cut, noise)| {
+                    let _ = PeerIdentity::from_cert_der(&noise);
+                    let _ = PeerIdentity::from_cert_pem(&String::from_utf8_lossy(&noise));
+                    let bytes = mutate(der.clone(), edits, cut);
+                    if let Ok(identity) = PeerIdentity::from_cert_der(&bytes) {
+                        let pem = pem_encode("CERTIFICATE", &bytes);
+                        prop_assert_eq!(PeerIdentity::from_cert_pem(&pem).unwrap(), identity);
+                    }
+                    Ok(())
+                })
+                .unwrap();
+        }
+
+        /// A request reads back as its key's node; changed bytes are refused, or (when the
+        /// change falls outside what is signed) still read as that node, never another.
+        #[test]
+        fn issue11_any_and_mutated_enrol_requests_are_read_safely() {
+            let key = NodeKey::generate().unwrap();
+            let request = enrol_request(&key).unwrap();
+            assert_eq!(read_request(&request).unwrap().1, key.node_id());
+            let der = CertificateSigningRequestDer::from_pem_slice(request.as_bytes())
+                .unwrap()
+                .to_vec();
+            let mut runner = TestRunner::new(Config::with_cases(256));
+            runner
+                .run(&mutation(), |(edits, cut, noise)| {
+                    let _ = read_request(&String::from_utf8_lossy(&noise));
+                    let _ = read_request(&pem_encode("CERTIFICATE REQUEST", &noise));
+                    let bytes = mutate(der.clone(), edits, cut);
+                    if let Ok((_, node)) = read_request(&pem_encode("CERTIFICATE REQUEST", &bytes))
+                    {
+                        prop_assert_eq!(node, key.node_id());
+                    }
+                    Ok(())
+                })
+                .unwrap();
+        }
+    }
 }
