@@ -521,9 +521,10 @@ fn resume_after_a_cut(preset: &str, seed: u64) {
     let sim = link(&rt, p.server.addr(), spec, seed);
     peer_through(&p.commune, "up", &sim);
     let mut rng = StdRng::seed_from_u64(seed);
+    // Several 256 KiB chunks even on 2G, so the cut falls between two of them.
     let scan = p
         .province
-        .write_file("cut.jpg", &scan_for(preset, &mut rng));
+        .write_file("cut.jpg", &incompressible(640 << 10, &mut rng));
     let d = id(&p.province.new_dispatch("2/VP", &[COMMUNE], &[&scan]));
     let hash = attachment_hash(&p.province, &d);
     let (_, mut sync) = p_sync(&p.commune);
