@@ -7,6 +7,8 @@
 //! `CRASH_KILLS=500 cargo test --release --test tests crash::soak -- --ignored --nocapture`
 //! (`CRASH_SEED=N` replays a run).
 
+mod restore;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::process::Child;
 use std::time::{Duration, Instant};
