@@ -163,6 +163,8 @@ impl Ledger {
 struct Tally {
     runs: u64,
     kills: u64,
+    /// Kills by what was killed.
+    killed: BTreeMap<&'static str, u64>,
     acknowledged: u64,
     lost: u64,
 }
@@ -259,7 +261,7 @@ impl World {
 }
 
 /// One kill (or a run that finished first) of a local write on the commune.
-fn local_write(w: &mut World, rng: &mut Rng, timing: &mut Timing) -> bool {
+fn local_write(w: &mut World, rng: &mut Rng, timing: &mut Timing) -> Option<&'static str> {
     let n = w.next();
     let reference = format!("{n}/CRASH");
     let acked_dispatches: Vec<String> = w
@@ -327,6 +329,13 @@ fn local_write(w: &mut World, rng: &mut Rng, timing: &mut Timing) -> bool {
     };
     args.insert(0, "--json".into());
     let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+    let label = match (args[1].as_str(), args[2].as_str()) {
+        ("dispatch", _) if args.iter().any(|a| a == "--attach") => "dispatch new --attach",
+        ("dispatch", _) => "dispatch new",
+        ("assign", "new") => "assign new",
+        ("assign", _) => "assign update",
+        _ => "dossier new",
+    };
     let (args, child) = w.commune.spawn(&refs);
     let delay = timing.delay(rng);
     match kill_after(&args, child, delay, timing) {
@@ -343,16 +352,16 @@ fn local_write(w: &mut World, rng: &mut Rng, timing: &mut Timing) -> bool {
                     w.at_commune.docs.insert(id(&json));
                 }
             }
-            false
+            None
         }
         // A write killed earlier may have committed: its update is then refused as a repeat.
-        Ended::Exited(..) => false,
-        Ended::Killed => true,
+        Ended::Exited(..) => None,
+        Ended::Killed => Some(label),
     }
 }
 
 /// New work on both sides, then a `sync` with the client or the serving province killed.
-fn sync_kill(w: &mut World, rng: &mut Rng, timing: &mut Timing) -> bool {
+fn sync_kill(w: &mut World, rng: &mut Rng, timing: &mut Timing) -> Option<&'static str> {
     let n = w.next();
     let file = w.scan_file(true, 1_000_000);
     let d = w
@@ -368,7 +377,8 @@ fn sync_kill(w: &mut World, rng: &mut Rng, timing: &mut Timing) -> bool {
     let (args, child) = w.commune.spawn(&["--json", "sync"]);
     let delay = timing.delay(rng);
     if rng.below(2) == 0 {
-        return matches!(kill_after(&args, child, delay, timing), Ended::Killed);
+        return matches!(kill_after(&args, child, delay, timing), Ended::Killed)
+            .then_some("sync: the client");
     }
     // The serving end: killed mid-session, the client then fails or finishes; either way the
     // client itself is not killed.
@@ -378,8 +388,9 @@ fn sync_kill(w: &mut World, rng: &mut Rng, timing: &mut Timing) -> bool {
     while started.elapsed() < delay && child.try_wait().expect("polling sync").is_none() {
         std::thread::sleep(Duration::from_millis(2));
     }
-    if child.try_wait().expect("polling sync").is_some() {
-        // The session had ended: this kill finds the daemon idle; aim earlier next time.
+    let session_ended = child.try_wait().expect("polling sync").is_some();
+    if session_ended {
+        // This kill finds the daemon idle; aim earlier next time.
         timing.learn(started.elapsed());
     }
     // SAFETY: signalling a child of this process that is not yet reaped (Server reaps it).
@@ -392,12 +403,16 @@ fn sync_kill(w: &mut World, rng: &mut Rng, timing: &mut Timing) -> bool {
         !stderr.contains("panicked"),
         "sync panicked:\n{stderr}\nserve log:\n{log}"
     );
-    true
+    Some(if session_ended {
+        "sync: serve, idle after the session"
+    } else {
+        "sync: serve, mid-session"
+    })
 }
 
 /// New work at the province carried by a bundle whose import on the commune is killed; the
 /// import is then run again to its end.
-fn import_kill(w: &mut World, rng: &mut Rng, timing: &mut Timing) -> bool {
+fn import_kill(w: &mut World, rng: &mut Rng, timing: &mut Timing) -> Option<&'static str> {
     let n = w.next();
     let file = w.scan_file(true, 500_000);
     let d = w
@@ -430,12 +445,12 @@ fn import_kill(w: &mut World, rng: &mut Rng, timing: &mut Timing) -> bool {
         lost.is_empty(),
         "after importing the bundle again: {lost:?}"
     );
-    killed
+    killed.then_some("bundle import")
 }
 
 /// One acknowledged write, then a `backup` that is killed; a backup that finished holds every
 /// write acknowledged before it, with its scan files.
-fn backup_kill(w: &mut World, rng: &mut Rng, timing: &mut Timing) -> bool {
+fn backup_kill(w: &mut World, rng: &mut Rng, timing: &mut Timing) -> Option<&'static str> {
     let n = w.next();
     let file = w.scan_file(false, 700_000);
     let d = w
@@ -476,14 +491,15 @@ fn backup_kill(w: &mut World, rng: &mut Rng, timing: &mut Timing) -> bool {
                     "a finished backup lacks the file of scan {hash}"
                 );
             }
-            false
+            None
         }
         Ended::Exited(code, _) => panic!("backup failed with exit {code}"),
-        Ended::Killed => true,
+        Ended::Killed => Some("backup"),
     }
 }
 
-type Phase = fn(&mut World, &mut Rng, &mut Timing) -> bool;
+/// A phase's step: Some(what was killed) when its command was killed.
+type Phase = fn(&mut World, &mut Rng, &mut Timing) -> Option<&'static str>;
 
 /// The phases, with a first guess of how long their killed command runs.
 const PHASES: [(&str, Phase, f64); 4] = [
@@ -505,9 +521,9 @@ fn run_phase(name: &str, phase: Phase, guess_ms: f64, kills: u64, rng: &mut Rng)
     let mut tally = Tally::default();
     while tally.kills < kills && tally.runs < kills * 4 {
         tally.runs += 1;
-        let killed = phase(&mut w, rng, &mut timing);
-        if killed {
+        if let Some(what) = phase(&mut w, rng, &mut timing) {
             tally.kills += 1;
+            *tally.killed.entry(what).or_default() += 1;
             let lost = w.settle();
             tally.lost += lost.len() as u64;
             assert!(
@@ -590,20 +606,25 @@ fn soak() {
         "crash soak, seed {seed}, {:.0} s",
         started.elapsed().as_secs_f64()
     );
-    println!("| phase | runs | SIGKILLs | acknowledged writes | lost |");
-    println!("| --- | ---: | ---: | ---: | ---: |");
+    println!(
+        "| phase | runs | SIGKILLs (by what was killed) | acknowledged writes checked | lost |"
+    );
+    println!("| --- | ---: | --- | ---: | ---: |");
     for (name, t) in &rows {
+        let by: Vec<String> = t.killed.iter().map(|(k, n)| format!("{k} {n}")).collect();
         println!(
-            "| {name} | {} | {} | {} | {} |",
-            t.runs, t.kills, t.acknowledged, t.lost
+            "| {name} | {} | {} ({}) | {} | {} |",
+            t.runs,
+            t.kills,
+            by.join(", "),
+            t.acknowledged,
+            t.lost
         );
     }
     let kills: u64 = rows.iter().map(|(_, t)| t.kills).sum();
     let lost: u64 = rows.iter().map(|(_, t)| t.lost).sum();
-    println!(
-        "| all | {} | {kills} | {} | {lost} |",
-        rows.iter().map(|(_, t)| t.runs).sum::<u64>(),
-        rows.iter().map(|(_, t)| t.acknowledged).sum::<u64>()
-    );
+    let runs: u64 = rows.iter().map(|(_, t)| t.runs).sum();
+    let acked: u64 = rows.iter().map(|(_, t)| t.acknowledged).sum();
+    println!("| all | {runs} | {kills} | {acked} | {lost} |");
     assert_eq!(lost, 0);
 }
