@@ -35,10 +35,10 @@ pub struct RestoreReport {
 /// Restores the backup `from` (a database written by `communesync backup --out`, with its
 /// `blobs/` beside it) into the node in `dir`.
 ///
-/// Order, so that a failure at any step leaves a node that opens: the backup is checked, then
-/// its scan files are copied in (content-addressed: extra files are harmless), then the
-/// backup is copied to a temporary file in `dir` and made durable, and only then is the
-/// current database renamed aside and the copy renamed into its place.
+/// Order, so that a failure or crash at any step leaves a node that opens: the backup is
+/// checked, then its scan files are copied in (content-addressed: extra files are harmless),
+/// then the backup is copied to a temporary file in `dir` and made durable, and only then is
+/// the current database linked aside and the copy renamed over it.
 pub fn restore(dir: &Path, from: &Path) -> Result<RestoreReport> {
     if !dir.join(config::CONFIG_FILE).exists() {
         return Err(NodeError::NotInitialised(dir.to_path_buf()));
@@ -66,10 +66,23 @@ pub fn restore(dir: &Path, from: &Path) -> Result<RestoreReport> {
         }
     }
 
-    let (scan_files_copied, scan_files_present) = copy_scan_files(
-        &crate::trust::fsutil::parent_dir(from).join(BLOB_DIR),
-        &dir.join(BLOB_DIR),
-    )?;
+    let backup_blobs = crate::trust::fsutil::parent_dir(from).join(BLOB_DIR);
+    // Restored rows that name a scan as stored make the node never ask for it again: its file
+    // must be in the backup's blobs/ or already in the node's.
+    let unfiled = facts
+        .scan_hashes
+        .iter()
+        .filter(|h| !backup_blobs.join(h).is_file() && !dir.join(BLOB_DIR).join(h).is_file())
+        .count();
+    if unfiled > 0 {
+        return Err(NodeError::Invalid(format!(
+            "{} names {unfiled} scan(s) whose files are neither in {} nor in the node's {BLOB_DIR}/: put the backup's {BLOB_DIR}/ directory beside it, as `communesync backup` wrote it",
+            from.display(),
+            backup_blobs.display()
+        )));
+    }
+    let (scan_files_copied, scan_files_present) =
+        copy_scan_files(&backup_blobs, &dir.join(BLOB_DIR))?;
 
     let database = dir.join(DB_FILE);
     let staged = temp_beside(&database, std::ffi::OsStr::new(DB_FILE), "restoring");
@@ -79,15 +92,14 @@ pub fn restore(dir: &Path, from: &Path) -> Result<RestoreReport> {
         return Err(e);
     }
 
-    let kept_aside = keep_aside(&database)?;
-    rename_no_replace(&staged, &database).map_err(io_at(&database))?;
+    let kept_aside = swap_in(&staged, &database)?;
     sync_dir_io(dir).map_err(io_at(dir))?;
     Ok(RestoreReport {
         from: from.to_path_buf(),
         database,
         kept_aside,
         documents: facts.documents,
-        scans: facts.scans,
+        scans: facts.scan_hashes.len() as u64,
         scan_files_copied,
         scan_files_present,
     })
@@ -115,7 +127,8 @@ struct BackupFacts {
     node_id: String,
     unit: String,
     documents: u64,
-    scans: u64,
+    /// Hashes (hex) of the scans the backup holds whole.
+    scan_hashes: Vec<String>,
 }
 
 /// Opens the backup read-only and checks it is a whole communesync database.
@@ -155,11 +168,19 @@ fn read_backup(from: &Path) -> Result<BackupFacts> {
         .map(|n| n as u64)
         .map_err(|e| not_ours(e.to_string()))
     };
+    let documents = count("docs")?;
+    let mut stmt = conn
+        .prepare("SELECT lower(hex(hash)) FROM blobs")
+        .map_err(|e| not_ours(e.to_string()))?;
+    let scan_hashes = stmt
+        .query_map([], |r| r.get(0))
+        .and_then(|rows| rows.collect::<rusqlite::Result<Vec<String>>>())
+        .map_err(|e| not_ours(e.to_string()))?;
     Ok(BackupFacts {
         node_id,
         unit,
-        documents: count("docs")?,
-        scans: count("blobs")?,
+        documents,
+        scan_hashes,
     })
 }
 
@@ -181,11 +202,20 @@ fn stage_copy(from: &Path, staged: &Path) -> Result<()> {
         .map_err(io_at(staged))
 }
 
-/// Renames the current database (and its WAL and shared-memory files, under the same new
-/// name, so SQLite still finds them) to `node.db.before-restore-TIME`.
-fn keep_aside(database: &Path) -> Result<Option<PathBuf>> {
+/// Keeps the current database as `node.db.before-restore-TIME` (with its WAL and shared-memory
+/// files under the same new name, so SQLite still finds them) and renames `staged` over it.
+///
+/// `node.db` names a database that opens at every instant: the current one is first
+/// checkpointed (its WAL emptied into it, when it opens at all), then hard-linked to the new
+/// name; its WAL is unlinked from the old name before the restored copy replaces the database
+/// in one rename, so SQLite never replays the old WAL onto the restored file.
+fn swap_in(staged: &Path, database: &Path) -> Result<Option<PathBuf>> {
     if !database.exists() {
+        rename_no_replace(staged, database).map_err(io_at(database))?;
         return Ok(None);
+    }
+    if let Ok(conn) = Connection::open(database) {
+        let _ = conn.query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()));
     }
     let now = time::OffsetDateTime::now_utc();
     let aside = database.with_file_name(format!(
@@ -197,15 +227,15 @@ fn keep_aside(database: &Path) -> Result<Option<PathBuf>> {
         now.minute(),
         now.second()
     ));
-    // The WAL goes first: were the database moved and the WAL left, SQLite would replay the
-    // old WAL onto the restored file.
+    std::fs::hard_link(database, &aside).map_err(io_at(&aside))?;
     for suffix in DB_COMPANIONS {
         let (from, to) = (with_suffix(database, suffix), with_suffix(&aside, suffix));
         if from.exists() {
-            rename_no_replace(&from, &to).map_err(io_at(&to))?;
+            std::fs::hard_link(&from, &to).map_err(io_at(&to))?;
+            std::fs::remove_file(&from).map_err(io_at(&from))?;
         }
     }
-    rename_no_replace(database, &aside).map_err(io_at(&aside))?;
+    std::fs::rename(staged, database).map_err(io_at(database))?;
     Ok(Some(aside))
 }
 

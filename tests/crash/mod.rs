@@ -48,50 +48,64 @@ enum Ended {
     Killed,
 }
 
-/// When to kill, per phase: uniformly within the time the command usually takes, learnt from
-/// the runs that finished before their kill.
+/// When to kill, per kind of command: uniformly within the time it usually takes, measured on
+/// every third run of that kind (the first included), which is left to finish and adds
+/// acknowledged writes.
+#[derive(Default)]
 struct Timing {
-    usual_ms: f64,
+    /// Per kind: (usual milliseconds, runs so far).
+    kinds: BTreeMap<&'static str, (f64, u64)>,
 }
 
 impl Timing {
-    fn new(guess_ms: f64) -> Timing {
-        Timing { usual_ms: guess_ms }
+    /// None: let this run finish.
+    fn delay(&mut self, kind: &'static str, rng: &mut Rng) -> Option<Duration> {
+        let (usual_ms, runs) = self.kinds.entry(kind).or_default();
+        *runs += 1;
+        (*runs % 3 != 1).then(|| Duration::from_millis(rng.below((*usual_ms * 1.2) as u64 + 1)))
     }
 
-    fn delay(&self, rng: &mut Rng) -> Duration {
-        Duration::from_millis(rng.below((self.usual_ms * 1.2) as u64 + 1))
-    }
-
-    fn learn(&mut self, took: Duration) {
-        self.usual_ms = 0.7 * self.usual_ms + 0.3 * took.as_millis() as f64;
+    fn learn(&mut self, kind: &'static str, took: Duration) {
+        let (usual_ms, runs) = self.kinds.entry(kind).or_default();
+        let took_ms = took.as_millis() as f64;
+        *usual_ms = if *runs <= 1 {
+            took_ms
+        } else {
+            0.5 * *usual_ms + 0.5 * took_ms
+        };
     }
 }
 
-/// Waits `delay`, then SIGKILLs `child` unless it has exited.
-fn kill_after(args: &[String], mut child: Child, delay: Duration, timing: &mut Timing) -> Ended {
+/// Waits `delay`, then SIGKILLs `child` unless it has exited; with no delay, waits for its exit
+/// and learns how long it took.
+fn kill_after(
+    args: &[String],
+    mut child: Child,
+    kind: &'static str,
+    timing: &mut Timing,
+    rng: &mut Rng,
+) -> Ended {
+    let delay = timing.delay(kind, rng);
     let started = Instant::now();
-    let deadline = started + delay;
-    while Instant::now() < deadline {
-        if child.try_wait().expect("polling a child").is_some() {
-            break;
+    if let Some(delay) = delay {
+        while started.elapsed() < delay {
+            if child.try_wait().expect("polling a child").is_some() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(2));
         }
-        std::thread::sleep(Duration::from_millis(2));
-    }
-    let exited_first = child.try_wait().expect("polling a child").is_some();
-    if !exited_first {
-        let _ = child.kill();
+        if child.try_wait().expect("polling a child").is_none() {
+            let _ = child.kill();
+        }
     }
     let out = child.wait_with_output().expect("reaping a child");
+    if delay.is_none() {
+        timing.learn(kind, started.elapsed());
+    }
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!stderr.contains("panicked"), "{args:?} panicked:\n{stderr}");
     match out.status.code() {
-        Some(code) => {
-            if exited_first {
-                timing.learn(started.elapsed());
-            }
-            Ended::Exited(code, String::from_utf8_lossy(&out.stdout).into_owned())
-        }
+        Some(code) => Ended::Exited(code, String::from_utf8_lossy(&out.stdout).into_owned()),
         None => Ended::Killed,
     }
 }
@@ -337,8 +351,7 @@ fn local_write(w: &mut World, rng: &mut Rng, timing: &mut Timing) -> Option<&'st
         _ => "dossier new",
     };
     let (args, child) = w.commune.spawn(&refs);
-    let delay = timing.delay(rng);
-    match kill_after(&args, child, delay, timing) {
+    match kill_after(&args, child, label, timing, rng) {
         Ended::Exited(0, stdout) => {
             let json: serde_json::Value = serde_json::from_str(&stdout).expect("--json output");
             match args[1].as_str() {
@@ -375,11 +388,26 @@ fn sync_kill(w: &mut World, rng: &mut Rng, timing: &mut Timing) -> Option<&'stat
     w.at_commune.dispatch(&d);
     w.serving();
     let (args, child) = w.commune.spawn(&["--json", "sync"]);
-    let delay = timing.delay(rng);
     if rng.below(2) == 0 {
-        return matches!(kill_after(&args, child, delay, timing), Ended::Killed)
-            .then_some("sync: the client");
+        return matches!(
+            kill_after(&args, child, "sync: the client", timing, rng),
+            Ended::Killed
+        )
+        .then_some("sync: the client");
     }
+    let Some(delay) = timing.delay("sync: serve", rng) else {
+        // A run left to finish, to learn how long a session takes.
+        let started = Instant::now();
+        let out = child.wait_with_output().expect("reaping sync");
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        timing.learn("sync: serve", started.elapsed());
+        return None;
+    };
     // The serving end: killed mid-session, the client then fails or finishes; either way the
     // client itself is not killed.
     let server = w.server.take().expect("serving");
@@ -389,10 +417,6 @@ fn sync_kill(w: &mut World, rng: &mut Rng, timing: &mut Timing) -> Option<&'stat
         std::thread::sleep(Duration::from_millis(2));
     }
     let session_ended = child.try_wait().expect("polling sync").is_some();
-    if session_ended {
-        // This kill finds the daemon idle; aim earlier next time.
-        timing.learn(started.elapsed());
-    }
     // SAFETY: signalling a child of this process that is not yet reaped (Server reaps it).
     let signalled = unsafe { libc::kill(server.pid() as i32, libc::SIGKILL) } == 0;
     assert!(signalled, "serve had exited by itself:\n{}", server.log());
@@ -432,7 +456,7 @@ fn import_kill(w: &mut World, rng: &mut Rng, timing: &mut Timing) -> Option<&'st
         .commune
         .spawn(&["--json", "bundle", "import", &path_arg(&bundle)]);
     let killed = matches!(
-        kill_after(&args, child, timing.delay(rng), timing),
+        kill_after(&args, child, "bundle import", timing, rng),
         Ended::Killed
     );
     // Importing again completes what the killed import left; what it stored stays.
@@ -463,7 +487,7 @@ fn backup_kill(w: &mut World, rng: &mut Rng, timing: &mut Timing) -> Option<&'st
     let (args, child) = w
         .commune
         .spawn(&["--json", "backup", "--out", &path_arg(&out)]);
-    match kill_after(&args, child, timing.delay(rng), timing) {
+    match kill_after(&args, child, "backup", timing, rng) {
         Ended::Exited(0, _) => {
             let copy = rusqlite::Connection::open_with_flags(
                 &out,
@@ -501,25 +525,25 @@ fn backup_kill(w: &mut World, rng: &mut Rng, timing: &mut Timing) -> Option<&'st
 /// A phase's step: Some(what was killed) when its command was killed.
 type Phase = fn(&mut World, &mut Rng, &mut Timing) -> Option<&'static str>;
 
-/// The phases, with a first guess of how long their killed command runs.
-const PHASES: [(&str, Phase, f64); 4] = [
-    ("local writes", local_write, 250.0),
-    ("sync (client or serve)", sync_kill, 600.0),
-    ("bundle import", import_kill, 300.0),
-    ("backup", backup_kill, 200.0),
+/// The phases.
+const PHASES: [(&str, Phase); 4] = [
+    ("local writes", local_write),
+    ("sync (client or serve)", sync_kill),
+    ("bundle import", import_kill),
+    ("backup", backup_kill),
 ];
 
 /// Kills against one pair of nodes before the next pair: `check --full` after each kill reads
 /// every scan, so nodes that kept growing would make a long soak quadratic.
 const KILLS_PER_WORLD: u64 = 25;
 
-/// Runs `phase` until `kills` kills (or 4 times as many runs), settling after each; returns
+/// Runs `phase` until `kills` kills (or 6 times as many runs), settling after each; returns
 /// the tally and asserts nothing was lost.
-fn run_phase(name: &str, phase: Phase, guess_ms: f64, kills: u64, rng: &mut Rng) -> Tally {
+fn run_phase(name: &str, phase: Phase, kills: u64, rng: &mut Rng) -> Tally {
     let mut w = World::new();
-    let mut timing = Timing::new(guess_ms);
+    let mut timing = Timing::default();
     let mut tally = Tally::default();
-    while tally.kills < kills && tally.runs < kills * 4 {
+    while tally.kills < kills && tally.runs < kills * 6 {
         tally.runs += 1;
         if let Some(what) = phase(&mut w, rng, &mut timing) {
             tally.kills += 1;
@@ -549,8 +573,8 @@ fn few_kills(phase_index: usize) {
     let seed = seed();
     eprintln!("crash seed {seed} (CRASH_SEED={seed} replays it)");
     let mut rng = Rng(seed);
-    let (name, phase, guess) = PHASES[phase_index];
-    let tally = run_phase(name, phase, guess, 3, &mut rng);
+    let (name, phase) = PHASES[phase_index];
+    let tally = run_phase(name, phase, 3, &mut rng);
     assert!(
         tally.kills > 0,
         "{name}: no run was killed in {} runs",
@@ -590,10 +614,10 @@ fn soak() {
     let mut rng = Rng(seed);
     let started = Instant::now();
     let mut rows = Vec::new();
-    for (name, phase, guess) in PHASES {
+    for (name, phase) in PHASES {
         let per_phase = kills_total.div_ceil(PHASES.len() as u64);
         let phase_started = Instant::now();
-        let tally = run_phase(name, phase, guess, per_phase, &mut rng);
+        let tally = run_phase(name, phase, per_phase, &mut rng);
         eprintln!(
             "{name}: {} kills in {} runs, {:.0} s",
             tally.kills,

@@ -155,3 +155,32 @@ fn a_node_enrolled_anew_after_a_dead_disk_gets_its_whole_scope_back() {
     commune.ok(&["check", "--full"]);
     upstream.finish();
 }
+
+#[test]
+fn restore_refuses_a_backup_whose_scan_files_are_missing_then_restores_them() {
+    let node = TestNode::commune();
+    let content = scan(300_000, 9);
+    let d = id(&node.new_dispatch("1/S", &[DISTRICT], &[&node.write_file("s.pgm", &content)]));
+    let dir = node.file("backup");
+    std::fs::create_dir_all(&dir).unwrap();
+    let backup = dir.join("node.db");
+    node.ok(&["backup", "--out", &path_arg(&backup)]);
+    // The node's scan files are gone, and the backup was copied without its blobs/.
+    std::fs::remove_dir_all(node.data().join("blobs")).unwrap();
+    std::fs::rename(dir.join("blobs"), node.file("blobs-elsewhere")).unwrap();
+    let line = node.fails(&["restore", &path_arg(&backup)], exit::USAGE);
+    assert!(
+        line.contains("names 1 scan(s) whose files are neither in"),
+        "{line}"
+    );
+    assert!(
+        node.db_path().is_file(),
+        "a refused restore moved the database"
+    );
+
+    std::fs::rename(node.file("blobs-elsewhere"), dir.join("blobs")).unwrap();
+    let report = node.json(&["restore", &path_arg(&backup)]);
+    assert_eq!(report["scan_files_copied"], 1, "{report}");
+    node.ok(&["check", "--full"]);
+    assert!(attachment(&node, &d, "s.pgm") == content);
+}
