@@ -14,7 +14,8 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use super::Rng;
-use crate::util::{id, path_arg, scan, TestNode, COMMUNE};
+use crate::sync_util::{enrolled, Server};
+use crate::util::{id, path_arg, scan, TestNode, COMMUNE, DISTRICT};
 
 /// Runs a system tool; the error names it and what it said.
 fn tool(program: &str, args: &[&str]) -> Result<String, String> {
@@ -139,14 +140,75 @@ fn keep_writing(node: &TestNode, stop: &AtomicBool, acked: &Mutex<Acked>) {
     }
 }
 
+/// A data directory on an ext4 image that lives on a second, freezable ext4 file system.
+/// Fields drop in order: the inner file system is unmounted before the outer one.
+struct Disk {
+    image: PathBuf,
+    outer_point: PathBuf,
+    inner: Mounted,
+    outer: Mounted,
+}
+
+impl Disk {
+    /// Mounts a fresh disk on `node`'s data directory (which must not exist yet).
+    fn under(node: &TestNode) -> Result<Disk, String> {
+        let outer_point = node.file("outer");
+        let outer = Mounted::fresh(&node.file("outer.img"), 160, &outer_point)?;
+        let image = outer_point.join("inner.img");
+        let inner = Mounted::fresh(&image, 96, node.data())?;
+        Ok(Disk {
+            image,
+            outer_point,
+            inner,
+            outer,
+        })
+    }
+
+    /// The power cut: freezes the outer file system, copies the image to `to`, runs `at_cut`
+    /// (no write reaches the image meanwhile), thaws, and returns what `at_cut` returned.
+    fn cut<T>(&self, to: &Path, at_cut: impl FnOnce() -> T) -> Result<T, String> {
+        let frozen = Frozen::freeze(&self.outer_point);
+        let copied = tool(
+            "cp",
+            &["--sparse=always", &path_arg(&self.image), &path_arg(to)],
+        );
+        let value = at_cut();
+        drop(frozen);
+        copied.map(|_| value)
+    }
+
+    fn unmount(self) {
+        let Disk { inner, outer, .. } = self;
+        drop(inner);
+        drop(outer);
+    }
+}
+
+/// The database of `node` is whole and every scan in it matches its hash.
+fn whole(node: &TestNode) {
+    let integrity: String = node
+        .db()
+        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
+        .expect("integrity_check");
+    assert_eq!(integrity, "ok");
+    node.ok(&["check", "--full"]);
+}
+
+fn docs_in_feed_order(node: &TestNode) -> Vec<String> {
+    let db = crate::sync_util::db_read_only(node);
+    let mut stmt = db.prepare("SELECT id FROM docs ORDER BY seq").unwrap();
+    let ids = stmt
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .map(|r| r.unwrap())
+        .collect();
+    ids
+}
+
 /// One power cut during a stream of writes; returns the number of writes acknowledged before it.
 fn one_cut(rng: &mut Rng) -> Result<usize, String> {
     let node = TestNode::uninitialised();
-    let outer_point = node.file("outer");
-    std::fs::create_dir_all(&outer_point).map_err(|e| e.to_string())?;
-    let outer = Mounted::fresh(&node.file("outer.img"), 160, &outer_point)?;
-    let image = outer_point.join("inner.img");
-    let inner = Mounted::fresh(&image, 96, node.data())?;
+    let disk = Disk::under(&node)?;
     node.ok(&["init", "--unit", COMMUNE, "--role", "commune"]);
 
     let stop = AtomicBool::new(false);
@@ -158,22 +220,17 @@ fn one_cut(rng: &mut Rng) -> Result<usize, String> {
         let writer = s.spawn(|| keep_writing(&node, &stop, &acked));
         std::thread::sleep(Duration::from_millis(800 + rng.below(1500)));
         std::fs::write(&control, &control_bytes).expect("writing the control file");
-        // The cut: from here the inner device's writes reach nothing.
-        let frozen = Frozen::freeze(&outer_point);
-        let copied = tool(
-            "cp",
-            &["--sparse=always", &path_arg(&image), &path_arg(&cut)],
-        );
         // Commands still running are blocked on the frozen device: none acknowledges anything
-        // between the freeze and here.
-        let acked_then = std::mem::take(&mut *acked.lock().expect("ledger lock"));
-        stop.store(true, Ordering::Relaxed);
-        drop(frozen);
+        // between the freeze and the end of the copy.
+        let acked_then = disk.cut(&cut, || {
+            let acked_then = std::mem::take(&mut *acked.lock().expect("ledger lock"));
+            stop.store(true, Ordering::Relaxed);
+            acked_then
+        });
         writer.join().expect("the writer thread");
-        copied.map(|_| acked_then)
+        acked_then
     })?;
-    drop(inner);
-    drop(outer);
+    disk.unmount();
     assert!(
         !before_cut.docs.is_empty(),
         "nothing was acknowledged before the cut"
@@ -186,21 +243,10 @@ fn one_cut(rng: &mut Rng) -> Result<usize, String> {
         held != control_bytes,
         "the control file survived the cut: the simulation kept unsynced writes"
     );
-    let integrity: String = node
-        .db()
-        .query_row("PRAGMA integrity_check", [], |r| r.get(0))
-        .expect("integrity_check");
-    assert_eq!(integrity, "ok");
-    node.ok(&["check", "--full"]);
+    whole(&node);
     // Commit order survives: the documents in feed order are those acknowledged, in the order
     // acknowledged, and at most the one write in flight at the cut after them.
-    let db = crate::sync_util::db_read_only(&node);
-    let mut stmt = db.prepare("SELECT id FROM docs ORDER BY seq").unwrap();
-    let in_feed: Vec<String> = stmt
-        .query_map([], |r| r.get(0))
-        .unwrap()
-        .map(|r| r.unwrap())
-        .collect();
+    let in_feed = docs_in_feed_order(&node);
     assert!(
         in_feed.len() <= before_cut.docs.len() + 1
             && in_feed[..before_cut.docs.len()] == before_cut.docs[..],
@@ -217,6 +263,97 @@ fn one_cut(rng: &mut Rng) -> Result<usize, String> {
     // And the node works on: a new write after the cut.
     node.new_dispatch("after/POWER", &[COMMUNE], &[]);
     Ok(before_cut.docs.len())
+}
+
+/// The commune writes and syncs with a province serving from the disk that loses its power,
+/// recording the documents the province acknowledged (a sync that exited 0).
+fn keep_syncing(commune: &TestNode, stop: &AtomicBool, acked: &Mutex<Vec<String>>) {
+    let mut unsynced = Vec::new();
+    let mut n = 0u64;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let file;
+        let mut attach = vec![];
+        if n % 2 == 1 {
+            file = commune.write_file(&format!("s{n}.pgm"), &scan(300_000, n));
+            attach.push(file.as_str());
+        }
+        let d = commune.new_dispatch(&format!("{n}/SERVED"), &[DISTRICT], &attach);
+        unsynced.push(id(&d));
+        let run = crate::sync_util::sync(commune);
+        if run.code == 0 {
+            acked.lock().expect("ledger lock").append(&mut unsynced);
+        } else {
+            assert!(
+                stop.load(Ordering::Relaxed),
+                "a sync failed: {}",
+                run.stderr
+            );
+        }
+    }
+}
+
+#[test]
+fn a_power_cut_on_a_serving_node_loses_nothing_it_acknowledged_to_its_peer() {
+    let province = TestNode::uninitialised();
+    let disk = match Disk::under(&province) {
+        Ok(disk) => disk,
+        Err(why) => {
+            eprintln!("power-loss test skipped: this machine cannot mount loop devices ({why})");
+            return;
+        }
+    };
+    province.ok(&["init", "--unit", "qn", "--role", "province"]);
+    province.ok(&["ca", "init"]);
+    let server = Server::start(&province);
+    let commune = enrolled(&province, COMMUNE, "commune");
+    commune.ok(&["peer", "add", "up", "--addr", server.addr()]);
+    let mut rng = Rng(super::seed());
+
+    let stop = AtomicBool::new(false);
+    let acked = Mutex::new(Vec::new());
+    let cut = province.file("after-the-cut.img");
+    let before_cut = std::thread::scope(|s| {
+        let writer = s.spawn(|| keep_syncing(&commune, &stop, &acked));
+        std::thread::sleep(Duration::from_millis(1500 + rng.below(1500)));
+        let acked_then = disk.cut(&cut, || {
+            let acked_then = std::mem::take(&mut *acked.lock().expect("ledger lock"));
+            stop.store(true, Ordering::Relaxed);
+            acked_then
+        });
+        // The session blocked by the frozen disk ends normally once it thaws.
+        writer.join().expect("the writer thread");
+        acked_then
+    })
+    .expect("the power cut");
+    server.finish();
+    disk.unmount();
+    assert!(!before_cut.is_empty(), "no sync finished before the cut");
+    eprintln!(
+        "power cut on the serving province: {} documents it had acknowledged",
+        before_cut.len()
+    );
+
+    let _after = Mounted::existing(&cut, province.data()).expect("mounting the disk after the cut");
+    whole(&province);
+    let held = docs_in_feed_order(&province);
+    let lost: Vec<&String> = before_cut.iter().filter(|d| !held.contains(d)).collect();
+    assert!(
+        lost.is_empty(),
+        "the province lost what it acknowledged: {lost:?}"
+    );
+
+    // Back up: the next sync converges and the province holds everything the commune wrote.
+    let server = Server::start(&province);
+    commune.ok(&["peer", "remove", "up"]);
+    commune.ok(&["peer", "add", "up", "--addr", server.addr()]);
+    crate::sync_util::synced(&commune);
+    let held = docs_in_feed_order(&province);
+    for d in docs_in_feed_order(&commune) {
+        assert!(held.contains(&d), "after the sync the province lacks {d}");
+    }
+    whole(&province);
+    server.finish();
 }
 
 #[test]
