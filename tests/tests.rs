@@ -4,6 +4,7 @@
 //! The modules live in `tests/<area>/mod.rs` rather than `tests/<area>.rs` because Cargo builds
 //! every `tests/*.rs` as a test binary of its own unless `autotests = false` is set.
 
+mod crash;
 mod field;
 mod local;
 mod sync;

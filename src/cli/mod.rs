@@ -129,6 +129,10 @@ pub enum Command {
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
+    /// Put a backup (FILE from `backup --out FILE`, its blobs/ beside it) in place of the
+    /// node's database; the current one is kept as node.db.before-restore-TIME. Stop `serve`
+    /// first
+    Restore { file: PathBuf },
     /// Sync without a link: a signed file carried on a USB stick
     #[command(subcommand)]
     Bundle(BundleCmd),
@@ -555,6 +559,9 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Backup { out: file } => {
             open(&cli)?.backup(file)?;
             out.backed_up(file)
+        }
+        Command::Restore { file } => {
+            out.restored(&crate::node::restore::restore(&data_dir(&cli)?, file)?)
         }
         Command::Status => {
             let node = open(&cli)?;

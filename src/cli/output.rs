@@ -668,6 +668,27 @@ impl Out {
         })
     }
 
+    pub fn restored(&self, r: &crate::node::restore::RestoreReport) -> Result<()> {
+        self.emit(r, || {
+            if let Some(aside) = &r.kept_aside {
+                println!(
+                    "kept the database it replaces as {}",
+                    safe(&aside.display().to_string())
+                );
+            }
+            println!(
+                "restored {} ({} documents, {} scans) to {}; scan files: {} copied, {} already there",
+                safe(&r.from.display().to_string()),
+                r.documents,
+                r.scans,
+                safe(&r.database.display().to_string()),
+                r.scan_files_copied,
+                r.scan_files_present
+            );
+            println!("next: `communesync check`, then sync: peers offer again what the node lost since the backup");
+        })
+    }
+
     pub fn exported(&self, r: &ExportReport) -> Result<()> {
         self.emit(r, || {
             println!(

@@ -8,6 +8,7 @@ pub mod config;
 mod local;
 pub mod path;
 pub mod replica;
+pub mod restore;
 #[cfg(test)]
 mod simtest;
 pub mod sync;

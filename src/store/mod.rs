@@ -415,7 +415,7 @@ impl WriteTx<'_> {
 /// Gives a backup copy its own epoch: a node restored from it then tells its peers, in its
 /// Hello, that it is not the database they last synced with, and they offer it again what it
 /// may have lost (its own work since the backup included).
-fn new_epoch(copy: &Path) -> Result<()> {
+pub(crate) fn new_epoch(copy: &Path) -> Result<()> {
     let conn = Connection::open(copy).at(copy)?;
     conn.execute(
         "UPDATE meta SET value = lower(hex(randomblob(8))) WHERE key = 'epoch'",

@@ -343,15 +343,17 @@ impl Store {
 
     /// Whether a peer of subtree `unit` (node `node_id`) may read a scan: a document with a
     /// party in that subtree attaches it and was issued outside the subtree (someone else
-    /// wrote the reference: a peer's own reference to a hash proves nothing), or that peer
-    /// node delivered the scan here itself.
+    /// wrote the reference: a peer's own reference to a hash proves nothing), or a node of
+    /// that subtree delivered the scan here (the subtree had its bytes: a node enrolled anew
+    /// after a dead disk gets back the scans its predecessor sent).
     pub fn blob_readable_by(&self, hash: &Hash, unit: &str, node_id: &str) -> Result<bool> {
         self.conn
             .prepare_cached(
                 "SELECT 1 FROM doc_blobs db JOIN dispatches ds ON ds.id = db.doc_id
                  WHERE db.hash = ?1 AND NOT (ds.issuer = ?2 OR ds.issuer LIKE ?2 || '/%')
                    AND EXISTS (SELECT 1 FROM doc_parties p WHERE p.doc_id = db.doc_id AND (p.unit = ?2 OR p.unit LIKE ?2 || '/%'))
-                 UNION ALL SELECT 1 FROM blob_sources WHERE hash = ?1 AND node_id = ?3
+                 UNION ALL SELECT 1 FROM blob_sources bs WHERE bs.hash = ?1 AND (bs.node_id = ?3
+                   OR EXISTS (SELECT 1 FROM peer_sync ps WHERE ps.node_id = bs.node_id AND (ps.unit = ?2 OR ps.unit LIKE ?2 || '/%')))
                  LIMIT 1",
             )
             .at(&self.path)?
