@@ -1721,8 +1721,17 @@ impl Tmpfs {
     }
 
     fn remount_read_only(&self) {
+        self.remount("remount,ro");
+    }
+
+    /// Space returns: the file system grows to `size`.
+    fn grow(&self, size: &str) {
+        self.remount(&format!("remount,size={size}"));
+    }
+
+    fn remount(&self, options: &str) {
         let status = std::process::Command::new("mount")
-            .args(["-o", "remount,ro"])
+            .args(["-o", options])
             .arg(&self.point)
             .status()
             .unwrap();
@@ -1747,22 +1756,21 @@ fn a_full_disk_or_a_read_only_mount_is_said_as_such_without_advising_a_restore()
         return;
     };
     node.ok(&["init", "--unit", COMMUNE, "--role", "commune"]);
+    let before = id(&node.new_dispatch("0/F", &[DISTRICT], &[]));
     let big = node.write_file("big.pgm", &scan(4 << 20, 25));
-    let line = node.fails(
-        &[
-            "dispatch",
-            "new",
-            "--ref",
-            "1/F",
-            "--summary",
-            "s",
-            "--to",
-            DISTRICT,
-            "--attach",
-            &big,
-        ],
-        exit::FAILURE,
-    );
+    let big_dispatch = [
+        "dispatch",
+        "new",
+        "--ref",
+        "1/F",
+        "--summary",
+        "s",
+        "--to",
+        DISTRICT,
+        "--attach",
+        &big,
+    ];
+    let line = node.fails(&big_dispatch, exit::FAILURE);
     assert!(
         line.contains(&format!(
             "no space left on the device holding {}",
@@ -1776,7 +1784,14 @@ fn a_full_disk_or_a_read_only_mount_is_said_as_such_without_advising_a_restore()
         BTreeSet::new(),
         "the failed write left a file"
     );
-    assert_eq!(node.count("docs"), 0);
+    assert_eq!(node.count("docs"), 1, "only the acknowledged dispatch");
+    node.ok(&["dispatch", "show", &before]);
+
+    // Space returns: the same write goes through, and nothing is damaged.
+    disk.grow("32m");
+    node.ok(&big_dispatch);
+    assert_eq!(node.count("docs"), 2);
+    node.ok(&["check", "--full"]);
 
     disk.remount_read_only();
     for args in [
