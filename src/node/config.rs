@@ -45,7 +45,9 @@ pub struct SyncSection {
     /// Keep-alive period, well under the idle timeout, so NATs and the peer keep the path open.
     pub keep_alive_s: u64,
     /// A one-shot `sync` gives up on a peer it has heard nothing from for this long, or for 8
-    /// round trips of the path if that is longer (exit 5; the next sync resumes).
+    /// round trips of the path if that is longer (exit 5; the next sync resumes). 10 s was too
+    /// short on 2G: a scan's first burst overfilling the link's queue left a live peer silent
+    /// for over 10 s while QUIC recovered.
     pub peer_silence_s: u64,
     /// RTT assumed before the first measurement: high, since 2G and VSAT links run at 0.6–1.5 s.
     pub initial_rtt_ms: u64,
@@ -127,7 +129,7 @@ impl Default for SyncSection {
             upstream: None,
             idle_timeout_s: 120,
             keep_alive_s: 10,
-            peer_silence_s: 10,
+            peer_silence_s: 30,
             initial_rtt_ms: 750,
             congestion: "bbr".into(),
             reconnect_max_s: 300,

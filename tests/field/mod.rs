@@ -324,8 +324,8 @@ fn a_sync_whose_peer_dies_mid_transfer_exits_5_within_seconds_and_resumes_later(
     let took = killed.elapsed();
     assert_eq!(status.code(), Some(i32::from(exit::PEER)));
     assert!(
-        took < std::time::Duration::from_secs(40),
-        "a dead peer is given up within seconds, not the 120 s idle timeout: {took:?}"
+        took < std::time::Duration::from_secs(60),
+        "a dead peer is given up after sync.peer_silence_s (30 s), not the 120 s idle timeout: {took:?}"
     );
     let kept = crate::tree_util::chunks_stored(&commune, &hash);
     assert!(kept > 0, "verified chunks stay for the resume");
