@@ -780,6 +780,17 @@ impl Replica for NodeReplica<'_> {
     }
 
     fn peer_refused(&mut self, id: &str, reason: &str) -> Result<(), ProtoError> {
+        // Only a document this node holds can have been refused: anything else is noise.
+        let held = id
+            .parse::<DocId>()
+            .ok()
+            .map(|doc| self.node.store.doc_exists(&doc))
+            .transpose()
+            .map_err(local)?
+            .unwrap_or(false);
+        if !held {
+            return Ok(());
+        }
         warn!(peer = %self.peer.unit, doc = %id, "the peer refused a document of ours: {reason}");
         let peer_id = self.peer_id.clone();
         self.node

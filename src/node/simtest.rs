@@ -1001,3 +1001,25 @@ fn a_peer_that_keeps_claiming_to_have_lost_our_feed_is_honoured_once_per_interva
     );
     assert_eq!(r.acked_by_peer().unwrap(), 40);
 }
+
+/// A peer's DocRefused for a document this node does not hold is not recorded: a hostile peer
+/// cannot fill the refusals table with made-up ids.
+#[test]
+fn a_refusal_of_a_document_not_held_here_is_not_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = pair(dir.path());
+    let mut sa = session_past_hello(&mut a, &mut b);
+    let mut r = NodeReplica::new(&mut a.node, a.peer.clone());
+    for i in 0..3 {
+        sa.handle(
+            &mut r,
+            Frame::DocRefused {
+                id: format!("dsp_{i:016x}"),
+                reason: "made up".into(),
+            },
+        )
+        .unwrap();
+    }
+    let peer = b.node.node_id().to_string();
+    assert_eq!(a.node.store.refusals(&peer, true, 10).unwrap().1, 0);
+}

@@ -17,6 +17,9 @@ pub struct Peer {
     pub upstream: bool,
 }
 
+/// Refusals kept per peer node and direction (see `WriteTx::refusal_record`).
+pub const REFUSALS_KEPT_MAX: i64 = 10_000;
+
 /// A refused document: (id, reason, when in ms).
 pub type Refusal = (String, String, i64);
 
@@ -575,7 +578,9 @@ impl WriteTx<'_> {
     }
 
     /// Records that a document was refused, and why: sent by the peer node and refused here,
-    /// or (`by_peer`) ours and refused by it. The latest refusal per document is kept.
+    /// or (`by_peer`) ours and refused by it. The latest refusal per document is kept, and at
+    /// most [`REFUSALS_KEPT_MAX`] per peer and direction (a hostile peer could otherwise fill
+    /// the disk with refusals of made-up documents); more are only logged.
     pub fn refusal_record(
         &self,
         peer_node: &str,
@@ -584,6 +589,17 @@ impl WriteTx<'_> {
         reason: &str,
         at_ms: i64,
     ) -> Result<()> {
+        let held: i64 = self
+            .tx
+            .prepare_cached(
+                "SELECT COUNT(*) FROM refused_docs WHERE peer_node = ?1 AND by_peer = ?2",
+            )
+            .at(self.path)?
+            .query_row(params![peer_node, by_peer], |r| r.get(0))
+            .at(self.path)?;
+        if held >= REFUSALS_KEPT_MAX {
+            return Ok(());
+        }
         self.tx
             .prepare_cached(
                 "INSERT OR REPLACE INTO refused_docs (peer_node, doc_id, by_peer, reason, at_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
