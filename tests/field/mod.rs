@@ -641,11 +641,13 @@ fn every_scenario_holds_on_weak_4g() {
 }
 
 /// Every scenario on every preset: `cargo test --release --test tests
-/// field::every_scenario_on_every_preset -- --ignored --nocapture`.
+/// field::every_scenario_on_every_preset -- --ignored --nocapture` (`FIELD_PRESETS=2g` for one).
 #[test]
 #[ignore = "minutes; run by hand for docs/performance.md"]
 fn every_scenario_on_every_preset() {
-    for preset in ["loopback", "weak4g", "vsat", "2g"] {
+    let presets =
+        std::env::var("FIELD_PRESETS").unwrap_or_else(|_| "loopback,weak4g,vsat,2g".into());
+    for preset in presets.split(',') {
         for (name, run) in SCENARIOS {
             let started = Instant::now();
             run(preset, 31);
