@@ -243,6 +243,8 @@ impl<'a> Dec<'a> {
     fn bad(what: &str) -> ProtoError {
         ProtoError::Malformed(what.to_string())
     }
+    /// Unsigned LEB128, as `Enc::uint` writes it: minimal (no trailing zero byte) and within
+    /// 64 bits. Anything else is refused rather than read as some other value.
     fn uint(&mut self) -> Result<u64, ProtoError> {
         let mut v = 0u64;
         for shift in (0..64).step_by(7) {
@@ -251,8 +253,15 @@ impl<'a> Dec<'a> {
                 .split_first()
                 .ok_or_else(|| Self::bad("truncated integer"))?;
             self.buf = rest;
-            v |= u64::from(b & 0x7f) << shift;
+            let bits = u64::from(b & 0x7f);
+            if shift == 63 && bits > 1 {
+                return Err(Self::bad("integer longer than 64 bits"));
+            }
+            v |= bits << shift;
             if b & 0x80 == 0 {
+                if b == 0 && shift > 0 {
+                    return Err(Self::bad("integer not in its shortest encoding"));
+                }
                 return Ok(v);
             }
         }
@@ -726,6 +735,38 @@ mod tests {
 
     fn body_len_raw(frame: &Frame) -> usize {
         body(frame).0.len()
+    }
+
+    /// Issue 15: the varint decoder read over-long encodings (0x80 0x00 for 0) and silently
+    /// dropped the bits of a tenth byte past bit 63.
+    #[test]
+    fn issue15_integers_are_read_only_in_their_one_shortest_encoding() {
+        let ack = |varint: &[u8]| {
+            let mut frame = vec![8u8, 0];
+            frame.extend_from_slice(varint);
+            decode(&frame)
+        };
+        assert_eq!(ack(&[0x2c]).unwrap(), Frame::Ack { upto: 44 });
+        let max = [0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01];
+        assert_eq!(ack(&max).unwrap(), Frame::Ack { upto: u64::MAX });
+        for bad in [
+            &[0x80, 0x00][..],
+            &[0xac, 0x80, 0x00],
+            &[0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02],
+            &[
+                0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x01,
+            ],
+        ] {
+            assert!(
+                matches!(ack(bad), Err(ProtoError::Malformed(_))),
+                "{bad:02x?} was read as {:?}",
+                ack(bad)
+            );
+        }
+        for upto in [0, 127, 128, 16_383, 16_384, u64::MAX / 3, u64::MAX] {
+            let bytes = encode(&Frame::Ack { upto }, 1);
+            assert_eq!(decode(&bytes[4..]).unwrap(), Frame::Ack { upto });
+        }
     }
 
     #[test]
