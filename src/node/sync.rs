@@ -26,21 +26,19 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);
 /// Validity of node certificates issued by `ca issue`.
 pub const CERT_VALIDITY_DAYS: u32 = 5 * 365;
 
-/// Splits a PEM bundle into its certificates and CRLs.
-fn pem_blocks(text: &str, label: &str) -> Vec<String> {
-    let begin = format!("-----BEGIN {label}-----");
-    let end = format!("-----END {label}-----");
-    let mut out = Vec::new();
-    let mut rest = text;
-    while let Some(start) = rest.find(&begin) {
-        let Some(stop) = rest[start..].find(&end) else {
-            break;
-        };
-        let stop = start + stop + end.len();
-        out.push(format!("{}\n", &rest[start..stop]));
-        rest = &rest[stop..];
-    }
-    out
+/// The blocks labelled `label` of a PEM bundle (certificates, a CRL), each as PEM text.
+fn pem_blocks(file: &Path, text: &str, label: &str) -> Result<Vec<String>> {
+    let blocks = pem::parse_many(text).map_err(|e| {
+        NodeError::Invalid(format!(
+            "{}: not a PEM file as `communesync ca issue` writes ({e})",
+            file.display()
+        ))
+    })?;
+    Ok(blocks
+        .iter()
+        .filter(|b| b.tag() == label)
+        .map(|b| trust::pem_encode(label, b.contents()))
+        .collect())
 }
 
 #[derive(Debug, Serialize)]
@@ -145,7 +143,7 @@ impl Node {
             path: file.to_path_buf(),
             source,
         })?;
-        let certs = pem_blocks(&text, "CERTIFICATE");
+        let certs = pem_blocks(file, &text, "CERTIFICATE")?;
         let [cert, .., ca] = &certs[..] else {
             return Err(NodeError::Invalid(format!("{}: expected the node certificate followed by the CA certificate, as `communesync ca issue` writes", file.display())));
         };
@@ -162,7 +160,7 @@ impl Node {
         }
         trust::write_file_atomic(self.dir.join(CA_FILE), ca.as_bytes())?;
         trust::write_file_atomic(self.dir.join(CERT_FILE), cert.as_bytes())?;
-        if let Some(crl) = pem_blocks(&text, "X509 CRL").first() {
+        if let Some(crl) = pem_blocks(file, &text, "X509 CRL")?.first() {
             let crl = Crl::from_pem(crl)?;
             self.install_crl_der(crl.der())?;
         }

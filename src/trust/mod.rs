@@ -15,6 +15,7 @@ mod tls;
 use std::path::PathBuf;
 
 pub use ca::{read_request, Ca, IssuedCert, IssuedRecord};
+pub(crate) use crl::pem_encode;
 pub use crl::{verify_crl, Crl};
 pub use fsutil::{write_file_atomic, write_secret_file};
 pub use identity::{enrol_request, install_check, NodeId, NodeKey, PeerIdentity};
