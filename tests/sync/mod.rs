@@ -1318,7 +1318,7 @@ fn issue12_half_open_handshakes_do_not_lock_out_an_enrolled_commune() {
     rt.block_on(trickling).unwrap();
     eprintln!(
         "commune synced in {synced_in:?} behind the flood; daemon peak RSS {} MiB",
-        peak_rss_mib(server.pid())
+        memory_mib(server.pid(), "VmHWM")
     );
     server.finish();
 }
@@ -1413,16 +1413,47 @@ fn automerge_bomb(mib: usize) -> Vec<u8> {
     chunk
 }
 
-/// The most memory the process `pid` has held (VmHWM), in MiB.
-fn peak_rss_mib(pid: u32) -> u64 {
+/// A memory figure of process `pid` from /proc (`VmHWM`, the most it has held; `VmRSS`, what it
+/// holds now), in MiB.
+fn memory_mib(pid: u32, field: &str) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmHWM:")).unwrap();
+    let line = status
+        .lines()
+        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
+        .unwrap();
     line.split_whitespace()
         .nth(1)
         .unwrap()
         .parse::<u64>()
         .unwrap()
         / 1024
+}
+
+/// Opens a control stream on a raw connection and writes its tag, a Hello, then `frames`
+/// (encoded): a modified peer speaking the protocol by hand. The stream stays open while the
+/// returned handle lives.
+fn open_control(
+    rt: &tokio::runtime::Runtime,
+    conn: &quinn::Connection,
+    frames: &[Vec<u8>],
+) -> quinn::SendStream {
+    use communesync::proto::{wire, Frame};
+    let hello = Frame::Hello {
+        version: wire::VERSION,
+        feed_seq: 0,
+        have_from_you: 0,
+        crl_number: 0,
+        epoch: 1,
+    };
+    rt.block_on(async {
+        let mut control = conn.open_uni().await.unwrap();
+        control.write_all(&[1]).await.unwrap();
+        control.write_all(&wire::encode(&hello, 1)).await.unwrap();
+        for frame in frames {
+            control.write_all(frame).await.unwrap();
+        }
+        control
+    })
 }
 
 #[test]
@@ -1434,13 +1465,6 @@ fn issue12_a_decompression_bomb_in_a_push_costs_the_daemon_little() {
     let d = id(&commune.new_dispatch("7/UBND", &["qn"], &[]));
     let rt = crate::tree_util::runtime();
     let conn = raw_connection(&rt, &commune, &server);
-    let hello = Frame::Hello {
-        version: wire::VERSION,
-        feed_seq: 0,
-        have_from_you: 0,
-        crl_number: 0,
-        epoch: 1,
-    };
     // One Push of a 1 GiB bomb for the commune's own new dispatch: a few KiB on the wire.
     let push = wire::encode(
         &Frame::Push {
@@ -1453,16 +1477,10 @@ fn issue12_a_decompression_bomb_in_a_push_costs_the_daemon_little() {
         19,
     );
     assert!(push.len() < 16 << 10, "{}", push.len());
-    let before = peak_rss_mib(server.pid());
+    let before = memory_mib(server.pid(), "VmHWM");
     let started = Instant::now();
     // The document is refused alone; the session stays open for the rest.
-    let _control = rt.block_on(async {
-        let mut control = conn.open_uni().await.unwrap();
-        control.write_all(&[1]).await.unwrap();
-        control.write_all(&wire::encode(&hello, 1)).await.unwrap();
-        control.write_all(&push).await.unwrap();
-        control
-    });
+    let _control = open_control(&rt, &conn, std::slice::from_ref(&push));
     let log = server.wait_log("decompression bomb", 1);
     assert!(
         log.contains(&format!(
@@ -1470,7 +1488,7 @@ fn issue12_a_decompression_bomb_in_a_push_costs_the_daemon_little() {
         )),
         "{log}"
     );
-    let peak = peak_rss_mib(server.pid());
+    let peak = memory_mib(server.pid(), "VmHWM");
     eprintln!(
         "bomb of {} bytes refused in {:?}; daemon peak RSS {before} MiB before, {peak} MiB after",
         push.len(),
@@ -1491,16 +1509,10 @@ fn issue12_a_decompression_bomb_in_a_push_costs_the_daemon_little() {
         .collect();
     let push = wire::encode(&Frame::Push { docs }, 19);
     let started = Instant::now();
-    let _control = rt.block_on(async {
-        let mut control = conn.open_uni().await.unwrap();
-        control.write_all(&[1]).await.unwrap();
-        control.write_all(&wire::encode(&hello, 1)).await.unwrap();
-        control.write_all(&push).await.unwrap();
-        control
-    });
+    let _control = open_control(&rt, &conn, std::slice::from_ref(&push));
     let log = server.wait_log("changes do not decode", 1);
     assert!(log.contains("changes do not decode"), "{log}");
-    let peak_under = peak_rss_mib(server.pid());
+    let peak_under = memory_mib(server.pid(), "VmHWM");
     eprintln!(
         "64 documents of 31 MiB inflated each in a {}-byte Push refused in {:?}; daemon peak RSS {peak_under} MiB",
         push.len(),
@@ -1578,18 +1590,6 @@ fn issue12_a_signed_bundle_carrying_a_decompression_bomb_is_refused() {
     assert_eq!(rows(&commune, "docs"), 0);
 }
 
-/// The memory the process `pid` holds now (VmRSS), in MiB.
-fn rss_mib(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
-    line.split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<u64>()
-        .unwrap()
-        / 1024
-}
-
 #[test]
 fn issue12_control_frames_a_busy_daemon_has_not_handled_yet_are_held_within_a_budget() {
     use communesync::proto::{wire, DocHeads, Frame};
@@ -1609,13 +1609,6 @@ fn issue12_control_frames_a_busy_daemon_has_not_handled_yet_are_held_within_a_bu
     // the frames below arrive.
     let db = province.db();
     db.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let hello = Frame::Hello {
-        version: wire::VERSION,
-        feed_seq: 0,
-        have_from_you: 0,
-        crl_number: 0,
-        epoch: 1,
-    };
     // Offers as large as a page may be, each document with the most heads allowed: 16.5 MB
     // decoded each, a few KiB on the wire.
     let offers: Vec<Vec<u8>> = (0..20u32)
@@ -1630,18 +1623,11 @@ fn issue12_control_frames_a_busy_daemon_has_not_handled_yet_are_held_within_a_bu
         })
         .collect();
     assert!(offers.iter().all(|o| o.len() < 64 << 10));
-    let before = rss_mib(server.pid());
-    let mut control = rt.block_on(conn.open_uni()).unwrap();
-    rt.block_on(async {
-        control.write_all(&[1]).await.unwrap();
-        control.write_all(&wire::encode(&hello, 1)).await.unwrap();
-        for offer in &offers {
-            control.write_all(offer).await.unwrap();
-        }
-    });
+    let before = memory_mib(server.pid(), "VmRSS");
+    let control = open_control(&rt, &conn, &offers);
     // Time for the daemon to read and decode all 20 (330 MB) if nothing held it back.
     std::thread::sleep(Duration::from_secs(4));
-    let held = rss_mib(server.pid());
+    let held = memory_mib(server.pid(), "VmRSS");
     db.execute_batch("ROLLBACK").unwrap();
     eprintln!("20 Offers of 16.5 MB decoded each sent to a busy daemon: RSS {before} MiB before, {held} MiB while it was busy");
     assert!(held < before + 80, "RSS {before} -> {held} MiB");
