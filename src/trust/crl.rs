@@ -262,30 +262,10 @@ mod tests {
     // run.
     mod issue11_props {
         use super::*;
-        use proptest::collection::vec;
         use proptest::prelude::*;
-        use proptest::sample::Index;
         use proptest::test_runner::{Config, TestRunner};
 
-        /// `bytes` with a few bytes replaced, and maybe cut short.
-        fn mutate(mut bytes: Vec<u8>, edits: Vec<(Index, u8)>, cut: Option<Index>) -> Vec<u8> {
-            for (at, byte) in edits {
-                let at = at.index(bytes.len());
-                bytes[at] = byte;
-            }
-            if let Some(cut) = cut {
-                bytes.truncate(cut.index(bytes.len()));
-            }
-            bytes
-        }
-
-        fn mutation() -> impl Strategy<Value = (Vec<(Index, u8)>, Option<Index>, Vec<u8>)> {
-            (
-                vec((any::<Index>(), any::<u8>()), 0..4),
-                proptest::option::weighted(0.2, any::<Index>()),
-                vec(any::<u8>(), 0..300),
-            )
-        }
+        use crate::trust::mutation::{mutate, mutation};
 
         /// Any bytes, and the CA's real CRL with bytes changed: parsing never panics, a CRL that
         /// parses round-trips through PEM, and only the CA's own CRL verifies.

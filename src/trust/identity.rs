@@ -348,31 +348,11 @@ mod tests {
         use super::*;
         use crate::trust::crl::pem_encode;
         use crate::trust::{read_request, Ca};
-        use proptest::collection::vec;
         use proptest::prelude::*;
-        use proptest::sample::Index;
         use proptest::test_runner::{Config, TestRunner};
         use rustls_pki_types::CertificateSigningRequestDer;
 
-        /// `bytes` with a few bytes replaced, and maybe cut short.
-        fn mutate(mut bytes: Vec<u8>, edits: Vec<(Index, u8)>, cut: Option<Index>) -> Vec<u8> {
-            for (at, byte) in edits {
-                let at = at.index(bytes.len());
-                bytes[at] = byte;
-            }
-            if let Some(cut) = cut {
-                bytes.truncate(cut.index(bytes.len()));
-            }
-            bytes
-        }
-
-        fn mutation() -> impl Strategy<Value = (Vec<(Index, u8)>, Option<Index>, Vec<u8>)> {
-            (
-                vec((any::<Index>(), any::<u8>()), 0..4),
-                proptest::option::weighted(0.2, any::<Index>()),
-                vec(any::<u8>(), 0..300),
-            )
-        }
+        use crate::trust::mutation::{mutate, mutation};
 
         /// Any bytes, and a real certificate with bytes changed: reading never panics, and an
         /// identity read from DER reads the same from its PEM.

@@ -7,6 +7,8 @@
 
 mod ca;
 mod crl;
+#[cfg(test)]
+mod mutation;
 pub mod fsutil;
 mod identity;
 mod sign;
