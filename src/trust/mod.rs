@@ -7,10 +7,10 @@
 
 mod ca;
 mod crl;
-#[cfg(test)]
-mod mutation;
 pub mod fsutil;
 mod identity;
+#[cfg(test)]
+mod mutation;
 mod sign;
 mod tls;
 

@@ -11,7 +11,7 @@ use rand::SeedableRng;
 
 use crate::sync_util::{enrolled, province, Server};
 use crate::tree_util::{attachment_hash, blob_rows, holds_doc, incompressible, link, runtime};
-use crate::util::{exit, id, TestNode};
+use crate::util::{eventually, exit, holds_within, id, TestNode};
 
 const COMMUNE: &str = "qn/binhlieu/tinhhuc";
 
@@ -263,14 +263,11 @@ fn a_relay_that_lacks_a_scan_too_answers_at_once_and_the_sync_says_pending() {
         &incompressible(40_000, &mut StdRng::seed_from_u64(6)),
     );
     let d = id(&province.new_dispatch("6/UBND-VP", &[COMMUNE], &[&scan]));
-    let deadline = Instant::now() + std::time::Duration::from_secs(30);
-    while !holds_doc(&district, &d) {
-        assert!(
-            Instant::now() < deadline,
-            "the district never received the dispatch"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    eventually(
+        std::time::Duration::from_secs(30),
+        "the district never received the dispatch",
+        || holds_doc(&district, &d),
+    );
 
     let started = Instant::now();
     let run = commune.run(&["--json", "sync"]);
@@ -313,11 +310,11 @@ fn a_sync_whose_peer_dies_mid_transfer_exits_5_within_seconds_and_resumes_later(
     let hash = attachment_hash(&province, &d);
 
     let (_, mut sync) = commune.spawn(&["--json", "sync"]);
-    let deadline = Instant::now() + std::time::Duration::from_secs(30);
-    while crate::tree_util::chunks_stored(&commune, &hash) == 0 {
-        assert!(Instant::now() < deadline, "no chunk arrived");
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    eventually(
+        std::time::Duration::from_secs(30),
+        "no chunk arrived",
+        || crate::tree_util::chunks_stored(&commune, &hash) > 0,
+    );
     let killed = Instant::now();
     server.finish();
     let status = sync.wait().expect("waiting for sync");
@@ -352,15 +349,13 @@ fn serve_dials_a_configured_peer_without_upstream_and_refuses_an_upstream_that_d
     district.ok(&["peer", "add", "province", "--addr", upstream.addr()]);
     let relay = Server::start(&district);
     let d = id(&province.new_dispatch("8/UBND-VP", &[COMMUNE], &[]));
-    let deadline = Instant::now() + std::time::Duration::from_secs(30);
-    while !holds_doc(&district, &d) {
-        assert!(
-            Instant::now() < deadline,
-            "the district never dialled the province:\n{}",
-            relay.log()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    assert!(
+        holds_within(std::time::Duration::from_secs(30), || holds_doc(
+            &district, &d
+        )),
+        "the district never dialled the province:\n{}",
+        relay.log()
+    );
     relay.finish();
     upstream.finish();
 
@@ -392,14 +387,11 @@ fn a_relay_forwards_a_scan_to_its_commune_while_the_scan_is_still_arriving() {
     );
     let d = id(&province.new_dispatch("11/UBND-VP", &[COMMUNE], &[&scan]));
     let hash = attachment_hash(&province, &d);
-    let deadline = Instant::now() + std::time::Duration::from_secs(30);
-    while crate::tree_util::chunks_stored(&district, &hash) == 0 {
-        assert!(
-            Instant::now() < deadline,
-            "the district never began receiving the scan"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    eventually(
+        std::time::Duration::from_secs(30),
+        "the district never began receiving the scan",
+        || crate::tree_util::chunks_stored(&district, &hash) > 0,
+    );
 
     let (_, mut sync) = p_sync(&commune);
     let mut forwarded_early = false;
@@ -528,11 +520,11 @@ fn resume_after_a_cut(preset: &str, seed: u64) {
     let d = id(&p.province.new_dispatch("2/VP", &[COMMUNE], &[&scan]));
     let hash = attachment_hash(&p.province, &d);
     let (_, mut sync) = p_sync(&p.commune);
-    let deadline = Instant::now() + std::time::Duration::from_secs(120);
-    while crate::tree_util::chunks_stored(&p.commune, &hash) == 0 {
-        assert!(Instant::now() < deadline, "{preset}: no chunk arrived");
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
+    eventually(
+        std::time::Duration::from_secs(120),
+        &format!("{preset}: no chunk arrived"),
+        || crate::tree_util::chunks_stored(&p.commune, &hash) > 0,
+    );
     sim.handle().set_up(false);
     let status = sync.wait().expect("sync ran");
     assert_eq!(status.code(), Some(i32::from(exit::PEER)), "{preset}");
@@ -572,14 +564,11 @@ fn relay_tree(preset: &str, seed: u64) {
         sync_until(&commune, 3, || holds_doc(&district, &report)),
         "{preset}"
     );
-    let deadline = Instant::now() + std::time::Duration::from_secs(60);
-    while !holds_doc(&province, &report) {
-        assert!(
-            Instant::now() < deadline,
-            "{preset}: the district never forwarded the report"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
+    eventually(
+        std::time::Duration::from_secs(60),
+        &format!("{preset}: the district never forwarded the report"),
+        || holds_doc(&province, &report),
+    );
     for sim in [up, down] {
         rt.block_on(sim.shutdown());
     }

@@ -20,7 +20,7 @@ use crate::sync_util::{
     db_read_only, doc_heads, enrolled, node_id, province, rows, set_sync_config, sync_pending,
     sync_refused, synced, Server,
 };
-use crate::util::{exit, id, path_arg, scan, TestNode, COMMUNE, DISTRICT, SIBLING};
+use crate::util::{eventually, exit, id, path_arg, scan, TestNode, COMMUNE, DISTRICT, SIBLING};
 
 /// The values of `field` in a JSON array of objects, as a set.
 fn field_set(items: &Value, field: &str) -> BTreeSet<String> {
@@ -941,15 +941,6 @@ fn through_a_link_with_a_1500_byte_mtu_discovery_settles_at_1472_and_the_scan_ar
     server.finish();
 }
 
-/// Polls `what` every 50 ms until it holds; panics with `why` after 20 s.
-fn eventually(why: &str, mut what: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !what() {
-        assert!(Instant::now() < deadline, "{why}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
 #[test]
 fn a_running_daemon_offers_a_local_write_at_once_not_at_its_next_push_tick() {
     let province = province();
@@ -966,12 +957,14 @@ fn a_running_daemon_offers_a_local_write_at_once_not_at_its_next_push_tick() {
     );
     let daemon = Server::start(&commune);
     eventually(
+        Duration::from_secs(20),
         "the commune's first session with the province never converged",
         || commune.json(&["status"])["peers"][0]["sync"]["last_sync_at_ms"].is_i64(),
     );
 
     let d = id(&commune.new_dispatch("12/UBND", &["qn"], &[]));
     eventually(
+        Duration::from_secs(20),
         "the province did not receive the dispatch before the push tick",
         || doc_heads(&province, &d).is_some(),
     );

@@ -256,3 +256,20 @@ pub fn now_ms() -> i64 {
 pub fn scan(bytes: usize, seed: u64) -> Vec<u8> {
     communesync::cli::synthetic_scan(1024, bytes.div_ceil(1024).max(1), seed)
 }
+
+/// Polls `what` every 20 ms until it holds (true) or `within` has passed (false).
+pub fn holds_within(within: std::time::Duration, mut what: impl FnMut() -> bool) -> bool {
+    let deadline = std::time::Instant::now() + within;
+    while !what() {
+        if std::time::Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    true
+}
+
+/// [`holds_within`], panicking with `why` when it does not hold in time.
+pub fn eventually(within: std::time::Duration, why: &str, what: impl FnMut() -> bool) {
+    assert!(holds_within(within, what), "{why}");
+}
