@@ -161,6 +161,9 @@ struct Checked {
     whole: bool,
 }
 
+/// New changes of one document from a peer below judged at once, at most (see `Sender::check`).
+const CHANGES_JUDGED_MAX: usize = 1_000;
+
 /// Incoming documents checked ahead of the store, at most, across the checking threads: the
 /// checks of the next documents (Automerge load, fields) overlap the store's inserts of the
 /// previous ones.
@@ -320,6 +323,17 @@ impl Sender<'_> {
         }
         if !self.upstream {
             let changes = doc.get_changes(old_heads.as_deref().unwrap_or_default());
+            // Judging a change replays the document up to it: bounded, or one document of many
+            // tiny changes would buy a peer seconds of CPU per frame.
+            if changes.len() > CHANGES_JUDGED_MAX {
+                return Err(self.refuse(
+                    id.as_str(),
+                    format!(
+                        "{} new changes at once, more than the {CHANGES_JUDGED_MAX} judged per document from below",
+                        changes.len()
+                    ),
+                ));
+            }
             let mut judge = model::authz::Judge::new(&mut doc, id);
             for change in &changes {
                 let note = change.message().and_then(|m| ChangeNote::parse(m));

@@ -1023,3 +1023,54 @@ fn a_refusal_of_a_document_not_held_here_is_not_recorded() {
     let peer = b.node.node_id().to_string();
     assert_eq!(a.node.store.refusals(&peer, true, 10).unwrap().1, 0);
 }
+
+/// Authorization reads a document after each new change from below: a document of more new
+/// changes than `CHANGES_JUDGED_MAX` is refused before any is judged; the rest of the frame
+/// is stored.
+#[test]
+fn a_document_of_too_many_new_changes_from_below_is_refused_before_it_is_judged() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, b) = pair(dir.path());
+    // Written as the commune's node would, in memory (the node would commit each comment).
+    let author = Author {
+        user: "minh".into(),
+        unit: b.node.unit().into(),
+        node: b.node.node_id().to_string(),
+    };
+    let commented = |comments: usize| {
+        let id = crate::model::DocId::generate(crate::model::DocKind::Dispatch);
+        let mut doc = AutoCommit::new().with_actor(b.node.actor().clone());
+        let new = dispatch::NewDispatch {
+            ref_no: "7/BC".into(),
+            summary: "Báo cáo".into(),
+            kind: DispatchKind::Report,
+            priority: Priority::Normal,
+            issuer: author.unit.clone(),
+            to: vec!["qn".into()],
+            attachments: vec![],
+        };
+        dispatch::create(&mut doc, &id, &new, &author, 1).unwrap();
+        for i in 0..comments {
+            dispatch::add_comment(&mut doc, &id, &format!("c{i}"), &author, 2 + i as i64).unwrap();
+        }
+        (id, doc)
+    };
+    let (mut some, mut too_many) = (commented(50), commented(0));
+    let some = (some.0.to_string(), some.1.save());
+    // The count is checked before anything else about the changes: bare ones do.
+    for i in 0..1_000i64 {
+        use automerge::transaction::Transactable;
+        too_many.1.put(automerge::ROOT, "n", i).unwrap();
+        too_many.1.commit();
+    }
+    let too_many = (too_many.0.to_string(), too_many.1.save());
+    // Judging is quadratic in a document's changes (each is read whole after each change): 999
+    // take seconds even in a release build, so the accepted one here is small.
+    let frame = [(some.0.as_str(), some.1), (too_many.0.as_str(), too_many.1)];
+    let applied = apply_frame(&mut a, &frame).unwrap();
+    assert_eq!(applied.stored, 1, "{applied:?}");
+    assert!(
+        matches!(&applied.refused[..], [(id, why)] if *id == too_many.0 && why.contains("1001 new changes at once")),
+        "{applied:?}"
+    );
+}
