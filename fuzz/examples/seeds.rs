@@ -30,6 +30,7 @@ fn frames(doc: &[u8]) -> Vec<Frame> {
             have_from_you: 3,
             crl_number: 1,
             epoch: 77,
+            units_version: 3,
         },
         Frame::Offer {
             docs: vec![

@@ -348,6 +348,13 @@ pub enum DossierCmd {
 pub enum UnitCmd {
     /// List the units of the tree (optionally only below UNIT)
     List { under: Option<String> },
+    /// Province only: sign FILE (a TOML file of [[unit]] path/name/role) with the CA as the next
+    /// version of the unit tree and use it; every node gets it at its next sync
+    #[command(after_help = "Example: communesync unit publish units-2027.toml")]
+    Publish {
+        /// The new unit tree: every unit of the current one still enrolled must be in it
+        file: PathBuf,
+    },
 }
 
 /// The data directory: --data, then COMMUNESYNC_DATA (both via clap), then the per-user default.
@@ -497,7 +504,7 @@ pub fn run(cli: Cli) -> Result<()> {
                         .is_none_or(|a| crate::units::is_within(&u.path, a))
                 })
                 .collect();
-            out.units(&units)
+            out.units(&units, node.units_version())
         }
         Command::Ca(cmd) => {
             let mut node = open(&cli)?;
@@ -512,6 +519,12 @@ pub fn run(cli: Cli) -> Result<()> {
                 CaCmd::Revoke { node_id } => out.revoked(node_id, node.ca_revoke(node_id)?),
                 CaCmd::List => out.issued_list(&node.ca_list()?),
             }
+        }
+        Command::Unit(UnitCmd::Publish { file }) => {
+            let mut node = open(&cli)?;
+            let signed = node.units_publish(file)?;
+            node.wake_daemon();
+            out.units_published(signed.version, node.tree.iter().count())
         }
         Command::Enrol(EnrolCmd::Request { out: file }) => {
             let node = open(&cli)?;

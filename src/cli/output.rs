@@ -719,11 +719,28 @@ impl Out {
         })
     }
 
-    pub fn units(&self, units: &[&Unit]) -> Result<()> {
+    pub fn units(&self, units: &[&Unit], version: u64) -> Result<()> {
         self.emit(&units, || {
             for u in units {
                 println!("{:<28} {:<9} {}", safe(&u.path), u.role, safe(&u.name));
             }
+            match version {
+                0 => println!("(the configured unit tree: no tree from the province yet)"),
+                v => println!("(the province's unit tree, version {v})"),
+            }
+        })
+    }
+
+    pub fn units_published(&self, version: u64, units: usize) -> Result<()> {
+        #[derive(Serialize)]
+        struct Published {
+            version: u64,
+            units: usize,
+        }
+        self.emit(&Published { version, units }, || {
+            println!(
+                "published unit tree version {version} ({units} units), signed by the CA: every node gets it at its next sync"
+            )
         })
     }
 }

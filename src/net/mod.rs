@@ -695,7 +695,16 @@ pub async fn run_session(
         );
     }
 
-    let mut session = Session::new(&mut NodeReplica::new(&mut node, peer.clone()), crl_number)?;
+    let mut units_signed = node
+        .units_signed()
+        .map(|t| t.bytes.clone())
+        .unwrap_or_default();
+    let units_version = node.units_version();
+    let mut session = Session::with_units(
+        &mut NodeReplica::new(&mut node, peer.clone()),
+        crl_number,
+        units_version,
+    )?;
     let mut report = SessionReport {
         peer_unit: peer.unit.clone(),
         peer_node: peer.node_id.to_string(),
@@ -718,6 +727,7 @@ pub async fn run_session(
             {
                 let mut replica = NodeReplica::new(&mut node, peer.clone());
                 session.offer_crl(&crl_der);
+                session.offer_units(&units_signed);
                 while let Some(frame) = blocking(|| session.poll_frame(&mut replica))? {
                     write_frame(&mut control, &frame, CONTROL_LEVEL).await?;
                     sent_since_receive = true;
@@ -748,6 +758,18 @@ pub async fn run_session(
                             }
                         }
                         Action::StoreCrl { der } => replica.node.install_crl_der(&der).map_err(node_err)?,
+                        Action::StoreUnits { signed } => {
+                            // A tree that fails its checks is the province's problem or a
+                            // hostile relay's, not this session's: logged, and sync goes on.
+                            match replica.node.install_units(&signed) {
+                                Ok(true) => {
+                                    units_signed = signed;
+                                    session.update_units(replica.node.units_version());
+                                }
+                                Ok(false) => {}
+                                Err(e) => warn!("unit tree from {} refused: {e}", peer.unit),
+                            }
+                        }
                     }
                 }
                 // Frames the actions produced (BlobMissing) go out now too.
@@ -837,6 +859,13 @@ pub async fn run_session(
                         if crl.der() != crl_der.as_slice() {
                             session.update_crl(crl.number());
                             crl_der = crl.der().to_vec();
+                        }
+                    }
+                    // So does a unit tree another session (or `unit publish`) installed here.
+                    if let Ok(held) = std::fs::read(dir.join(crate::node::tree::SIGNED_UNITS_FILE)) {
+                        if held != units_signed && node.install_units(&held).is_ok() {
+                            session.update_units(node.units_version());
+                            units_signed = held;
                         }
                     }
                 }

@@ -12,6 +12,7 @@ pub mod restore;
 #[cfg(test)]
 mod simtest;
 pub mod sync;
+pub mod tree;
 
 use std::path::{Path, PathBuf};
 
@@ -83,6 +84,8 @@ pub struct Node {
     dir: PathBuf,
     pub config: Config,
     pub tree: UnitTree,
+    /// The province's signed tree, when sync (or `unit publish`) brought one: `tree` is its.
+    signed_tree: Option<crate::trust::SignedTree>,
     pub store: Store,
     node_id: NodeId,
     actor: ActorId,
@@ -246,10 +249,15 @@ impl Node {
             )));
         }
         let actor = ActorId::from(&node_id.as_bytes()[..]);
+        let (signed_tree, tree) = match tree::load(dir) {
+            Some((signed, tree)) => (Some(signed), tree),
+            None => (None, tree),
+        };
         Ok(Node {
             dir: dir.to_path_buf(),
             config,
             tree,
+            signed_tree,
             store,
             node_id,
             actor,

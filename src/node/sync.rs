@@ -167,7 +167,7 @@ impl Node {
         Ok(identity)
     }
 
-    fn ca(&self) -> Result<Ca> {
+    pub(super) fn ca(&self) -> Result<Ca> {
         if self.role() != Role::Province {
             return Err(NodeError::Invalid(
                 "the certificate authority runs on the province node only".into(),

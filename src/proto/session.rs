@@ -101,6 +101,9 @@ pub enum Action {
     SendBlob { hash: Hash32, from: u64 },
     /// The peer sent a newer revocation list: verify it against the CA, then store and apply it.
     StoreCrl { der: Vec<u8> },
+    /// The province's unit tree as its CA signed it: the node checks the signature and the
+    /// version before using it.
+    StoreUnits { signed: Vec<u8> },
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -170,6 +173,8 @@ pub struct Session {
     peer_blobs_done: bool,
     crl_number: u64,
     peer_crl_number: u64,
+    units_version: u64,
+    peer_units_version: u64,
     /// Where to offer from again after the current round (the peer was restored from a backup).
     resend_from: Option<u64>,
     /// Rounds of the peer's begun so far, and the count when the peer announced a Reoffer: a
@@ -220,6 +225,15 @@ impl Session {
     /// Starts a session: queues Hello and this side's offers, from what the peer last acknowledged,
     /// without waiting for the peer (one exchange suffices when nothing changed).
     pub fn new(replica: &mut impl Replica, crl_number: u64) -> Result<Session, ProtoError> {
+        Self::with_units(replica, crl_number, 0)
+    }
+
+    /// [`Session::new`] for a node holding version `units_version` of the signed unit tree.
+    pub fn with_units(
+        replica: &mut impl Replica,
+        crl_number: u64,
+        units_version: u64,
+    ) -> Result<Session, ProtoError> {
         let mut s = Session {
             out: VecDeque::new(),
             actions: VecDeque::new(),
@@ -236,6 +250,8 @@ impl Session {
             peer_blobs_done: false,
             crl_number,
             peer_crl_number: 0,
+            units_version,
+            peer_units_version: 0,
             resend_from: None,
             rx_rounds_begun: 0,
             reoffer_after: None,
@@ -249,6 +265,7 @@ impl Session {
             have_from_you: replica.have_from_peer()?,
             crl_number,
             epoch: replica.epoch()?,
+            units_version,
         });
         let from = replica.acked_by_peer()?;
         s.start_round(replica, from)?;
@@ -380,6 +397,21 @@ impl Session {
         }
     }
 
+    /// A newer unit tree was installed here during the session: the peer gets it too.
+    pub fn update_units(&mut self, version: u64) {
+        self.units_version = self.units_version.max(version);
+    }
+
+    /// Sends our signed unit tree once, if the peer announced an older one.
+    pub fn offer_units(&mut self, signed: &[u8]) {
+        if self.hello_seen && self.peer_units_version < self.units_version && !signed.is_empty() {
+            self.out.push_back(Frame::Units {
+                signed: signed.to_vec(),
+            });
+            self.peer_units_version = self.units_version;
+        }
+    }
+
     /// The next control frame to send; pages further offers lazily to bound memory.
     pub fn poll_frame(&mut self, replica: &mut impl Replica) -> Result<Option<Frame>, ProtoError> {
         while self.out.len() < QUEUE_FRAMES_MAX {
@@ -469,6 +501,7 @@ impl Session {
                 have_from_you,
                 crl_number,
                 epoch,
+                units_version,
             } => {
                 if version != VERSION {
                     return Err(ProtoError::Version(version));
@@ -478,6 +511,7 @@ impl Session {
                 }
                 self.hello_seen = true;
                 self.peer_crl_number = crl_number;
+                self.peer_units_version = units_version;
                 replica.note_peer_feed(feed_seq)?;
                 // The peer holds less of our feed than we believed, or its own feed went back
                 // (restored from a backup, a disk image, a VM snapshot): it may lack anything
@@ -635,6 +669,7 @@ impl Session {
             }
             Frame::BlobsDone => self.peer_blobs_done = true,
             Frame::Crl { der } => self.actions.push_back(Action::StoreCrl { der }),
+            Frame::Units { signed } => self.actions.push_back(Action::StoreUnits { signed }),
             Frame::BlobHeader { .. } | Frame::BlobChunk { .. } => {
                 return Err(ProtoError::Violation(
                     "data frame on the control stream".into(),

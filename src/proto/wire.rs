@@ -8,8 +8,9 @@ use bytes::Bytes;
 use super::ProtoError;
 
 /// Protocol version spoken by this build (sent in Hello). 2 added `Push`; 3 gave `BlobMissing`
-/// a reason and made `BlobsDone` answer each acknowledged round (protocol.md §4.1).
-pub const VERSION: u16 = 3;
+/// a reason and made `BlobsDone` answer each acknowledged round (protocol.md §4.1); 4 added the
+/// unit tree's version to Hello and the `Units` frame.
+pub const VERSION: u16 = 4;
 /// Largest frame on the wire (header excluded), compressed or not.
 pub const FRAME_BYTES_MAX: usize = 16 << 20;
 /// Largest frame body after decompression: checked before zstd runs (no decompression bombs).
@@ -105,6 +106,8 @@ pub enum Frame {
         crl_number: u64,
         /// The random id of the sender's copy of its database (a restored backup has another).
         epoch: u64,
+        /// The version of the CA-signed unit tree the sender holds (0: none).
+        units_version: u64,
     },
     Offer {
         docs: Vec<DocHeads>,
@@ -167,6 +170,11 @@ pub enum Frame {
     /// The sender found the receiver restored from a backup after its round went out: it will
     /// offer again, from lower, once that round is acknowledged (since version 3).
     Reoffer,
+    /// The province's unit tree, signed by its CA, for a peer that announced an older version
+    /// (since version 4).
+    Units {
+        signed: Vec<u8>,
+    },
 }
 
 impl Frame {
@@ -190,6 +198,7 @@ impl Frame {
             Frame::Push { .. } => 16,
             Frame::DocRefused { .. } => 17,
             Frame::Reoffer => 18,
+            Frame::Units { .. } => 22,
         }
     }
 
@@ -341,12 +350,14 @@ fn body(frame: &Frame) -> (Vec<u8>, Option<&Bytes>) {
             have_from_you,
             crl_number,
             epoch,
+            units_version,
         } => {
             e.uint(u64::from(*version));
             e.uint(*feed_seq);
             e.uint(*have_from_you);
             e.uint(*epoch);
             e.uint(*crl_number);
+            e.uint(*units_version);
         }
         Frame::Offer { docs } | Frame::Want { docs } => e.doc_heads(docs),
         Frame::OfferEnd { upto, offered } => {
@@ -406,6 +417,7 @@ fn body(frame: &Frame) -> (Vec<u8>, Option<&Bytes>) {
             return (e.0, Some(data));
         }
         Frame::Crl { der } => e.bytes(der),
+        Frame::Units { signed } => e.bytes(signed),
         Frame::Refused { reason } => e.bytes(reason.as_bytes()),
         Frame::DocRefused { id, reason } => {
             e.bytes(id.as_bytes());
@@ -528,6 +540,7 @@ fn decode_in(buf: &[u8], shared: Option<&Bytes>) -> Result<Frame, ProtoError> {
                     have_from_you: 0,
                     crl_number: 0,
                     epoch: 0,
+                    units_version: 0,
                 });
             }
             Frame::Hello {
@@ -536,6 +549,7 @@ fn decode_in(buf: &[u8], shared: Option<&Bytes>) -> Result<Frame, ProtoError> {
                 have_from_you: d.uint()?,
                 epoch: d.uint()?,
                 crl_number: d.uint()?,
+                units_version: d.uint()?,
             }
         }
         2 => Frame::Offer {
@@ -595,6 +609,7 @@ fn decode_in(buf: &[u8], shared: Option<&Bytes>) -> Result<Frame, ProtoError> {
         }
         13 => Frame::BlobsDone,
         14 => Frame::Crl { der: d.bytes()? },
+        22 => Frame::Units { signed: d.bytes()? },
         15 => Frame::Refused {
             reason: d.string(4096)?,
         },
@@ -648,6 +663,7 @@ mod tests {
                 have_from_you: 3,
                 crl_number: 2,
                 epoch: 0xfeed_beef,
+                units_version: 12,
             },
             Frame::Offer { docs: docs.clone() },
             Frame::OfferEnd {
@@ -707,6 +723,9 @@ mod tests {
                 reason: "a change claims author unit qn".into(),
             },
             Frame::Reoffer,
+            Frame::Units {
+                signed: b"CSUT1 tree".to_vec(),
+            },
         ]
     }
 
@@ -865,6 +884,7 @@ mod tests {
                 Frame::BlobHeader { chunk_hashes, .. } => 32 * chunk_hashes.len(),
                 Frame::BlobChunk { data, .. } => data.len(),
                 Frame::Crl { der } => der.len(),
+                Frame::Units { signed } => signed.len(),
                 Frame::Refused { reason } => reason.len(),
                 Frame::DocRefused { id, reason } => id.len() + reason.len(),
                 _ => 0,
@@ -903,12 +923,13 @@ mod tests {
                 Just(MissingReason::Limited),
             ];
             prop_oneof![
-                any::<(u64, u64, u64, u64)>().prop_map(|(a, b, c, d)| Frame::Hello {
+                any::<(u64, u64, u64, u64, u64)>().prop_map(|(a, b, c, d, e)| Frame::Hello {
                     version: VERSION,
                     feed_seq: a,
                     have_from_you: b,
                     crl_number: c,
                     epoch: d,
+                    units_version: e,
                 }),
                 heads_list().prop_map(|docs| Frame::Offer { docs }),
                 any::<(u64, u64)>().prop_map(|(upto, offered)| Frame::OfferEnd { upto, offered }),
@@ -947,6 +968,7 @@ mod tests {
                 "\\PC{0,200}".prop_map(|reason| Frame::Refused { reason }),
                 (id(), "\\PC{0,200}").prop_map(|(id, reason)| Frame::DocRefused { id, reason }),
                 Just(Frame::Reoffer),
+                vec(any::<u8>(), 0..1000).prop_map(|signed| Frame::Units { signed }),
             ]
         }
 

@@ -225,6 +225,10 @@ impl Ca {
     }
 
     /// The CA certificate (PEM) that every node trusts.
+    pub(super) fn key(&self) -> &KeyPair {
+        &self.key
+    }
+
     pub fn cert_pem(&self) -> &str {
         &self.cert_pem
     }

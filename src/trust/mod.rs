@@ -13,6 +13,7 @@ mod identity;
 mod mutation;
 mod sign;
 mod tls;
+mod tree;
 
 use std::path::PathBuf;
 
@@ -26,6 +27,7 @@ pub use tls::{
     client_config, peer_identity, quinn_client_config, quinn_server_config, server_config,
     TlsMaterial, ALPN, SERVER_NAME,
 };
+pub use tree::{verify_tree, SignedTree, SIGNED_TREE_BYTES_MAX};
 
 /// Result type of the trust module.
 pub type Result<T, E = TrustError> = std::result::Result<T, E>;
@@ -63,6 +65,8 @@ pub enum TrustError {
     Untrusted { reason: String },
     #[error("the signature does not match the signed content: the file was altered or damaged in transit; export it again")]
     BadSignature,
+    #[error("unit tree from the province: {reason}")]
+    BadTree { reason: String },
     #[error("CRL: {reason}; fetch the current CRL from the province CA")]
     BadCrl { reason: String },
     #[error(

@@ -1437,6 +1437,7 @@ fn open_control(
         have_from_you: 0,
         crl_number: 0,
         epoch: 1,
+        units_version: 0,
     };
     rt.block_on(async {
         let mut control = conn.open_uni().await.unwrap();
@@ -1715,5 +1716,117 @@ fn issue_10_a_scan_cut_by_an_outage_runs_at_the_links_rate_once_it_is_back() {
         rest * 8.0 / 1e3 / took.as_secs_f64()
     );
     daemon.finish();
+    upstream.finish();
+}
+
+// ---- the unit tree from the province ----
+
+/// The unit paths `node` lists, and the version line's number (0 for the configured tree).
+fn units_of(node: &TestNode) -> BTreeSet<String> {
+    field_set(&node.json(&["unit", "list"]), "path")
+}
+
+fn units_version(node: &TestNode) -> String {
+    node.ok(&["unit", "list"])
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn a_unit_tree_published_at_the_province_reaches_every_node_by_sync_and_a_relay_cannot_alter_it() {
+    const NEW: &str = "qn/binhlieu/luchon-moi";
+    let province = province();
+    let upstream = Server::start(&province);
+    let district = enrolled(&province, DISTRICT, "district");
+    district.ok(&["peer", "add", "up", "--addr", upstream.addr()]);
+    let commune = enrolled(&province, COMMUNE, "commune");
+
+    // A new commune, added once at the province.
+    let sample = communesync::units::SAMPLE_TREE_TOML;
+    let file = province.file("units-2027.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "{sample}\n[[unit]]\npath = \"{NEW}\"\nname = \"Xã Lục Hồn Mới\"\nrole = \"commune\"\n"
+        ),
+    )
+    .unwrap();
+    let published = province.json(&["unit", "publish", &path_arg(&file)]);
+    assert_eq!(published["version"], 1, "{published}");
+    assert!(units_of(&province).contains(NEW));
+    assert!(!units_of(&district).contains(NEW));
+
+    // The running province hands it to the district, the district to its commune.
+    synced(&district);
+    assert!(
+        units_of(&district).contains(NEW),
+        "the district has the new tree"
+    );
+    assert!(
+        units_version(&district).contains("version 1"),
+        "{}",
+        units_version(&district)
+    );
+    let relay = Server::start(&district);
+    commune.ok(&["peer", "add", "up", "--addr", relay.addr()]);
+    synced(&commune);
+    assert!(
+        units_of(&commune).contains(NEW),
+        "the commune has the new tree"
+    );
+    relay.finish();
+
+    // The province can now enrol a node for the new commune.
+    let request = commune.file("new.req");
+    let newcomer = TestNode::uninitialised();
+    newcomer.ok(&["init", "--unit", COMMUNE, "--role", "commune"]);
+    newcomer.ok(&["enrol", "request", "--out", &path_arg(&request)]);
+    province.ok(&[
+        "ca",
+        "issue",
+        &path_arg(&request),
+        "--unit",
+        NEW,
+        "--role",
+        "commune",
+        "--out",
+        &path_arg(&commune.file("new.crt")),
+    ]);
+
+    // A tree that drops an enrolled node's unit is refused at the province, naming it.
+    let without = province.file("units-without.toml");
+    let text = std::fs::read_to_string(&file).unwrap().replace(
+        &format!("path = \"{COMMUNE}\""),
+        "path = \"qn/binhlieu/renamed\"",
+    );
+    std::fs::write(&without, text).unwrap();
+    let err = province.fails(&["unit", "publish", &path_arg(&without)], 2);
+    assert!(err.contains(COMMUNE), "{err}");
+
+    // A relay that alters the tree it holds (a second version, its own text) cannot pass it
+    // on: the CA's signature no longer matches, the district falls back, the commune keeps
+    // version 1 and goes on syncing.
+    let held = district.data().join("units.signed");
+    let mut bytes = std::fs::read(&held).unwrap();
+    bytes[12] = 2; // the version's last byte: 1 -> 2
+    let at = bytes
+        .windows(NEW.len())
+        .position(|w| w == NEW.as_bytes())
+        .unwrap();
+    bytes[at] = b'x';
+    std::fs::write(&held, &bytes).unwrap();
+    let relay = Server::start(&district);
+    commune.ok(&["peer", "remove", "up"]);
+    commune.ok(&["peer", "add", "up", "--addr", relay.addr()]);
+    synced(&commune);
+    assert!(
+        units_version(&commune).contains("version 1"),
+        "{}",
+        units_version(&commune)
+    );
+    assert!(units_of(&commune).contains(NEW));
+    relay.finish();
     upstream.finish();
 }

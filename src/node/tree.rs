@@ -1,0 +1,143 @@
+//! The province's unit tree as its CA signed it: published once at the province, carried by
+//! sync to every node, installed only when the signature and the version check out.
+
+use std::path::Path;
+
+use tracing::{info, warn};
+
+use super::sync::CA_FILE;
+use super::{Node, NodeError, Result};
+use crate::trust::{self, SignedTree};
+use crate::units::{Role, UnitTree};
+
+/// The signed tree a node holds, in its data directory; it takes precedence over `units.toml`
+/// and the embedded sample.
+pub const SIGNED_UNITS_FILE: &str = "units.signed";
+
+/// Reads the signed tree kept in `dir`, if any. A file that no longer verifies (damaged, or
+/// from another province's CA) is set aside with a warning: the node falls back to its
+/// configured tree, and the next sync brings the province's again.
+pub(super) fn load(dir: &Path) -> Option<(SignedTree, UnitTree)> {
+    let path = dir.join(SIGNED_UNITS_FILE);
+    let bytes = std::fs::read(&path).ok()?;
+    let read = std::fs::read_to_string(dir.join(CA_FILE))
+        .map_err(|e| e.to_string())
+        .and_then(|ca| trust::verify_tree(&ca, &bytes).map_err(|e| e.to_string()))
+        .and_then(|signed| {
+            UnitTree::parse(&signed.text)
+                .map(|tree| (signed, tree))
+                .map_err(|e| e.to_string())
+        });
+    match read {
+        Ok(held) => Some(held),
+        Err(e) => {
+            // Once per process: a daemon opens the node for every session.
+            static WARNED: std::sync::Once = std::sync::Once::new();
+            WARNED.call_once(|| {
+                warn!(
+                "{}: {e}; using the configured unit tree until sync brings the province's again",
+                    path.display()
+                )
+            });
+            None
+        }
+    }
+}
+
+impl Node {
+    /// The version of the signed unit tree this node holds (0: none, the configured tree).
+    pub fn units_version(&self) -> u64 {
+        self.signed_tree.as_ref().map_or(0, |s| s.version)
+    }
+
+    /// The signed tree this node holds, as sent to peers.
+    pub fn units_signed(&self) -> Option<&SignedTree> {
+        self.signed_tree.as_ref()
+    }
+
+    /// Signs `file` as the province's next unit tree and installs it here; sync carries it to
+    /// every node. Province (CA) only. Refused when it drops this node's unit or the unit of a
+    /// node still enrolled (revoke that node first, or it could no longer be placed).
+    pub fn units_publish(&mut self, file: &Path) -> Result<SignedTree> {
+        if self.role() != Role::Province {
+            return Err(NodeError::Invalid(
+                "`unit publish` runs on the province node, which holds the CA".into(),
+            ));
+        }
+        let text = std::fs::read_to_string(file).map_err(|source| NodeError::Io {
+            path: file.to_path_buf(),
+            source,
+        })?;
+        let tree = UnitTree::parse(&text)
+            .map_err(|e| NodeError::Invalid(format!("{}: {e}", file.display())))?;
+        self.check_tree(&tree)?;
+        let ca = self.ca()?;
+        let orphans: Vec<String> = ca
+            .issued()?
+            .into_iter()
+            .filter(|r| r.revoked_at.is_none())
+            .filter(|r| tree.get(&r.unit).is_err())
+            .map(|r| format!("{} (node {})", r.unit, r.node_id))
+            .collect();
+        if !orphans.is_empty() {
+            return Err(NodeError::Invalid(format!(
+                "{}: enrolled nodes' units are missing from it: {}; add them back, or revoke those nodes first",
+                file.display(),
+                orphans.join(", ")
+            )));
+        }
+        let signed = ca.sign_tree(self.units_version() + 1, &text)?;
+        self.keep_tree(signed.clone(), tree)?;
+        Ok(signed)
+    }
+
+    /// Installs a signed tree from a peer: Ok(true) when it was newer and is now in use,
+    /// Ok(false) when this node already holds that version or a newer one.
+    pub fn install_units(&mut self, bytes: &[u8]) -> Result<bool> {
+        let ca =
+            std::fs::read_to_string(self.dir.join(CA_FILE)).map_err(|source| NodeError::Io {
+                path: self.dir.join(CA_FILE),
+                source,
+            })?;
+        let signed = trust::verify_tree(&ca, bytes)?;
+        if signed.version <= self.units_version() {
+            return Ok(false);
+        }
+        let tree = UnitTree::parse(&signed.text).map_err(|e| {
+            NodeError::Invalid(format!(
+                "unit tree version {} from the province: {e}",
+                signed.version
+            ))
+        })?;
+        self.check_tree(&tree)?;
+        info!(
+            version = signed.version,
+            units = tree.iter().count(),
+            "installed the province's unit tree"
+        );
+        self.keep_tree(signed, tree)?;
+        Ok(true)
+    }
+
+    /// A tree this node can live on: its own unit still there, with its role.
+    fn check_tree(&self, tree: &UnitTree) -> Result<()> {
+        match tree.get(self.unit()) {
+            Ok(unit) if unit.role == self.role() => Ok(()),
+            Ok(unit) => Err(NodeError::Invalid(format!(
+                "the unit tree makes this node's unit {} a {}, but the node is a {}: a node cannot change role, enrol a new one",
+                self.unit(), unit.role, self.role()
+            ))),
+            Err(_) => Err(NodeError::Invalid(format!(
+                "the unit tree no longer holds this node's unit {}: if it moved, enrol a new node for its new unit",
+                self.unit()
+            ))),
+        }
+    }
+
+    fn keep_tree(&mut self, signed: SignedTree, tree: UnitTree) -> Result<()> {
+        trust::write_file_atomic(self.dir.join(SIGNED_UNITS_FILE), &signed.bytes)?;
+        self.tree = tree;
+        self.signed_tree = Some(signed);
+        Ok(())
+    }
+}
