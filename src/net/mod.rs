@@ -282,12 +282,13 @@ pub fn client_endpoint(
     sync: &SyncSection,
     path_mtu: Option<u16>,
 ) -> Result<quinn::Endpoint, NetError> {
-    let bind: SocketAddr = if peer.is_ipv4() {
-        "0.0.0.0:0".parse()
-    } else {
-        "[::]:0".parse()
-    }
-    .expect("literal address");
+    // The configured source address (checked when the config was loaded), else any.
+    let source = sync.source.as_deref().and_then(|s| s.parse().ok());
+    let bind: SocketAddr = match source {
+        Some(ip) => SocketAddr::new(ip, 0),
+        None if peer.is_ipv4() => "0.0.0.0:0".parse().expect("literal address"),
+        None => "[::]:0".parse().expect("literal address"),
+    };
     let mut ep = endpoint(bind, tls, None)?;
     ep.set_default_client_config(crate::trust::quinn_client_config(
         tls,

@@ -38,6 +38,9 @@ pub struct Config {
 pub struct SyncSection {
     /// Address `serve` listens on.
     pub listen: String,
+    /// Local address this node dials peers from (an office PC with two links picks one);
+    /// unset: any, as the system routes.
+    pub source: Option<String>,
     /// Name of the peer (see `peer add`) that `serve` keeps syncing with; unset on the province.
     pub upstream: Option<String>,
     /// A connection silent this long is dropped (then resumed by reconnecting).
@@ -126,6 +129,7 @@ impl Default for SyncSection {
     fn default() -> Self {
         SyncSection {
             listen: "0.0.0.0:7410".into(),
+            source: None,
             upstream: None,
             idle_timeout_s: 120,
             keep_alive_s: 10,
@@ -280,6 +284,11 @@ impl Config {
                 sync.listen
             )
         })?;
+        if let Some(source) = &sync.source {
+            source.parse::<std::net::IpAddr>().map_err(|_| {
+                format!("sync.source = {source:?} is not an IP address like 192.168.1.20")
+            })?;
+        }
         if !(5..=86_400).contains(&sync.idle_timeout_s) {
             return Err(format!(
                 "sync.idle_timeout_s = {} must be between 5 and 86400",
