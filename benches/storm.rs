@@ -279,7 +279,17 @@ fn main() {
                                 out.session_s = Some(first.elapsed().as_secs_f64());
                                 break;
                             }
-                            Ok(_) => out.errors.push("not converged".into()),
+                            Ok(r) => out.errors.push(format!(
+                                "not converged: {} scans withheld, {} not received ({}), {} docs refused",
+                                r.scans_withheld.len(),
+                                r.scans_not_received.len(),
+                                r.scans_not_received
+                                    .iter()
+                                    .map(|p| p.why)
+                                    .collect::<Vec<_>>()
+                                    .join(", "),
+                                r.docs_refused.len() + r.docs_refused_by_peer.len()
+                            )),
                             Err(e) => out.errors.push(format!("{e:#}")),
                         }
                         // A commune's serve backs off the same way, with jitter.
@@ -363,7 +373,7 @@ fn main() {
     for o in &outcomes {
         *attempts.entry(o.attempts).or_default() += 1;
         for e in &o.errors {
-            let short: String = e.chars().take(90).collect();
+            let short: String = e.chars().take(160).collect();
             *reasons.entry(short).or_default() += 1;
         }
     }
