@@ -1830,3 +1830,85 @@ fn a_unit_tree_published_at_the_province_reaches_every_node_by_sync_and_a_relay_
     relay.finish();
     upstream.finish();
 }
+
+// ---- a standby province ----
+
+/// Copies a directory tree (the province's `ca/` backup).
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_standby_province_holds_everything_and_takes_over_when_the_primarys_disk_dies() {
+    // The primary, its CA backed up offline, and a standby of the same unit enrolled by it.
+    let primary = province();
+    let ca_backup = primary.file("ca-offline");
+    let standby = enrolled(&primary, "qn", "province");
+    let serving = Server::start(&primary);
+    standby.ok(&["peer", "add", "primary", "--addr", serving.addr()]);
+    let district = enrolled(&primary, DISTRICT, "district");
+    district.ok(&["peer", "add", "up", "--addr", serving.addr()]);
+
+    // Work flows through the primary: a directive down, a report with its scan up.
+    let directive = id(&primary.new_dispatch("1/KH-UBND", &[DISTRICT], &[]));
+    let scan_bytes = scan(200_000, 7);
+    let scan_path = district.write_file("bao-cao.pgm", &scan_bytes);
+    let report = id(&district.new_dispatch("5/BC-UBND", &["qn"], &[&scan_path]));
+    synced(&district);
+    // The standby keeps up by the normal sync.
+    synced(&standby);
+    for d in [&directive, &report] {
+        assert_eq!(
+            standby.json(&["dispatch", "show", d])["missing_scans"],
+            serde_json::json!([]),
+            "the standby holds {d} and its scans"
+        );
+    }
+    copy_dir(&primary.data().join("ca"), &ca_backup);
+
+    // The primary's disk dies.
+    serving.finish();
+    std::fs::remove_dir_all(primary.data()).unwrap();
+
+    // Take-over: the CA from its offline copy onto the standby, the district pointed at it.
+    copy_dir(&ca_backup, &standby.data().join("ca"));
+    let taking_over = Server::start(&standby);
+    district.ok(&["peer", "remove", "up"]);
+    district.ok(&["peer", "add", "up", "--addr", taking_over.addr()]);
+    let later = id(&district.new_dispatch("6/BC-UBND", &["qn"], &[]));
+    let synced_report = synced(&district);
+    assert_eq!(synced_report["converged"], true, "{synced_report}");
+    assert_eq!(
+        standby.json(&["dispatch", "show", &later])["ref"],
+        "6/BC-UBND"
+    );
+    let back = standby.file("back.pgm");
+    standby.ok(&[
+        "dispatch",
+        "attachment",
+        &report,
+        "bao-cao.pgm",
+        "--out",
+        &path_arg(&back),
+    ]);
+    assert!(
+        std::fs::read(&back).unwrap() == scan_bytes,
+        "the scan, bit for bit"
+    );
+
+    // The standby is now the CA: it revokes, and the revocation reaches the district.
+    let commune = enrolled(&standby, COMMUNE, "commune");
+    standby.ok(&["ca", "revoke", &node_id(&commune)]);
+    synced(&district);
+    assert_eq!(crl_number(&district), crl_number(&standby));
+    taking_over.finish();
+}
