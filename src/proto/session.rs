@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 
-use super::wire::{DocChanges, DocHeads, Frame, Hash32, MissingReason, VERSION};
+use super::wire::{DocChanges, DocHeads, Frame, Hash32, MissingReason, StatusEntry, VERSION};
 use super::ProtoError;
 
 /// Documents listed per Offer frame.
@@ -101,6 +101,9 @@ pub enum Action {
     SendBlob { hash: Hash32, from: u64 },
     /// The peer sent a newer revocation list: verify it against the CA, then store and apply it.
     StoreCrl { der: Vec<u8> },
+    /// The peer published node statuses: keep those of units in its subtree (its certificate
+    /// says which), the newest per unit.
+    StoreStatus { entries: Vec<StatusEntry> },
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -380,6 +383,14 @@ impl Session {
         }
     }
 
+    /// Sends node statuses to the peer (this node's own and its subtree's), once the peer's
+    /// Hello showed it speaks a version that knows them.
+    pub fn send_status(&mut self, entries: Vec<StatusEntry>) {
+        if self.hello_seen {
+            self.out.push_back(Frame::Status { entries });
+        }
+    }
+
     /// The next control frame to send; pages further offers lazily to bound memory.
     pub fn poll_frame(&mut self, replica: &mut impl Replica) -> Result<Option<Frame>, ProtoError> {
         while self.out.len() < QUEUE_FRAMES_MAX {
@@ -635,6 +646,7 @@ impl Session {
             }
             Frame::BlobsDone => self.peer_blobs_done = true,
             Frame::Crl { der } => self.actions.push_back(Action::StoreCrl { der }),
+            Frame::Status { entries } => self.actions.push_back(Action::StoreStatus { entries }),
             Frame::BlobHeader { .. } | Frame::BlobChunk { .. } => {
                 return Err(ProtoError::Violation(
                     "data frame on the control stream".into(),
