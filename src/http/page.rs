@@ -131,12 +131,12 @@ pub fn render(node: &mut Node, query: Option<&str>) -> Result<String> {
     );
     let _ = write!(
         h,
-        "<p id=\"attention\" class=\"{}\">{} need attention</p>",
+        "<p id=\"attention\" class=\"{}\">{}</p>",
         if health.attention == 0 { "ok" } else { "down" },
         match health.attention {
-            0 => "Nothing".to_string(),
-            1 => "1 unit or link".to_string(),
-            n => format!("{n} units or links"),
+            0 => "Nothing needs attention.".to_string(),
+            1 => "1 unit or link needs attention.".to_string(),
+            n => format!("{n} units or links need attention."),
         }
     );
     if !health.own_problems.is_empty() {
@@ -200,7 +200,7 @@ pub fn render(node: &mut Node, query: Option<&str>) -> Result<String> {
              <td class=\"n\">{docs} docs<br><small>{bytes} bytes</small></td><td class=\"n\">{flight}</td>\
              <td class=\"n{overdue_class}\">{overdue}</td><td>",
             path = esc(&u.unit),
-            indent = 0.6 + 1.2 * depth.saturating_sub(1) as f64,
+            indent = format!("{:.1}", 0.6 + 1.2 * depth.saturating_sub(1) as f64),
             name = esc(&u.name),
             lag_class = lag_class(u.lag_s),
             docs = u.pending_docs,

@@ -289,6 +289,14 @@ fn reported_problems(entry: &StatusEntry, now: i64) -> Vec<String> {
     problems
 }
 
+/// Whether a session's error is the field's routine: a link that dropped or a peer that could
+/// not be reached (net::NetError's `Lost` and `Unreachable` words). Silence past `--stale`
+/// judges those; any other error (a refusal, a revoked certificate, a full disk) is a problem.
+fn is_routine(error: &str) -> bool {
+    (error.starts_with("connection to ") && error.contains(" lost: "))
+        || error.starts_with("cannot reach ")
+}
+
 /// Whether a session with the peer node of `live` is open at `now`.
 pub fn is_alive(live: &PeerLive, now: i64) -> bool {
     live.alive_at_ms.is_some_and(|t| now - t < LIVE_FRESH_MS)
@@ -629,7 +637,7 @@ impl Node {
                             .push(format!("not heard from for {}", age(now - t))),
                         Some(_) => {}
                     }
-                    if let Some(e) = &h.last_error {
+                    if let Some(e) = h.last_error.as_deref().filter(|e| !is_routine(e)) {
                         h.problems.push(format!("last error: {e}"));
                     }
                 }
@@ -716,5 +724,115 @@ impl Node {
             summary,
             attention,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(unit: &str, node_id: &str, as_of_ms: i64) -> StatusEntry {
+        StatusEntry {
+            unit: unit.into(),
+            node_id: node_id.into(),
+            version: "0.1.0".into(),
+            as_of_ms: as_of_ms as u64,
+            cert_expires_ms: None,
+            disk_free_bytes: Some(5 << 30),
+            pending_docs: 0,
+            pending_bytes: 0,
+            lag_ms: None,
+            scans_in_flight: 0,
+            scans_missing: 0,
+            last_error: String::new(),
+            peers: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn a_peer_publishes_statuses_only_for_its_own_subtree_and_only_newer_ones_stay() {
+        let dir = tempfile::tempdir().unwrap();
+        Node::init(dir.path(), "qn", Role::Province, "admin").unwrap();
+        let mut node = Node::open(dir.path()).unwrap();
+        let (district_id, other_id) = ("11".repeat(16), "22".repeat(16));
+        let district = PeerIdentity {
+            node_id: district_id.parse().unwrap(),
+            unit: "qn/binhlieu".into(),
+            role: Role::District,
+            serial: vec![1],
+        };
+        let now = now_ms();
+        let accepted = node
+            .accept_statuses(
+                &district,
+                vec![
+                    entry("qn/binhlieu", &district_id, now),
+                    entry("qn/binhlieu/tinhhuc", &other_id, now),
+                    entry("qn/halong", &other_id, now),
+                    entry("qn/binhlieu/hucdong", &other_id, now + 3_600_000),
+                ],
+            )
+            .unwrap();
+        assert_eq!(accepted.kept, 2, "{:?}", accepted.refused);
+        assert_eq!(accepted.refused.len(), 2, "{:?}", accepted.refused);
+        assert!(accepted.refused[0].contains("outside the sender's subtree"));
+        assert!(accepted.refused[1].contains("ahead of this node's clock"));
+
+        // Its own unit is its own node's to report, whatever the frame claims.
+        let claimed = node
+            .accept_statuses(&district, vec![entry("qn/binhlieu", &other_id, now + 1)])
+            .unwrap();
+        assert_eq!(claimed.kept, 0);
+        assert!(
+            claimed.refused[0].contains("certificate"),
+            "{:?}",
+            claimed.refused
+        );
+        // An older status of a unit does not replace the newer one held.
+        let older = node
+            .accept_statuses(
+                &district,
+                vec![entry("qn/binhlieu/tinhhuc", &other_id, now - 1)],
+            )
+            .unwrap();
+        assert_eq!((older.kept, older.refused.len()), (0, 0));
+        // More statuses than the sender's subtree has units: the frame is refused whole.
+        let flood = vec![entry("qn/binhlieu/tinhhuc", &other_id, now + 2); 1_000];
+        let flooded = node.accept_statuses(&district, flood).unwrap();
+        assert_eq!(flooded.kept, 0);
+        assert!(
+            flooded.refused[0].contains("more than the"),
+            "{:?}",
+            flooded.refused
+        );
+        // A node above, or of this node's own unit, publishes nothing here.
+        let standby = PeerIdentity {
+            unit: "qn".into(),
+            role: Role::Province,
+            ..district.clone()
+        };
+        let refused = node
+            .accept_statuses(
+                &standby,
+                vec![entry("qn/binhlieu/tinhhuc", &other_id, now + 3)],
+            )
+            .unwrap();
+        assert_eq!(refused.kept, 0);
+        let held = node.store.node_statuses_within("qn", 100).unwrap();
+        let units: Vec<&str> = held.iter().map(|s| s.unit.as_str()).collect();
+        assert_eq!(units, ["qn/binhlieu", "qn/binhlieu/tinhhuc"]);
+        assert!(held.iter().all(|s| s.via == district_id));
+    }
+
+    #[test]
+    fn durations_and_routine_errors_are_read_as_an_administrator_means_them() {
+        assert_eq!(parse_duration("90s"), Ok(Duration::from_secs(90)));
+        assert_eq!(parse_duration("15m"), Ok(Duration::from_secs(900)));
+        assert_eq!(parse_duration("2h"), Ok(Duration::from_secs(7200)));
+        assert_eq!(parse_duration("3d"), Ok(Duration::from_secs(3 * 86_400)));
+        assert_eq!(parse_duration("45"), Ok(Duration::from_secs(45)));
+        assert!(parse_duration("soon").is_err() && parse_duration("5w").is_err());
+        assert!(is_routine("connection to qn/binhlieu lost: timed out"));
+        assert!(!is_routine("peer refused the session: revoked"));
     }
 }
