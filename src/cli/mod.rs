@@ -627,20 +627,30 @@ pub fn run(cli: Cli) -> Result<()> {
                     let _ = stop.send(true);
                 });
                 let counters = crate::node::health::Counters::default();
-                if let Some((addr, asked)) = page {
-                    match crate::http::bind(addr).await {
-                        Ok(listener) => {
-                            let (dir, counters, shutdown) =
-                                (dir.clone(), counters.clone(), shutdown.clone());
-                            tokio::spawn(crate::http::serve(listener, dir, counters, shutdown));
+                let start_page = {
+                    let (dir, counters, shutdown) =
+                        (dir.clone(), counters.clone(), shutdown.clone());
+                    move || -> Result<()> {
+                        let Some((addr, asked)) = page else {
+                            return Ok(());
+                        };
+                        match crate::http::bind(addr) {
+                            Ok(listener) => {
+                                tokio::spawn(crate::http::serve(listener, dir, counters, shutdown));
+                                Ok(())
+                            }
+                            // Asked for on the command line: failing to serve it is an error.
+                            Err(e) if asked => Err(e.into()),
+                            // From the config or the default: sync matters more than the page.
+                            Err(e) => {
+                                tracing::warn!("{e}");
+                                Ok(())
+                            }
                         }
-                        // Asked for on the command line: a failure to serve it is an error.
-                        Err(e) if asked => return Err(e.into()),
-                        // From the config or the default: sync matters more than the page.
-                        Err(e) => tracing::warn!("{e}"),
                     }
-                }
-                crate::node::sync::serve_counted(&dir, *listen, shutdown, counters).await
+                };
+                crate::node::sync::serve_counted(&dir, *listen, shutdown, counters, start_page)
+                    .await
             })
         }
         Command::Demo { keep, local: true } => demo::run_local(*keep, &out),

@@ -174,15 +174,14 @@ fn health(h: &Health, node: &Node) {
             d.never_seen,
             d.revoked,
             d.pending_docs,
-            d.oldest_last_seen
-                .as_deref()
-                .map(|t| format!("; silent longest since {t}"))
+            d.oldest_last_seen_ms
+                .map(|t| format!("; silent longest since {}", when(t, node)))
                 .unwrap_or_default()
         );
     }
     if !h.units.is_empty() {
         println!(
-            "  {:<30} {:<16} {:<25} {:>9} {:>8} {:>12} {:>7}",
+            "  {:<30} {:<18} {:<34} {:>9} {:>8} {:>12} {:>7}",
             "unit", "state", "last seen", "lag", "out docs", "out bytes", "overdue"
         );
     }
@@ -206,7 +205,7 @@ fn health(h: &Health, node: &Node) {
             .map(|t| format!("{} ({} ago)", when(t, node), format_age(now - t)))
             .unwrap_or_else(|| "-".into());
         println!(
-            "  {:<30} {:<16} {:<25} {:>9} {:>8} {:>12} {:>7}",
+            "  {:<30} {:<18} {:<34} {:>9} {:>8} {:>12} {:>7}",
             safe(&u.unit),
             state,
             seen,

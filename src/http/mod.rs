@@ -41,11 +41,14 @@ pub enum HttpError {
     },
 }
 
-/// Binds the page's address.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| HttpError::Bind { addr, source })
+/// Binds the page's address (within the tokio runtime that will serve it).
+pub fn bind(addr: SocketAddr) -> Result<TcpListener, HttpError> {
+    let bind = || {
+        let listener = std::net::TcpListener::bind(addr)?;
+        listener.set_nonblocking(true)?;
+        TcpListener::from_std(listener)
+    };
+    bind().map_err(|source| HttpError::Bind { addr, source })
 }
 
 /// Serves the page and the metrics of the node in `dir` until `shutdown` flips.

@@ -159,7 +159,10 @@ pub fn render(node: &mut Node, query: Option<&str>) -> Result<String> {
                 never = d.never_seen,
                 rev = d.revoked,
                 pend = d.pending_docs,
-                oldest = esc(d.oldest_last_seen.as_deref().unwrap_or("-")),
+                oldest = d
+                    .oldest_last_seen_ms
+                    .map(|t| format!("since {} ({})", local(t, node), age(now - t)))
+                    .unwrap_or_else(|| "-".into()),
             );
         }
         h.push_str("</table>");

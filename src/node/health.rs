@@ -93,6 +93,8 @@ pub struct DistrictSummary {
     pub pending_docs: i64,
     /// The longest silence among its units not connected (RFC 3339 of the oldest last contact).
     pub oldest_last_seen: Option<String>,
+    #[serde(skip)]
+    pub oldest_last_seen_ms: Option<i64>,
     pub never_seen: usize,
 }
 
@@ -625,17 +627,11 @@ impl Node {
             }
             if !h.revoked {
                 if !h.connected {
-                    match h.last_seen_ms {
-                        // Only the province knows which units have a node (its CA issued
-                        // one); elsewhere a unit never seen may have none yet.
-                        None if ca_units.get(&unit.path).is_some_and(|(active, _)| *active) => {
-                            h.problems.push("enrolled, never connected".into())
-                        }
-                        None => {}
-                        Some(t) if now - t > stale_ms => h
-                            .problems
-                            .push(format!("not heard from for {}", age(now - t))),
-                        Some(_) => {}
+                    // A unit never seen may have no node yet (or sync by bundles only): the
+                    // summary counts those; silence after contact is what needs attention.
+                    if let Some(t) = h.last_seen_ms.filter(|t| now - t > stale_ms) {
+                        h.problems
+                            .push(format!("not heard from for {}", age(now - t)));
                     }
                     if let Some(e) = h.last_error.as_deref().filter(|e| !is_routine(e)) {
                         h.problems.push(format!("last error: {e}"));
@@ -694,6 +690,7 @@ impl Node {
                 revoked: below.iter().filter(|h| h.revoked).count(),
                 pending_docs: below.iter().map(|h| h.pending_docs).sum(),
                 oldest_last_seen: oldest.and_then(rfc3339),
+                oldest_last_seen_ms: oldest,
                 never_seen: below
                     .iter()
                     .filter(|h| !h.revoked && h.last_seen_ms.is_none() && !h.connected)

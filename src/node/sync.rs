@@ -545,15 +545,17 @@ pub async fn serve(
     listen: Option<SocketAddr>,
     shutdown: watch::Receiver<bool>,
 ) -> std::result::Result<(), anyhow::Error> {
-    serve_counted(dir, listen, shutdown, Counters::default()).await
+    serve_counted(dir, listen, shutdown, Counters::default(), || Ok(())).await
 }
 
-/// [`serve`], counting sync rounds and refusals into `counters` (for `/metrics`).
+/// [`serve`], counting sync rounds and refusals into `counters` (for `/metrics`); `ready` runs
+/// once the config is checked and the address bound (the CLI starts the status page there).
 pub async fn serve_counted(
     dir: &Path,
     listen: Option<SocketAddr>,
     shutdown: watch::Receiver<bool>,
     counters: Counters,
+    ready: impl FnOnce() -> std::result::Result<(), anyhow::Error>,
 ) -> std::result::Result<(), anyhow::Error> {
     let mut node = Node::open(dir)?;
     // Sessions recorded as open belong to a process that is gone.
@@ -576,6 +578,7 @@ pub async fn serve_counted(
         node.unit(),
         ep.local_addr()?
     );
+    ready()?;
     let limit = Arc::new(tokio::sync::Semaphore::new(
         node.config.sync.connections_max,
     ));

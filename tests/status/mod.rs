@@ -414,9 +414,25 @@ fn issue13_the_status_page_renders_the_tree_and_an_overdue_assignment_in_a_brows
         "{dom}"
     );
 
-    if let Ok(file) = std::env::var("COMMUNESYNC_STATUS_SCREENSHOT") {
-        browse(browser, &url, &[&format!("--screenshot={file}")]);
-        assert!(Path::new(&file).exists());
+    // What docs/ shows, written where COMMUNESYNC_STATUS_SHOW says (docs/status-page.png,
+    // and the district's metrics and the province's `status` in docs/operations.md).
+    if let Ok(dir) = std::env::var("COMMUNESYNC_STATUS_SHOW") {
+        let dir = Path::new(&dir);
+        let shot = dir.join("status-page.png");
+        browse(
+            browser,
+            &url,
+            &[&format!("--screenshot={}", shot.display())],
+        );
+        assert!(shot.exists());
+        let district = member(&tree, "qn/binhlieu").page.clone().unwrap();
+        std::fs::write(
+            dir.join("district-metrics.txt"),
+            http_get(&district, "/metrics").1,
+        )
+        .unwrap();
+        let shown = member(&tree, "qn").node.run(&["status"]).stdout;
+        std::fs::write(dir.join("province-status.txt"), shown).unwrap();
     }
     for running in &mut tree {
         if let Some(server) = running.server.take() {
