@@ -723,3 +723,42 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         _ => exit::FAILURE,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::exit::*;
+
+    /// Issue 13: the exit codes scripts rely on are the ones docs/operations.md and the README
+    /// list, in order.
+    #[test]
+    fn issue13_the_documented_exit_codes_are_the_ones_used() {
+        let ops = include_str!("../../docs/operations.md");
+        let table = ops
+            .split("### Exit codes")
+            .nth(1)
+            .expect("an exit code table");
+        let codes: Vec<u8> = table
+            .lines()
+            .skip_while(|l| !l.starts_with("| code"))
+            .skip(2)
+            .take_while(|l| l.starts_with("| "))
+            .map(|l| l[2..].split(' ').next().unwrap().parse().unwrap())
+            .collect();
+        let used = [
+            OK, FAILURE, USAGE, NOT_FOUND, NODE, PEER, PENDING, ATTENTION,
+        ];
+        assert_eq!(codes, used);
+        let readme = include_str!("../../README.md");
+        let listed = readme
+            .split("Exit codes:")
+            .nth(1)
+            .expect("README lists exit codes");
+        let listed = &listed[..listed.find("\n\n").unwrap_or(listed.len())];
+        for code in used {
+            assert!(
+                listed.contains(&format!("{code} ")),
+                "README omits exit code {code}"
+            );
+        }
+    }
+}

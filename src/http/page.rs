@@ -198,12 +198,12 @@ pub fn render(node: &mut Node, query: Option<&str>) -> Result<String> {
             .unwrap_or_else(|| "-".to_string());
         let _ = write!(
             h,
-            "<tr class=\"{class}\" data-unit=\"{path}\"><td style=\"padding-left:{indent}em\">{name}{upstream}<br><small>{path}</small></td>\
+            "<tr class=\"{class}\" data-unit=\"{path}\"><td style=\"padding-left:{indent:.1}em\">{name}{upstream}<br><small>{path}</small></td>\
              <td><span class=\"{class}\">{words}</span>{via}</td><td>{contact}</td><td class=\"{lag_class}\">{lag}</td>\
              <td class=\"n\">{docs} docs<br><small>{bytes} bytes</small></td><td class=\"n\">{flight}</td>\
              <td class=\"n{overdue_class}\">{overdue}</td><td>",
             path = esc(&u.unit),
-            indent = format!("{:.1}", 0.6 + 1.2 * depth.saturating_sub(1) as f64),
+            indent = 0.6 + 1.2 * depth.saturating_sub(1) as f64,
             name = esc(&u.name),
             lag_class = lag_class(u.lag_s),
             docs = u.pending_docs,
