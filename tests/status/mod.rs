@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::sync_util::Server;
 use crate::tree_util::{quick_recovery, set_sync, tree_node, DISTRICTS};
-use crate::util::{exit, TestNode};
+use crate::util::{exit, TestNode, COMMUNE};
 
 /// How long statuses may take to travel up two hops (and a killed node to be noticed).
 const SETTLE_MAX: Duration = Duration::from_secs(40);
@@ -61,6 +61,16 @@ fn start(node: TestNode, unit: &str, upstream: Option<&str>, page: bool) -> Runn
 /// The province, the districts of `districts` and, under each, its first `communes` communes,
 /// all serving; a commune of `overdue_at` first records an assignment past its deadline.
 fn start_tree(districts: usize, communes: usize, overdue_at: Option<&str>) -> Vec<Running> {
+    start_tree_with(districts, communes, overdue_at, |_| {})
+}
+
+/// [`start_tree`], running `prepare` on each commune before it serves.
+fn start_tree_with(
+    districts: usize,
+    communes: usize,
+    overdue_at: Option<&str>,
+    prepare: impl Fn(&TestNode),
+) -> Vec<Running> {
     let province = tree_node(None, "qn", "province");
     let mut tree = vec![start(province, "qn", None, true)];
     let province_addr = tree[0].server.as_ref().unwrap().addr().to_string();
@@ -84,6 +94,7 @@ fn start_tree(districts: usize, communes: usize, overdue_at: Option<&str>) -> Ve
                     "2020-01-01",
                 ]);
             }
+            prepare(&node);
             tree.push(start(node, commune, Some(&district_addr), false));
         }
     }
@@ -315,11 +326,44 @@ fn issue13_the_province_sees_every_commune_connected_or_when_last_seen() {
         "{metrics}"
     );
     assert_eq!(http_get(&page, "/nothing").0, 404);
+
+    // Revoked: marked, and its silence is no longer a problem.
+    let killed_id = crate::sync_util::node_id(&member(&tree, killed).node);
+    province.ok(&["ca", "revoke", &killed_id]);
+    let (shown, code) = status(province, &["--stale", "1s", "--unit", district]);
+    let gone = unit_of(&shown, killed);
+    assert_eq!(gone["revoked"], true, "{gone}");
+    assert_eq!(gone["problems"], serde_json::json!([]), "{gone}");
+    assert_eq!(code, 0, "nothing else needs attention: {shown}");
+    assert!(province.ok(&["status"]).contains("REVOKED"));
     for running in &mut tree {
         if let Some(server) = running.server.take() {
             server.finish();
         }
     }
+}
+
+#[test]
+fn issue13_out_bytes_leave_out_the_scans_the_peer_sent() {
+    let province = crate::sync_util::province();
+    let server = Server::start(&province);
+    let commune = crate::sync_util::enrolled(&province, COMMUNE, "commune");
+    commune.ok(&["peer", "add", "up", "--addr", server.addr()]);
+    let scan_path = province.write_file("to-trinh.pgm", &crate::util::scan(300_000, 7));
+    let d = crate::util::id(&province.new_dispatch("9/VP", &[COMMUNE], &[&scan_path]));
+    crate::sync_util::synced(&commune);
+    // Receipt changes the dispatch here: it is pending for the province again, but the scan
+    // it attaches came from the province, which holds it.
+    commune.ok(&["dispatch", "receive", &d]);
+    let (shown, _) = status(&commune, &[]);
+    let pending = &shown["peers"][0]["pending_out"];
+    assert_eq!(pending["docs"], 1, "{shown}");
+    let bytes = pending["bytes"].as_i64().unwrap();
+    assert!(
+        (1..100_000).contains(&bytes),
+        "{bytes} bytes pending: the 300 kB scan the province sent is counted"
+    );
+    server.finish();
 }
 
 /// The headless browser Debian packages (.ci/run installs it).
@@ -368,7 +412,21 @@ fn issue13_the_status_page_renders_the_tree_and_an_overdue_assignment_in_a_brows
     };
     let overdue = "qn/haiha/quangson";
     let offline = "qn/binhlieu/hucdong";
-    let mut tree = start_tree(2, 3, Some(overdue));
+    let dossier = std::cell::RefCell::new(None);
+    let mut tree = start_tree_with(2, 3, Some(overdue), |node| {
+        if dossier.borrow().is_none() {
+            let opened = node.json(&[
+                "dossier",
+                "new",
+                "--applicant",
+                "Nguyễn <b>Văn</b> A",
+                "--procedure",
+                "đăng ký khai sinh",
+            ]);
+            *dossier.borrow_mut() = Some(crate::util::id(&opened));
+        }
+    });
+    let dossier = dossier.into_inner().unwrap();
     let province = &member(&tree, "qn").node;
     wait_status(province, "the tree never came up", |s| {
         s["units"]
@@ -416,6 +474,26 @@ fn issue13_the_status_page_renders_the_tree_and_an_overdue_assignment_in_a_brows
 
     // What docs/ shows, written where COMMUNESYNC_STATUS_SHOW says (docs/status-page.png,
     // and the district's metrics and the province's `status` in docs/operations.md).
+    // The dossier lookup: the province holds every dossier; peer text is escaped.
+    let deadline = Instant::now() + SETTLE_MAX;
+    while province.run(&["dossier", "track", &dossier]).code != 0 {
+        assert!(Instant::now() < deadline, "the dossier never reached the province");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let page = member(&tree, "qn").page.clone().unwrap();
+    let (code, found) = http_get(&page, &format!("/?dossier={dossier}"));
+    assert_eq!(code, 200);
+    let shown = found
+        .split("id=\"dossier\"")
+        .nth(1)
+        .unwrap_or_else(|| panic!("{found}"));
+    assert!(
+        shown.contains("Nguyễn &lt;b&gt;Văn&lt;/b&gt; A") && shown.contains("received"),
+        "{shown}"
+    );
+    let (_, missing) = http_get(&page, "/?dossier=dos_0000000000000000");
+    assert!(missing.contains("No such dossier here."), "{missing}");
+
     if let Ok(dir) = std::env::var("COMMUNESYNC_STATUS_SHOW") {
         let dir = Path::new(&dir);
         let shot = dir.join("status-page.png");
