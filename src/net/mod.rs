@@ -731,9 +731,12 @@ pub async fn run_session(
             // Send everything the session has to say, and start the scan transfers it asked for.
             {
                 let mut replica = NodeReplica::new(&mut node, peer.clone());
+                // Statuses only inform: failing to gather or keep them costs no sync.
                 if let Some(sender) = status_out.as_mut() {
-                    if let Some(entries) = sender.due(replica.node, Instant::now()).map_err(node_err)? {
-                        session.send_status(entries);
+                    match sender.due(replica.node, Instant::now()) {
+                        Ok(Some(entries)) => session.send_status(entries),
+                        Ok(None) => {}
+                        Err(e) => warn!(peer = %peer.unit, "could not gather this node's status: {e}"),
                     }
                 }
                 session.offer_crl(&crl_der);
@@ -773,7 +776,13 @@ pub async fn run_session(
                                 continue;
                             }
                             status_in_at = Some(Instant::now());
-                            let accepted = replica.node.accept_statuses(&peer, entries).map_err(node_err)?;
+                            let accepted = match replica.node.accept_statuses(&peer, entries) {
+                                Ok(accepted) => accepted,
+                                Err(e) => {
+                                    warn!(peer = %peer.unit, "could not keep the peer's statuses: {e}");
+                                    continue;
+                                }
+                            };
                             for why in &accepted.refused {
                                 warn!(peer = %peer.unit, "status refused: {why}");
                             }

@@ -383,12 +383,11 @@ impl Session {
         }
     }
 
-    /// Sends node statuses to the peer (this node's own and its subtree's), once the peer's
-    /// Hello showed it speaks a version that knows them.
+    /// Sends node statuses to the peer (this node's own and its subtree's). They may go before
+    /// the peer's Hello arrives: ours is queued first, and a peer of another version ends the
+    /// session on it.
     pub fn send_status(&mut self, entries: Vec<StatusEntry>) {
-        if self.hello_seen {
-            self.out.push_back(Frame::Status { entries });
-        }
+        self.out.push_back(Frame::Status { entries });
     }
 
     /// The next control frame to send; pages further offers lazily to bound memory.

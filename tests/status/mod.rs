@@ -344,7 +344,7 @@ fn issue13_the_province_sees_every_commune_connected_or_when_last_seen() {
 }
 
 #[test]
-fn issue13_out_bytes_leave_out_the_scans_the_peer_sent() {
+fn issue13_a_one_shot_sync_publishes_its_status_and_out_bytes_leave_out_scans_the_peer_sent() {
     let province = crate::sync_util::province();
     let server = Server::start(&province);
     let commune = crate::sync_util::enrolled(&province, COMMUNE, "commune");
@@ -352,6 +352,13 @@ fn issue13_out_bytes_leave_out_the_scans_the_peer_sent() {
     let scan_path = province.write_file("to-trinh.pgm", &crate::util::scan(300_000, 7));
     let d = crate::util::id(&province.new_dispatch("9/VP", &[COMMUNE], &[&scan_path]));
     crate::sync_util::synced(&commune);
+    // A one-shot sync publishes the commune's status at its start (the interval is 60 s here).
+    let (at_province, _) = status(&province, &["--unit", COMMUNE]);
+    assert_eq!(
+        unit_of(&at_province, COMMUNE)["reported"]["unit"],
+        COMMUNE,
+        "{at_province}"
+    );
     // Receipt changes the dispatch here: it is pending for the province again, but the scan
     // it attaches came from the province, which holds it.
     commune.ok(&["dispatch", "receive", &d]);
@@ -477,7 +484,10 @@ fn issue13_the_status_page_renders_the_tree_and_an_overdue_assignment_in_a_brows
     // The dossier lookup: the province holds every dossier; peer text is escaped.
     let deadline = Instant::now() + SETTLE_MAX;
     while province.run(&["dossier", "track", &dossier]).code != 0 {
-        assert!(Instant::now() < deadline, "the dossier never reached the province");
+        assert!(
+            Instant::now() < deadline,
+            "the dossier never reached the province"
+        );
         std::thread::sleep(Duration::from_millis(300));
     }
     let page = member(&tree, "qn").page.clone().unwrap();
