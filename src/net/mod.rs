@@ -826,9 +826,12 @@ pub async fn run_session(
                 biased;
                 event = events.recv() => {
                     let mut replica = NodeReplica::new(&mut node, peer.clone());
+                    // A control frame, or a scan whose last frame just arrived.
+                    if matches!(event, Some(Event::Frame(..) | Event::BlobDone(..) | Event::BlobAlreadyStored(_))) {
+                        last_frame_ms = crate::node::now_ms();
+                    }
                     match event {
                         Some(Event::Frame(frame, _queued)) => {
-                            last_frame_ms = crate::node::now_ms();
                             if sent_since_receive {
                                 report.round_trips += 1;
                                 sent_since_receive = false;
