@@ -299,3 +299,22 @@ pub fn render(node: &Node, counters: &CounterValues) -> Result<String> {
     );
     Ok(out)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn label_values_cannot_break_out_of_their_quotes_or_line() {
+        assert_eq!(label("qn/a\"b\\c\nd"), "qn/a\\\"b\\\\c\\nd");
+        let mut out = String::new();
+        family(
+            &mut out,
+            "x_total",
+            "counter",
+            "X.",
+            &[(format!("unit=\"{}\"", label("a\nb")), 2.0)],
+        );
+        assert_eq!(out.lines().last(), Some("x_total{unit=\"a\\nb\"} 2"));
+    }
+}
