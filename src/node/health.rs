@@ -431,7 +431,7 @@ impl Node {
             });
         }
         let now = now_ms();
-        let (via, peer_id) = (peer.node_id.to_string(), peer.node_id.to_string());
+        let peer_id = peer.node_id.to_string();
         let mut accepted = Accepted::default();
         let mut keep = Vec::new();
         for entry in entries {
@@ -450,13 +450,11 @@ impl Node {
                     "status of {} claims node {}, but the sender's certificate is node {peer_id}",
                     entry.unit, entry.node_id
                 ))
-            } else if entry.as_of_ms as i64 > now + STATUS_FUTURE_MS
-                || entry.as_of_ms > i64::MAX as u64
-            {
+            } else if i64::try_from(entry.as_of_ms).map_or(true, |t| t > now + STATUS_FUTURE_MS) {
                 Some(format!(
                     "status of {} dated {} ahead of this node's clock",
                     entry.unit,
-                    age(entry.as_of_ms.min(i64::MAX as u64) as i64 - now)
+                    age(i64::try_from(entry.as_of_ms).unwrap_or(i64::MAX) - now)
                 ))
             } else {
                 None
@@ -474,7 +472,7 @@ impl Node {
                     &entry.unit,
                     &entry.node_id,
                     entry.as_of_ms as i64,
-                    &via,
+                    &peer_id,
                     now,
                     &body,
                 )? {
