@@ -3,6 +3,8 @@
 //! Layout (dependencies point downwards only):
 //!
 //! - [`cli`]: command-line definitions, output formatting and exit codes.
+//! - [`http`]: the read-only status page and `/metrics` that `serve` offers (beside [`cli`]:
+//!   another way to show [`node`]'s figures).
 //! - [`node`]: one node's operations (init, config, local writes, queries, sync driving).
 //! - [`net`]: QUIC (quinn) endpoints that drive [`proto`] sessions over real sockets.
 //! - [`proto`]: the sync protocol as a state machine: no sockets, no clock, no tokio, no SQLite.
@@ -13,6 +15,7 @@
 //! - [`linksim`]: a UDP link simulator (delay, loss, rate, outages) for tests and benchmarks.
 
 pub mod cli;
+pub mod http;
 pub mod linksim;
 pub mod model;
 pub mod net;

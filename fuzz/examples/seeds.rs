@@ -103,6 +103,31 @@ fn frames(doc: &[u8]) -> Vec<Frame> {
             reason: "outside the sender's scope".into(),
         },
         Frame::Reoffer,
+        Frame::Status {
+            entries: vec![wire::StatusEntry {
+                unit: "qn/binhlieu/tinhhuc".into(),
+                node_id: "0011223344556677".repeat(2),
+                version: "0.1.0".into(),
+                as_of_ms: 1_764_000_000_000,
+                cert_expires_ms: Some(1_900_000_000_000),
+                disk_free_bytes: Some(17 << 30),
+                pending_docs: 2,
+                pending_bytes: 4096,
+                lag_ms: Some(60_000),
+                scans_in_flight: 1,
+                scans_missing: 1,
+                last_error: "connection to qn/binhlieu lost: timed out".into(),
+                peers: vec![wire::StatusPeer {
+                    unit: "qn/binhlieu".into(),
+                    connected: true,
+                    last_seen_ms: Some(1_764_000_000_000),
+                    pending_docs: 2,
+                    pending_bytes: 4096,
+                    lag_ms: Some(60_000),
+                    last_error: String::new(),
+                }],
+            }],
+        },
     ]
 }
 

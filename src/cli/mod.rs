@@ -35,6 +35,9 @@ pub mod exit {
     /// `sync` ran to its end but something is still pending (a scan withheld by a scans window,
     /// or held by neither side yet): the summary and `--json` say what and why.
     pub const PENDING: u8 = 6;
+    /// `status` found something that needs attention (a unit silent or never seen, errors,
+    /// refused documents, an old backlog, an expiring certificate, a full disk): each listed.
+    pub const ATTENTION: u8 = 7;
 }
 
 #[derive(Debug, Parser)]
@@ -109,6 +112,10 @@ pub enum Command {
         /// Address to listen on [default: sync.listen from the config]
         #[arg(long)]
         listen: Option<std::net::SocketAddr>,
+        /// Serve the read-only status page (/) and /metrics on ADDR [default: http.listen from
+        /// the config; 127.0.0.1:8377 on districts and the province, none on communes]
+        #[arg(long, value_name = "ADDR")]
+        http: Option<std::net::SocketAddr>,
     },
     /// One full sync round with a peer, both directions, documents then scans
     Sync {
@@ -116,8 +123,9 @@ pub enum Command {
         #[arg(long)]
         peer: Option<String>,
     },
-    /// This node and each peer: last sync, what is pending in each direction
-    Status,
+    /// This node and each peer: last sync, what is pending in each direction; every unit below
+    /// it, connected or when last seen. Exits 7 when something needs attention
+    Status(StatusArgs),
     /// Verify the database, every document and every scan (reads only)
     Check {
         /// SQLite's full integrity check instead of the quick one
@@ -146,6 +154,20 @@ pub enum Command {
         #[arg(long)]
         local: bool,
     },
+}
+
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// Only UNIT and the units below it
+    #[arg(long, value_name = "UNIT")]
+    pub unit: Option<String>,
+    /// Only units not connected and not heard from for DURATION (90s, 15m, 2h, 3d) or never;
+    /// also the silence that counts as a problem [default: 1h]
+    #[arg(long, value_name = "DURATION", value_parser = crate::node::health::parse_duration)]
+    pub stale: Option<std::time::Duration>,
+    /// Only units with a problem
+    #[arg(long)]
+    pub problems: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -576,9 +598,19 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Restore { file } => {
             out.restored(&crate::node::restore::restore(&data_dir(&cli)?, file)?)
         }
-        Command::Status => {
+        Command::Status(args) => {
             let node = open(&cli)?;
-            out.status(&node.status()?, &node)
+            let filter = crate::node::health::Filter {
+                unit: args.unit.clone(),
+                stale: args.stale,
+                problems_only: args.problems,
+            };
+            let status = node.status_filtered(&filter)?;
+            out.status(&status, &node)?;
+            match status.health.attention {
+                0 => Ok(()),
+                n => Err(Attention(n).into()),
+            }
         }
         Command::Sync { peer } => {
             let dir = data_dir(&cli)?;
@@ -595,15 +627,43 @@ pub fn run(cli: Cli) -> Result<()> {
                 Err(Pending.into())
             }
         }
-        Command::Serve { listen } => {
+        Command::Serve { listen, http } => {
             let dir = data_dir(&cli)?;
+            let page = match http {
+                Some(addr) => Some((*addr, true)),
+                None => open(&cli)?.config.http_listen().map(|a| (a, false)),
+            };
             runtime()?.block_on(async {
                 let (stop, shutdown) = tokio::sync::watch::channel(false);
                 tokio::spawn(async move {
                     wait_for_signal().await;
                     let _ = stop.send(true);
                 });
-                crate::node::sync::serve(&dir, *listen, shutdown).await
+                let counters = crate::node::health::Counters::default();
+                let start_page = {
+                    let (dir, counters, shutdown) =
+                        (dir.clone(), counters.clone(), shutdown.clone());
+                    move || -> Result<()> {
+                        let Some((addr, asked)) = page else {
+                            return Ok(());
+                        };
+                        match crate::http::bind(addr) {
+                            Ok(listener) => {
+                                tokio::spawn(crate::http::serve(listener, dir, counters, shutdown));
+                                Ok(())
+                            }
+                            // Asked for on the command line: failing to serve it is an error.
+                            Err(e) if asked => Err(e.into()),
+                            // From the config or the default: sync matters more than the page.
+                            Err(e) => {
+                                tracing::warn!("{e}");
+                                Ok(())
+                            }
+                        }
+                    }
+                };
+                crate::node::sync::serve_counted(&dir, *listen, shutdown, counters, start_page)
+                    .await
             })
         }
         Command::Demo { keep, local: true } => demo::run_local(*keep, &out),
@@ -639,10 +699,18 @@ async fn wait_for_signal() {
 #[error("not converged: scans pending or documents refused (see the summary); sync again later")]
 pub struct Pending;
 
+/// `status` listed problems (exit 7); the listing already said which.
+#[derive(Debug, thiserror::Error)]
+#[error("{0} unit(s) or link(s) need attention (see the problems listed)")]
+pub struct Attention(pub usize);
+
 /// Maps an error to the exit code documented in [`exit`].
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     if err.downcast_ref::<Pending>().is_some() {
         return exit::PENDING;
+    }
+    if err.downcast_ref::<Attention>().is_some() {
+        return exit::ATTENTION;
     }
     match err.downcast_ref::<NodeError>() {
         Some(e) if e.is_not_found() => exit::NOT_FOUND,
@@ -666,5 +734,44 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
             None => exit::FAILURE,
         },
         _ => exit::FAILURE,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exit::*;
+
+    /// Issue 13: the exit codes scripts rely on are the ones docs/operations.md and the README
+    /// list, in order.
+    #[test]
+    fn issue13_the_documented_exit_codes_are_the_ones_used() {
+        let ops = include_str!("../../docs/operations.md");
+        let table = ops
+            .split("### Exit codes")
+            .nth(1)
+            .expect("an exit code table");
+        let codes: Vec<u8> = table
+            .lines()
+            .skip_while(|l| !l.starts_with("| code"))
+            .skip(2)
+            .take_while(|l| l.starts_with("| "))
+            .map(|l| l[2..].split(' ').next().unwrap().parse().unwrap())
+            .collect();
+        let used = [
+            OK, FAILURE, USAGE, NOT_FOUND, NODE, PEER, PENDING, ATTENTION,
+        ];
+        assert_eq!(codes, used);
+        let readme = include_str!("../../README.md");
+        let listed = readme
+            .split("Exit codes:")
+            .nth(1)
+            .expect("README lists exit codes");
+        let listed = &listed[..listed.find("\n\n").unwrap_or(listed.len())];
+        for code in used {
+            assert!(
+                listed.contains(&format!("{code} ")),
+                "README omits exit code {code}"
+            );
+        }
     }
 }

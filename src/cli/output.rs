@@ -16,6 +16,7 @@ use crate::model::dossier::DossierView;
 use crate::model::{AuditEntry, Conflict};
 use crate::net::SessionReport;
 use crate::node::bundle::{ExportReport, ImportReport};
+use crate::node::health::Health;
 use crate::node::sync::{IssueReport, Status};
 use crate::node::{AttachmentReport, CheckReport, DispatchDetail, InitReport, Node, ReceiveReport};
 use crate::store::index::{AssignmentRow, DispatchRow, DossierRow};
@@ -150,6 +151,79 @@ pub fn when(ms: i64, node: &Node) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(ms as i128 * 1_000_000)
         .map(|t| t.to_offset(offset).format(&format).unwrap_or_default())
         .unwrap_or_else(|_| ms.to_string())
+}
+
+/// The health part of `status`: this node's problems, a line per district, then every unit
+/// below this node with its state, last contact, lag, backlog and problems.
+fn health(h: &Health, node: &Node) {
+    for p in &h.own_problems {
+        println!("this node: {}", safe(p));
+    }
+    for u in &h.upstream {
+        for p in &u.problems {
+            println!("upstream {}: {}", safe(&u.unit), safe(p));
+        }
+    }
+    for d in &h.summary {
+        println!(
+            "district {}: {} units below, {} connected, {} with problems, {} never seen, {} revoked; {} documents pending{}",
+            safe(&d.unit),
+            d.units,
+            d.connected,
+            d.with_problems,
+            d.never_seen,
+            d.revoked,
+            d.pending_docs,
+            d.oldest_last_seen_ms
+                .map(|t| format!("; silent longest since {}", when(t, node)))
+                .unwrap_or_default()
+        );
+    }
+    if !h.units.is_empty() {
+        println!(
+            "  {:<30} {:<18} {:<34} {:>9} {:>8} {:>12} {:>7}",
+            "unit", "state", "last seen", "lag", "out docs", "out bytes", "overdue"
+        );
+    }
+    let now = crate::node::now_ms();
+    for u in &h.units {
+        let state = if u.revoked {
+            "REVOKED".to_string()
+        } else if u.connected {
+            "connected".to_string()
+        } else if u.last_seen_ms.is_none() {
+            "never seen".to_string()
+        } else {
+            "offline".to_string()
+        };
+        let state = match &u.via {
+            Some(_) if !u.revoked => format!("{state} (relay)"),
+            _ => state,
+        };
+        let seen = u
+            .last_seen_ms
+            .map(|t| format!("{} ({} ago)", when(t, node), format_age(now - t)))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "  {:<30} {:<18} {:<34} {:>9} {:>8} {:>12} {:>7}",
+            safe(&u.unit),
+            state,
+            seen,
+            u.lag_s
+                .map(|s| format_age(s * 1000))
+                .unwrap_or_else(|| "-".into()),
+            u.pending_docs,
+            u.pending_bytes,
+            u.overdue_assignments
+        );
+        for p in &u.problems {
+            println!("    ! {}", safe(p));
+        }
+    }
+    match h.attention {
+        0 => println!("nothing needs attention"),
+        n => println!("{n} unit(s) or link(s) need attention"),
+    }
 }
 
 /// "3d 4h", "5h 2m", "12m", "40s".
@@ -562,7 +636,8 @@ impl Out {
                 "in (feed)",
                 "lag"
             );
-            for p in &s.peers {
+            // Units further down have their own table below.
+            for p in s.peers.iter().filter(|p| p.sync.is_some()) {
                 let (contact, synced) = match &p.sync {
                     Some(sync) => (
                         sync.last_contact_at_ms
@@ -572,10 +647,7 @@ impl Out {
                             .map(|t| when(t, node))
                             .unwrap_or_else(|| "never".into()),
                     ),
-                    None => match &p.via {
-                        Some(via) => (format!("via {}", safe(via)), String::new()),
-                        None => ("never".into(), "never".into()),
-                    },
+                    None => ("never".into(), "never".into()),
                 };
                 let lag = p.lag_ms.map(format_age).unwrap_or_else(|| "-".into());
                 println!(
@@ -608,6 +680,7 @@ impl Out {
                     println!("    last error: {}", safe(err));
                 }
             }
+            health(&s.health, node);
         })
     }
 

@@ -16,6 +16,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, info, warn};
 
 use crate::node::config::SyncSection;
+use crate::node::health::{self, Counters, StatusSender};
 use crate::node::replica::NodeReplica;
 use crate::node::Node;
 use crate::proto::{wire, Action, Frame, Hash32, MissingReason, ProtoError, Session};
@@ -50,6 +51,9 @@ const CLOSE_REASON_BYTES_MAX: usize = 200;
 const ARRIVING_RECENT: Duration = Duration::from_secs(120);
 /// Documents of ours the peer still refuses, listed in a session's report at most.
 const REFUSALS_LISTED_MAX: usize = 100;
+/// Status frames closer together than this are ignored: a sender sends one per
+/// `sync.status_interval_s` (at least 1 s), and each costs this side a write.
+const STATUS_RECEIVED_GAP_MIN: Duration = Duration::from_millis(500);
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetError {
@@ -641,6 +645,7 @@ fn spawn_acceptor(conn: quinn::Connection, dir: PathBuf, events: mpsc::Sender<Ev
 /// Runs one session over an authenticated connection until it converges (one-shot), or until
 /// the connection or `shutdown` ends it (continuous). A continuous session offers local
 /// writes at each push tick, and at once when `wake` moves (see [`Node::wake_daemon`]).
+/// `counters`, when given, counts the session's sync rounds for `/metrics`.
 pub async fn run_session(
     conn: quinn::Connection,
     peer: PeerIdentity,
@@ -648,6 +653,7 @@ pub async fn run_session(
     mode: Mode,
     mut shutdown: watch::Receiver<bool>,
     mut wake: Option<watch::Receiver<u64>>,
+    counters: Option<Counters>,
 ) -> Result<SessionReport, NetError> {
     let started = Instant::now();
     let node_err = |e: crate::node::NodeError| NetError::Node(format!("{e:#}"));
@@ -660,6 +666,7 @@ pub async fn run_session(
         }));
     }
     node.record_contact(&peer).map_err(node_err)?;
+    node.session_opened(&peer).map_err(node_err)?;
     let (crl_number, mut crl_der) = node
         .crl()
         .map(|c| (c.number(), c.der().to_vec()))
@@ -721,12 +728,27 @@ pub async fn run_session(
     let mut heard = (conn.stats().udp_rx.datagrams, Instant::now());
     let mut tick = tokio::time::interval(push_every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // Connected and last seen (`status`): the last frame's time, recorded every LIVE_BEAT.
+    let (mut last_frame_ms, mut beat_at) = (crate::node::now_ms(), Instant::now());
+    let mut round_started = Instant::now();
+    // A node publishes its status, and its subtree's, to the nodes above it.
+    let mut status_out = crate::node::replica::is_upstream(&peer.unit, node.unit())
+        .then(|| StatusSender::new(Duration::from_secs(node.config.sync.status_interval_s)));
+    let mut status_in_at: Option<Instant> = None;
 
     let outcome: Result<(), NetError> = async {
         loop {
             // Send everything the session has to say, and start the scan transfers it asked for.
             {
                 let mut replica = NodeReplica::new(&mut node, peer.clone());
+                // Statuses only inform: failing to gather or keep them costs no sync.
+                if let Some(sender) = status_out.as_mut() {
+                    match sender.due(replica.node, Instant::now()) {
+                        Ok(Some(entries)) => session.send_status(entries),
+                        Ok(None) => {}
+                        Err(e) => warn!(peer = %peer.unit, "could not gather this node's status: {e}"),
+                    }
+                }
                 session.offer_crl(&crl_der);
                 session.offer_units(&units_signed);
                 while let Some(frame) = blocking(|| session.poll_frame(&mut replica))? {
@@ -771,6 +793,28 @@ pub async fn run_session(
                                 Err(e) => warn!("unit tree from {} refused: {e}", peer.unit),
                             }
                         }
+                        Action::StoreStatus { entries } => {
+                            if status_in_at.is_some_and(|at| at.elapsed() < STATUS_RECEIVED_GAP_MIN) {
+                                debug!(peer = %peer.unit, "status frame too soon after the last one; ignored");
+                                continue;
+                            }
+                            status_in_at = Some(Instant::now());
+                            let accepted = match replica.node.accept_statuses(&peer, entries) {
+                                Ok(accepted) => accepted,
+                                Err(e) => {
+                                    warn!(peer = %peer.unit, "could not keep the peer's statuses: {e}");
+                                    continue;
+                                }
+                            };
+                            for why in &accepted.refused {
+                                warn!(peer = %peer.unit, "status refused: {why}");
+                            }
+                            if !accepted.refused.is_empty() {
+                                if let Some(c) = &counters {
+                                    c.refused("status");
+                                }
+                            }
+                        }
                     }
                 }
                 // Frames the actions produced (BlobMissing) go out now too.
@@ -779,6 +823,15 @@ pub async fn run_session(
                 }
             }
             let converged = session.is_converged();
+            if converged != was_converged {
+                if converged {
+                    if let Some(c) = &counters {
+                        c.round(&peer.unit, round_started.elapsed());
+                    }
+                } else {
+                    round_started = Instant::now();
+                }
+            }
             if converged && !was_converged {
                 // A long-lived session records each point where both sides agree.
                 let stats = conn.stats();
@@ -796,6 +849,10 @@ pub async fn run_session(
                 biased;
                 event = events.recv() => {
                     let mut replica = NodeReplica::new(&mut node, peer.clone());
+                    // A control frame, or a scan whose last frame just arrived.
+                    if matches!(event, Some(Event::Frame(..) | Event::BlobDone(..) | Event::BlobAlreadyStored(_))) {
+                        last_frame_ms = crate::node::now_ms();
+                    }
                     match event {
                         Some(Event::Frame(frame, _queued)) => {
                             if sent_since_receive {
@@ -849,6 +906,13 @@ pub async fn run_session(
                             )));
                         }
                         continue;
+                    }
+                    if beat_at.elapsed() >= health::LIVE_BEAT {
+                        beat_at = Instant::now();
+                        // Only `status` relies on it: a failed write costs no sync.
+                        if let Err(e) = node.session_beat(&peer, last_frame_ms) {
+                            warn!(peer = %peer.unit, "could not record the session as open: {e}");
+                        }
                     }
                     let retry = ticks % RETRY_UNAVAILABLE_TICKS == 0;
                     session.poll_local_changes(&mut NodeReplica::new(&mut node, peer.clone()), retry)?;
@@ -940,6 +1004,9 @@ pub async fn run_session(
             1u32.into(),
             &reason.as_bytes()[..reason.len().min(CLOSE_REASON_BYTES_MAX)],
         ),
+    }
+    if let Err(e) = node.session_closed(&peer, last_frame_ms) {
+        warn!(peer = %peer.unit, "could not record the session as ended: {e}");
     }
     node.record_session(
         &peer,

@@ -29,7 +29,22 @@ pub struct Config {
     pub store: StoreSection,
     #[serde(default)]
     pub sync: SyncSection,
+    #[serde(default)]
+    pub http: HttpSection,
 }
+
+/// Where `serve` shows its read-only status page and `/metrics`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpSection {
+    /// HOST:PORT, or "" for none. Unset: 127.0.0.1:8377 on districts and the province, none on
+    /// communes.
+    #[serde(default)]
+    pub listen: Option<String>,
+}
+
+/// Where districts and the province serve the status page unless `http.listen` says otherwise.
+pub const HTTP_LISTEN_DEFAULT: &str = "127.0.0.1:8377";
 
 /// How this node talks to its peers. Defaults suit slow, lossy, high-latency links
 /// (docs/architecture.md explains each choice).
@@ -62,6 +77,9 @@ pub struct SyncSection {
     pub connections_max: usize,
     /// Seconds between checks for new local changes to push while connected.
     pub push_interval_ms: u64,
+    /// Seconds between the statuses a node sends upstream while connected (one at each
+    /// session's start).
+    pub status_interval_s: u64,
     /// Limits on scans sent to peers, by unit (the most specific entry covering a peer applies).
     #[serde(rename = "limit")]
     pub limits: Vec<PeerLimit>,
@@ -139,6 +157,7 @@ impl Default for SyncSection {
             reconnect_max_s: 300,
             connections_max: 256,
             push_interval_ms: 250,
+            status_interval_s: 60,
             limits: Vec::new(),
         }
     }
@@ -208,6 +227,17 @@ impl Config {
             },
             store: StoreSection::default(),
             sync: SyncSection::default(),
+            http: HttpSection::default(),
+        }
+    }
+
+    /// The address of the status page: `http.listen`, else the role's default.
+    pub fn http_listen(&self) -> Option<std::net::SocketAddr> {
+        match self.http.listen.as_deref() {
+            Some("") => None,
+            Some(addr) => addr.parse().ok(),
+            None if self.node.role == Role::Commune => None,
+            None => HTTP_LISTEN_DEFAULT.parse().ok(),
         }
     }
 
@@ -324,6 +354,17 @@ impl Config {
             || !(50..=60_000).contains(&sync.push_interval_ms)
         {
             return Err("sync.reconnect_max_s (1-86400), sync.connections_max (1-10000) or sync.push_interval_ms (50-60000) is out of range".into());
+        }
+        if !(1..=86_400).contains(&sync.status_interval_s) {
+            return Err(format!(
+                "sync.status_interval_s = {} must be between 1 and 86400",
+                sync.status_interval_s
+            ));
+        }
+        if let Some(addr) = self.http.listen.as_deref().filter(|a| !a.is_empty()) {
+            addr.parse::<std::net::SocketAddr>().map_err(|_| {
+                format!("http.listen = {addr:?} is not an address like 127.0.0.1:8377 (or \"\" for no status page)")
+            })?;
         }
         for limit in &sync.limits {
             tree.get(&limit.unit)

@@ -5,6 +5,7 @@
 pub mod blobsink;
 pub mod bundle;
 pub mod config;
+pub mod health;
 mod local;
 pub mod path;
 pub mod replica;

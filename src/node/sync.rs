@@ -10,6 +10,7 @@ use serde::Serialize;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
+use super::health::Counters;
 use super::{now_ms, path, Node, NodeError, Result};
 use crate::net::admit::{self, Admission, Admit, PathCache};
 use crate::net::{self, Mode, SessionReport};
@@ -60,6 +61,9 @@ pub struct Status {
     pub scans_missing: i64,
     pub scan_bytes_missing: i64,
     pub peers: Vec<PeerStatus>,
+    /// Every unit below this node, its upstream, a summary per district, what needs attention.
+    #[serde(flatten)]
+    pub health: super::health::Health,
 }
 
 #[derive(Debug, Serialize)]
@@ -377,6 +381,11 @@ impl Node {
     }
 
     pub fn status(&self) -> Result<Status> {
+        self.status_filtered(&super::health::Filter::default())
+    }
+
+    /// `status` with the units below this node listed as `filter` says.
+    pub fn status_filtered(&self, filter: &super::health::Filter) -> Result<Status> {
         let (scans_missing, scan_bytes_missing) = self.store.missing_blob_bytes()?;
         let now = now_ms();
         let mut peers = Vec::new();
@@ -442,7 +451,9 @@ impl Node {
             });
         }
         peers.sort_by(|a, b| a.unit.cmp(&b.unit));
+        let health = self.health(&peers, filter)?;
         Ok(Status {
+            health,
             node_id: self.node_id.to_string(),
             unit: self.unit().to_string(),
             role: self.role(),
@@ -506,6 +517,7 @@ pub async fn sync_once(
         Mode::OneShot,
         shutdown,
         None,
+        None,
     )
     .await;
     path::remember(dir, addr.ip(), mtu, opened, &conn);
@@ -533,7 +545,21 @@ pub async fn serve(
     listen: Option<SocketAddr>,
     shutdown: watch::Receiver<bool>,
 ) -> std::result::Result<(), anyhow::Error> {
-    let node = Node::open(dir)?;
+    serve_counted(dir, listen, shutdown, Counters::default(), || Ok(())).await
+}
+
+/// [`serve`], counting sync rounds and refusals into `counters` (for `/metrics`); `ready` runs
+/// once the config is checked and the address bound (the CLI starts the status page there).
+pub async fn serve_counted(
+    dir: &Path,
+    listen: Option<SocketAddr>,
+    shutdown: watch::Receiver<bool>,
+    counters: Counters,
+    ready: impl FnOnce() -> std::result::Result<(), anyhow::Error>,
+) -> std::result::Result<(), anyhow::Error> {
+    let mut node = Node::open(dir)?;
+    // Sessions recorded as open belong to a process that is gone.
+    node.sessions_reset()?;
     // A misconfigured upstream fails here, before anything is bound or announced.
     let dial = node.peers_to_dial()?;
     let listen = match listen {
@@ -552,6 +578,7 @@ pub async fn serve(
         node.unit(),
         ep.local_addr()?
     );
+    ready()?;
     let limit = Arc::new(tokio::sync::Semaphore::new(
         node.config.sync.connections_max,
     ));
@@ -567,7 +594,10 @@ pub async fn serve(
     for name in dial {
         info!(peer = %name, "keeping a session with configured peer");
         let (dir, shutdown, wake) = (dir.to_path_buf(), shutdown.clone(), wake.clone());
-        tokio::spawn(async move { keep_peer(dir, name, reconnect_max, shutdown, wake).await });
+        let counters = counters.clone();
+        tokio::spawn(
+            async move { keep_peer(dir, name, reconnect_max, shutdown, wake, counters).await },
+        );
     }
     let mut stop = shutdown.clone();
     // A newer CRL (from `ca revoke` or a peer) takes effect for new connections without a restart.
@@ -596,6 +626,7 @@ pub async fn serve(
                 let slot = match admission.admit(remote.ip(), incoming.remote_address_validated()) {
                     Admit::Handshake(slot) => slot,
                     Admit::Retry => {
+                        counters.refused("retry");
                         if let Err(e) = incoming.retry() {
                             e.into_incoming().refuse();
                         }
@@ -603,13 +634,14 @@ pub async fn serve(
                     }
                     Admit::Refuse => {
                         warn!(%remote, pending = admission.pending(), "too many handshakes in progress: refused a connection");
+                        counters.refused("handshakes");
                         incoming.refuse();
                         continue;
                     }
                 };
                 let (dir, shutdown, wake) = (dir.to_path_buf(), shutdown.clone(), wake.clone());
                 let (mut cfg, sync_cfg) = (server_cfg.clone(), sync_cfg.clone());
-                let (limit, paths) = (limit.clone(), paths.clone());
+                let (limit, paths, counters) = (limit.clone(), paths.clone(), counters.clone());
                 tokio::spawn(async move {
                     let mtu = paths.get(remote.ip());
                     cfg.transport_config(Arc::new(net::path_transport(&sync_cfg, remote, mtu)));
@@ -624,6 +656,7 @@ pub async fn serve(
                         Ok(c) => c,
                         Err(e) => {
                             warn!(%remote, "refused a connection: {e}");
+                            counters.refused("handshake");
                             // A remembered MTU the path no longer carries can stall the handshake.
                             if mtu.is_some() {
                                 paths.handshake_failed(remote.ip());
@@ -635,12 +668,14 @@ pub async fn serve(
                         Ok(id) => id,
                         Err(e) => {
                             warn!(%remote, "refused a connection: {e}");
+                            counters.refused("identity");
                             conn.close(1u32.into(), b"no identity");
                             return;
                         }
                     };
                     let Ok(_permit) = limit.try_acquire_owned() else {
                         warn!(%remote, unit = %identity.unit, "sync.connections_max sessions already open: refused a peer");
+                        counters.refused("busy");
                         conn.close(2u32.into(), b"busy: too many sessions, retry later");
                         return;
                     };
@@ -656,7 +691,11 @@ pub async fn serve(
                         path::remember(&watch_dir, remote.ip(), mtu, opened, &watched);
                         paths.set(remote.ip(), path::known_mtu(&watch_dir, remote.ip()));
                     });
-                    if let Err(e) = net::run_session(conn, identity.clone(), dir, Mode::Continuous, shutdown, Some(wake)).await {
+                    let session = net::run_session(conn, identity.clone(), dir, Mode::Continuous, shutdown, Some(wake), Some(counters.clone())).await;
+                    if let Err(e) = session {
+                        if matches!(e, net::NetError::Trust(trust::TrustError::RevokedNode { .. })) {
+                            counters.refused("revoked");
+                        }
                         warn!(unit = %identity.unit, "session ended: {e}");
                     }
                 });
@@ -714,6 +753,7 @@ async fn keep_peer(
     backoff_max: Duration,
     mut shutdown: watch::Receiver<bool>,
     wake: watch::Receiver<u64>,
+    counters: Counters,
 ) {
     let mut backoff = Duration::from_secs(1);
     loop {
@@ -741,6 +781,7 @@ async fn keep_peer(
                 Mode::Continuous,
                 shutdown.clone(),
                 Some(wake.clone()),
+                Some(counters.clone()),
             )
             .await;
             path::remember(&dir, addr.ip(), mtu, opened, &conn);

@@ -11,7 +11,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 
-use super::wire::{DocChanges, DocHeads, Frame, Hash32, MissingReason, VERSION};
+use super::wire::{DocChanges, DocHeads, Frame, Hash32, MissingReason, StatusEntry, VERSION};
 use super::ProtoError;
 
 /// Documents listed per Offer frame.
@@ -104,6 +104,9 @@ pub enum Action {
     /// The province's unit tree as its CA signed it: the node checks the signature and the
     /// version before using it.
     StoreUnits { signed: Vec<u8> },
+    /// The peer published node statuses: keep those of units in its subtree (its certificate
+    /// says which), the newest per unit.
+    StoreStatus { entries: Vec<StatusEntry> },
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
@@ -412,6 +415,13 @@ impl Session {
         }
     }
 
+    /// Sends node statuses to the peer (this node's own and its subtree's). They may go before
+    /// the peer's Hello arrives: ours is queued first, and a peer of another version ends the
+    /// session on it.
+    pub fn send_status(&mut self, entries: Vec<StatusEntry>) {
+        self.out.push_back(Frame::Status { entries });
+    }
+
     /// The next control frame to send; pages further offers lazily to bound memory.
     pub fn poll_frame(&mut self, replica: &mut impl Replica) -> Result<Option<Frame>, ProtoError> {
         while self.out.len() < QUEUE_FRAMES_MAX {
@@ -670,6 +680,7 @@ impl Session {
             Frame::BlobsDone => self.peer_blobs_done = true,
             Frame::Crl { der } => self.actions.push_back(Action::StoreCrl { der }),
             Frame::Units { signed } => self.actions.push_back(Action::StoreUnits { signed }),
+            Frame::Status { entries } => self.actions.push_back(Action::StoreStatus { entries }),
             Frame::BlobHeader { .. } | Frame::BlobChunk { .. } => {
                 return Err(ProtoError::Violation(
                     "data frame on the control stream".into(),

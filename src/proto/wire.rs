@@ -9,7 +9,7 @@ use super::ProtoError;
 
 /// Protocol version spoken by this build (sent in Hello). 2 added `Push`; 3 gave `BlobMissing`
 /// a reason and made `BlobsDone` answer each acknowledged round (protocol.md §4.1); 4 added the
-/// unit tree's version to Hello and the `Units` frame.
+/// unit tree's version to Hello, the `Units` and `Status` frames.
 pub const VERSION: u16 = 4;
 /// Largest frame on the wire (header excluded), compressed or not.
 pub const FRAME_BYTES_MAX: usize = 16 << 20;
@@ -32,6 +32,58 @@ pub const HEADER_BYTES: usize = 6;
 const FLAG_ZSTD: u8 = 1;
 
 pub type Hash32 = [u8; 32];
+
+/// Most node statuses one Status frame may carry (a receiver also refuses more than the units
+/// of the sender's subtree).
+pub const STATUS_ENTRIES_MAX: usize = 10_000;
+/// Most peers one node status may list (a district's communes, its upstream, a standby).
+pub const STATUS_PEERS_MAX: usize = 1_024;
+/// Longest unit path, node id or version text in a status.
+pub const STATUS_NAME_BYTES_MAX: usize = 256;
+/// Longest error text in a status (longer errors are cut by the sender).
+pub const STATUS_ERROR_BYTES_MAX: usize = 512;
+
+/// One node's own account of its health, as it publishes it upstream (protocol.md, Status).
+/// Times are Unix milliseconds; `None` is "unknown" or "never".
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StatusEntry {
+    pub unit: String,
+    pub node_id: String,
+    /// The communesync version the node runs.
+    pub version: String,
+    /// When the node wrote this status: the newest per unit is kept.
+    pub as_of_ms: u64,
+    pub cert_expires_ms: Option<u64>,
+    pub disk_free_bytes: Option<u64>,
+    /// What the node holds that its upstream has not acknowledged.
+    pub pending_docs: u64,
+    pub pending_bytes: u64,
+    /// Age of the oldest change not yet delivered upstream.
+    pub lag_ms: Option<u64>,
+    /// Scans partly received (transfers to resume or under way).
+    pub scans_in_flight: u64,
+    /// Scans its documents reference that it does not hold yet.
+    pub scans_missing: u64,
+    /// The most recent error of any of its sessions; empty when none.
+    pub last_error: String,
+    /// Its direct peers as it sees them.
+    pub peers: Vec<StatusPeer>,
+}
+
+/// One direct peer as seen by the node that publishes a [`StatusEntry`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StatusPeer {
+    pub unit: String,
+    pub connected: bool,
+    /// Last frame received from it.
+    pub last_seen_ms: Option<u64>,
+    /// What the publishing node still has to deliver to it.
+    pub pending_docs: u64,
+    pub pending_bytes: u64,
+    pub lag_ms: Option<u64>,
+    /// Its session's last error; empty when none.
+    pub last_error: String,
+}
 
 /// Why a side does not send a scan the peer asked for (`BlobMissing`). The asking side reports
 /// it: a one-shot sync that ends with any scan missing either way is not converged.
@@ -175,6 +227,11 @@ pub enum Frame {
     Units {
         signed: Vec<u8>,
     },
+    /// The sender's own status and the latest it holds of its subtree, sent upstream at the
+    /// start of a session and then at most every `sync.status_interval_s` (since version 4).
+    Status {
+        entries: Vec<StatusEntry>,
+    },
 }
 
 impl Frame {
@@ -199,6 +256,7 @@ impl Frame {
             Frame::DocRefused { .. } => 17,
             Frame::Reoffer => 18,
             Frame::Units { .. } => 22,
+            Frame::Status { .. } => 21,
         }
     }
 
@@ -211,6 +269,7 @@ impl Frame {
                 | Frame::Changes { .. }
                 | Frame::Push { .. }
                 | Frame::BlobHeader { .. }
+                | Frame::Status { .. }
         )
     }
 }
@@ -231,6 +290,34 @@ impl Enc {
     }
     fn hash(&mut self, h: &Hash32) {
         self.0.extend_from_slice(h);
+    }
+    fn opt_uint(&mut self, v: Option<u64>) {
+        // 0 is "none"; a value is sent plus one (u64::MAX saturates: no real time or size).
+        self.uint(v.map_or(0, |v| v.saturating_add(1)));
+    }
+    fn status_entry(&mut self, s: &StatusEntry) {
+        self.bytes(s.unit.as_bytes());
+        self.bytes(s.node_id.as_bytes());
+        self.bytes(s.version.as_bytes());
+        self.uint(s.as_of_ms);
+        self.opt_uint(s.cert_expires_ms);
+        self.opt_uint(s.disk_free_bytes);
+        self.uint(s.pending_docs);
+        self.uint(s.pending_bytes);
+        self.opt_uint(s.lag_ms);
+        self.uint(s.scans_in_flight);
+        self.uint(s.scans_missing);
+        self.bytes(s.last_error.as_bytes());
+        self.uint(s.peers.len() as u64);
+        for p in &s.peers {
+            self.bytes(p.unit.as_bytes());
+            self.uint(u64::from(p.connected));
+            self.opt_uint(p.last_seen_ms);
+            self.uint(p.pending_docs);
+            self.uint(p.pending_bytes);
+            self.opt_uint(p.lag_ms);
+            self.bytes(p.last_error.as_bytes());
+        }
     }
     fn doc_heads(&mut self, docs: &[DocHeads]) {
         self.uint(docs.len() as u64);
@@ -307,6 +394,47 @@ impl<'a> Dec<'a> {
     fn hashes(&mut self, max: usize) -> Result<Vec<Hash32>, ProtoError> {
         let n = self.count(max)?;
         (0..n).map(|_| self.hash()).collect()
+    }
+    fn opt_uint(&mut self) -> Result<Option<u64>, ProtoError> {
+        Ok(self.uint()?.checked_sub(1))
+    }
+    fn flag(&mut self, what: &str) -> Result<bool, ProtoError> {
+        match self.uint()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            _ => Err(ProtoError::Malformed(format!("{what} is neither 0 nor 1"))),
+        }
+    }
+    fn status_entry(&mut self) -> Result<StatusEntry, ProtoError> {
+        let name = STATUS_NAME_BYTES_MAX;
+        let mut entry = StatusEntry {
+            unit: self.string(name)?,
+            node_id: self.string(name)?,
+            version: self.string(name)?,
+            as_of_ms: self.uint()?,
+            cert_expires_ms: self.opt_uint()?,
+            disk_free_bytes: self.opt_uint()?,
+            pending_docs: self.uint()?,
+            pending_bytes: self.uint()?,
+            lag_ms: self.opt_uint()?,
+            scans_in_flight: self.uint()?,
+            scans_missing: self.uint()?,
+            last_error: self.string(STATUS_ERROR_BYTES_MAX)?,
+            peers: Vec::new(),
+        };
+        let n = self.count(STATUS_PEERS_MAX)?;
+        for _ in 0..n {
+            entry.peers.push(StatusPeer {
+                unit: self.string(name)?,
+                connected: self.flag("a peer's connected flag")?,
+                last_seen_ms: self.opt_uint()?,
+                pending_docs: self.uint()?,
+                pending_bytes: self.uint()?,
+                lag_ms: self.opt_uint()?,
+                last_error: self.string(STATUS_ERROR_BYTES_MAX)?,
+            });
+        }
+        Ok(entry)
     }
     fn doc_heads(&mut self) -> Result<Vec<DocHeads>, ProtoError> {
         let n = self.count(ITEMS_MAX)?;
@@ -422,6 +550,12 @@ fn body(frame: &Frame) -> (Vec<u8>, Option<&Bytes>) {
         Frame::DocRefused { id, reason } => {
             e.bytes(id.as_bytes());
             e.bytes(reason.as_bytes());
+        }
+        Frame::Status { entries } => {
+            e.uint(entries.len() as u64);
+            for s in entries {
+                e.status_entry(s);
+            }
         }
     }
     (e.0, None)
@@ -618,6 +752,14 @@ fn decode_in(buf: &[u8], shared: Option<&Bytes>) -> Result<Frame, ProtoError> {
             id: d.string(DOC_ID_BYTES_MAX)?,
             reason: d.string(4096)?,
         },
+        21 => {
+            let n = d.count(STATUS_ENTRIES_MAX)?;
+            let mut entries = Vec::with_capacity(n.min(64));
+            for _ in 0..n {
+                entries.push(d.status_entry()?);
+            }
+            Frame::Status { entries }
+        }
         other => return Err(ProtoError::Malformed(format!("unknown frame type {other}"))),
     };
     d.end()?;
@@ -726,7 +868,58 @@ mod tests {
             Frame::Units {
                 signed: b"CSUT1 tree".to_vec(),
             },
+            Frame::Status {
+                entries: vec![sample_status(), sample_status()],
+            },
         ]
+    }
+
+    fn sample_status() -> StatusEntry {
+        StatusEntry {
+            unit: "qn/binhlieu".into(),
+            node_id: "ab".repeat(16),
+            version: "0.1.0".into(),
+            as_of_ms: 1_764_000_000_000,
+            cert_expires_ms: Some(1_900_000_000_000),
+            disk_free_bytes: None,
+            pending_docs: 3,
+            pending_bytes: 70_000,
+            lag_ms: Some(0),
+            scans_in_flight: 1,
+            scans_missing: 2,
+            last_error: "connection lost".into(),
+            peers: vec![StatusPeer {
+                unit: "qn/binhlieu/tinhhuc".into(),
+                connected: false,
+                last_seen_ms: Some(1_763_999_000_000),
+                pending_docs: 0,
+                pending_bytes: 0,
+                lag_ms: None,
+                last_error: String::new(),
+            }],
+        }
+    }
+
+    #[test]
+    fn a_status_past_its_bounds_is_refused() {
+        let mut long = sample_status();
+        long.last_error = "x".repeat(STATUS_ERROR_BYTES_MAX + 1);
+        let bytes = encode(
+            &Frame::Status {
+                entries: vec![long],
+            },
+            1,
+        );
+        assert!(matches!(decode(&bytes[4..]), Err(ProtoError::Malformed(_))));
+        let mut crowded = sample_status();
+        crowded.peers = vec![crowded.peers[0].clone(); STATUS_PEERS_MAX + 1];
+        let bytes = encode(
+            &Frame::Status {
+                entries: vec![crowded],
+            },
+            1,
+        );
+        assert!(matches!(decode(&bytes[4..]), Err(ProtoError::Malformed(_))));
     }
 
     #[test]
@@ -969,6 +1162,7 @@ mod tests {
                 (id(), "\\PC{0,200}").prop_map(|(id, reason)| Frame::DocRefused { id, reason }),
                 Just(Frame::Reoffer),
                 vec(any::<u8>(), 0..1000).prop_map(|signed| Frame::Units { signed }),
+                vec(Just(sample_status()), 0..3).prop_map(|entries| Frame::Status { entries }),
             ]
         }
 

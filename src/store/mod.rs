@@ -9,6 +9,7 @@ pub mod docs;
 pub mod fault;
 pub mod index;
 mod schema;
+pub mod status;
 pub mod sync;
 #[cfg(test)]
 mod testutil;

@@ -156,6 +156,21 @@ const MIGRATIONS: &[Migration] = &[
     ALTER TABLE peer_sync ADD COLUMN epoch TEXT;
     ",
     ),
+    // 9 (after helper sign's 8; 8 until it lands): who is connected and heard from when, and
+    // the statuses nodes publish up the tree (store/status.rs). IF NOT EXISTS: a database set
+    // back to an older version by hand keeps these tables, and they hold nothing to redo.
+    Migration::Sql(
+        "
+    -- Each peer node's sessions as `serve` sees them: alive_at is refreshed every few seconds
+    -- while a session is open and cleared when it ends; last_seen_at is the last frame received.
+    CREATE TABLE IF NOT EXISTS peer_live (node_id TEXT PRIMARY KEY, unit TEXT NOT NULL, serial TEXT NOT NULL,
+        last_seen_at INTEGER, alive_at INTEGER) WITHOUT ROWID;
+    -- The newest status each unit of this node's subtree published (wire::StatusEntry as JSON),
+    -- which peer node delivered it, and when.
+    CREATE TABLE IF NOT EXISTS node_status (unit TEXT PRIMARY KEY, node_id TEXT NOT NULL, as_of INTEGER NOT NULL,
+        via TEXT NOT NULL, received_at INTEGER NOT NULL, body TEXT NOT NULL) WITHOUT ROWID;
+    ",
+    ),
 ];
 
 fn scoped_feed(tx: &Transaction<'_>, db: &Path) -> Result<()> {

@@ -55,7 +55,8 @@ pub enum Scope {
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Pending {
     pub docs: i64,
-    /// Stored size of those documents plus the scans they reference.
+    /// Stored size of those documents plus the scans they reference that the peer does not
+    /// hold (it sent them here).
     pub bytes: i64,
     /// When the oldest of them last changed here.
     pub oldest_change_at_ms: Option<i64>,
@@ -257,7 +258,9 @@ impl Store {
         rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
     }
 
-    /// Documents in `scope` after `after` (skipping those that came whole from `skip_origin`).
+    /// Documents in `scope` after `after` (skipping those that came whole from `skip_origin`),
+    /// with their bytes and those of their scans, except scans `skip_origin` delivered here
+    /// (it holds them).
     pub fn pending(&self, scope: &Scope, skip_origin: &str, after: i64) -> Result<Pending> {
         let (rows, _, unit) = self.feed_rows(scope);
         let sql = format!(
@@ -265,7 +268,8 @@ impl Store {
                            AND d.origin IS NOT ?2)
              SELECT (SELECT COUNT(*) FROM pend), (SELECT COALESCE(SUM(bytes), 0) FROM pend)
                     + (SELECT COALESCE(SUM(b.size), 0) FROM blobs b WHERE b.hash IN
-                         (SELECT db.hash FROM doc_blobs db WHERE db.doc_id IN (SELECT id FROM pend))),
+                         (SELECT db.hash FROM doc_blobs db WHERE db.doc_id IN (SELECT id FROM pend))
+                       AND NOT EXISTS (SELECT 1 FROM blob_sources s WHERE s.hash = b.hash AND s.node_id = ?2)),
                     (SELECT MIN(updated_at) FROM pend)"
         );
         let mut stmt = self.conn.prepare_cached(&sql).at(&self.path)?;

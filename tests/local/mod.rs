@@ -1310,13 +1310,25 @@ fn text_from_peers_reaches_the_screen_with_escape_sequences_neutralised() {
         vec!["dossier", "list"],
         vec!["status"],
     ] {
-        let text = node.ok(&args);
+        // `status` exits 7 here: the refusal it shows needs attention (issue 13).
+        let code = |run: &crate::util::Run| {
+            let expected = if args == ["status"] {
+                exit::ATTENTION
+            } else {
+                exit::OK
+            };
+            assert_eq!(run.code, i32::from(expected), "{args:?}: {}", run.stderr);
+        };
+        let run = node.run(&args);
+        code(&run);
+        let text = run.stdout;
         assert_eq!(
             raw_controls(&text),
             [],
             "{args:?} printed raw controls:\n{text}"
         );
-        let json = node.run(&[&["--json"][..], &args].concat()).ok();
+        let json = node.run(&[&["--json"][..], &args].concat());
+        code(&json);
         assert_eq!(
             raw_controls(&json.stdout),
             [],
@@ -1330,7 +1342,9 @@ fn text_from_peers_reaches_the_screen_with_escape_sequences_neutralised() {
     );
     assert!(shown.contains("scan scan\\u{1b}]52"), "{shown}");
     assert!(shown.contains("ý kiến \\u{1b}"), "{shown}");
-    let status = node.ok(&["status"]);
+    let status = node.run(&["status"]);
+    assert_eq!(status.code, i32::from(exit::ATTENTION), "{}", status.stderr);
+    let status = status.stdout;
     assert!(
         status.contains("last error: peer refused: \\u{1b}]52"),
         "{status}"

@@ -633,7 +633,15 @@ fn a_refused_sender_is_told_why_every_time() {
             "attempt {attempt}: blocked"
         );
     }
-    let status = sibling.json(&["status"]);
+    // Issue 13: a refusal standing is something to attend to (exit 7).
+    let run = sibling.run(&["--json", "status"]);
+    assert_eq!(
+        run.code,
+        i32::from(crate::util::exit::ATTENTION),
+        "{}",
+        run.stderr
+    );
+    let status = run.json();
     let peer = &status["peers"][0];
     assert_eq!(peer["refused_by_peer_total"], 1, "{status}");
     assert_eq!(peer["refused_by_peer"][0][0], d.as_str(), "{status}");
