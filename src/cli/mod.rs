@@ -604,7 +604,14 @@ pub fn run(cli: Cli) -> Result<()> {
                         (_, _, Some(u)) => DispatchFilter::Involving(u),
                         _ => DispatchFilter::All,
                     };
-                    out.dispatch_rows(&node.dispatch_list(filter, *limit)?, &node)
+                    let rows = node.dispatch_list(filter, *limit)?;
+                    // Counted only when the list is full: the usual short list costs no second query.
+                    let total = if rows.len() >= *limit {
+                        node.dispatch_count(filter)?
+                    } else {
+                        rows.len() as i64
+                    };
+                    out.dispatch_rows(&rows, total, &node)
                 }
                 DispatchCmd::Show { id } => {
                     let detail = node.dispatch_show(id)?;
@@ -742,8 +749,11 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Check { full } => {
-            let report = open(&cli)?.check(*full)?;
+            let mut node = open(&cli)?;
+            let report = node.check(*full)?;
             out.check(&report)?;
+            // After the report, so a config mistake does not hide damage to the data.
+            node.check_config_names()?;
             if !report.problems.is_empty() {
                 anyhow::bail!("{} problem(s) found; restore the damaged data from a backup (docs/operations.md)", report.problems.len());
             }

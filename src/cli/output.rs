@@ -240,7 +240,16 @@ impl Out {
         })
     }
 
-    pub fn dispatch_rows(&self, rows: &[DispatchRow], node: &Node) -> Result<()> {
+    /// The rows, and when they stop short of `total`, a line saying so (on stderr with
+    /// `--json`, whose stdout stays the list of rows).
+    pub fn dispatch_rows(&self, rows: &[DispatchRow], total: i64, node: &Node) -> Result<()> {
+        let shown = rows.len() as i64;
+        let more = (total > shown).then(|| {
+            format!("{shown} of {total} dispatches shown; use --limit {total} to see them all")
+        });
+        if let (true, Some(more)) = (self.json, &more) {
+            eprintln!("{more}");
+        }
         self.emit(&rows, || {
             for r in rows {
                 println!(
@@ -259,6 +268,9 @@ impl Out {
             }
             if rows.is_empty() {
                 println!("no dispatches");
+            }
+            if let Some(more) = &more {
+                println!("{more}");
             }
         })
     }

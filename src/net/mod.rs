@@ -67,6 +67,12 @@ pub enum NetError {
     AlreadyStored,
     #[error("{0}")]
     Setup(String),
+    /// Exit 5 like other network failures: the address may be free again later.
+    #[error("cannot bind UDP {addr}: {source}; another `communesync serve` may be running, or another program holds the port")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Largest UDP payload a connection may grow to, where the route allows it (loopback, jumbo
@@ -246,7 +252,7 @@ fn endpoint(
     server: Option<quinn::ServerConfig>,
 ) -> Result<quinn::Endpoint, NetError> {
     let socket = std::net::UdpSocket::bind(bind)
-        .map_err(|e| NetError::Setup(format!("cannot bind UDP {bind}: {e}")))?;
+        .map_err(|source| NetError::Bind { addr: bind, source })?;
     size_socket_buffers(&socket);
     let runtime =
         quinn::default_runtime().ok_or_else(|| NetError::Setup("no async runtime".into()))?;

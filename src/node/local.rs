@@ -197,6 +197,11 @@ impl Node {
         Ok(self.store.list_dispatches(filter, limit)?)
     }
 
+    /// How many dispatches `filter` matches, however many a list shows.
+    pub fn dispatch_count(&self, filter: DispatchFilter<'_>) -> Result<i64> {
+        Ok(self.store.count_dispatches(filter)?)
+    }
+
     pub fn dispatch_show(&mut self, id: &str) -> Result<DispatchDetail> {
         let id = parse_id(id, DocKind::Dispatch)?;
         let dispatch = self.dispatch_view(&id)?;
@@ -265,7 +270,7 @@ impl Node {
             })
             .ok_or_else(|| {
                 let names: Vec<_> = view.attachments.iter().map(|a| a.name.as_str()).collect();
-                NodeError::Invalid(format!(
+                NodeError::NotFound(format!(
                     "dispatch {id} has no attachment {name:?} (it has: {})",
                     if names.is_empty() {
                         "none".into()
@@ -277,7 +282,7 @@ impl Node {
             .clone();
         let hash = parse_hash(&attachment.hash)?;
         if !self.store.has_blob(&hash)? {
-            return Err(NodeError::Invalid(format!(
+            return Err(NodeError::NotFound(format!(
                 "scan {} of dispatch {id} has not arrived on this node yet; run `communesync sync`",
                 attachment.name
             )));
