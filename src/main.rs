@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use communesync::cli::{exit_code, run, safe, Cli};
+use communesync::cli::{exit_code, log_utc_offset, run, safe, Cli, LogTime};
 
 fn main() -> ExitCode {
     // Like other Unix tools, end quietly when the reader of our output goes away (`| head`).
@@ -24,6 +24,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_timer(LogTime(log_utc_offset(&cli)))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(cli) {

@@ -6,6 +6,7 @@ mod demo;
 pub use demo::synthetic_scan;
 mod output;
 pub use output::safe;
+pub mod progress;
 
 use std::path::PathBuf;
 
@@ -94,7 +95,9 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create a node: data directory, database, key pair and config
-    #[command(after_help = "Example:\n  communesync --data /var/lib/communesync init --unit qn/binhlieu/tinhhuc --role commune")]
+    #[command(
+        after_help = "Example:\n  communesync --data /var/lib/communesync init --unit qn/binhlieu/tinhhuc --role commune"
+    )]
     Init {
         /// Unit path, e.g. qn/binhlieu/tinhhuc (must be in the unit tree)
         #[arg(long, value_name = "UNIT")]
@@ -174,7 +177,9 @@ pub enum Command {
         full: bool,
     },
     /// Write a consistent copy of the database while the node runs
-    #[command(after_help = "Example:\n  communesync backup --out /var/backups/communesync/node-2026-11-26.db")]
+    #[command(
+        after_help = "Example:\n  communesync backup --out /var/backups/communesync/node-2026-11-26.db"
+    )]
     Backup {
         /// A new file for the copy (the scans go to blobs/ beside it)
         #[arg(long, value_name = "FILE")]
@@ -183,7 +188,9 @@ pub enum Command {
     /// Put a backup (FILE from `backup --out FILE`, its blobs/ beside it) in place of the
     /// node's database; the current one is kept as node.db.before-restore-TIME. Stop `serve`
     /// first
-    #[command(after_help = "Example:\n  communesync restore /var/backups/communesync/node-2026-11-26.db")]
+    #[command(
+        after_help = "Example:\n  communesync restore /var/backups/communesync/node-2026-11-26.db"
+    )]
     Restore {
         /// The database file `backup --out FILE` wrote
         #[arg(value_name = "FILE")]
@@ -298,7 +305,9 @@ pub enum BundleCmd {
 #[derive(Debug, Subcommand)]
 pub enum PeerCmd {
     /// Add a peer by name and address
-    #[command(after_help = "Example:\n  communesync peer add district --addr 10.0.0.2:7410 --upstream")]
+    #[command(
+        after_help = "Example:\n  communesync peer add district --addr 10.0.0.2:7410 --upstream"
+    )]
     Add {
         /// Name to refer to the peer by (`sync --peer NAME`, sync.upstream)
         #[arg(value_name = "NAME")]
@@ -370,14 +379,18 @@ pub enum DispatchCmd {
         id: String,
     },
     /// Record that this unit received the dispatch (who and when)
-    #[command(after_help = "Example:\n  communesync --as lan dispatch receive dsp_3f9a0c1b2d4e5f60")]
+    #[command(
+        after_help = "Example:\n  communesync --as lan dispatch receive dsp_3f9a0c1b2d4e5f60"
+    )]
     Receive {
         /// Dispatch id (dsp_...)
         #[arg(value_name = "ID")]
         id: String,
     },
     /// Add a comment
-    #[command(after_help = "Example:\n  communesync dispatch comment dsp_3f9a0c1b2d4e5f60 \"đã nhận\"")]
+    #[command(
+        after_help = "Example:\n  communesync dispatch comment dsp_3f9a0c1b2d4e5f60 \"đã nhận\""
+    )]
     Comment {
         /// Dispatch id (dsp_...)
         #[arg(value_name = "ID")]
@@ -551,6 +564,36 @@ fn data_dir(cli: &Cli) -> Result<PathBuf> {
     directories::ProjectDirs::from("", "", "communesync")
         .map(|d| d.data_dir().to_path_buf())
         .context("no home directory to hold the default data directory; pass --data DIR")
+}
+
+/// The zone log lines are stamped in: the node's `node.utc_offset_hours`, the zone every
+/// command prints its times in, so a log line and a `status` line compare at a glance. Before
+/// `init`, or with a config that does not load, the default of that key (UTC+7).
+pub fn log_utc_offset(cli: &Cli) -> time::UtcOffset {
+    let configured = data_dir(cli).ok().and_then(|dir| {
+        let text = std::fs::read_to_string(dir.join(crate::node::config::CONFIG_FILE)).ok()?;
+        crate::node::Config::parse(&text).ok()
+    });
+    match configured {
+        Some(config) => config.node.utc_offset(),
+        None => crate::node::Config::new("", Role::Commune, "")
+            .node
+            .utc_offset(),
+    }
+}
+
+/// Log timestamps in a fixed zone, written like the times commands print
+/// (`2026-11-26 13:33:08.412 +07`).
+pub struct LogTime(pub time::UtcOffset);
+
+impl tracing_subscriber::fmt::time::FormatTime for LogTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        let format = time::macros::format_description!(
+            "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:3] [offset_hour sign:mandatory]"
+        );
+        let now = time::OffsetDateTime::now_utc().to_offset(self.0);
+        w.write_str(&now.format(&format).map_err(|_| std::fmt::Error)?)
+    }
 }
 
 fn open(cli: &Cli) -> Result<Node> {
@@ -734,9 +777,23 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bundle(BundleCmd::Export {
             for_peer,
             out: file,
-        }) => out.exported(&open(&cli)?.bundle_export(for_peer, file)?),
+        }) => {
+            let mut node = open(&cli)?;
+            let spinner = progress::spinner(cli.json, &format!("writing a bundle for {for_peer}"));
+            let report = node.bundle_export(for_peer, file);
+            if let Some(s) = spinner {
+                s.finish_and_clear();
+            }
+            out.exported(&report?)
+        }
         Command::Bundle(BundleCmd::Import { file }) => {
-            let report = open(&cli)?.bundle_import(file)?;
+            let mut node = open(&cli)?;
+            let spinner = progress::spinner(cli.json, &format!("importing {}", file.display()));
+            let report = node.bundle_import(file);
+            if let Some(s) = spinner {
+                s.finish_and_clear();
+            }
+            let report = report?;
             out.imported(&report)?;
             match report.docs_refused.first() {
                 // What passed is stored; the refusals make the import a failure for scripts.
@@ -760,7 +817,17 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Backup { out: file } => {
-            open(&cli)?.backup(file)?;
+            let node = open(&cli)?;
+            // The copy is about the size of the database (VACUUM INTO leaves out free pages).
+            let db_bytes = std::fs::metadata(data_dir(&cli)?.join(crate::node::DB_FILE))
+                .map(|m| m.len())
+                .unwrap_or(0);
+            let bar = progress::FileBar::start(cli.json, "backup", file, db_bytes);
+            let result = node.backup(file);
+            if let Some(b) = bar {
+                b.finish();
+            }
+            result?;
             out.backed_up(file)
         }
         Command::Restore { file } => {
@@ -772,10 +839,15 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Sync { peer } => {
             let dir = data_dir(&cli)?;
-            let progress = out.spinner("syncing");
-            let report = runtime()?.block_on(crate::node::sync::sync_once(&dir, peer.as_deref()));
-            if let Some(p) = progress {
-                p.finish_and_clear();
+            let bars = progress::wanted(cli.json).then(|| progress::ScanBars::new(&dir));
+            let watcher = bars.as_ref().map(|b| b.watcher());
+            let report = runtime()?.block_on(crate::node::sync::sync_once_watched(
+                &dir,
+                peer.as_deref(),
+                watcher,
+            ));
+            if let Some(b) = bars {
+                b.finish();
             }
             let report = report?;
             out.sync_report(&report)?;
@@ -925,7 +997,10 @@ mod tests {
             })
             .map(|(name, _)| name.clone())
             .collect();
-        assert!(missing.is_empty(), "commands without an example: {missing:?}");
+        assert!(
+            missing.is_empty(),
+            "commands without an example: {missing:?}"
+        );
     }
 
     #[test]
@@ -940,12 +1015,20 @@ mod tests {
             .collect();
         assert_eq!(names, ["commune", "district", "province"]);
         let cli = Cli::try_parse_from([
-            "communesync", "assign", "update", "asg_1", "--status", "in-progress",
+            "communesync",
+            "assign",
+            "update",
+            "asg_1",
+            "--status",
+            "in-progress",
         ])
         .unwrap();
         assert!(matches!(
             cli.command,
-            Command::Assign(AssignCmd::Update { status: Status::InProgress, .. })
+            Command::Assign(AssignCmd::Update {
+                status: Status::InProgress,
+                ..
+            })
         ));
         let err = Cli::try_parse_from(["communesync", "init", "--unit", "qn", "--role", "town"])
             .unwrap_err()
@@ -958,8 +1041,15 @@ mod tests {
         // "Nguyễn" typed decomposed: e + circumflex + tilde as combining marks.
         let decomposed = "Nguye\u{302}\u{303}n";
         let cli = Cli::try_parse_from([
-            "communesync", "--as", decomposed, "dossier", "new", "--applicant", decomposed,
-            "--procedure", "khai sinh",
+            "communesync",
+            "--as",
+            decomposed,
+            "dossier",
+            "new",
+            "--applicant",
+            decomposed,
+            "--procedure",
+            "khai sinh",
         ])
         .unwrap();
         assert_eq!(cli.as_user.as_deref(), Some("Nguy\u{1ec5}n"));

@@ -425,17 +425,6 @@ impl Out {
         })
     }
 
-    /// A spinner on a terminal (and not with --json); None elsewhere, where logs suffice.
-    pub fn spinner(&self, what: &str) -> Option<indicatif::ProgressBar> {
-        use std::io::IsTerminal;
-        if self.json || !std::io::stderr().is_terminal() {
-            return None;
-        }
-        let bar = indicatif::ProgressBar::new_spinner().with_message(what.to_string());
-        bar.enable_steady_tick(std::time::Duration::from_millis(120));
-        Some(bar)
-    }
-
     pub fn enrolled(&self, id: &PeerIdentity) -> Result<()> {
         #[derive(Serialize)]
         struct Enrolled<'a> {

@@ -4,6 +4,7 @@
 pub mod admit;
 mod blobs;
 mod pace;
+pub mod progress;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -251,8 +252,8 @@ fn endpoint(
     tls: &TlsMaterial,
     server: Option<quinn::ServerConfig>,
 ) -> Result<quinn::Endpoint, NetError> {
-    let socket = std::net::UdpSocket::bind(bind)
-        .map_err(|source| NetError::Bind { addr: bind, source })?;
+    let socket =
+        std::net::UdpSocket::bind(bind).map_err(|source| NetError::Bind { addr: bind, source })?;
     size_socket_buffers(&socket);
     let runtime =
         quinn::default_runtime().ok_or_else(|| NetError::Setup("no async runtime".into()))?;
@@ -606,9 +607,9 @@ fn spawn_acceptor(conn: quinn::Connection, dir: PathBuf, events: mpsc::Sender<Ev
                     let Ok(permit) = receivers.clone().acquire_owned().await else {
                         break;
                     };
-                    let dir = dir.clone();
+                    let (dir, conn) = (dir.clone(), conn.clone());
                     tokio::spawn(async move {
-                        let result = blobs::receive(&mut recv, &dir).await;
+                        let result = blobs::receive(&mut recv, &dir, &conn).await;
                         drop(permit);
                         match result {
                             Ok(hash) => {

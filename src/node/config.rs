@@ -470,9 +470,17 @@ mod tests {
 
     #[test]
     fn a_value_out_of_range_is_named_with_its_line() {
-        let mut text = Config::new("qn/binhlieu/tinhhuc", Role::Commune, "admin").to_toml_annotated();
-        text = text.replace("keep_alive_s = 10", "keep_alive_s = 10\npush_interval_ms = 5");
-        let line = text.lines().position(|l| l.starts_with("push_interval_ms")).unwrap() + 1;
+        let mut text =
+            Config::new("qn/binhlieu/tinhhuc", Role::Commune, "admin").to_toml_annotated();
+        text = text.replace(
+            "keep_alive_s = 10",
+            "keep_alive_s = 10\npush_interval_ms = 5",
+        );
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("push_interval_ms"))
+            .unwrap()
+            + 1;
         let err = load_text(&text).unwrap_err().to_string();
         assert!(
             err.contains("sync.push_interval_ms = 5 must be between 50 and 60000")

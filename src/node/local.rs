@@ -197,6 +197,22 @@ impl Node {
         Ok(self.store.list_dispatches(filter, limit)?)
     }
 
+    /// The file name a dispatch gives the scan `hash`, for people watching it travel.
+    pub fn scan_name(&mut self, hash: &[u8; 32]) -> Result<Option<String>> {
+        let Some(doc) = self.store.doc_of_blob(hash)? else {
+            return Ok(None);
+        };
+        let Ok(id) = doc.parse::<DocId>() else {
+            return Ok(None);
+        };
+        let hex = hex::encode(hash);
+        Ok(self
+            .dispatch_view(&id)
+            .ok()
+            .and_then(|d| d.attachments.into_iter().find(|a| a.hash == hex))
+            .map(|a| a.name))
+    }
+
     /// How many dispatches `filter` matches, however many a list shows.
     pub fn dispatch_count(&self, filter: DispatchFilter<'_>) -> Result<i64> {
         Ok(self.store.count_dispatches(filter)?)

@@ -505,6 +505,20 @@ pub async fn sync_once(
     dir: &Path,
     peer_name: Option<&str>,
 ) -> std::result::Result<SessionReport, anyhow::Error> {
+    sync_once_watched(dir, peer_name, None).await
+}
+
+/// Hands the progress of each scan transfer to a watcher (the CLI's progress bars).
+pub type ProgressWatcher =
+    Box<dyn FnOnce(std::sync::mpsc::Receiver<net::progress::ScanProgress>) + Send>;
+
+/// [`sync_once`], handing `watcher` the progress of each scan sent and received once the
+/// peer answers.
+pub async fn sync_once_watched(
+    dir: &Path,
+    peer_name: Option<&str>,
+    watcher: Option<ProgressWatcher>,
+) -> std::result::Result<SessionReport, anyhow::Error> {
     let node = Node::open(dir)?;
     let peer = node.pick_peer(peer_name)?;
     let addr = resolve_peer(&peer.addr)?;
@@ -519,6 +533,12 @@ pub async fn sync_once(
     let (conn, identity) = connect(dir, &ep, addr, mtu).await?;
     let opened = Instant::now();
     bind_peer(dir, &peer.name, &identity)?;
+    // Kept until the session ends: scans report to the watcher while it lives.
+    let _watch = watcher.and_then(|hand_over| {
+        let (watch, events) = net::progress::watch(&conn)?;
+        hand_over(events);
+        Some(watch)
+    });
     let (_stop, shutdown) = watch::channel(false);
     let session = net::run_session(
         conn.clone(),

@@ -311,6 +311,17 @@ impl Store {
         rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
     }
 
+    /// One document that attaches the scan `hash`, if any.
+    pub fn doc_of_blob(&self, hash: &[u8; 32]) -> Result<Option<String>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT doc_id FROM doc_blobs WHERE hash = ?1 LIMIT 1")
+            .at(&self.path)?;
+        stmt.query_row(params![&hash[..]], |r| r.get(0))
+            .optional()
+            .at(&self.path)
+    }
+
     /// How many dispatches `filter` matches in all (what `list_dispatches` stops short of).
     pub fn count_dispatches(&self, filter: DispatchFilter<'_>) -> Result<i64> {
         let (sql, arg) = match filter {
