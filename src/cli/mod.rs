@@ -169,7 +169,7 @@ pub enum Command {
     /// This node and each peer: last sync, what is pending in each direction
     #[command(after_help = "Example:\n  communesync --json status")]
     Status,
-    /// Verify the database, every document and every scan (reads only)
+    /// Verify the config's names, the database, every document and every scan (reads only)
     #[command(after_help = "Example:\n  communesync check --full")]
     Check {
         /// SQLite's full integrity check instead of the quick one
@@ -807,10 +807,10 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Check { full } => {
             let mut node = open(&cli)?;
+            // Config first: a default user that is no user would fail every command later.
+            node.check_config_names()?;
             let report = node.check(*full)?;
             out.check(&report)?;
-            // After the report, so a config mistake does not hide damage to the data.
-            node.check_config_names()?;
             if !report.problems.is_empty() {
                 anyhow::bail!("{} problem(s) found; restore the damaged data from a backup (docs/operations.md)", report.problems.len());
             }

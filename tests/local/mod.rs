@@ -396,7 +396,7 @@ fn attachments_come_back_bit_for_bit_and_are_stored_once() {
             "--out",
             &path_arg(&missing),
         ],
-        exit::USAGE,
+        exit::NOT_FOUND,
     );
     assert!(
         line.contains("nope.pdf") && line.contains("to-trinh.pgm"),
