@@ -468,6 +468,23 @@ mod tests {
         Config::load(dir.path())
     }
 
+    /// The shipped samples say "every key below shows its default": they must.
+    #[test]
+    fn the_sample_configs_show_the_defaults() {
+        for (name, text) in [
+            ("commune", include_str!("../../config/commune.toml")),
+            ("district", include_str!("../../config/district.toml")),
+            ("province", include_str!("../../config/province.toml")),
+        ] {
+            let sample = Config::parse(text).unwrap();
+            let defaults = Config::new(&sample.node.unit, sample.node.role, "admin");
+            let shown = |c: &Config| {
+                serde_json::to_string(&(&c.node, &c.store, &c.sync)).expect("serializable")
+            };
+            assert_eq!(shown(&sample), shown(&defaults), "config/{name}.toml");
+        }
+    }
+
     #[test]
     fn a_value_out_of_range_is_named_with_its_line() {
         let mut text =
