@@ -13,8 +13,10 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    // Scan transfer progress is the one `info` line kept by default: it is what a log reader
+    // of a long sync (journald, cron) wants to see moving.
     let default_level = match cli.verbose {
-        0 => "warn",
+        0 => "warn,communesync::net::progress=info",
         1 => "info",
         2 => "debug",
         _ => "trace",

@@ -8,6 +8,8 @@ use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::sync_util::{enrolled, province, set_sync_config, Server};
+mod walkthrough;
+
 use crate::util::{exit, path_arg, Run, TestNode, COMMUNE};
 
 /// Asserts `run` exited with `code`, saying why on stderr unless 0;
