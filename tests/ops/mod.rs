@@ -300,9 +300,15 @@ fn a_default_user_that_is_no_user_stops_serve_and_check_naming_the_line() {
         &province,
         &[("default_user = \"admin\"", "default_user = \"nobody\"")],
     );
-    let line = province.fails(&["serve", "--listen", "127.0.0.1:0"], exit::NODE);
+    // Bounded: a daemon that starts anyway would otherwise run (and loop on errors) forever.
+    let mut cmd = province.command(&["serve", "--listen", "127.0.0.1:0"]);
+    cmd.stdout(Stdio::null());
+    let (code, log) = exit_of(cmd.spawn().unwrap(), Duration::from_secs(15));
+    assert_eq!(code, Some(i32::from(exit::NODE)), "{log}");
+    let line = log.trim_end();
     assert!(
-        line.contains("node.default_user = \"nobody\" is not a user of this node"),
+        line.starts_with("error: ")
+            && line.contains("node.default_user = \"nobody\" is not a user of this node"),
         "{line}"
     );
     assert!(
