@@ -1351,7 +1351,7 @@ fn text_from_peers_reaches_the_screen_with_escape_sequences_neutralised() {
             "--out",
             "-",
         ],
-        exit::USAGE,
+        exit::NOT_FOUND,
     );
     assert_eq!(raw_controls(&line), [], "{line}");
 }
