@@ -111,7 +111,9 @@ fn draw(events: Receiver<ScanProgress>, multi: &MultiProgress, stop: &AtomicBool
                     .as_mut()
                     .and_then(|n| n.scan_name(&hash).ok().flatten())
                     .unwrap_or_else(|| format!("scan {}", hex::encode(&hash[..6])));
-                let bar = multi.add(ProgressBar::new(bytes_total));
+                // Drawn once whole: added to the display only after its name and style are set.
+                let bar =
+                    ProgressBar::with_draw_target(Some(bytes_total), ProgressDrawTarget::hidden());
                 bar.set_style(bar_style());
                 bar.set_prefix(match direction {
                     Direction::Send => "sending",
@@ -120,7 +122,7 @@ fn draw(events: Receiver<ScanProgress>, multi: &MultiProgress, stop: &AtomicBool
                 bar.set_message(super::safe(&name).into_owned());
                 bar.set_position(bytes_done);
                 bar.reset_eta();
-                bars.insert((hash, direction), bar);
+                bars.insert((hash, direction), multi.add(bar));
             }
             ScanProgress::Started { .. } => {}
             ScanProgress::Moved {

@@ -146,9 +146,6 @@ impl Transfer {
             let rate_bps = rate_bps(moved, self.started.elapsed());
             info!(
                 scan = %hex::encode(&self.hash[..8]),
-                bytes_done = self.bytes_done,
-                bytes_total = self.bytes_total,
-                rate_bps,
                 "scan transfer: {} of {} bytes {} ({} %), {rate_bps} bytes/s",
                 self.bytes_done,
                 self.bytes_total,
