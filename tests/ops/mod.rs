@@ -436,3 +436,37 @@ fn logs_are_stamped_in_the_nodes_zone_like_the_commands_print() {
     assert_eq!(stamp[2], "+07", "{serving}");
     assert_eq!(stamp[0].len(), 10, "{serving}");
 }
+
+/// The shipped unit agrees with the program: readiness, the data directory it may write, and
+/// the exit codes that restarting cannot fix.
+#[test]
+fn the_shipped_systemd_unit_matches_what_serve_does() {
+    let unit = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/config/communesync.service"
+    ))
+    .unwrap();
+    let values = |key: &str| -> Vec<String> {
+        unit.lines()
+            .filter_map(|l| l.strip_prefix(&format!("{key}=")))
+            .map(str::to_string)
+            .collect()
+    };
+    assert_eq!(values("Type"), ["notify"]);
+    assert!(
+        values("ExecStart")[0].ends_with("communesync serve"),
+        "{unit}"
+    );
+    let data = values("Environment")
+        .into_iter()
+        .find_map(|e| e.strip_prefix("COMMUNESYNC_DATA=").map(str::to_string))
+        .expect("the data directory is named");
+    assert_eq!(values("ReadWritePaths"), [data]);
+    assert_eq!(
+        values("RestartPreventExitStatus"),
+        [format!("{} {}", exit::USAGE, exit::NODE)]
+    );
+    for hardening in ["ProtectSystem", "NoNewPrivileges", "PrivateTmp", "User"] {
+        assert!(!values(hardening).is_empty(), "no {hardening}");
+    }
+}
