@@ -105,7 +105,24 @@ impl Transfer {
                 .find(|(id, _)| *id == conn.stable_id())
                 .map(|(_, tx)| tx.clone())
         });
-        let now = Instant::now();
+        Transfer::new(
+            watcher,
+            hash,
+            direction,
+            bytes_total,
+            bytes_done,
+            Instant::now(),
+        )
+    }
+
+    fn new(
+        watcher: Option<SyncSender<ScanProgress>>,
+        hash: Hash32,
+        direction: Direction,
+        bytes_total: u64,
+        bytes_done: u64,
+        now: Instant,
+    ) -> Transfer {
         let transfer = Transfer {
             watcher,
             hash,
@@ -132,7 +149,12 @@ impl Transfer {
 
     /// The stream has come to `bytes_done` of the scan (capped at its size).
     pub(super) fn moved(&mut self, bytes_done: u64) {
-        let (before, now) = (self.bytes_done, Instant::now());
+        self.moved_at(bytes_done, Instant::now());
+    }
+
+    /// [`Transfer::moved`] at `now`; whether it logged a line.
+    fn moved_at(&mut self, bytes_done: u64, now: Instant) -> bool {
+        let before = self.bytes_done;
         self.bytes_done = bytes_done.min(self.bytes_total);
         if self.watcher.is_some() {
             self.report(ScanProgress::Moved {
@@ -143,7 +165,7 @@ impl Transfer {
         } else if now.duration_since(self.logged) >= LOG_EVERY && self.bytes_done > before {
             self.logged = now;
             let moved = self.bytes_done - self.bytes_before.min(self.bytes_done);
-            let rate_bps = rate_bps(moved, self.started.elapsed());
+            let rate_bps = rate_bps(moved, now.duration_since(self.started));
             info!(
                 scan = %hex::encode(&self.hash[..8]),
                 "scan transfer: {} of {} bytes {} ({} %), {rate_bps} bytes/s",
@@ -152,7 +174,9 @@ impl Transfer {
                 self.direction.verb(),
                 percent(self.bytes_done, self.bytes_total),
             );
+            return true;
         }
+        false
     }
 
     fn report(&self, event: ScanProgress) {
@@ -177,4 +201,72 @@ fn rate_bps(bytes: u64, elapsed: Duration) -> u64 {
 
 fn percent(done: u64, total: u64) -> u64 {
     (done * 100).checked_div(total).unwrap_or(100)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HASH: Hash32 = [7; 32];
+
+    #[test]
+    fn a_transfer_nobody_watches_is_logged_every_ten_seconds_while_it_moves() {
+        let t0 = Instant::now();
+        let mut t = Transfer::new(None, HASH, Direction::Receive, 1_000_000, 0, t0);
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert!(!t.moved_at(100_000, at(5)), "not before 10 s");
+        assert!(t.moved_at(200_000, at(10)));
+        assert!(!t.moved_at(300_000, at(15)));
+        assert!(!t.moved_at(300_000, at(25)), "not when nothing moved");
+        assert!(t.moved_at(400_000, at(26)));
+    }
+
+    #[test]
+    fn a_watched_transfer_reports_its_start_each_move_capped_at_its_size_and_its_end() {
+        let (tx, rx) = sync_channel(EVENTS_QUEUED_MAX);
+        let t0 = Instant::now();
+        let mut t = Transfer::new(Some(tx), HASH, Direction::Send, 300, 100, t0);
+        assert!(
+            !t.moved_at(200, t0 + LOG_EVERY * 2),
+            "a watched transfer is not logged"
+        );
+        t.moved_at(10_000, t0 + LOG_EVERY * 3);
+        drop(t);
+        let (hash, direction) = (HASH, Direction::Send);
+        assert_eq!(
+            rx.iter().collect::<Vec<_>>(),
+            [
+                ScanProgress::Started {
+                    hash,
+                    direction,
+                    bytes_total: 300,
+                    bytes_done: 100
+                },
+                ScanProgress::Moved {
+                    hash,
+                    direction,
+                    bytes_done: 200
+                },
+                ScanProgress::Moved {
+                    hash,
+                    direction,
+                    bytes_done: 300
+                },
+                ScanProgress::Ended { hash, direction },
+            ]
+        );
+    }
+
+    #[test]
+    fn a_watcher_that_falls_behind_never_holds_up_the_transfer() {
+        let (tx, rx) = sync_channel(2);
+        let t0 = Instant::now();
+        let mut t = Transfer::new(Some(tx), HASH, Direction::Receive, 1 << 20, 0, t0);
+        for n in 1..=100 {
+            t.moved_at(n * 1024, t0);
+        }
+        drop(t);
+        // The queue kept what fit; the transfer itself went on to its end without waiting.
+        assert_eq!(rx.try_iter().count(), 2);
+    }
 }
