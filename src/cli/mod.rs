@@ -574,11 +574,10 @@ pub fn log_utc_offset(cli: &Cli) -> time::UtcOffset {
         let text = std::fs::read_to_string(dir.join(crate::node::config::CONFIG_FILE)).ok()?;
         crate::node::Config::parse(&text).ok()
     });
+    let default = crate::node::config::default_utc_offset_hours();
     match configured {
         Some(config) => config.node.utc_offset(),
-        None => crate::node::Config::new("", Role::Commune, "")
-            .node
-            .utc_offset(),
+        None => time::UtcOffset::from_hms(default, 0, 0).unwrap_or(time::UtcOffset::UTC),
     }
 }
 

@@ -165,7 +165,8 @@ impl NodeSection {
     }
 }
 
-fn default_utc_offset_hours() -> i8 {
+/// `node.utc_offset_hours` when the config does not set it (Vietnam).
+pub fn default_utc_offset_hours() -> i8 {
     7
 }
 
