@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser;
-use communesync::cli::{exit_code, run, safe, Cli};
+use communesync::cli::{exit_code, log_utc_offset, run, safe, Cli, LogTime};
 
 fn main() -> ExitCode {
     // Like other Unix tools, end quietly when the reader of our output goes away (`| head`).
@@ -13,8 +13,10 @@ fn main() -> ExitCode {
         libc::signal(libc::SIGPIPE, libc::SIG_DFL);
     }
     let cli = Cli::parse();
+    // Scan transfer progress is the one `info` line kept by default: it is what a log reader
+    // of a long sync (journald, cron) wants to see moving.
     let default_level = match cli.verbose {
-        0 => "warn",
+        0 => "warn,communesync::net::progress=info",
         1 => "info",
         2 => "debug",
         _ => "trace",
@@ -24,6 +26,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_timer(LogTime(log_utc_offset(&cli)))
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     match run(cli) {

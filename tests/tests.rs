@@ -7,6 +7,7 @@
 mod crash;
 mod field;
 mod local;
+mod ops;
 mod status;
 mod sync;
 mod sync_util;

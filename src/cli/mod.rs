@@ -6,11 +6,12 @@ mod demo;
 pub use demo::synthetic_scan;
 mod output;
 pub use output::safe;
+pub mod progress;
 
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::model::assignment::Status;
 use crate::model::dispatch::{DispatchKind, Priority};
@@ -40,22 +41,52 @@ pub mod exit {
     pub const ATTENTION: u8 = 7;
 }
 
+/// A text argument as typed, normalized to Unicode NFC: Vietnamese typed in decomposed form
+/// (NFD, as some keyboards and copied text do) is stored and matched like the precomposed form.
+pub fn nfc(text: &str) -> std::result::Result<String, std::convert::Infallible> {
+    use unicode_normalization::UnicodeNormalization;
+    Ok(text.nfc().collect())
+}
+
+/// A parser accepting exactly `names` (listed in `--help` and completions), each parsed by
+/// `T`'s own `FromStr`.
+fn one_of<T>(names: Vec<&'static str>) -> impl clap::builder::TypedValueParser<Value = T>
+where
+    T: std::str::FromStr + Clone + Send + Sync + 'static,
+    T::Err: std::error::Error + Send + Sync + 'static,
+{
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(names).try_map(|s| s.parse::<T>())
+}
+
+fn roles() -> impl clap::builder::TypedValueParser<Value = Role> {
+    one_of(vec!["commune", "district", "province"])
+}
+
 #[derive(Debug, Parser)]
 #[command(
     name = "communesync",
     version,
     about = "Offline-first sync node for commune, district and province offices",
+    long_about = "Offline-first sync node for commune, district and province offices: dispatches with \
+                  their scans, assignments and dossiers, stored locally and synced along the unit \
+                  tree over QUIC, or carried in signed bundles.",
+    after_help = "Example:\n  communesync --data /var/lib/communesync status\n\n\
+                  Exit codes: 0 success; 1 failure while running; 2 bad command line or input; 3 a named \
+                  document, user, scan or peer does not exist; 4 no node here, a node already here, or \
+                  an invalid config; 5 the peer is unreachable, refused, went silent, or `serve` cannot \
+                  bind its address; 6 `sync` ran to its end with something still pending.",
     max_term_width = 100
 )]
 pub struct Cli {
     /// Node data directory [default: the per-user data directory]
     #[arg(long, global = true, env = "COMMUNESYNC_DATA", value_name = "DIR")]
     pub data: Option<PathBuf>,
-    /// Machine-readable JSON output
+    /// Machine-readable JSON output on stdout (no progress bars)
     #[arg(long, global = true)]
     pub json: bool,
     /// Who acts [default: node.default_user from the config]
-    #[arg(long = "as", global = true, value_name = "USER")]
+    #[arg(long = "as", global = true, value_name = "USER", value_parser = nfc)]
     pub as_user: Option<String>,
     /// More log output (repeat for more); logs go to stderr
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
@@ -67,14 +98,18 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Create a node: data directory, database, key pair and config
+    #[command(
+        after_help = "Example:\n  communesync --data /var/lib/communesync init --unit qn/binhlieu/tinhhuc --role commune"
+    )]
     Init {
-        /// Unit path, e.g. qn/binhlieu/tinhhuc
-        #[arg(long)]
+        /// Unit path, e.g. qn/binhlieu/tinhhuc (must be in the unit tree)
+        #[arg(long, value_name = "UNIT")]
         unit: String,
-        #[arg(long)]
+        /// Role of the unit in the tree; fixed for the life of the node
+        #[arg(long, value_parser = roles())]
         role: Role,
         /// First user account, who becomes the default acting user
-        #[arg(long, default_value = "admin")]
+        #[arg(long, default_value = "admin", value_name = "USER", value_parser = nfc)]
         user: String,
         /// Unit tree to use (a TOML file of [[unit]] path/name/role) instead of the embedded
         /// Quảng Ninh sample; it is copied into the data directory
@@ -94,7 +129,12 @@ pub enum Command {
     #[command(subcommand)]
     Dossier(DossierCmd),
     /// Every change to a document, oldest first: who, when, from which node, what
-    Audit { id: String },
+    #[command(after_help = "Example:\n  communesync audit asg_3f9a0c1b2d4e5f60")]
+    Audit {
+        /// Document id (dsp_..., asg_... or dos_...)
+        #[arg(value_name = "ID")]
+        id: String,
+    },
     /// The unit tree this node knows
     #[command(subcommand)]
     Unit(UnitCmd),
@@ -108,9 +148,14 @@ pub enum Command {
     #[command(subcommand)]
     Peer(PeerCmd),
     /// Run the node as a daemon: accept enrolled peers, keep syncing with the upstream
+    #[command(
+        after_help = "Tells systemd it is ready (Type=notify, $NOTIFY_SOCKET) once its address is bound; \
+                      config/communesync.service is the unit to install.\n\n\
+                      Example:\n  communesync --data /var/lib/communesync serve --listen 0.0.0.0:7410"
+    )]
     Serve {
-        /// Address to listen on [default: sync.listen from the config]
-        #[arg(long)]
+        /// UDP address to listen on [default: sync.listen from the config]
+        #[arg(long, value_name = "ADDR:PORT")]
         listen: Option<std::net::SocketAddr>,
         /// Serve the read-only status page (/) and /metrics on ADDR [default: http.listen from
         /// the config; 127.0.0.1:8377 on districts and the province, none on communes]
@@ -118,34 +163,53 @@ pub enum Command {
         http: Option<std::net::SocketAddr>,
     },
     /// One full sync round with a peer, both directions, documents then scans
+    #[command(
+        after_help = "Exit 0 when converged, 5 when the peer cannot be reached, 6 when something is still \
+                      pending. On a terminal, a bar per scan shows its name, bytes, rate and time left.\n\n\
+                      Example:\n  communesync sync --peer district"
+    )]
     Sync {
         /// Peer name [default: sync.upstream, or the only peer]
-        #[arg(long)]
+        #[arg(long, value_name = "NAME")]
         peer: Option<String>,
     },
     /// This node and each peer: last sync, what is pending in each direction; every unit below
     /// it, connected or when last seen. Exits 7 when something needs attention
+    #[command(after_help = "Example:\n  communesync --json status --problems")]
     Status(StatusArgs),
-    /// Verify the database, every document and every scan (reads only)
+    /// Verify the config's names, the database, every document and every scan (reads only)
+    #[command(after_help = "Example:\n  communesync check --full")]
     Check {
         /// SQLite's full integrity check instead of the quick one
         #[arg(long)]
         full: bool,
     },
     /// Write a consistent copy of the database while the node runs
+    #[command(
+        after_help = "Example:\n  communesync backup --out /var/backups/communesync/node-2026-11-26.db"
+    )]
     Backup {
+        /// A new file for the copy (the scans go to blobs/ beside it)
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
     /// Put a backup (FILE from `backup --out FILE`, its blobs/ beside it) in place of the
     /// node's database; the current one is kept as node.db.before-restore-TIME. Stop `serve`
     /// first
-    Restore { file: PathBuf },
+    #[command(
+        after_help = "Example:\n  communesync restore /var/backups/communesync/node-2026-11-26.db"
+    )]
+    Restore {
+        /// The database file `backup --out FILE` wrote
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
     /// Sync without a link: a signed file carried on a USB stick
     #[command(subcommand)]
     Bundle(BundleCmd),
     /// Demonstration on loopback: a province, a district relay and two communes exchange a
     /// dispatch with a scan, an assignment and its completion
+    #[command(after_help = "Example:\n  communesync demo --local")]
     Demo {
         /// Keep the demonstration's data directories instead of deleting them
         #[arg(long)]
@@ -154,6 +218,20 @@ pub enum Command {
         #[arg(long)]
         local: bool,
     },
+    /// Print a shell completion script to standard output
+    #[command(
+        after_help = "Example:\n  communesync completions bash | sudo tee /usr/share/bash-completion/completions/communesync"
+    )]
+    Completions {
+        /// The shell to complete for
+        #[arg(value_enum, value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff) to standard output
+    #[command(
+        after_help = "Example:\n  communesync man | sudo tee /usr/local/share/man/man1/communesync.1 >/dev/null"
+    )]
+    Man,
 }
 
 #[derive(Debug, Args)]
@@ -173,55 +251,90 @@ pub struct StatusArgs {
 #[derive(Debug, Subcommand)]
 pub enum CaCmd {
     /// Create the provincial CA and enrol this province node with it
+    #[command(after_help = "Example:\n  communesync ca init")]
     Init,
     /// Sign an enrolment request; the province decides the unit and role
+    #[command(
+        after_help = "Example:\n  communesync ca issue /tmp/tinhhuc.req --unit qn/binhlieu/tinhhuc --role commune --out /tmp/tinhhuc.crt"
+    )]
     Issue {
         /// Request file written by `enrol request` on the node
+        #[arg(value_name = "REQUEST")]
         request: PathBuf,
-        #[arg(long)]
+        /// Unit the node serves (must be in the province's unit tree)
+        #[arg(long, value_name = "UNIT")]
         unit: String,
-        #[arg(long)]
+        /// Role of that unit, as in the unit tree
+        #[arg(long, value_parser = roles())]
         role: Role,
         /// Where to write the certificate bundle to carry back to the node
         #[arg(long, value_name = "CERT")]
         out: PathBuf,
     },
     /// Revoke a node; the revocation reaches every node by sync
-    Revoke { node_id: String },
+    #[command(after_help = "Example:\n  communesync ca revoke 46dc591a3c00a64f7427e640160547f1")]
+    Revoke {
+        /// Node id (32 hex digits, from `ca list`)
+        #[arg(value_name = "NODE_ID")]
+        node_id: String,
+    },
     /// Certificates issued so far
+    #[command(after_help = "Example:\n  communesync ca list")]
     List,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum EnrolCmd {
     /// Write an enrolment request for this node's key
+    #[command(after_help = "Example:\n  communesync enrol request --out /tmp/tinhhuc.req")]
     Request {
+        /// File to write the request to (carry it to the province)
         #[arg(long, value_name = "REQ")]
         out: PathBuf,
     },
     /// Install the certificate bundle written by `ca issue`
-    Install { cert: PathBuf },
+    #[command(after_help = "Example:\n  communesync enrol install /tmp/tinhhuc.crt")]
+    Install {
+        /// Certificate bundle from `ca issue --out`
+        #[arg(value_name = "CERT")]
+        cert: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum BundleCmd {
     /// Write what a peer lacks (as far as this node knows) into one signed, compressed file
+    #[command(
+        after_help = "Example:\n  communesync bundle export --for qn/binhlieu/tinhhuc --out /media/usb/tinhhuc.csb"
+    )]
     Export {
         /// Peer name (one that has synced with this node) or unit path
         #[arg(long = "for", value_name = "PEER")]
         for_peer: String,
+        /// A new file for the bundle, outside the data directory
         #[arg(long, value_name = "FILE")]
         out: PathBuf,
     },
     /// Apply a bundle with the same checks as the wire; importing it twice changes nothing
-    Import { file: PathBuf },
+    #[command(after_help = "Example:\n  communesync bundle import /media/usb/tinhhuc.csb")]
+    Import {
+        /// Bundle file (or /dev/stdin)
+        #[arg(value_name = "FILE")]
+        file: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum PeerCmd {
     /// Add a peer by name and address
+    #[command(
+        after_help = "Example:\n  communesync peer add district --addr 10.0.0.2:7410 --upstream"
+    )]
     Add {
+        /// Name to refer to the peer by (`sync --peer NAME`, sync.upstream)
+        #[arg(value_name = "NAME")]
         name: String,
+        /// The peer's UDP address: an IP or host name and a port (the name must resolve now)
         #[arg(long, value_name = "HOST:PORT")]
         addr: String,
         /// This is the node's upstream (its district, or the province): `serve` keeps syncing with it
@@ -229,28 +342,43 @@ pub enum PeerCmd {
         upstream: bool,
     },
     /// List configured peers
+    #[command(after_help = "Example:\n  communesync peer list")]
     List,
     /// Remove a peer
-    Remove { name: String },
+    #[command(after_help = "Example:\n  communesync peer remove district")]
+    Remove {
+        /// Name given to `peer add`
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum UserCmd {
     /// Add a user account
+    #[command(after_help = "Example:\n  communesync user add lan --title \"văn thư\"")]
     Add {
+        /// Account name, used with --as, --lead and --co
+        #[arg(value_name = "NAME", value_parser = nfc)]
         name: String,
-        #[arg(long)]
+        /// Job title shown beside the name
+        #[arg(long, value_parser = nfc)]
         title: Option<String>,
     },
     /// List user accounts
+    #[command(after_help = "Example:\n  communesync user list")]
     List,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum DispatchCmd {
     /// Issue a dispatch from this unit (durable before the command returns)
+    #[command(
+        after_help = "Example:\n  communesync dispatch new --ref 123/UBND-VP --summary \"Kế hoạch\" --kind directive \\\n      --to qn/binhlieu/tinhhuc --priority urgent --attach scan.pdf"
+    )]
     New(NewDispatchArgs),
     /// List dispatches held by this node, newest first
+    #[command(after_help = "Example:\n  communesync dispatch list --inbox --limit 50")]
     List {
         /// Only dispatches addressed to this unit
         #[arg(long, conflicts_with_all = ["outbox", "unit"])]
@@ -261,20 +389,48 @@ pub enum DispatchCmd {
         /// Only dispatches issued by or addressed to UNIT
         #[arg(long, value_name = "UNIT")]
         unit: Option<String>,
-        /// At most this many rows
-        #[arg(long, default_value_t = 1000)]
+        /// At most this many rows (the output says how many there are in all when it stops)
+        #[arg(long, default_value_t = 1000, value_name = "N")]
         limit: usize,
     },
     /// Show one dispatch: recipients and receipts, scans, comments, assignments, conflicts
-    Show { id: String },
+    #[command(after_help = "Example:\n  communesync dispatch show dsp_3f9a0c1b2d4e5f60")]
+    Show {
+        /// Dispatch id (dsp_...)
+        #[arg(value_name = "ID")]
+        id: String,
+    },
     /// Record that this unit received the dispatch (who and when)
-    Receive { id: String },
+    #[command(
+        after_help = "Example:\n  communesync --as lan dispatch receive dsp_3f9a0c1b2d4e5f60"
+    )]
+    Receive {
+        /// Dispatch id (dsp_...)
+        #[arg(value_name = "ID")]
+        id: String,
+    },
     /// Add a comment
-    Comment { id: String, text: String },
+    #[command(
+        after_help = "Example:\n  communesync dispatch comment dsp_3f9a0c1b2d4e5f60 \"đã nhận\""
+    )]
+    Comment {
+        /// Dispatch id (dsp_...)
+        #[arg(value_name = "ID")]
+        id: String,
+        /// The comment
+        #[arg(value_name = "TEXT", value_parser = nfc)]
+        text: String,
+    },
     /// Write an attached scan back to a file, bit for bit (verified)
+    #[command(
+        after_help = "Example:\n  communesync dispatch attachment dsp_3f9a0c1b2d4e5f60 scan.pdf --out copy.pdf"
+    )]
     Attachment {
+        /// Dispatch id (dsp_...)
+        #[arg(value_name = "ID")]
         id: String,
         /// Attachment file name (or a hash prefix of at least 8 digits)
+        #[arg(value_name = "NAME", value_parser = nfc)]
         name: String,
         /// A new file outside the node's data directory, or `-` for standard output
         #[arg(long, value_name = "FILE")]
@@ -288,17 +444,21 @@ pub enum DispatchCmd {
 #[derive(Debug, Args)]
 pub struct NewDispatchArgs {
     /// Reference number, e.g. 123/UBND-VP
-    #[arg(long = "ref", value_name = "REF")]
+    #[arg(long = "ref", value_name = "REF", value_parser = nfc)]
     pub ref_no: String,
     /// Summary (subject line)
-    #[arg(long)]
+    #[arg(long, value_parser = nfc)]
     pub summary: String,
-    #[arg(long, default_value = "dispatch")]
+    /// Kind of document
+    #[arg(long, default_value = "dispatch",
+          value_parser = one_of::<DispatchKind>(DispatchKind::ALL.iter().map(|k| k.as_str()).collect()))]
     pub kind: DispatchKind,
     /// Recipient unit paths
     #[arg(long, num_args = 1.., required = true, value_name = "UNIT")]
     pub to: Vec<String>,
-    #[arg(long, default_value = "normal")]
+    /// How urgent; more urgent documents and their scans travel first
+    #[arg(long, default_value = "normal",
+          value_parser = one_of::<Priority>(Priority::ALL.iter().map(|p| p.as_str()).collect()))]
     pub priority: Priority,
     /// Scans to attach
     #[arg(long, num_args = 1.., value_name = "FILE")]
@@ -308,60 +468,101 @@ pub struct NewDispatchArgs {
 #[derive(Debug, Subcommand)]
 pub enum AssignCmd {
     /// Assign a dispatch to a lead (and co-handlers) with a deadline
+    #[command(
+        after_help = "Example:\n  communesync assign new dsp_3f9a0c1b2d4e5f60 --lead minh --co lan --deadline 2026-12-15"
+    )]
     New {
+        /// Dispatch id (dsp_...)
+        #[arg(value_name = "DISPATCH_ID")]
         dispatch_id: String,
-        #[arg(long)]
+        /// User who leads the work (a user of this unit)
+        #[arg(long, value_name = "USER", value_parser = nfc)]
         lead: String,
-        #[arg(long = "co", num_args = 1.., value_name = "USER")]
+        /// Users who work with the lead
+        #[arg(long = "co", num_args = 1.., value_name = "USER", value_parser = nfc)]
         co: Vec<String>,
-        /// YYYY-MM-DD
-        #[arg(long)]
+        /// Last day to finish, YYYY-MM-DD (local date)
+        #[arg(long, value_name = "YYYY-MM-DD")]
         deadline: String,
     },
     /// Move an assignment to a new status (the history keeps every transition)
+    #[command(
+        after_help = "Example:\n  communesync --as minh assign update asg_3f9a0c1b2d4e5f60 --status in-progress --note \"đang xử lý\""
+    )]
     Update {
+        /// Assignment id (asg_...)
+        #[arg(value_name = "ID")]
         id: String,
-        #[arg(long)]
+        /// The new status
+        #[arg(long, value_parser = one_of::<Status>(Status::ALL.iter().map(|s| s.as_str()).collect()))]
         status: Status,
-        #[arg(long)]
+        /// Why, or what was done (kept in the history)
+        #[arg(long, value_parser = nfc)]
         note: Option<String>,
     },
     /// List assignments, earliest deadline first
+    #[command(after_help = "Example:\n  communesync assign list --overdue --lead minh")]
     List {
         /// Only those past their deadline and not done
         #[arg(long)]
         overdue: bool,
-        #[arg(long, value_name = "USER")]
+        /// Only those led by USER
+        #[arg(long, value_name = "USER", value_parser = nfc)]
         lead: Option<String>,
-        #[arg(long, default_value_t = 1000)]
+        /// At most this many rows
+        #[arg(long, default_value_t = 1000, value_name = "N")]
         limit: usize,
     },
     /// Show one assignment with its whole status history
-    Show { id: String },
+    #[command(after_help = "Example:\n  communesync assign show asg_3f9a0c1b2d4e5f60")]
+    Show {
+        /// Assignment id (asg_...)
+        #[arg(value_name = "ID")]
+        id: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
 pub enum DossierCmd {
     /// Open a dossier for a citizen's application
+    #[command(
+        after_help = "Example:\n  communesync dossier new --applicant \"Nguyễn Văn A\" --procedure \"đăng ký khai sinh\""
+    )]
     New {
-        #[arg(long)]
+        /// The citizen who applies
+        #[arg(long, value_name = "NAME", value_parser = nfc)]
         applicant: String,
-        #[arg(long)]
+        /// The administrative procedure applied for
+        #[arg(long, value_name = "PROCEDURE", value_parser = nfc)]
         procedure: String,
     },
     /// Move a dossier to its next step, optionally handing it to another unit
+    #[command(
+        after_help = "Example:\n  communesync dossier advance dos_3f9a0c1b2d4e5f60 --step \"chuyển huyện\" --to-unit qn/binhlieu"
+    )]
     Advance {
+        /// Dossier id (dos_...)
+        #[arg(value_name = "ID")]
         id: String,
-        #[arg(long)]
+        /// Name of the step the dossier reaches
+        #[arg(long, value_name = "STEP", value_parser = nfc)]
         step: String,
+        /// Unit that holds the dossier from now on [default: this unit]
         #[arg(long, value_name = "UNIT")]
         to_unit: Option<String>,
     },
     /// Which step a dossier is at, since when, who holds it, and its route so far
-    Track { id: String },
+    #[command(after_help = "Example:\n  communesync dossier track dos_3f9a0c1b2d4e5f60")]
+    Track {
+        /// Dossier id (dos_...)
+        #[arg(value_name = "ID")]
+        id: String,
+    },
     /// List dossiers, most recently moved first
+    #[command(after_help = "Example:\n  communesync dossier list --limit 20")]
     List {
-        #[arg(long, default_value_t = 1000)]
+        /// At most this many rows
+        #[arg(long, default_value_t = 1000, value_name = "N")]
         limit: usize,
     },
 }
@@ -369,10 +570,15 @@ pub enum DossierCmd {
 #[derive(Debug, Subcommand)]
 pub enum UnitCmd {
     /// List the units of the tree (optionally only below UNIT)
-    List { under: Option<String> },
+    #[command(after_help = "Example:\n  communesync unit list qn/binhlieu")]
+    List {
+        /// Only this unit and those below it
+        #[arg(value_name = "UNIT")]
+        under: Option<String>,
+    },
     /// Province only: sign FILE (a TOML file of [[unit]] path/name/role) with the CA as the next
     /// version of the unit tree and use it; every node gets it at its next sync
-    #[command(after_help = "Example: communesync unit publish units-2027.toml")]
+    #[command(after_help = "Example:\n  communesync unit publish units-2027.toml")]
     Publish {
         /// The new unit tree: every unit of the current one still enrolled must be in it
         file: PathBuf,
@@ -387,6 +593,35 @@ fn data_dir(cli: &Cli) -> Result<PathBuf> {
     directories::ProjectDirs::from("", "", "communesync")
         .map(|d| d.data_dir().to_path_buf())
         .context("no home directory to hold the default data directory; pass --data DIR")
+}
+
+/// The zone log lines are stamped in: the node's `node.utc_offset_hours`, the zone every
+/// command prints its times in, so a log line and a `status` line compare at a glance. Before
+/// `init`, or with a config that does not load, the default of that key (UTC+7).
+pub fn log_utc_offset(cli: &Cli) -> time::UtcOffset {
+    let configured = data_dir(cli).ok().and_then(|dir| {
+        let text = std::fs::read_to_string(dir.join(crate::node::config::CONFIG_FILE)).ok()?;
+        crate::node::Config::parse(&text).ok()
+    });
+    let default = crate::node::config::default_utc_offset_hours();
+    match configured {
+        Some(config) => config.node.utc_offset(),
+        None => time::UtcOffset::from_hms(default, 0, 0).unwrap_or(time::UtcOffset::UTC),
+    }
+}
+
+/// Log timestamps in a fixed zone, written like the times commands print
+/// (`2026-11-26 13:33:08.412 +07`).
+pub struct LogTime(pub time::UtcOffset);
+
+impl tracing_subscriber::fmt::time::FormatTime for LogTime {
+    fn format_time(&self, w: &mut tracing_subscriber::fmt::format::Writer<'_>) -> std::fmt::Result {
+        let format = time::macros::format_description!(
+            "[year]-[month]-[day] [hour]:[minute]:[second].[subsecond digits:3] [offset_hour sign:mandatory]"
+        );
+        let now = time::OffsetDateTime::now_utc().to_offset(self.0);
+        w.write_str(&now.format(&format).map_err(|_| std::fmt::Error)?)
+    }
 }
 
 fn open(cli: &Cli) -> Result<Node> {
@@ -440,7 +675,14 @@ pub fn run(cli: Cli) -> Result<()> {
                         (_, _, Some(u)) => DispatchFilter::Involving(u),
                         _ => DispatchFilter::All,
                     };
-                    out.dispatch_rows(&node.dispatch_list(filter, *limit)?, &node)
+                    let rows = node.dispatch_list(filter, *limit)?;
+                    // Counted only when the list is full: the usual short list costs no second query.
+                    let total = if rows.len() >= *limit {
+                        node.dispatch_count(filter)?
+                    } else {
+                        rows.len() as i64
+                    };
+                    out.dispatch_rows(&rows, total, &node)
                 }
                 DispatchCmd::Show { id } => {
                     let detail = node.dispatch_show(id)?;
@@ -569,9 +811,23 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bundle(BundleCmd::Export {
             for_peer,
             out: file,
-        }) => out.exported(&open(&cli)?.bundle_export(for_peer, file)?),
+        }) => {
+            let mut node = open(&cli)?;
+            let spinner = progress::spinner(cli.json, &format!("writing a bundle for {for_peer}"));
+            let report = node.bundle_export(for_peer, file);
+            if let Some(s) = spinner {
+                s.finish_and_clear();
+            }
+            out.exported(&report?)
+        }
         Command::Bundle(BundleCmd::Import { file }) => {
-            let report = open(&cli)?.bundle_import(file)?;
+            let mut node = open(&cli)?;
+            let spinner = progress::spinner(cli.json, &format!("importing {}", file.display()));
+            let report = node.bundle_import(file);
+            if let Some(s) = spinner {
+                s.finish_and_clear();
+            }
+            let report = report?;
             out.imported(&report)?;
             match report.docs_refused.first() {
                 // What passed is stored; the refusals make the import a failure for scripts.
@@ -584,7 +840,10 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Check { full } => {
-            let report = open(&cli)?.check(*full)?;
+            let mut node = open(&cli)?;
+            // Config first: a default user that is no user would fail every command later.
+            node.check_config_names()?;
+            let report = node.check(*full)?;
             out.check(&report)?;
             if !report.problems.is_empty() {
                 anyhow::bail!("{} problem(s) found; restore the damaged data from a backup (docs/operations.md)", report.problems.len());
@@ -592,7 +851,17 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Backup { out: file } => {
-            open(&cli)?.backup(file)?;
+            let node = open(&cli)?;
+            // The copy is about the size of the database (VACUUM INTO leaves out free pages).
+            let db_bytes = std::fs::metadata(data_dir(&cli)?.join(crate::node::DB_FILE))
+                .map(|m| m.len())
+                .unwrap_or(0);
+            let bar = progress::FileBar::start(cli.json, "backup", file, db_bytes);
+            let result = node.backup(file);
+            if let Some(b) = bar {
+                b.finish();
+            }
+            result?;
             out.backed_up(file)
         }
         Command::Restore { file } => {
@@ -614,10 +883,15 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Sync { peer } => {
             let dir = data_dir(&cli)?;
-            let progress = out.spinner("syncing");
-            let report = runtime()?.block_on(crate::node::sync::sync_once(&dir, peer.as_deref()));
-            if let Some(p) = progress {
-                p.finish_and_clear();
+            let bars = progress::wanted(cli.json).then(|| progress::ScanBars::new(&dir));
+            let watcher = bars.as_ref().map(|b| b.watcher());
+            let report = runtime()?.block_on(crate::node::sync::sync_once_watched(
+                &dir,
+                peer.as_deref(),
+                watcher,
+            ));
+            if let Some(b) = bars {
+                b.finish();
             }
             let report = report?;
             out.sync_report(&report)?;
@@ -668,6 +942,17 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Demo { keep, local: true } => demo::run_local(*keep, &out),
         Command::Demo { keep, local: false } => demo::run_tree(*keep, &out),
+        Command::Completions { shell } => {
+            let mut stdout = std::io::stdout().lock();
+            clap_complete::generate(*shell, &mut Cli::command(), "communesync", &mut stdout);
+            Ok(())
+        }
+        Command::Man => {
+            let mut stdout = std::io::stdout().lock();
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut stdout)
+                .context("writing the manual page to standard output")
+        }
     }
 }
 
@@ -762,16 +1047,126 @@ mod tests {
         ];
         assert_eq!(codes, used);
         let readme = include_str!("../../README.md");
-        let listed = readme
-            .split("Exit codes:")
-            .nth(1)
-            .expect("README lists exit codes");
-        let listed = &listed[..listed.find("\n\n").unwrap_or(listed.len())];
         for code in used {
             assert!(
-                listed.contains(&format!("{code} ")),
-                "README omits exit code {code}"
+                readme.contains(&format!("\n| {code} | ")),
+                "README's exit code table omits {code}"
             );
         }
+    }
+
+    use super::*;
+
+    /// Every subcommand, depth first, with its full name ("dispatch new").
+    fn commands(cmd: &clap::Command, name: String, all: &mut Vec<(String, clap::Command)>) {
+        for sub in cmd.get_subcommands() {
+            commands(sub, format!("{name} {}", sub.get_name()), all);
+        }
+        all.push((name, cmd.clone()));
+    }
+
+    #[test]
+    fn every_option_and_argument_of_every_command_is_described() {
+        let mut all = Vec::new();
+        commands(&Cli::command(), "communesync".into(), &mut all);
+        let mut undocumented = Vec::new();
+        for (name, cmd) in &all {
+            for arg in cmd.get_arguments() {
+                let id = arg.get_id().as_str();
+                if matches!(id, "help" | "version") {
+                    continue;
+                }
+                let described = arg
+                    .get_help()
+                    .or(arg.get_long_help())
+                    .is_some_and(|h| !h.to_string().trim().is_empty());
+                if !described {
+                    undocumented.push(format!("{name}: {id}"));
+                }
+            }
+            if cmd.get_about().is_none() {
+                undocumented.push(format!("{name}: the command itself"));
+            }
+        }
+        assert!(
+            undocumented.is_empty(),
+            "options and arguments without help text: {undocumented:?}"
+        );
+    }
+
+    #[test]
+    fn every_command_that_runs_shows_an_example() {
+        let mut all = Vec::new();
+        commands(&Cli::command(), "communesync".into(), &mut all);
+        let missing: Vec<_> = all
+            .iter()
+            .filter(|(_, cmd)| !cmd.has_subcommands() || cmd.get_name() == "communesync")
+            .filter(|(_, cmd)| {
+                !cmd.get_after_help()
+                    .or(cmd.get_after_long_help())
+                    .is_some_and(|h| h.to_string().contains("Example:\n  communesync"))
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        assert!(
+            missing.is_empty(),
+            "commands without an example: {missing:?}"
+        );
+    }
+
+    #[test]
+    fn choices_are_listed_in_help_and_parsed_by_the_model() {
+        let cmd = Cli::command();
+        let init = cmd.find_subcommand("init").unwrap();
+        let role = init.get_arguments().find(|a| a.get_id() == "role").unwrap();
+        let names: Vec<_> = role
+            .get_possible_values()
+            .iter()
+            .map(|v| v.get_name().to_string())
+            .collect();
+        assert_eq!(names, ["commune", "district", "province"]);
+        let cli = Cli::try_parse_from([
+            "communesync",
+            "assign",
+            "update",
+            "asg_1",
+            "--status",
+            "in-progress",
+        ])
+        .unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Assign(AssignCmd::Update {
+                status: Status::InProgress,
+                ..
+            })
+        ));
+        let err = Cli::try_parse_from(["communesync", "init", "--unit", "qn", "--role", "town"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("commune, district, province"), "{err}");
+    }
+
+    #[test]
+    fn text_arguments_are_normalized_to_nfc() {
+        // "Nguyễn" typed decomposed: e + circumflex + tilde as combining marks.
+        let decomposed = "Nguye\u{302}\u{303}n";
+        let cli = Cli::try_parse_from([
+            "communesync",
+            "--as",
+            decomposed,
+            "dossier",
+            "new",
+            "--applicant",
+            decomposed,
+            "--procedure",
+            "khai sinh",
+        ])
+        .unwrap();
+        assert_eq!(cli.as_user.as_deref(), Some("Nguy\u{1ec5}n"));
+        let Command::Dossier(DossierCmd::New { applicant, .. }) = cli.command else {
+            panic!("parsed as another command")
+        };
+        assert_eq!(applicant, "Nguy\u{1ec5}n");
     }
 }

@@ -314,7 +314,16 @@ impl Out {
         })
     }
 
-    pub fn dispatch_rows(&self, rows: &[DispatchRow], node: &Node) -> Result<()> {
+    /// The rows, and when they stop short of `total`, a line saying so (on stderr with
+    /// `--json`, whose stdout stays the list of rows).
+    pub fn dispatch_rows(&self, rows: &[DispatchRow], total: i64, node: &Node) -> Result<()> {
+        let shown = rows.len() as i64;
+        let more = (total > shown).then(|| {
+            format!("{shown} of {total} dispatches shown; use --limit {total} to see them all")
+        });
+        if let (true, Some(more)) = (self.json, &more) {
+            eprintln!("{more}");
+        }
         self.emit(&rows, || {
             for r in rows {
                 println!(
@@ -333,6 +342,9 @@ impl Out {
             }
             if rows.is_empty() {
                 println!("no dispatches");
+            }
+            if let Some(more) = &more {
+                println!("{more}");
             }
         })
     }
@@ -485,17 +497,6 @@ impl Out {
                 );
             }
         })
-    }
-
-    /// A spinner on a terminal (and not with --json); None elsewhere, where logs suffice.
-    pub fn spinner(&self, what: &str) -> Option<indicatif::ProgressBar> {
-        use std::io::IsTerminal;
-        if self.json || !std::io::stderr().is_terminal() {
-            return None;
-        }
-        let bar = indicatif::ProgressBar::new_spinner().with_message(what.to_string());
-        bar.enable_steady_tick(std::time::Duration::from_millis(120));
-        Some(bar)
     }
 
     pub fn enrolled(&self, id: &PeerIdentity) -> Result<()> {

@@ -12,6 +12,7 @@ use tokio::sync::{mpsc, Mutex};
 use tracing::{debug, warn};
 
 use super::pace::{Pacer, RateLimit};
+use super::progress::{Direction, Transfer};
 use super::{read_frame, write_frame, Event, NetError, STREAM_BLOB};
 use crate::node::blobsink::BlobSink;
 use crate::node::DB_FILE;
@@ -122,6 +123,13 @@ async fn send(
         chunk_hashes,
     };
     write_frame(&mut stream, &header, 3).await?;
+    let mut progress = Transfer::start(
+        conn,
+        hash,
+        Direction::Send,
+        size,
+        first * CHUNK_BYTES as u64,
+    );
     // The level is chosen here, per chunk, as the link changes; the reader uses the latest
     // choice for the chunks it encodes ahead.
     let level_now = Arc::new(AtomicI32::new(level_for_rate(estimated_rate_bps(conn))));
@@ -135,6 +143,7 @@ async fn send(
             .unwrap_or_else(|| Err(NetError::Node("the scan reader stopped".into())))?;
         rate.take(frame[1].len()).await;
         pacer.write(&mut stream, &mut frame).await?;
+        progress.moved(progress.bytes_done() + CHUNK_BYTES as u64);
     }
     stream.finish().map_err(|e| lost(e.to_string()))?;
     debug!(hash = %hex::encode(hash), from, "scan sent");
@@ -206,6 +215,7 @@ fn spawn_chunk_reader(
 pub(super) async fn receive(
     recv: &mut RecvStream,
     dir: &Path,
+    conn: &quinn::Connection,
 ) -> Result<Hash32, (Option<Hash32>, NetError)> {
     let header = match read_frame(recv, SCAN_HEADER_FRAME_BYTES_MAX).await {
         Ok(Some(f)) => f,
@@ -218,13 +228,24 @@ pub(super) async fn receive(
         Err(e) => return Err((None, e)),
     };
     // Frames still to come if the header is well formed; BlobSink::begin checks it.
-    let expected = match &header {
+    let (expected, mut progress) = match &header {
         Frame::BlobHeader {
+            hash,
+            size,
             first,
             chunk_hashes,
             ..
-        } => (chunk_hashes.len() as u64).saturating_sub(*first),
-        _ => 0,
+        } => (
+            (chunk_hashes.len() as u64).saturating_sub(*first),
+            Some(Transfer::start(
+                conn,
+                *hash,
+                Direction::Receive,
+                *size,
+                first.saturating_mul(CHUNK_BYTES as u64),
+            )),
+        ),
+        _ => (0, None),
     };
     let (tx, rx) = mpsc::channel(FRAMES_AHEAD_MAX);
     let db = dir.join(DB_FILE);
@@ -236,6 +257,9 @@ pub(super) async fn receive(
             () = tx.closed() => break,
         };
         let ended = !matches!(frame, Ok(Some(_)));
+        if let (Some(p), false) = (&mut progress, ended) {
+            p.moved(p.bytes_done() + CHUNK_BYTES as u64);
+        }
         if tx.send(frame).await.is_err() || ended {
             break;
         }

@@ -4,6 +4,7 @@
 pub mod admit;
 mod blobs;
 mod pace;
+pub mod progress;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -71,6 +72,12 @@ pub enum NetError {
     AlreadyStored,
     #[error("{0}")]
     Setup(String),
+    /// Exit 5 like other network failures: the address may be free again later.
+    #[error("cannot bind UDP {addr}: {source}; another `communesync serve` may be running, or another program holds the port")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
 }
 
 /// Largest UDP payload a connection may grow to, where the route allows it (loopback, jumbo
@@ -249,8 +256,8 @@ fn endpoint(
     tls: &TlsMaterial,
     server: Option<quinn::ServerConfig>,
 ) -> Result<quinn::Endpoint, NetError> {
-    let socket = std::net::UdpSocket::bind(bind)
-        .map_err(|e| NetError::Setup(format!("cannot bind UDP {bind}: {e}")))?;
+    let socket =
+        std::net::UdpSocket::bind(bind).map_err(|source| NetError::Bind { addr: bind, source })?;
     size_socket_buffers(&socket);
     let runtime =
         quinn::default_runtime().ok_or_else(|| NetError::Setup("no async runtime".into()))?;
@@ -605,9 +612,9 @@ fn spawn_acceptor(conn: quinn::Connection, dir: PathBuf, events: mpsc::Sender<Ev
                     let Ok(permit) = receivers.clone().acquire_owned().await else {
                         break;
                     };
-                    let dir = dir.clone();
+                    let (dir, conn) = (dir.clone(), conn.clone());
                     tokio::spawn(async move {
-                        let result = blobs::receive(&mut recv, &dir).await;
+                        let result = blobs::receive(&mut recv, &dir, &conn).await;
                         drop(permit);
                         match result {
                             Ok(hash) => {

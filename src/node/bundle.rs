@@ -91,7 +91,7 @@ impl Node {
             Some((node, unit)) => (unit, Some(node)),
             None if self.tree.get(peer).is_ok() => (peer.to_string(), self.store.peer_node_by_unit(peer)?),
             None => {
-                return Err(NodeError::Invalid(format!(
+                return Err(NodeError::NotFound(format!(
                     "no peer {peer:?} has synced with this node yet: pass its unit path instead, like --for qn/binhlieu/tinhhuc"
                 )))
             }

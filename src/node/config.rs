@@ -188,7 +188,8 @@ impl NodeSection {
     }
 }
 
-fn default_utc_offset_hours() -> i8 {
+/// `node.utc_offset_hours` when the config does not set it (Vietnam).
+pub fn default_utc_offset_hours() -> i8 {
     7
 }
 
@@ -253,7 +254,9 @@ impl Config {
             message,
         };
         let config = Config::parse(&text).map_err(invalid)?;
-        let tree = config.validate(dir).map_err(invalid)?;
+        let tree = config
+            .validate(dir)
+            .map_err(|message| invalid(with_line(&text, message)))?;
         Ok((config, tree))
     }
 
@@ -349,11 +352,23 @@ impl Config {
                 sync.congestion
             ));
         }
-        if !(1..=86_400).contains(&sync.reconnect_max_s)
-            || !(1..=10_000).contains(&sync.connections_max)
-            || !(50..=60_000).contains(&sync.push_interval_ms)
-        {
-            return Err("sync.reconnect_max_s (1-86400), sync.connections_max (1-10000) or sync.push_interval_ms (50-60000) is out of range".into());
+        if !(1..=86_400).contains(&sync.reconnect_max_s) {
+            return Err(format!(
+                "sync.reconnect_max_s = {} must be between 1 and 86400",
+                sync.reconnect_max_s
+            ));
+        }
+        if !(1..=10_000).contains(&sync.connections_max) {
+            return Err(format!(
+                "sync.connections_max = {} must be between 1 and 10000",
+                sync.connections_max
+            ));
+        }
+        if !(50..=60_000).contains(&sync.push_interval_ms) {
+            return Err(format!(
+                "sync.push_interval_ms = {} must be between 50 and 60000",
+                sync.push_interval_ms
+            ));
         }
         if !(1..=86_400).contains(&sync.status_interval_s) {
             return Err(format!(
@@ -438,6 +453,38 @@ fn quoted(text: &str) -> String {
     toml::Value::String(text.to_string()).to_string()
 }
 
+/// `message` from [`Config::check`], which starts with the key it is about ("sync.listen =
+/// ..."), with the line of that key in `text` added at the end, when the key is there.
+fn with_line(text: &str, message: String) -> String {
+    let key = message
+        .split([' ', ':'])
+        .next()
+        .and_then(|k| k.split_once('.'));
+    match key.and_then(|(section, key)| line_of(text, section, key)) {
+        Some(line) => format!("{message} (line {line})"),
+        None => message,
+    }
+}
+
+/// The line (from 1) on which `key` is set in table `[section]` of a TOML text, if it is set
+/// there as `key = ...` (the form `init` writes and the samples use).
+pub fn line_of(text: &str, section: &str, key: &str) -> Option<usize> {
+    let mut current = "";
+    for (n, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if let Some(header) = line.strip_prefix('[') {
+            current = header.trim_matches(|c| c == '[' || c == ']' || c == ' ');
+        } else if current == section
+            && line
+                .strip_prefix(key)
+                .is_some_and(|rest| rest.trim_start().starts_with('='))
+        {
+            return Some(n + 1);
+        }
+    }
+    None
+}
+
 fn describe(text: &str, err: &toml::de::Error) -> String {
     // toml keeps the key path private; without the input, its Display prints it as a last
     // line "in `store.doc_cache_entries`" instead of a multi-line snippet.
@@ -470,6 +517,44 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(CONFIG_FILE), text).unwrap();
         Config::load(dir.path())
+    }
+
+    /// The shipped samples say "every key below shows its default": they must.
+    #[test]
+    fn the_sample_configs_show_the_defaults() {
+        for (name, text) in [
+            ("commune", include_str!("../../config/commune.toml")),
+            ("district", include_str!("../../config/district.toml")),
+            ("province", include_str!("../../config/province.toml")),
+        ] {
+            let sample = Config::parse(text).unwrap();
+            let defaults = Config::new(&sample.node.unit, sample.node.role, "admin");
+            let shown = |c: &Config| {
+                serde_json::to_string(&(&c.node, &c.store, &c.sync)).expect("serializable")
+            };
+            assert_eq!(shown(&sample), shown(&defaults), "config/{name}.toml");
+        }
+    }
+
+    #[test]
+    fn a_value_out_of_range_is_named_with_its_line() {
+        let mut text =
+            Config::new("qn/binhlieu/tinhhuc", Role::Commune, "admin").to_toml_annotated();
+        text = text.replace(
+            "keep_alive_s = 10",
+            "keep_alive_s = 10\npush_interval_ms = 5",
+        );
+        let line = text
+            .lines()
+            .position(|l| l.starts_with("push_interval_ms"))
+            .unwrap()
+            + 1;
+        let err = load_text(&text).unwrap_err().to_string();
+        assert!(
+            err.contains("sync.push_interval_ms = 5 must be between 50 and 60000")
+                && err.ends_with(&format!("(line {line})")),
+            "{err}"
+        );
     }
 
     #[test]

@@ -197,6 +197,27 @@ impl Node {
         Ok(self.store.list_dispatches(filter, limit)?)
     }
 
+    /// The file name a dispatch gives the scan `hash`, for people watching it travel.
+    pub fn scan_name(&mut self, hash: &[u8; 32]) -> Result<Option<String>> {
+        let Some(doc) = self.store.doc_of_blob(hash)? else {
+            return Ok(None);
+        };
+        let Ok(id) = doc.parse::<DocId>() else {
+            return Ok(None);
+        };
+        let hex = hex::encode(hash);
+        Ok(self
+            .dispatch_view(&id)
+            .ok()
+            .and_then(|d| d.attachments.into_iter().find(|a| a.hash == hex))
+            .map(|a| a.name))
+    }
+
+    /// How many dispatches `filter` matches, however many a list shows.
+    pub fn dispatch_count(&self, filter: DispatchFilter<'_>) -> Result<i64> {
+        Ok(self.store.count_dispatches(filter)?)
+    }
+
     pub fn dispatch_show(&mut self, id: &str) -> Result<DispatchDetail> {
         let id = parse_id(id, DocKind::Dispatch)?;
         let dispatch = self.dispatch_view(&id)?;
@@ -265,7 +286,7 @@ impl Node {
             })
             .ok_or_else(|| {
                 let names: Vec<_> = view.attachments.iter().map(|a| a.name.as_str()).collect();
-                NodeError::Invalid(format!(
+                NodeError::NotFound(format!(
                     "dispatch {id} has no attachment {name:?} (it has: {})",
                     if names.is_empty() {
                         "none".into()
@@ -277,7 +298,7 @@ impl Node {
             .clone();
         let hash = parse_hash(&attachment.hash)?;
         if !self.store.has_blob(&hash)? {
-            return Err(NodeError::Invalid(format!(
+            return Err(NodeError::NotFound(format!(
                 "scan {} of dispatch {id} has not arrived on this node yet; run `communesync sync`",
                 attachment.name
             )));

@@ -7,6 +7,7 @@ pub mod bundle;
 pub mod config;
 pub mod health;
 mod local;
+pub mod notify;
 pub mod path;
 pub mod replica;
 pub mod restore;
@@ -46,6 +47,9 @@ pub enum NodeError {
     NoUser,
     #[error("{0}")]
     Invalid(String),
+    /// A named object other than a document or user (a scan, an attachment, a peer) is not here.
+    #[error("{0}")]
+    NotFound(String),
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error(transparent)]
@@ -68,7 +72,9 @@ impl NodeError {
     pub fn is_not_found(&self) -> bool {
         matches!(
             self,
-            NodeError::Store(StoreError::NotFound(_)) | NodeError::UnknownUser(_)
+            NodeError::Store(StoreError::NotFound(_))
+                | NodeError::UnknownUser(_)
+                | NodeError::NotFound(_)
         )
     }
 }
@@ -243,11 +249,14 @@ impl Node {
         })?;
         let node_id: NodeId = id_text.parse()?;
         if store.meta("unit")?.as_deref() != Some(config.node.unit.as_str()) {
-            return Err(NodeError::Invalid(format!(
-                "config node.unit = {} but this database belongs to {}; a node cannot change unit, initialise a new one",
-                config.node.unit,
-                store.meta("unit")?.unwrap_or_default()
-            )));
+            return Err(NodeError::Config(ConfigError::Invalid {
+                path: dir.join(config::CONFIG_FILE),
+                message: format!(
+                    "node.unit = {} but this database belongs to {}; a node cannot change unit: restore the right config.toml, or initialise a new node",
+                    config.node.unit,
+                    store.meta("unit")?.unwrap_or_default()
+                ),
+            }));
         }
         let actor = ActorId::from(&node_id.as_bytes()[..]);
         let (signed_tree, tree) = match tree::load(dir) {
@@ -309,6 +318,29 @@ impl Node {
             unit: self.unit().to_string(),
             node: self.node_id.to_string(),
         })
+    }
+
+    /// Checks the config keys that name rows of the database: `node.default_user` must be a
+    /// user here, or every command without `--as` fails and `serve` loops on errors.
+    pub fn check_config_names(&self) -> Result<()> {
+        let Some(user) = self.config.node.default_user.as_deref() else {
+            return Ok(());
+        };
+        if self.store.user_exists(user)? {
+            return Ok(());
+        }
+        let path = self.dir.join(config::CONFIG_FILE);
+        let line = std::fs::read_to_string(&path)
+            .ok()
+            .and_then(|text| config::line_of(&text, "node", "default_user"))
+            .map(|n| format!(" (line {n})"))
+            .unwrap_or_default();
+        Err(NodeError::Config(ConfigError::Invalid {
+            path,
+            message: format!(
+                "node.default_user = {user:?} is not a user of this node{line}: add it with `communesync user add {user}`, or set node.default_user to an existing user (`communesync user list`)"
+            ),
+        }))
     }
 
     /// Today's date at this node's UTC offset.

@@ -467,16 +467,37 @@ impl Node {
     }
 }
 
+/// A peer's address: an IP address and port as given, or a host name looked up now.
 fn resolve(addr: &str) -> Result<SocketAddr> {
     use std::net::ToSocketAddrs;
+    let shape = || {
+        NodeError::Invalid(format!(
+            "peer address {addr:?} is not HOST:PORT (like 10.0.0.2:7410)"
+        ))
+    };
+    let (host, port) = addr.rsplit_once(':').ok_or_else(shape)?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(shape());
+    }
+    // The shape is right, so a failure from here on is the name service's answer.
+    let unresolved = |why: String| {
+        NodeError::Invalid(format!(
+            "could not resolve {host}: {why}; check the name and the DNS server, or give the peer's IP address"
+        ))
+    };
     addr.to_socket_addrs()
-        .ok()
-        .and_then(|mut a| a.next())
-        .ok_or_else(|| {
-            NodeError::Invalid(format!(
-                "peer address {addr:?} is not HOST:PORT (like 10.0.0.2:7410)"
-            ))
-        })
+        .map_err(|e| unresolved(e.to_string()))?
+        .next()
+        .ok_or_else(|| unresolved("no address for that name".into()))
+}
+
+/// [`resolve`] for a stored peer, whose address had the right shape when it was added: a
+/// failure is the network's (no DNS answer), and ends the sync like an unreachable peer (exit 5).
+fn resolve_peer(addr: &str) -> std::result::Result<SocketAddr, net::NetError> {
+    resolve(addr).map_err(|e| net::NetError::Unreachable {
+        addr: addr.to_string(),
+        reason: e.to_string(),
+    })
 }
 
 /// Records which node answered under a peer name (used by `bundle export --for NAME`).
@@ -495,9 +516,23 @@ pub async fn sync_once(
     dir: &Path,
     peer_name: Option<&str>,
 ) -> std::result::Result<SessionReport, anyhow::Error> {
+    sync_once_watched(dir, peer_name, None).await
+}
+
+/// Hands the progress of each scan transfer to a watcher (the CLI's progress bars).
+pub type ProgressWatcher =
+    Box<dyn FnOnce(std::sync::mpsc::Receiver<net::progress::ScanProgress>) + Send>;
+
+/// [`sync_once`], handing `watcher` the progress of each scan sent and received once the
+/// peer answers.
+pub async fn sync_once_watched(
+    dir: &Path,
+    peer_name: Option<&str>,
+    watcher: Option<ProgressWatcher>,
+) -> std::result::Result<SessionReport, anyhow::Error> {
     let node = Node::open(dir)?;
     let peer = node.pick_peer(peer_name)?;
-    let addr = resolve(&peer.addr)?;
+    let addr = resolve_peer(&peer.addr)?;
     let tls = node.tls_material()?;
     let mtu = path::known_mtu(dir, addr.ip());
     // Frequent keep-alives make a live peer answer while nothing else flows, so silence means
@@ -509,6 +544,12 @@ pub async fn sync_once(
     let (conn, identity) = connect(dir, &ep, addr, mtu).await?;
     let opened = Instant::now();
     bind_peer(dir, &peer.name, &identity)?;
+    // Kept until the session ends: scans report to the watcher while it lives.
+    let _watch = watcher.and_then(|hand_over| {
+        let (watch, events) = net::progress::watch(&conn)?;
+        hand_over(events);
+        Some(watch)
+    });
     let (_stop, shutdown) = watch::channel(false);
     let session = net::run_session(
         conn.clone(),
@@ -562,6 +603,7 @@ pub async fn serve_counted(
     node.sessions_reset()?;
     // A misconfigured upstream fails here, before anything is bound or announced.
     let dial = node.peers_to_dial()?;
+    node.check_config_names()?;
     let listen = match listen {
         Some(a) => a,
         None => node.config.sync.listen.parse()?,
@@ -591,6 +633,9 @@ pub async fn serve_counted(
     drop(node);
 
     let wake = listen_for_local_writes(dir)?;
+    if let Err(e) = super::notify::send("READY=1") {
+        warn!("could not tell systemd the node is ready (NOTIFY_SOCKET): {e}");
+    }
     for name in dial {
         info!(peer = %name, "keeping a session with configured peer");
         let (dir, shutdown, wake) = (dir.to_path_buf(), shutdown.clone(), wake.clone());
@@ -604,6 +649,7 @@ pub async fn serve_counted(
     let mut crl_check = tokio::time::interval(Duration::from_secs(5));
     let mut crl_number = tls.crl.as_ref().map(|c| c.number());
     let (admission, paths) = (Admission::new(), PathCache::new());
+    let mut failed = None;
     loop {
         tokio::select! {
             _ = crl_check.tick() => {
@@ -615,7 +661,13 @@ pub async fn serve_counted(
                         ep.set_server_config(Some(cfg.clone()));
                         server_cfg = cfg;
                     }
-                    Err(e) => warn!("could not reload the revocation list (will retry): {e:#}"),
+                    // An invalid config stops the daemon (exit 4, naming the key): running on
+                    // with settings the file no longer says would hide the mistake.
+                    Err(e) if matches!(e.downcast_ref::<NodeError>(), Some(NodeError::Config(_))) => {
+                        failed = Some(e);
+                        break;
+                    }
+                    Err(e) => warn!("could not re-read the node (will retry): {e:#}"),
                 }
             }
             incoming = ep.accept() => {
@@ -703,10 +755,11 @@ pub async fn serve_counted(
             _ = stop.changed() => break,
         }
     }
+    let _ = super::notify::send("STOPPING=1");
     ep.close(0u32.into(), b"shutting down");
     ep.wait_idle().await;
     let _ = std::fs::remove_file(dir.join(super::WAKE_SOCKET));
-    Ok(())
+    failed.map_or(Ok(()), Err)
 }
 
 /// Binds the data directory's wake socket; the receiver moves each time a local command
@@ -760,7 +813,7 @@ async fn keep_peer(
         let attempt = async {
             let node = Node::open(&dir)?;
             let peer = node.store.peer(&name)?;
-            let addr = resolve(&peer.addr)?;
+            let addr = resolve_peer(&peer.addr)?;
             let tls = node.tls_material()?;
             let mtu = path::known_mtu(&dir, addr.ip());
             let ep = net::client_endpoint(addr, &tls, &node.config.sync, mtu)?;

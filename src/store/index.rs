@@ -311,6 +311,33 @@ impl Store {
         rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
     }
 
+    /// One document that attaches the scan `hash`, if any.
+    pub fn doc_of_blob(&self, hash: &[u8; 32]) -> Result<Option<String>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached("SELECT doc_id FROM doc_blobs WHERE hash = ?1 LIMIT 1")
+            .at(&self.path)?;
+        stmt.query_row(params![&hash[..]], |r| r.get(0))
+            .optional()
+            .at(&self.path)
+    }
+
+    /// How many dispatches `filter` matches in all (what `list_dispatches` stops short of).
+    pub fn count_dispatches(&self, filter: DispatchFilter<'_>) -> Result<i64> {
+        let (sql, arg) = match filter {
+            DispatchFilter::All => ("SELECT COUNT(*) FROM dispatches", ""),
+            DispatchFilter::Inbox(u) => ("SELECT COUNT(*) FROM dispatch_recipients WHERE unit = ?1", u),
+            DispatchFilter::Outbox(u) => ("SELECT COUNT(*) FROM dispatches WHERE issuer = ?1", u),
+            DispatchFilter::Involving(u) => (
+                "SELECT COUNT(*) FROM dispatches d WHERE d.issuer = ?1 OR d.id IN (SELECT id FROM dispatch_recipients WHERE unit = ?1)",
+                u,
+            ),
+        };
+        let mut stmt = self.conn.prepare_cached(sql).at(&self.path)?;
+        let params: &[&dyn rusqlite::ToSql] = if sql.contains("?1") { &[&arg] } else { &[] };
+        stmt.query_row(params, |r| r.get(0)).at(&self.path)
+    }
+
     /// Assignments, optionally only those past `overdue_before` (YYYY-MM-DD) and not done,
     /// and only those led by `lead`; earliest deadline first.
     pub fn list_assignments(

@@ -396,7 +396,7 @@ fn attachments_come_back_bit_for_bit_and_are_stored_once() {
             "--out",
             &path_arg(&missing),
         ],
-        exit::USAGE,
+        exit::NOT_FOUND,
     );
     assert!(
         line.contains("nope.pdf") && line.contains("to-trinh.pgm"),
@@ -1365,7 +1365,7 @@ fn text_from_peers_reaches_the_screen_with_escape_sequences_neutralised() {
             "--out",
             "-",
         ],
-        exit::USAGE,
+        exit::NOT_FOUND,
     );
     assert_eq!(raw_controls(&line), [], "{line}");
 }

@@ -1,0 +1,302 @@
+//! Progress for people at a terminal: a bar per scan during `sync` (name, bytes, rate, time
+//! left), a bar while `backup` writes its copy, a spinner while a bundle is written or read.
+//!
+//! Drawn on stderr, and only when stderr is a terminal and `--json` is off: stdout stays the
+//! report. Without a terminal, long scan transfers are logged instead (see
+//! [`crate::net::progress`]).
+
+use std::collections::HashMap;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::net::progress::{Direction, ScanProgress};
+use crate::node::sync::ProgressWatcher;
+use crate::node::Node;
+
+/// How often a drawing thread looks for the end of what it draws.
+const POLL: Duration = Duration::from_millis(100);
+/// Scan bars shown at once; the rest of the scans travel without one.
+const BARS_MAX: usize = 32;
+
+/// Whether to draw: a terminal on stderr, and no `--json`.
+pub fn wanted(json: bool) -> bool {
+    !json && std::io::stderr().is_terminal()
+}
+
+fn bar_style() -> ProgressStyle {
+    ProgressStyle::with_template(
+        "{prefix:>8} {msg:30!} [{bar:24}] {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12} ETA {eta}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ")
+}
+
+fn spinner_style() -> ProgressStyle {
+    ProgressStyle::with_template("{spinner} {msg} ({elapsed})")
+        .unwrap_or_else(|_| ProgressStyle::default_spinner())
+}
+
+/// The bars of one `sync`: [`ScanBars::watcher`] goes to the sync, [`ScanBars::finish`]
+/// clears them when it ends.
+pub struct ScanBars {
+    multi: MultiProgress,
+    stop: Arc<AtomicBool>,
+    dir: PathBuf,
+    spawned: Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
+}
+
+impl ScanBars {
+    /// Starts with a spinner saying the sync runs; scan bars appear below it.
+    pub fn new(dir: &Path) -> ScanBars {
+        let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+        let spinner = multi.add(ProgressBar::new_spinner());
+        spinner.set_style(spinner_style());
+        spinner.set_message("syncing");
+        spinner.enable_steady_tick(Duration::from_millis(120));
+        ScanBars {
+            multi,
+            stop: Arc::new(AtomicBool::new(false)),
+            dir: dir.to_path_buf(),
+            spawned: Arc::default(),
+        }
+    }
+
+    /// What the sync calls with the scans' events once the peer answers: they are drawn on
+    /// a thread of their own.
+    pub fn watcher(&self) -> ProgressWatcher {
+        let (multi, stop, dir) = (self.multi.clone(), self.stop.clone(), self.dir.clone());
+        let spawned = self.spawned.clone();
+        Box::new(move |events| {
+            let thread = std::thread::spawn(move || draw(events, &multi, &stop, &dir));
+            if let Ok(mut slot) = spawned.lock() {
+                *slot = Some(thread);
+            }
+        })
+    }
+
+    /// Stops drawing and clears the bars, so the report follows on a clean screen.
+    pub fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.spawned.lock().ok().and_then(|mut s| s.take()) {
+            let _ = thread.join();
+        }
+        let _ = self.multi.clear();
+    }
+}
+
+fn draw(events: Receiver<ScanProgress>, multi: &MultiProgress, stop: &AtomicBool, dir: &Path) {
+    let mut bars: HashMap<([u8; 32], Direction), ProgressBar> = HashMap::new();
+    let mut node = Node::open(dir).ok();
+    while !stop.load(Ordering::Relaxed) {
+        let event = match events.recv_timeout(POLL) {
+            Ok(e) => e,
+            Err(RecvTimeoutError::Timeout) => continue,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        match event {
+            ScanProgress::Started {
+                hash,
+                direction,
+                bytes_total,
+                bytes_done,
+            } if bars.len() < BARS_MAX => {
+                let name = node
+                    .as_mut()
+                    .and_then(|n| n.scan_name(&hash).ok().flatten())
+                    .unwrap_or_else(|| format!("scan {}", hex::encode(&hash[..6])));
+                // Drawn once whole: added to the display only after its name and style are set.
+                let bar =
+                    ProgressBar::with_draw_target(Some(bytes_total), ProgressDrawTarget::hidden());
+                bar.set_style(bar_style());
+                bar.set_prefix(match direction {
+                    Direction::Send => "sending",
+                    Direction::Receive => "fetching",
+                });
+                bar.set_message(super::safe(&name).into_owned());
+                bar.set_position(bytes_done);
+                bar.reset_eta();
+                bars.insert((hash, direction), multi.add(bar));
+            }
+            ScanProgress::Started { .. } => {}
+            ScanProgress::Moved {
+                hash,
+                direction,
+                bytes_done,
+            } => {
+                if let Some(bar) = bars.get(&(hash, direction)) {
+                    bar.set_position(bytes_done);
+                }
+            }
+            ScanProgress::Ended { hash, direction } => {
+                if let Some(bar) = bars.remove(&(hash, direction)) {
+                    bar.finish_and_clear();
+                    multi.remove(&bar);
+                }
+            }
+        }
+    }
+}
+
+/// A bar for a file being written toward an expected size (a backup's copy of the database),
+/// polled from its size on disk; `None` when not drawing.
+pub struct FileBar {
+    bar: ProgressBar,
+    stop: Arc<AtomicBool>,
+    thread: JoinHandle<()>,
+}
+
+impl FileBar {
+    pub fn start(json: bool, what: &str, file: &Path, bytes_expected: u64) -> Option<FileBar> {
+        if !wanted(json) {
+            return None;
+        }
+        let bar = ProgressBar::with_draw_target(Some(bytes_expected), ProgressDrawTarget::stderr());
+        bar.set_style(bar_style());
+        bar.set_prefix("writing");
+        bar.set_message(what.to_string());
+        let stop = Arc::new(AtomicBool::new(false));
+        let (polled, stopped, file) = (bar.clone(), stop.clone(), file.to_path_buf());
+        let thread = std::thread::spawn(move || {
+            while !stopped.load(Ordering::Relaxed) {
+                if let Ok(meta) = std::fs::metadata(&file) {
+                    polled.set_position(meta.len().min(polled.length().unwrap_or(u64::MAX)));
+                }
+                std::thread::sleep(POLL);
+            }
+        });
+        Some(FileBar { bar, stop, thread })
+    }
+
+    pub fn finish(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        let _ = self.thread.join();
+        self.bar.finish_and_clear();
+    }
+}
+
+/// A spinner with the time elapsed, for work whose size is not known ahead (bundles).
+pub fn spinner(json: bool, what: &str) -> Option<ProgressBar> {
+    if !wanted(json) {
+        return None;
+    }
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    bar.set_style(spinner_style());
+    bar.set_message(what.to_string());
+    bar.enable_steady_tick(Duration::from_millis(120));
+    Some(bar)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::SocketAddr;
+
+    use super::*;
+    use crate::model::dispatch::{DispatchKind, Priority};
+    use crate::node::DispatchRequest;
+    use crate::units::Role;
+
+    const COMMUNE: &str = "qn/binhlieu/tinhhuc";
+
+    fn node(dir: &Path, unit: &str, role: Role) -> Node {
+        Node::init(dir, unit, role, "admin").unwrap();
+        Node::open(dir).unwrap()
+    }
+
+    /// What the bars of a `sync` are drawn from: each scan fetched is reported from its start
+    /// to its whole size, then ended, and the node can name it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_one_shot_sync_reports_each_scan_from_start_to_end() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (prov, comm) = (tmp.path().join("prov"), tmp.path().join("comm"));
+        let mut province = node(&prov, "qn", Role::Province);
+        province.ca_init().unwrap();
+        let scan: Vec<u8> = (0..700_000u32)
+            .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+            .collect();
+        let file = tmp.path().join("kế-hoạch.pdf");
+        std::fs::write(&file, &scan).unwrap();
+        province
+            .dispatch_new(
+                None,
+                &DispatchRequest {
+                    ref_no: "1/UBND".into(),
+                    summary: "plan".into(),
+                    kind: DispatchKind::Directive,
+                    priority: Priority::Normal,
+                    to: vec![COMMUNE.into()],
+                    attach: vec![file],
+                },
+            )
+            .unwrap();
+        let mut commune = node(&comm, COMMUNE, Role::Commune);
+        let (req, cert) = (tmp.path().join("c.req"), tmp.path().join("c.crt"));
+        commune.enrol_request(&req).unwrap();
+        province
+            .ca_issue(&req, COMMUNE, Role::Commune, &cert)
+            .unwrap();
+        commune.enrol_install(&cert).unwrap();
+        let addr: SocketAddr = std::net::UdpSocket::bind("127.0.0.1:0")
+            .and_then(|s| s.local_addr())
+            .unwrap();
+        commune.peer_add("up", &addr.to_string(), true).unwrap();
+        drop((province, commune));
+
+        let (stop, shutdown) = tokio::sync::watch::channel(false);
+        let served = {
+            let prov = prov.clone();
+            tokio::spawn(async move { crate::node::sync::serve(&prov, Some(addr), shutdown).await })
+        };
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let watcher: ProgressWatcher = Box::new(move |events| {
+            std::thread::spawn(move || {
+                let seen: Vec<ScanProgress> = events.iter().collect();
+                let _ = tx.send(seen);
+            });
+        });
+        let report = crate::node::sync::sync_once_watched(&comm, None, Some(watcher))
+            .await
+            .unwrap();
+        assert_eq!(report.blobs_received, 1);
+        let _ = stop.send(true);
+        served.await.unwrap().unwrap();
+
+        let events = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the events end with the sync");
+        let hash = match events.first() {
+            Some(ScanProgress::Started {
+                hash,
+                direction: Direction::Receive,
+                bytes_total,
+                bytes_done: 0,
+            }) if *bytes_total == scan.len() as u64 => *hash,
+            other => panic!("the first event is not the scan's start: {other:?}"),
+        };
+        let moved: Vec<u64> = events
+            .iter()
+            .filter_map(|e| match e {
+                ScanProgress::Moved { bytes_done, .. } => Some(*bytes_done),
+                _ => None,
+            })
+            .collect();
+        assert!(moved.windows(2).all(|w| w[0] <= w[1]), "{moved:?}");
+        assert_eq!(moved.last(), Some(&(scan.len() as u64)), "{moved:?}");
+        assert_eq!(
+            events.last(),
+            Some(&ScanProgress::Ended {
+                hash,
+                direction: Direction::Receive
+            })
+        );
+        let name = Node::open(&comm).unwrap().scan_name(&hash).unwrap();
+        assert_eq!(name.as_deref(), Some("kế-hoạch.pdf"));
+    }
+}
