@@ -659,6 +659,9 @@ pub async fn run_session(
         }));
     }
     node.record_contact(&peer).map_err(node_err)?;
+    // The peer's certificate checks the signatures of the changes it made.
+    let peer_der = crate::trust::peer_cert_der(&conn)?;
+    node.learn_cert(&peer_der).map_err(node_err)?;
     let (crl_number, mut crl_der) = node
         .crl()
         .map(|c| (c.number(), c.der().to_vec()))

@@ -2,6 +2,7 @@
 //!
 //! The CLI calls this layer; it never parses flags or prints.
 
+mod authors;
 pub mod blobsink;
 pub mod bundle;
 pub mod config;
@@ -23,6 +24,7 @@ use crate::trust::{NodeId, NodeKey, TrustError};
 use crate::units::{Role, UnitError, UnitTree};
 
 pub use config::{Config, ConfigError};
+pub use authors::Authors;
 pub use local::*;
 
 pub const DB_FILE: &str = "node.db";
@@ -86,6 +88,8 @@ pub struct Node {
     pub store: Store,
     node_id: NodeId,
     actor: ActorId,
+    /// Authors of changes handed to the peer of a session, whose certificates go ahead of them.
+    authors_out: authors::AuthorsOut,
 }
 
 /// What `init` created.
@@ -246,14 +250,17 @@ impl Node {
             )));
         }
         let actor = ActorId::from(&node_id.as_bytes()[..]);
-        Ok(Node {
+        let mut node = Node {
             dir: dir.to_path_buf(),
             config,
             tree,
             store,
             node_id,
             actor,
-        })
+            authors_out: Default::default(),
+        };
+        node.start_signing()?;
+        Ok(node)
     }
 
     pub fn dir(&self) -> &Path {

@@ -8,12 +8,14 @@ use std::sync::mpsc::{sync_channel, Receiver};
 use automerge::{AutoCommit, ChangeHash};
 use tracing::warn;
 
-use super::{now_ms, Node};
+use super::{now_ms, Authors, Node};
 use crate::model::{self, guard, ChangeNote, DocId, DocView};
 use crate::proto::session::OFFER_PAGE_DOCS;
-use crate::proto::{Applied, DocChanges, DocHeads, Hash32, ProtoError, Replica};
+use crate::proto::wire::SIG_BYTES;
+use crate::proto::{Applied, ChangeSig, DocChanges, DocHeads, Hash32, ProtoError, Replica};
 use crate::store::docs::{decode_heads, encode_heads, SaveHints};
 use crate::store::sync::Scope;
+use crate::store::sigs::ChangeSigRow;
 use crate::store::{DocRecord, StoreError, WriteTx};
 use crate::trust::PeerIdentity;
 use crate::units::{is_within, parent};
@@ -120,6 +122,8 @@ struct Sender<'a> {
     /// The unit of every node whose certificate this node has seen (node id in hex → unit):
     /// an actor belongs to the node whose key it is derived from.
     actors: HashMap<String, String>,
+    /// The keys of the nodes whose change signatures this node can check.
+    authors: Authors,
     /// What the frame's documents inflate to so far ([`FRAME_INFLATED_BYTES_MAX`]); the
     /// checking threads add to it as they go.
     inflated: AtomicUsize,
@@ -159,10 +163,17 @@ struct Checked {
     old_heads: Option<Vec<ChangeHash>>,
     /// The received bytes are the document's whole `save()`: stored as they came.
     whole: bool,
+    /// The checked signatures of the changes new here, stored with them.
+    sigs: Vec<ChangeSigRow>,
 }
 
 /// New changes of one document from a peer below judged at once, at most (see `Sender::check`).
 const CHANGES_JUDGED_MAX: usize = 1_000;
+
+/// New changes of one document whose signatures are checked at once, at most, from any peer:
+/// each costs a P-256 verification (about 70 µs of one core), so 10,000 bound one document to
+/// under a second.
+const CHANGES_SIGNED_MAX: usize = 10_000;
 
 /// Incoming documents checked ahead of the store, at most, across the checking threads: the
 /// checks of the next documents (Automerge load, fields) overlap the store's inserts of the
@@ -190,7 +201,7 @@ impl CheckedAhead {
     fn start<'scope, 'env>(
         scope: &'scope std::thread::Scope<'scope, 'env>,
         sender: &'env Sender<'env>,
-        jobs: Vec<(&'env DocId, &'env [u8])>,
+        jobs: Vec<(&'env DocId, &'env DocChanges)>,
     ) -> Result<Self, ProtoError> {
         let n = checker_threads().min(jobs.len());
         let mut results = Vec::with_capacity(n);
@@ -198,8 +209,8 @@ impl CheckedAhead {
             let (ahead, checked) = sync_channel(CHECKED_AHEAD_MAX / n);
             let mine: Vec<_> = jobs.iter().skip(k).step_by(n).copied().collect();
             let checker = move || {
-                for (id, bytes) in mine {
-                    if ahead.send(sender.check_new(id, bytes)).is_err() {
+                for (id, change) in mine {
+                    if ahead.send(sender.check_new(id, change)).is_err() {
                         break;
                     }
                 }
@@ -259,7 +270,8 @@ impl Sender<'_> {
 
     /// Loads a document this node does not hold from the bytes received and checks it. Needs
     /// no store, so it runs beside the transaction.
-    fn check_new(&self, id: &DocId, bytes: &[u8]) -> Result<Checked, ProtoError> {
+    fn check_new(&self, id: &DocId, change: &DocChanges) -> Result<Checked, ProtoError> {
+        let bytes = &change.data[..];
         let inflated = self.guard(id, bytes)?;
         // A new document sent whole (`save()`) loads strictly; its bytes are then stored as
         // they came, instead of saving the parsed document again. Anything else (changes
@@ -279,7 +291,7 @@ impl Sender<'_> {
             doc.load_incremental(bytes)
                 .map_err(|e| self.refuse(id.as_str(), format!("changes do not decode: {e}")))?;
         }
-        self.check(id, doc, None, whole)
+        self.check(id, doc, None, whole, &change.sigs)
     }
 
     /// Merges the bytes received into the stored state of a document and checks the result.
@@ -287,8 +299,9 @@ impl Sender<'_> {
         &self,
         id: &DocId,
         current: DocRecord,
-        bytes: &[u8],
+        change: &DocChanges,
     ) -> Result<Checked, ApplyError> {
+        let bytes = &change.data[..];
         if !self.upstream {
             let parties = model::parties(&current.doc, id).map_err(local)?;
             if !parties.iter().any(|p| is_within(p, &self.peer.unit)) {
@@ -304,7 +317,7 @@ impl Sender<'_> {
         let mut doc = current.doc;
         doc.load_incremental(bytes)
             .map_err(|e| self.refuse(id.as_str(), format!("changes do not decode: {e}")))?;
-        Ok(self.check(id, doc, Some(current.heads), false)?)
+        Ok(self.check(id, doc, Some(current.heads), false, &change.sigs)?)
     }
 
     /// Integrity, authorship and scope checks of a document as it would be stored.
@@ -314,6 +327,7 @@ impl Sender<'_> {
         mut doc: AutoCommit,
         old_heads: Option<Vec<ChangeHash>>,
         whole: bool,
+        sigs: &[ChangeSig],
     ) -> Result<Checked, ProtoError> {
         if !doc.get_missing_deps(&[]).is_empty() {
             return Err(self.refuse(
@@ -322,18 +336,23 @@ impl Sender<'_> {
             ));
         }
         if !self.upstream {
-            let changes = doc.get_changes(old_heads.as_deref().unwrap_or_default());
             // Judging a change replays the document up to it: bounded, or one document of many
             // tiny changes would buy a peer seconds of CPU per frame.
-            if changes.len() > CHANGES_JUDGED_MAX {
+            let new = doc
+                .get_changes_meta(old_heads.as_deref().unwrap_or_default())
+                .len();
+            if new > CHANGES_JUDGED_MAX {
                 return Err(self.refuse(
                     id.as_str(),
                     format!(
-                        "{} new changes at once, more than the {CHANGES_JUDGED_MAX} judged per document from below",
-                        changes.len()
+                        "{new} new changes at once, more than the {CHANGES_JUDGED_MAX} judged per document from below"
                     ),
                 ));
             }
+        }
+        let sigs = self.check_sigs(id, &mut doc, old_heads.as_deref(), sigs)?;
+        if !self.upstream {
+            let changes = doc.get_changes(old_heads.as_deref().unwrap_or_default());
             let mut judge = model::authz::Judge::new(&mut doc, id);
             for change in &changes {
                 let note = change.message().and_then(|m| ChangeNote::parse(m));
@@ -406,7 +425,46 @@ impl Sender<'_> {
             view,
             old_heads,
             whole,
+            sigs,
         })
+    }
+
+    /// Checks that every change new here (after `old_heads`) carries a valid signature by its
+    /// author node, from whichever peer it came: a relay forwards signatures, it cannot make
+    /// them. Returns them, to be stored with the changes.
+    fn check_sigs(
+        &self,
+        id: &DocId,
+        doc: &mut AutoCommit,
+        old_heads: Option<&[ChangeHash]>,
+        sigs: &[ChangeSig],
+    ) -> Result<Vec<ChangeSigRow>, ProtoError> {
+        let new = doc.get_changes_meta(old_heads.unwrap_or_default());
+        if new.len() > CHANGES_SIGNED_MAX {
+            return Err(self.refuse(
+                id.as_str(),
+                format!(
+                    "{} new changes at once, more than the {CHANGES_SIGNED_MAX} whose signatures are checked per document",
+                    new.len()
+                ),
+            ));
+        }
+        let by_hash: HashMap<&Hash32, &[u8; SIG_BYTES]> =
+            sigs.iter().map(|s| (&s.hash, &s.sig)).collect();
+        new.iter()
+            .map(|change| {
+                let actor = change.actor.to_bytes();
+                let sig = by_hash.get(&change.hash.0).copied();
+                self.authors
+                    .check(id.as_str(), &change.hash.0, actor, sig)
+                    .map_err(|why| self.refuse(id.as_str(), why))?;
+                Ok(ChangeSigRow {
+                    hash: change.hash.0,
+                    actor: actor.to_vec(),
+                    sig: *sig.expect("checked above"),
+                })
+            })
+            .collect()
     }
 
     /// Checks one incoming document, merged with its stored state `current` or new (then
@@ -421,9 +479,9 @@ impl Sender<'_> {
     ) -> Result<(), ApplyError> {
         let bytes = &change.data[..];
         let checked = match (current, early) {
-            (Some(current), _) => self.check_stored(id, current, bytes)?,
+            (Some(current), _) => self.check_stored(id, current, change)?,
             (None, Some(early)) => early?,
-            (None, None) => self.check_new(id, bytes)?,
+            (None, None) => self.check_new(id, change)?,
         };
         let view = checked
             .view
@@ -438,6 +496,7 @@ impl Sender<'_> {
             origin: Some((peer_id, &sender_heads)),
         };
         tx.save_doc_with(id, checked.old_heads, checked.doc, at_ms, hints)?;
+        tx.put_change_sigs(id, &checked.sigs)?;
         Ok(())
     }
 }
@@ -676,21 +735,28 @@ impl Replica for NodeReplica<'_> {
         } else {
             None
         };
-        let (mine, data) = match stored {
-            Some(stored) => stored,
+        // The signatures of the changes sent: all the document's for a whole document, else
+        // those of the changes after the heads the peer holds.
+        let (mine, data, sent) = match stored {
+            Some((mine, data)) => (mine, data, None),
             None => {
                 let heads: Vec<ChangeHash> = want.heads.iter().map(|h| ChangeHash(*h)).collect();
                 let read = self.node.store.read_doc(&id, |doc| {
                     let mine = doc.get_heads();
                     if heads.is_empty() {
-                        return (mine, doc.save());
+                        return (mine, doc.save(), None);
                     }
                     let known: Vec<ChangeHash> = heads
                         .iter()
                         .filter(|h| doc.get_change_by_hash(h).is_some())
                         .copied()
                         .collect();
-                    (mine, doc.save_after(&known))
+                    let sent: HashSet<Hash32> = doc
+                        .get_changes_meta(&known)
+                        .iter()
+                        .map(|c| c.hash.0)
+                        .collect();
+                    (mine, doc.save_after(&known), Some(sent))
                 });
                 let Some(read) = quarantined(&id, read)? else {
                     return Ok(None);
@@ -702,10 +768,31 @@ impl Replica for NodeReplica<'_> {
             warn!(doc = %id, bytes = data.len(), "document changes too large to send in one frame; not sent");
             return Ok(None);
         }
-        Ok((!data.is_empty()).then(|| DocChanges {
+        if data.is_empty() {
+            return Ok(None);
+        }
+        let mut sigs = self.node.store.change_sigs(&id).map_err(local)?;
+        if let Some(sent) = sent {
+            sigs.retain(|row| sent.contains(&row.hash));
+        }
+        // The peer holds its own certificate and ours (from the handshake).
+        let (peer, me) = (self.peer.node_id, self.node.node_id());
+        self.node.note_authors_out(
+            sigs.iter()
+                .filter(|row| row.actor != peer.as_bytes() && row.actor != me.as_bytes())
+                .map(|row| hex::encode(&row.actor)),
+        );
+        Ok(Some(DocChanges {
             id: want.id.clone(),
             heads: to_hashes(&mine),
             data,
+            sigs: sigs
+                .into_iter()
+                .map(|row| ChangeSig {
+                    hash: row.hash,
+                    sig: row.sig,
+                })
+                .collect(),
         }))
     }
 
@@ -723,6 +810,7 @@ impl Replica for NodeReplica<'_> {
             } else {
                 self.node.known_node_units().map_err(local)?
             },
+            authors: self.node.authors().map_err(local)?,
             inflated: AtomicUsize::new(0),
         };
         let peer_id = &self.peer_id;
@@ -750,7 +838,7 @@ impl Replica for NodeReplica<'_> {
                 let jobs = incoming
                     .iter()
                     .filter(|(_, _, stored)| !stored)
-                    .map(|(id, change, _)| (id, &change.data[..]));
+                    .map(|(id, change, _)| (id, change));
                 let mut checked = CheckedAhead::start(scope, &sender, jobs.collect())?;
                 let mut new_here = HashSet::new();
                 for (id, change, stored) in &incoming {
@@ -813,6 +901,21 @@ impl Replica for NodeReplica<'_> {
             .map_err(local)
     }
 
+    fn authors_pending(&mut self) -> Result<Vec<(String, Vec<u8>)>, ProtoError> {
+        self.node.take_authors_out().map_err(local)
+    }
+
+    fn store_certs(&mut self, ders: Vec<Vec<u8>>) -> Result<(), ProtoError> {
+        for der in ders {
+            // A certificate this node cannot accept (another CA, revoked) is left out: the
+            // changes it would check are then refused alone, with that reason.
+            if let Err(e) = self.node.learn_cert(&der) {
+                warn!(peer = %self.peer.unit, "a certificate of an author from the peer was left out: {e}");
+            }
+        }
+        Ok(())
+    }
+
     fn missing_blobs(&mut self, limit: usize) -> Result<Vec<(Hash32, u64)>, ProtoError> {
         // A peer below is asked only for scans its subtree's documents attach.
         let within = match scope_for(&self.peer.unit, self.node.unit()) {
@@ -847,6 +950,7 @@ mod tests {
             me: "qn/binhlieu",
             upstream: true,
             actors: HashMap::new(),
+            authors: node.authors().unwrap(),
             inflated: AtomicUsize::new(0),
         };
         let id: DocId = "dsp_0123456789abcdef".parse().unwrap();

@@ -1465,6 +1465,7 @@ fn issue12_a_decompression_bomb_in_a_push_costs_the_daemon_little() {
                 id: d.clone(),
                 heads: vec![[1; 32]],
                 data: automerge_bomb(1024),
+                sigs: Vec::new(),
             }],
         },
         19,
@@ -1498,6 +1499,7 @@ fn issue12_a_decompression_bomb_in_a_push_costs_the_daemon_little() {
             id: d.clone(),
             heads: vec![[1; 32]],
             data: automerge_bomb(31),
+            sigs: Vec::new(),
         })
         .collect();
     let push = wire::encode(&Frame::Push { docs }, 19);
@@ -1545,6 +1547,7 @@ fn issue12_a_signed_bundle_carrying_a_decompression_bomb_is_refused() {
                 id: d.clone(),
                 heads: vec![[1; 32]],
                 data: automerge_bomb(1024),
+                sigs: Vec::new(),
             }],
         },
         19,

@@ -1,0 +1,188 @@
+//! Signed authorship (issue 12): this node signs every change it makes with its key, keeps the
+//! certificates of the nodes whose changes it holds, and checks the signature of every change
+//! new to it against its author's certificate. Decides nothing about scope or what a change may
+//! do (replica.rs, model/authz.rs).
+
+use std::collections::{BTreeSet, HashMap};
+
+use tracing::info;
+
+use super::sync::{CA_FILE, CERT_FILE};
+use super::{now_ms, Node, NodeError, Result, KEY_FILE};
+use crate::store::sigs::{ChangeSigning, NodeCertRow, SIG_BYTES};
+use crate::trust::{self, AuthorKey, ChangeSigner, NodeKey, PeerIdentity};
+
+/// Meta key set by schema 8 on a database that held documents: this node's earlier changes
+/// are signed at its next open.
+const SIGN_OWN_CHANGES_META: &str = "sign_own_changes";
+
+impl ChangeSigning for ChangeSigner {
+    fn sign_change(&self, doc: &str, hash: &[u8; 32]) -> std::result::Result<[u8; SIG_BYTES], String> {
+        self.sign(doc, hash).map_err(|e| e.to_string())
+    }
+}
+
+/// The nodes whose change signatures this node can check: by actor (16-byte node id), their
+/// key and whether the CRL held now revokes them.
+pub struct Authors {
+    keys: HashMap<Vec<u8>, (AuthorKey, bool)>,
+}
+
+/// A change's short name in reasons: the first 8 bytes of its hash.
+fn short(hash: &[u8; 32]) -> String {
+    hex::encode(&hash[..8])
+}
+
+impl Authors {
+    /// Checks the signature of change `hash` (actor `actor`) of document `doc`: present, by the
+    /// certificate whose node id is the actor, that certificate not revoked. Err is the reason.
+    pub fn check(
+        &self,
+        doc: &str,
+        hash: &[u8; 32],
+        actor: &[u8],
+        sig: Option<&[u8; SIG_BYTES]>,
+    ) -> std::result::Result<(), String> {
+        let node = hex::encode(actor);
+        let Some(sig) = sig else {
+            return Err(format!(
+                "change {} by node {node} carries no signature; every change must be signed by the node that made it",
+                short(hash)
+            ));
+        };
+        let Some((key, revoked)) = self.keys.get(actor) else {
+            return Err(format!(
+                "no certificate of node {node}, the author of change {}, reached this node, so its signature cannot be checked",
+                short(hash)
+            ));
+        };
+        if *revoked {
+            return Err(format!(
+                "change {} is by node {node} ({}), whose certificate is revoked",
+                short(hash),
+                key.identity.unit
+            ));
+        }
+        if !key.verifies(doc, hash, sig) {
+            return Err(format!(
+                "the signature of change {} is not by its author node {node} ({}): forged, or altered on the way",
+                short(hash),
+                key.identity.unit
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Node {
+    /// Gives the store this node's change signer, and signs this node's own changes stored
+    /// before schema 8 (once).
+    pub(super) fn start_signing(&mut self) -> Result<()> {
+        let key = NodeKey::load(self.dir.join(KEY_FILE))?;
+        self.store.set_signer(Box::new(ChangeSigner::new(&key)?));
+        if self.store.meta(SIGN_OWN_CHANGES_META)?.is_some() {
+            let actor = self.node_id.as_bytes().to_vec();
+            let signed = self.store.write(|tx| {
+                let signed = tx.sign_own_unsigned_changes(&actor)?;
+                tx.delete_meta(SIGN_OWN_CHANGES_META)?;
+                Ok(signed)
+            })?;
+            info!(signed, "signed this node's changes stored before schema 8");
+        }
+        Ok(())
+    }
+
+    /// Checks a node certificate from a peer, a bundle or a TLS handshake against the CA and
+    /// the CRL held, and keeps it to check that node's change signatures.
+    pub fn learn_cert(&mut self, der: &[u8]) -> Result<PeerIdentity> {
+        let ca = std::fs::read_to_string(self.dir.join(CA_FILE)).map_err(|_| {
+            NodeError::Invalid(
+                "this node is not enrolled (no ca.crt): it cannot check certificates of authors"
+                    .into(),
+            )
+        })?;
+        let author = trust::verify_node_cert_der(der, &ca, self.crl().as_ref())?;
+        let row = NodeCertRow {
+            node_id: author.identity.node_id.to_string(),
+            unit: author.identity.unit.clone(),
+            role: author.identity.role.as_str().to_string(),
+            serial: author.identity.serial.clone(),
+            public_key: author.public_key().to_vec(),
+            der: der.to_vec(),
+        };
+        self.store.write(|tx| tx.put_node_cert(&row, now_ms()))?;
+        Ok(author.identity)
+    }
+
+    /// This node's own certificate (DER), once enrolled.
+    pub fn own_cert_der(&self) -> Option<Vec<u8>> {
+        let pem = std::fs::read_to_string(self.dir.join(CERT_FILE)).ok()?;
+        first_cert_der(&pem)
+    }
+
+    /// Every author whose changes this node can check now: the certificates it holds
+    /// (`node_certs`) and its own, each marked revoked or not by the CRL it holds.
+    pub fn authors(&self) -> Result<Authors> {
+        let crl = self.crl();
+        let revoked = |serial: &[u8]| crl.as_ref().is_some_and(|c| c.is_revoked(serial));
+        let mut keys = HashMap::new();
+        for row in self.store.node_certs()? {
+            let (Ok(node_id), Ok(role)) = (row.node_id.parse(), row.role.parse()) else {
+                continue;
+            };
+            let actor = hex::decode(&row.node_id).unwrap_or_default();
+            let is_revoked = revoked(&row.serial);
+            let identity = PeerIdentity {
+                node_id,
+                unit: row.unit,
+                role,
+                serial: row.serial,
+            };
+            keys.insert(
+                actor,
+                (AuthorKey::from_parts(identity, row.public_key), is_revoked),
+            );
+        }
+        if let Some(key) = self
+            .own_cert_der()
+            .and_then(|der| AuthorKey::from_cert_der(&der).ok())
+        {
+            let is_revoked = revoked(&key.identity.serial);
+            keys.insert(key.identity.node_id.as_bytes().to_vec(), (key, is_revoked));
+        }
+        Ok(Authors { keys })
+    }
+
+    /// Notes authors of changes handed to a peer, whose certificates go ahead of them.
+    pub(super) fn note_authors_out(&mut self, actors: impl IntoIterator<Item = String>) {
+        self.authors_out.extend(actors);
+    }
+
+    /// The authors noted since the last call, with the certificate held of each.
+    pub(super) fn take_authors_out(&mut self) -> Result<Vec<(String, Vec<u8>)>> {
+        let me = self.node_id.to_string();
+        let mut out = Vec::new();
+        for node in std::mem::take(&mut self.authors_out) {
+            let der = if node == me {
+                self.own_cert_der()
+            } else {
+                self.store.node_cert(&node)?
+            };
+            if let Some(der) = der {
+                out.push((node, der));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// The first certificate of a PEM file, as DER.
+fn first_cert_der(pem: &str) -> Option<Vec<u8>> {
+    use rustls::pki_types::pem::PemObject;
+    rustls::pki_types::CertificateDer::from_pem_slice(pem.as_bytes())
+        .ok()
+        .map(|der| der.to_vec())
+}
+
+/// Authors pending for a peer: kept in order, each once.
+pub(super) type AuthorsOut = BTreeSet<String>;
