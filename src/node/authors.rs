@@ -5,10 +5,12 @@
 
 use std::collections::{BTreeSet, HashMap};
 
+use serde::Serialize;
 use tracing::info;
 
 use super::sync::{CA_FILE, CERT_FILE};
 use super::{now_ms, Node, NodeError, Result, KEY_FILE};
+use crate::model::{AuditEntry, DocId};
 use crate::store::sigs::{ChangeSigning, NodeCertRow, SIG_BYTES};
 use crate::trust::{self, AuthorKey, ChangeSigner, NodeKey, PeerIdentity};
 
@@ -33,7 +35,65 @@ fn short(hash: &[u8; 32]) -> String {
     hex::encode(&hash[..8])
 }
 
+/// What checking one change's signature found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Signature {
+    /// Signed by the node whose id is the change's actor, with a certificate not revoked.
+    Verified,
+    /// No signature held (a change stored before schema 8 by another node).
+    Missing,
+    /// No certificate of the actor's node is held here.
+    UnknownSigner,
+    /// The actor's certificate is revoked.
+    Revoked,
+    /// The signature is not the actor's.
+    Invalid,
+}
+
+impl Signature {
+    /// Words for a line of `audit`.
+    pub fn describe(self) -> &'static str {
+        match self {
+            Signature::Verified => "verified",
+            Signature::Missing => "NOT SIGNED",
+            Signature::UnknownSigner => "signer's certificate not held here",
+            Signature::Revoked => "signer REVOKED",
+            Signature::Invalid => "signature INVALID",
+        }
+    }
+}
+
+/// One line of `audit`: the change, the node that signed it and what checking found.
+#[derive(Debug, Clone, Serialize)]
+pub struct AuditLine {
+    #[serde(flatten)]
+    pub entry: AuditEntry,
+    /// The signing node's unit, from its certificate, when held here.
+    pub signer_unit: Option<String>,
+    pub signature: Signature,
+}
+
 impl Authors {
+    /// What the signature `sig` of change `hash` (actor `actor`) of document `doc` is worth.
+    pub fn verdict(
+        &self,
+        doc: &str,
+        hash: &[u8; 32],
+        actor: &[u8],
+        sig: Option<&[u8; SIG_BYTES]>,
+    ) -> Signature {
+        let Some(sig) = sig else {
+            return Signature::Missing;
+        };
+        match self.keys.get(actor) {
+            None => Signature::UnknownSigner,
+            Some((_, true)) => Signature::Revoked,
+            Some((key, false)) if key.verifies(doc, hash, sig) => Signature::Verified,
+            Some(_) => Signature::Invalid,
+        }
+    }
+
     /// Checks the signature of change `hash` (actor `actor`) of document `doc`: present, by the
     /// certificate whose node id is the actor, that certificate not revoked. Err is the reason.
     pub fn check(
@@ -44,33 +104,32 @@ impl Authors {
         sig: Option<&[u8; SIG_BYTES]>,
     ) -> std::result::Result<(), String> {
         let node = hex::encode(actor);
-        let Some(sig) = sig else {
-            return Err(format!(
-                "change {} by node {node} carries no signature; every change must be signed by the node that made it",
-                short(hash)
-            ));
-        };
-        let Some((key, revoked)) = self.keys.get(actor) else {
-            return Err(format!(
-                "no certificate of node {node}, the author of change {}, reached this node, so its signature cannot be checked",
-                short(hash)
-            ));
-        };
-        if *revoked {
-            return Err(format!(
-                "change {} is by node {node} ({}), whose certificate is revoked",
-                short(hash),
-                key.identity.unit
-            ));
-        }
-        if !key.verifies(doc, hash, sig) {
-            return Err(format!(
-                "the signature of change {} is not by its author node {node} ({}): forged, or altered on the way",
-                short(hash),
-                key.identity.unit
-            ));
-        }
-        Ok(())
+        let unit = self
+            .keys
+            .get(actor)
+            .map_or("", |(key, _)| key.identity.unit.as_str());
+        let change = short(hash);
+        Err(match self.verdict(doc, hash, actor, sig) {
+            Signature::Verified => return Ok(()),
+            Signature::Missing => format!(
+                "change {change} by node {node} carries no signature; every change must be signed by the node that made it"
+            ),
+            Signature::UnknownSigner => format!(
+                "no certificate of node {node}, the author of change {change}, reached this node, so its signature cannot be checked"
+            ),
+            Signature::Revoked => format!(
+                "change {change} is by node {node} ({unit}), whose certificate is revoked"
+            ),
+            Signature::Invalid => format!(
+                "the signature of change {change} is not by its author node {node} ({unit}): forged, or altered on the way"
+            ),
+        })
+    }
+
+    fn unit_of(&self, actor: &[u8]) -> Option<String> {
+        self.keys
+            .get(actor)
+            .map(|(key, _)| key.identity.unit.clone())
     }
 }
 
@@ -92,8 +151,9 @@ impl Node {
         Ok(())
     }
 
-    /// Checks a node certificate from a peer, a bundle or a TLS handshake against the CA and
-    /// the CRL held, and keeps it to check that node's change signatures.
+    /// Checks a node certificate from a peer, a bundle or a TLS handshake against the CA, and
+    /// keeps it to check that node's change signatures. A revoked one is kept too: the changes
+    /// it signed are then refused as revoked, which says more than "no certificate".
     pub fn learn_cert(&mut self, der: &[u8]) -> Result<PeerIdentity> {
         let ca = std::fs::read_to_string(self.dir.join(CA_FILE)).map_err(|_| {
             NodeError::Invalid(
@@ -101,7 +161,7 @@ impl Node {
                     .into(),
             )
         })?;
-        let author = trust::verify_node_cert_der(der, &ca, self.crl().as_ref())?;
+        let author = trust::verify_node_cert_der(der, &ca, None)?;
         let row = NodeCertRow {
             node_id: author.identity.node_id.to_string(),
             unit: author.identity.unit.clone(),
@@ -151,6 +211,35 @@ impl Node {
             keys.insert(key.identity.node_id.as_bytes().to_vec(), (key, is_revoked));
         }
         Ok(Authors { keys })
+    }
+
+    /// Every change to a document, oldest first, each with the node that signed it and
+    /// whether its signature verifies here (so the province can show who wrote each line).
+    pub fn audit(&mut self, id: &str) -> Result<Vec<AuditLine>> {
+        let id: DocId = id.parse()?;
+        let entries = self.store.read_doc(&id, crate::model::audit)?;
+        let sigs: HashMap<[u8; 32], [u8; SIG_BYTES]> = self
+            .store
+            .change_sigs(&id)?
+            .into_iter()
+            .map(|row| (row.hash, row.sig))
+            .collect();
+        let authors = self.authors()?;
+        Ok(entries
+            .into_iter()
+            .map(|entry| {
+                let hash: [u8; 32] = hex::decode(&entry.hash)
+                    .ok()
+                    .and_then(|h| h.try_into().ok())
+                    .unwrap_or_default();
+                let actor = hex::decode(&entry.actor).unwrap_or_default();
+                AuditLine {
+                    signer_unit: authors.unit_of(&actor),
+                    signature: authors.verdict(id.as_str(), &hash, &actor, sigs.get(&hash)),
+                    entry,
+                }
+            })
+            .collect())
     }
 
     /// Notes authors of changes handed to a peer, whose certificates go ahead of them.

@@ -24,7 +24,7 @@ use crate::trust::{NodeId, NodeKey, TrustError};
 use crate::units::{Role, UnitError, UnitTree};
 
 pub use config::{Config, ConfigError};
-pub use authors::Authors;
+pub use authors::{AuditLine, Authors, Signature};
 pub use local::*;
 
 pub const DB_FILE: &str = "node.db";

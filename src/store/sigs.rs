@@ -176,8 +176,9 @@ impl WriteTx<'_> {
 
     /// Signs, with this node's signer, every change of `doc` after `old_heads` (all when None):
     /// a local write's new changes, whatever actor they carry (a receiver refuses a change whose
-    /// actor is not the signer's).
-    pub(super) fn sign_new_changes(
+    /// actor is not the signer's). [`WriteTx::create_doc`] and [`WriteTx::update_doc`] call it;
+    /// a caller storing a document it built itself ([`WriteTx::save_doc`]) calls it first.
+    pub fn sign_new_changes(
         &mut self,
         id: &DocId,
         old_heads: Option<&[ChangeHash]>,

@@ -22,6 +22,8 @@ use crate::sync_util::{
 };
 use crate::util::{eventually, exit, id, path_arg, scan, TestNode, COMMUNE, DISTRICT, SIBLING};
 
+mod authorship;
+
 /// The values of `field` in a JSON array of objects, as a set.
 fn field_set(items: &Value, field: &str) -> BTreeSet<String> {
     items
@@ -1072,7 +1074,10 @@ fn changes_an_enrolled_commune_may_not_make_are_refused_alone_by_what_they_do() 
     dispatch::create(&mut doc, &forged, &new, &me, now_ms()).unwrap();
     hostile
         .store
-        .write(|tx| tx.save_doc(&forged, None, doc, now_ms()))
+        .write(|tx| {
+            tx.sign_new_changes(&forged, None, &mut doc)?;
+            tx.save_doc(&forged, None, doc, now_ms())
+        })
         .unwrap();
     drop(hostile);
     let before = (
@@ -1148,7 +1153,10 @@ fn a_commune_cannot_read_a_siblings_scan_by_naming_its_hash() {
     dispatch::create(&mut doc, &mine, &new, &me, now_ms()).unwrap();
     hostile
         .store
-        .write(|tx| tx.save_doc(&mine, None, doc, now_ms()))
+        .write(|tx| {
+            tx.sign_new_changes(&mine, None, &mut doc)?;
+            tx.save_doc(&mine, None, doc, now_ms())
+        })
         .unwrap();
     drop(hostile);
 
@@ -1207,9 +1215,13 @@ fn a_change_under_another_nodes_actor_is_refused_and_the_owner_keeps_syncing() {
     drop(hostile);
 
     let report = sync_pending(&commune);
+    // Signed by the squatter's key, not the owner's: refused on its signature.
     let reason = report["docs_refused_by_peer"][0]["reason"].to_string();
     assert!(
-        reason.contains("is not a node of the sender's subtree"),
+        reason.contains(&format!(
+            "is not by its author node {} ({SIBLING})",
+            node_id(&sibling)
+        )),
         "{report}"
     );
     // The owner of the actor writes under it as usual, and syncs.
