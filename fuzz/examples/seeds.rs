@@ -56,7 +56,11 @@ fn frames(doc: &[u8]) -> Vec<Frame> {
                 DocChanges {
                     id: id.clone(),
                     heads: vec![[1; 32]],
-                    data: doc.to_vec()
+                    data: doc.to_vec(),
+                    sigs: vec![communesync::proto::ChangeSig {
+                        hash: [1; 32],
+                        sig: [2; 64],
+                    }],
                 };
                 4
             ],
@@ -66,6 +70,7 @@ fn frames(doc: &[u8]) -> Vec<Frame> {
                 id: id.clone(),
                 heads: vec![],
                 data: doc.to_vec(),
+                sigs: Vec::new(),
             }],
         },
         Frame::ChangesEnd { upto: 12 },
@@ -102,6 +107,9 @@ fn frames(doc: &[u8]) -> Vec<Frame> {
             reason: "outside the sender's scope".into(),
         },
         Frame::Reoffer,
+        Frame::Certs {
+            ders: vec![vec![0x30, 0x82, 0x01, 0x00]],
+        },
     ]
 }
 

@@ -19,7 +19,11 @@ use crate::trust::{self, AuthorKey, ChangeSigner, NodeKey, PeerIdentity};
 const SIGN_OWN_CHANGES_META: &str = "sign_own_changes";
 
 impl ChangeSigning for ChangeSigner {
-    fn sign_change(&self, doc: &str, hash: &[u8; 32]) -> std::result::Result<[u8; SIG_BYTES], String> {
+    fn sign_change(
+        &self,
+        doc: &str,
+        hash: &[u8; 32],
+    ) -> std::result::Result<[u8; SIG_BYTES], String> {
         self.sign(doc, hash).map_err(|e| e.to_string())
     }
 }

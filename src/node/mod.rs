@@ -23,8 +23,8 @@ use crate::store::{Store, StoreError};
 use crate::trust::{NodeId, NodeKey, TrustError};
 use crate::units::{Role, UnitError, UnitTree};
 
-pub use config::{Config, ConfigError};
 pub use authors::{AuditLine, Authors, Signature};
+pub use config::{Config, ConfigError};
 pub use local::*;
 
 pub const DB_FILE: &str = "node.db";

@@ -515,7 +515,9 @@ fn sign_in_memory(node: &mut Node, id: &crate::model::DocId, doc: &mut AutoCommi
             sig: signer.sign(id.as_str(), &c.hash.0).unwrap(),
         })
         .collect();
-    node.store.write(|tx| tx.put_change_sigs(id, &rows)).unwrap();
+    node.store
+        .write(|tx| tx.put_change_sigs(id, &rows))
+        .unwrap();
 }
 
 /// Applies one Changes frame of `docs` (each a document's whole `save()` at the province) at
@@ -586,7 +588,12 @@ fn a_frame_carrying_a_document_twice_stores_it_merged() {
     let second = saved(&mut a.node, &id);
     let other = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
     let third = saved(&mut a.node, &other);
-    let applied = apply_frame(&a.node, &mut b, &[(&id, first), (&other, third), (&id, second)]).unwrap();
+    let applied = apply_frame(
+        &a.node,
+        &mut b,
+        &[(&id, first), (&other, third), (&id, second)],
+    )
+    .unwrap();
     assert_eq!((applied.stored, applied.refused.len()), (3, 0));
     assert_eq!(heads_of(&mut b.node, &id), heads_of(&mut a.node, &id));
     assert_eq!(heads_of(&mut b.node, &other), heads_of(&mut a.node, &other));

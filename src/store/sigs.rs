@@ -23,7 +23,11 @@ pub struct ChangeSigRow {
 /// Signs this node's new changes as a local write stores them ([`WriteTx::create_doc`],
 /// [`WriteTx::update_doc`]); the node gives the store one at open.
 pub trait ChangeSigning: Send + Sync {
-    fn sign_change(&self, doc: &str, hash: &[u8; 32]) -> std::result::Result<[u8; SIG_BYTES], String>;
+    fn sign_change(
+        &self,
+        doc: &str,
+        hash: &[u8; 32],
+    ) -> std::result::Result<[u8; SIG_BYTES], String>;
 }
 
 /// A node certificate as stored: what it certifies, read once when it was checked.
@@ -101,9 +105,7 @@ impl Store {
     /// Every node certificate this node holds.
     pub fn node_certs(&self) -> Result<Vec<NodeCertRow>> {
         self.conn
-            .prepare_cached(
-                "SELECT node_id, unit, role, serial, public_key, der FROM node_certs",
-            )
+            .prepare_cached("SELECT node_id, unit, role, serial, public_key, der FROM node_certs")
             .at(&self.path)?
             .query_map([], |r| {
                 Ok(NodeCertRow {
@@ -142,7 +144,12 @@ impl WriteTx<'_> {
             .at(self.path)?;
         for row in sigs {
             insert
-                .execute(params![doc.as_str(), &row.hash[..], row.actor, &row.sig[..]])
+                .execute(params![
+                    doc.as_str(),
+                    &row.hash[..],
+                    row.actor,
+                    &row.sig[..]
+                ])
                 .at(self.path)?;
         }
         Ok(())

@@ -27,8 +27,8 @@ pub use sign::{
     CHANGE_SIG_BYTES,
 };
 pub use tls::{
-    client_config, peer_cert_der, peer_identity, quinn_client_config, quinn_server_config, server_config,
-    TlsMaterial, ALPN, SERVER_NAME,
+    client_config, peer_cert_der, peer_identity, quinn_client_config, quinn_server_config,
+    server_config, TlsMaterial, ALPN, SERVER_NAME,
 };
 
 /// Result type of the trust module.

@@ -179,18 +179,32 @@ mod tests {
         let ca = Ca::init(dir.path().join("ca"), "qn").unwrap();
         let key = NodeKey::generate().unwrap();
         let issued = ca
-            .issue(&enrol_request(&key).unwrap(), "qn/binhlieu", Role::District, 30)
+            .issue(
+                &enrol_request(&key).unwrap(),
+                "qn/binhlieu",
+                Role::District,
+                30,
+            )
             .unwrap();
         let der = cert_der_from_pem("node certificate", &issued.cert_pem).unwrap();
         let author = verify_node_cert_der(&der, ca.cert_pem(), None).unwrap();
         assert_eq!(author.identity.node_id, key.node_id());
-        let sig = ChangeSigner::new(&key).unwrap().sign("dsp_1", &[7; 32]).unwrap();
+        let sig = ChangeSigner::new(&key)
+            .unwrap()
+            .sign("dsp_1", &[7; 32])
+            .unwrap();
         assert!(author.verifies("dsp_1", &[7; 32], &sig));
-        assert!(!author.verifies("dsp_2", &[7; 32], &sig), "another document");
+        assert!(
+            !author.verifies("dsp_2", &[7; 32], &sig),
+            "another document"
+        );
         assert!(!author.verifies("dsp_1", &[8; 32], &sig), "another change");
         let other = ChangeSigner::new(&NodeKey::generate().unwrap()).unwrap();
         let forged = other.sign("dsp_1", &[7; 32]).unwrap();
-        assert!(!author.verifies("dsp_1", &[7; 32], &forged), "another node's key");
+        assert!(
+            !author.verifies("dsp_1", &[7; 32], &forged),
+            "another node's key"
+        );
     }
 
     use super::*;

@@ -86,8 +86,7 @@ fn alter_signatures(node: &TestNode, doc: &str) {
 }
 
 #[test]
-fn issue12_a_district_writing_under_a_communes_actor_is_refused_at_the_province_and_the_commune()
-{
+fn issue12_a_district_writing_under_a_communes_actor_is_refused_at_the_province_and_the_commune() {
     let c = chain(2);
     let (forged, honest) = (&c.docs[0], &c.docs[1]);
     let commune_id = node_id(&c.commune);
@@ -126,12 +125,15 @@ fn issue12_a_district_writing_under_a_communes_actor_is_refused_at_the_province_
     assert_eq!(refused.len(), 1, "{report}");
     assert_eq!(&refused[0].0, forged);
     assert!(
-        refused[0]
-            .1
-            .contains(&format!("is not by its author node {commune_id} ({COMMUNE})")),
+        refused[0].1.contains(&format!(
+            "is not by its author node {commune_id} ({COMMUNE})"
+        )),
         "{report}"
     );
-    assert!(doc_heads(&c.province, forged).is_none(), "nothing of it stored");
+    assert!(
+        doc_heads(&c.province, forged).is_none(),
+        "nothing of it stored"
+    );
     assert!(doc_heads(&c.province, honest).is_some());
 
     // Downwards: the commune, which trusted what came from above, refuses it too, keeps its
@@ -238,7 +240,9 @@ fn issue12_bundles_carry_signatures_and_their_import_checks_them() {
     let out = c.district.file("for-qn.csb");
     c.district
         .ok(&["bundle", "export", "--for", "qn", "--out", &path_arg(&out)]);
-    let run = c.province.run(&["--json", "bundle", "import", &path_arg(&out)]);
+    let run = c
+        .province
+        .run(&["--json", "bundle", "import", &path_arg(&out)]);
     assert_eq!(
         run.code,
         i32::from(exit::USAGE),
