@@ -279,3 +279,51 @@ fn first_cert_der(pem: &str) -> Option<Vec<u8>> {
 
 /// Authors pending for a peer: kept in order, each once.
 pub(super) type AuthorsOut = BTreeSet<String>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::dispatch::{DispatchKind, Priority};
+    use crate::node::DispatchRequest;
+    use crate::units::Role;
+
+    /// A database from before schema 8 holds unsigned changes: at the next open the node signs
+    /// those of its own actor, and `audit` shows each line signed by this node, verified.
+    #[test]
+    fn a_node_signs_its_own_changes_from_before_schema_8_at_its_next_open() {
+        let dir = tempfile::tempdir().unwrap();
+        Node::init(dir.path(), "qn", Role::Province, "lan").unwrap();
+        let mut node = Node::open(dir.path()).unwrap();
+        node.ca_init().unwrap();
+        let request = DispatchRequest {
+            ref_no: "1/UBND".into(),
+            summary: "Họp".into(),
+            kind: DispatchKind::Dispatch,
+            priority: Priority::Normal,
+            to: vec!["qn/binhlieu".into()],
+            attach: vec![],
+        };
+        let id = node.dispatch_new(None, &request).unwrap().id;
+        node.dispatch_comment(None, &id, "đã xem").unwrap();
+        let verified = |node: &mut Node| {
+            node.audit(&id)
+                .unwrap()
+                .iter()
+                .map(|line| line.signature)
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(verified(&mut node), [Signature::Verified; 2]);
+        // As a schema-7 database, migrated, leaves it.
+        node.store
+            .write(|tx| {
+                tx.delete_change_sigs_for_test()?;
+                tx.set_meta(SIGN_OWN_CHANGES_META, "1")
+            })
+            .unwrap();
+        assert_eq!(verified(&mut node), [Signature::Missing; 2]);
+        drop(node);
+        let mut node = Node::open(dir.path()).unwrap();
+        assert_eq!(verified(&mut node), [Signature::Verified; 2]);
+        assert_eq!(node.store.meta(SIGN_OWN_CHANGES_META).unwrap(), None);
+    }
+}

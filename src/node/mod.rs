@@ -90,6 +90,10 @@ pub struct Node {
     actor: ActorId,
     /// Authors of changes handed to the peer of a session, whose certificates go ahead of them.
     authors_out: authors::AuthorsOut,
+    /// CPU time the session's peer has cost so far, and the most it may
+    /// ([`replica::SESSION_CPU_MAX`]).
+    session_cpu: std::time::Duration,
+    session_cpu_max: std::time::Duration,
 }
 
 /// What `init` created.
@@ -258,6 +262,8 @@ impl Node {
             node_id,
             actor,
             authors_out: Default::default(),
+            session_cpu: std::time::Duration::ZERO,
+            session_cpu_max: replica::SESSION_CPU_MAX,
         };
         node.start_signing()?;
         Ok(node)

@@ -2,8 +2,9 @@
 //! way out, and scope, authorship and integrity checks on the way in.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
+use std::time::Duration;
 
 use automerge::{AutoCommit, ChangeHash};
 use tracing::warn;
@@ -25,6 +26,24 @@ use crate::units::{is_within, parent};
 const PEER_REGRESSION_INTERVAL_MS: i64 = 10 * 60 * 1000;
 /// Meta key (followed by the peer's node id) of when that peer last regressed.
 const REGRESSED_AT_META: &str = "peer_regressed_at_ms:";
+
+/// CPU time one session may cost this node in work its peer drives (checking and storing the
+/// documents it sends, loading documents for its offers): a first sync of 10,000 documents
+/// costs about 2 s, so this bounds a hostile peer to ten minutes of one core per session, after
+/// which the session is refused and the peer waits ([`Node::peer_strike_wait`]).
+pub const SESSION_CPU_MAX: Duration = Duration::from_secs(600);
+/// Meta key (followed by the peer's node id) of the peer's violations: "count,at_ms".
+const STRIKES_META: &str = "peer_strikes:";
+/// How long a peer refused for a violation waits before its next session: doubling per
+/// violation in a row, from a minute to an hour.
+const STRIKE_WAIT_S_MIN: u64 = 60;
+const STRIKE_WAIT_S_MAX: u64 = 3_600;
+
+/// The wait after `strikes` violations in a row.
+pub fn strike_wait(strikes: u32) -> Duration {
+    let doubled = STRIKE_WAIT_S_MIN.saturating_mul(1 << strikes.saturating_sub(1).min(16));
+    Duration::from_secs(doubled.min(STRIKE_WAIT_S_MAX))
+}
 
 /// Whether `peer` sits above `me` in the tree (then it relays others' changes and is trusted to
 /// have checked them); otherwise it may only write what its own subtree authored.
@@ -48,6 +67,46 @@ pub fn is_trusted_relay(peer_unit: &str, me: &str) -> bool {
 }
 
 impl Node {
+    /// How long `peer` must still wait before this node holds a session with it again, after
+    /// violations: None when it may now.
+    pub fn peer_strike_wait(&self, peer: &PeerIdentity) -> super::Result<Option<Duration>> {
+        let Some(value) = self
+            .store
+            .meta(&format!("{STRIKES_META}{}", peer.node_id))?
+        else {
+            return Ok(None);
+        };
+        let (strikes, at_ms) = value
+            .split_once(',')
+            .and_then(|(n, at)| Some((n.parse::<u32>().ok()?, at.parse::<i64>().ok()?)))
+            .unwrap_or((0, 0));
+        let until = at_ms + strike_wait(strikes).as_millis() as i64;
+        let left = until - now_ms();
+        Ok((strikes > 0 && left > 0).then(|| Duration::from_millis(left as u64)))
+    }
+
+    /// Records how a session with `peer` ended: a violation (or a refusal of ours) adds a
+    /// strike and starts its wait; a session that ended well clears them.
+    pub fn record_peer_strike(&mut self, peer: &PeerIdentity, violated: bool) -> super::Result<()> {
+        let key = format!("{STRIKES_META}{}", peer.node_id);
+        let before = self
+            .store
+            .meta(&key)?
+            .and_then(|v| v.split_once(',').and_then(|(n, _)| n.parse::<u32>().ok()))
+            .unwrap_or(0);
+        if !violated && before == 0 {
+            return Ok(());
+        }
+        self.store.write(|tx| {
+            if violated {
+                tx.set_meta(&key, &format!("{},{}", before + 1, now_ms()))
+            } else {
+                tx.delete_meta(&key)
+            }
+        })?;
+        Ok(())
+    }
+
     /// The unit of every node whose certificate this node has seen: the nodes it met, and on
     /// the province every node its CA certified.
     pub fn known_node_units(&self) -> super::Result<HashMap<String, String>> {
@@ -110,6 +169,179 @@ impl<'a> NodeReplica<'a> {
             peer_id,
         }
     }
+
+    /// Runs peer-driven work `f` within the session's CPU budget ([`SESSION_CPU_MAX`]): refused
+    /// once the session has spent it, else counted (this thread's CPU time; the checking
+    /// threads add theirs in [`NodeReplica::apply_frame`]).
+    fn within_cpu_budget<T>(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<T, ProtoError>,
+    ) -> Result<T, ProtoError> {
+        if self.node.session_cpu > self.node.session_cpu_max {
+            return Err(ProtoError::Refused(format!(
+                "node {} ({}) has cost this node more than {} s of CPU time in one session (checking what it sent and offered); the session ends, sync again later",
+                self.peer.node_id,
+                self.peer.unit,
+                self.node.session_cpu_max.as_secs()
+            )));
+        }
+        let started = thread_cpu();
+        let out = f(self);
+        self.node.session_cpu += thread_cpu().saturating_sub(started);
+        out
+    }
+    /// The documents of an offer this node lacks changes of ([`Replica::wants`]).
+    fn wants_of(&mut self, offered: &[DocHeads]) -> Result<Vec<DocHeads>, ProtoError> {
+        // An offered document whose heads differ from ours costs a load here: a peer lists at
+        // most a page per Offer, so one frame cannot ask for more.
+        if offered.len() > OFFER_PAGE_DOCS {
+            return Err(ProtoError::Violation(format!(
+                "an Offer of {} documents, more than a page ({OFFER_PAGE_DOCS})",
+                offered.len()
+            )));
+        }
+        let mut wants = Vec::new();
+        for offer in offered {
+            let id: DocId = offer
+                .id
+                .parse()
+                .map_err(|e| ProtoError::Malformed(format!("offer: {e}")))?;
+            let offered_heads: Vec<ChangeHash> =
+                offer.heads.iter().map(|h| ChangeHash(*h)).collect();
+            let Some(mine) = self.node.store.doc_heads(id.as_str()).map_err(local)? else {
+                wants.push(DocHeads {
+                    id: offer.id.clone(),
+                    heads: Vec::new(),
+                });
+                continue;
+            };
+            if encode_heads(&offered_heads) == mine {
+                continue;
+            }
+            let read = self.node.store.read_doc(&id, |doc| {
+                (
+                    offered_heads
+                        .iter()
+                        .any(|h| doc.get_change_by_hash(h).is_none()),
+                    doc.get_heads(),
+                )
+            });
+            let Some((lacking, heads)) = quarantined(&id, read)? else {
+                continue;
+            };
+            if lacking {
+                wants.push(DocHeads {
+                    id: offer.id.clone(),
+                    heads: to_hashes(&heads),
+                });
+            }
+        }
+        Ok(wants)
+    }
+
+    /// Checks and stores one frame of documents ([`Replica::apply`]).
+    fn apply_frame(&mut self, docs: Vec<DocChanges>) -> Result<Applied, ProtoError> {
+        let n = docs.len();
+        let at_ms = now_ms();
+        let me = self.node.unit().to_string();
+        let upstream = is_trusted_relay(&self.peer.unit, &me);
+        let sender = Sender {
+            peer: &self.peer,
+            me: &me,
+            upstream,
+            actors: if upstream {
+                HashMap::new()
+            } else {
+                self.node.known_node_units().map_err(local)?
+            },
+            authors: self.node.authors().map_err(local)?,
+            inflated: AtomicUsize::new(0),
+            checkers_cpu_ns: AtomicU64::new(0),
+        };
+        let peer_id = &self.peer_id;
+        // One transaction for the frame. A document the checks refuse is left out alone and
+        // recorded; only a failure of this node's own store rolls the frame back. Which
+        // documents are new is read inside the transaction (the write lock), so nothing else
+        // can store them meanwhile; those are loaded and checked on other threads, a bounded
+        // distance ahead, while the others are merged with their stored state here.
+        let result = self.node.store.write_with(|tx| {
+            let mut applied = Applied::default();
+            let mut incoming = Vec::with_capacity(n);
+            for change in docs {
+                match change.id.parse::<DocId>() {
+                    Ok(id) => {
+                        let stored = tx.doc_exists(&id)?;
+                        incoming.push((id, change, stored));
+                    }
+                    Err(e) => {
+                        let why = sender.refuse(&change.id, format!("not a document id: {e}"));
+                        refused(tx, peer_id, &mut applied, &change.id, why, at_ms)?;
+                    }
+                }
+            }
+            std::thread::scope(|scope| {
+                let jobs = incoming
+                    .iter()
+                    .filter(|(_, _, stored)| !stored)
+                    .map(|(id, change, _)| (id, change));
+                let mut checked = CheckedAhead::start(scope, &sender, jobs.collect())?;
+                let mut new_here = HashSet::new();
+                for (id, change, stored) in &incoming {
+                    let early = if *stored { None } else { Some(checked.next()?) };
+                    // New when the frame began, and still new unless the frame carries it twice
+                    // (and its first copy was stored).
+                    let current = if *stored || !new_here.insert(id) {
+                        match tx.load_doc(id) {
+                            Ok(current) => current,
+                            // A stored copy that no longer loads (poisoned elsewhere, damaged)
+                            // is quarantined: this document is refused, the others go on.
+                            Err(e @ (StoreError::Corrupt(_) | StoreError::Model(_))) => {
+                                let why = sender.refuse(
+                                    id.as_str(),
+                                    format!("the copy stored here does not load ({e}); run `communesync check`"),
+                                );
+                                refused(tx, peer_id, &mut applied, id.as_str(), why, at_ms)?;
+                                continue;
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
+                    } else {
+                        None
+                    };
+                    match sender.store(tx, peer_id, (id, change), (current, early), at_ms) {
+                        Ok(()) => applied.stored += 1,
+                        Err(ApplyError::Proto(why)) => {
+                            refused(tx, peer_id, &mut applied, id.as_str(), why, at_ms)?
+                        }
+                        Err(e @ ApplyError::Store(_)) => return Err(e),
+                    }
+                }
+                Ok(applied)
+                // Dropping `checked` stops the checking threads at their next document.
+            })
+        });
+        self.node.session_cpu +=
+            Duration::from_nanos(sender.checkers_cpu_ns.load(Ordering::Relaxed));
+        result.map_err(|e| match e {
+            ApplyError::Proto(e) => e,
+            ApplyError::Store(e) => local(e),
+        })
+    }
+}
+
+/// CPU time the calling thread has used so far.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill; the clock id is a constant Linux
+    // supports for every thread.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// Who sent a frame of changes, as the checks on each incoming document need it.
@@ -127,6 +359,8 @@ struct Sender<'a> {
     /// What the frame's documents inflate to so far ([`FRAME_INFLATED_BYTES_MAX`]); the
     /// checking threads add to it as they go.
     inflated: AtomicUsize,
+    /// CPU time the checking threads spent on the frame, in nanoseconds.
+    checkers_cpu_ns: AtomicU64,
 }
 
 /// Most bytes all documents of one frame may inflate to together. Each checking thread holds
@@ -209,11 +443,14 @@ impl CheckedAhead {
             let (ahead, checked) = sync_channel(CHECKED_AHEAD_MAX / n);
             let mine: Vec<_> = jobs.iter().skip(k).step_by(n).copied().collect();
             let checker = move || {
+                let started = thread_cpu();
                 for (id, change) in mine {
                     if ahead.send(sender.check_new(id, change)).is_err() {
                         break;
                     }
                 }
+                let spent = thread_cpu().saturating_sub(started).as_nanos() as u64;
+                sender.checkers_cpu_ns.fetch_add(spent, Ordering::Relaxed);
             };
             std::thread::Builder::new()
                 .name(format!("check-docs-{k}"))
@@ -661,51 +898,7 @@ impl Replica for NodeReplica<'_> {
     }
 
     fn wants(&mut self, offered: &[DocHeads]) -> Result<Vec<DocHeads>, ProtoError> {
-        // An offered document whose heads differ from ours costs a load here: a peer lists at
-        // most a page per Offer, so one frame cannot ask for more.
-        if offered.len() > OFFER_PAGE_DOCS {
-            return Err(ProtoError::Violation(format!(
-                "an Offer of {} documents, more than a page ({OFFER_PAGE_DOCS})",
-                offered.len()
-            )));
-        }
-        let mut wants = Vec::new();
-        for offer in offered {
-            let id: DocId = offer
-                .id
-                .parse()
-                .map_err(|e| ProtoError::Malformed(format!("offer: {e}")))?;
-            let offered_heads: Vec<ChangeHash> =
-                offer.heads.iter().map(|h| ChangeHash(*h)).collect();
-            let Some(mine) = self.node.store.doc_heads(id.as_str()).map_err(local)? else {
-                wants.push(DocHeads {
-                    id: offer.id.clone(),
-                    heads: Vec::new(),
-                });
-                continue;
-            };
-            if encode_heads(&offered_heads) == mine {
-                continue;
-            }
-            let read = self.node.store.read_doc(&id, |doc| {
-                (
-                    offered_heads
-                        .iter()
-                        .any(|h| doc.get_change_by_hash(h).is_none()),
-                    doc.get_heads(),
-                )
-            });
-            let Some((lacking, heads)) = quarantined(&id, read)? else {
-                continue;
-            };
-            if lacking {
-                wants.push(DocHeads {
-                    id: offer.id.clone(),
-                    heads: to_hashes(&heads),
-                });
-            }
-        }
-        Ok(wants)
+        self.within_cpu_budget(|r| r.wants_of(offered))
     }
 
     fn changes_for(&mut self, want: &DocHeads) -> Result<Option<DocChanges>, ProtoError> {
@@ -797,88 +990,7 @@ impl Replica for NodeReplica<'_> {
     }
 
     fn apply(&mut self, docs: Vec<DocChanges>) -> Result<Applied, ProtoError> {
-        let n = docs.len();
-        let at_ms = now_ms();
-        let me = self.node.unit().to_string();
-        let upstream = is_trusted_relay(&self.peer.unit, &me);
-        let sender = Sender {
-            peer: &self.peer,
-            me: &me,
-            upstream,
-            actors: if upstream {
-                HashMap::new()
-            } else {
-                self.node.known_node_units().map_err(local)?
-            },
-            authors: self.node.authors().map_err(local)?,
-            inflated: AtomicUsize::new(0),
-        };
-        let peer_id = &self.peer_id;
-        // One transaction for the frame. A document the checks refuse is left out alone and
-        // recorded; only a failure of this node's own store rolls the frame back. Which
-        // documents are new is read inside the transaction (the write lock), so nothing else
-        // can store them meanwhile; those are loaded and checked on other threads, a bounded
-        // distance ahead, while the others are merged with their stored state here.
-        let result = self.node.store.write_with(|tx| {
-            let mut applied = Applied::default();
-            let mut incoming = Vec::with_capacity(n);
-            for change in docs {
-                match change.id.parse::<DocId>() {
-                    Ok(id) => {
-                        let stored = tx.doc_exists(&id)?;
-                        incoming.push((id, change, stored));
-                    }
-                    Err(e) => {
-                        let why = sender.refuse(&change.id, format!("not a document id: {e}"));
-                        refused(tx, peer_id, &mut applied, &change.id, why, at_ms)?;
-                    }
-                }
-            }
-            std::thread::scope(|scope| {
-                let jobs = incoming
-                    .iter()
-                    .filter(|(_, _, stored)| !stored)
-                    .map(|(id, change, _)| (id, change));
-                let mut checked = CheckedAhead::start(scope, &sender, jobs.collect())?;
-                let mut new_here = HashSet::new();
-                for (id, change, stored) in &incoming {
-                    let early = if *stored { None } else { Some(checked.next()?) };
-                    // New when the frame began, and still new unless the frame carries it twice
-                    // (and its first copy was stored).
-                    let current = if *stored || !new_here.insert(id) {
-                        match tx.load_doc(id) {
-                            Ok(current) => current,
-                            // A stored copy that no longer loads (poisoned elsewhere, damaged)
-                            // is quarantined: this document is refused, the others go on.
-                            Err(e @ (StoreError::Corrupt(_) | StoreError::Model(_))) => {
-                                let why = sender.refuse(
-                                    id.as_str(),
-                                    format!("the copy stored here does not load ({e}); run `communesync check`"),
-                                );
-                                refused(tx, peer_id, &mut applied, id.as_str(), why, at_ms)?;
-                                continue;
-                            }
-                            Err(e) => return Err(e.into()),
-                        }
-                    } else {
-                        None
-                    };
-                    match sender.store(tx, peer_id, (id, change), (current, early), at_ms) {
-                        Ok(()) => applied.stored += 1,
-                        Err(ApplyError::Proto(why)) => {
-                            refused(tx, peer_id, &mut applied, id.as_str(), why, at_ms)?
-                        }
-                        Err(e @ ApplyError::Store(_)) => return Err(e),
-                    }
-                }
-                Ok(applied)
-                // Dropping `checked` stops the checking threads at their next document.
-            })
-        });
-        result.map_err(|e| match e {
-            ApplyError::Proto(e) => e,
-            ApplyError::Store(e) => local(e),
-        })
+        self.within_cpu_budget(|r| r.apply_frame(docs))
     }
 
     fn peer_refused(&mut self, id: &str, reason: &str) -> Result<(), ProtoError> {
@@ -935,6 +1047,13 @@ mod tests {
     use crate::units::Role;
 
     #[test]
+    fn a_peer_waits_longer_after_each_violation_in_a_row_up_to_an_hour() {
+        let waits: Vec<u64> = (1..=8).map(|n| strike_wait(n).as_secs()).collect();
+        assert_eq!(waits, [60, 120, 240, 480, 960, 1920, 3600, 3600]);
+        assert_eq!(strike_wait(u32::MAX).as_secs(), 3600);
+    }
+
+    #[test]
     fn the_documents_of_one_frame_inflate_within_a_budget_together() {
         let dir = tempfile::tempdir().unwrap();
         Node::init(dir.path(), "qn/binhlieu", Role::District, "lan").unwrap();
@@ -952,6 +1071,7 @@ mod tests {
             actors: HashMap::new(),
             authors: node.authors().unwrap(),
             inflated: AtomicUsize::new(0),
+            checkers_cpu_ns: AtomicU64::new(0),
         };
         let id: DocId = "dsp_0123456789abcdef".parse().unwrap();
         // Each just under the bound of one document: two fit a frame, the third does not.

@@ -1130,3 +1130,22 @@ fn a_document_of_too_many_new_changes_from_below_is_refused_before_it_is_judged(
         "{applied:?}"
     );
 }
+
+#[test]
+fn a_peer_is_refused_once_its_session_has_cost_its_cpu_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = pair(dir.path());
+    let first = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
+    let second = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
+    // A budget the first frame's checks use up.
+    b.node.session_cpu_max = std::time::Duration::ZERO;
+    let whole = saved(&mut a.node, &first);
+    apply_frame(&a.node, &mut b, &[(&first, whole)]).unwrap();
+    let whole = saved(&mut a.node, &second);
+    let err = apply_frame(&a.node, &mut b, &[(&second, whole)]).unwrap_err();
+    assert!(
+        matches!(&err, ProtoError::Refused(why) if why.contains("more than 0 s of CPU time in one session")),
+        "{err}"
+    );
+    assert!(b.node.store.doc_heads(&second).unwrap().is_none());
+}

@@ -211,6 +211,15 @@ impl WriteTx<'_> {
         self.put_change_sigs(id, &rows)
     }
 
+    /// Forgets every change signature, as a database from before schema 8 holds none.
+    #[cfg(test)]
+    pub(crate) fn delete_change_sigs_for_test(&mut self) -> Result<()> {
+        self.tx
+            .execute("DELETE FROM change_sigs", [])
+            .at(self.path)?;
+        Ok(())
+    }
+
     /// Signs the changes of this node's own actor that carry no signature (documents written
     /// before schema 8). Returns how many were signed.
     pub fn sign_own_unsigned_changes(&mut self, actor: &[u8]) -> Result<usize> {

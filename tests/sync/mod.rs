@@ -1389,6 +1389,36 @@ fn issue12_an_enrolled_peer_gets_one_control_stream_and_no_oversized_scan_frames
     server.finish();
 }
 
+#[test]
+fn issue12_a_peer_that_broke_the_protocol_waits_before_its_next_session() {
+    use communesync::proto::{wire, Frame};
+    let province = province();
+    let server = Server::start(&province);
+    let commune = commune_of(&province, COMMUNE, &server);
+    let rt = crate::tree_util::runtime();
+    let conn = raw_connection(&rt, &commune, &server);
+    let again = wire::encode(
+        &Frame::Hello {
+            version: wire::VERSION,
+            feed_seq: 0,
+            have_from_you: 0,
+            crl_number: 0,
+            epoch: 1,
+        },
+        1,
+    );
+    let _control = open_control(&rt, &conn, &[again]);
+    let log = server.wait_log("second Hello", 1);
+    assert!(log.contains("protocol violation: second Hello"), "{log}");
+    // Its next session, however soon, is refused with how long to wait; nothing else changes.
+    let refused = sync_refused(&commune);
+    assert!(
+        refused.contains("broke the protocol or a budget in a recent session; retry in"),
+        "{refused}"
+    );
+    server.finish();
+}
+
 /// A compressed Automerge change chunk (type 2) whose DEFLATE body inflates to `mib` MiB of
 /// zeros: one flushed MiB, repeated (each repeat refers back only into zeros), so a gibibyte
 /// costs about a megabyte and no time to build.
