@@ -170,13 +170,9 @@ impl<'a> NodeReplica<'a> {
         }
     }
 
-    /// Runs peer-driven work `f` within the session's CPU budget ([`SESSION_CPU_MAX`]): refused
-    /// once the session has spent it, else counted (this thread's CPU time; the checking
-    /// threads add theirs in [`NodeReplica::apply_frame`]).
-    fn within_cpu_budget<T>(
-        &mut self,
-        f: impl FnOnce(&mut Self) -> Result<T, ProtoError>,
-    ) -> Result<T, ProtoError> {
+    /// Refuses peer-driven work once the session has spent its CPU budget
+    /// ([`SESSION_CPU_MAX`]); else returns this thread's CPU clock, for [`Self::charge_cpu`].
+    fn cpu_budget_left(&self) -> Result<Duration, ProtoError> {
         if self.node.session_cpu > self.node.session_cpu_max {
             return Err(ProtoError::Refused(format!(
                 "node {} ({}) has cost this node more than {} s of CPU time in one session (checking what it sent and offered); the session ends, sync again later",
@@ -185,147 +181,13 @@ impl<'a> NodeReplica<'a> {
                 self.node.session_cpu_max.as_secs()
             )));
         }
-        let started = thread_cpu();
-        let out = f(self);
-        self.node.session_cpu += thread_cpu().saturating_sub(started);
-        out
-    }
-    /// The documents of an offer this node lacks changes of ([`Replica::wants`]).
-    fn wants_of(&mut self, offered: &[DocHeads]) -> Result<Vec<DocHeads>, ProtoError> {
-        // An offered document whose heads differ from ours costs a load here: a peer lists at
-        // most a page per Offer, so one frame cannot ask for more.
-        if offered.len() > OFFER_PAGE_DOCS {
-            return Err(ProtoError::Violation(format!(
-                "an Offer of {} documents, more than a page ({OFFER_PAGE_DOCS})",
-                offered.len()
-            )));
-        }
-        let mut wants = Vec::new();
-        for offer in offered {
-            let id: DocId = offer
-                .id
-                .parse()
-                .map_err(|e| ProtoError::Malformed(format!("offer: {e}")))?;
-            let offered_heads: Vec<ChangeHash> =
-                offer.heads.iter().map(|h| ChangeHash(*h)).collect();
-            let Some(mine) = self.node.store.doc_heads(id.as_str()).map_err(local)? else {
-                wants.push(DocHeads {
-                    id: offer.id.clone(),
-                    heads: Vec::new(),
-                });
-                continue;
-            };
-            if encode_heads(&offered_heads) == mine {
-                continue;
-            }
-            let read = self.node.store.read_doc(&id, |doc| {
-                (
-                    offered_heads
-                        .iter()
-                        .any(|h| doc.get_change_by_hash(h).is_none()),
-                    doc.get_heads(),
-                )
-            });
-            let Some((lacking, heads)) = quarantined(&id, read)? else {
-                continue;
-            };
-            if lacking {
-                wants.push(DocHeads {
-                    id: offer.id.clone(),
-                    heads: to_hashes(&heads),
-                });
-            }
-        }
-        Ok(wants)
+        Ok(thread_cpu())
     }
 
-    /// Checks and stores one frame of documents ([`Replica::apply`]).
-    fn apply_frame(&mut self, docs: Vec<DocChanges>) -> Result<Applied, ProtoError> {
-        let n = docs.len();
-        let at_ms = now_ms();
-        let me = self.node.unit().to_string();
-        let upstream = is_trusted_relay(&self.peer.unit, &me);
-        let sender = Sender {
-            peer: &self.peer,
-            me: &me,
-            upstream,
-            actors: if upstream {
-                HashMap::new()
-            } else {
-                self.node.known_node_units().map_err(local)?
-            },
-            authors: self.node.authors().map_err(local)?,
-            inflated: AtomicUsize::new(0),
-            checkers_cpu_ns: AtomicU64::new(0),
-        };
-        let peer_id = &self.peer_id;
-        // One transaction for the frame. A document the checks refuse is left out alone and
-        // recorded; only a failure of this node's own store rolls the frame back. Which
-        // documents are new is read inside the transaction (the write lock), so nothing else
-        // can store them meanwhile; those are loaded and checked on other threads, a bounded
-        // distance ahead, while the others are merged with their stored state here.
-        let result = self.node.store.write_with(|tx| {
-            let mut applied = Applied::default();
-            let mut incoming = Vec::with_capacity(n);
-            for change in docs {
-                match change.id.parse::<DocId>() {
-                    Ok(id) => {
-                        let stored = tx.doc_exists(&id)?;
-                        incoming.push((id, change, stored));
-                    }
-                    Err(e) => {
-                        let why = sender.refuse(&change.id, format!("not a document id: {e}"));
-                        refused(tx, peer_id, &mut applied, &change.id, why, at_ms)?;
-                    }
-                }
-            }
-            std::thread::scope(|scope| {
-                let jobs = incoming
-                    .iter()
-                    .filter(|(_, _, stored)| !stored)
-                    .map(|(id, change, _)| (id, change));
-                let mut checked = CheckedAhead::start(scope, &sender, jobs.collect())?;
-                let mut new_here = HashSet::new();
-                for (id, change, stored) in &incoming {
-                    let early = if *stored { None } else { Some(checked.next()?) };
-                    // New when the frame began, and still new unless the frame carries it twice
-                    // (and its first copy was stored).
-                    let current = if *stored || !new_here.insert(id) {
-                        match tx.load_doc(id) {
-                            Ok(current) => current,
-                            // A stored copy that no longer loads (poisoned elsewhere, damaged)
-                            // is quarantined: this document is refused, the others go on.
-                            Err(e @ (StoreError::Corrupt(_) | StoreError::Model(_))) => {
-                                let why = sender.refuse(
-                                    id.as_str(),
-                                    format!("the copy stored here does not load ({e}); run `communesync check`"),
-                                );
-                                refused(tx, peer_id, &mut applied, id.as_str(), why, at_ms)?;
-                                continue;
-                            }
-                            Err(e) => return Err(e.into()),
-                        }
-                    } else {
-                        None
-                    };
-                    match sender.store(tx, peer_id, (id, change), (current, early), at_ms) {
-                        Ok(()) => applied.stored += 1,
-                        Err(ApplyError::Proto(why)) => {
-                            refused(tx, peer_id, &mut applied, id.as_str(), why, at_ms)?
-                        }
-                        Err(e @ ApplyError::Store(_)) => return Err(e),
-                    }
-                }
-                Ok(applied)
-                // Dropping `checked` stops the checking threads at their next document.
-            })
-        });
-        self.node.session_cpu +=
-            Duration::from_nanos(sender.checkers_cpu_ns.load(Ordering::Relaxed));
-        result.map_err(|e| match e {
-            ApplyError::Proto(e) => e,
-            ApplyError::Store(e) => local(e),
-        })
+    /// Counts the CPU time this thread spent since `started`, and `others` spent by the
+    /// checking threads, against the session's budget.
+    fn charge_cpu(&mut self, started: Duration, others: Duration) {
+        self.node.session_cpu += thread_cpu().saturating_sub(started) + others;
     }
 }
 
@@ -898,7 +760,53 @@ impl Replica for NodeReplica<'_> {
     }
 
     fn wants(&mut self, offered: &[DocHeads]) -> Result<Vec<DocHeads>, ProtoError> {
-        self.within_cpu_budget(|r| r.wants_of(offered))
+        let started = self.cpu_budget_left()?;
+        // An offered document whose heads differ from ours costs a load here: a peer lists at
+        // most a page per Offer, so one frame cannot ask for more.
+        if offered.len() > OFFER_PAGE_DOCS {
+            return Err(ProtoError::Violation(format!(
+                "an Offer of {} documents, more than a page ({OFFER_PAGE_DOCS})",
+                offered.len()
+            )));
+        }
+        let mut wants = Vec::new();
+        for offer in offered {
+            let id: DocId = offer
+                .id
+                .parse()
+                .map_err(|e| ProtoError::Malformed(format!("offer: {e}")))?;
+            let offered_heads: Vec<ChangeHash> =
+                offer.heads.iter().map(|h| ChangeHash(*h)).collect();
+            let Some(mine) = self.node.store.doc_heads(id.as_str()).map_err(local)? else {
+                wants.push(DocHeads {
+                    id: offer.id.clone(),
+                    heads: Vec::new(),
+                });
+                continue;
+            };
+            if encode_heads(&offered_heads) == mine {
+                continue;
+            }
+            let read = self.node.store.read_doc(&id, |doc| {
+                (
+                    offered_heads
+                        .iter()
+                        .any(|h| doc.get_change_by_hash(h).is_none()),
+                    doc.get_heads(),
+                )
+            });
+            let Some((lacking, heads)) = quarantined(&id, read)? else {
+                continue;
+            };
+            if lacking {
+                wants.push(DocHeads {
+                    id: offer.id.clone(),
+                    heads: to_hashes(&heads),
+                });
+            }
+        }
+        self.charge_cpu(started, Duration::ZERO);
+        Ok(wants)
     }
 
     fn changes_for(&mut self, want: &DocHeads) -> Result<Option<DocChanges>, ProtoError> {
@@ -990,7 +898,92 @@ impl Replica for NodeReplica<'_> {
     }
 
     fn apply(&mut self, docs: Vec<DocChanges>) -> Result<Applied, ProtoError> {
-        self.within_cpu_budget(|r| r.apply_frame(docs))
+        let started = self.cpu_budget_left()?;
+        let n = docs.len();
+        let at_ms = now_ms();
+        let me = self.node.unit().to_string();
+        let upstream = is_trusted_relay(&self.peer.unit, &me);
+        let sender = Sender {
+            peer: &self.peer,
+            me: &me,
+            upstream,
+            actors: if upstream {
+                HashMap::new()
+            } else {
+                self.node.known_node_units().map_err(local)?
+            },
+            authors: self.node.authors().map_err(local)?,
+            inflated: AtomicUsize::new(0),
+            checkers_cpu_ns: AtomicU64::new(0),
+        };
+        let peer_id = &self.peer_id;
+        // One transaction for the frame. A document the checks refuse is left out alone and
+        // recorded; only a failure of this node's own store rolls the frame back. Which
+        // documents are new is read inside the transaction (the write lock), so nothing else
+        // can store them meanwhile; those are loaded and checked on other threads, a bounded
+        // distance ahead, while the others are merged with their stored state here.
+        let result = self.node.store.write_with(|tx| {
+            let mut applied = Applied::default();
+            let mut incoming = Vec::with_capacity(n);
+            for change in docs {
+                match change.id.parse::<DocId>() {
+                    Ok(id) => {
+                        let stored = tx.doc_exists(&id)?;
+                        incoming.push((id, change, stored));
+                    }
+                    Err(e) => {
+                        let why = sender.refuse(&change.id, format!("not a document id: {e}"));
+                        refused(tx, peer_id, &mut applied, &change.id, why, at_ms)?;
+                    }
+                }
+            }
+            std::thread::scope(|scope| {
+                let jobs = incoming
+                    .iter()
+                    .filter(|(_, _, stored)| !stored)
+                    .map(|(id, change, _)| (id, change));
+                let mut checked = CheckedAhead::start(scope, &sender, jobs.collect())?;
+                let mut new_here = HashSet::new();
+                for (id, change, stored) in &incoming {
+                    let early = if *stored { None } else { Some(checked.next()?) };
+                    // New when the frame began, and still new unless the frame carries it twice
+                    // (and its first copy was stored).
+                    let current = if *stored || !new_here.insert(id) {
+                        match tx.load_doc(id) {
+                            Ok(current) => current,
+                            // A stored copy that no longer loads (poisoned elsewhere, damaged)
+                            // is quarantined: this document is refused, the others go on.
+                            Err(e @ (StoreError::Corrupt(_) | StoreError::Model(_))) => {
+                                let why = sender.refuse(
+                                    id.as_str(),
+                                    format!("the copy stored here does not load ({e}); run `communesync check`"),
+                                );
+                                refused(tx, peer_id, &mut applied, id.as_str(), why, at_ms)?;
+                                continue;
+                            }
+                            Err(e) => return Err(e.into()),
+                        }
+                    } else {
+                        None
+                    };
+                    match sender.store(tx, peer_id, (id, change), (current, early), at_ms) {
+                        Ok(()) => applied.stored += 1,
+                        Err(ApplyError::Proto(why)) => {
+                            refused(tx, peer_id, &mut applied, id.as_str(), why, at_ms)?
+                        }
+                        Err(e @ ApplyError::Store(_)) => return Err(e),
+                    }
+                }
+                Ok(applied)
+                // Dropping `checked` stops the checking threads at their next document.
+            })
+        });
+        let checkers = Duration::from_nanos(sender.checkers_cpu_ns.load(Ordering::Relaxed));
+        self.charge_cpu(started, checkers);
+        result.map_err(|e| match e {
+            ApplyError::Proto(e) => e,
+            ApplyError::Store(e) => local(e),
+        })
     }
 
     fn peer_refused(&mut self, id: &str, reason: &str) -> Result<(), ProtoError> {
