@@ -555,7 +555,7 @@ impl Sender<'_> {
                 let actor = change.actor.to_bytes();
                 let sig = by_hash.get(&change.hash.0).copied();
                 self.authors
-                    .check(id.as_str(), &change.hash.0, actor, sig)
+                    .check(id.as_str(), &change.hash.0, actor, sig, self.upstream)
                     .map_err(|why| self.refuse(id.as_str(), why))?;
                 Ok(ChangeSigRow {
                     hash: change.hash.0,
