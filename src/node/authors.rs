@@ -111,24 +111,24 @@ impl Authors {
         sig: Option<&[u8; SIG_BYTES]>,
         revoked_ok: bool,
     ) -> std::result::Result<(), String> {
+        let verdict = self.verdict(doc, hash, actor, sig);
+        if verdict == Signature::Verified || (verdict == Signature::Revoked && revoked_ok) {
+            return Ok(());
+        }
         let node = hex::encode(actor);
-        let unit = self
-            .keys
-            .get(actor)
-            .map_or("", |(key, _)| key.identity.unit.as_str());
+        let unit = self.unit_of(actor).unwrap_or_default();
         let change = short(hash);
-        Err(match self.verdict(doc, hash, actor, sig) {
-            Signature::Verified => return Ok(()),
-            Signature::Revoked if revoked_ok => return Ok(()),
+        Err(match verdict {
+            Signature::Verified => unreachable!("returned above"),
             Signature::Missing => format!(
                 "change {change} by node {node} carries no signature; every change must be signed by the node that made it"
             ),
             Signature::UnknownSigner => format!(
                 "no certificate of node {node}, the author of change {change}, reached this node, so its signature cannot be checked"
             ),
-            Signature::Revoked => format!(
-                "change {change} is by node {node} ({unit}), whose certificate is revoked"
-            ),
+            Signature::Revoked => {
+                format!("change {change} is by node {node} ({unit}), whose certificate is revoked")
+            }
             Signature::Invalid => format!(
                 "the signature of change {change} is not by its author node {node} ({unit}): forged, or altered on the way"
             ),

@@ -86,22 +86,6 @@ impl Store {
         read_sigs(&self.conn, &self.path, doc.as_str())
     }
 
-    /// The signature of one change, if held.
-    pub fn change_sig(&self, doc: &DocId, hash: &[u8; 32]) -> Result<Option<ChangeSigRow>> {
-        self.conn
-            .prepare_cached("SELECT actor, sig FROM change_sigs WHERE doc = ?1 AND hash = ?2")
-            .at(&self.path)?
-            .query_row(params![doc.as_str(), &hash[..]], |r| {
-                Ok(ChangeSigRow {
-                    hash: *hash,
-                    actor: r.get(0)?,
-                    sig: sig_from(r.get(1)?)?,
-                })
-            })
-            .optional()
-            .at(&self.path)
-    }
-
     /// Every node certificate this node holds.
     pub fn node_certs(&self) -> Result<Vec<NodeCertRow>> {
         self.conn

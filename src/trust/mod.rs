@@ -22,10 +22,7 @@ pub use crl::{verify_crl, Crl};
 pub use fsutil::{write_file_atomic, write_secret_file};
 pub(crate) use identity::cert_der_from_pem;
 pub use identity::{enrol_request, install_check, NodeId, NodeKey, PeerIdentity};
-pub use sign::{
-    change_sig_message, verify_node_cert_der, verify_signed, AuthorKey, ChangeSig, ChangeSigner,
-    CHANGE_SIG_BYTES,
-};
+pub use sign::{verify_node_cert_der, verify_signed, AuthorKey, ChangeSigner};
 pub use tls::{
     client_config, peer_cert_der, peer_identity, quinn_client_config, quinn_server_config,
     server_config, TlsMaterial, ALPN, SERVER_NAME,

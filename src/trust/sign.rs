@@ -19,16 +19,16 @@ impl NodeKey {
 }
 
 /// Bytes of a change signature: ECDSA P-256 / SHA-256, fixed-size `r || s`.
-pub const CHANGE_SIG_BYTES: usize = 64;
+const CHANGE_SIG_BYTES: usize = 64;
 
 /// A change signature as it travels and is stored.
-pub type ChangeSig = [u8; CHANGE_SIG_BYTES];
+type ChangeSig = [u8; CHANGE_SIG_BYTES];
 
 /// What a node signs for one of its changes: a domain tag, the document id and the Automerge
 /// change hash. The hash covers the change's actor, sequence number, dependencies, operations,
 /// time and note; the document id keeps a document's first change (which has no
 /// dependencies) from being replayed as the start of another document.
-pub fn change_sig_message(doc: &str, hash: &[u8; 32]) -> Vec<u8> {
+fn change_sig_message(doc: &str, hash: &[u8; 32]) -> Vec<u8> {
     let mut msg = Vec::with_capacity(CHANGE_SIG_DOMAIN.len() + doc.len() + 33);
     msg.extend_from_slice(CHANGE_SIG_DOMAIN);
     msg.extend_from_slice(doc.as_bytes());
