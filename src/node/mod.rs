@@ -90,9 +90,10 @@ pub struct Node {
     actor: ActorId,
     /// Authors of changes handed to the peer of a session, whose certificates go ahead of them.
     authors_out: authors::AuthorsOut,
-    /// CPU time the session's peer has cost so far, and the most it may
-    /// ([`replica::SESSION_CPU_MAX`]).
+    /// CPU time the session's peer has cost since `session_cpu_since`, and the most it may
+    /// ([`replica::SESSION_CPU_MAX`] per [`replica::SESSION_CPU_WINDOW`]).
     session_cpu: std::time::Duration,
+    session_cpu_since: std::time::Instant,
     session_cpu_max: std::time::Duration,
 }
 
@@ -263,6 +264,7 @@ impl Node {
             actor,
             authors_out: Default::default(),
             session_cpu: std::time::Duration::ZERO,
+            session_cpu_since: std::time::Instant::now(),
             session_cpu_max: replica::SESSION_CPU_MAX,
         };
         node.start_signing()?;

@@ -28,10 +28,14 @@ const PEER_REGRESSION_INTERVAL_MS: i64 = 10 * 60 * 1000;
 const REGRESSED_AT_META: &str = "peer_regressed_at_ms:";
 
 /// CPU time one session may cost this node in work its peer drives (checking and storing the
-/// documents it sends, loading documents for its offers): a first sync of 10,000 documents
-/// costs about 2 s, so this bounds a hostile peer to ten minutes of one core per session, after
-/// which the session is refused and the peer waits ([`Node::peer_strike_wait`]).
+/// documents it sends, loading documents for its offers) per [`SESSION_CPU_WINDOW`]: a first
+/// sync of 10,000 documents costs about 2 s, so this bounds a hostile peer to ten minutes of
+/// one core, after which the session is refused and the peer waits
+/// ([`Node::peer_strike_wait`]).
 pub const SESSION_CPU_MAX: Duration = Duration::from_secs(600);
+/// The budget starts afresh every hour of a session, so a `serve` session that relays for
+/// weeks is bounded in its rate (a sixth of a core over an hour), not cut off by its total.
+pub const SESSION_CPU_WINDOW: Duration = Duration::from_secs(3_600);
 /// Meta key (followed by the peer's node id) of the peer's violations: "count,at_ms".
 const STRIKES_META: &str = "peer_strikes:";
 /// How long a peer refused for a violation waits before its next session: doubling per
@@ -172,10 +176,14 @@ impl<'a> NodeReplica<'a> {
 
     /// Refuses peer-driven work once the session has spent its CPU budget
     /// ([`SESSION_CPU_MAX`]); else returns this thread's CPU clock, for [`Self::charge_cpu`].
-    fn cpu_budget_left(&self) -> Result<Duration, ProtoError> {
+    fn cpu_budget_left(&mut self) -> Result<Duration, ProtoError> {
+        if self.node.session_cpu_since.elapsed() > SESSION_CPU_WINDOW {
+            self.node.session_cpu = Duration::ZERO;
+            self.node.session_cpu_since = std::time::Instant::now();
+        }
         if self.node.session_cpu > self.node.session_cpu_max {
             return Err(ProtoError::Refused(format!(
-                "node {} ({}) has cost this node more than {} s of CPU time in one session (checking what it sent and offered); the session ends, sync again later",
+                "node {} ({}) has cost this node more than {} s of CPU time in this session's last hour (checking what it sent and offered); the session ends, sync again later",
                 self.peer.node_id,
                 self.peer.unit,
                 self.node.session_cpu_max.as_secs()

@@ -1144,7 +1144,7 @@ fn a_peer_is_refused_once_its_session_has_cost_its_cpu_budget() {
     let whole = saved(&mut a.node, &second);
     let err = apply_frame(&a.node, &mut b, &[(&second, whole)]).unwrap_err();
     assert!(
-        matches!(&err, ProtoError::Refused(why) if why.contains("more than 0 s of CPU time in one session")),
+        matches!(&err, ProtoError::Refused(why) if why.contains("more than 0 s of CPU time in this session's last hour")),
         "{err}"
     );
     assert!(b.node.store.doc_heads(&second).unwrap().is_none());
