@@ -164,23 +164,50 @@ impl Node {
     /// keeps it to check that node's change signatures. A revoked one is kept too: the changes
     /// it signed are then refused as revoked, which says more than "no certificate".
     pub fn learn_cert(&mut self, der: &[u8]) -> Result<PeerIdentity> {
+        let (mut learnt, _) = self.learn_certs(std::slice::from_ref(&der.to_vec()))?;
+        learnt
+            .pop()
+            .ok_or_else(|| NodeError::Invalid("the certificate was checked but not kept".into()))?
+    }
+
+    /// [`Node::learn_cert`] for several, in one write (none when all are held already): what
+    /// each certifies or why it was left out, in order, and how many were new or changed.
+    pub fn learn_certs(&mut self, ders: &[Vec<u8>]) -> Result<(Vec<Result<PeerIdentity>>, usize)> {
         let ca = std::fs::read_to_string(self.dir.join(CA_FILE)).map_err(|_| {
             NodeError::Invalid(
                 "this node is not enrolled (no ca.crt): it cannot check certificates of authors"
                     .into(),
             )
         })?;
-        let author = trust::verify_node_cert_der(der, &ca, None)?;
-        let row = NodeCertRow {
-            node_id: author.identity.node_id.to_string(),
-            unit: author.identity.unit.clone(),
-            role: author.identity.role.as_str().to_string(),
-            serial: author.identity.serial.clone(),
-            public_key: author.public_key().to_vec(),
-            der: der.to_vec(),
-        };
-        self.store.write(|tx| tx.put_node_cert(&row, now_ms()))?;
-        Ok(author.identity)
+        let mut rows = Vec::new();
+        let mut learnt = Vec::with_capacity(ders.len());
+        for der in ders {
+            let author = match trust::verify_node_cert_der(der, &ca, None) {
+                Ok(author) => author,
+                Err(e) => {
+                    learnt.push(Err(e.into()));
+                    continue;
+                }
+            };
+            let node_id = author.identity.node_id.to_string();
+            if self.store.node_cert(&node_id)?.as_deref() != Some(&der[..]) {
+                rows.push(NodeCertRow {
+                    node_id,
+                    unit: author.identity.unit.clone(),
+                    role: author.identity.role.as_str().to_string(),
+                    serial: author.identity.serial.clone(),
+                    public_key: author.public_key().to_vec(),
+                    der: der.clone(),
+                });
+            }
+            learnt.push(Ok(author.identity));
+        }
+        if !rows.is_empty() {
+            let at_ms = now_ms();
+            self.store
+                .write(|tx| rows.iter().try_for_each(|row| tx.put_node_cert(row, at_ms)))?;
+        }
+        Ok((learnt, rows.len()))
     }
 
     /// This node's own certificate (DER), once enrolled.

@@ -1019,12 +1019,17 @@ impl Replica for NodeReplica<'_> {
     }
 
     fn store_certs(&mut self, ders: Vec<Vec<u8>>) -> Result<(), ProtoError> {
-        for der in ders {
-            // A certificate this node cannot accept (another CA, revoked) is left out: the
-            // changes it would check are then refused alone, with that reason.
-            if let Err(e) = self.node.learn_cert(&der) {
-                warn!(peer = %self.peer.unit, "a certificate of an author from the peer was left out: {e}");
-            }
+        let started = self.cpu_budget_left()?;
+        let (learnt, _) = self.node.learn_certs(&ders).map_err(local)?;
+        self.charge_cpu(started, Duration::ZERO);
+        // A certificate this node cannot accept (another CA) is left out: the changes it would
+        // check are then refused alone, with that reason.
+        let refused: Vec<String> = learnt
+            .into_iter()
+            .filter_map(|r| r.err().map(|e| e.to_string()))
+            .collect();
+        if let Some(first) = refused.first() {
+            warn!(peer = %self.peer.unit, left_out = refused.len(), "certificates of authors from the peer were left out; the first: {first}");
         }
         Ok(())
     }
