@@ -358,4 +358,45 @@ mod tests {
         assert_eq!(verified(&mut node), [Signature::Verified; 2]);
         assert_eq!(node.store.meta(SIGN_OWN_CHANGES_META).unwrap(), None);
     }
+
+    /// Certificates of authors from a peer: one of this CA is kept (once), one of another CA
+    /// is left out with why, and the rest of the frame's are kept all the same.
+    #[test]
+    fn certificates_of_authors_are_kept_only_when_they_chain_to_this_nodes_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        Node::init(&dir.path().join("p"), "qn", Role::Province, "lan").unwrap();
+        let mut node = Node::open(&dir.path().join("p")).unwrap();
+        node.ca_init().unwrap();
+        let issue = |ca: &trust::Ca| {
+            let key = NodeKey::generate().unwrap();
+            let pem = ca
+                .issue(
+                    &trust::enrol_request(&key).unwrap(),
+                    "qn/binhlieu/tinhhuc",
+                    Role::Commune,
+                    30,
+                )
+                .unwrap()
+                .cert_pem;
+            trust::cert_der_from_pem("node certificate", &pem)
+                .unwrap()
+                .to_vec()
+        };
+        let ours =
+            issue(&trust::Ca::open(dir.path().join("p").join(super::super::sync::CA_DIR)).unwrap());
+        let foreign = issue(&trust::Ca::init(dir.path().join("other"), "qn").unwrap());
+        let (learnt, written) = node.learn_certs(&[foreign, ours.clone()]).unwrap();
+        assert!(
+            matches!(&learnt[0], Err(e) if e.to_string().contains("not valid under this CA")),
+            "{:?}",
+            learnt[0]
+        );
+        assert_eq!(learnt[1].as_ref().unwrap().unit, "qn/binhlieu/tinhhuc");
+        assert_eq!(written, 1);
+        let node_id = learnt[1].as_ref().unwrap().node_id.to_string();
+        assert_eq!(node.store.node_cert(&node_id).unwrap(), Some(ours.clone()));
+        assert_eq!(node.store.node_certs().unwrap().len(), 1);
+        // The same again writes nothing.
+        assert_eq!(node.learn_certs(&[ours]).unwrap().1, 0);
+    }
 }
