@@ -556,12 +556,7 @@ struct Party {
 }
 
 fn identity(node: &Node) -> PeerIdentity {
-    PeerIdentity {
-        node_id: node.node_id(),
-        unit: node.unit().to_string(),
-        role: node.role(),
-        serial: vec![1],
-    }
+    PeerIdentity::from_cert_der(&node.own_cert_der().expect("enrolled")).expect("certificate")
 }
 
 fn meet(province: Node, commune: Node) -> (Party, Party) {
@@ -574,6 +569,13 @@ fn meet(province: Node, commune: Node) -> (Party, Party) {
         node: commune,
         peer: pid,
     };
+    let (pder, cder) = (
+        p.node.own_cert_der().expect("enrolled"),
+        c.node.own_cert_der().expect("enrolled"),
+    );
+    // Each side holds the other's certificate, as a TLS handshake leaves it.
+    p.node.learn_cert(&cder).expect("commune certificate");
+    c.node.learn_cert(&pder).expect("province certificate");
     for side in [&mut p, &mut c] {
         let peer = side.peer.clone();
         side.node
@@ -727,7 +729,17 @@ fn reconnect_protocol(opts: &Opts, n: usize) {
     let fixture = province_fixture(opts, n);
     let tmp = scratch();
     let province = Node::open(&province_copy(&fixture, tmp.path())).expect("open province");
-    let commune = new_node(&tmp.path().join("commune"), COMMUNE, Role::Commune);
+    let commune_dir = tmp.path().join("commune");
+    let mut commune = new_node(&commune_dir, COMMUNE, Role::Commune);
+    let (req, cert) = (
+        commune_dir.with_extension("req"),
+        commune_dir.with_extension("crt"),
+    );
+    commune.enrol_request(&req).expect("enrol request");
+    province
+        .ca_issue(&req, COMMUNE, Role::Commune, &cert)
+        .expect("ca issue");
+    commune.enrol_install(&cert).expect("enrol install");
     let (mut p, mut c) = meet(province, commune);
 
     let first = exchange(&mut p, &mut c);
@@ -1894,6 +1906,16 @@ fn dispatch_wire_bytes(node: &Node, id: &str) -> u64 {
                 id: id.into(),
                 heads: heads.clone(),
                 data,
+                sigs: node
+                    .store
+                    .change_sigs(&doc)
+                    .expect("signatures")
+                    .into_iter()
+                    .map(|row| communesync::proto::ChangeSig {
+                        hash: row.hash,
+                        sig: row.sig,
+                    })
+                    .collect(),
             }],
         },
         Frame::Offer {

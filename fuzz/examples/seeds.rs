@@ -57,7 +57,11 @@ fn frames(doc: &[u8]) -> Vec<Frame> {
                 DocChanges {
                     id: id.clone(),
                     heads: vec![[1; 32]],
-                    data: doc.to_vec()
+                    data: doc.to_vec(),
+                    sigs: vec![communesync::proto::ChangeSig {
+                        hash: [1; 32],
+                        sig: [2; 64],
+                    }],
                 };
                 4
             ],
@@ -67,6 +71,7 @@ fn frames(doc: &[u8]) -> Vec<Frame> {
                 id: id.clone(),
                 heads: vec![],
                 data: doc.to_vec(),
+                sigs: Vec::new(),
             }],
         },
         Frame::ChangesEnd { upto: 12 },
@@ -127,6 +132,9 @@ fn frames(doc: &[u8]) -> Vec<Frame> {
                     last_error: String::new(),
                 }],
             }],
+        },
+        Frame::Certs {
+            ders: vec![vec![0x30, 0x82, 0x01, 0x00]],
         },
     ]
 }

@@ -13,12 +13,14 @@ use serde::Serialize;
 use crate::model::assignment::AssignmentView;
 use crate::model::dispatch::DispatchView;
 use crate::model::dossier::DossierView;
-use crate::model::{AuditEntry, Conflict};
+use crate::model::Conflict;
 use crate::net::SessionReport;
 use crate::node::bundle::{ExportReport, ImportReport};
 use crate::node::health::Health;
 use crate::node::sync::{IssueReport, Status};
-use crate::node::{AttachmentReport, CheckReport, DispatchDetail, InitReport, Node, ReceiveReport};
+use crate::node::{
+    AttachmentReport, AuditLine, CheckReport, DispatchDetail, InitReport, Node, ReceiveReport,
+};
 use crate::store::index::{AssignmentRow, DispatchRow, DossierRow};
 use crate::store::sync::Peer;
 use crate::store::User;
@@ -484,16 +486,20 @@ impl Out {
         })
     }
 
-    pub fn audit(&self, entries: &[AuditEntry], node: &Node) -> Result<()> {
-        self.emit(&entries, || {
-            for e in entries {
+    pub fn audit(&self, lines: &[AuditLine], node: &Node) -> Result<()> {
+        self.emit(&lines, || {
+            for line in lines {
+                let e = &line.entry;
                 println!(
-                    "{}  {}@{}  node {}  {}",
+                    "{}  {}@{}  node {}  {}  [signed by {} {}: {}]",
                     when(e.at_ms, node),
                     safe(&e.user),
                     safe(&e.unit),
                     safe(e.node.get(..12).unwrap_or(&e.node)),
-                    safe(&e.what)
+                    safe(&e.what),
+                    e.actor.get(..12).unwrap_or(&e.actor),
+                    safe(line.signer_unit.as_deref().unwrap_or("?")),
+                    line.signature.describe()
                 );
             }
         })

@@ -185,6 +185,8 @@ pub struct AuditEntry {
     pub node: String,
     pub what: String,
     pub ops: usize,
+    /// The change's Automerge actor (hex): the node whose key must have signed it.
+    pub actor: String,
 }
 
 /// Every change to the document, oldest first (causal order, ties by time).
@@ -211,6 +213,7 @@ pub fn audit(doc: &mut AutoCommit) -> Vec<AuditEntry> {
                 node,
                 what,
                 ops: change.len(),
+                actor: change.actor_id().to_hex_string(),
             }
         })
         .collect()

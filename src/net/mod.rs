@@ -672,7 +672,24 @@ pub async fn run_session(
             node: peer.node_id,
         }));
     }
+    // A peer that broke the protocol or its budgets lately waits before its next session.
+    if let Some(wait) = node.peer_strike_wait(&peer).map_err(node_err)? {
+        let reason = format!(
+            "node {} ({}) broke the protocol or a budget in a recent session; retry in {} s",
+            peer.node_id,
+            peer.unit,
+            wait.as_secs() + 1
+        );
+        conn.close(
+            1u32.into(),
+            &reason.as_bytes()[..reason.len().min(CLOSE_REASON_BYTES_MAX)],
+        );
+        return Err(NetError::Proto(ProtoError::Refused(reason)));
+    }
     node.record_contact(&peer).map_err(node_err)?;
+    // The peer's certificate checks the signatures of the changes it made.
+    let peer_der = crate::trust::peer_cert_der(&conn)?;
+    node.learn_cert(&peer_der).map_err(node_err)?;
     node.session_opened(&peer).map_err(node_err)?;
     let (crl_number, mut crl_der) = node
         .crl()
@@ -1023,6 +1040,13 @@ pub async fn run_session(
         report.bytes_received - recorded.1.min(report.bytes_received),
     )
     .map_err(node_err)?;
+    let violated = matches!(
+        &outcome,
+        Err(NetError::Proto(
+            ProtoError::Violation(_) | ProtoError::Malformed(_) | ProtoError::Refused(_)
+        ))
+    );
+    node.record_peer_strike(&peer, violated).map_err(node_err)?;
     match outcome {
         Ok(()) => {
             info!(peer = %peer.unit, docs_in = report.docs_received, docs_out = report.docs_sent, bytes_out = report.bytes_sent, "session ended");

@@ -23,7 +23,9 @@ use crate::store::blobs::Hash;
 use crate::trust::{self, fsutil, NodeKey};
 
 const MAGIC: &[u8; 8] = b"CSBUNDLE";
-const FORMAT: u8 = 1;
+/// 2: documents carry their changes' signatures, and `Certs` frames the authors' certificates
+/// (protocol version 4).
+const FORMAT: u8 = 2;
 /// Largest header accepted (it holds a certificate and a CRL).
 const HEADER_BYTES_MAX: u32 = 256 * 1024;
 /// zstd level for scans in a bundle: a USB stick has room, the import machine has little time.
@@ -116,6 +118,8 @@ impl Node {
             payload.write_all(&encoded).map_err(io(&tmp))
         };
         let mut hashes: Vec<Hash> = Vec::new();
+        // Authors whose certificates the bundle already carries (the exporter's is its header's).
+        let mut certs_sent = std::collections::HashSet::from([self.node_id().to_string()]);
         let mut cursor = since as i64;
         loop {
             let page = self
@@ -137,10 +141,29 @@ impl Node {
                 }
                 hashes.extend(self.store.doc_blob_hashes(&doc_id)?);
                 batch_bytes += data.len();
+                let sigs = self.store.change_sigs(&doc_id)?;
+                // The certificates of the documents' authors go ahead of their frame.
+                let mut ders = Vec::new();
+                for row in &sigs {
+                    let node = hex::encode(&row.actor);
+                    if certs_sent.insert(node.clone()) {
+                        ders.extend(self.store.node_cert(&node)?);
+                    }
+                }
+                if !ders.is_empty() {
+                    emit(&Frame::Certs { ders }, &mut payload)?;
+                }
                 batch.push(DocChanges {
                     id,
                     heads: heads.iter().map(|h| h.0).collect(),
                     data,
+                    sigs: sigs
+                        .into_iter()
+                        .map(|row| crate::proto::ChangeSig {
+                            hash: row.hash,
+                            sig: row.sig,
+                        })
+                        .collect(),
                 });
                 // Frames stay bounded as on the wire.
                 if batch_bytes >= crate::proto::session::CHANGES_FRAME_BYTES {
@@ -323,6 +346,9 @@ impl Node {
         let mut file = BufReader::new(copy);
 
         self.record_contact(&signer)?;
+        // The signer's certificate checks the signatures of the changes it made.
+        let signer_der = trust::cert_der_from_pem("signer certificate", &header.signer_cert_pem)?;
+        self.learn_cert(&signer_der)?;
         let mut report = ImportReport {
             from_unit: signer.unit.clone(),
             from_node: signer.node_id.to_string(),
@@ -344,6 +370,11 @@ impl Node {
                         .apply(docs)
                         .map_err(refused)?;
                     report.docs_refused.extend(applied.refused);
+                }
+                Frame::Certs { ders } => {
+                    NodeReplica::new(self, signer.clone())
+                        .store_certs(ders)
+                        .map_err(refused)?;
                 }
                 header @ Frame::BlobHeader { .. } => {
                     let Frame::BlobHeader { hash, .. } = &header else {

@@ -10,7 +10,7 @@ use super::{now_ms, Node, NodeError, Result};
 use crate::model::assignment::{self, AssignmentView, NewAssignment, Status};
 use crate::model::dispatch::{self, Attachment, DispatchKind, DispatchView, NewDispatch, Priority};
 use crate::model::dossier::{self, DossierView};
-use crate::model::{audit, AuditEntry, DocId, DocKind};
+use crate::model::{DocId, DocKind};
 use crate::store::blobs::{parse_hash, BlobInfo, Hash};
 use crate::store::index::{AssignmentRow, DispatchFilter, DispatchRow, DossierRow};
 use crate::store::{StoreError, User};
@@ -569,12 +569,6 @@ impl Node {
 
     pub fn dossier_list(&self, limit: usize) -> Result<Vec<DossierRow>> {
         Ok(self.store.list_dossiers(limit)?)
-    }
-
-    /// Every change to any document, oldest first.
-    pub fn audit(&mut self, id: &str) -> Result<Vec<AuditEntry>> {
-        let id: DocId = id.parse()?;
-        Ok(self.store.read_doc(&id, audit)?)
     }
 }
 

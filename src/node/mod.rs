@@ -2,6 +2,7 @@
 //!
 //! The CLI calls this layer; it never parses flags or prints.
 
+mod authors;
 pub mod blobsink;
 pub mod bundle;
 pub mod config;
@@ -25,6 +26,7 @@ use crate::store::{Store, StoreError};
 use crate::trust::{NodeId, NodeKey, TrustError};
 use crate::units::{Role, UnitError, UnitTree};
 
+pub use authors::{AuditLine, Authors, Signature};
 pub use config::{Config, ConfigError};
 pub use local::*;
 
@@ -96,6 +98,13 @@ pub struct Node {
     pub store: Store,
     node_id: NodeId,
     actor: ActorId,
+    /// Authors of changes handed to the peer of a session, whose certificates go ahead of them.
+    authors_out: authors::AuthorsOut,
+    /// CPU time the session's peer has cost since `session_cpu_since`, and the most it may
+    /// ([`replica::SESSION_CPU_MAX`] per [`replica::SESSION_CPU_WINDOW`]).
+    session_cpu: std::time::Duration,
+    session_cpu_since: std::time::Instant,
+    session_cpu_max: std::time::Duration,
 }
 
 /// What `init` created.
@@ -263,7 +272,7 @@ impl Node {
             Some((signed, tree)) => (Some(signed), tree),
             None => (None, tree),
         };
-        Ok(Node {
+        let mut node = Node {
             dir: dir.to_path_buf(),
             config,
             tree,
@@ -271,7 +280,13 @@ impl Node {
             store,
             node_id,
             actor,
-        })
+            authors_out: Default::default(),
+            session_cpu: std::time::Duration::ZERO,
+            session_cpu_since: std::time::Instant::now(),
+            session_cpu_max: replica::SESSION_CPU_MAX,
+        };
+        node.start_signing()?;
+        Ok(node)
     }
 
     pub fn dir(&self) -> &Path {

@@ -2,17 +2,20 @@
 //! way out, and scope, authorship and integrity checks on the way in.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver};
+use std::time::Duration;
 
 use automerge::{AutoCommit, ChangeHash};
 use tracing::warn;
 
-use super::{now_ms, Node};
+use super::{now_ms, Authors, Node};
 use crate::model::{self, guard, ChangeNote, DocId, DocView};
 use crate::proto::session::OFFER_PAGE_DOCS;
-use crate::proto::{Applied, DocChanges, DocHeads, Hash32, ProtoError, Replica};
+use crate::proto::wire::SIG_BYTES;
+use crate::proto::{Applied, ChangeSig, DocChanges, DocHeads, Hash32, ProtoError, Replica};
 use crate::store::docs::{decode_heads, encode_heads, SaveHints};
+use crate::store::sigs::ChangeSigRow;
 use crate::store::sync::Scope;
 use crate::store::{DocRecord, StoreError, WriteTx};
 use crate::trust::PeerIdentity;
@@ -23,6 +26,28 @@ use crate::units::{is_within, parent};
 const PEER_REGRESSION_INTERVAL_MS: i64 = 10 * 60 * 1000;
 /// Meta key (followed by the peer's node id) of when that peer last regressed.
 const REGRESSED_AT_META: &str = "peer_regressed_at_ms:";
+
+/// CPU time one session may cost this node in work its peer drives (checking and storing the
+/// documents it sends, loading documents for its offers) per [`SESSION_CPU_WINDOW`]: a first
+/// sync of 10,000 documents costs about 2 s, so this bounds a hostile peer to ten minutes of
+/// one core, after which the session is refused and the peer waits
+/// ([`Node::peer_strike_wait`]).
+pub const SESSION_CPU_MAX: Duration = Duration::from_secs(600);
+/// The budget starts afresh every hour of a session, so a `serve` session that relays for
+/// weeks is bounded in its rate (a sixth of a core over an hour), not cut off by its total.
+pub const SESSION_CPU_WINDOW: Duration = Duration::from_secs(3_600);
+/// Meta key (followed by the peer's node id) of the peer's violations: "count,at_ms".
+const STRIKES_META: &str = "peer_strikes:";
+/// How long a peer refused for a violation waits before its next session: doubling per
+/// violation in a row, from a minute to an hour.
+const STRIKE_WAIT_S_MIN: u64 = 60;
+const STRIKE_WAIT_S_MAX: u64 = 3_600;
+
+/// The wait after `strikes` violations in a row.
+pub fn strike_wait(strikes: u32) -> Duration {
+    let doubled = STRIKE_WAIT_S_MIN.saturating_mul(1 << strikes.saturating_sub(1).min(16));
+    Duration::from_secs(doubled.min(STRIKE_WAIT_S_MAX))
+}
 
 /// Whether `peer` sits above `me` in the tree (then it relays others' changes and is trusted to
 /// have checked them); otherwise it may only write what its own subtree authored.
@@ -46,6 +71,46 @@ pub fn is_trusted_relay(peer_unit: &str, me: &str) -> bool {
 }
 
 impl Node {
+    /// How long `peer` must still wait before this node holds a session with it again, after
+    /// violations: None when it may now.
+    pub fn peer_strike_wait(&self, peer: &PeerIdentity) -> super::Result<Option<Duration>> {
+        let Some(value) = self
+            .store
+            .meta(&format!("{STRIKES_META}{}", peer.node_id))?
+        else {
+            return Ok(None);
+        };
+        let (strikes, at_ms) = value
+            .split_once(',')
+            .and_then(|(n, at)| Some((n.parse::<u32>().ok()?, at.parse::<i64>().ok()?)))
+            .unwrap_or((0, 0));
+        let until = at_ms + strike_wait(strikes).as_millis() as i64;
+        let left = until - now_ms();
+        Ok((strikes > 0 && left > 0).then(|| Duration::from_millis(left as u64)))
+    }
+
+    /// Records how a session with `peer` ended: a violation (or a refusal of ours) adds a
+    /// strike and starts its wait; a session that ended well clears them.
+    pub fn record_peer_strike(&mut self, peer: &PeerIdentity, violated: bool) -> super::Result<()> {
+        let key = format!("{STRIKES_META}{}", peer.node_id);
+        let before = self
+            .store
+            .meta(&key)?
+            .and_then(|v| v.split_once(',').and_then(|(n, _)| n.parse::<u32>().ok()))
+            .unwrap_or(0);
+        if !violated && before == 0 {
+            return Ok(());
+        }
+        self.store.write(|tx| {
+            if violated {
+                tx.set_meta(&key, &format!("{},{}", before + 1, now_ms()))
+            } else {
+                tx.delete_meta(&key)
+            }
+        })?;
+        Ok(())
+    }
+
     /// The unit of every node whose certificate this node has seen: the nodes it met, and on
     /// the province every node its CA certified.
     pub fn known_node_units(&self) -> super::Result<HashMap<String, String>> {
@@ -108,6 +173,45 @@ impl<'a> NodeReplica<'a> {
             peer_id,
         }
     }
+
+    /// Refuses peer-driven work once the session has spent its CPU budget
+    /// ([`SESSION_CPU_MAX`]); else returns this thread's CPU clock, for [`Self::charge_cpu`].
+    fn cpu_budget_left(&mut self) -> Result<Duration, ProtoError> {
+        if self.node.session_cpu_since.elapsed() > SESSION_CPU_WINDOW {
+            self.node.session_cpu = Duration::ZERO;
+            self.node.session_cpu_since = std::time::Instant::now();
+        }
+        if self.node.session_cpu > self.node.session_cpu_max {
+            return Err(ProtoError::Refused(format!(
+                "node {} ({}) has cost this node more than {} s of CPU time in this session's last hour (checking what it sent and offered); the session ends, sync again later",
+                self.peer.node_id,
+                self.peer.unit,
+                self.node.session_cpu_max.as_secs()
+            )));
+        }
+        Ok(thread_cpu())
+    }
+
+    /// Counts the CPU time this thread spent since `started`, and `others` spent by the
+    /// checking threads, against the session's budget.
+    fn charge_cpu(&mut self, started: Duration, others: Duration) {
+        self.node.session_cpu += thread_cpu().saturating_sub(started) + others;
+    }
+}
+
+/// CPU time the calling thread has used so far.
+fn thread_cpu() -> Duration {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid timespec for the call to fill; the clock id is a constant Linux
+    // supports for every thread.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    if rc != 0 {
+        return Duration::ZERO;
+    }
+    Duration::new(ts.tv_sec as u64, ts.tv_nsec as u32)
 }
 
 /// Who sent a frame of changes, as the checks on each incoming document need it.
@@ -120,9 +224,13 @@ struct Sender<'a> {
     /// The unit of every node whose certificate this node has seen (node id in hex → unit):
     /// an actor belongs to the node whose key it is derived from.
     actors: HashMap<String, String>,
+    /// The keys of the nodes whose change signatures this node can check.
+    authors: Authors,
     /// What the frame's documents inflate to so far ([`FRAME_INFLATED_BYTES_MAX`]); the
     /// checking threads add to it as they go.
     inflated: AtomicUsize,
+    /// CPU time the checking threads spent on the frame, in nanoseconds.
+    checkers_cpu_ns: AtomicU64,
 }
 
 /// Most bytes all documents of one frame may inflate to together. Each checking thread holds
@@ -159,10 +267,17 @@ struct Checked {
     old_heads: Option<Vec<ChangeHash>>,
     /// The received bytes are the document's whole `save()`: stored as they came.
     whole: bool,
+    /// The checked signatures of the changes new here, stored with them.
+    sigs: Vec<ChangeSigRow>,
 }
 
 /// New changes of one document from a peer below judged at once, at most (see `Sender::check`).
 const CHANGES_JUDGED_MAX: usize = 1_000;
+
+/// New changes of one document whose signatures are checked at once, at most, from any peer:
+/// each costs a P-256 verification (54 µs of one core, performance.md), so 10,000 bound one
+/// document to about half a second.
+const CHANGES_SIGNED_MAX: usize = 10_000;
 
 /// Incoming documents checked ahead of the store, at most, across the checking threads: the
 /// checks of the next documents (Automerge load, fields) overlap the store's inserts of the
@@ -190,7 +305,7 @@ impl CheckedAhead {
     fn start<'scope, 'env>(
         scope: &'scope std::thread::Scope<'scope, 'env>,
         sender: &'env Sender<'env>,
-        jobs: Vec<(&'env DocId, &'env [u8])>,
+        jobs: Vec<(&'env DocId, &'env DocChanges)>,
     ) -> Result<Self, ProtoError> {
         let n = checker_threads().min(jobs.len());
         let mut results = Vec::with_capacity(n);
@@ -198,11 +313,14 @@ impl CheckedAhead {
             let (ahead, checked) = sync_channel(CHECKED_AHEAD_MAX / n);
             let mine: Vec<_> = jobs.iter().skip(k).step_by(n).copied().collect();
             let checker = move || {
-                for (id, bytes) in mine {
-                    if ahead.send(sender.check_new(id, bytes)).is_err() {
+                let started = thread_cpu();
+                for (id, change) in mine {
+                    if ahead.send(sender.check_new(id, change)).is_err() {
                         break;
                     }
                 }
+                let spent = thread_cpu().saturating_sub(started).as_nanos() as u64;
+                sender.checkers_cpu_ns.fetch_add(spent, Ordering::Relaxed);
             };
             std::thread::Builder::new()
                 .name(format!("check-docs-{k}"))
@@ -259,7 +377,8 @@ impl Sender<'_> {
 
     /// Loads a document this node does not hold from the bytes received and checks it. Needs
     /// no store, so it runs beside the transaction.
-    fn check_new(&self, id: &DocId, bytes: &[u8]) -> Result<Checked, ProtoError> {
+    fn check_new(&self, id: &DocId, change: &DocChanges) -> Result<Checked, ProtoError> {
+        let bytes = &change.data[..];
         let inflated = self.guard(id, bytes)?;
         // A new document sent whole (`save()`) loads strictly; its bytes are then stored as
         // they came, instead of saving the parsed document again. Anything else (changes
@@ -279,7 +398,7 @@ impl Sender<'_> {
             doc.load_incremental(bytes)
                 .map_err(|e| self.refuse(id.as_str(), format!("changes do not decode: {e}")))?;
         }
-        self.check(id, doc, None, whole)
+        self.check(id, doc, None, whole, &change.sigs)
     }
 
     /// Merges the bytes received into the stored state of a document and checks the result.
@@ -287,8 +406,9 @@ impl Sender<'_> {
         &self,
         id: &DocId,
         current: DocRecord,
-        bytes: &[u8],
+        change: &DocChanges,
     ) -> Result<Checked, ApplyError> {
+        let bytes = &change.data[..];
         if !self.upstream {
             let parties = model::parties(&current.doc, id).map_err(local)?;
             if !parties.iter().any(|p| is_within(p, &self.peer.unit)) {
@@ -304,7 +424,7 @@ impl Sender<'_> {
         let mut doc = current.doc;
         doc.load_incremental(bytes)
             .map_err(|e| self.refuse(id.as_str(), format!("changes do not decode: {e}")))?;
-        Ok(self.check(id, doc, Some(current.heads), false)?)
+        Ok(self.check(id, doc, Some(current.heads), false, &change.sigs)?)
     }
 
     /// Integrity, authorship and scope checks of a document as it would be stored.
@@ -314,6 +434,7 @@ impl Sender<'_> {
         mut doc: AutoCommit,
         old_heads: Option<Vec<ChangeHash>>,
         whole: bool,
+        sigs: &[ChangeSig],
     ) -> Result<Checked, ProtoError> {
         if !doc.get_missing_deps(&[]).is_empty() {
             return Err(self.refuse(
@@ -322,18 +443,23 @@ impl Sender<'_> {
             ));
         }
         if !self.upstream {
-            let changes = doc.get_changes(old_heads.as_deref().unwrap_or_default());
             // Judging a change replays the document up to it: bounded, or one document of many
             // tiny changes would buy a peer seconds of CPU per frame.
-            if changes.len() > CHANGES_JUDGED_MAX {
+            let new = doc
+                .get_changes_meta(old_heads.as_deref().unwrap_or_default())
+                .len();
+            if new > CHANGES_JUDGED_MAX {
                 return Err(self.refuse(
                     id.as_str(),
                     format!(
-                        "{} new changes at once, more than the {CHANGES_JUDGED_MAX} judged per document from below",
-                        changes.len()
+                        "{new} new changes at once, more than the {CHANGES_JUDGED_MAX} judged per document from below"
                     ),
                 ));
             }
+        }
+        let sigs = self.check_sigs(id, &mut doc, old_heads.as_deref(), sigs)?;
+        if !self.upstream {
+            let changes = doc.get_changes(old_heads.as_deref().unwrap_or_default());
             let mut judge = model::authz::Judge::new(&mut doc, id);
             for change in &changes {
                 let note = change.message().and_then(|m| ChangeNote::parse(m));
@@ -406,7 +532,46 @@ impl Sender<'_> {
             view,
             old_heads,
             whole,
+            sigs,
         })
+    }
+
+    /// Checks that every change new here (after `old_heads`) carries a valid signature by its
+    /// author node, from whichever peer it came: a relay forwards signatures, it cannot make
+    /// them. Returns them, to be stored with the changes.
+    fn check_sigs(
+        &self,
+        id: &DocId,
+        doc: &mut AutoCommit,
+        old_heads: Option<&[ChangeHash]>,
+        sigs: &[ChangeSig],
+    ) -> Result<Vec<ChangeSigRow>, ProtoError> {
+        let new = doc.get_changes_meta(old_heads.unwrap_or_default());
+        if new.len() > CHANGES_SIGNED_MAX {
+            return Err(self.refuse(
+                id.as_str(),
+                format!(
+                    "{} new changes at once, more than the {CHANGES_SIGNED_MAX} whose signatures are checked per document",
+                    new.len()
+                ),
+            ));
+        }
+        let by_hash: HashMap<&Hash32, &[u8; SIG_BYTES]> =
+            sigs.iter().map(|s| (&s.hash, &s.sig)).collect();
+        new.iter()
+            .map(|change| {
+                let actor = change.actor.to_bytes();
+                let sig = by_hash.get(&change.hash.0).copied();
+                self.authors
+                    .check(id.as_str(), &change.hash.0, actor, sig, self.upstream)
+                    .map_err(|why| self.refuse(id.as_str(), why))?;
+                Ok(ChangeSigRow {
+                    hash: change.hash.0,
+                    actor: actor.to_vec(),
+                    sig: *sig.expect("checked above"),
+                })
+            })
+            .collect()
     }
 
     /// Checks one incoming document, merged with its stored state `current` or new (then
@@ -421,9 +586,9 @@ impl Sender<'_> {
     ) -> Result<(), ApplyError> {
         let bytes = &change.data[..];
         let checked = match (current, early) {
-            (Some(current), _) => self.check_stored(id, current, bytes)?,
+            (Some(current), _) => self.check_stored(id, current, change)?,
             (None, Some(early)) => early?,
-            (None, None) => self.check_new(id, bytes)?,
+            (None, None) => self.check_new(id, change)?,
         };
         let view = checked
             .view
@@ -438,6 +603,7 @@ impl Sender<'_> {
             origin: Some((peer_id, &sender_heads)),
         };
         tx.save_doc_with(id, checked.old_heads, checked.doc, at_ms, hints)?;
+        tx.put_change_sigs(id, &checked.sigs)?;
         Ok(())
     }
 }
@@ -602,6 +768,7 @@ impl Replica for NodeReplica<'_> {
     }
 
     fn wants(&mut self, offered: &[DocHeads]) -> Result<Vec<DocHeads>, ProtoError> {
+        let started = self.cpu_budget_left()?;
         // An offered document whose heads differ from ours costs a load here: a peer lists at
         // most a page per Offer, so one frame cannot ask for more.
         if offered.len() > OFFER_PAGE_DOCS {
@@ -646,6 +813,7 @@ impl Replica for NodeReplica<'_> {
                 });
             }
         }
+        self.charge_cpu(started, Duration::ZERO);
         Ok(wants)
     }
 
@@ -676,21 +844,28 @@ impl Replica for NodeReplica<'_> {
         } else {
             None
         };
-        let (mine, data) = match stored {
-            Some(stored) => stored,
+        // The signatures of the changes sent: all the document's for a whole document, else
+        // those of the changes after the heads the peer holds.
+        let (mine, data, sent) = match stored {
+            Some((mine, data)) => (mine, data, None),
             None => {
                 let heads: Vec<ChangeHash> = want.heads.iter().map(|h| ChangeHash(*h)).collect();
                 let read = self.node.store.read_doc(&id, |doc| {
                     let mine = doc.get_heads();
                     if heads.is_empty() {
-                        return (mine, doc.save());
+                        return (mine, doc.save(), None);
                     }
                     let known: Vec<ChangeHash> = heads
                         .iter()
                         .filter(|h| doc.get_change_by_hash(h).is_some())
                         .copied()
                         .collect();
-                    (mine, doc.save_after(&known))
+                    let sent: HashSet<Hash32> = doc
+                        .get_changes_meta(&known)
+                        .iter()
+                        .map(|c| c.hash.0)
+                        .collect();
+                    (mine, doc.save_after(&known), Some(sent))
                 });
                 let Some(read) = quarantined(&id, read)? else {
                     return Ok(None);
@@ -702,14 +877,36 @@ impl Replica for NodeReplica<'_> {
             warn!(doc = %id, bytes = data.len(), "document changes too large to send in one frame; not sent");
             return Ok(None);
         }
-        Ok((!data.is_empty()).then(|| DocChanges {
+        if data.is_empty() {
+            return Ok(None);
+        }
+        let mut sigs = self.node.store.change_sigs(&id).map_err(local)?;
+        if let Some(sent) = sent {
+            sigs.retain(|row| sent.contains(&row.hash));
+        }
+        // The peer holds its own certificate and ours (from the handshake).
+        let (peer, me) = (self.peer.node_id, self.node.node_id());
+        self.node.note_authors_out(
+            sigs.iter()
+                .filter(|row| row.actor != peer.as_bytes() && row.actor != me.as_bytes())
+                .map(|row| hex::encode(&row.actor)),
+        );
+        Ok(Some(DocChanges {
             id: want.id.clone(),
             heads: to_hashes(&mine),
             data,
+            sigs: sigs
+                .into_iter()
+                .map(|row| ChangeSig {
+                    hash: row.hash,
+                    sig: row.sig,
+                })
+                .collect(),
         }))
     }
 
     fn apply(&mut self, docs: Vec<DocChanges>) -> Result<Applied, ProtoError> {
+        let started = self.cpu_budget_left()?;
         let n = docs.len();
         let at_ms = now_ms();
         let me = self.node.unit().to_string();
@@ -723,7 +920,9 @@ impl Replica for NodeReplica<'_> {
             } else {
                 self.node.known_node_units().map_err(local)?
             },
+            authors: self.node.authors().map_err(local)?,
             inflated: AtomicUsize::new(0),
+            checkers_cpu_ns: AtomicU64::new(0),
         };
         let peer_id = &self.peer_id;
         // One transaction for the frame. A document the checks refuse is left out alone and
@@ -750,7 +949,7 @@ impl Replica for NodeReplica<'_> {
                 let jobs = incoming
                     .iter()
                     .filter(|(_, _, stored)| !stored)
-                    .map(|(id, change, _)| (id, &change.data[..]));
+                    .map(|(id, change, _)| (id, change));
                 let mut checked = CheckedAhead::start(scope, &sender, jobs.collect())?;
                 let mut new_here = HashSet::new();
                 for (id, change, stored) in &incoming {
@@ -787,6 +986,8 @@ impl Replica for NodeReplica<'_> {
                 // Dropping `checked` stops the checking threads at their next document.
             })
         });
+        let checkers = Duration::from_nanos(sender.checkers_cpu_ns.load(Ordering::Relaxed));
+        self.charge_cpu(started, checkers);
         result.map_err(|e| match e {
             ApplyError::Proto(e) => e,
             ApplyError::Store(e) => local(e),
@@ -813,6 +1014,26 @@ impl Replica for NodeReplica<'_> {
             .map_err(local)
     }
 
+    fn authors_pending(&mut self) -> Result<Vec<(String, Vec<u8>)>, ProtoError> {
+        self.node.take_authors_out().map_err(local)
+    }
+
+    fn store_certs(&mut self, ders: Vec<Vec<u8>>) -> Result<(), ProtoError> {
+        let started = self.cpu_budget_left()?;
+        let (learnt, _) = self.node.learn_certs(&ders).map_err(local)?;
+        self.charge_cpu(started, Duration::ZERO);
+        // A certificate this node cannot accept (another CA) is left out: the changes it would
+        // check are then refused alone, with that reason.
+        let refused: Vec<String> = learnt
+            .into_iter()
+            .filter_map(|r| r.err().map(|e| e.to_string()))
+            .collect();
+        if let Some(first) = refused.first() {
+            warn!(peer = %self.peer.unit, left_out = refused.len(), "certificates of authors from the peer were left out; the first: {first}");
+        }
+        Ok(())
+    }
+
     fn missing_blobs(&mut self, limit: usize) -> Result<Vec<(Hash32, u64)>, ProtoError> {
         // A peer below is asked only for scans its subtree's documents attach.
         let within = match scope_for(&self.peer.unit, self.node.unit()) {
@@ -832,6 +1053,13 @@ mod tests {
     use crate::units::Role;
 
     #[test]
+    fn a_peer_waits_longer_after_each_violation_in_a_row_up_to_an_hour() {
+        let waits: Vec<u64> = (1..=8).map(|n| strike_wait(n).as_secs()).collect();
+        assert_eq!(waits, [60, 120, 240, 480, 960, 1920, 3600, 3600]);
+        assert_eq!(strike_wait(u32::MAX).as_secs(), 3600);
+    }
+
+    #[test]
     fn the_documents_of_one_frame_inflate_within_a_budget_together() {
         let dir = tempfile::tempdir().unwrap();
         Node::init(dir.path(), "qn/binhlieu", Role::District, "lan").unwrap();
@@ -847,7 +1075,9 @@ mod tests {
             me: "qn/binhlieu",
             upstream: true,
             actors: HashMap::new(),
+            authors: node.authors().unwrap(),
             inflated: AtomicUsize::new(0),
+            checkers_cpu_ns: AtomicU64::new(0),
         };
         let id: DocId = "dsp_0123456789abcdef".parse().unwrap();
         // Each just under the bound of one document: two fit a frame, the third does not.

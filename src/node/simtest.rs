@@ -24,26 +24,41 @@ struct Side {
     peer: PeerIdentity,
 }
 
+/// What a node's certificate says of it.
 fn identity(node: &Node) -> PeerIdentity {
-    PeerIdentity {
-        node_id: node.node_id(),
-        unit: node.unit().to_string(),
-        role: node.role(),
-        serial: vec![1],
-    }
+    PeerIdentity::from_cert_der(&node.own_cert_der().unwrap()).unwrap()
+}
+
+/// Enrols `node` with the CA of `province`, as `enrol request`, `ca issue`, `enrol install` do.
+fn enrol(province: &Node, node: &mut Node, dir: &std::path::Path) {
+    let (request, issued) = (dir.join("request.pem"), dir.join("issued.pem"));
+    node.enrol_request(&request).unwrap();
+    let (unit, role) = (node.unit().to_string(), node.role());
+    province.ca_issue(&request, &unit, role, &issued).unwrap();
+    node.enrol_install(&issued).unwrap();
+}
+
+/// Two nodes that met, as a session's start leaves them: each knows the other's certificate.
+fn meet(a: Node, b: Node) -> (Side, Side) {
+    let (aid, bid) = (identity(&a), identity(&b));
+    let (ader, bder) = (a.own_cert_der().unwrap(), b.own_cert_der().unwrap());
+    let mut a = Side { node: a, peer: bid };
+    let mut b = Side { node: b, peer: aid };
+    a.node.record_contact(&a.peer).unwrap();
+    b.node.record_contact(&b.peer).unwrap();
+    a.node.learn_cert(&bder).unwrap();
+    b.node.learn_cert(&ader).unwrap();
+    (a, b)
 }
 
 fn pair(dir: &std::path::Path) -> (Side, Side) {
     Node::init(&dir.join("p"), "qn", Role::Province, "lan").unwrap();
     Node::init(&dir.join("c"), "qn/binhlieu/tinhhuc", Role::Commune, "minh").unwrap();
-    let p = Node::open(&dir.join("p")).unwrap();
-    let c = Node::open(&dir.join("c")).unwrap();
-    let (pid, cid) = (identity(&p), identity(&c));
-    let mut a = Side { node: p, peer: cid };
-    let mut b = Side { node: c, peer: pid };
-    a.node.record_contact(&a.peer).unwrap();
-    b.node.record_contact(&b.peer).unwrap();
-    (a, b)
+    let mut p = Node::open(&dir.join("p")).unwrap();
+    let mut c = Node::open(&dir.join("c")).unwrap();
+    p.ca_init().unwrap();
+    enrol(&p, &mut c, dir);
+    meet(p, c)
 }
 
 /// Everything a session has to send now, each frame through the wire encoding, as over QUIC.
@@ -485,13 +500,34 @@ fn restored(b: Side, backup: &std::path::Path) -> Side {
     }
 }
 
+/// Signs the changes of a document built in memory with `node`'s key, as a local write would,
+/// keeping the signatures in its store (where a sender reads them).
+fn sign_in_memory(node: &mut Node, id: &crate::model::DocId, doc: &mut AutoCommit) {
+    use crate::store::sigs::ChangeSigRow;
+    let key = crate::trust::NodeKey::load(node.dir().join(super::KEY_FILE)).unwrap();
+    let signer = crate::trust::ChangeSigner::new(&key).unwrap();
+    let rows: Vec<_> = doc
+        .get_changes_meta(&[])
+        .iter()
+        .map(|c| ChangeSigRow {
+            hash: c.hash.0,
+            actor: c.actor.to_bytes().to_vec(),
+            sig: signer.sign(id.as_str(), &c.hash.0).unwrap(),
+        })
+        .collect();
+    node.store
+        .write(|tx| tx.put_change_sigs(id, &rows))
+        .unwrap();
+}
+
 /// Applies one Changes frame of `docs` (each a document's whole `save()` at the province) at
 /// the commune, as its session would.
 fn apply_frame(
+    from: &Node,
     b: &mut Side,
     docs: &[(&str, Vec<u8>)],
 ) -> Result<crate::proto::Applied, ProtoError> {
-    use crate::proto::{DocChanges, Replica};
+    use crate::proto::{ChangeSig, DocChanges, Replica};
     let frame = docs
         .iter()
         .map(|(id, data)| DocChanges {
@@ -503,6 +539,17 @@ fn apply_frame(
                 .map(|h| h.0)
                 .collect(),
             data: data.clone(),
+            sigs: id
+                .parse()
+                .ok()
+                .and_then(|doc| from.store.change_sigs(&doc).ok())
+                .unwrap_or_default()
+                .into_iter()
+                .map(|row| ChangeSig {
+                    hash: row.hash,
+                    sig: row.sig,
+                })
+                .collect(),
         })
         .collect();
     NodeReplica::new(&mut b.node, b.peer.clone()).apply(frame)
@@ -541,7 +588,12 @@ fn a_frame_carrying_a_document_twice_stores_it_merged() {
     let second = saved(&mut a.node, &id);
     let other = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
     let third = saved(&mut a.node, &other);
-    let applied = apply_frame(&mut b, &[(&id, first), (&other, third), (&id, second)]).unwrap();
+    let applied = apply_frame(
+        &a.node,
+        &mut b,
+        &[(&id, first), (&other, third), (&id, second)],
+    )
+    .unwrap();
     assert_eq!((applied.stored, applied.refused.len()), (3, 0));
     assert_eq!(heads_of(&mut b.node, &id), heads_of(&mut a.node, &id));
     assert_eq!(heads_of(&mut b.node, &other), heads_of(&mut a.node, &other));
@@ -561,7 +613,7 @@ fn a_frame_with_one_refused_document_stores_the_others_and_records_why() {
         (not_ours.as_str(), saved(&mut a.node, &not_ours)),
         (also_ours.as_str(), saved(&mut a.node, &also_ours)),
     ];
-    let applied = apply_frame(&mut b, &frame).unwrap();
+    let applied = apply_frame(&a.node, &mut b, &frame).unwrap();
     assert_eq!(applied.stored, 2);
     let [(id, why)] = &applied.refused[..] else {
         panic!("one refusal: {applied:?}")
@@ -591,7 +643,7 @@ fn a_refused_document_is_reported_to_its_sender_and_neither_side_converges() {
     let (mut a, mut b) = pair(dir.path());
     let ours = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
     let frame = [(ours.as_str(), saved(&mut a.node, &ours))];
-    apply_frame(&mut b, &frame).unwrap();
+    apply_frame(&a.node, &mut b, &frame).unwrap();
     // The commune adds a comment that claims the province as its author: refused there,
     // while the commune's honest dispatch in the same session goes through.
     forge_comment(&mut b.node, &ours, "qn");
@@ -793,7 +845,8 @@ fn a_decompression_bomb_is_refused_before_automerge_inflates_it() {
     let dir = tempfile::tempdir().unwrap();
     let (mut a, mut b) = pair(dir.path());
     let held = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
-    apply_frame(&mut b, &[(&held, saved(&mut a.node, &held))]).unwrap();
+    let whole = saved(&mut a.node, &held);
+    apply_frame(&a.node, &mut b, &[(&held, whole)]).unwrap();
     let held_heads = heads_of(&mut b.node, &held);
     let new = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
     // A compressed change chunk inflating to 1 GiB, for a new document and for a held one.
@@ -804,6 +857,7 @@ fn a_decompression_bomb_is_refused_before_automerge_inflates_it() {
                 id: id.clone(),
                 heads: vec![[7; 32]],
                 data: bomb.clone(),
+                sigs: Vec::new(),
             }],
         };
         assert!(crate::proto::wire::encode(&frame, 3).len() < 8 << 10);
@@ -963,7 +1017,8 @@ fn an_offer_longer_than_a_page_is_refused_before_any_document_is_loaded() {
     let dir = tempfile::tempdir().unwrap();
     let (mut a, mut b) = pair(dir.path());
     let held = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
-    apply_frame(&mut b, &[(&held, saved(&mut a.node, &held))]).unwrap();
+    let whole = saved(&mut a.node, &held);
+    apply_frame(&a.node, &mut b, &[(&held, whole)]).unwrap();
     let mut sb = session_past_hello(&mut b, &mut a);
     // Bogus heads for a held document: each would cost a load of it.
     let bogus = crate::proto::DocHeads {
@@ -1030,7 +1085,7 @@ fn a_refusal_of_a_document_not_held_here_is_not_recorded() {
 #[test]
 fn a_document_of_too_many_new_changes_from_below_is_refused_before_it_is_judged() {
     let dir = tempfile::tempdir().unwrap();
-    let (mut a, b) = pair(dir.path());
+    let (mut a, mut b) = pair(dir.path());
     // Written as the commune's node would, in memory (the node would commit each comment).
     let author = Author {
         user: "minh".into(),
@@ -1056,6 +1111,7 @@ fn a_document_of_too_many_new_changes_from_below_is_refused_before_it_is_judged(
         (id, doc)
     };
     let (mut some, mut too_many) = (commented(50), commented(0));
+    sign_in_memory(&mut b.node, &some.0, &mut some.1);
     let some = (some.0.to_string(), some.1.save());
     // The count is checked before anything else about the changes: bare ones do.
     for i in 0..1_000i64 {
@@ -1067,10 +1123,29 @@ fn a_document_of_too_many_new_changes_from_below_is_refused_before_it_is_judged(
     // Judging is quadratic in a document's changes (each is read whole after each change): 999
     // take seconds even in a release build, so the accepted one here is small.
     let frame = [(some.0.as_str(), some.1), (too_many.0.as_str(), too_many.1)];
-    let applied = apply_frame(&mut a, &frame).unwrap();
+    let applied = apply_frame(&b.node, &mut a, &frame).unwrap();
     assert_eq!(applied.stored, 1, "{applied:?}");
     assert!(
         matches!(&applied.refused[..], [(id, why)] if *id == too_many.0 && why.contains("1001 new changes at once")),
         "{applied:?}"
     );
+}
+
+#[test]
+fn a_peer_is_refused_once_its_session_has_cost_its_cpu_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = pair(dir.path());
+    let first = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
+    let second = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
+    // A budget the first frame's checks use up.
+    b.node.session_cpu_max = std::time::Duration::ZERO;
+    let whole = saved(&mut a.node, &first);
+    apply_frame(&a.node, &mut b, &[(&first, whole)]).unwrap();
+    let whole = saved(&mut a.node, &second);
+    let err = apply_frame(&a.node, &mut b, &[(&second, whole)]).unwrap_err();
+    assert!(
+        matches!(&err, ProtoError::Refused(why) if why.contains("more than 0 s of CPU time in this session's last hour")),
+        "{err}"
+    );
+    assert!(b.node.store.doc_heads(&second).unwrap().is_none());
 }

@@ -9,7 +9,7 @@ pub mod session;
 pub mod wire;
 
 pub use session::{Action, Applied, Replica, Session, SessionStats};
-pub use wire::{DocChanges, DocHeads, Frame, Hash32, MissingReason};
+pub use wire::{ChangeSig, DocChanges, DocHeads, Frame, Hash32, MissingReason};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ProtoError {

@@ -11,7 +11,10 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::hash::{BuildHasher, RandomState};
 
-use super::wire::{DocChanges, DocHeads, Frame, Hash32, MissingReason, StatusEntry, VERSION};
+use super::wire::{
+    DocChanges, DocHeads, Frame, Hash32, MissingReason, StatusEntry, CERTS_PER_FRAME_MAX,
+    CERT_BYTES_MAX, VERSION,
+};
 use super::ProtoError;
 
 /// Documents listed per Offer frame.
@@ -31,6 +34,9 @@ pub const BLOB_SENDS_PER_SCAN_MAX: u32 = 4;
 /// is answered as missing (a session that asked for this many has asked for the rest of a
 /// field link's week; the next session serves them).
 pub const SCANS_COUNTED_MAX: usize = 65_536;
+/// Authors whose certificates one session remembers having sent; past it, a certificate may be
+/// sent twice (the receiver stores it once).
+const CERTS_SENT_MAX: usize = 65_536;
 /// Frames queued before the session stops paging more offers (bounds memory).
 const QUEUE_FRAMES_MAX: usize = 8;
 /// Documents of at least this priority rank (urgent and above) are pushed with their offer.
@@ -81,6 +87,13 @@ pub trait Replica {
     /// Scans referenced by this node's documents and missing here, most urgent first, then
     /// smallest, with the first chunk still needed (so a cut transfer resumes).
     fn missing_blobs(&mut self, limit: usize) -> Result<Vec<(Hash32, u64)>, ProtoError>;
+    /// The authors (node id, certificate DER) of the changes [`Replica::changes_for`] handed out
+    /// since the last call, except the peer itself: the peer checks each change's signature
+    /// against its author's certificate, which it may not hold.
+    fn authors_pending(&mut self) -> Result<Vec<(String, Vec<u8>)>, ProtoError>;
+    /// Node certificates of authors from the peer: each is checked (CA, revocation) and kept
+    /// to check the signatures of the changes that follow; one that fails is left out.
+    fn store_certs(&mut self, ders: Vec<Vec<u8>>) -> Result<(), ProtoError>;
 }
 
 /// What applying a frame of documents did.
@@ -187,6 +200,8 @@ pub struct Session {
     rx_round_applied: u64,
     /// What the peer may still Want, and how often each scan was sent (see [`Owed`]).
     owed: Owed,
+    /// Authors whose certificates went to the peer this session (at most [`CERTS_SENT_MAX`]).
+    certs_sent: HashSet<String>,
     pub stats: SessionStats,
 }
 
@@ -260,6 +275,7 @@ impl Session {
             reoffer_after: None,
             rx_round_applied: 0,
             owed: Owed::default(),
+            certs_sent: HashSet::new(),
             stats: SessionStats::default(),
         };
         s.out.push_back(Frame::Hello {
@@ -490,7 +506,31 @@ impl Session {
         }
         if !docs.is_empty() {
             self.stats.docs_sent += docs.len() as u64;
+            self.certs_ahead(replica)?;
             self.out.push_back(Frame::Push { docs });
+        }
+        Ok(())
+    }
+
+    /// Queues the certificates of the authors of the documents about to be queued that the
+    /// peer was not sent yet this session, so it can check their signatures on arrival.
+    fn certs_ahead(&mut self, replica: &mut impl Replica) -> Result<(), ProtoError> {
+        let mut ders = Vec::new();
+        for (node, der) in replica.authors_pending()? {
+            if self.certs_sent.contains(&node) {
+                continue;
+            }
+            if self.certs_sent.len() < CERTS_SENT_MAX {
+                self.certs_sent.insert(node);
+            }
+            if der.len() <= CERT_BYTES_MAX {
+                ders.push(der);
+            }
+        }
+        while !ders.is_empty() {
+            let rest = ders.split_off(ders.len().min(CERTS_PER_FRAME_MAX));
+            self.out.push_back(Frame::Certs { ders });
+            ders = rest;
         }
         Ok(())
     }
@@ -602,6 +642,7 @@ impl Session {
                     batch.push(changes);
                     if bytes >= CHANGES_FRAME_BYTES {
                         self.stats.docs_sent += batch.len() as u64;
+                        self.certs_ahead(replica)?;
                         self.out.push_back(Frame::Changes {
                             docs: std::mem::take(&mut batch),
                         });
@@ -610,6 +651,7 @@ impl Session {
                 }
                 if !batch.is_empty() {
                     self.stats.docs_sent += batch.len() as u64;
+                    self.certs_ahead(replica)?;
                     self.out.push_back(Frame::Changes { docs: batch });
                 }
             }
@@ -696,6 +738,7 @@ impl Session {
                 }
                 self.reoffer_after = Some(self.rx_rounds_begun);
             }
+            Frame::Certs { ders } => replica.store_certs(ders)?,
             Frame::DocRefused { id, reason } => {
                 replica.peer_refused(&id, &reason)?;
                 self.stats.docs_refused_by_peer += 1;

@@ -8,8 +8,9 @@ use bytes::Bytes;
 use super::ProtoError;
 
 /// Protocol version spoken by this build (sent in Hello). 2 added `Push`; 3 gave `BlobMissing`
-/// a reason and made `BlobsDone` answer each acknowledged round (protocol.md §4.1); 4 added the
-/// unit tree's version to Hello, the `Units` and `Status` frames.
+/// a reason and made `BlobsDone` answer each acknowledged round (protocol.md §4.1); 4 carries a
+/// signature with every change and the certificates of their authors (`Certs`), the unit
+/// tree's version in Hello, the `Units` and `Status` frames.
 pub const VERSION: u16 = 4;
 /// Largest frame on the wire (header excluded), compressed or not.
 pub const FRAME_BYTES_MAX: usize = 16 << 20;
@@ -26,6 +27,12 @@ pub const ITEMS_MAX: usize = 100_000;
 pub const HEADS_MAX: usize = 256;
 /// Longest document id a frame may name (ids are a kind prefix and 16 hex digits).
 pub const DOC_ID_BYTES_MAX: usize = 64;
+/// Bytes of a change signature (ECDSA P-256, fixed-size `r || s`).
+pub const SIG_BYTES: usize = 64;
+/// Most certificates one `Certs` frame may carry.
+pub const CERTS_PER_FRAME_MAX: usize = 256;
+/// Largest certificate a `Certs` frame may carry (node certificates are about 700 bytes).
+pub const CERT_BYTES_MAX: usize = 16 << 10;
 /// Bytes of the frame header: u32 length, u8 type, u8 flags.
 pub const HEADER_BYTES: usize = 6;
 
@@ -140,12 +147,22 @@ pub struct DocHeads {
 }
 
 /// A document's changes the receiver lacks, with the sender's heads after them (so the receiver
-/// knows whether the sender now holds all it holds, and need not offer the document back).
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// knows whether the sender now holds all it holds, and need not offer the document back), and
+/// the signature of each change by the node that made it (since version 4).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct DocChanges {
     pub id: String,
     pub heads: Vec<Hash32>,
     pub data: Vec<u8>,
+    pub sigs: Vec<ChangeSig>,
+}
+
+/// The signature of one change (by its Automerge hash) by its author node, as it was made:
+/// relays forward it unchanged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChangeSig {
+    pub hash: Hash32,
+    pub sig: [u8; SIG_BYTES],
 }
 
 /// Every message of the protocol; see docs/protocol.md for the exchange.
@@ -232,6 +249,11 @@ pub enum Frame {
     Status {
         entries: Vec<StatusEntry>,
     },
+    /// Node certificates (DER) of the authors of changes the sender is about to send, each at
+    /// most once per session (since version 4).
+    Certs {
+        ders: Vec<Vec<u8>>,
+    },
 }
 
 impl Frame {
@@ -257,6 +279,7 @@ impl Frame {
             Frame::Reoffer => 18,
             Frame::Units { .. } => 22,
             Frame::Status { .. } => 21,
+            Frame::Certs { .. } => 19,
         }
     }
 
@@ -270,6 +293,7 @@ impl Frame {
                 | Frame::Push { .. }
                 | Frame::BlobHeader { .. }
                 | Frame::Status { .. }
+                | Frame::Certs { .. }
         )
     }
 }
@@ -451,10 +475,21 @@ impl<'a> Dec<'a> {
         let n = self.count(ITEMS_MAX)?;
         let mut docs = Vec::with_capacity(n.min(1024));
         for _ in 0..n {
+            let (id, heads, data) = (self.string(64)?, self.hashes(HEADS_MAX)?, self.bytes()?);
+            let n = self.count(ITEMS_MAX)?;
+            let sigs = (0..n)
+                .map(|_| {
+                    Ok(ChangeSig {
+                        hash: self.hash()?,
+                        sig: self.take(SIG_BYTES)?.try_into().expect("take(SIG_BYTES)"),
+                    })
+                })
+                .collect::<Result<_, ProtoError>>()?;
             docs.push(DocChanges {
-                id: self.string(64)?,
-                heads: self.hashes(HEADS_MAX)?,
-                data: self.bytes()?,
+                id,
+                heads,
+                data,
+                sigs,
             });
         }
         Ok(docs)
@@ -502,6 +537,17 @@ fn body(frame: &Frame) -> (Vec<u8>, Option<&Bytes>) {
                     e.hash(h);
                 }
                 e.bytes(&c.data);
+                e.uint(c.sigs.len() as u64);
+                for s in &c.sigs {
+                    e.hash(&s.hash);
+                    e.0.extend_from_slice(&s.sig);
+                }
+            }
+        }
+        Frame::Certs { ders } => {
+            e.uint(ders.len() as u64);
+            for der in ders {
+                e.bytes(der);
             }
         }
         Frame::ChangesEnd { upto } | Frame::Ack { upto } => e.uint(*upto),
@@ -748,6 +794,16 @@ fn decode_in(buf: &[u8], shared: Option<&Bytes>) -> Result<Frame, ProtoError> {
             reason: d.string(4096)?,
         },
         18 => Frame::Reoffer,
+        19 => {
+            let n = d.count(CERTS_PER_FRAME_MAX)?;
+            let ders = (0..n)
+                .map(|_| {
+                    let len = d.count(CERT_BYTES_MAX)?;
+                    Ok(d.take(len)?.to_vec())
+                })
+                .collect::<Result<_, ProtoError>>()?;
+            Frame::Certs { ders }
+        }
         17 => Frame::DocRefused {
             id: d.string(DOC_ID_BYTES_MAX)?,
             reason: d.string(4096)?,
@@ -819,7 +875,11 @@ mod tests {
                     DocChanges {
                         id: "asg_0011223344556677".into(),
                         heads: vec![[1; 32]],
-                        data: vec![1, 2, 3]
+                        data: vec![1, 2, 3],
+                        sigs: vec![ChangeSig {
+                            hash: [1; 32],
+                            sig: [3; SIG_BYTES]
+                        }],
                     };
                     300
                 ],
@@ -829,6 +889,7 @@ mod tests {
                     id: "dsp_0011223344556677".into(),
                     heads: vec![[2; 32]],
                     data: vec![4; 600],
+                    sigs: Vec::new(),
                 }],
             },
             Frame::ChangesEnd { upto: 5 },
@@ -870,6 +931,9 @@ mod tests {
             },
             Frame::Status {
                 entries: vec![sample_status(), sample_status()],
+            },
+            Frame::Certs {
+                ders: vec![vec![0x30, 0x82, 1], vec![0x30; 700]],
             },
         ]
     }
@@ -1009,7 +1073,8 @@ mod tests {
                 DocChanges {
                     id: "asg_0011223344556677".into(),
                     heads: vec![[1; 32]],
-                    data: vec![1, 2, 3]
+                    data: vec![1, 2, 3],
+                    sigs: Vec::new(),
                 };
                 300
             ],
@@ -1091,8 +1156,24 @@ mod tests {
             (id(), vec(any::<Hash32>(), 0..4)).prop_map(|(id, heads)| DocHeads { id, heads })
         }
         fn doc_changes() -> impl Strategy<Value = DocChanges> {
-            (id(), vec(any::<Hash32>(), 0..3), vec(any::<u8>(), 0..700))
-                .prop_map(|(id, heads, data)| DocChanges { id, heads, data })
+            (
+                id(),
+                vec(any::<Hash32>(), 0..3),
+                vec(any::<u8>(), 0..700),
+                vec((any::<Hash32>(), any::<[u8; 32]>()), 0..3),
+            )
+                .prop_map(|(id, heads, data, sigs)| DocChanges {
+                    id,
+                    heads,
+                    data,
+                    sigs: sigs
+                        .into_iter()
+                        .map(|(hash, half)| ChangeSig {
+                            hash,
+                            sig: [half, half].concat().try_into().unwrap(),
+                        })
+                        .collect(),
+                })
         }
         /// Lists of random items, and of one item repeated (which compresses).
         fn heads_list() -> impl Strategy<Value = Vec<DocHeads>> {
@@ -1163,6 +1244,7 @@ mod tests {
                 Just(Frame::Reoffer),
                 vec(any::<u8>(), 0..1000).prop_map(|signed| Frame::Units { signed }),
                 vec(Just(sample_status()), 0..3).prop_map(|entries| Frame::Status { entries }),
+                vec(vec(any::<u8>(), 0..800), 0..4).prop_map(|ders| Frame::Certs { ders }),
             ]
         }
 

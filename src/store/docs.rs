@@ -239,6 +239,7 @@ impl WriteTx<'_> {
         }
         let mut doc = AutoCommit::new().with_actor(actor.clone());
         build(&mut doc)?;
+        self.sign_new_changes(id, None, &mut doc)?;
         self.save_doc(id, None, doc, at_ms)
     }
 
@@ -256,6 +257,7 @@ impl WriteTx<'_> {
         let mut doc = rec.doc;
         doc.set_actor(actor.clone());
         let value = f(&mut doc)?;
+        self.sign_new_changes(id, Some(&rec.heads), &mut doc)?;
         let saved = self.save_doc(id, Some(rec.heads), doc, at_ms)?;
         Ok((value, saved))
     }

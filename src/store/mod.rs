@@ -9,6 +9,7 @@ pub mod docs;
 pub mod fault;
 pub mod index;
 mod schema;
+pub mod sigs;
 pub mod status;
 pub mod sync;
 #[cfg(test)]
@@ -79,6 +80,8 @@ pub struct Store {
     cache: DocCache,
     /// This node's unit, once `init` has recorded it: which subtrees need their own feed.
     unit: Option<String>,
+    /// Signs the changes of local writes (the node sets it at open; a bare store signs nothing).
+    signer: Option<Box<dyn sigs::ChangeSigning>>,
 }
 
 /// Attaches the database path to a SQLite error.
@@ -139,7 +142,13 @@ impl Store {
             path: path.to_path_buf(),
             cache: DocCache::new(cache_docs),
             unit,
+            signer: None,
         })
+    }
+
+    /// Signs every change a local write makes from now on ([`sigs::ChangeSigning`]).
+    pub fn set_signer(&mut self, signer: Box<dyn sigs::ChangeSigning>) {
+        self.signer = Some(signer);
     }
 
     pub fn path(&self) -> &Path {
@@ -174,6 +183,7 @@ impl Store {
             feed: None,
             unit: self.unit.as_deref(),
             new_files: Vec::new(),
+            signer: self.signer.as_deref(),
         };
         let outcome = f(&mut wtx).and_then(|value| {
             wtx.flush_feed()?;
@@ -333,6 +343,8 @@ pub struct WriteTx<'a> {
     /// Scan files this transaction created and nothing else was writing: removed if it rolls
     /// back, so a refused write leaves no file behind.
     new_files: Vec<PathBuf>,
+    /// Signs the changes of local writes ([`Store::set_signer`]).
+    signer: Option<&'a dyn sigs::ChangeSigning>,
 }
 
 impl WriteTx<'_> {
@@ -385,6 +397,13 @@ impl WriteTx<'_> {
 
     pub fn path(&self) -> &Path {
         self.path
+    }
+
+    pub fn delete_meta(&self, key: &str) -> Result<()> {
+        self.tx
+            .execute("DELETE FROM meta WHERE key = ?1", [key])
+            .at(self.path)?;
+        Ok(())
     }
 
     pub fn set_meta(&self, key: &str, value: &str) -> Result<()> {

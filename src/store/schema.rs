@@ -156,7 +156,33 @@ const MIGRATIONS: &[Migration] = &[
     ALTER TABLE peer_sync ADD COLUMN epoch TEXT;
     ",
     ),
-    // 9 (after helper sign's 8; 8 until it lands): who is connected and heard from when, and
+    // 8: signed authorship (issue 12). Each change's signature by the node that made it, and
+    // the certificates of author nodes that reached this node by sync. A database that already
+    // holds documents is marked so the node signs its own earlier changes at its next open.
+    Migration::Sql(
+        "
+    CREATE TABLE change_sigs (
+        doc TEXT NOT NULL,
+        hash BLOB NOT NULL,      -- the Automerge change hash
+        actor BLOB NOT NULL,     -- the change's actor: the author's node id
+        sig BLOB NOT NULL,       -- ECDSA P-256, r || s, over the document id and the hash
+        PRIMARY KEY (doc, hash)
+    ) WITHOUT ROWID;
+    -- What the certificate says, read once when it was checked against the CA: the signature
+    -- checks of a frame read these columns, not the certificate.
+    CREATE TABLE node_certs (
+        node_id TEXT PRIMARY KEY,
+        unit TEXT NOT NULL,
+        role TEXT NOT NULL,
+        serial BLOB NOT NULL,
+        public_key BLOB NOT NULL,  -- the uncompressed P-256 point
+        der BLOB NOT NULL,
+        added_at INTEGER NOT NULL
+    );
+    INSERT INTO meta (key, value) SELECT 'sign_own_changes', '1' WHERE EXISTS (SELECT 1 FROM docs);
+    ",
+    ),
+    // 9: who is connected and heard from when, and
     // the statuses nodes publish up the tree (store/status.rs). IF NOT EXISTS: a database set
     // back to an older version by hand keeps these tables, and they hold nothing to redo.
     Migration::Sql(

@@ -21,11 +21,12 @@ pub use ca::{read_request, Ca, IssuedCert, IssuedRecord};
 pub(crate) use crl::pem_encode;
 pub use crl::{verify_crl, Crl};
 pub use fsutil::{write_file_atomic, write_secret_file};
+pub(crate) use identity::cert_der_from_pem;
 pub use identity::{enrol_request, install_check, NodeId, NodeKey, PeerIdentity};
-pub use sign::verify_signed;
+pub use sign::{verify_node_cert_der, verify_signed, AuthorKey, ChangeSigner};
 pub use tls::{
-    client_config, peer_identity, quinn_client_config, quinn_server_config, server_config,
-    TlsMaterial, ALPN, SERVER_NAME,
+    client_config, peer_cert_der, peer_identity, quinn_client_config, quinn_server_config,
+    server_config, TlsMaterial, ALPN, SERVER_NAME,
 };
 pub use tree::{verify_tree, SignedTree, SIGNED_TREE_BYTES_MAX};
 

@@ -1,5 +1,6 @@
-//! Detached signatures by node keys (bundles carried on a USB stick), verified against the
-//! signer's certificate, the CA and the revocation list, like a TLS handshake would.
+//! Detached signatures by node keys (bundles carried on a USB stick, and every Automerge change
+//! a node makes), verified against the signer's certificate, the CA and the revocation list,
+//! like a TLS handshake would.
 
 use rcgen::SigningKey;
 use x509_parser::prelude::{FromDer, X509Certificate};
@@ -15,6 +16,130 @@ impl NodeKey {
             reason: e.to_string(),
         })
     }
+}
+
+/// Bytes of a change signature: ECDSA P-256 / SHA-256, fixed-size `r || s`.
+const CHANGE_SIG_BYTES: usize = 64;
+
+/// A change signature as it travels and is stored.
+type ChangeSig = [u8; CHANGE_SIG_BYTES];
+
+/// What a node signs for one of its changes: a domain tag, the document id and the Automerge
+/// change hash. The hash covers the change's actor, sequence number, dependencies, operations,
+/// time and note; the document id keeps a document's first change (which has no
+/// dependencies) from being replayed as the start of another document.
+fn change_sig_message(doc: &str, hash: &[u8; 32]) -> Vec<u8> {
+    let mut msg = Vec::with_capacity(CHANGE_SIG_DOMAIN.len() + doc.len() + 33);
+    msg.extend_from_slice(CHANGE_SIG_DOMAIN);
+    msg.extend_from_slice(doc.as_bytes());
+    msg.push(0);
+    msg.extend_from_slice(hash);
+    msg
+}
+
+const CHANGE_SIG_DOMAIN: &[u8] = b"communesync change signature v1\0";
+
+/// Signs changes with a node key (ring's fixed-size ECDSA, prepared once).
+pub struct ChangeSigner {
+    pair: ring::signature::EcdsaKeyPair,
+    rng: ring::rand::SystemRandom,
+}
+
+impl std::fmt::Debug for ChangeSigner {
+    // Never print key material.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ChangeSigner")
+    }
+}
+
+impl ChangeSigner {
+    pub fn new(key: &NodeKey) -> Result<ChangeSigner> {
+        let rng = ring::rand::SystemRandom::new();
+        let pair = ring::signature::EcdsaKeyPair::from_pkcs8(
+            &ring::signature::ECDSA_P256_SHA256_FIXED_SIGNING,
+            &key.key_pair().serialize_der(),
+            &rng,
+        )
+        .map_err(|e| TrustError::BadKey {
+            reason: format!("not usable for signing changes ({e})"),
+        })?;
+        Ok(ChangeSigner { pair, rng })
+    }
+
+    /// The signature of change `hash` of document `doc`.
+    pub fn sign(&self, doc: &str, hash: &[u8; 32]) -> Result<ChangeSig> {
+        let sig = self
+            .pair
+            .sign(&self.rng, &change_sig_message(doc, hash))
+            .map_err(|e| TrustError::Crypto {
+                what: "signing a change",
+                reason: e.to_string(),
+            })?;
+        sig.as_ref().try_into().map_err(|_| TrustError::Crypto {
+            what: "signing a change",
+            reason: format!("a signature of {} bytes", sig.as_ref().len()),
+        })
+    }
+}
+
+/// The key of a node that authored changes, read once from its certificate (which the caller
+/// has checked against the CA, [`verify_node_cert_der`]).
+#[derive(Debug, Clone)]
+pub struct AuthorKey {
+    pub identity: PeerIdentity,
+    /// The uncompressed P-256 point of the certificate's public key.
+    public_key: Vec<u8>,
+}
+
+impl AuthorKey {
+    pub fn from_cert_der(der: &[u8]) -> Result<AuthorKey> {
+        let identity = PeerIdentity::from_cert_der(der)?;
+        let (_, parsed) = X509Certificate::from_der(der).map_err(|e| TrustError::BadCert {
+            what: "author certificate",
+            reason: e.to_string(),
+        })?;
+        Ok(AuthorKey {
+            identity,
+            public_key: parsed.public_key().subject_public_key.data.to_vec(),
+        })
+    }
+
+    /// An author key from what its certificate said when it was checked (stored columns).
+    pub fn from_parts(identity: PeerIdentity, public_key: Vec<u8>) -> AuthorKey {
+        AuthorKey {
+            identity,
+            public_key,
+        }
+    }
+
+    /// The uncompressed P-256 point of the certificate's public key.
+    pub fn public_key(&self) -> &[u8] {
+        &self.public_key
+    }
+
+    /// Whether `sig` is this node's signature of change `hash` of document `doc`.
+    pub fn verifies(&self, doc: &str, hash: &[u8; 32], sig: &[u8]) -> bool {
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_FIXED,
+            &self.public_key,
+        )
+        .verify(&change_sig_message(doc, hash), sig)
+        .is_ok()
+    }
+}
+
+/// Checks that `der` is a node certificate of the CA that the CRL (if any) does not revoke;
+/// returns what it certifies. For certificates of authors that reach a node by sync.
+pub fn verify_node_cert_der(der: &[u8], ca_pem: &str, crl: Option<&Crl>) -> Result<AuthorKey> {
+    let ca = cert_der_from_pem("CA certificate", ca_pem)?;
+    tls::verify_node_cert(&rustls::pki_types::CertificateDer::from(der), &ca)?;
+    let author = AuthorKey::from_cert_der(der)?;
+    if crl.is_some_and(|crl| crl.is_revoked(&author.identity.serial)) {
+        return Err(TrustError::RevokedNode {
+            node: author.identity.node_id,
+        });
+    }
+    Ok(author)
 }
 
 /// Checks that `cert_pem` is a node certificate of the CA, not revoked, and that it signed
@@ -48,6 +173,40 @@ pub fn verify_signed(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn change_signatures_bind_the_author_document_and_change() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Ca::init(dir.path().join("ca"), "qn").unwrap();
+        let key = NodeKey::generate().unwrap();
+        let issued = ca
+            .issue(
+                &enrol_request(&key).unwrap(),
+                "qn/binhlieu",
+                Role::District,
+                30,
+            )
+            .unwrap();
+        let der = cert_der_from_pem("node certificate", &issued.cert_pem).unwrap();
+        let author = verify_node_cert_der(&der, ca.cert_pem(), None).unwrap();
+        assert_eq!(author.identity.node_id, key.node_id());
+        let sig = ChangeSigner::new(&key)
+            .unwrap()
+            .sign("dsp_1", &[7; 32])
+            .unwrap();
+        assert!(author.verifies("dsp_1", &[7; 32], &sig));
+        assert!(
+            !author.verifies("dsp_2", &[7; 32], &sig),
+            "another document"
+        );
+        assert!(!author.verifies("dsp_1", &[8; 32], &sig), "another change");
+        let other = ChangeSigner::new(&NodeKey::generate().unwrap()).unwrap();
+        let forged = other.sign("dsp_1", &[7; 32]).unwrap();
+        assert!(
+            !author.verifies("dsp_1", &[7; 32], &forged),
+            "another node's key"
+        );
+    }
+
     use super::*;
     use crate::trust::{enrol_request, Ca, Role};
 
@@ -84,6 +243,12 @@ mod tests {
             Err(TrustError::RevokedNode { .. })
         ));
         let other = Ca::init(dir.path().join("other"), "qn").unwrap();
+        let der = cert_der_from_pem("node certificate", &issued.cert_pem).unwrap();
+        assert!(verify_node_cert_der(&der, other.cert_pem(), None).is_err());
+        assert!(matches!(
+            verify_node_cert_der(&der, ca.cert_pem(), Some(&crl)),
+            Err(TrustError::RevokedNode { .. })
+        ));
         assert!(verify_signed(
             &issued.cert_pem,
             other.cert_pem(),

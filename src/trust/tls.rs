@@ -157,6 +157,11 @@ pub fn quinn_client_config(
 /// Who is on the other end of an established connection, read from the certificate the
 /// handshake verified.
 pub fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity> {
+    PeerIdentity::from_cert_der(&peer_cert_der(conn)?)
+}
+
+/// The certificate (DER) the peer of an authenticated connection presented.
+pub fn peer_cert_der(conn: &quinn::Connection) -> Result<Vec<u8>> {
     let any = conn.peer_identity().ok_or(TrustError::NoPeerIdentity {
         reason: "the peer presented no certificate",
     })?;
@@ -168,7 +173,7 @@ pub fn peer_identity(conn: &quinn::Connection) -> Result<PeerIdentity> {
     let leaf = certs.first().ok_or(TrustError::NoPeerIdentity {
         reason: "the peer's certificate chain is empty",
     })?;
-    PeerIdentity::from_cert_der(leaf)
+    Ok(leaf.to_vec())
 }
 
 /// Full webpki check that `cert` is a node certificate of `ca`, usable both as a server

@@ -22,6 +22,8 @@ use crate::sync_util::{
 };
 use crate::util::{eventually, exit, id, path_arg, scan, TestNode, COMMUNE, DISTRICT, SIBLING};
 
+mod authorship;
+
 /// The values of `field` in a JSON array of objects, as a set.
 fn field_set(items: &Value, field: &str) -> BTreeSet<String> {
     items
@@ -1080,7 +1082,10 @@ fn changes_an_enrolled_commune_may_not_make_are_refused_alone_by_what_they_do() 
     dispatch::create(&mut doc, &forged, &new, &me, now_ms()).unwrap();
     hostile
         .store
-        .write(|tx| tx.save_doc(&forged, None, doc, now_ms()))
+        .write(|tx| {
+            tx.sign_new_changes(&forged, None, &mut doc)?;
+            tx.save_doc(&forged, None, doc, now_ms())
+        })
         .unwrap();
     drop(hostile);
     let before = (
@@ -1156,7 +1161,10 @@ fn a_commune_cannot_read_a_siblings_scan_by_naming_its_hash() {
     dispatch::create(&mut doc, &mine, &new, &me, now_ms()).unwrap();
     hostile
         .store
-        .write(|tx| tx.save_doc(&mine, None, doc, now_ms()))
+        .write(|tx| {
+            tx.sign_new_changes(&mine, None, &mut doc)?;
+            tx.save_doc(&mine, None, doc, now_ms())
+        })
         .unwrap();
     drop(hostile);
 
@@ -1215,9 +1223,13 @@ fn a_change_under_another_nodes_actor_is_refused_and_the_owner_keeps_syncing() {
     drop(hostile);
 
     let report = sync_pending(&commune);
+    // Signed by the squatter's key, not the owner's: refused on its signature.
     let reason = report["docs_refused_by_peer"][0]["reason"].to_string();
     assert!(
-        reason.contains("is not a node of the sender's subtree"),
+        reason.contains(&format!(
+            "is not by its author node {} ({SIBLING})",
+            node_id(&sibling)
+        )),
         "{report}"
     );
     // The owner of the actor writes under it as usual, and syncs.
@@ -1385,6 +1397,37 @@ fn issue12_an_enrolled_peer_gets_one_control_stream_and_no_oversized_scan_frames
     server.finish();
 }
 
+#[test]
+fn issue12_a_peer_that_broke_the_protocol_waits_before_its_next_session() {
+    use communesync::proto::{wire, Frame};
+    let province = province();
+    let server = Server::start(&province);
+    let commune = commune_of(&province, COMMUNE, &server);
+    let rt = crate::tree_util::runtime();
+    let conn = raw_connection(&rt, &commune, &server);
+    let again = wire::encode(
+        &Frame::Hello {
+            version: wire::VERSION,
+            feed_seq: 0,
+            have_from_you: 0,
+            crl_number: 0,
+            epoch: 1,
+            units_version: 0,
+        },
+        1,
+    );
+    let _control = open_control(&rt, &conn, &[again]);
+    let log = server.wait_log("second Hello", 1);
+    assert!(log.contains("protocol violation: second Hello"), "{log}");
+    // Its next session, however soon, is refused with how long to wait; nothing else changes.
+    let refused = sync_refused(&commune);
+    assert!(
+        refused.contains("broke the protocol or a budget in a recent session; retry in"),
+        "{refused}"
+    );
+    server.finish();
+}
+
 /// A compressed Automerge change chunk (type 2) whose DEFLATE body inflates to `mib` MiB of
 /// zeros: one flushed MiB, repeated (each repeat refers back only into zeros), so a gibibyte
 /// costs about a megabyte and no time to build.
@@ -1474,6 +1517,7 @@ fn issue12_a_decompression_bomb_in_a_push_costs_the_daemon_little() {
                 id: d.clone(),
                 heads: vec![[1; 32]],
                 data: automerge_bomb(1024),
+                sigs: Vec::new(),
             }],
         },
         19,
@@ -1507,6 +1551,7 @@ fn issue12_a_decompression_bomb_in_a_push_costs_the_daemon_little() {
             id: d.clone(),
             heads: vec![[1; 32]],
             data: automerge_bomb(31),
+            sigs: Vec::new(),
         })
         .collect();
     let push = wire::encode(&Frame::Push { docs }, 19);
@@ -1554,6 +1599,7 @@ fn issue12_a_signed_bundle_carrying_a_decompression_bomb_is_refused() {
                 id: d.clone(),
                 heads: vec![[1; 32]],
                 data: automerge_bomb(1024),
+                sigs: Vec::new(),
             }],
         },
         19,
