@@ -1,7 +1,7 @@
 //! Index tables derived from documents: what list and filter queries and sync read, so that
 //! listing 10,000 dispatches never loads 10,000 documents.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use automerge::AutoCommit;
@@ -9,6 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 use super::{Result, SqlContext, Store};
+use crate::model::receipts::ReceiptBook;
 use crate::model::{self, dispatch, DocId, DocView};
 use crate::units::{is_within, parent};
 
@@ -73,10 +74,15 @@ pub(crate) fn reindex(
                 .parse::<dispatch::Priority>()
                 .map(|p| p.rank())
                 .unwrap_or(0);
+            // A receipt is in the dispatch (written before receipt books) or in a book.
+            let booked = booked_receipts(conn, path, key)?;
+            let received_at = |r: &dispatch::Recipient| {
+                r.received_at_ms.or_else(|| booked.get(&r.unit).copied())
+            };
             let received = v
                 .recipients
                 .iter()
-                .filter(|r| r.received_at_ms.is_some())
+                .filter(|r| received_at(r).is_some())
                 .count();
             conn.prepare_cached(
                 "INSERT OR REPLACE INTO dispatches (id, ref, summary, kind, priority, priority_rank, issuer, created_at, recipients, received, scans)
@@ -90,7 +96,7 @@ pub(crate) fn reindex(
                     "INSERT INTO dispatch_recipients (unit, id, received_at) VALUES (?1, ?2, ?3)",
                 )
                 .at(path)?
-                .execute(params![r.unit, key, r.received_at_ms])
+                .execute(params![r.unit, key, received_at(r)])
                 .at(path)?;
             }
             for a in &v.attachments {
@@ -122,6 +128,48 @@ pub(crate) fn reindex(
             conn.prepare_cached("INSERT OR REPLACE INTO dossiers (id, applicant, procedure, holder, step, since) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
                 .at(path)?
                 .execute(params![key, v.applicant, v.procedure, v.holder, v.step, v.since_ms])
+                .at(path)?;
+        }
+        DocView::Receipts(v) => index_receipts(conn, path, v)?,
+    }
+    Ok(())
+}
+
+/// The receipts books hold for a dispatch: unit -> received at.
+fn booked_receipts(conn: &Connection, path: &Path, dispatch_id: &str) -> Result<HashMap<String, i64>> {
+    conn.prepare_cached("SELECT unit, received_at FROM receipts WHERE dispatch_id = ?1")
+        .at(path)?
+        .query_map([dispatch_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .at(path)?
+        .collect::<rusqlite::Result<_>>()
+        .at(path)
+}
+
+/// Records a book's new receipts, and fills them into its dispatches' recipient rows when those
+/// dispatches are here and hold no receipt of that unit yet (the first receipt stays).
+fn index_receipts(conn: &Connection, path: &Path, book: &ReceiptBook) -> Result<()> {
+    for r in &book.receipts {
+        let new = conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO receipts (dispatch_id, unit, received_at, received_by) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .at(path)?
+            .execute(params![r.dispatch, book.recipient, r.received_at_ms, r.received_by])
+            .at(path)?;
+        if new == 0 {
+            continue;
+        }
+        let filled = conn
+            .prepare_cached(
+                "UPDATE dispatch_recipients SET received_at = ?3 WHERE unit = ?2 AND id = ?1 AND received_at IS NULL",
+            )
+            .at(path)?
+            .execute(params![r.dispatch, book.recipient, r.received_at_ms])
+            .at(path)?;
+        if filled > 0 {
+            conn.prepare_cached("UPDATE dispatches SET received = received + 1 WHERE id = ?1")
+                .at(path)?
+                .execute([&r.dispatch])
                 .at(path)?;
         }
     }
@@ -360,6 +408,20 @@ impl Store {
                     since_ms: r.get(5)?,
                 })
             })
+            .at(&self.path)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
+    }
+
+    /// Receipts of a dispatch recorded in receipt books: (unit, received at, received by).
+    pub fn booked_receipts(&self, dispatch_id: &DocId) -> Result<Vec<(String, i64, String)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT unit, received_at, received_by FROM receipts WHERE dispatch_id = ?1 ORDER BY unit",
+            )
+            .at(&self.path)?;
+        let rows = stmt
+            .query_map([dispatch_id.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             .at(&self.path)?;
         rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
     }
