@@ -438,3 +438,95 @@ impl Store {
         rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{receipts, DocKind};
+    use crate::store::testutil::{actor, new_dispatch_to};
+
+    const A: &str = "qn/binhlieu/tinhhuc";
+    const B: &str = "qn/binhlieu/hucdong";
+
+    /// Stores `unit`'s receipt of `dispatch` (issued by the province at time 1) in its book.
+    fn receipt(store: &mut Store, dispatch: &DocId, unit: &str, at_ms: i64) {
+        let year = receipts::year_of(1);
+        let book = receipts::book_id("qn", unit, year);
+        let author = model::Author {
+            user: "minh".into(),
+            unit: unit.into(),
+            node: "01".repeat(16),
+        };
+        store
+            .write(|tx| {
+                let write = |doc: &mut AutoCommit| {
+                    receipts::record(doc, &book, ("qn", unit, year), dispatch, &author, at_ms)
+                };
+                if tx.doc_exists(&book)? {
+                    tx.update_doc(&book, &actor(), at_ms, |doc| Ok(write(doc)?))?;
+                } else {
+                    tx.create_doc(&book, &actor(), at_ms, |doc| Ok(write(doc).map(drop)?))?;
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    fn received(store: &Store, id: &DocId) -> i64 {
+        let rows = store.list_dispatches(DispatchFilter::All, 10).unwrap();
+        rows.iter().find(|r| r.id == id.as_str()).unwrap().received
+    }
+
+    #[test]
+    fn a_receipt_from_a_book_counts_whether_it_or_the_dispatch_arrives_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::create(&dir.path().join("node.db"), 4).unwrap();
+        // The dispatch first, then A's receipt; a second receipt of A is not counted twice.
+        let d = new_dispatch_to(&mut store, "1/UBND", "s".into(), &[A, B]);
+        assert_eq!(received(&store, &d), 0);
+        receipt(&mut store, &d, A, 5);
+        assert_eq!(received(&store, &d), 1);
+        receipt(&mut store, &d, A, 6);
+        assert_eq!(received(&store, &d), 1);
+        assert_eq!(
+            store.booked_receipts(&d).unwrap(),
+            vec![(A.to_string(), 5, "minh".to_string())]
+        );
+        // A book naming a dispatch not here yet (books and dispatches sync independently).
+        let early = DocId::generate(DocKind::Dispatch);
+        receipt(&mut store, &early, B, 7);
+        assert_eq!(received(&store, &d), 1, "B's receipt is of another dispatch");
+        let inbox = |store: &Store, unit| {
+            store
+                .conn
+                .query_row(
+                    "SELECT received_at FROM dispatch_recipients WHERE unit = ?1",
+                    [unit],
+                    |r| r.get::<_, Option<i64>>(0),
+                )
+                .unwrap()
+        };
+        assert_eq!(inbox(&store, A), Some(5));
+        assert_eq!(inbox(&store, B), None);
+        // When that dispatch is stored, its recipient rows pick the receipt up.
+        let d2 = store
+            .write(|tx| {
+                let new = dispatch::NewDispatch {
+                    ref_no: "2/UBND".into(),
+                    summary: "s".into(),
+                    kind: dispatch::DispatchKind::Directive,
+                    priority: dispatch::Priority::Flash,
+                    issuer: "qn".into(),
+                    to: vec![B.into()],
+                    attachments: vec![],
+                };
+                let author = crate::store::testutil::author();
+                tx.create_doc(&early, &actor(), 1, |doc| {
+                    Ok(dispatch::create(doc, &early, &new, &author, 1)?)
+                })?;
+                Ok(early.clone())
+            })
+            .unwrap();
+        assert_eq!(received(&store, &d2), 1);
+    }
+}
