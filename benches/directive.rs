@@ -461,7 +461,10 @@ impl Side {
 /// Copies a scan the way a scan stream would leave it, and tells the receiving session.
 fn copy_scan(from: &Side, to: &mut Side, session: &mut Session, hash: &Hash32) -> u64 {
     let mut data = Vec::new();
-    from.node.store.read_blob(hash, &mut data).expect("read scan");
+    from.node
+        .store
+        .read_blob(hash, &mut data)
+        .expect("read scan");
     to.node
         .store
         .write(|tx| tx.put_blob_bytes(&data, now_ms()))

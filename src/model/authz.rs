@@ -395,7 +395,10 @@ mod tests {
         let (mut doc, id) = book_of_a();
         assert!(judge_last(&mut doc, &id, A).is_ok());
         let why = judge_last(&mut doc, &id, B).unwrap_err();
-        assert!(why.contains("receipt book of qn/binhlieu/tinhhuc created by"), "{why}");
+        assert!(
+            why.contains("receipt book of qn/binhlieu/tinhhuc created by"),
+            "{why}"
+        );
         let why = judge_last(&mut doc, &id, "qn").unwrap_err();
         assert!(why.contains("created by qn"), "{why}");
 
@@ -421,7 +424,9 @@ mod tests {
         assert!(why.contains("changed or removed a receipt"), "{why}");
 
         let (mut doc, id) = book_of_a();
-        let key = receipts::read(&doc, &id).unwrap().receipts[0].dispatch.clone();
+        let key = receipts::read(&doc, &id).unwrap().receipts[0]
+            .dispatch
+            .clone();
         doc.delete(automerge::ROOT, key.as_str()).unwrap();
         doc.commit();
         let why = judge_last(&mut doc, &id, A).unwrap_err();

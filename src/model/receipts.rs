@@ -80,14 +80,17 @@ pub fn record(
         doc.put(ROOT, "year", year)?;
     } else {
         let book = read(doc, id)?;
-        if (book.issuer.as_str(), book.recipient.as_str(), book.year) != (issuer, recipient, year)
-        {
+        if (book.issuer.as_str(), book.recipient.as_str(), book.year) != (issuer, recipient, year) {
             return Err(ModelError::Malformed(
                 id.to_string(),
                 "its issuer, recipient or year differ from its id".into(),
             ));
         }
-        if book.receipts.iter().any(|r| r.dispatch == dispatch.as_str()) {
+        if book
+            .receipts
+            .iter()
+            .any(|r| r.dispatch == dispatch.as_str())
+        {
             return Ok(false);
         }
         if book.receipts.len() >= RECEIPTS_MAX {
@@ -198,7 +201,10 @@ mod tests {
                 received_by: "minh".into()
             }]
         );
-        assert_eq!(parties(&doc, &id).unwrap(), vec!["qn".to_string(), R.into()]);
+        assert_eq!(
+            parties(&doc, &id).unwrap(),
+            vec!["qn".to_string(), R.into()]
+        );
         // A book is only written under its own id.
         let other = book_id("qn", R, 2025);
         assert!(record(&mut doc, &other, key, &d, &author("minh", 1), 1).is_err());

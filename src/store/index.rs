@@ -76,9 +76,8 @@ pub(crate) fn reindex(
                 .unwrap_or(0);
             // A receipt is in the dispatch (written before receipt books) or in a book.
             let booked = booked_receipts(conn, path, key)?;
-            let received_at = |r: &dispatch::Recipient| {
-                r.received_at_ms.or_else(|| booked.get(&r.unit).copied())
-            };
+            let received_at =
+                |r: &dispatch::Recipient| r.received_at_ms.or_else(|| booked.get(&r.unit).copied());
             let received = v
                 .recipients
                 .iter()
@@ -136,7 +135,11 @@ pub(crate) fn reindex(
 }
 
 /// The receipts books hold for a dispatch: unit -> received at.
-fn booked_receipts(conn: &Connection, path: &Path, dispatch_id: &str) -> Result<HashMap<String, i64>> {
+fn booked_receipts(
+    conn: &Connection,
+    path: &Path,
+    dispatch_id: &str,
+) -> Result<HashMap<String, i64>> {
     conn.prepare_cached("SELECT unit, received_at FROM receipts WHERE dispatch_id = ?1")
         .at(path)?
         .query_map([dispatch_id], |r| Ok((r.get(0)?, r.get(1)?)))
@@ -421,7 +424,9 @@ impl Store {
             )
             .at(&self.path)?;
         let rows = stmt
-            .query_map([dispatch_id.as_str()], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .query_map([dispatch_id.as_str()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
             .at(&self.path)?;
         rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
     }
@@ -495,7 +500,11 @@ mod tests {
         // A book naming a dispatch not here yet (books and dispatches sync independently).
         let early = DocId::generate(DocKind::Dispatch);
         receipt(&mut store, &early, B, 7);
-        assert_eq!(received(&store, &d), 1, "B's receipt is of another dispatch");
+        assert_eq!(
+            received(&store, &d),
+            1,
+            "B's receipt is of another dispatch"
+        );
         let inbox = |store: &Store, unit| {
             store
                 .conn

@@ -354,7 +354,10 @@ impl Workload {
             let receipt = m.node.json(&["dispatch", "receive", &d]);
             self.events.push(format!("{} receives {d}", m.unit));
             // The receipt is in the unit's receipt book for the issuer (the last party).
-            let book = receipt["book"].as_str().expect("a receipt book").to_string();
+            let book = receipt["book"]
+                .as_str()
+                .expect("a receipt book")
+                .to_string();
             let issuer = self.created[&d].parties.last().cloned().expect("an issuer");
             self.created.entry(book).or_insert(Created {
                 parties: vec![issuer, m.unit.clone()],
@@ -524,7 +527,11 @@ fn a_partitioned_tree_converges_to_each_nodes_exact_scope() {
         );
     }
     // Receipt books are checked as documents by `divergence`; their receipts in `dispatch show`.
-    for (doc, c) in work.created.iter().filter(|(id, _)| !id.starts_with("rcp_")) {
+    for (doc, c) in work
+        .created
+        .iter()
+        .filter(|(id, _)| !id.starts_with("rcp_"))
+    {
         let kind = if dispatches.contains(doc) {
             "dispatch"
         } else {
