@@ -174,7 +174,8 @@ struct Cost {
     /// Control frames as encoded for the wire: offers, wants, documents.
     doc_bytes: u64,
     scan_bytes: u64,
-    /// CPU of both sides' protocol work (encoding, decoding, checking, storing).
+    /// CPU of both sides' protocol work (encoding, decoding, checking, storing), and of
+    /// recording the receipts.
     cpu: Duration,
 }
 
@@ -310,10 +311,10 @@ impl Run {
         let mut home = Cost::default();
         for district in self.districts() {
             for commune in self.communes_of(district) {
-                self.receive(commune, &d.id, mode);
+                self.receive(commune, &d.id, mode, &mut home);
                 self.sync(commune, &mut home);
             }
-            self.receive(district, &d.id, mode);
+            self.receive(district, &d.id, mode, &mut home);
             self.sync(district, &mut home);
         }
         let mut province = Node::open(&self.members[0].dir).expect("open");
@@ -341,9 +342,10 @@ impl Run {
         }
     }
 
-    /// Records member `i`'s receipt of dispatch `id`.
-    fn receive(&self, i: usize, id: &str, mode: Mode) {
+    /// Records member `i`'s receipt of dispatch `id`, its CPU counted in `cost`.
+    fn receive(&self, i: usize, id: &str, mode: Mode, cost: &mut Cost) {
         let mut node = Node::open(&self.members[i].dir).expect("open");
+        let started = process_cpu();
         match mode {
             Mode::Books => {
                 let r = node.dispatch_receive(None, id).expect("receive");
@@ -367,6 +369,7 @@ impl Run {
                     .expect("receive");
             }
         }
+        cost.cpu += process_cpu() - started;
     }
 
     /// One session between member `i` and its parent, run to its end.
