@@ -7,6 +7,7 @@ use std::collections::HashMap;
 use automerge::{AutoCommit, Change, ChangeHash};
 use serde::Serialize;
 
+use super::receipts::{self, ReceiptBook, RECEIPTS_MAX};
 use super::{DocId, DocView};
 
 /// Judges changes of one document in turn. States already read are remembered, and a working
@@ -123,7 +124,33 @@ fn created(doc: &DocView, unit: &str) -> Result<(), String> {
         DocView::Dossier(d) => require(d.origin == unit && d.holder == unit, || {
             format!("a dossier of {} created by {unit}", d.origin)
         }),
+        DocView::Receipts(b) => {
+            require(b.recipient == unit, || {
+                format!("a receipt book of {} created by {unit}", b.recipient)
+            })?;
+            book_fits(b)
+        }
     }
+}
+
+/// A book's id is the one its issuer, recipient and year derive (so no second book of the same
+/// three exists to hide receipts in), and it holds at most [`RECEIPTS_MAX`] receipts.
+fn book_fits(b: &ReceiptBook) -> Result<(), String> {
+    require(
+        receipts::book_id(&b.issuer, &b.recipient, b.year).as_str() == b.id,
+        || {
+            format!(
+                "receipt book {} is not the book of {} for {} in {}",
+                b.id, b.recipient, b.issuer, b.year
+            )
+        },
+    )?;
+    require(b.receipts.len() <= RECEIPTS_MAX, || {
+        format!(
+            "receipt book {} holds more than {RECEIPTS_MAX} receipts",
+            b.id
+        )
+    })
 }
 
 fn same<T: Serialize>(a: &T, b: &T) -> bool {
@@ -230,6 +257,19 @@ fn changed(before: &DocView, after: &DocView, unit: &str) -> Result<(), String> 
             appended(&b.route, &a.route)
                 .map(|_| ())
                 .ok_or_else(|| format!("{unit} changed or removed a step of a dossier's route"))
+        }
+        (DocView::Receipts(b), DocView::Receipts(a)) => {
+            require(b.recipient == unit, || {
+                format!("{unit} wrote into the receipt book of {}", b.recipient)
+            })?;
+            require(
+                (&b.issuer, &b.recipient, b.year) == (&a.issuer, &a.recipient, a.year),
+                || format!("{unit} changed the issuer, recipient or year of a receipt book"),
+            )?;
+            appended(&b.receipts, &a.receipts).ok_or_else(|| {
+                format!("{unit} changed or removed a receipt (receipts are only ever added)")
+            })?;
+            book_fits(a)
         }
         _ => Err("a change turned the document into another kind".into()),
     }
@@ -339,6 +379,79 @@ mod tests {
             .unwrap();
         assert!(judge_last(&mut doc, &id, A).is_ok());
         assert!(judge_last(&mut doc, &id, "qn/binhlieu").is_err());
+    }
+
+    /// A book of `A`'s receipts of the province's dispatches, with one receipt, by `A`.
+    fn book_of_a() -> (AutoCommit, DocId) {
+        let id = receipts::book_id("qn", A, 2026);
+        let mut doc = AutoCommit::new();
+        let d = DocId::generate(DocKind::Dispatch);
+        receipts::record(&mut doc, &id, ("qn", A, 2026), &d, &author(A), 2).unwrap();
+        (doc, id)
+    }
+
+    #[test]
+    fn a_receipt_book_is_written_by_its_recipient_only() {
+        let (mut doc, id) = book_of_a();
+        assert!(judge_last(&mut doc, &id, A).is_ok());
+        let why = judge_last(&mut doc, &id, B).unwrap_err();
+        assert!(
+            why.contains("receipt book of qn/binhlieu/tinhhuc created by"),
+            "{why}"
+        );
+        let why = judge_last(&mut doc, &id, "qn").unwrap_err();
+        assert!(why.contains("created by qn"), "{why}");
+
+        let d = DocId::generate(DocKind::Dispatch);
+        receipts::record(&mut doc, &id, ("qn", A, 2026), &d, &author(A), 3).unwrap();
+        assert!(judge_last(&mut doc, &id, A).is_ok());
+        let why = judge_last(&mut doc, &id, B).unwrap_err();
+        assert!(why.contains("wrote into the receipt book of"), "{why}");
+    }
+
+    #[test]
+    fn a_receipt_is_never_changed_or_removed() {
+        use automerge::transaction::Transactable;
+        let (mut doc, id) = book_of_a();
+        let book = receipts::read(&doc, &id).unwrap();
+        let key = book.receipts[0].dispatch.clone();
+        let entry = crate::model::Reader::new(&doc, id.as_str())
+            .object(&automerge::ROOT, &key, &key)
+            .unwrap();
+        doc.put(&entry, "received_at", 99_i64).unwrap();
+        doc.commit();
+        let why = judge_last(&mut doc, &id, A).unwrap_err();
+        assert!(why.contains("changed or removed a receipt"), "{why}");
+
+        let (mut doc, id) = book_of_a();
+        let key = receipts::read(&doc, &id).unwrap().receipts[0]
+            .dispatch
+            .clone();
+        doc.delete(automerge::ROOT, key.as_str()).unwrap();
+        doc.commit();
+        let why = judge_last(&mut doc, &id, A).unwrap_err();
+        assert!(why.contains("changed or removed a receipt"), "{why}");
+
+        let (mut doc, id) = book_of_a();
+        doc.put(automerge::ROOT, "recipient", B).unwrap();
+        doc.commit();
+        let why = judge_last(&mut doc, &id, A).unwrap_err();
+        assert!(why.contains("issuer, recipient or year"), "{why}");
+    }
+
+    #[test]
+    fn a_receipt_book_under_another_books_id_is_refused() {
+        use automerge::transaction::Transactable;
+        // A's receipts written under the id of B's book: a reader of B's book would find them.
+        let id = receipts::book_id("qn", B, 2026);
+        let mut doc = AutoCommit::new();
+        doc.put(automerge::ROOT, "type", "receipts").unwrap();
+        doc.put(automerge::ROOT, "issuer", "qn").unwrap();
+        doc.put(automerge::ROOT, "recipient", A).unwrap();
+        doc.put(automerge::ROOT, "year", 2026_i64).unwrap();
+        doc.commit();
+        let why = judge_last(&mut doc, &id, A).unwrap_err();
+        assert!(why.contains("is not the book of"), "{why}");
     }
 
     #[test]

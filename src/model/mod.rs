@@ -1,4 +1,5 @@
-//! Automerge document schemas: one CRDT document per dispatch, assignment and dossier.
+//! Automerge document schemas: one CRDT document per dispatch, assignment and dossier, and one
+//! receipt book per (issuer, recipient unit, year).
 //!
 //! Pure functions over `AutoCommit`: no SQLite, no files, no network. Every write commits one
 //! change whose message records who did what (the audit trail); reads surface conflicts.
@@ -8,6 +9,7 @@ pub mod authz;
 pub mod dispatch;
 pub mod dossier;
 pub mod guard;
+pub mod receipts;
 
 use std::cell::{Ref, RefCell};
 use std::fmt;
@@ -34,13 +36,15 @@ pub enum ModelError {
 
 pub type Result<T, E = ModelError> = std::result::Result<T, E>;
 
-/// The three kinds of replicated document.
+/// The kinds of replicated document.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum DocKind {
     Dispatch,
     Assignment,
     Dossier,
+    /// A recipient's receipts of one issuer's dispatches (see [`receipts`]).
+    Receipts,
 }
 
 impl DocKind {
@@ -49,6 +53,7 @@ impl DocKind {
             DocKind::Dispatch => "dispatch",
             DocKind::Assignment => "assignment",
             DocKind::Dossier => "dossier",
+            DocKind::Receipts => "receipts",
         }
     }
 
@@ -57,6 +62,7 @@ impl DocKind {
             DocKind::Dispatch => "dsp",
             DocKind::Assignment => "asg",
             DocKind::Dossier => "dos",
+            DocKind::Receipts => "rcp",
         }
     }
 }
@@ -67,7 +73,8 @@ impl fmt::Display for DocKind {
     }
 }
 
-/// A document id: kind prefix and 64 random bits, e.g. `dsp_3f9a0c1b2d4e5f60`.
+/// A document id: kind prefix and 64 bits, e.g. `dsp_3f9a0c1b2d4e5f60`; random, or derived from
+/// what the document is about (receipt books).
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(try_from = "String", into = "String")]
 pub struct DocId(String);
@@ -77,10 +84,17 @@ impl DocId {
         DocId(format!("{}_{:016x}", kind.prefix(), rand::random::<u64>()))
     }
 
+    /// The id of a document that is one per `key` (a hash of what it is about), so that nodes
+    /// creating it apart name the same document.
+    pub fn derived(kind: DocKind, key: &[u8; 32]) -> Self {
+        DocId(format!("{}_{}", kind.prefix(), hex::encode(&key[..8])))
+    }
+
     pub fn kind(&self) -> DocKind {
         match &self.0[..3] {
             "dsp" => DocKind::Dispatch,
             "asg" => DocKind::Assignment,
+            "rcp" => DocKind::Receipts,
             _ => DocKind::Dossier,
         }
     }
@@ -94,7 +108,7 @@ impl FromStr for DocId {
     type Err = ModelError;
     fn from_str(s: &str) -> Result<Self> {
         let ok = s.len() == 20
-            && matches!(&s[..4], "dsp_" | "asg_" | "dos_")
+            && matches!(&s[..4], "dsp_" | "asg_" | "dos_" | "rcp_")
             && s[4..]
                 .bytes()
                 .all(|b| b.is_ascii_hexdigit() && !b.is_ascii_uppercase());
@@ -102,7 +116,7 @@ impl FromStr for DocId {
             Ok(DocId(s.to_string()))
         } else {
             Err(ModelError::Invalid(format!(
-                "{s:?} is not a document id (expected dsp_, asg_ or dos_ followed by 16 hex digits)"
+                "{s:?} is not a document id (expected dsp_, asg_, dos_ or rcp_ followed by 16 hex digits)"
             )))
         }
     }
@@ -474,6 +488,7 @@ pub enum DocView {
     Dispatch(dispatch::DispatchView),
     Assignment(assignment::AssignmentView),
     Dossier(dossier::DossierView),
+    Receipts(receipts::ReceiptBook),
 }
 
 impl DocView {
@@ -482,6 +497,7 @@ impl DocView {
             DocKind::Dispatch => DocView::Dispatch(dispatch::read(doc, id)?),
             DocKind::Assignment => DocView::Assignment(assignment::read(doc, id)?),
             DocKind::Dossier => DocView::Dossier(dossier::read(doc, id)?),
+            DocKind::Receipts => DocView::Receipts(receipts::read(doc, id)?),
         })
     }
 
@@ -498,6 +514,7 @@ impl DocView {
                 .map(|s| s.unit.clone())
                 .chain([v.origin.clone(), v.holder.clone()])
                 .collect(),
+            DocView::Receipts(v) => vec![v.issuer.clone(), v.recipient.clone()],
         };
         units.sort();
         units.dedup();
@@ -511,6 +528,7 @@ pub fn parties(doc: &AutoCommit, id: &DocId) -> Result<Vec<String>> {
         DocKind::Dispatch => dispatch::parties(doc, id)?,
         DocKind::Assignment => assignment::parties(doc, id)?,
         DocKind::Dossier => dossier::parties(doc, id)?,
+        DocKind::Receipts => receipts::parties(doc, id)?,
     };
     units.sort();
     units.dedup();

@@ -10,7 +10,7 @@ use super::{now_ms, Node, NodeError, Result};
 use crate::model::assignment::{self, AssignmentView, NewAssignment, Status};
 use crate::model::dispatch::{self, Attachment, DispatchKind, DispatchView, NewDispatch, Priority};
 use crate::model::dossier::{self, DossierView};
-use crate::model::{DocId, DocKind};
+use crate::model::{receipts, DocId, DocKind};
 use crate::store::blobs::{parse_hash, BlobInfo, Hash};
 use crate::store::index::{AssignmentRow, DispatchFilter, DispatchRow, DossierRow};
 use crate::store::{StoreError, User};
@@ -79,6 +79,9 @@ pub struct ReceiveReport {
     pub unit: String,
     /// False when the unit had already recorded its receipt.
     pub recorded: bool,
+    /// The receipt book that holds the receipt (`audit` it for who recorded it, and when);
+    /// None for a receipt written inside the dispatch, as nodes did before receipt books.
+    pub book: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -182,8 +185,21 @@ impl Node {
         self.dispatch_view(&id)
     }
 
+    /// The dispatch with its receipts, from the document (written there before receipt books)
+    /// and from the books this node holds.
     fn dispatch_view(&mut self, id: &DocId) -> Result<DispatchView> {
-        Ok(self.store.read_doc(id, |doc| dispatch::read(doc, id))??)
+        let mut view = self.store.read_doc(id, |doc| dispatch::read(doc, id))??;
+        for (unit, at_ms, by) in self.store.booked_receipts(id)? {
+            if let Some(r) = view
+                .recipients
+                .iter_mut()
+                .find(|r| r.unit == unit && r.received_at_ms.is_none())
+            {
+                r.received_at_ms = Some(at_ms);
+                r.received_by = Some(by);
+            }
+        }
+        Ok(view)
     }
 
     pub fn dispatch_list(
@@ -234,21 +250,51 @@ impl Node {
         })
     }
 
-    /// Records that this node's unit received the dispatch.
+    /// Records that this node's unit received the dispatch, in the unit's receipt book for the
+    /// issuer (model/receipts.rs): the receipt then goes up to the issuer only, not to every
+    /// recipient as a change of the dispatch would.
     pub fn dispatch_receive(&mut self, user: Option<&str>, id: &str) -> Result<ReceiveReport> {
         let id = parse_id(id, DocKind::Dispatch)?;
         let author = self.author(user)?;
         let (actor, at_ms, unit) = (self.actor().clone(), now_ms(), self.unit().to_string());
-        let (recorded, _) = self.store.write(|tx| {
-            tx.update_doc(&id, &actor, at_ms, |doc| {
-                Ok(dispatch::receive(doc, &id, &unit, &author, at_ms)?)
-            })
+        let (recorded, book) = self.store.write(|tx| {
+            let rec = tx
+                .load_doc(&id)?
+                .ok_or_else(|| StoreError::NotFound(format!("dispatch {id}")))?;
+            let view = dispatch::read(&rec.doc, &id)?;
+            let Some(me) = view.recipients.iter().find(|r| r.unit == unit) else {
+                return Err(StoreError::Invalid(format!(
+                    "unit {unit} is not a recipient of dispatch {id}"
+                )));
+            };
+            if me.received_at_ms.is_some() {
+                return Ok((false, None));
+            }
+            let year = receipts::year_of(view.created_at_ms);
+            let book = receipts::book_id(&view.issuer, &unit, year);
+            let key = (view.issuer.as_str(), unit.as_str(), year);
+            let record = |doc: &mut automerge::AutoCommit| {
+                receipts::record(doc, &book, key, &id, &author, at_ms)
+            };
+            let recorded = if tx.doc_exists(&book)? {
+                tx.update_doc(&book, &actor, at_ms, |doc| Ok(record(doc)?))?
+                    .0
+            } else {
+                let mut recorded = false;
+                tx.create_doc(&book, &actor, at_ms, |doc| {
+                    recorded = record(doc)?;
+                    Ok(())
+                })?;
+                recorded
+            };
+            Ok((recorded, Some(book.to_string())))
         })?;
         self.wake_daemon();
         Ok(ReceiveReport {
             id: id.to_string(),
             unit,
             recorded,
+            book,
         })
     }
 

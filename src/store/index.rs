@@ -1,7 +1,7 @@
 //! Index tables derived from documents: what list and filter queries and sync read, so that
 //! listing 10,000 dispatches never loads 10,000 documents.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use automerge::AutoCommit;
@@ -9,6 +9,7 @@ use rusqlite::{params, Connection, OptionalExtension};
 use serde::Serialize;
 
 use super::{Result, SqlContext, Store};
+use crate::model::receipts::ReceiptBook;
 use crate::model::{self, dispatch, DocId, DocView};
 use crate::units::{is_within, parent};
 
@@ -73,10 +74,14 @@ pub(crate) fn reindex(
                 .parse::<dispatch::Priority>()
                 .map(|p| p.rank())
                 .unwrap_or(0);
+            // A receipt is in the dispatch (written before receipt books) or in a book.
+            let booked = booked_receipts(conn, path, key)?;
+            let received_at =
+                |r: &dispatch::Recipient| r.received_at_ms.or_else(|| booked.get(&r.unit).copied());
             let received = v
                 .recipients
                 .iter()
-                .filter(|r| r.received_at_ms.is_some())
+                .filter(|r| received_at(r).is_some())
                 .count();
             conn.prepare_cached(
                 "INSERT OR REPLACE INTO dispatches (id, ref, summary, kind, priority, priority_rank, issuer, created_at, recipients, received, scans)
@@ -90,7 +95,7 @@ pub(crate) fn reindex(
                     "INSERT INTO dispatch_recipients (unit, id, received_at) VALUES (?1, ?2, ?3)",
                 )
                 .at(path)?
-                .execute(params![r.unit, key, r.received_at_ms])
+                .execute(params![r.unit, key, received_at(r)])
                 .at(path)?;
             }
             for a in &v.attachments {
@@ -122,6 +127,52 @@ pub(crate) fn reindex(
             conn.prepare_cached("INSERT OR REPLACE INTO dossiers (id, applicant, procedure, holder, step, since) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
                 .at(path)?
                 .execute(params![key, v.applicant, v.procedure, v.holder, v.step, v.since_ms])
+                .at(path)?;
+        }
+        DocView::Receipts(v) => index_receipts(conn, path, v)?,
+    }
+    Ok(())
+}
+
+/// The receipts books hold for a dispatch: unit -> received at.
+fn booked_receipts(
+    conn: &Connection,
+    path: &Path,
+    dispatch_id: &str,
+) -> Result<HashMap<String, i64>> {
+    conn.prepare_cached("SELECT unit, received_at FROM receipts WHERE dispatch_id = ?1")
+        .at(path)?
+        .query_map([dispatch_id], |r| Ok((r.get(0)?, r.get(1)?)))
+        .at(path)?
+        .collect::<rusqlite::Result<_>>()
+        .at(path)
+}
+
+/// Records a book's new receipts, and fills them into its dispatches' recipient rows when those
+/// dispatches are here and hold no receipt of that unit yet (the first receipt stays).
+fn index_receipts(conn: &Connection, path: &Path, book: &ReceiptBook) -> Result<()> {
+    for r in &book.receipts {
+        let new = conn
+            .prepare_cached(
+                "INSERT OR IGNORE INTO receipts (dispatch_id, unit, received_at, received_by) VALUES (?1, ?2, ?3, ?4)",
+            )
+            .at(path)?
+            .execute(params![r.dispatch, book.recipient, r.received_at_ms, r.received_by])
+            .at(path)?;
+        if new == 0 {
+            continue;
+        }
+        let filled = conn
+            .prepare_cached(
+                "UPDATE dispatch_recipients SET received_at = ?3 WHERE unit = ?2 AND id = ?1 AND received_at IS NULL",
+            )
+            .at(path)?
+            .execute(params![r.dispatch, book.recipient, r.received_at_ms])
+            .at(path)?;
+        if filled > 0 {
+            conn.prepare_cached("UPDATE dispatches SET received = received + 1 WHERE id = ?1")
+                .at(path)?
+                .execute([&r.dispatch])
                 .at(path)?;
         }
     }
@@ -391,6 +442,22 @@ impl Store {
         rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
     }
 
+    /// Receipts of a dispatch recorded in receipt books: (unit, received at, received by).
+    pub fn booked_receipts(&self, dispatch_id: &DocId) -> Result<Vec<(String, i64, String)>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT unit, received_at, received_by FROM receipts WHERE dispatch_id = ?1 ORDER BY unit",
+            )
+            .at(&self.path)?;
+        let rows = stmt
+            .query_map([dispatch_id.as_str()], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })
+            .at(&self.path)?;
+        rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
+    }
+
     /// Assignments that handle a dispatch, for `dispatch show`.
     pub fn assignments_of(&self, dispatch_id: &DocId) -> Result<Vec<String>> {
         let mut stmt = self
@@ -401,5 +468,101 @@ impl Store {
             .query_map([dispatch_id.as_str()], |r| r.get(0))
             .at(&self.path)?;
         rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{receipts, DocKind};
+    use crate::store::testutil::{actor, new_dispatch_to};
+
+    const A: &str = "qn/binhlieu/tinhhuc";
+    const B: &str = "qn/binhlieu/hucdong";
+
+    /// Stores `unit`'s receipt of `dispatch` (issued by the province at time 1) in its book.
+    fn receipt(store: &mut Store, dispatch: &DocId, unit: &str, at_ms: i64) {
+        let year = receipts::year_of(1);
+        let book = receipts::book_id("qn", unit, year);
+        let author = model::Author {
+            user: "minh".into(),
+            unit: unit.into(),
+            node: "01".repeat(16),
+        };
+        store
+            .write(|tx| {
+                let write = |doc: &mut AutoCommit| {
+                    receipts::record(doc, &book, ("qn", unit, year), dispatch, &author, at_ms)
+                };
+                if tx.doc_exists(&book)? {
+                    tx.update_doc(&book, &actor(), at_ms, |doc| Ok(write(doc)?))?;
+                } else {
+                    tx.create_doc(&book, &actor(), at_ms, |doc| Ok(write(doc).map(drop)?))?;
+                }
+                Ok(())
+            })
+            .unwrap();
+    }
+
+    fn received(store: &Store, id: &DocId) -> i64 {
+        let rows = store.list_dispatches(DispatchFilter::All, 10).unwrap();
+        rows.iter().find(|r| r.id == id.as_str()).unwrap().received
+    }
+
+    #[test]
+    fn a_receipt_from_a_book_counts_whether_it_or_the_dispatch_arrives_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::create(&dir.path().join("node.db"), 4).unwrap();
+        // The dispatch first, then A's receipt; a second receipt of A is not counted twice.
+        let d = new_dispatch_to(&mut store, "1/UBND", "s".into(), &[A, B]);
+        assert_eq!(received(&store, &d), 0);
+        receipt(&mut store, &d, A, 5);
+        assert_eq!(received(&store, &d), 1);
+        receipt(&mut store, &d, A, 6);
+        assert_eq!(received(&store, &d), 1);
+        assert_eq!(
+            store.booked_receipts(&d).unwrap(),
+            vec![(A.to_string(), 5, "minh".to_string())]
+        );
+        // A book naming a dispatch not here yet (books and dispatches sync independently).
+        let early = DocId::generate(DocKind::Dispatch);
+        receipt(&mut store, &early, B, 7);
+        assert_eq!(
+            received(&store, &d),
+            1,
+            "B's receipt is of another dispatch"
+        );
+        let inbox = |store: &Store, unit| {
+            store
+                .conn
+                .query_row(
+                    "SELECT received_at FROM dispatch_recipients WHERE unit = ?1",
+                    [unit],
+                    |r| r.get::<_, Option<i64>>(0),
+                )
+                .unwrap()
+        };
+        assert_eq!(inbox(&store, A), Some(5));
+        assert_eq!(inbox(&store, B), None);
+        // When that dispatch is stored, its recipient rows pick the receipt up.
+        let d2 = store
+            .write(|tx| {
+                let new = dispatch::NewDispatch {
+                    ref_no: "2/UBND".into(),
+                    summary: "s".into(),
+                    kind: dispatch::DispatchKind::Directive,
+                    priority: dispatch::Priority::Flash,
+                    issuer: "qn".into(),
+                    to: vec![B.into()],
+                    attachments: vec![],
+                };
+                let author = crate::store::testutil::author();
+                tx.create_doc(&early, &actor(), 1, |doc| {
+                    Ok(dispatch::create(doc, &early, &new, &author, 1)?)
+                })?;
+                Ok(early.clone())
+            })
+            .unwrap();
+        assert_eq!(received(&store, &d2), 1);
     }
 }

@@ -197,6 +197,17 @@ const MIGRATIONS: &[Migration] = &[
         via TEXT NOT NULL, received_at INTEGER NOT NULL, body TEXT NOT NULL) WITHOUT ROWID;
     ",
     ),
+    // 10: receipts recorded in receipt
+    // books (model/receipts.rs), one row per (dispatch, recipient unit), the first kept. They
+    // fill `dispatch_recipients.received_at` whichever of a book and its dispatch arrives
+    // first; receipts written inside dispatch documents (before books) stay where they are.
+    Migration::Sql(
+        "
+    CREATE TABLE receipts (dispatch_id TEXT NOT NULL, unit TEXT NOT NULL,
+        received_at INTEGER NOT NULL, received_by TEXT NOT NULL,
+        PRIMARY KEY (dispatch_id, unit)) WITHOUT ROWID;
+    ",
+    ),
 ];
 
 fn scoped_feed(tx: &Transaction<'_>, db: &Path) -> Result<()> {

@@ -997,7 +997,7 @@ mod tests {
         drop(store);
         let conn = rusqlite::Connection::open(&path).unwrap();
         conn.execute_batch(
-            "DROP TABLE doc_scopes; DROP TABLE refused_docs; DROP TABLE blob_sources; ALTER TABLE peer_sync DROP COLUMN epoch; DROP TABLE change_sigs; DROP TABLE node_certs; DELETE FROM meta WHERE key = 'sign_own_changes'; PRAGMA user_version = 5;",
+            "DROP TABLE doc_scopes; DROP TABLE refused_docs; DROP TABLE blob_sources; DROP TABLE receipts; ALTER TABLE peer_sync DROP COLUMN epoch; DROP TABLE change_sigs; DROP TABLE node_certs; DELETE FROM meta WHERE key = 'sign_own_changes'; PRAGMA user_version = 5;",
         )
         .unwrap();
         drop(conn);
@@ -1014,7 +1014,7 @@ mod tests {
         let conn = rusqlite::Connection::open(&path).unwrap();
         conn.execute_batch(
             "INSERT INTO meta (key, value) VALUES ('unit', 'qn/binhlieu');
-             DROP TABLE doc_scopes; DROP TABLE refused_docs; DROP TABLE blob_sources; ALTER TABLE peer_sync DROP COLUMN epoch;
+             DROP TABLE doc_scopes; DROP TABLE refused_docs; DROP TABLE blob_sources; DROP TABLE receipts; ALTER TABLE peer_sync DROP COLUMN epoch;
              DROP TABLE change_sigs; DROP TABLE node_certs; DELETE FROM meta WHERE key = 'sign_own_changes'; PRAGMA user_version = 5;",
         )
         .unwrap();

@@ -657,8 +657,15 @@ fn dossiers_advance_and_track_step_since_holder_and_route() {
 fn audit_lists_every_change_oldest_first_with_who_where_and_what() {
     let node = TestNode::commune();
     let d = id(&node.new_dispatch("9/BC", &[COMMUNE], &[]));
-    node.ok(&["--as", "lan", "dispatch", "receive", &d]);
+    node.ok(&["--as", "lan", "dispatch", "comment", &d, "đã nhận"]);
     node.ok(&["--as", "minh", "dispatch", "comment", &d, "xong"]);
+    // A receipt is recorded in the unit's receipt book, audited there.
+    let receipt = node.json(&["--as", "lan", "dispatch", "receive", &d]);
+    let book = receipt["book"].as_str().unwrap();
+    let booked = node.json(&["audit", book]);
+    assert_eq!(strs(&booked, "user"), ["lan"]);
+    let what = booked[0]["what"].as_str().unwrap();
+    assert!(what.contains("received") && what.contains(&d), "{what}");
     let trail = node.json(&["audit", &d]);
     let entries = trail.as_array().unwrap();
     assert_eq!(entries.len(), 3);
@@ -668,7 +675,10 @@ fn audit_lists_every_change_oldest_first_with_who_where_and_what() {
         .as_str()
         .unwrap()
         .contains("created dispatch 9/BC"));
-    assert!(entries[1]["what"].as_str().unwrap().contains("received by"));
+    assert!(entries[1]["what"]
+        .as_str()
+        .unwrap()
+        .contains("commented: đã nhận"));
     assert!(entries[2]["what"]
         .as_str()
         .unwrap()

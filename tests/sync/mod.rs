@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use automerge::AutoCommit;
 use communesync::linksim::Direction;
 use communesync::model::assignment::Status;
-use communesync::model::{dispatch, Author, DocId};
+use communesync::model::{dispatch, receipts, Author, DocId};
 use communesync::node::{now_ms, Node};
 use communesync::store::blobs::CHUNK_BYTES;
 use communesync::trust::Crl;
@@ -264,6 +264,105 @@ fn a_commune_receives_only_its_own_documents() {
     );
     assert_eq!(rows(&commune, "docs"), 2);
     server.finish();
+}
+
+/// Issue 14: a receipt goes into the recipient's receipt book, which concerns the recipient and
+/// the issuer only: it reaches the province through the district and never a sibling commune,
+/// and a sibling cannot write it.
+#[test]
+fn issue14_a_receipt_reaches_the_issuer_through_the_district_and_no_sibling() {
+    let province = province();
+    let upstream = Server::start(&province);
+    let district = enrolled(&province, DISTRICT, "district");
+    district.ok(&["peer", "add", "up", "--addr", upstream.addr()]);
+    let d = id(&province.new_dispatch("11/flash", &[COMMUNE, SIBLING], &[]));
+    let local = id(&district.new_dispatch("12/UBND", &[COMMUNE, SIBLING], &[]));
+    synced(&district);
+    let relay = Server::start(&district);
+    let commune = commune_of(&province, COMMUNE, &relay);
+    let sibling = commune_of(&province, SIBLING, &relay);
+    synced(&commune);
+    synced(&sibling);
+
+    // The commune's receipt goes up through the district to the province.
+    commune.ok(&["--as", "lan", "dispatch", "receive", &d]);
+    synced(&commune);
+    synced(&district);
+    let shown = province.json(&["dispatch", "show", &d]);
+    let received: Vec<&Value> = shown["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|r| !r["received_at_ms"].is_null())
+        .collect();
+    assert_eq!(received.len(), 1, "{shown}");
+    assert_eq!(received[0]["unit"], COMMUNE);
+    assert_eq!(received[0]["received_by"], "lan");
+    let listed = province.json(&["dispatch", "list", "--outbox"]);
+    assert_eq!(listed[0]["received"], 1, "{listed}");
+
+    // Nothing of it comes to the sibling: neither a book nor a change of the dispatch.
+    let heads = doc_heads(&sibling, &d);
+    let report = synced(&sibling);
+    assert_eq!(report["docs_received"], 0, "{report}");
+    assert_eq!(doc_heads(&sibling, &d), heads);
+    assert_eq!(rows(&sibling, "docs"), 2);
+    let theirs = sibling.json(&["dispatch", "show", &d]);
+    assert!(
+        theirs["recipients"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["received_at_ms"].is_null()),
+        "{theirs}"
+    );
+
+    // The sibling writes the commune's receipt of the district's dispatch into the commune's
+    // book (raw: the API writes its own unit's receipts only); the district refuses it by what
+    // it does.
+    let local_id: DocId = local.parse().unwrap();
+    let created = district.json(&["dispatch", "show", &local])["created_at_ms"]
+        .as_i64()
+        .unwrap();
+    let year = receipts::year_of(created);
+    let book = receipts::book_id(DISTRICT, COMMUNE, year);
+    let mut hostile = Node::open(sibling.data()).unwrap();
+    let me = Author {
+        user: "admin".into(),
+        unit: SIBLING.into(),
+        node: hostile.node_id().to_string(),
+    };
+    let actor = hostile.actor().clone();
+    let key = (DISTRICT, COMMUNE, year);
+    hostile
+        .store
+        .write(|tx| {
+            tx.create_doc(&book, &actor, now_ms(), |doc| {
+                receipts::record(doc, &book, key, &local_id, &me, now_ms())?;
+                Ok(())
+            })
+        })
+        .unwrap();
+    drop(hostile);
+    let report = sync_pending(&sibling);
+    assert_eq!(
+        report["docs_refused_by_peer"][0]["id"],
+        book.as_str(),
+        "{report}"
+    );
+    let reasons = report["docs_refused_by_peer"].to_string();
+    assert!(
+        reasons.contains(&format!("a receipt book of {COMMUNE} created by {SIBLING}")),
+        "{reasons}"
+    );
+    assert!(doc_heads(&district, book.as_str()).is_none());
+    assert!(district.json(&["dispatch", "show", &local])["recipients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|r| r["received_at_ms"].is_null()));
+    relay.finish();
+    upstream.finish();
 }
 
 // ---- refusals ----

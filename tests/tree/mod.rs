@@ -351,8 +351,20 @@ impl Workload {
         };
         let recipient = self.created[&d].recipients.contains(&m.unit);
         if recipient && self.received.insert((d.clone(), m.unit.clone())) {
-            m.node.json(&["dispatch", "receive", &d]);
+            let receipt = m.node.json(&["dispatch", "receive", &d]);
             self.events.push(format!("{} receives {d}", m.unit));
+            // The receipt is in the unit's receipt book for the issuer (the last party).
+            let book = receipt["book"]
+                .as_str()
+                .expect("a receipt book")
+                .to_string();
+            let issuer = self.created[&d].parties.last().cloned().expect("an issuer");
+            self.created.entry(book).or_insert(Created {
+                parties: vec![issuer, m.unit.clone()],
+                dispatch: None,
+                recipients: Vec::new(),
+                scans: 0,
+            });
         } else {
             let text = format!("ý kiến {} của {}", self.step, m.unit);
             m.node.json(&["dispatch", "comment", &d, &text]);
@@ -471,14 +483,18 @@ fn a_partitioned_tree_converges_to_each_nodes_exact_scope() {
     let dispatches: BTreeSet<&String> = work
         .created
         .iter()
-        .filter(|(_, c)| c.dispatch.is_none())
+        .filter(|(id, c)| c.dispatch.is_none() && id.starts_with("dsp_"))
         .map(|(id, _)| id)
         .collect();
     for m in &members {
         let expected = |dispatch: bool| -> BTreeSet<String> {
             work.created
                 .iter()
-                .filter(|(_, c)| c.dispatch.is_none() == dispatch && in_scope(&m.unit, &c.parties))
+                .filter(|(id, c)| {
+                    !id.starts_with("rcp_")
+                        && c.dispatch.is_none() == dispatch
+                        && in_scope(&m.unit, &c.parties)
+                })
                 .map(|(id, _)| id.clone())
                 .collect()
         };
@@ -510,7 +526,12 @@ fn a_partitioned_tree_converges_to_each_nodes_exact_scope() {
             m.unit
         );
     }
-    for (doc, c) in &work.created {
+    // Receipt books are checked as documents by `divergence`; their receipts in `dispatch show`.
+    for (doc, c) in work
+        .created
+        .iter()
+        .filter(|(id, _)| !id.starts_with("rcp_"))
+    {
         let kind = if dispatches.contains(doc) {
             "dispatch"
         } else {
@@ -543,6 +564,23 @@ fn a_partitioned_tree_converges_to_each_nodes_exact_scope() {
                     "seed {seed}: assignments of {doc} at {}",
                     m.unit
                 );
+                // A receipt shows where its book goes: its recipient, the issuer (the last
+                // party), and the units above them; the rest of the dispatch is the same
+                // everywhere.
+                let issuer = c.parties.last().expect("an issuer");
+                for r in shown["recipients"].as_array_mut().expect("recipients") {
+                    let unit = r["unit"].as_str().expect("a unit").to_string();
+                    let seen = work.received.contains(&(doc.clone(), unit.clone()))
+                        && in_scope(&m.unit, &[issuer.clone(), unit.clone()]);
+                    assert_eq!(
+                        !r["received_at_ms"].is_null(),
+                        seen,
+                        "seed {seed}: receipt of {doc} by {unit} at {}",
+                        m.unit
+                    );
+                    r["received_at_ms"].take();
+                    r["received_by"].take();
+                }
             }
             match &first {
                 None => first = Some((m.unit.clone(), shown)),
