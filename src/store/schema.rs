@@ -156,7 +156,49 @@ const MIGRATIONS: &[Migration] = &[
     ALTER TABLE peer_sync ADD COLUMN epoch TEXT;
     ",
     ),
+    // 10 (schema numbers 8 and 9 are other branches'): indexes in the order the list queries
+    // read, so that a page of `dispatch list` or `assign list` reads that page and no more at
+    // millions of rows, instead of a scan or a sort of the whole table (store/index.rs).
+    Migration::Code(list_indexes),
 ];
+
+/// The inbox sorts by the dispatch's time, so each recipient row carries it; done assignments
+/// stay out of the indexes `--overdue` reads. Safe to run again on a database that has it (a
+/// test or tool that winds `user_version` back re-runs it).
+fn list_indexes(tx: &Transaction<'_>, db: &Path) -> Result<()> {
+    let has_time: bool = tx
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('dispatch_recipients') WHERE name = 'created_at')",
+            [],
+            |r| r.get(0),
+        )
+        .at(db)?;
+    if !has_time {
+        tx.execute_batch(
+            "ALTER TABLE dispatch_recipients ADD COLUMN created_at INTEGER NOT NULL DEFAULT 0;
+             UPDATE dispatch_recipients SET created_at = COALESCE(
+                 (SELECT d.created_at FROM dispatches d WHERE d.id = dispatch_recipients.id), 0);",
+        )
+        .at(db)?;
+    }
+    tx.execute_batch(
+        "DROP INDEX IF EXISTS dispatch_recipients_by_time;
+         CREATE INDEX dispatch_recipients_by_time ON dispatch_recipients (unit, created_at DESC, id);
+         DROP INDEX IF EXISTS dispatches_by_time;
+         CREATE INDEX dispatches_by_time ON dispatches (created_at DESC, id);
+         DROP INDEX IF EXISTS dispatches_by_issuer;
+         CREATE INDEX dispatches_by_issuer ON dispatches (issuer, created_at DESC, id);
+         DROP INDEX IF EXISTS assignments_by_deadline;
+         CREATE INDEX assignments_by_deadline ON assignments (deadline, id);
+         DROP INDEX IF EXISTS assignments_by_lead;
+         CREATE INDEX assignments_by_lead ON assignments (lead, deadline, id);
+         DROP INDEX IF EXISTS assignments_open;
+         CREATE INDEX assignments_open ON assignments (deadline, id) WHERE status != 'done';
+         DROP INDEX IF EXISTS assignments_open_by_lead;
+         CREATE INDEX assignments_open_by_lead ON assignments (lead, deadline, id) WHERE status != 'done';",
+    )
+    .at(db)
+}
 
 fn scoped_feed(tx: &Transaction<'_>, db: &Path) -> Result<()> {
     tx.execute_batch(
