@@ -227,14 +227,18 @@ fn build(node: &mut Node, n: usize) -> Made {
                         let id = DocId::generate(DocKind::Dispatch);
                         let issuer = match rng.random_range(0..10) {
                             0 => tree.province.clone(),
-                            1..=3 => tree.districts[rng.random_range(0..tree.districts.len())]
-                                .clone(),
+                            1..=3 => {
+                                tree.districts[rng.random_range(0..tree.districts.len())].clone()
+                            }
                             _ => tree.any_commune(&mut rng).to_string(),
                         };
                         let to = recipients(&tree, &issuer, &mut rng);
                         let new = NewDispatch {
                             ref_no: format!("{}/UBND-VP", i + 1),
-                            summary: format!("Công văn số {} về kế hoạch phòng chống lụt bão", i + 1),
+                            summary: format!(
+                                "Công văn số {} về kế hoạch phòng chống lụt bão",
+                                i + 1
+                            ),
                             kind: DispatchKind::Dispatch,
                             priority: if rng.random_bool(0.1) {
                                 Priority::Urgent
@@ -297,7 +301,12 @@ fn build(node: &mut Node, n: usize) -> Made {
                         // are done, some were returned on the way.
                         let steps: &[Status] = match (age_days > 60, rng.random_range(0..10)) {
                             (true, 0) => &[Status::InProgress],
-                            (true, 1) => &[Status::InProgress, Status::Returned, Status::InProgress, Status::Done],
+                            (true, 1) => &[
+                                Status::InProgress,
+                                Status::Returned,
+                                Status::InProgress,
+                                Status::Done,
+                            ],
                             (true, _) => &[Status::InProgress, Status::Done],
                             (false, 0..=3) => &[],
                             (false, 4..=7) => &[Status::InProgress],
@@ -320,7 +329,14 @@ fn build(node: &mut Node, n: usize) -> Made {
                         let (actor, author) = author_of(&origin, &mut rng);
                         let steps = rng.random_range(0..=4);
                         tx.create_doc(&id, &actor, at, |doc| {
-                            dossier::create(doc, &id, "Nguyễn Văn An", "Cấp giấy chứng nhận quyền sử dụng đất", &author, at)?;
+                            dossier::create(
+                                doc,
+                                &id,
+                                "Nguyễn Văn An",
+                                "Cấp giấy chứng nhận quyền sử dụng đất",
+                                &author,
+                                at,
+                            )?;
                             // Checked at the commune, handed to the district, decided there,
                             // handed back for the applicant to collect.
                             let route = [
@@ -333,7 +349,14 @@ fn build(node: &mut Node, n: usize) -> Made {
                                 let (actor, author) = author_of(holder, &mut rng);
                                 doc.set_actor(actor);
                                 let when = at + (k as i64 + 1) * 86_400_000;
-                                dossier::advance(doc, &id, step, to.map(|s| s.as_str()), &author, when)?;
+                                dossier::advance(
+                                    doc,
+                                    &id,
+                                    step,
+                                    to.map(|s| s.as_str()),
+                                    &author,
+                                    when,
+                                )?;
                             }
                             Ok(())
                         })?;
@@ -395,8 +418,8 @@ fn own_peak_rss_mb() -> f64 {
 fn queries(node: &Node) -> Vec<(String, Vec<String>)> {
     // The busiest commune and district inboxes, and the lead with the most assignments.
     let busiest = |depth: usize| -> String {
-        let conn = rusqlite::Connection::open(node.dir().join(communesync::node::DB_FILE))
-            .expect("open");
+        let conn =
+            rusqlite::Connection::open(node.dir().join(communesync::node::DB_FILE)).expect("open");
         conn.query_row(
             "SELECT unit FROM dispatch_recipients WHERE length(unit) - length(replace(unit, '/', '')) = ?1
              GROUP BY unit ORDER BY count(*) DESC LIMIT 1",
@@ -438,7 +461,9 @@ fn run_library(node: &Node, args: &[String]) -> usize {
                 Some(unit) => DispatchFilter::Involving(unit),
                 None => DispatchFilter::Inbox(&own),
             };
-            node.dispatch_list(filter, LIMIT).expect("dispatch list").len()
+            node.dispatch_list(filter, LIMIT)
+                .expect("dispatch list")
+                .len()
         }
         _ => {
             let overdue = args.iter().any(|a| a == "--overdue");
@@ -482,16 +507,27 @@ fn main() {
     }
     let opts = opts();
     println!("# Province scale: {} documents", opts.docs);
-    println!("\n{}, load average {} at the start", machine(), load_average());
+    println!(
+        "\n{}, load average {} at the start",
+        machine(),
+        load_average()
+    );
     let tmp = tempfile::Builder::new()
         .prefix("communesync-scale-")
         .tempdir_in(env!("CARGO_TARGET_TMPDIR"))
         .expect("temp dir");
-    let dir = opts.dir.clone().unwrap_or_else(|| tmp.path().join("province"));
+    let dir = opts
+        .dir
+        .clone()
+        .unwrap_or_else(|| tmp.path().join("province"));
     let done = dir.join(DONE_FILE);
     let (build_s, made) = if done.exists() {
         let text = std::fs::read_to_string(&done).expect("marker");
-        println!("\nprovince in {} already built: {}", dir.display(), text.trim());
+        println!(
+            "\nprovince in {} already built: {}",
+            dir.display(),
+            text.trim()
+        );
         let secs = text.split_whitespace().next().and_then(|s| s.parse().ok());
         (secs.unwrap_or(f64::NAN), None)
     } else {

@@ -208,7 +208,7 @@ pub fn rebuild_scopes(conn: &Connection, path: &Path) -> Result<()> {
 }
 
 // The list queries, one per filter, each in the order of an index (schema.rs, `list_indexes`);
-// `list_queries_read_one_page` checks their plans. The limit is the last parameter.
+// `list_queries_read_one_page` checks their plans. A limit is the last parameter.
 const DISPATCHES_ALL: &str = "SELECT d.id, d.ref, d.summary, d.kind, d.priority, d.issuer, d.created_at, d.recipients, d.received, d.scans
      FROM dispatches d ORDER BY d.created_at DESC, d.id LIMIT ?1";
 const DISPATCHES_TO: &str = "SELECT d.id, d.ref, d.summary, d.kind, d.priority, d.issuer, d.created_at, d.recipients, d.received, d.scans
@@ -224,6 +224,8 @@ const ASSIGNMENTS_LED: &str = "SELECT id, dispatch_id, unit, lead, deadline, sta
      FROM assignments WHERE lead = ?1 ORDER BY deadline, id LIMIT ?2";
 const ASSIGNMENTS_LED_OVERDUE: &str = "SELECT id, dispatch_id, unit, lead, deadline, status, conflicted
      FROM assignments WHERE status != 'done' AND lead = ?1 AND deadline < ?2 ORDER BY deadline, id LIMIT ?3";
+const ASSIGNMENTS_OF: &str = "SELECT id FROM assignments WHERE dispatch_id = ?1 ORDER BY id";
+const DOSSIERS: &str = "SELECT id, applicant, procedure, holder, step, since FROM dossiers ORDER BY since DESC, id LIMIT ?1";
 
 /// One line of `dispatch list`.
 #[derive(Debug, Clone, Serialize)]
@@ -381,10 +383,7 @@ impl Store {
     }
 
     pub fn list_dossiers(&self, limit: usize) -> Result<Vec<DossierRow>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT id, applicant, procedure, holder, step, since FROM dossiers ORDER BY since DESC, id LIMIT ?1")
-            .at(&self.path)?;
+        let mut stmt = self.conn.prepare_cached(DOSSIERS).at(&self.path)?;
         let rows = stmt
             .query_map([limit as i64], |r| {
                 Ok(DossierRow {
@@ -402,10 +401,7 @@ impl Store {
 
     /// Assignments that handle a dispatch, for `dispatch show`.
     pub fn assignments_of(&self, dispatch_id: &DocId) -> Result<Vec<String>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT id FROM assignments WHERE dispatch_id = ?1 ORDER BY id")
-            .at(&self.path)?;
+        let mut stmt = self.conn.prepare_cached(ASSIGNMENTS_OF).at(&self.path)?;
         let rows = stmt
             .query_map([dispatch_id.as_str()], |r| r.get(0))
             .at(&self.path)?;
@@ -504,6 +500,8 @@ mod tests {
             (ASSIGNMENTS_OVERDUE, params!["2026-05-10", 10]),
             (ASSIGNMENTS_LED, params!["lan", 10]),
             (ASSIGNMENTS_LED_OVERDUE, params!["lan", "2026-05-10", 10]),
+            (ASSIGNMENTS_OF, params!["dsp_0000000000000001"]),
+            (DOSSIERS, params![10]),
         ] {
             let steps = plan(&store, sql, args);
             for step in &steps {

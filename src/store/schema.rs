@@ -163,7 +163,8 @@ const MIGRATIONS: &[Migration] = &[
 ];
 
 /// The inbox sorts by the dispatch's time, so each recipient row carries it; done assignments
-/// stay out of the indexes `--overdue` reads. Safe to run again on a database that has it (a
+/// stay out of the indexes `--overdue` reads; `dispatch show` finds its assignments and
+/// `dossier list` its newest dossiers without reading them all. Safe to run again on a database that has it (a
 /// test or tool that winds `user_version` back re-runs it).
 fn list_indexes(tx: &Transaction<'_>, db: &Path) -> Result<()> {
     let has_time: bool = tx
@@ -195,7 +196,11 @@ fn list_indexes(tx: &Transaction<'_>, db: &Path) -> Result<()> {
          DROP INDEX IF EXISTS assignments_open;
          CREATE INDEX assignments_open ON assignments (deadline, id) WHERE status != 'done';
          DROP INDEX IF EXISTS assignments_open_by_lead;
-         CREATE INDEX assignments_open_by_lead ON assignments (lead, deadline, id) WHERE status != 'done';",
+         CREATE INDEX assignments_open_by_lead ON assignments (lead, deadline, id) WHERE status != 'done';
+         DROP INDEX IF EXISTS assignments_by_dispatch;
+         CREATE INDEX assignments_by_dispatch ON assignments (dispatch_id, id);
+         DROP INDEX IF EXISTS dossiers_by_time;
+         CREATE INDEX dossiers_by_time ON dossiers (since DESC, id);",
     )
     .at(db)
 }
