@@ -370,6 +370,48 @@ mod tests {
     }
 
     #[test]
+    fn version_7_inboxes_list_newest_first_after_the_migration() {
+        use crate::store::index::DispatchFilter;
+        use crate::store::testutil::new_dispatch_to;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let mut store = crate::store::Store::create(&path, 4).unwrap();
+        let a = new_dispatch_to(&mut store, "1/UBND", "s".into(), &["qn/campha"]);
+        let b = new_dispatch_to(&mut store, "2/UBND", "s".into(), &["qn/campha"]);
+        // The later id is the newer dispatch: without its time the inbox would list it last.
+        let (older, newer) = if a.as_str() < b.as_str() {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        store
+            .conn()
+            .execute(
+                "UPDATE dispatches SET created_at = 2 WHERE id = ?1",
+                [newer.as_str()],
+            )
+            .unwrap();
+        drop(store);
+        // Back to what a version-7 node holds: recipient rows without the dispatch's time.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "DROP INDEX dispatch_recipients_by_time; DROP INDEX assignments_open;
+             DROP INDEX assignments_open_by_lead;
+             ALTER TABLE dispatch_recipients DROP COLUMN created_at; PRAGMA user_version = 7;",
+        )
+        .unwrap();
+        drop(conn);
+        let store = crate::store::Store::open(&path, 4).unwrap();
+        let inbox: Vec<String> = store
+            .list_dispatches(DispatchFilter::Inbox("qn/campha"), 10)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(inbox, [newer.as_str(), older.as_str()]);
+    }
+
+    #[test]
     fn an_older_database_is_migrated_in_place() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("node.db");
