@@ -5,7 +5,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
 use automerge::AutoCommit;
-use rusqlite::{params, Connection, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension, ToSql};
 use serde::Serialize;
 
 use super::{Result, SqlContext, Store};
@@ -92,10 +92,10 @@ pub(crate) fn reindex(
             .at(path)?;
             for r in &v.recipients {
                 conn.prepare_cached(
-                    "INSERT INTO dispatch_recipients (unit, id, received_at) VALUES (?1, ?2, ?3)",
+                    "INSERT INTO dispatch_recipients (unit, id, received_at, created_at) VALUES (?1, ?2, ?3, ?4)",
                 )
                 .at(path)?
-                .execute(params![r.unit, key, received_at(r)])
+                .execute(params![r.unit, key, received_at(r), v.created_at_ms])
                 .at(path)?;
             }
             for a in &v.attachments {
@@ -258,6 +258,26 @@ pub fn rebuild_scopes(conn: &Connection, path: &Path) -> Result<()> {
     Ok(())
 }
 
+// The list queries, one per filter, each in the order of an index (schema.rs, `list_indexes`);
+// `list_queries_read_one_page` checks their plans. A limit is the last parameter.
+const DISPATCHES_ALL: &str = "SELECT d.id, d.ref, d.summary, d.kind, d.priority, d.issuer, d.created_at, d.recipients, d.received, d.scans
+     FROM dispatches d ORDER BY d.created_at DESC, d.id LIMIT ?1";
+const DISPATCHES_TO: &str = "SELECT d.id, d.ref, d.summary, d.kind, d.priority, d.issuer, d.created_at, d.recipients, d.received, d.scans
+     FROM dispatch_recipients r JOIN dispatches d ON d.id = r.id
+     WHERE r.unit = ?1 ORDER BY r.created_at DESC, r.id LIMIT ?2";
+const DISPATCHES_FROM: &str = "SELECT d.id, d.ref, d.summary, d.kind, d.priority, d.issuer, d.created_at, d.recipients, d.received, d.scans
+     FROM dispatches d WHERE d.issuer = ?1 ORDER BY d.created_at DESC, d.id LIMIT ?2";
+const ASSIGNMENTS_ALL: &str = "SELECT id, dispatch_id, unit, lead, deadline, status, conflicted
+     FROM assignments ORDER BY deadline, id LIMIT ?1";
+const ASSIGNMENTS_OVERDUE: &str = "SELECT id, dispatch_id, unit, lead, deadline, status, conflicted
+     FROM assignments WHERE status != 'done' AND deadline < ?1 ORDER BY deadline, id LIMIT ?2";
+const ASSIGNMENTS_LED: &str = "SELECT id, dispatch_id, unit, lead, deadline, status, conflicted
+     FROM assignments WHERE lead = ?1 ORDER BY deadline, id LIMIT ?2";
+const ASSIGNMENTS_LED_OVERDUE: &str = "SELECT id, dispatch_id, unit, lead, deadline, status, conflicted
+     FROM assignments WHERE status != 'done' AND lead = ?1 AND deadline < ?2 ORDER BY deadline, id LIMIT ?3";
+const ASSIGNMENTS_OF: &str = "SELECT id FROM assignments WHERE dispatch_id = ?1 ORDER BY id";
+const DOSSIERS: &str = "SELECT id, applicant, procedure, holder, step, since FROM dossiers ORDER BY since DESC, id LIMIT ?1";
+
 /// One line of `dispatch list`.
 #[derive(Debug, Clone, Serialize)]
 pub struct DispatchRow {
@@ -321,30 +341,43 @@ impl Store {
         rows.collect::<rusqlite::Result<Vec<_>>>().at(&self.path)
     }
 
+    /// Dispatches newest first. Each filter reads an index in that order (schema.rs,
+    /// `list_indexes`), so a page costs the same in a province of millions as in a commune.
     pub fn list_dispatches(
         &self,
         filter: DispatchFilter<'_>,
         limit: usize,
     ) -> Result<Vec<DispatchRow>> {
-        const COLS: &str = "d.id, d.ref, d.summary, d.kind, d.priority, d.issuer, d.created_at, d.recipients, d.received, d.scans";
-        let (sql, arg) = match filter {
-            DispatchFilter::All => (format!("SELECT {COLS} FROM dispatches d ORDER BY d.created_at DESC, d.id LIMIT ?2"), None),
-            DispatchFilter::Inbox(u) => (
-                format!("SELECT {COLS} FROM dispatch_recipients r JOIN dispatches d ON d.id = r.id WHERE r.unit = ?1 ORDER BY d.created_at DESC, d.id LIMIT ?2"),
-                Some(u),
-            ),
-            DispatchFilter::Outbox(u) => (format!("SELECT {COLS} FROM dispatches d WHERE d.issuer = ?1 ORDER BY d.created_at DESC, d.id LIMIT ?2"), Some(u)),
-            DispatchFilter::Involving(u) => (
-                format!(
-                    "SELECT {COLS} FROM dispatches d WHERE d.issuer = ?1 OR d.id IN (SELECT id FROM dispatch_recipients WHERE unit = ?1)
-                     ORDER BY d.created_at DESC, d.id LIMIT ?2"
-                ),
-                Some(u),
-            ),
+        let unit = match filter {
+            DispatchFilter::All => {
+                return self.dispatch_rows(DISPATCHES_ALL, params![limit as i64])
+            }
+            DispatchFilter::Inbox(u) => {
+                return self.dispatch_rows(DISPATCHES_TO, params![u, limit as i64])
+            }
+            DispatchFilter::Outbox(u) => {
+                return self.dispatch_rows(DISPATCHES_FROM, params![u, limit as i64])
+            }
+            DispatchFilter::Involving(u) => u,
         };
-        let mut stmt = self.conn.prepare_cached(&sql).at(&self.path)?;
+        // An OR of the two would read every dispatch; merging the two newest-first pages reads
+        // at most two pages.
+        let mut rows = self.dispatch_rows(DISPATCHES_FROM, params![unit, limit as i64])?;
+        rows.extend(self.dispatch_rows(DISPATCHES_TO, params![unit, limit as i64])?);
+        rows.sort_by(|a, b| {
+            b.created_at_ms
+                .cmp(&a.created_at_ms)
+                .then_with(|| a.id.cmp(&b.id))
+        });
+        rows.dedup_by(|a, b| a.id == b.id);
+        rows.truncate(limit);
+        Ok(rows)
+    }
+
+    fn dispatch_rows(&self, sql: &str, args: &[&dyn ToSql]) -> Result<Vec<DispatchRow>> {
+        let mut stmt = self.conn.prepare_cached(sql).at(&self.path)?;
         let rows = stmt
-            .query_map(params![arg.unwrap_or(""), limit as i64], |r| {
+            .query_map(args, |r| {
                 Ok(DispatchRow {
                     id: r.get(0)?,
                     ref_no: r.get(1)?,
@@ -390,24 +423,29 @@ impl Store {
     }
 
     /// Assignments, optionally only those past `overdue_before` (YYYY-MM-DD) and not done,
-    /// and only those led by `lead`; earliest deadline first.
+    /// and only those led by `lead`; earliest deadline first. One statement per combination of
+    /// filters, each matching its own index: a `(?1 IS NULL OR ...)` filter would read them all.
     pub fn list_assignments(
         &self,
         overdue_before: Option<&str>,
         lead: Option<&str>,
         limit: usize,
     ) -> Result<Vec<AssignmentRow>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached(
-                "SELECT id, dispatch_id, unit, lead, deadline, status, conflicted FROM assignments
-                 WHERE (?1 IS NULL OR (deadline < ?1 AND status != 'done'))
-                   AND (?2 IS NULL OR lead = ?2)
-                 ORDER BY deadline, id LIMIT ?3",
-            )
-            .at(&self.path)?;
+        let limit = limit as i64;
+        match (overdue_before, lead) {
+            (None, None) => self.assignment_rows(ASSIGNMENTS_ALL, params![limit]),
+            (Some(day), None) => self.assignment_rows(ASSIGNMENTS_OVERDUE, params![day, limit]),
+            (None, Some(lead)) => self.assignment_rows(ASSIGNMENTS_LED, params![lead, limit]),
+            (Some(day), Some(lead)) => {
+                self.assignment_rows(ASSIGNMENTS_LED_OVERDUE, params![lead, day, limit])
+            }
+        }
+    }
+
+    fn assignment_rows(&self, sql: &str, args: &[&dyn ToSql]) -> Result<Vec<AssignmentRow>> {
+        let mut stmt = self.conn.prepare_cached(sql).at(&self.path)?;
         let rows = stmt
-            .query_map(params![overdue_before, lead, limit as i64], |r| {
+            .query_map(args, |r| {
                 Ok(AssignmentRow {
                     id: r.get(0)?,
                     dispatch_id: r.get(1)?,
@@ -423,10 +461,7 @@ impl Store {
     }
 
     pub fn list_dossiers(&self, limit: usize) -> Result<Vec<DossierRow>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT id, applicant, procedure, holder, step, since FROM dossiers ORDER BY since DESC, id LIMIT ?1")
-            .at(&self.path)?;
+        let mut stmt = self.conn.prepare_cached(DOSSIERS).at(&self.path)?;
         let rows = stmt
             .query_map([limit as i64], |r| {
                 Ok(DossierRow {
@@ -460,10 +495,7 @@ impl Store {
 
     /// Assignments that handle a dispatch, for `dispatch show`.
     pub fn assignments_of(&self, dispatch_id: &DocId) -> Result<Vec<String>> {
-        let mut stmt = self
-            .conn
-            .prepare_cached("SELECT id FROM assignments WHERE dispatch_id = ?1 ORDER BY id")
-            .at(&self.path)?;
+        let mut stmt = self.conn.prepare_cached(ASSIGNMENTS_OF).at(&self.path)?;
         let rows = stmt
             .query_map([dispatch_id.as_str()], |r| r.get(0))
             .at(&self.path)?;
@@ -474,8 +506,8 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{receipts, DocKind};
-    use crate::store::testutil::{actor, new_dispatch_to};
+    use crate::model::{assignment, receipts, DocKind};
+    use crate::store::testutil::{actor, author, new_dispatch_to};
 
     const A: &str = "qn/binhlieu/tinhhuc";
     const B: &str = "qn/binhlieu/hucdong";
@@ -564,5 +596,204 @@ mod tests {
             })
             .unwrap();
         assert_eq!(received(&store, &d2), 1);
+    }
+
+    /// A node with dispatches between a few units, several at the same instant, and
+    /// assignments with several leads, deadlines and statuses, done ones included.
+    fn populated() -> (tempfile::TempDir, Store) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = Store::create(&dir.path().join("node.db"), 16).unwrap();
+        let units = ["qn", "qn/binhlieu", "qn/binhlieu/hoanhmo", "qn/campha"];
+        store
+            .write(|tx| {
+                for i in 0..60usize {
+                    let id = DocId::generate(DocKind::Dispatch);
+                    let to: Vec<String> = (1..=1 + i % 3)
+                        .map(|k| units[(i + k) % units.len()].to_string())
+                        .collect();
+                    let d = dispatch::NewDispatch {
+                        ref_no: format!("{i}/UBND"),
+                        summary: "s".into(),
+                        kind: dispatch::DispatchKind::Report,
+                        priority: dispatch::Priority::Normal,
+                        issuer: units[i % units.len()].into(),
+                        to,
+                        attachments: vec![],
+                    };
+                    // Three dispatches per instant: ties are broken by id.
+                    let at = 1_000 + (i / 3) as i64;
+                    tx.create_doc(&id, &actor(), at, |doc| {
+                        Ok(dispatch::create(doc, &id, &d, &author(), at)?)
+                    })?;
+                }
+                for i in 0..60usize {
+                    let id = DocId::generate(DocKind::Assignment);
+                    let a = assignment::NewAssignment {
+                        dispatch_id: DocId::generate(DocKind::Dispatch),
+                        unit: "qn".into(),
+                        lead: ["lan", "minh", "hoa"][i % 3].into(),
+                        co: vec![],
+                        deadline: time::Date::from_calendar_date(
+                            2026,
+                            time::Month::May,
+                            1 + (i % 20) as u8,
+                        )
+                        .unwrap(),
+                    };
+                    tx.create_doc(&id, &actor(), 1, |doc| {
+                        Ok(assignment::create(doc, &id, &a, &author(), 1)?)
+                    })?;
+                    if i % 4 == 0 {
+                        tx.update_doc(&id, &actor(), 2, |doc| {
+                            Ok(assignment::update_status(
+                                doc,
+                                &id,
+                                assignment::Status::Done,
+                                None,
+                                &author(),
+                                2,
+                            )?)
+                        })?;
+                    }
+                }
+                Ok(())
+            })
+            .unwrap();
+        (dir, store)
+    }
+
+    fn plan(store: &Store, sql: &str, args: &[&dyn ToSql]) -> Vec<String> {
+        let mut stmt = store
+            .conn
+            .prepare(&format!("EXPLAIN QUERY PLAN {sql}"))
+            .unwrap();
+        let rows = stmt.query_map(args, |r| r.get::<_, String>(3)).unwrap();
+        rows.collect::<rusqlite::Result<_>>().unwrap()
+    }
+
+    #[test]
+    fn list_queries_read_one_page() {
+        let (_dir, store) = populated();
+        // As a node runs (it never runs ANALYZE), and with statistics of how the rows spread.
+        for analyzed in [false, true] {
+            if analyzed {
+                store.conn.execute_batch("ANALYZE").unwrap();
+            }
+            for (sql, args) in [
+                (DISPATCHES_ALL, params![10]),
+                (DISPATCHES_TO, params!["qn/campha", 10]),
+                (DISPATCHES_FROM, params!["qn/campha", 10]),
+                (ASSIGNMENTS_ALL, params![10]),
+                (ASSIGNMENTS_OVERDUE, params!["2026-05-10", 10]),
+                (ASSIGNMENTS_LED, params!["lan", 10]),
+                (ASSIGNMENTS_LED_OVERDUE, params!["lan", "2026-05-10", 10]),
+                (ASSIGNMENTS_OF, params!["dsp_0000000000000001"]),
+                (DOSSIERS, params![10]),
+            ] {
+                let steps = plan(&store, sql, args);
+                for step in &steps {
+                    assert!(
+                        !step.contains("TEMP B-TREE")
+                            && (!step.starts_with("SCAN") || step.contains("INDEX")),
+                        "{sql}\nreads more than a page (analyzed: {analyzed}): {steps:?}"
+                    );
+                }
+            }
+        }
+        // `--overdue` reads only open assignments' index entries.
+        let overdue = plan(&store, ASSIGNMENTS_OVERDUE, params!["2026-05-10", 10]).join(" ");
+        assert!(overdue.contains("assignments_open"), "{overdue}");
+    }
+
+    #[test]
+    fn lists_match_a_sort_of_every_row() {
+        let (_dir, store) = populated();
+        // What the queries answered before they had indexes of their own: every row, sorted.
+        let dispatch_ids = |filter: &str, unit: &str| -> Vec<String> {
+            let sql = format!(
+                "SELECT d.id FROM dispatches d WHERE {filter} ORDER BY d.created_at DESC, d.id LIMIT 1000"
+            );
+            let mut stmt = store.conn.prepare(&sql).unwrap();
+            let rows = stmt.query_map(params![unit], |r| r.get(0)).unwrap();
+            rows.collect::<rusqlite::Result<Vec<String>>>().unwrap()
+        };
+        let listed = |filter: DispatchFilter<'_>, limit: usize| -> Vec<String> {
+            let rows = store.list_dispatches(filter, limit).unwrap();
+            rows.into_iter().map(|r| r.id).collect()
+        };
+        let inbox = "d.id IN (SELECT id FROM dispatch_recipients WHERE unit = ?1)";
+        let outbox = "d.issuer = ?1";
+        for unit in [
+            "qn",
+            "qn/binhlieu",
+            "qn/binhlieu/hoanhmo",
+            "qn/campha",
+            "qn/nowhere",
+        ] {
+            for limit in [1, 7, 1000] {
+                let first = |mut ids: Vec<String>| {
+                    ids.truncate(limit);
+                    ids
+                };
+                assert_eq!(
+                    listed(DispatchFilter::All, limit),
+                    first(dispatch_ids("?1 = ?1", unit))
+                );
+                assert_eq!(
+                    listed(DispatchFilter::Inbox(unit), limit),
+                    first(dispatch_ids(inbox, unit))
+                );
+                assert_eq!(
+                    listed(DispatchFilter::Outbox(unit), limit),
+                    first(dispatch_ids(outbox, unit))
+                );
+                assert_eq!(
+                    listed(DispatchFilter::Involving(unit), limit),
+                    first(dispatch_ids(&format!("{outbox} OR {inbox}"), unit)),
+                    "{unit} {limit}"
+                );
+            }
+        }
+        assert_eq!(
+            store
+                .list_dispatches(DispatchFilter::Inbox("qn/campha"), 1000)
+                .unwrap()
+                .len(),
+            30
+        );
+
+        let mut old = store
+            .conn
+            .prepare(
+                "SELECT id FROM assignments WHERE (?1 IS NULL OR (deadline < ?1 AND status != 'done'))
+                 AND (?2 IS NULL OR lead = ?2) ORDER BY deadline, id LIMIT ?3",
+            )
+            .unwrap();
+        for day in [None, Some("2026-05-10"), Some("2000-01-01")] {
+            for lead in [None, Some("lan"), Some("nobody")] {
+                for limit in [1, 5, 1000] {
+                    let want: Vec<String> = old
+                        .query_map(params![day, lead, limit], |r| r.get(0))
+                        .unwrap()
+                        .collect::<rusqlite::Result<_>>()
+                        .unwrap();
+                    let got: Vec<String> = store
+                        .list_assignments(day, lead, limit)
+                        .unwrap()
+                        .into_iter()
+                        .map(|r| r.id)
+                        .collect();
+                    assert_eq!(got, want, "{day:?} {lead:?} {limit}");
+                }
+            }
+        }
+        // 27 with deadlines 1-9 May, of which 9 are done: the open ones only.
+        assert_eq!(
+            store
+                .list_assignments(Some("2026-05-10"), None, 1000)
+                .unwrap()
+                .len(),
+            18
+        );
     }
 }

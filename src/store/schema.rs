@@ -208,7 +208,54 @@ const MIGRATIONS: &[Migration] = &[
         PRIMARY KEY (dispatch_id, unit)) WITHOUT ROWID;
     ",
     ),
+    // 11: indexes in the order the list queries
+    // read, so that a page of `dispatch list` or `assign list` reads that page and no more at
+    // millions of rows, instead of a scan or a sort of the whole table (store/index.rs).
+    Migration::Code(list_indexes),
 ];
+
+/// The inbox sorts by the dispatch's time, so each recipient row carries it; done assignments
+/// stay out of the indexes `--overdue` reads; `dispatch show` finds its assignments and
+/// `dossier list` its newest dossiers without reading them all. Safe to run again on a database that has it (a
+/// test or tool that winds `user_version` back re-runs it).
+fn list_indexes(tx: &Transaction<'_>, db: &Path) -> Result<()> {
+    let has_time: bool = tx
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM pragma_table_info('dispatch_recipients') WHERE name = 'created_at')",
+            [],
+            |r| r.get(0),
+        )
+        .at(db)?;
+    if !has_time {
+        tx.execute_batch(
+            "ALTER TABLE dispatch_recipients ADD COLUMN created_at INTEGER NOT NULL DEFAULT 0;
+             UPDATE dispatch_recipients SET created_at = COALESCE(
+                 (SELECT d.created_at FROM dispatches d WHERE d.id = dispatch_recipients.id), 0);",
+        )
+        .at(db)?;
+    }
+    tx.execute_batch(
+        "DROP INDEX IF EXISTS dispatch_recipients_by_time;
+         CREATE INDEX dispatch_recipients_by_time ON dispatch_recipients (unit, created_at DESC, id);
+         DROP INDEX IF EXISTS dispatches_by_time;
+         CREATE INDEX dispatches_by_time ON dispatches (created_at DESC, id);
+         DROP INDEX IF EXISTS dispatches_by_issuer;
+         CREATE INDEX dispatches_by_issuer ON dispatches (issuer, created_at DESC, id);
+         DROP INDEX IF EXISTS assignments_by_deadline;
+         CREATE INDEX assignments_by_deadline ON assignments (deadline, id);
+         DROP INDEX IF EXISTS assignments_by_lead;
+         CREATE INDEX assignments_by_lead ON assignments (lead, deadline, id);
+         DROP INDEX IF EXISTS assignments_open;
+         CREATE INDEX assignments_open ON assignments (deadline, id) WHERE status != 'done';
+         DROP INDEX IF EXISTS assignments_open_by_lead;
+         CREATE INDEX assignments_open_by_lead ON assignments (lead, deadline, id) WHERE status != 'done';
+         DROP INDEX IF EXISTS assignments_by_dispatch;
+         CREATE INDEX assignments_by_dispatch ON assignments (dispatch_id, id);
+         DROP INDEX IF EXISTS dossiers_by_time;
+         CREATE INDEX dossiers_by_time ON dossiers (since DESC, id);",
+    )
+    .at(db)
+}
 
 fn scoped_feed(tx: &Transaction<'_>, db: &Path) -> Result<()> {
     tx.execute_batch(
@@ -372,6 +419,48 @@ mod tests {
             .join(crate::store::blobs::BLOB_DIR)
             .join(hex::encode(hash));
         assert_eq!(std::fs::read(file).unwrap(), content);
+    }
+
+    #[test]
+    fn version_10_inboxes_list_newest_first_after_the_migration() {
+        use crate::store::index::DispatchFilter;
+        use crate::store::testutil::new_dispatch_to;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("node.db");
+        let mut store = crate::store::Store::create(&path, 4).unwrap();
+        let a = new_dispatch_to(&mut store, "1/UBND", "s".into(), &["qn/campha"]);
+        let b = new_dispatch_to(&mut store, "2/UBND", "s".into(), &["qn/campha"]);
+        // The later id is the newer dispatch: without its time the inbox would list it last.
+        let (older, newer) = if a.as_str() < b.as_str() {
+            (a, b)
+        } else {
+            (b, a)
+        };
+        store
+            .conn()
+            .execute(
+                "UPDATE dispatches SET created_at = 2 WHERE id = ?1",
+                [newer.as_str()],
+            )
+            .unwrap();
+        drop(store);
+        // Back to what a version-10 node holds: recipient rows without the dispatch's time.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(
+            "DROP INDEX dispatch_recipients_by_time; DROP INDEX assignments_open;
+             DROP INDEX assignments_open_by_lead;
+             ALTER TABLE dispatch_recipients DROP COLUMN created_at; PRAGMA user_version = 10;",
+        )
+        .unwrap();
+        drop(conn);
+        let store = crate::store::Store::open(&path, 4).unwrap();
+        let inbox: Vec<String> = store
+            .list_dispatches(DispatchFilter::Inbox("qn/campha"), 10)
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(inbox, [newer.as_str(), older.as_str()]);
     }
 
     #[test]
