@@ -18,7 +18,6 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use communesync::linksim::{Direction, LinkProfile, LinkSim};
 use communesync::model::dispatch::{self, DispatchKind, NewDispatch, Priority};
 use communesync::model::{DocId, DocKind};
 use communesync::net::{self, SessionReport};
@@ -29,6 +28,7 @@ use communesync::proto::{wire, Action, DocChanges, DocHeads, Frame, Session};
 use communesync::store::SCHEMA_VERSION;
 use communesync::trust::{Crl, NodeKey, PeerIdentity, TlsMaterial};
 use communesync::units::Role;
+use linksim::{Direction, LinkProfile, LinkSim};
 use rand::{RngCore, SeedableRng};
 
 const BIN: &str = env!("CARGO_BIN_EXE_communesync");
@@ -1499,7 +1499,7 @@ async fn commune_behind_weak_4g(
     // probe, they would search up to the 6,500 bytes loopback's route allows through a link
     // that carries 1,500: a tunnel's case, not the field's, where the route says 1,500 too.
     // That first-of-day search costs a 2 MB scan about 2 points of goodput (performance.md).
-    let mtu = (communesync::linksim::FIELD_MTU - communesync::linksim::UDP_IPV4_HEADERS) as u16;
+    let mtu = (linksim::FIELD_MTU - linksim::UDP_IPV4_HEADERS) as u16;
     for node in [province, commune.as_path()] {
         Node::open(node)
             .expect("open node")
@@ -1604,10 +1604,7 @@ async fn scan_weak_4g(scan_mb: usize) {
     );
 }
 
-fn sub_stats(
-    a: communesync::linksim::DirectionStats,
-    b: communesync::linksim::DirectionStats,
-) -> String {
+fn sub_stats(a: linksim::DirectionStats, b: linksim::DirectionStats) -> String {
     format!(
         "{} datagrams / {} B forwarded, {} lost at random, {} tail-dropped, {} over the MTU",
         a.forwarded_datagrams - b.forwarded_datagrams,

@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use communesync::linksim::{LinkProfile, LinkSim};
+use linksim::{LinkProfile, LinkSim};
 use rand::RngCore;
 
 const BIN: &str = env!("CARGO_BIN_EXE_communesync");

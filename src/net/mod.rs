@@ -962,8 +962,8 @@ mod tests {
     use std::net::{Ipv4Addr, SocketAddr};
 
     use super::*;
-    use crate::linksim::{LinkProfile, LinkSim};
     use crate::trust::{enrol_request, Ca, NodeKey, Role};
+    use linksim::{LinkProfile, LinkSim};
 
     fn enrol(ca: &Ca, unit: &str, role: Role) -> TlsMaterial {
         let key = NodeKey::generate().unwrap();

@@ -421,7 +421,7 @@ fn a_relay_forwards_a_scan_to_its_commune_while_the_scan_is_still_arriving() {
 }
 
 /// Adds `name` as a peer of `node` at the link simulator's address.
-fn peer_through(node: &TestNode, name: &str, sim: &communesync::linksim::LinkSim) {
+fn peer_through(node: &TestNode, name: &str, sim: &linksim::LinkSim) {
     node.ok(&["peer", "add", name, "--addr", &sim.local_addr().to_string()]);
 }
 

@@ -7,12 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use automerge::AutoCommit;
-use communesync::linksim::Direction;
 use communesync::model::assignment::Status;
 use communesync::model::{dispatch, Author, DocId};
 use communesync::node::{now_ms, Node};
 use communesync::store::blobs::CHUNK_BYTES;
 use communesync::trust::Crl;
+use linksim::Direction;
 use rusqlite::OptionalExtension;
 use serde_json::Value;
 

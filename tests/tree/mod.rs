@@ -6,8 +6,8 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use communesync::linksim::LinkSim;
 use communesync::store::blobs::CHUNK_BYTES;
+use linksim::LinkSim;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};

@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use communesync::linksim::{Direction, LinkProfile, LinkSim};
 use communesync::units::UnitTree;
+use linksim::{Direction, LinkProfile, LinkSim};
 use rand::Rng;
 use rusqlite::OptionalExtension;
 use tokio::runtime::Runtime;
