@@ -8,7 +8,5 @@ mod crash;
 mod field;
 mod local;
 mod sync;
-mod sync_util;
 mod tree;
-mod tree_util;
 mod util;
