@@ -402,7 +402,7 @@ impl<'a> Reader<'a> {
     pub fn list_strs(&mut self, list: &ObjId) -> Vec<String> {
         (0..self.doc.length(list))
             .filter_map(|i| match self.doc.get(list, i) {
-                Ok(Some((Value::Scalar(s), _))) => s.to_str().map(str::to_string),
+                Ok(Some((Value::Scalar(s), _))) => s.as_str().map(str::to_string),
                 _ => None,
             })
             .collect()
