@@ -150,7 +150,7 @@ fn populate_dispatches(node: &mut Node) -> Vec<DocId> {
                         ref_no: format!("{n}/UBND-VP"),
                         summary: format!("Công văn số {n} về kế hoạch phòng chống lụt bão"),
                         kind: DispatchKind::Dispatch,
-                        priority: if n % 10 == 0 {
+                        priority: if n.is_multiple_of(10) {
                             Priority::Urgent
                         } else {
                             Priority::Normal

@@ -192,7 +192,7 @@ pub fn audit(doc: &mut AutoCommit) -> Vec<AuditEntry> {
     doc.get_changes(&[])
         .into_iter()
         .map(|change| {
-            let note = change.message().and_then(|m| ChangeNote::parse(m));
+            let note = change.message().and_then(ChangeNote::parse);
             let (user, unit, node, at_ms, what) = match note {
                 Some(n) => (n.user, n.unit, n.node, n.at_ms, n.what),
                 None => (

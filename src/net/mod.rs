@@ -827,7 +827,7 @@ pub async fn run_session(
                         }
                         continue;
                     }
-                    let retry = ticks % RETRY_UNAVAILABLE_TICKS == 0;
+                    let retry = ticks.is_multiple_of(RETRY_UNAVAILABLE_TICKS);
                     session.poll_local_changes(&mut NodeReplica::new(&mut node, peer.clone()), retry)?;
                     if let Some(crl) = node.crl() {
                         if crl.is_revoked(&peer.serial) {

@@ -336,7 +336,7 @@ impl Sender<'_> {
             }
             let mut judge = model::authz::Judge::new(&mut doc, id);
             for change in &changes {
-                let note = change.message().and_then(|m| ChangeNote::parse(m));
+                let note = change.message().and_then(ChangeNote::parse);
                 let Some(note) = note else {
                     return Err(self.refuse(id.as_str(), "a change carries no author".into()));
                 };

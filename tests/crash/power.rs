@@ -29,7 +29,7 @@ fn keep_writing(node: &TestNode, stop: &AtomicBool, acked: &Mutex<Acked>) {
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
         n += 1;
-        let json = if n % 3 == 0 {
+        let json = if n.is_multiple_of(3) {
             node.json(&[
                 "dossier",
                 "new",
