@@ -318,23 +318,6 @@ pub(crate) mod tests {
         );
     }
 
-    #[test]
-    fn a_compressed_column_of_a_document_chunk_is_counted_inflated() {
-        assert!(matches!(
-            check_inflated(&document_bomb(64), INFLATED_BYTES_MAX),
-            Err(GuardError::TooLarge { .. })
-        ));
-        let small = document_bomb(1);
-        assert_eq!(
-            check_inflated(&small, INFLATED_BYTES_MAX).unwrap().bytes,
-            small.len() + (1 << 20)
-        );
-        // Chunks add up: two documents of 20 MiB each pass alone, not together.
-        let one = document_bomb(20);
-        assert!(check_inflated(&one, INFLATED_BYTES_MAX).is_ok());
-        assert!(check_inflated(&[one.clone(), one].concat(), INFLATED_BYTES_MAX).is_err());
-    }
-
     /// A bundle chunk (Automerge 0.12 inflates its compressed columns) with one change column
     /// inflating to `mib` MiB and an op column after it.
     fn bundle_bomb(mib: usize) -> Vec<u8> {
@@ -356,16 +339,24 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn compressed_columns_of_a_bundle_chunk_are_counted_inflated() {
-        assert!(matches!(
-            check_inflated(&bundle_bomb(64), INFLATED_BYTES_MAX),
-            Err(GuardError::TooLarge { .. })
-        ));
-        let small = bundle_bomb(1);
-        assert_eq!(
-            check_inflated(&small, INFLATED_BYTES_MAX).unwrap().bytes,
-            small.len() + (2 << 20)
-        );
+    fn compressed_columns_of_document_and_bundle_chunks_are_counted_inflated() {
+        // Each bomb's compressed columns, and the MiB each inflates to.
+        let bombs: [(fn(usize) -> Vec<u8>, usize); 2] = [(document_bomb, 1), (bundle_bomb, 2)];
+        for (bomb, columns) in bombs {
+            assert!(matches!(
+                check_inflated(&bomb(64), INFLATED_BYTES_MAX),
+                Err(GuardError::TooLarge { .. })
+            ));
+            let small = bomb(1);
+            assert_eq!(
+                check_inflated(&small, INFLATED_BYTES_MAX).unwrap().bytes,
+                small.len() + (columns << 20)
+            );
+        }
+        // Chunks add up: two documents of 20 MiB each pass alone, not together.
+        let one = document_bomb(20);
+        assert!(check_inflated(&one, INFLATED_BYTES_MAX).is_ok());
+        assert!(check_inflated(&[one.clone(), one].concat(), INFLATED_BYTES_MAX).is_err());
     }
 
     #[test]
