@@ -341,7 +341,8 @@ pub(crate) mod tests {
     #[test]
     fn compressed_columns_of_document_and_bundle_chunks_are_counted_inflated() {
         // Each bomb's compressed columns, and the MiB each inflates to.
-        let bombs: [(fn(usize) -> Vec<u8>, usize); 2] = [(document_bomb, 1), (bundle_bomb, 2)];
+        type Bomb = fn(usize) -> Vec<u8>;
+        let bombs: [(Bomb, usize); 2] = [(document_bomb, 1), (bundle_bomb, 2)];
         for (bomb, columns) in bombs {
             assert!(matches!(
                 check_inflated(&bomb(64), INFLATED_BYTES_MAX),
