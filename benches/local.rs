@@ -3,10 +3,10 @@
 //! and per MiB of scan (database and scan files). Run with `cargo bench --bench local`; prints a Markdown table.
 
 mod common;
-use common::{load_average, machine};
+use common::{greyscale_scan, load_average, new_node, run_line};
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use communesync::model::assignment::{self, NewAssignment, Status};
@@ -16,7 +16,6 @@ use communesync::node::{now_ms, DispatchRequest, Node};
 use communesync::store::index::DispatchFilter;
 use communesync::units::Role;
 
-const BIN: &str = env!("CARGO_BIN_EXE_communesync");
 const UNIT: &str = "qn/binhlieu/tinhhuc";
 const DISTRICT: &str = "qn/binhlieu";
 
@@ -35,11 +34,6 @@ const LIST_RUNS_BINARY: usize = 11;
 /// The bars of DESIGN.md and of the brief, in milliseconds.
 const WRITE_P50_MS_MAX: f64 = 20.0;
 const LIST_MS_MAX: f64 = 100.0;
-
-/// A synthetic greyscale scan of `bytes` bytes of pixels (PGM): it compresses like a real scan.
-fn synthetic_scan(bytes: usize, seed: u64) -> Vec<u8> {
-    communesync::cli::synthetic_scan(1024, bytes / 1024, seed)
-}
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
@@ -88,11 +82,6 @@ impl Row {
     }
 }
 
-fn new_node(dir: &Path) -> Node {
-    Node::init(dir, UNIT, Role::Commune, "admin").expect("init");
-    Node::open(dir).expect("open")
-}
-
 /// Bytes the node stores: `node.db` once the WAL is folded in, plus the scan files in `blobs/`.
 fn db_bytes(dir: &Path) -> u64 {
     let path = dir.join(communesync::node::DB_FILE);
@@ -113,7 +102,7 @@ fn db_bytes(dir: &Path) -> u64 {
 fn write_library(node: &mut Node, scan: &Path, seed0: u64) -> Vec<f64> {
     (0..WRITE_RUNS)
         .map(|i| {
-            std::fs::write(scan, synthetic_scan(SCAN_BYTES, seed0 + i as u64)).expect("scan");
+            std::fs::write(scan, greyscale_scan(SCAN_BYTES, seed0 + i as u64)).expect("scan");
             let req = DispatchRequest {
                 ref_no: format!("{i}/UBND-VP"),
                 summary: "Kế hoạch phòng chống lụt bão".into(),
@@ -133,21 +122,14 @@ fn write_library(node: &mut Node, scan: &Path, seed0: u64) -> Vec<f64> {
 fn write_binary(dir: &Path, scan: &Path, seed0: u64) -> Vec<f64> {
     (0..WRITE_RUNS)
         .map(|i| {
-            std::fs::write(scan, synthetic_scan(SCAN_BYTES, seed0 + i as u64)).expect("scan");
+            std::fs::write(scan, greyscale_scan(SCAN_BYTES, seed0 + i as u64)).expect("scan");
             let ref_no = format!("{i}/UBND-VP");
+            let scan = scan.to_str().expect("a UTF-8 temporary path");
+            let args = ["dispatch", "new", "--ref", &ref_no, "--summary", "Kế hoạch"];
+            let args = [&args[..], &["--to", DISTRICT, UNIT, "--attach", scan]].concat();
             let start = Instant::now();
-            let status = Command::new(BIN)
-                .arg("--data")
-                .arg(dir)
-                .args(["dispatch", "new", "--ref", &ref_no, "--summary", "Kế hoạch"])
-                .args(["--to", DISTRICT, UNIT, "--attach"])
-                .arg(scan)
-                .stdout(Stdio::null())
-                .status()
-                .expect("run communesync");
-            let elapsed = ms(start.elapsed());
-            assert!(status.success(), "dispatch new failed");
-            elapsed
+            run_quiet(dir, &args);
+            ms(start.elapsed())
         })
         .collect()
 }
@@ -168,7 +150,7 @@ fn populate_dispatches(node: &mut Node) -> Vec<DocId> {
                         ref_no: format!("{n}/UBND-VP"),
                         summary: format!("Công văn số {n} về kế hoạch phòng chống lụt bão"),
                         kind: DispatchKind::Dispatch,
-                        priority: if n % 10 == 0 {
+                        priority: if n.is_multiple_of(10) {
                             Priority::Urgent
                         } else {
                             Priority::Normal
@@ -244,10 +226,7 @@ fn median_ms(runs: usize, mut f: impl FnMut()) -> Vec<f64> {
 }
 
 fn run_quiet(dir: &Path, args: &[&str]) {
-    let status = Command::new(BIN)
-        .arg("--data")
-        .arg(dir)
-        .args(args)
+    let status = common::command(dir, args)
         .stdout(Stdio::null())
         .status()
         .expect("run communesync");
@@ -261,22 +240,11 @@ fn main() {
         .tempdir()
         .expect("temporary directory");
     let scan: PathBuf = tmp.path().join("scan.pgm");
-    println!("communesync local benchmark");
-    println!(
-        "date {} UTC, machine {}, load average {} at start, profile {}",
-        time::OffsetDateTime::now_utc().date(),
-        machine(),
-        load_average(),
-        if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release (bench)"
-        }
-    );
-    let sample = synthetic_scan(SCAN_BYTES, 0);
+    println!("communesync local benchmark\n{}", run_line());
+    let sample = greyscale_scan(SCAN_BYTES, 0);
     let compressed = zstd::bulk::compress(&sample, 3).expect("zstd").len();
     println!(
-        "scan: {} bytes of synthetic greyscale PGM (1 MiB of pixels), zstd -3 ratio {:.1}, a new one per dispatch",
+        "scan: {} bytes of synthetic greyscale A4 pages (PGM), zstd -3 ratio {:.1}, a new one per dispatch",
         sample.len(),
         sample.len() as f64 / compressed as f64
     );
@@ -286,7 +254,7 @@ fn main() {
 
     // (a) Durable writes with a scan.
     let lib_dir = tmp.path().join("writes-library");
-    let mut node = new_node(&lib_dir);
+    let mut node = new_node(&lib_dir, UNIT, Role::Commune);
     let empty_bytes = db_bytes(&lib_dir);
     Row::new(
         "`dispatch new` + 1 MiB scan, library (`Node::dispatch_new`)",
@@ -298,7 +266,7 @@ fn main() {
     let with_scans_bytes = db_bytes(&lib_dir);
 
     let bin_dir = tmp.path().join("writes-binary");
-    drop(new_node(&bin_dir));
+    drop(new_node(&bin_dir, UNIT, Role::Commune));
     Row::new(
         "`dispatch new` + 1 MiB scan, binary (process spawn included)",
         write_binary(&bin_dir, &scan, 10_000),
@@ -309,7 +277,7 @@ fn main() {
     // another process holds the database open, as a running `serve` would, the command skips
     // that, and only the periodic automatic checkpoint remains.
     let held_dir = tmp.path().join("writes-binary-held");
-    let holder = new_node(&held_dir);
+    let holder = new_node(&held_dir, UNIT, Role::Commune);
     Row::new(
         "`dispatch new` + 1 MiB scan, binary, database held open by another connection",
         write_binary(&held_dir, &scan, 20_000),
@@ -320,7 +288,7 @@ fn main() {
 
     // (b) Queries over 10,000 dispatches and 10,000 assignments.
     let list_dir = tmp.path().join("lists");
-    let mut node = new_node(&list_dir);
+    let mut node = new_node(&list_dir, UNIT, Role::Commune);
     let populate = Instant::now();
     let dispatches = populate_dispatches(&mut node);
     drop(node);

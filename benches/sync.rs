@@ -10,15 +10,16 @@
 //! `outage-mb=8`, `outage-s=60`, `memory-mb=1024`, `regen=1` (rebuild the cached provinces).
 
 mod common;
-use common::{load_average, machine};
+use common::{
+    command, greyscale_scan, load_average, new_node, random_scan, run_line, ServeProcess,
+};
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
-use communesync::linksim::{Direction, LinkProfile, LinkSim};
 use communesync::model::dispatch::{self, DispatchKind, NewDispatch, Priority};
 use communesync::model::{DocId, DocKind};
 use communesync::net::{self, SessionReport};
@@ -29,9 +30,8 @@ use communesync::proto::{wire, Action, DocChanges, DocHeads, Frame, Session};
 use communesync::store::SCHEMA_VERSION;
 use communesync::trust::{Crl, NodeKey, PeerIdentity, TlsMaterial};
 use communesync::units::Role;
-use rand::{RngCore, SeedableRng};
+use linksim::{Direction, LinkProfile, LinkSim};
 
-const BIN: &str = env!("CARGO_BIN_EXE_communesync");
 const COMMUNE: &str = "qn/binhlieu/tinhhuc";
 const SIBLING: &str = "qn/binhlieu/hucdong";
 /// Documents addressed to the commune in every province, whatever its size.
@@ -72,20 +72,7 @@ fn main() {
     let opts = Opts::parse();
     let started = Instant::now();
     std::fs::create_dir_all(data_root()).expect("bench data directory");
-    println!("# communesync sync benchmark\n");
-    println!(
-        "date {} UTC, machine {}, load average {}, profile {}\n",
-        time::OffsetDateTime::now_utc()
-            .replace_nanosecond(0)
-            .expect("zero ns"),
-        machine(),
-        load_average(),
-        if cfg!(debug_assertions) {
-            "debug"
-        } else {
-            "release (bench)"
-        }
-    );
+    println!("# communesync sync benchmark\n\n{}\n", run_line());
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -498,11 +485,6 @@ fn province_copy(fixture: &Path, into: &Path) -> PathBuf {
 
 fn db_bytes(dir: &Path) -> u64 {
     std::fs::metadata(dir.join(DB_FILE)).map_or(0, |m| m.len())
-}
-
-fn new_node(dir: &Path, unit: &str, role: Role) -> Node {
-    Node::init(dir, unit, role, "admin").expect("init");
-    Node::open(dir).expect("open")
 }
 
 /// A fresh province with its CA and nothing else.
@@ -1162,58 +1144,6 @@ async fn reconnect_link(opts: &Opts, n: usize) {
 // ---------------------------------------------------------------------------------------------
 // Scans
 
-/// A synthetic greyscale multi-page scan (PGM pages, A4 at 150 dpi): paper with sensor noise,
-/// lines of word-like ink runs; every seed differs, so nothing deduplicates.
-fn greyscale_scan(bytes: usize, seed: u64) -> Vec<u8> {
-    let (w, h) = (1240usize, 1754usize);
-    let mut out = Vec::with_capacity(bytes + w * h);
-    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut next = move || {
-        s ^= s << 13;
-        s ^= s >> 7;
-        s ^= s << 17;
-        s
-    };
-    while out.len() < bytes {
-        out.extend_from_slice(format!("P5\n{w} {h}\n255\n").as_bytes());
-        // Per line: ink columns as runs (words) with gaps, chosen once per line.
-        let mut line_ink = vec![false; w];
-        for y in 0..h {
-            let row = y % 36;
-            if row == 0 {
-                line_ink.fill(false);
-                if (120..h - 150).contains(&y) && next() % 10 != 0 {
-                    let mut x = 110 + (next() % 40) as usize;
-                    let end = w - 110 - (next() % 300) as usize;
-                    while x < end {
-                        let word = 15 + (next() % 70) as usize;
-                        line_ink[x..(x + word).min(end)].fill(true);
-                        x += word + 10 + (next() % 8) as usize;
-                    }
-                }
-            }
-            let in_text = (8..24).contains(&row);
-            for (x, &ink) in line_ink.iter().enumerate() {
-                let r = next();
-                let glyph = ink && in_text && (x + row / 3) % 6 < 3 && r % 5 != 0;
-                out.push(if glyph {
-                    35 + (r % 24) as u8
-                } else {
-                    232 + ((r >> 8) % 6) as u8
-                });
-            }
-        }
-    }
-    out.truncate(bytes);
-    out
-}
-
-fn random_scan(bytes: usize, seed: u64) -> Vec<u8> {
-    let mut out = vec![0u8; bytes];
-    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut out);
-    out
-}
-
 /// `zstd -19` of `data`, in segments larger than its window, on every core.
 fn zstd19(data: &[u8]) -> u64 {
     let segments: Vec<&[u8]> = data.chunks(ZSTD_SEGMENT_BYTES).collect();
@@ -1371,10 +1301,7 @@ fn province_udp_sent(province: &Path) -> u64 {
 fn sync_processes(province: &Path, commune: &Path) -> String {
     let serve = ServeProcess::start(province);
     set_upstream(commune, serve.addr);
-    let out = Command::new(BIN)
-        .arg("--data")
-        .arg(commune)
-        .args(["--json", "sync"])
+    let out = command(commune, &["--json", "sync"])
         .stderr(Stdio::piped())
         .output()
         .expect("run sync");
@@ -1511,7 +1438,7 @@ async fn commune_behind_weak_4g(
     // probe, they would search up to the 6,500 bytes loopback's route allows through a link
     // that carries 1,500: a tunnel's case, not the field's, where the route says 1,500 too.
     // That first-of-day search costs a 2 MB scan about 2 points of goodput (performance.md).
-    let mtu = (communesync::linksim::FIELD_MTU - communesync::linksim::UDP_IPV4_HEADERS) as u16;
+    let mtu = (linksim::FIELD_MTU - linksim::UDP_IPV4_HEADERS) as u16;
     for node in [province, commune.as_path()] {
         Node::open(node)
             .expect("open node")
@@ -1616,10 +1543,7 @@ async fn scan_weak_4g(scan_mb: usize) {
     );
 }
 
-fn sub_stats(
-    a: communesync::linksim::DirectionStats,
-    b: communesync::linksim::DirectionStats,
-) -> String {
+fn sub_stats(a: linksim::DirectionStats, b: linksim::DirectionStats) -> String {
     format!(
         "{} datagrams / {} B forwarded, {} lost at random, {} tail-dropped, {} over the MTU",
         a.forwarded_datagrams - b.forwarded_datagrams,
@@ -1632,66 +1556,6 @@ fn sub_stats(
 
 // ---------------------------------------------------------------------------------------------
 // Peak memory of real processes
-
-/// `communesync serve` as a child process on a free loopback port.
-struct ServeProcess {
-    child: Child,
-    addr: SocketAddr,
-    log: std::thread::JoinHandle<String>,
-}
-
-impl ServeProcess {
-    fn start(dir: &Path) -> ServeProcess {
-        let mut child = Command::new(BIN)
-            .arg("--data")
-            .arg(dir)
-            .args(["serve", "--listen", "127.0.0.1:0"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn serve");
-        let mut err = BufReader::new(child.stderr.take().expect("stderr"));
-        // It announces "communesync serving UNIT on ADDR" once listening.
-        let addr = loop {
-            let mut line = String::new();
-            assert!(
-                err.read_line(&mut line).expect("serve stderr") > 0,
-                "serve exited"
-            );
-            if line.contains("serving") {
-                if let Some(a) = line
-                    .trim()
-                    .rsplit(" on ")
-                    .next()
-                    .and_then(|a| a.parse().ok())
-                {
-                    break a;
-                }
-            }
-        };
-        // Keep draining its log so it never blocks on a full pipe.
-        let log = std::thread::spawn(move || {
-            let mut rest = String::new();
-            let _ = err.read_to_string(&mut rest);
-            rest
-        });
-        ServeProcess { child, addr, log }
-    }
-
-    /// SIGTERM, on which `serve` shuts down gracefully.
-    fn terminate(&self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-    }
-
-    /// Stops it (if still running) and returns its log.
-    fn stop(mut self) -> String {
-        self.terminate();
-        let _ = self.child.wait();
-        self.log.join().unwrap_or_default()
-    }
-}
 
 /// A process's peak resident set so far (VmHWM), in bytes; None once it has exited.
 ///
@@ -1733,10 +1597,7 @@ fn measured_sync(province: &Path, commune: &Path) -> Measured {
     let mut serve = ServeProcess::start(province);
     set_upstream(commune, serve.addr);
     let started = Instant::now();
-    let mut sync = Command::new(BIN)
-        .arg("--data")
-        .arg(commune)
-        .args(["--json", "sync"])
+    let mut sync = command(commune, &["--json", "sync"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -2147,15 +2008,7 @@ async fn outage_weak_4g(scan_mb: usize, outage_s: u64) {
     let base = sim.stats().down.forwarded_bytes;
     let mut samples: Vec<(f64, u64)> = Vec::new();
     let (mut faded, mut cut, mut restored) = (None, None, None);
-    let set_delay_ms = |ms: u32| {
-        for dir in [Direction::Up, Direction::Down] {
-            let mut profile = sim.handle().profile(dir);
-            profile.delay_ms = ms;
-            sim.handle()
-                .set_profile(dir, profile)
-                .expect("a valid profile");
-        }
-    };
+    let set_delay_ms = |ms: u32| sim.handle().set_delay(ms).expect("a valid delay");
     let delay_ms = LinkProfile::weak_4g().delay_ms;
     let wait_max = Duration::from_secs(outage_s) + URGENT_WAIT_MAX * (1 + scan_mb as u32 / 2);
     while !watch.has_blob(&hash) {

@@ -7,68 +7,12 @@
 //! `cargo bench --bench tree -- 2g 262144` (profile, scan bytes).
 
 mod common;
-use common::{load_average, machine};
+use common::{cs, random_scan, run_line, ServeProcess};
 
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use communesync::linksim::{LinkProfile, LinkSim};
-use rand::RngCore;
-
-const BIN: &str = env!("CARGO_BIN_EXE_communesync");
-
-/// A child process stopped (SIGTERM, then kill) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child by pid.
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
-        }
-        std::thread::sleep(Duration::from_millis(300));
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn cs(data: &Path, args: &[&str]) -> String {
-    let out = Command::new(BIN)
-        .arg("--data")
-        .arg(data)
-        .args(args)
-        .output()
-        .expect("run communesync");
-    assert!(
-        out.status.success(),
-        "communesync {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn free_port() -> u16 {
-    std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-fn serve(data: &Path, port: u16) -> Proc {
-    let log = std::fs::File::create(data.with_extension("log")).unwrap();
-    let child = Command::new(BIN)
-        .arg("--data")
-        .arg(data)
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .env("COMMUNESYNC_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn serve");
-    Proc(child)
-}
+use linksim::{LinkProfile, LinkSim};
 
 fn enrol(province: &Path, data: &Path, unit: &str, role: &str) {
     cs(data, &["init", "--unit", unit, "--role", role]);
@@ -112,6 +56,8 @@ fn main() {
     let scan_bytes: usize = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(2 << 20);
     let profile = LinkProfile::parse(&profile_name).expect("a linksim profile name or spec");
     let rate_bps = profile.rate_bps.expect("the profile needs a rate") as f64;
+    // Taken now: the load at the start is the one that matters, not the load the bench made.
+    let started_line = run_line();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -135,13 +81,12 @@ fn main() {
     }
 
     // Every link gets its own simulator, shaped the same way in both directions.
-    let (p_port, d_port) = (free_port(), free_port());
-    let _p = serve(&province, p_port);
+    let province_serve = ServeProcess::start(&province);
     let mut links = Vec::new();
     let up_link = rt
         .block_on(LinkSim::start(
             "127.0.0.1:0".parse().unwrap(),
-            format!("127.0.0.1:{p_port}").parse().unwrap(),
+            province_serve.addr,
             profile.clone(),
             profile.clone(),
             1,
@@ -159,13 +104,13 @@ fn main() {
             "--upstream",
         ],
     );
-    let _d = serve(&district, d_port);
+    let district_serve = ServeProcess::start(&district);
     let mut procs = Vec::new();
     for (i, (_, data)) in communes.iter().enumerate() {
         let link = rt
             .block_on(LinkSim::start(
                 "127.0.0.1:0".parse().unwrap(),
-                format!("127.0.0.1:{d_port}").parse().unwrap(),
+                district_serve.addr,
                 profile.clone(),
                 profile.clone(),
                 10 + i as u64,
@@ -183,7 +128,7 @@ fn main() {
                 "--upstream",
             ],
         );
-        procs.push(serve(data, free_port()));
+        procs.push(ServeProcess::start(data));
         links.push(link);
     }
     // Let every session come up (handshakes over the slow links) before timing.
@@ -204,8 +149,7 @@ fn main() {
     }
 
     let scan = tmp.path().join("scan.jpg");
-    let mut data = vec![0u8; scan_bytes];
-    rand::rng().fill_bytes(&mut data);
+    let data = random_scan(scan_bytes, 1);
     std::fs::write(&scan, &data).unwrap();
     let hash = *blake3::hash(&data).as_bytes();
     let before: Vec<u64> = std::iter::once(&up_link)
@@ -259,12 +203,7 @@ fn main() {
     // commune can wait is one hop for the whole scan plus one chunk over its own link.
     let chunk_bytes = scan_bytes.min(communesync::store::blobs::CHUNK_BYTES);
     let ideal = hop_ideal + chunk_bytes as f64 * 8.0 / rate_bps;
-    println!(
-        "communesync tree benchmark — {} — {}, load average {}",
-        profile_name,
-        machine(),
-        load_average()
-    );
+    println!("communesync tree benchmark — {profile_name}\n{started_line}");
     println!("scan {scan_bytes} bytes (incompressible) to {} communes of qn/binhlieu; link profile {profile}", communes.len());
     println!("| what | seconds | × ideal |");
     println!("|---|---|---|");

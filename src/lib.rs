@@ -12,11 +12,9 @@
 //! - [`store`]: SQLite persistence: documents, blobs, index tables, checkpoints.
 //! - [`model`]: Automerge document schemas for dispatches, assignments and dossiers.
 //! - [`units`]: the unit tree (province, districts, communes) and scope rules.
-//! - [`linksim`]: a UDP link simulator (delay, loss, rate, outages) for tests and benchmarks.
 
 pub mod cli;
 pub mod http;
-pub mod linksim;
 pub mod model;
 pub mod net;
 pub mod node;

@@ -10,7 +10,5 @@ mod local;
 mod ops;
 mod status;
 mod sync;
-mod sync_util;
 mod tree;
-mod tree_util;
 mod util;

@@ -41,20 +41,8 @@ fn step(exe: &Path, data: &Path, title: &str, args: &[&str]) -> Result<String> {
         println!("\n== {title}");
     }
     println!("$ communesync {}", args.join(" "));
-    let output = Command::new(exe)
-        .arg("--data")
-        .arg(data)
-        .args(args)
-        .output()
-        .with_context(|| format!("running {}", exe.display()))?;
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stdout = quiet(exe, data, args).with_context(|| format!("demo step {title:?} failed"))?;
     print!("{stdout}");
-    if !output.status.success() {
-        bail!(
-            "demo step {title:?} failed: {}",
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-    }
     Ok(stdout)
 }
 
@@ -296,7 +284,8 @@ fn quiet(exe: &Path, data: &Path, args: &[&str]) -> Result<String> {
         .arg("--data")
         .arg(data)
         .args(args)
-        .output()?;
+        .output()
+        .with_context(|| format!("running {}", exe.display()))?;
     if !output.status.success() {
         bail!(
             "communesync {}: {}",

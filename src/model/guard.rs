@@ -3,8 +3,9 @@
 //! chunks, DEFLATE columns of document chunks) through a capped reader, so a decompression bomb
 //! is refused in bounded memory and time. It validates nothing else: Automerge still does.
 //!
-//! Automerge 0.7 inflates with `read_to_end` and no limit: a 310-byte frame whose compressed
-//! change chunk inflates to 1 GiB made a node allocate and parse all of it.
+//! Automerge (0.12 as 0.7) inflates with `read_to_end` and no limit: a 310-byte frame whose
+//! compressed change chunk inflates to 1 GiB made a node allocate and parse all of it. Since
+//! 0.12 it also inflates DEFLATE columns of bundle chunks, which 0.7 refused.
 
 use std::io::Read;
 
@@ -76,9 +77,10 @@ pub fn check_inflated(bytes: &[u8], bytes_max: usize) -> Result<Inflated, GuardE
         document_first.get_or_insert(kind == CHUNK_DOCUMENT);
         match kind {
             CHUNK_DOCUMENT => document_columns(data, &mut count)?,
+            CHUNK_BUNDLE => bundle_columns(data, &mut count)?,
             CHUNK_COMPRESSED => count.inflate(data)?,
-            // Automerge refuses compressed columns in change and bundle chunks.
-            CHUNK_CHANGE | CHUNK_BUNDLE => {}
+            // Automerge refuses compressed columns in change chunks.
+            CHUNK_CHANGE => {}
             _ => return Err(GuardError::Malformed("unknown chunk type")),
         }
     }
@@ -105,13 +107,28 @@ fn document_columns(data: &[u8], count: &mut Count) -> Result<(), GuardError> {
     )?;
     let change_columns = d.columns()?;
     let op_columns = d.columns()?;
-    for (spec, len) in change_columns.into_iter().chain(op_columns) {
-        let column = d.take(len)?;
-        if spec & COLUMN_DEFLATE != 0 {
-            count.inflate(column)?;
-        }
+    d.inflate_columns([change_columns, op_columns].concat(), count)
+}
+
+/// Walks a bundle chunk as Automerge 0.12 parses it (dependencies, actors, then change and op
+/// columns, each metadata followed by its data) and inflates each compressed column.
+fn bundle_columns(data: &[u8], count: &mut Count) -> Result<(), GuardError> {
+    let mut d = Cursor { rest: data };
+    let deps = d.count()?;
+    d.take(
+        deps.checked_mul(HASH_BYTES)
+            .ok_or(GuardError::Malformed("too many dependencies"))?,
+    )?;
+    let actors = d.count()?;
+    for _ in 0..actors {
+        let len = d.leb()?;
+        d.take(len)?;
     }
-    Ok(())
+    // Unlike a document chunk, each column metadata is followed by its own data.
+    let change_columns = d.columns()?;
+    d.inflate_columns(change_columns, count)?;
+    let op_columns = d.columns()?;
+    d.inflate_columns(op_columns, count)
 }
 
 /// The running count against its bound.
@@ -191,6 +208,21 @@ impl<'a> Cursor<'a> {
     fn columns(&mut self) -> Result<Vec<(u64, u64)>, GuardError> {
         let n = self.count()?;
         (0..n).map(|_| Ok((self.leb()?, self.leb()?))).collect()
+    }
+
+    /// The data of `columns`, in their order, inflating each compressed one.
+    fn inflate_columns(
+        &mut self,
+        columns: Vec<(u64, u64)>,
+        count: &mut Count,
+    ) -> Result<(), GuardError> {
+        for (spec, len) in columns {
+            let column = self.take(len)?;
+            if spec & COLUMN_DEFLATE != 0 {
+                count.inflate(column)?;
+            }
+        }
+        Ok(())
     }
 }
 
@@ -286,17 +318,42 @@ pub(crate) mod tests {
         );
     }
 
+    /// A bundle chunk (Automerge 0.12 inflates its compressed columns) with one change column
+    /// inflating to `mib` MiB and an op column after it.
+    fn bundle_bomb(mib: usize) -> Vec<u8> {
+        let column = zeros_deflated(mib);
+        let mut data = Vec::new();
+        leb(&mut data, 0); // no dependencies
+        leb(&mut data, 1); // one actor
+        leb(&mut data, 16);
+        data.extend([7u8; 16]);
+        leb(&mut data, 1); // one change column: id 1, type 0, deflated, then its data
+        leb(&mut data, (1 << 4) | COLUMN_DEFLATE);
+        leb(&mut data, column.len() as u64);
+        data.extend_from_slice(&column);
+        leb(&mut data, 1); // one op column, deflated, then its data
+        leb(&mut data, (2 << 4) | COLUMN_DEFLATE);
+        leb(&mut data, column.len() as u64);
+        data.extend_from_slice(&column);
+        chunk(CHUNK_BUNDLE, &data)
+    }
+
     #[test]
-    fn a_compressed_column_of_a_document_chunk_is_counted_inflated() {
-        assert!(matches!(
-            check_inflated(&document_bomb(64), INFLATED_BYTES_MAX),
-            Err(GuardError::TooLarge { .. })
-        ));
-        let small = document_bomb(1);
-        assert_eq!(
-            check_inflated(&small, INFLATED_BYTES_MAX).unwrap().bytes,
-            small.len() + (1 << 20)
-        );
+    fn compressed_columns_of_document_and_bundle_chunks_are_counted_inflated() {
+        // Each bomb's compressed columns, and the MiB each inflates to.
+        type Bomb = fn(usize) -> Vec<u8>;
+        let bombs: [(Bomb, usize); 2] = [(document_bomb, 1), (bundle_bomb, 2)];
+        for (bomb, columns) in bombs {
+            assert!(matches!(
+                check_inflated(&bomb(64), INFLATED_BYTES_MAX),
+                Err(GuardError::TooLarge { .. })
+            ));
+            let small = bomb(1);
+            assert_eq!(
+                check_inflated(&small, INFLATED_BYTES_MAX).unwrap().bytes,
+                small.len() + (columns << 20)
+            );
+        }
         // Chunks add up: two documents of 20 MiB each pass alone, not together.
         let one = document_bomb(20);
         assert!(check_inflated(&one, INFLATED_BYTES_MAX).is_ok());
@@ -335,6 +392,16 @@ pub(crate) mod tests {
                 .unwrap()
                 .bytes,
             uncompressed.len()
+        );
+        // A bundle of the changes (its repetitive columns compressed) walks the same way.
+        let changes: Vec<_> = doc.get_changes(&[]).iter().map(|c| c.hash()).collect();
+        let bundle = doc.bundle(changes).unwrap();
+        let counted = check_inflated(bundle.bytes(), INFLATED_BYTES_MAX).unwrap();
+        assert!(
+            counted.bytes > bundle.bytes().len(),
+            "{} vs {}",
+            counted.bytes,
+            bundle.bytes().len()
         );
         // A snapshot followed by incremental chunks, as the store keeps them.
         let both = [saved, after].concat();

@@ -208,7 +208,7 @@ pub fn audit(doc: &mut AutoCommit) -> Vec<AuditEntry> {
     doc.get_changes(&[])
         .into_iter()
         .map(|change| {
-            let note = change.message().and_then(|m| ChangeNote::parse(m));
+            let note = change.message().and_then(ChangeNote::parse);
             let (user, unit, node, at_ms, what) = match note {
                 Some(n) => (n.user, n.unit, n.node, n.at_ms, n.what),
                 None => (
@@ -419,7 +419,7 @@ impl<'a> Reader<'a> {
     pub fn list_strs(&mut self, list: &ObjId) -> Vec<String> {
         (0..self.doc.length(list))
             .filter_map(|i| match self.doc.get(list, i) {
-                Ok(Some((Value::Scalar(s), _))) => s.to_str().map(str::to_string),
+                Ok(Some((Value::Scalar(s), _))) => s.as_str().map(str::to_string),
                 _ => None,
             })
             .collect()

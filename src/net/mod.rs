@@ -938,7 +938,7 @@ pub async fn run_session(
                             warn!(peer = %peer.unit, "could not record the session as open: {e}");
                         }
                     }
-                    let retry = ticks % RETRY_UNAVAILABLE_TICKS == 0;
+                    let retry = ticks.is_multiple_of(RETRY_UNAVAILABLE_TICKS);
                     session.poll_local_changes(&mut NodeReplica::new(&mut node, peer.clone()), retry)?;
                     if let Some(crl) = node.crl() {
                         if crl.is_revoked(&peer.serial) {
@@ -1090,8 +1090,8 @@ mod tests {
     use std::net::{Ipv4Addr, SocketAddr};
 
     use super::*;
-    use crate::linksim::{LinkProfile, LinkSim};
     use crate::trust::{enrol_request, Ca, NodeKey, Role};
+    use linksim::{LinkProfile, LinkSim};
 
     fn enrol(ca: &Ca, unit: &str, role: Role) -> TlsMaterial {
         let key = NodeKey::generate().unwrap();

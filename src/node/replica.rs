@@ -462,7 +462,7 @@ impl Sender<'_> {
             let changes = doc.get_changes(old_heads.as_deref().unwrap_or_default());
             let mut judge = model::authz::Judge::new(&mut doc, id);
             for change in &changes {
-                let note = change.message().and_then(|m| ChangeNote::parse(m));
+                let note = change.message().and_then(ChangeNote::parse);
                 let Some(note) = note else {
                     return Err(self.refuse(id.as_str(), "a change carries no author".into()));
                 };

@@ -14,8 +14,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::Child;
 use std::time::{Duration, Instant};
 
-use crate::sync_util::{enrolled, province, Server};
-use crate::util::{id, path_arg, scan, TestNode, COMMUNE, DISTRICT};
+use crate::util::{enrolled, id, path_arg, province, scan, Server, TestNode, COMMUNE, DISTRICT};
 
 /// A small seeded generator (SplitMix64): the same seed kills at the same moments.
 struct Rng(u64);
@@ -142,7 +141,7 @@ impl Ledger {
 
     /// Acknowledged writes `node` does not hold (read from its database, read-only).
     fn missing_on(&self, node: &TestNode) -> Vec<String> {
-        let db = crate::sync_util::db_read_only(node);
+        let db = crate::util::db_read_only(node);
         let column = |sql: &str| -> BTreeSet<String> {
             let mut stmt = db.prepare(sql).expect("preparing a read");
             stmt.query_map([], |r| r.get(0))
@@ -261,7 +260,7 @@ impl World {
         let mut lost = after_kill(&self.commune, &self.at_commune);
         lost.extend(after_kill(&self.province, &self.at_province));
         self.serving();
-        crate::sync_util::synced(&self.commune);
+        crate::util::synced(&self.commune);
         let mut both = self.at_commune.clone();
         both.merge(&self.at_province);
         // Assignments and what the commune addressed stay within its subtree: the province,

@@ -8,85 +8,14 @@
 //! Needs root (mount, losetup, fsfreeze) and ext4; elsewhere the test prints why and passes.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
 use super::Rng;
-use crate::sync_util::{enrolled, Server};
-use crate::util::{id, path_arg, scan, TestNode, COMMUNE, DISTRICT};
-
-/// Runs a system tool; the error names it and what it said.
-fn tool(program: &str, args: &[&str]) -> Result<String, String> {
-    let out = Command::new(program)
-        .args(args)
-        .output()
-        .map_err(|e| format!("{program}: {e}"))?;
-    if !out.status.success() {
-        return Err(format!(
-            "{program} {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-/// An ext4 image attached to a loop device and mounted; unmounted and detached when dropped.
-struct Mounted {
-    point: PathBuf,
-    device: String,
-}
-
-impl Mounted {
-    /// A new ext4 file system of `mib` MiB in `image`, mounted on `point` (created, emptied of
-    /// `lost+found` so that `init` finds it empty).
-    fn fresh(image: &Path, mib: u64, point: &Path) -> Result<Mounted, String> {
-        let file = std::fs::File::create(image).map_err(|e| format!("{}: {e}", image.display()))?;
-        file.set_len(mib << 20).map_err(|e| e.to_string())?;
-        tool("mkfs.ext4", &["-q", "-F", &path_arg(image)])?;
-        let mounted = Mounted::existing(image, point)?;
-        std::fs::remove_dir(point.join("lost+found")).map_err(|e| e.to_string())?;
-        Ok(mounted)
-    }
-
-    /// Mounts the ext4 file system in `image` on `point` (replaying its journal).
-    fn existing(image: &Path, point: &Path) -> Result<Mounted, String> {
-        std::fs::create_dir_all(point).map_err(|e| e.to_string())?;
-        let device = tool("losetup", &["-f", "--show", &path_arg(image)])?;
-        if let Err(e) = tool("mount", &["-t", "ext4", &device, &path_arg(point)]) {
-            let _ = tool("losetup", &["-d", &device]);
-            return Err(e);
-        }
-        Ok(Mounted {
-            point: point.to_path_buf(),
-            device,
-        })
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        let _ = tool("umount", &[&path_arg(&self.point)]);
-        let _ = tool("losetup", &["-d", &self.device]);
-    }
-}
-
-/// A frozen file system, thawed when dropped (also when a test fails while it is frozen).
-struct Frozen(PathBuf);
-
-impl Frozen {
-    fn freeze(point: &Path) -> Result<Frozen, String> {
-        tool("fsfreeze", &["-f", &path_arg(point)])?;
-        Ok(Frozen(point.to_path_buf()))
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        let _ = tool("fsfreeze", &["-u", &path_arg(&self.0)]);
-    }
-}
+use crate::util::{
+    enrolled, id, path_arg, scan, tool, Frozen, Mounted, Server, TestNode, COMMUNE, DISTRICT,
+};
 
 /// Writes acknowledged so far, in the order their commands exited 0.
 #[derive(Default)]
@@ -100,7 +29,7 @@ fn keep_writing(node: &TestNode, stop: &AtomicBool, acked: &Mutex<Acked>) {
     let mut n = 0u64;
     while !stop.load(Ordering::Relaxed) {
         n += 1;
-        let json = if n % 3 == 0 {
+        let json = if n.is_multiple_of(3) {
             node.json(&[
                 "dossier",
                 "new",
@@ -195,7 +124,7 @@ fn whole(node: &TestNode) {
 }
 
 fn docs_in_feed_order(node: &TestNode) -> Vec<String> {
-    let db = crate::sync_util::db_read_only(node);
+    let db = crate::util::db_read_only(node);
     let mut stmt = db.prepare("SELECT id FROM docs ORDER BY seq").unwrap();
     let ids = stmt
         .query_map([], |r| r.get(0))
@@ -282,7 +211,7 @@ fn keep_syncing(commune: &TestNode, stop: &AtomicBool, acked: &Mutex<Vec<String>
         }
         let d = commune.new_dispatch(&format!("{n}/SERVED"), &[DISTRICT], &attach);
         unsynced.push(id(&d));
-        let run = crate::sync_util::sync(commune);
+        let run = crate::util::sync(commune);
         if run.code == 0 {
             acked.lock().expect("ledger lock").append(&mut unsynced);
         } else {
@@ -356,7 +285,7 @@ fn a_power_cut_on_a_serving_node_loses_nothing_it_acknowledged_to_its_peer() {
     let server = Server::start(&province);
     commune.ok(&["peer", "remove", "up"]);
     commune.ok(&["peer", "add", "up", "--addr", server.addr()]);
-    crate::sync_util::synced(&commune);
+    crate::util::synced(&commune);
     let held = docs_in_feed_order(&province);
     for d in docs_in_feed_order(&commune) {
         assert!(held.contains(&d), "after the sync the province lacks {d}");

@@ -1,8 +1,10 @@
 //! Coming back from a lost or damaged disk: `restore` from a backup, and a node enrolled anew
 //! for the same unit after its data directory is gone.
 
-use crate::sync_util::{enrol, enrolled, node_id, province, synced, Server};
-use crate::util::{exit, id, path_arg, scan, TestNode, COMMUNE, DISTRICT};
+use crate::util::{
+    enrol, enrolled, exit, id, node_id, path_arg, province, scan, synced, Server, TestNode,
+    COMMUNE, DISTRICT,
+};
 
 /// The scan of a dispatch's first attachment, written out through the binary.
 fn attachment(node: &TestNode, dispatch: &str, name: &str) -> Vec<u8> {

@@ -9,11 +9,10 @@ use std::time::Instant;
 use rand::rngs::StdRng;
 use rand::SeedableRng;
 
-use crate::sync_util::{enrolled, province, Server};
-use crate::tree_util::{attachment_hash, blob_rows, holds_doc, incompressible, link, runtime};
-use crate::util::{eventually, exit, holds_within, id, TestNode};
-
-const COMMUNE: &str = "qn/binhlieu/tinhhuc";
+use crate::util::{
+    attachment_hash, blob_rows, enrolled, eventually, exit, holds_doc, holds_within, id,
+    incompressible, link, province, runtime, Server, TestNode, COMMUNE,
+};
 
 /// Scan bytes per direction: small enough that 2G (64 kbit/s) carries both in seconds, large
 /// enough to take many packets (and so many chances of loss) on every link.
@@ -313,7 +312,7 @@ fn a_sync_whose_peer_dies_mid_transfer_exits_5_within_seconds_and_resumes_later(
     eventually(
         std::time::Duration::from_secs(30),
         "no chunk arrived",
-        || crate::tree_util::chunks_stored(&commune, &hash) > 0,
+        || crate::util::chunks_stored(&commune, &hash) > 0,
     );
     let killed = Instant::now();
     server.finish();
@@ -324,7 +323,7 @@ fn a_sync_whose_peer_dies_mid_transfer_exits_5_within_seconds_and_resumes_later(
         took < std::time::Duration::from_secs(60),
         "a dead peer is given up after sync.peer_silence_s (30 s), not the 120 s idle timeout: {took:?}"
     );
-    let kept = crate::tree_util::chunks_stored(&commune, &hash);
+    let kept = crate::util::chunks_stored(&commune, &hash);
     assert!(kept > 0, "verified chunks stay for the resume");
 
     let server = Server::start(&province);
@@ -359,7 +358,7 @@ fn serve_dials_a_configured_peer_without_upstream_and_refuses_an_upstream_that_d
     relay.finish();
     upstream.finish();
 
-    crate::tree_util::set_sync(&district, "upstream", "\"nosuchpeer\"");
+    crate::util::set_sync(&district, "upstream", "\"nosuchpeer\"");
     let error = district.fails(&["serve", "--listen", "127.0.0.1:0"], exit::NODE);
     assert!(
         error.contains("nosuchpeer") && error.contains("peer add"),
@@ -390,7 +389,7 @@ fn a_relay_forwards_a_scan_to_its_commune_while_the_scan_is_still_arriving() {
     eventually(
         std::time::Duration::from_secs(30),
         "the district never began receiving the scan",
-        || crate::tree_util::chunks_stored(&district, &hash) > 0,
+        || crate::util::chunks_stored(&district, &hash) > 0,
     );
 
     let (_, mut sync) = p_sync(&commune);
@@ -398,8 +397,7 @@ fn a_relay_forwards_a_scan_to_its_commune_while_the_scan_is_still_arriving() {
     let deadline = Instant::now() + std::time::Duration::from_secs(60);
     while sync.try_wait().expect("polling sync").is_none() {
         assert!(Instant::now() < deadline, "sync did not finish");
-        if blob_rows(&district, &hash) == 0 && crate::tree_util::chunks_stored(&commune, &hash) > 0
-        {
+        if blob_rows(&district, &hash) == 0 && crate::util::chunks_stored(&commune, &hash) > 0 {
             forwarded_early = true;
         }
         std::thread::sleep(std::time::Duration::from_millis(20));
@@ -421,7 +419,7 @@ fn a_relay_forwards_a_scan_to_its_commune_while_the_scan_is_still_arriving() {
 }
 
 /// Adds `name` as a peer of `node` at the link simulator's address.
-fn peer_through(node: &TestNode, name: &str, sim: &communesync::linksim::LinkSim) {
+fn peer_through(node: &TestNode, name: &str, sim: &linksim::LinkSim) {
     node.ok(&["peer", "add", name, "--addr", &sim.local_addr().to_string()]);
 }
 
@@ -523,12 +521,12 @@ fn resume_after_a_cut(preset: &str, seed: u64) {
     eventually(
         std::time::Duration::from_secs(120),
         &format!("{preset}: no chunk arrived"),
-        || crate::tree_util::chunks_stored(&p.commune, &hash) > 0,
+        || crate::util::chunks_stored(&p.commune, &hash) > 0,
     );
     sim.handle().set_up(false);
     let status = sync.wait().expect("sync ran");
     assert_eq!(status.code(), Some(i32::from(exit::PEER)), "{preset}");
-    let kept = crate::tree_util::chunks_stored(&p.commune, &hash);
+    let kept = crate::util::chunks_stored(&p.commune, &hash);
     assert!(kept > 0, "{preset}: the verified chunks stay");
     sim.handle().set_up(true);
     assert!(

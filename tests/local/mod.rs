@@ -6,20 +6,10 @@ use std::time::SystemTime;
 
 use serde_json::Value;
 
-use crate::util::{exit, id, now_ms, path_arg, scan, TestNode, BIN, COMMUNE, DISTRICT, SIBLING};
-
-fn strs(value: &Value, field: &str) -> Vec<String> {
-    value
-        .as_array()
-        .unwrap_or_else(|| panic!("not an array: {value}"))
-        .iter()
-        .map(|v| v[field].as_str().unwrap_or_default().to_string())
-        .collect()
-}
-
-fn ids(value: &Value) -> BTreeSet<String> {
-    strs(value, "id").into_iter().collect()
-}
+use crate::util::{
+    exit, field_set, id, now_ms, path_arg, scan, set, strs, Run, TestNode, Tmpfs, BIN, COMMUNE,
+    DISTRICT, SIBLING,
+};
 
 /// The recipient entry for `unit` in a `dispatch show` object.
 fn recipient<'a>(dispatch: &'a Value, unit: &str) -> &'a Value {
@@ -29,10 +19,6 @@ fn recipient<'a>(dispatch: &'a Value, unit: &str) -> &'a Value {
         .iter()
         .find(|r| r["unit"] == unit)
         .unwrap_or_else(|| panic!("{unit} is not a recipient of {dispatch}"))
-}
-
-fn set(items: &[&String]) -> BTreeSet<String> {
-    items.iter().map(|s| s.to_string()).collect()
 }
 
 /// A file's bytes and modification time, to prove a command did not touch it.
@@ -120,7 +106,7 @@ fn init_refuses_a_bad_unit_or_a_directory_holding_other_files() {
         exit::USAGE,
     );
     assert!(line.contains("not empty"), "{line}");
-    assert_eq!(dir_listing(node.data()), set(&[&"notes.txt".to_string()]));
+    assert_eq!(dir_listing(node.data()), set(&["notes.txt"]));
 }
 
 #[test]
@@ -228,19 +214,19 @@ fn dispatch_list_filters_inbox_outbox_and_unit() {
         "newest first"
     );
     assert_eq!(
-        ids(&node.json(&["dispatch", "list", "--inbox"])),
+        field_set(&node.json(&["dispatch", "list", "--inbox"]), "id"),
         set(&[&to_self])
     );
     assert_eq!(
-        ids(&node.json(&["dispatch", "list", "--outbox"])),
+        field_set(&node.json(&["dispatch", "list", "--outbox"]), "id"),
         set(&[&to_self, &to_district, &to_sibling])
     );
     assert_eq!(
-        ids(&node.json(&["dispatch", "list", "--unit", DISTRICT])),
+        field_set(&node.json(&["dispatch", "list", "--unit", DISTRICT]), "id"),
         set(&[&to_district, &to_sibling])
     );
     assert_eq!(
-        ids(&node.json(&["dispatch", "list", "--unit", SIBLING])),
+        field_set(&node.json(&["dispatch", "list", "--unit", SIBLING]), "id"),
         set(&[&to_sibling])
     );
     assert!(node
@@ -745,11 +731,8 @@ fn demo(args: &[&str]) -> String {
         .env_remove("COMMUNESYNC_DATA")
         .env_remove("COMMUNESYNC_LOG")
         .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "demo {args:?} failed: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+        .expect("running communesync demo");
+    Run::from_output(args, out).ok().stdout
 }
 
 #[test]
@@ -1480,8 +1463,8 @@ fn attachment_out_never_replaces_a_device_fifo_link_directory_or_the_node() {
 fn bundle_export_keeps_a_partial_named_output_and_import_reads_the_file_once() {
     use std::io::Write;
     use std::process::Stdio;
-    let province = crate::sync_util::province();
-    let commune = crate::sync_util::enrolled(&province, COMMUNE, "commune");
+    let province = crate::util::province();
+    let commune = crate::util::enrolled(&province, COMMUNE, "commune");
     let data = scan(600_000, 23);
     let d =
         id(&province.new_dispatch("3/KH", &[COMMUNE], &[&province.write_file("kh.pgm", &data)]));
@@ -1555,7 +1538,7 @@ fn bundle_export_keeps_a_partial_named_output_and_import_reads_the_file_once() {
 }
 
 /// Runs the binary on `node` with umask 022 (group and others may read new files by default).
-fn run_umask_022(node: &TestNode, args: &[&str]) -> crate::util::Run {
+fn run_umask_022(node: &TestNode, args: &[&str]) -> Run {
     use std::os::unix::process::CommandExt;
     let mut cmd = node.command(args);
     // SAFETY: umask is async-signal-safe; nothing else runs between fork and exec.
@@ -1565,14 +1548,7 @@ fn run_umask_022(node: &TestNode, args: &[&str]) -> crate::util::Run {
             Ok(())
         });
     }
-    let out = cmd.output().unwrap();
-    let run = crate::util::Run {
-        args: args.iter().map(|a| a.to_string()).collect(),
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    };
-    run.ok()
+    Run::from_output(args, cmd.output().unwrap()).ok()
 }
 
 fn mode(path: &std::path::Path) -> u32 {
@@ -1714,64 +1690,6 @@ fn a_killed_dispatch_new_leaves_no_partial_file_under_a_hash_name() {
     assert_eq!(node.json(&["check"])["scans"], 1);
 }
 
-/// A tmpfs of `size` mounted on `point` (created), unmounted when dropped; None where this test
-/// process may not mount (not root, or no CAP_SYS_ADMIN in a container).
-struct Tmpfs {
-    point: std::path::PathBuf,
-}
-
-impl Tmpfs {
-    fn mount(point: &std::path::Path, size: &str) -> Option<Tmpfs> {
-        std::fs::create_dir_all(point).unwrap();
-        let mounted = std::process::Command::new("mount")
-            .args([
-                "-t",
-                "tmpfs",
-                "-o",
-                &format!("size={size},mode=0700"),
-                "tmpfs",
-            ])
-            .arg(point)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !mounted {
-            eprintln!("cannot mount a tmpfs here: the mount-based checks are skipped");
-            return None;
-        }
-        Some(Tmpfs {
-            point: point.to_path_buf(),
-        })
-    }
-
-    fn remount_read_only(&self) {
-        self.remount("remount,ro");
-    }
-
-    /// Space returns: the file system grows to `size`.
-    fn grow(&self, size: &str) {
-        self.remount(&format!("remount,size={size}"));
-    }
-
-    fn remount(&self, options: &str) {
-        let status = std::process::Command::new("mount")
-            .args(["-o", options])
-            .arg(&self.point)
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.point)
-            .status();
-    }
-}
-
 #[test]
 fn a_full_disk_or_a_read_only_mount_is_said_as_such_without_advising_a_restore() {
     let node = TestNode::uninitialised();
@@ -1846,11 +1764,7 @@ fn a_full_disk_or_a_read_only_mount_is_said_as_such_without_advising_a_restore()
 /// Runs the binary on `node` as a user who does not own it: as root, the binary drops to
 /// `nobody` (uid 65534), from a copy it can execute if the build directory is closed to it;
 /// as anyone else, it runs as itself on files the test made unreadable (`unreadable`).
-fn run_as_stranger(
-    node: &TestNode,
-    unreadable: &std::path::Path,
-    args: &[&str],
-) -> crate::util::Run {
+fn run_as_stranger(node: &TestNode, unreadable: &std::path::Path, args: &[&str]) -> Run {
     use std::os::unix::fs::PermissionsExt;
     use std::os::unix::process::CommandExt;
     // SAFETY: geteuid cannot fail.
@@ -1893,12 +1807,7 @@ fn run_as_stranger(
         };
         std::fs::set_permissions(unreadable, std::fs::Permissions::from_mode(restore)).unwrap();
     }
-    crate::util::Run {
-        args: args.iter().map(|a| a.to_string()).collect(),
-        code: out.status.code().unwrap_or(-1),
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+    Run::from_output(args, out)
 }
 
 #[test]

@@ -7,7 +7,7 @@ use std::os::unix::net::UnixDatagram;
 use std::process::Stdio;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::sync_util::{enrolled, province, set_sync_config, Server};
+use crate::util::{enrolled, province, Server};
 mod walkthrough;
 
 use crate::util::{exit, path_arg, Run, TestNode, COMMUNE};
@@ -258,22 +258,13 @@ fn the_exit_code_table_of_the_readme_holds_for_real_runs() {
     std::fs::write(damaged.db_path(), vec![7u8; 8192]).unwrap();
     expect(1, "a damaged database", damaged.run(&["user", "list"]));
     // 4: a config that names no user, or a unit the database is not.
-    set_sync_config(
-        &commune,
-        &[("default_user = \"admin\"", "default_user = \"nobody\"")],
-    );
+    commune.edit_config(&[("default_user = \"admin\"", "default_user = \"nobody\"")]);
     expect(4, "default_user naming no user", commune.run(&["check"]));
-    set_sync_config(
-        &commune,
-        &[("default_user = \"nobody\"", "default_user = \"admin\"")],
-    );
-    set_sync_config(
-        &commune,
-        &[(
-            &format!("unit = \"{COMMUNE}\""),
-            "unit = \"qn/binhlieu/hucdong\"",
-        )],
-    );
+    commune.edit_config(&[("default_user = \"nobody\"", "default_user = \"admin\"")]);
+    commune.edit_config(&[(
+        &format!("unit = \"{COMMUNE}\""),
+        "unit = \"qn/binhlieu/hucdong\"",
+    )]);
     expect(4, "a config whose unit changed", commune.run(&["status"]));
 
     let codes: Vec<u8> = table.keys().copied().collect();
@@ -304,10 +295,7 @@ fn the_exit_code_table_of_the_readme_holds_for_real_runs() {
 #[test]
 fn a_default_user_that_is_no_user_stops_serve_and_check_naming_the_line() {
     let province = province();
-    set_sync_config(
-        &province,
-        &[("default_user = \"admin\"", "default_user = \"nobody\"")],
-    );
+    province.edit_config(&[("default_user = \"admin\"", "default_user = \"nobody\"")]);
     // Bounded: a daemon that starts anyway would otherwise run (and loop on errors) forever.
     let mut cmd = province.command(&["serve", "--listen", "127.0.0.1:0"]);
     cmd.stdout(Stdio::null());
@@ -336,7 +324,7 @@ fn serve_stops_when_its_config_becomes_invalid_naming_the_key() {
     cmd.stdout(Stdio::null());
     let child = cmd.spawn().unwrap();
     std::thread::sleep(Duration::from_millis(500));
-    set_sync_config(&province, &[("keep_alive_s = 10", "keep_alive_s = 0")]);
+    province.edit_config(&[("keep_alive_s = 10", "keep_alive_s = 0")]);
     // The daemon re-reads the node every 5 s.
     let (code, log) = exit_of(child, Duration::from_secs(15));
     assert_eq!(code, Some(i32::from(exit::NODE)), "{log}");

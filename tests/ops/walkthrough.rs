@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Stdio};
 
-use crate::sync_util::Server;
+use crate::util::Server;
 use crate::util::{path_arg, TestNode, BIN};
 
 /// Sections whose `cs` commands make one walk from nothing to a restored commune. The others

@@ -10,9 +10,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::sync_util::Server;
-use crate::tree_util::{quick_recovery, set_sync, tree_node, DISTRICTS};
+use crate::util::Server;
 use crate::util::{exit, TestNode, COMMUNE};
+use crate::util::{quick_recovery, set_sync, tree_node, DISTRICTS};
 
 /// How long statuses may take to travel up two hops (and a killed node to be noticed).
 const SETTLE_MAX: Duration = Duration::from_secs(40);
@@ -297,7 +297,7 @@ fn issue13_the_province_sees_every_commune_connected_or_when_last_seen() {
     let page = member(&tree, district).page.clone().unwrap();
     let (code, metrics) = http_get(&page, "/metrics");
     assert_eq!(code, 200, "{metrics}");
-    let live_id = crate::sync_util::node_id(&member(&tree, live).node);
+    let live_id = crate::util::node_id(&member(&tree, live).node);
     let connected = format!("communesync_peer_connected{{unit=\"{live}\",node=\"{live_id}\"}}");
     assert_eq!(sample(&metrics, &connected), Some(1.0), "{metrics}");
     assert_eq!(
@@ -328,7 +328,7 @@ fn issue13_the_province_sees_every_commune_connected_or_when_last_seen() {
     assert_eq!(http_get(&page, "/nothing").0, 404);
 
     // Revoked: marked, and its silence is no longer a problem.
-    let killed_id = crate::sync_util::node_id(&member(&tree, killed).node);
+    let killed_id = crate::util::node_id(&member(&tree, killed).node);
     province.ok(&["ca", "revoke", &killed_id]);
     let (shown, code) = status(province, &["--stale", "1s", "--unit", district]);
     let gone = unit_of(&shown, killed);
@@ -345,13 +345,13 @@ fn issue13_the_province_sees_every_commune_connected_or_when_last_seen() {
 
 #[test]
 fn issue13_a_one_shot_sync_publishes_its_status_and_out_bytes_leave_out_scans_the_peer_sent() {
-    let province = crate::sync_util::province();
+    let province = crate::util::province();
     let server = Server::start(&province);
-    let commune = crate::sync_util::enrolled(&province, COMMUNE, "commune");
+    let commune = crate::util::enrolled(&province, COMMUNE, "commune");
     commune.ok(&["peer", "add", "up", "--addr", server.addr()]);
     let scan_path = province.write_file("to-trinh.pgm", &crate::util::scan(300_000, 7));
     let d = crate::util::id(&province.new_dispatch("9/VP", &[COMMUNE], &[&scan_path]));
-    crate::sync_util::synced(&commune);
+    crate::util::synced(&commune);
     // A one-shot sync publishes the commune's status at its start (the interval is 60 s here).
     let (at_province, _) = status(&province, &["--unit", COMMUNE]);
     assert_eq!(

@@ -5,7 +5,7 @@ use communesync::model::{dispatch, Author, DocId};
 use communesync::node::{now_ms, Node};
 use serde_json::Value;
 
-use crate::sync_util::{doc_heads, enrolled, node_id, province, sync_pending, synced, Server};
+use crate::util::{doc_heads, enrolled, node_id, province, sync_pending, synced, Server};
 use crate::util::{exit, id, path_arg, TestNode, COMMUNE, DISTRICT};
 
 /// A province serving, a district, and a commune that has synced `docs` dispatches of its own

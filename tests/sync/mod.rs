@@ -7,36 +7,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use automerge::AutoCommit;
-use communesync::linksim::Direction;
 use communesync::model::assignment::Status;
 use communesync::model::{dispatch, receipts, Author, DocId};
 use communesync::node::{now_ms, Node};
 use communesync::store::blobs::CHUNK_BYTES;
 use communesync::trust::Crl;
+use linksim::Direction;
 use rusqlite::OptionalExtension;
 use serde_json::Value;
 
-use crate::sync_util::{
-    db_read_only, doc_heads, enrolled, node_id, province, rows, set_sync_config, sync_pending,
-    sync_refused, synced, Server,
+use crate::util::{
+    db_read_only, doc_heads, enrolled, eventually, exit, field_set, id, node_id, path_arg,
+    province, scan, set, set_sync, sync_pending, sync_refused, synced, Server, TestNode, COMMUNE,
+    DISTRICT, SIBLING,
 };
-use crate::util::{eventually, exit, id, path_arg, scan, TestNode, COMMUNE, DISTRICT, SIBLING};
 
 mod authorship;
-
-/// The values of `field` in a JSON array of objects, as a set.
-fn field_set(items: &Value, field: &str) -> BTreeSet<String> {
-    items
-        .as_array()
-        .unwrap_or_else(|| panic!("not an array: {items}"))
-        .iter()
-        .map(|v| v[field].as_str().unwrap_or_default().to_string())
-        .collect()
-}
-
-fn set(items: &[&str]) -> BTreeSet<String> {
-    items.iter().map(|s| s.to_string()).collect()
-}
 
 /// A commune enrolled with `province` whose only peer is `server`.
 fn commune_of(province: &TestNode, unit: &str, server: &Server) -> TestNode {
@@ -262,7 +248,7 @@ fn a_commune_receives_only_its_own_documents() {
         commune.json(&["dispatch", "show", &shared])["assignments"],
         serde_json::json!([])
     );
-    assert_eq!(rows(&commune, "docs"), 2);
+    assert_eq!(commune.count("docs"), 2);
     server.finish();
 }
 
@@ -306,7 +292,7 @@ fn issue14_a_receipt_reaches_the_issuer_through_the_district_and_no_sibling() {
     let report = synced(&sibling);
     assert_eq!(report["docs_received"], 0, "{report}");
     assert_eq!(doc_heads(&sibling, &d), heads);
-    assert_eq!(rows(&sibling, "docs"), 2);
+    assert_eq!(sibling.count("docs"), 2);
     let theirs = sibling.json(&["dispatch", "show", &d]);
     assert!(
         theirs["recipients"]
@@ -433,11 +419,11 @@ fn a_client_without_a_certificate_is_refused() {
     let log = server.wait_log("refused a connection", 1);
     assert!(log.contains("refused a connection"), "serve log:\n{log}");
     assert_eq!(
-        rows(&province, "peer_sync"),
+        province.count("peer_sync"),
         0,
         "an anonymous peer was recorded"
     );
-    assert_eq!(rows(&province, "docs"), 0);
+    assert_eq!(province.count("docs"), 0);
     server.finish();
 }
 
@@ -459,7 +445,7 @@ fn daemon_logs_are_plain_text_when_not_on_a_terminal() {
 fn a_node_enrolled_by_another_ca_is_refused_both_ways() {
     let province = province();
     let server = Server::start(&province);
-    let rogue = crate::sync_util::province();
+    let rogue = crate::util::province();
     let outsider = commune_of(&rogue, COMMUNE, &server);
     outsider.ok(&[
         "dossier",
@@ -474,7 +460,7 @@ fn a_node_enrolled_by_another_ca_is_refused_both_ways() {
     let line = sync_refused(&outsider);
     assert!(line.contains("certificate"), "{line}");
     assert_eq!(
-        rows(&outsider, "peer_sync"),
+        outsider.count("peer_sync"),
         0,
         "the outsider recorded the province"
     );
@@ -490,8 +476,8 @@ fn a_node_enrolled_by_another_ca_is_refused_both_ways() {
         log.matches("refused a connection").count() > before,
         "the province did not log its refusal:\n{log}"
     );
-    assert_eq!(rows(&province, "docs"), 0);
-    assert_eq!(rows(&province, "peer_sync"), 0);
+    assert_eq!(province.count("docs"), 0);
+    assert_eq!(province.count("peer_sync"), 0);
     server.finish();
 }
 
@@ -516,7 +502,7 @@ fn a_revoked_commune_is_refused_by_the_running_province() {
     let log = server.wait_log("was revoked", 1);
     assert!(log.contains("was revoked"), "serve log:\n{log}");
     assert_eq!(
-        rows(&province, "docs"),
+        province.count("docs"),
         0,
         "the revoked node's dossier arrived"
     );
@@ -531,7 +517,7 @@ fn a_revoked_commune_is_refused_by_the_running_province() {
         "serve log:\n{log}"
     );
     assert_eq!(
-        rows(&province, "docs"),
+        province.count("docs"),
         0,
         "the revoked node's dossier arrived"
     );
@@ -782,13 +768,8 @@ fn a_cut_scan_transfer_resumes_where_it_stopped() {
     let server = Server::start(&province);
     let commune = enrolled(&province, COMMUNE, "commune");
     // A dead link must end the session in seconds, not quinn's default 30 s.
-    set_sync_config(
-        &commune,
-        &[
-            ("idle_timeout_s = 120", "idle_timeout_s = 5"),
-            ("keep_alive_s = 10", "keep_alive_s = 1"),
-        ],
-    );
+    set_sync(&commune, "idle_timeout_s", "5");
+    set_sync(&commune, "keep_alive_s", "1");
     // Random bytes do not compress, so bytes on the wire track bytes of the scan.
     let mut data = vec![0u8; SCAN_BYTES];
     rand::fill(&mut data[..]);
@@ -801,8 +782,8 @@ fn a_cut_scan_transfer_resumes_where_it_stopped() {
     )
     .unwrap();
 
-    let rt = crate::tree_util::runtime();
-    let sim = crate::tree_util::link(&rt, server.addr(), "rate=40mbit", 7);
+    let rt = crate::util::runtime();
+    let sim = crate::util::link(&rt, server.addr(), "rate=40mbit", 7);
     commune.ok(&["peer", "add", "up", "--addr", &sim.local_addr().to_string()]);
     let stored = || -> i64 {
         db_read_only(&commune)
@@ -1030,10 +1011,10 @@ fn through_a_link_with_a_1500_byte_mtu_discovery_settles_at_1472_and_the_scan_ar
     rand::fill(&mut data[..]);
     let scan_path = province.write_file("so-do.jpg", &data);
     province.new_dispatch("9/VP", &[COMMUNE], &[&scan_path]);
-    let rt = crate::tree_util::runtime();
+    let rt = crate::util::runtime();
     // Loopback's route allows 6,500-byte datagrams; the simulated link in between does not.
     // At 8 Mbit/s the 3 MB scan keeps the connection open long enough for the search to end.
-    let sim = crate::tree_util::link(&rt, server.addr(), "mtu=1500,rate=8mbit", 3);
+    let sim = crate::util::link(&rt, server.addr(), "mtu=1500,rate=8mbit", 3);
     commune.ok(&["peer", "add", "up", "--addr", &sim.local_addr().to_string()]);
 
     let report = synced(&commune);
@@ -1057,13 +1038,7 @@ fn a_running_daemon_offers_a_local_write_at_once_not_at_its_next_push_tick() {
     let commune = enrolled(&province, COMMUNE, "commune");
     commune.ok(&["peer", "add", "up", "--addr", upstream.addr(), "--upstream"]);
     // A push tick so long that only the wake-up can explain a prompt delivery.
-    set_sync_config(
-        &commune,
-        &[(
-            "congestion = \"bbr\"",
-            "congestion = \"bbr\"\npush_interval_ms = 60000",
-        )],
-    );
+    set_sync(&commune, "push_interval_ms", "60000");
     let daemon = Server::start(&commune);
     eventually(
         Duration::from_secs(20),
@@ -1278,7 +1253,7 @@ fn a_commune_cannot_read_a_siblings_scan_by_naming_its_hash() {
     );
     let hash = hex::decode(shown["attachments"][0]["hash"].as_str().unwrap()).unwrap();
     assert_eq!(
-        crate::tree_util::blob_rows(&commune, &hash),
+        crate::util::blob_rows(&commune, &hash),
         0,
         "the scan leaked"
     );
@@ -1380,11 +1355,11 @@ fn issue12_half_open_handshakes_do_not_lock_out_an_enrolled_commune() {
     let province = province();
     // A small pool of authenticated sessions, so that a flood a debug build can take in a
     // second outnumbers it (the same holds for the default 256 and a larger flood).
-    set_sync_config(&province, &[("[sync]", "[sync]\nconnections_max = 32")]);
+    set_sync(&province, "connections_max", "32");
     let server = Server::start(&province);
     let commune = commune_of(&province, COMMUNE, &server);
     let target: SocketAddr = server.addr().parse().unwrap();
-    let rt = crate::tree_util::runtime();
+    let rt = crate::util::runtime();
     // 64 handshakes begun and never continued, from 16 addresses, then a trickle of 10 more a
     // second while the commune syncs.
     let flood = rt.block_on(initials(84));
@@ -1465,7 +1440,7 @@ fn issue12_an_enrolled_peer_gets_one_control_stream_and_no_oversized_scan_frames
     let province = province();
     let server = Server::start(&province);
     let commune = commune_of(&province, COMMUNE, &server);
-    let rt = crate::tree_util::runtime();
+    let rt = crate::util::runtime();
     let conn = raw_connection(&rt, &commune, &server);
     // A scan stream (tag 2) whose first frame claims 8 MiB: more than any manifest.
     let mut scan = rt.block_on(conn.open_uni()).unwrap();
@@ -1502,7 +1477,7 @@ fn issue12_a_peer_that_broke_the_protocol_waits_before_its_next_session() {
     let province = province();
     let server = Server::start(&province);
     let commune = commune_of(&province, COMMUNE, &server);
-    let rt = crate::tree_util::runtime();
+    let rt = crate::util::runtime();
     let conn = raw_connection(&rt, &commune, &server);
     let again = wire::encode(
         &Frame::Hello {
@@ -1607,7 +1582,7 @@ fn issue12_a_decompression_bomb_in_a_push_costs_the_daemon_little() {
     let server = Server::start(&province);
     let commune = commune_of(&province, COMMUNE, &server);
     let d = id(&commune.new_dispatch("7/UBND", &["qn"], &[]));
-    let rt = crate::tree_util::runtime();
+    let rt = crate::util::runtime();
     let conn = raw_connection(&rt, &commune, &server);
     // One Push of a 1 GiB bomb for the commune's own new dispatch: a few KiB on the wire.
     let push = wire::encode(
@@ -1734,7 +1709,7 @@ fn issue12_a_signed_bundle_carrying_a_decompression_bomb_is_refused() {
         bomb.len(),
         started.elapsed()
     );
-    assert_eq!(rows(&commune, "docs"), 0);
+    assert_eq!(commune.count("docs"), 0);
 }
 
 #[test]
@@ -1743,7 +1718,7 @@ fn issue12_control_frames_a_busy_daemon_has_not_handled_yet_are_held_within_a_bu
     let province = province();
     let server = Server::start(&province);
     let commune = commune_of(&province, COMMUNE, &server);
-    let rt = crate::tree_util::runtime();
+    let rt = crate::util::runtime();
     let conn = raw_connection(&rt, &commune, &server);
     // The daemon's session has started (it opened its control stream) ...
     let _theirs = rt.block_on(async {
@@ -1807,8 +1782,8 @@ fn issue_10_a_scan_cut_by_an_outage_runs_at_the_links_rate_once_it_is_back() {
     let province = province();
     let upstream = Server::start(&province);
     let commune = enrolled(&province, COMMUNE, "commune");
-    let rt = crate::tree_util::runtime();
-    let sim = crate::tree_util::link(&rt, upstream.addr(), "weak4g", 10);
+    let rt = crate::util::runtime();
+    let sim = crate::util::link(&rt, upstream.addr(), "weak4g", 10);
     commune.ok(&[
         "peer",
         "add",
@@ -1823,18 +1798,10 @@ fn issue_10_a_scan_cut_by_an_outage_runs_at_the_links_rate_once_it_is_back() {
     rand::fill(&mut data[..]);
     let scan_path = province.write_file("ban-do.jpg", &data);
     let d = id(&province.new_dispatch("10/STNMT", &[COMMUNE], &[&scan_path]));
-    let hash = crate::tree_util::attachment_hash(&province, &d);
+    let hash = crate::util::attachment_hash(&province, &d);
     let delivered = || sim.stats().down.forwarded_bytes;
-    let arrived = || crate::tree_util::blob_rows(&commune, &hash) == 1;
-    let set_delay_ms = |ms: u32| {
-        for dir in [Direction::Up, Direction::Down] {
-            let mut profile = sim.handle().profile(dir);
-            profile.delay_ms = ms;
-            sim.handle()
-                .set_profile(dir, profile)
-                .expect("a valid profile");
-        }
-    };
+    let arrived = || crate::util::blob_rows(&commune, &hash) == 1;
+    let set_delay_ms = |ms: u32| sim.handle().set_delay(ms).expect("a valid delay");
 
     let deadline = Instant::now() + Duration::from_secs(60);
     let base = delivered();

@@ -6,40 +6,26 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
-use communesync::linksim::LinkSim;
 use communesync::store::blobs::CHUNK_BYTES;
+use linksim::LinkSim;
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
 use rand::{Rng, SeedableRng};
 use serde_json::Value;
 use tokio::runtime::Runtime;
 
-use crate::sync_util::{db_read_only, enrolled, province, rows, synced, Server};
-use crate::tree_util::{
-    attachment_hash, blob_rows, chunks_stored, held_docs, holds_doc, incompressible, link,
-    quick_recovery, relink, runtime, scans_missing, tree_node, DISTRICTS,
+use crate::util::{
+    attachment_hash, blob_rows, chunks_stored, db_read_only, enrolled, held_docs, holds_doc, id,
+    incompressible, link, now_ms, path_arg, province, quick_recovery, relink, runtime, scan,
+    scans_missing, synced, tree_node, wait_until, Server, TestNode, COMMUNE, DISTRICT, DISTRICTS,
+    SIBLING,
 };
-use crate::util::{id, now_ms, path_arg, scan, TestNode, COMMUNE, DISTRICT, SIBLING};
 
 /// Push interval of every node in these tests: short, so a hop costs well under a second.
 const PUSH_INTERVAL_MS: u64 = 200;
 
 fn ms(d: Duration) -> u128 {
     d.as_millis()
-}
-
-/// Polls `done` every few milliseconds until it holds or `limit` passes; returns how long it took.
-fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> Option<Duration> {
-    let start = Instant::now();
-    loop {
-        if done() {
-            return Some(start.elapsed());
-        }
-        if start.elapsed() > limit {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
 }
 
 /// Whether `unit` is `ancestor` or below it (written here, not borrowed from the product, so the
@@ -729,7 +715,7 @@ fn a_relay_killed_mid_scan_resumes_and_stores_everything_once() {
             "the {unit} must hold the dispatch once"
         );
         assert_eq!(blob_rows(node, &hash), 1, "{unit}");
-        assert_eq!(rows(node, "blobs"), 1, "{unit}: one scan stored once");
+        assert_eq!(node.count("blobs"), 1, "{unit}: one scan stored once");
         assert_eq!(
             chunks_stored(node, &hash),
             chunks_total,
@@ -935,12 +921,12 @@ fn a_bundle_round_trip_is_verified_idempotent_and_spares_the_network() {
             run.stderr
         );
         assert_eq!(
-            rows(&commune, "docs"),
+            commune.count("docs"),
             0,
             "bundle ({what}): a document was stored"
         );
         assert_eq!(
-            rows(&commune, "blob_chunks"),
+            commune.count("blob_chunks"),
             0,
             "bundle ({what}): scan data was stored"
         );
@@ -974,13 +960,13 @@ fn a_bundle_round_trip_is_verified_idempotent_and_spares_the_network() {
     // Importing it again changes nothing.
     let (feed, blobs) = (
         commune.json(&["status"])["feed_seq"].clone(),
-        rows(&commune, "blobs"),
+        commune.count("blobs"),
     );
     let again = commune.json(&["bundle", "import", &path_arg(&out)]);
     assert_eq!(again["docs_changed"], 0, "{again}");
     assert_eq!(again["scans_stored"], 0, "{again}");
     assert_eq!(commune.json(&["status"])["feed_seq"], feed);
-    assert_eq!(rows(&commune, "blobs"), blobs);
+    assert_eq!(commune.count("blobs"), blobs);
 
     // The next sync over the network does not send the scan again.
     let server = Server::start(&province);
@@ -1061,5 +1047,5 @@ fn a_bundle_with_a_damaged_header_is_not_blamed_on_the_certificate() {
         "the message blames the certificate for a damaged file: {}",
         run.stderr
     );
-    assert_eq!(rows(&commune, "docs"), 0);
+    assert_eq!(commune.count("docs"), 0);
 }

@@ -1,9 +1,24 @@
-//! Test helpers: a node in a temporary directory, driven through the real `communesync` binary,
-//! with its exit code, output and database open to inspection.
+//! Test helpers, written once for every area: a node in a temporary directory, driven through
+//! the real `communesync` binary, with its exit code, output and database open to inspection;
+//! polling, and reading JSON output. The submodules hold the rest, re-exported here:
+//! [`net`] enrolment, sync runs and `serve` daemons; [`db`] read-only looks into a node's
+//! database; [`tree`] the two-district test tree and its simulated links; [`mount`] file systems
+//! of a test's own.
 
+pub mod db;
+pub mod mount;
+pub mod net;
+pub mod tree;
+
+pub use db::*;
+pub use mount::*;
+pub use net::*;
+pub use tree::*;
+
+use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde_json::Value;
 use tempfile::TempDir;
@@ -29,9 +44,11 @@ pub struct Run {
 }
 
 impl Run {
-    fn from_output(args: Vec<String>, out: Output) -> Run {
+    /// What a finished command did, asserting it did not panic; for commands [`TestNode::run`]
+    /// does not build (another umask, another user, no data directory).
+    pub fn from_output(args: &[&str], out: Output) -> Run {
         let run = Run {
-            args,
+            args: to_strings(args),
             // A run killed by a signal has no code; -1 fails every assertion on codes.
             code: out.status.code().unwrap_or(-1),
             stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -139,6 +156,17 @@ impl TestNode {
         self.data.join("config.toml")
     }
 
+    /// Replaces text in config.toml, each `from` required to be there (see also `set_sync`).
+    pub fn edit_config(&self, from_to: &[(&str, &str)]) {
+        let path = self.config_path();
+        let mut text = std::fs::read_to_string(&path).expect("reading config.toml");
+        for (from, to) in from_to {
+            assert!(text.contains(from), "config.toml has no {from:?}:\n{text}");
+            text = text.replace(from, to);
+        }
+        std::fs::write(&path, text).expect("writing config.toml");
+    }
+
     pub fn db_path(&self) -> PathBuf {
         self.data.join("node.db")
     }
@@ -161,7 +189,7 @@ impl TestNode {
             .command(args)
             .output()
             .expect("running the communesync binary");
-        Run::from_output(to_strings(args), out)
+        Run::from_output(args, out)
     }
 
     /// Starts the binary without waiting, for concurrency tests.
@@ -218,9 +246,9 @@ impl TestNode {
         .expect("opening node.db")
     }
 
-    /// Rows in a table of the node's database.
+    /// Rows in a table of the node's database, read without taking a write lock.
     pub fn count(&self, table: &str) -> i64 {
-        self.db()
+        db_read_only(self)
             .query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
             .expect("counting rows")
     }
@@ -257,19 +285,48 @@ pub fn scan(bytes: usize, seed: u64) -> Vec<u8> {
     communesync::cli::synthetic_scan(1024, bytes.div_ceil(1024).max(1), seed)
 }
 
-/// Polls `what` every 20 ms until it holds (true) or `within` has passed (false).
-pub fn holds_within(within: std::time::Duration, mut what: impl FnMut() -> bool) -> bool {
-    let deadline = std::time::Instant::now() + within;
-    while !what() {
-        if std::time::Instant::now() >= deadline {
-            return false;
+/// How often the polling helpers look again: fine enough to time a hop of a few hundred ms.
+const POLL: Duration = Duration::from_millis(5);
+
+/// Polls `done` until it holds or `limit` passes; returns how long it took.
+pub fn wait_until(limit: Duration, mut done: impl FnMut() -> bool) -> Option<Duration> {
+    let start = Instant::now();
+    loop {
+        if done() {
+            return Some(start.elapsed());
         }
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        if start.elapsed() > limit {
+            return None;
+        }
+        std::thread::sleep(POLL);
     }
-    true
+}
+
+/// Polls `what` until it holds (true) or `within` has passed (false).
+pub fn holds_within(within: Duration, what: impl FnMut() -> bool) -> bool {
+    wait_until(within, what).is_some()
 }
 
 /// [`holds_within`], panicking with `why` when it does not hold in time.
-pub fn eventually(within: std::time::Duration, why: &str, what: impl FnMut() -> bool) {
+pub fn eventually(within: Duration, why: &str, what: impl FnMut() -> bool) {
     assert!(holds_within(within, what), "{why}");
+}
+
+/// The values of `field` in a JSON array of objects, in order.
+pub fn strs(items: &Value, field: &str) -> Vec<String> {
+    items
+        .as_array()
+        .unwrap_or_else(|| panic!("not an array: {items}"))
+        .iter()
+        .map(|v| v[field].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+/// The values of `field` in a JSON array of objects, as a set.
+pub fn field_set(items: &Value, field: &str) -> BTreeSet<String> {
+    strs(items, field).into_iter().collect()
+}
+
+pub fn set(items: &[&str]) -> BTreeSet<String> {
+    items.iter().map(|s| s.to_string()).collect()
 }

@@ -4,8 +4,8 @@
 //! loopback and shapes each direction independently with a [`LinkProfile`]:
 //!
 //! ```no_run
-//! # async fn demo(server: std::net::SocketAddr) -> Result<(), communesync::linksim::LinkSimError> {
-//! use communesync::linksim::{LinkProfile, LinkSim};
+//! # async fn demo(server: std::net::SocketAddr) -> Result<(), linksim::LinkSimError> {
+//! use linksim::{LinkProfile, LinkSim};
 //! let sim = LinkSim::start(
 //!     "127.0.0.1:0".parse().unwrap(),
 //!     server,

@@ -1,17 +1,14 @@
-//! Helpers for the tree tests: nodes of a two-district test tree, sync settings for quick
-//! recovery, upstream links through LinkSim proxies, and read-only looks into each node's store.
+//! The tree tests' world: nodes of a two-district test tree, sync settings for quick recovery,
+//! and upstream links through LinkSim proxies.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
-use communesync::linksim::{Direction, LinkProfile, LinkSim};
 use communesync::units::UnitTree;
+use linksim::{Direction, LinkProfile, LinkSim};
 use rand::Rng;
-use rusqlite::OptionalExtension;
 use tokio::runtime::Runtime;
 
-use crate::sync_util::{db_read_only, enrol};
-use crate::util::TestNode;
+use super::{enrol, TestNode};
 
 /// The province, two districts and three communes in each, as every node of the tree reads it.
 pub const UNITS_TOML: &str = r#"
@@ -206,59 +203,6 @@ pub fn relink(rt: &Runtime, sim: LinkSim, upstream: &str, seed: u64) -> LinkSim 
         std::thread::sleep(Duration::from_millis(20));
     }
     panic!("cannot bind {addr} again for the restarted link");
-}
-
-/// Every document the node holds, with its stored heads.
-pub fn held_docs(node: &TestNode) -> BTreeMap<String, Vec<u8>> {
-    let db = db_read_only(node);
-    let mut stmt = db
-        .prepare("SELECT id, heads FROM docs")
-        .expect("reading docs");
-    stmt.query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
-        .expect("reading docs")
-        .collect::<Result<_, _>>()
-        .expect("reading docs")
-}
-
-/// Scans referenced by held documents but not (completely) stored.
-pub fn scans_missing(node: &TestNode) -> i64 {
-    db_read_only(node)
-        .query_row(
-            "SELECT COUNT(DISTINCT d.hash) FROM doc_blobs d
-             WHERE NOT EXISTS (SELECT 1 FROM blobs b WHERE b.hash = d.hash)",
-            [],
-            |r| r.get(0),
-        )
-        .expect("counting missing scans")
-}
-
-/// Verified chunks of a scan stored so far (complete or in transit).
-pub fn chunks_stored(node: &TestNode, hash: &[u8]) -> i64 {
-    db_read_only(node)
-        .query_row(
-            "SELECT COUNT(*) FROM blob_chunks WHERE hash = ?1",
-            [hash],
-            |r| r.get(0),
-        )
-        .expect("counting scan chunks")
-}
-
-/// Rows of the `blobs` table for a scan: 1 once it is complete.
-pub fn blob_rows(node: &TestNode, hash: &[u8]) -> i64 {
-    db_read_only(node)
-        .query_row("SELECT COUNT(*) FROM blobs WHERE hash = ?1", [hash], |r| {
-            r.get(0)
-        })
-        .expect("counting blobs")
-}
-
-/// Whether the node holds the document (any kind).
-pub fn holds_doc(node: &TestNode, id: &str) -> bool {
-    db_read_only(node)
-        .query_row("SELECT 1 FROM docs WHERE id = ?1", [id], |_| Ok(()))
-        .optional()
-        .expect("looking up a document")
-        .is_some()
 }
 
 /// The BLAKE3 hash (raw bytes) of a dispatch's first attachment, as the node shows it.

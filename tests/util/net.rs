@@ -1,16 +1,15 @@
-//! Helpers for the end-to-end sync tests: nodes enrolled with a province CA, `serve` daemons
-//! that die with the test, and read-only looks into a node's database while daemons run.
+//! Nodes enrolled with a province CA, one-shot `sync` runs and their reports, and `serve`
+//! daemons that die with the test.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Stdio};
 use std::sync::{mpsc, Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rusqlite::OptionalExtension;
 use serde_json::Value;
 
-use crate::util::{Run, TestNode};
+use super::{holds_within, path_arg, Run, TestNode};
 
 /// How long a daemon may take to print that it serves.
 const SERVE_START_TIMEOUT: Duration = Duration::from_secs(15);
@@ -37,23 +36,19 @@ pub fn enrolled(province: &TestNode, unit: &str, role: &str) -> TestNode {
 pub fn enrol(province: &TestNode, node: &TestNode, unit: &str, role: &str) {
     let request = node.file("enrol.req");
     let cert = node.file("enrol.crt");
-    node.ok(&["enrol", "request", "--out", &arg(&request)]);
+    node.ok(&["enrol", "request", "--out", &path_arg(&request)]);
     province.ok(&[
         "ca",
         "issue",
-        &arg(&request),
+        &path_arg(&request),
         "--unit",
         unit,
         "--role",
         role,
         "--out",
-        &arg(&cert),
+        &path_arg(&cert),
     ]);
-    node.ok(&["enrol", "install", &arg(&cert)]);
-}
-
-fn arg(path: &std::path::Path) -> String {
-    crate::util::path_arg(path)
+    node.ok(&["enrol", "install", &path_arg(&cert)]);
 }
 
 /// The node's id, as `ca revoke` takes it.
@@ -62,20 +57,6 @@ pub fn node_id(node: &TestNode) -> String {
         .as_str()
         .expect("status has a node_id")
         .to_string()
-}
-
-/// Rewrites keys of the node's `[sync]` section (each must be present in the file).
-pub fn set_sync_config(node: &TestNode, from_to: &[(&str, &str)]) {
-    let path = node.config_path();
-    let mut text = std::fs::read_to_string(&path).expect("reading config.toml");
-    for (from, to) in from_to {
-        assert!(
-            text.contains(from),
-            "config.toml has no line {from:?}:\n{text}"
-        );
-        text = text.replace(from, to);
-    }
-    std::fs::write(&path, text).expect("writing config.toml");
 }
 
 /// One `sync --json` run with the configured peer.
@@ -95,7 +76,7 @@ pub fn sync_pending(node: &TestNode) -> Value {
     let run = sync(node);
     assert_eq!(
         run.code,
-        i32::from(crate::util::exit::PENDING),
+        i32::from(super::exit::PENDING),
         "sync should end not converged:\nstdout: {}\nstderr: {}",
         run.stdout,
         run.stderr
@@ -110,7 +91,7 @@ pub fn sync_refused(node: &TestNode) -> String {
     let run = sync(node);
     assert_eq!(
         run.code,
-        i32::from(crate::util::exit::PEER),
+        i32::from(super::exit::PEER),
         "sync should fail with the peer exit code:\nstdout: {}\nstderr: {}",
         run.stdout,
         run.stderr
@@ -125,30 +106,6 @@ pub fn sync_refused(node: &TestNode) -> String {
         .find(|l| l.starts_with("error: "))
         .unwrap_or_else(|| panic!("no `error:` line in:\n{}", run.stderr))
         .to_string()
-}
-
-/// A read-only connection to the node's database, safe beside a running daemon.
-pub fn db_read_only(node: &TestNode) -> rusqlite::Connection {
-    rusqlite::Connection::open_with_flags(
-        node.db_path(),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .expect("opening node.db read-only")
-}
-
-/// The stored heads of a document, or None when the node does not hold it.
-pub fn doc_heads(node: &TestNode, id: &str) -> Option<Vec<u8>> {
-    db_read_only(node)
-        .query_row("SELECT heads FROM docs WHERE id = ?1", [id], |r| r.get(0))
-        .optional()
-        .expect("reading doc heads")
-}
-
-/// Rows in a table, read without taking a write lock.
-pub fn rows(node: &TestNode, table: &str) -> i64 {
-    db_read_only(node)
-        .query_row(&format!("SELECT COUNT(*) FROM {table}"), [], |r| r.get(0))
-        .expect("counting rows")
 }
 
 /// `communesync serve` on an ephemeral loopback port, killed when dropped.
@@ -212,14 +169,10 @@ impl Server {
     /// Waits until `needle` occurs `times` times in the log (logs may trail the client's exit);
     /// returns the log.
     pub fn wait_log(&self, needle: &str, times: usize) -> String {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let log = self.log();
-            if log.matches(needle).count() >= times || Instant::now() > deadline {
-                return log;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        holds_within(Duration::from_secs(10), || {
+            self.log().matches(needle).count() >= times
+        });
+        self.log()
     }
 
     /// Kills the daemon and returns everything it logged, asserting it never panicked.

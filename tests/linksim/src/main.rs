@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
-use communesync::linksim::{LinkProfile, LinkSim, LinkStats, Outage};
+use linksim::{LinkProfile, LinkSim, LinkStats, Outage};
 
 /// Shapes UDP (e.g. QUIC) traffic between clients and one server: delay, jitter, loss,
 /// rate, queue and outages, per direction. Point clients at --listen instead of the server.

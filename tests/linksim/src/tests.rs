@@ -271,6 +271,16 @@ async fn profile_changes_at_run_time() {
     };
     assert!(handle.set_profile(Direction::Up, bad).is_err());
     assert_eq!(handle.profile(Direction::Up), LinkProfile::loopback());
+
+    handle.set_delay(300).unwrap();
+    assert_eq!(handle.profile(Direction::Up).delay_ms, 300);
+    let down = handle.profile(Direction::Down);
+    assert_eq!(
+        (down.delay_ms, down.loss),
+        (300, 1.0),
+        "only the delay changes"
+    );
+    assert!(handle.set_delay(MAX_DELAY_MS + 1).is_err());
 }
 
 #[tokio::test]

@@ -192,6 +192,19 @@ impl LinkHandle {
         Ok(())
     }
 
+    /// Sets the one-way delay of both directions, keeping the rest of each profile: a link
+    /// fading (a radio losing signal) before it is cut.
+    pub fn set_delay(&self, delay_ms: u32) -> Result<()> {
+        for dir in [Direction::Up, Direction::Down] {
+            let profile = LinkProfile {
+                delay_ms,
+                ..self.profile(dir)
+            };
+            self.set_profile(dir, profile)?;
+        }
+        Ok(())
+    }
+
     /// The profile currently applied to one direction.
     pub fn profile(&self, dir: Direction) -> LinkProfile {
         self.shared.profiles[dir.index()].borrow().clone()

@@ -221,7 +221,7 @@ impl fmt::Display for LinkProfile {
         } else {
             write!(f, ",loss={}", self.loss)?;
         }
-        if self.queue_bytes_max % 1024 == 0 {
+        if self.queue_bytes_max.is_multiple_of(1024) {
             write!(f, ",queue={}k", self.queue_bytes_max / 1024)?;
         } else {
             write!(f, ",queue={}", self.queue_bytes_max)?;
