@@ -12,54 +12,23 @@
 //! `cargo bench --bench storm -- 120 20` (units, spread in seconds).
 
 mod common;
-use common::{load_average, machine};
+use common::{load_average, machine, random_scan, ServeProcess};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use communesync::model::dispatch::{DispatchKind, Priority};
 use communesync::node::{DispatchRequest, Node};
 use communesync::units::{Role, UnitTree};
-use rand::{Rng, RngCore, SeedableRng};
+use rand::{Rng, SeedableRng};
 
-const BIN: &str = env!("CARGO_BIN_EXE_communesync");
 /// Documents and scan bytes each unit brings to the storm.
 const DOCS_PER_UNIT: usize = 3;
 const SCAN_BYTES: usize = 16 * 1024;
 /// Attempts per unit before the bench counts it as not converged.
 const ATTEMPTS_MAX: u32 = 12;
-
-/// A child process stopped (SIGTERM, then kill) when dropped.
-struct Proc(Child);
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        // SAFETY: signalling our own child by pid.
-        unsafe {
-            libc::kill(self.0.id() as i32, libc::SIGTERM);
-        }
-        std::thread::sleep(Duration::from_millis(300));
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn serve(data: &Path, listen: &str) -> Proc {
-    let log = std::fs::File::create(data.with_extension("log")).unwrap();
-    let child = Command::new(BIN)
-        .arg("--data")
-        .arg(data)
-        .args(["serve", "--listen", listen])
-        .env("COMMUNESYNC_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn serve");
-    Proc(child)
-}
 
 /// The province's tree: the sample's province and 14 districts, and `communes` synthetic
 /// communes spread over the districts (the sample lists Bình Liêu's only).
@@ -100,7 +69,7 @@ fn prepare(
     tree_file: &Path,
     (i, unit, role): (usize, &str, Role),
     province_addr: &str,
-    rng: &mut impl RngCore,
+    seed: u64,
 ) -> PathBuf {
     let dir = root.join(format!("u{i:04}"));
     Node::init_with_tree(&dir, unit, role, "admin", Some(tree_file)).expect("init");
@@ -120,9 +89,7 @@ fn prepare(
     let config = config.replacen(listen, &format!("{listen}source = \"{source}\"\n"), 1);
     std::fs::write(dir.join("config.toml"), config).unwrap();
     let scan = dir.join("scan.pdf");
-    let mut bytes = vec![0u8; SCAN_BYTES];
-    rng.fill_bytes(&mut bytes);
-    std::fs::write(&scan, bytes).unwrap();
+    std::fs::write(&scan, random_scan(SCAN_BYTES, seed)).unwrap();
     for d in 0..DOCS_PER_UNIT {
         node.dispatch_new(
             None,
@@ -199,16 +166,12 @@ fn main() {
         Some(&tree_file),
     )
     .unwrap();
-    let port = std::net::UdpSocket::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let province_addr = format!("127.0.0.1:{port}");
+    Node::open(&province_dir).unwrap().ca_init().unwrap();
+    let province = ServeProcess::start(&province_dir);
+    let province_addr = province.addr.to_string();
     let started = Instant::now();
     let dirs: Vec<(String, PathBuf)> = {
-        let mut province = Node::open(&province_dir).unwrap();
-        province.ca_init().unwrap();
+        let province = Node::open(&province_dir).unwrap();
         units
             .iter()
             .enumerate()
@@ -219,7 +182,7 @@ fn main() {
                     &tree_file,
                     (i, unit, *role),
                     &province_addr,
-                    &mut rng,
+                    i as u64,
                 );
                 (unit.clone(), dir)
             })
@@ -228,18 +191,16 @@ fn main() {
     let setup_s = started.elapsed().as_secs_f64();
     eprintln!("{} units enrolled in {setup_s:.1} s", dirs.len());
 
-    let province = serve(&province_dir, &province_addr);
-    std::thread::sleep(Duration::from_secs(2));
     // The watcher: the last commune keeps a session open through the storm.
     let (watch_unit, watch_dir) = dirs.last().cloned().unwrap();
-    let watcher = serve(&watch_dir, "127.0.0.1:0");
+    let watcher = ServeProcess::start(&watch_dir);
     std::thread::sleep(Duration::from_secs(3));
     let stormers = &dirs[..dirs.len() - 1];
 
     let rss_peak = Arc::new(Mutex::new((0.0f64, 0.0f64)));
     let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
     let sampler = {
-        let (peak, on, pid) = (rss_peak.clone(), sampling.clone(), province.0.id());
+        let (peak, on, pid) = (rss_peak.clone(), sampling.clone(), province.child.id());
         std::thread::spawn(move || {
             while on.load(std::sync::atomic::Ordering::Relaxed) {
                 let (rss, hwm) = rss_mib(pid);
@@ -362,8 +323,8 @@ fn main() {
         "SELECT COUNT(*) FROM dispatch_recipients WHERE unit = 'qn'",
     );
     let scans_held = count(&db, "SELECT COUNT(*) FROM blobs");
-    drop(watcher);
-    drop(province);
+    watcher.stop();
+    province.stop();
 
     let mut times: Vec<f64> = outcomes.iter().filter_map(|o| o.session_s).collect();
     times.sort_by(f64::total_cmp);
