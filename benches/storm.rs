@@ -235,7 +235,7 @@ fn main() {
                     };
                     while out.attempts < ATTEMPTS_MAX {
                         out.attempts += 1;
-                        match communesync::node::sync::sync_once(&dir, None).await {
+                        match communesync::service::sync_once(&dir, None).await {
                             Ok(report) if report.converged => {
                                 out.session_s = Some(first.elapsed().as_secs_f64());
                                 break;

@@ -24,9 +24,10 @@ use communesync::model::dispatch::{self, DispatchKind, NewDispatch, Priority};
 use communesync::model::{DocId, DocKind};
 use communesync::net::{self, SessionReport};
 use communesync::node::replica::NodeReplica;
-use communesync::node::{now_ms, path, sync, DispatchRequest, Node, DB_FILE, KEY_FILE};
+use communesync::node::{admin, now_ms, DispatchRequest, Node, DB_FILE, KEY_FILE};
 use communesync::proto::blob::{encode_chunk, LEVEL_RAW};
 use communesync::proto::{wire, Action, DocChanges, DocHeads, Frame, Session};
+use communesync::service::{self, path};
 use communesync::store::SCHEMA_VERSION;
 use communesync::trust::{Crl, NodeKey, PeerIdentity, TlsMaterial};
 use communesync::units::Role;
@@ -900,7 +901,7 @@ async fn serve_here(dir: &Path) -> Served {
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     let dir = dir.to_path_buf();
     let task = tokio::spawn(async move {
-        sync::serve(&dir, Some(addr), shutdown)
+        service::serve(&dir, Some(addr), shutdown)
             .await
             .expect("serve");
     });
@@ -917,7 +918,7 @@ impl Served {
 }
 
 async fn sync_now(commune: &Path) -> SessionReport {
-    sync::sync_once(commune, None).await.expect("sync")
+    service::sync_once(commune, None).await.expect("sync")
 }
 
 /// What a bare connection costs, seen from the client.
@@ -936,10 +937,10 @@ async fn bare_connection(commune: &Path, addr: SocketAddr) -> Bare {
     let node = Node::open(commune).expect("open");
     let read = |f: &str| std::fs::read_to_string(commune.join(f)).expect("read tls file");
     let tls = TlsMaterial {
-        ca_pem: read(sync::CA_FILE),
-        cert_pem: read(sync::CERT_FILE),
+        ca_pem: read(admin::CA_FILE),
+        cert_pem: read(admin::CERT_FILE),
         key: NodeKey::load(commune.join(KEY_FILE)).expect("key"),
-        crl: std::fs::read_to_string(commune.join(sync::CRL_FILE))
+        crl: std::fs::read_to_string(commune.join(admin::CRL_FILE))
             .ok()
             .and_then(|t| Crl::from_pem(&t).ok()),
     };

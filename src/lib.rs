@@ -5,7 +5,8 @@
 //! - [`cli`]: command-line definitions, output formatting and exit codes.
 //! - [`http`]: the read-only status page and `/metrics` that `serve` offers (beside [`cli`]:
 //!   another way to show [`node`]'s figures).
-//! - [`node`]: one node's operations (init, config, local writes, queries, sync driving).
+//! - [`service`]: the one-shot `sync` and the `serve` daemon, built from [`net`] sessions.
+//! - [`node`]: one node's operations (init, config, local writes, queries, administration).
 //! - [`net`]: QUIC (quinn) endpoints that drive [`proto`] sessions over real sockets.
 //! - [`proto`]: the sync protocol as a state machine: no sockets, no clock, no tokio, no SQLite.
 //! - [`trust`]: the provincial certificate authority, enrolment, revocation, TLS configs.
@@ -19,6 +20,7 @@ pub mod model;
 pub mod net;
 pub mod node;
 pub mod proto;
+pub mod service;
 pub mod store;
 pub mod trust;
 pub mod units;

@@ -885,7 +885,7 @@ pub fn run(cli: Cli) -> Result<()> {
             let dir = data_dir(&cli)?;
             let bars = progress::wanted(cli.json).then(|| progress::ScanBars::new(&dir));
             let watcher = bars.as_ref().map(|b| b.watcher());
-            let report = runtime()?.block_on(crate::node::sync::sync_once_watched(
+            let report = runtime()?.block_on(crate::service::sync_once_watched(
                 &dir,
                 peer.as_deref(),
                 watcher,
@@ -936,8 +936,7 @@ pub fn run(cli: Cli) -> Result<()> {
                         }
                     }
                 };
-                crate::node::sync::serve_counted(&dir, *listen, shutdown, counters, start_page)
-                    .await
+                crate::service::serve_counted(&dir, *listen, shutdown, counters, start_page).await
             })
         }
         Command::Demo { keep, local: true } => demo::run_local(*keep, &out),

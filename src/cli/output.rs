@@ -15,9 +15,9 @@ use crate::model::dispatch::DispatchView;
 use crate::model::dossier::DossierView;
 use crate::model::Conflict;
 use crate::net::SessionReport;
+use crate::node::admin::{IssueReport, Status};
 use crate::node::bundle::{ExportReport, ImportReport};
 use crate::node::health::Health;
-use crate::node::sync::{IssueReport, Status};
 use crate::node::{
     AttachmentReport, AuditLine, CheckReport, DispatchDetail, InitReport, Node, ReceiveReport,
 };

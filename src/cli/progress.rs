@@ -17,8 +17,8 @@ use std::time::Duration;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::net::progress::{Direction, ScanProgress};
-use crate::node::sync::ProgressWatcher;
 use crate::node::Node;
+use crate::service::ProgressWatcher;
 
 /// How often a drawing thread looks for the end of what it draws.
 const POLL: Duration = Duration::from_millis(100);
@@ -251,7 +251,7 @@ mod tests {
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let served = {
             let prov = prov.clone();
-            tokio::spawn(async move { crate::node::sync::serve(&prov, Some(addr), shutdown).await })
+            tokio::spawn(async move { crate::service::serve(&prov, Some(addr), shutdown).await })
         };
         tokio::time::sleep(Duration::from_millis(200)).await;
         let (tx, rx) = std::sync::mpsc::channel();
@@ -261,7 +261,7 @@ mod tests {
                 let _ = tx.send(seen);
             });
         });
-        let report = crate::node::sync::sync_once_watched(&comm, None, Some(watcher))
+        let report = crate::service::sync_once_watched(&comm, None, Some(watcher))
             .await
             .unwrap();
         assert_eq!(report.blobs_received, 1);

@@ -128,7 +128,7 @@ pub fn render(node: &Node, counters: &CounterValues) -> Result<String> {
         &one(connected_count as f64),
     );
     let per_peer = |f: &dyn Fn(
-        &crate::node::sync::PeerStatus,
+        &crate::node::admin::PeerStatus,
         &crate::store::sync::PeerSync,
     ) -> Option<f64>|
      -> Vec<(String, f64)> {

@@ -8,7 +8,7 @@ use std::collections::{BTreeSet, HashMap};
 use serde::Serialize;
 use tracing::info;
 
-use super::sync::{CA_FILE, CERT_FILE};
+use super::admin::{CA_FILE, CERT_FILE};
 use super::{now_ms, Node, NodeError, Result, KEY_FILE};
 use crate::model::{AuditEntry, DocId};
 use crate::store::sigs::{ChangeSigning, NodeCertRow, SIG_BYTES};
@@ -382,8 +382,9 @@ mod tests {
                 .unwrap()
                 .to_vec()
         };
-        let ours =
-            issue(&trust::Ca::open(dir.path().join("p").join(super::super::sync::CA_DIR)).unwrap());
+        let ours = issue(
+            &trust::Ca::open(dir.path().join("p").join(super::super::admin::CA_DIR)).unwrap(),
+        );
         let foreign = issue(&trust::Ca::init(dir.path().join("other"), "qn").unwrap());
         let (learnt, written) = node.learn_certs(&[foreign, ours.clone()]).unwrap();
         assert!(

@@ -13,8 +13,8 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 use tracing::info;
 
+use super::admin::{CA_FILE, CERT_FILE};
 use super::replica::{scope_for, NodeReplica};
-use super::sync::{CA_FILE, CERT_FILE};
 use super::{blobsink::BlobSink, now_ms, Node, NodeError, Result, KEY_FILE};
 use crate::model::DocId;
 use crate::proto::blob::encode_chunk;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
-use super::sync::{PeerStatus, CERT_FILE};
+use super::admin::{PeerStatus, CERT_FILE};
 use super::{now_ms, Node, NodeError, Result};
 use crate::proto::wire::{self, StatusEntry, StatusPeer};
 use crate::store::status::PeerLive;

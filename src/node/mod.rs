@@ -2,19 +2,17 @@
 //!
 //! The CLI calls this layer; it never parses flags or prints.
 
+pub mod admin;
 mod authors;
 pub mod blobsink;
 pub mod bundle;
 pub mod config;
 pub mod health;
 mod local;
-pub mod notify;
-pub mod path;
 pub mod replica;
 pub mod restore;
 #[cfg(test)]
 mod simtest;
-pub mod sync;
 pub mod tree;
 
 use std::path::{Path, PathBuf};

@@ -120,8 +120,8 @@ impl Node {
             .into_iter()
             .map(|p| (p.node_id, p.unit))
             .collect();
-        if self.dir.join(super::sync::CA_DIR).exists() {
-            for record in crate::trust::Ca::open(self.dir.join(super::sync::CA_DIR))?.issued()? {
+        if self.dir.join(super::admin::CA_DIR).exists() {
+            for record in crate::trust::Ca::open(self.dir.join(super::admin::CA_DIR))?.issued()? {
                 units.insert(record.node_id.to_string(), record.unit);
             }
         }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use tracing::{info, warn};
 
-use super::sync::CA_FILE;
+use super::admin::CA_FILE;
 use super::{Node, NodeError, Result};
 use crate::trust::{self, SignedTree};
 use crate::units::{Role, UnitTree};

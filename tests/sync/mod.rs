@@ -985,7 +985,7 @@ fn a_reconnect_starts_at_the_path_mtu_found_before_instead_of_probing() {
 
     // A stale entry is probed afresh: the session sends probes (the first alone is 3,850
     // bytes). Whether this short session also records what it found depends on whether the
-    // search ended before it closed (node::path::remember), so that is not asserted here.
+    // search ended before it closed (service::path::remember), so that is not asserted here.
     let two_days_ago = now_ms() - 2 * 24 * 3600 * 1000;
     commune
         .db()
@@ -1416,11 +1416,11 @@ fn raw_connection(
     node: &TestNode,
     server: &Server,
 ) -> quinn::Connection {
-    use communesync::node::{sync, KEY_FILE};
+    use communesync::node::{admin, KEY_FILE};
     let read = |name: &str| std::fs::read_to_string(node.data().join(name)).unwrap();
     let tls = communesync::trust::TlsMaterial {
-        ca_pem: read(sync::CA_FILE),
-        cert_pem: read(sync::CERT_FILE),
+        ca_pem: read(admin::CA_FILE),
+        cert_pem: read(admin::CERT_FILE),
         key: communesync::trust::NodeKey::load(node.data().join(KEY_FILE)).unwrap(),
         crl: None,
     };

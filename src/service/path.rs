@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 
 use tracing::{debug, warn};
 
-use super::{now_ms, DB_FILE};
 use crate::net;
+use crate::node::{now_ms, DB_FILE};
 use crate::store::Store;
 
 /// A path is probed afresh after this long, so a route that changed is found again.
