@@ -789,9 +789,14 @@ pub async fn run_session(
                                 session.blob_unavailable_here(hash, MissingReason::Deferred);
                             } else if !replica.node.blob_readable_by(&hash, &peer).map_err(node_err)? {
                                 // Only scans the peer may read leave this node (docs/security.md).
-                                // Often benign: the document has not reached this node yet.
+                                // Often benign: the document has not reached this node yet. A scan
+                                // not here at all is said to be not held (the asker tries again):
+                                // whether the peer may read it is known only once it is (a scan
+                                // arriving from the peer's own subtree becomes readable then).
                                 debug!(peer = %peer.unit, "scan not attached here to a document of the peer's scope written by another unit; not sent");
-                                session.blob_unavailable_here(hash, MissingReason::NotInScope);
+                                let held = replica.node.store.has_blob(&hash).map_err(store_err)?;
+                                let reason = if held { MissingReason::NotInScope } else { MissingReason::NotHeld };
+                                session.blob_unavailable_here(hash, reason);
                             } else if replica.node.store.has_blob(&hash).map_err(store_err)? {
                                 let _ = blob_queue.send((hash, from)).await;
                             } else if relay_for_peer && replica.node.store.blob_arriving(&hash, crate::node::now_ms(), ARRIVING_RECENT.as_millis() as i64).map_err(store_err)? {
