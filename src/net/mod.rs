@@ -80,6 +80,26 @@ pub enum NetError {
     },
 }
 
+/// A node refusing a session for lack of capacity closes it with a reason saying when to come
+/// back: `busy: too many sessions, retry after N s`. Spread over this range, so that the peers
+/// a regional outage sends back at once do not all return in the same second.
+pub const BUSY_RETRY_AFTER_S: std::ops::RangeInclusive<u64> = 5..=30;
+/// Longest retry-after a peer's reason is believed for (a hostile peer could say a year).
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(3600);
+
+/// The close reason of a session refused for lack of capacity.
+pub fn busy_reason(retry_after_s: u64) -> String {
+    format!("busy: too many sessions, retry after {retry_after_s} s")
+}
+
+/// The retry-after a peer's refusal named (in an error's text, its close reason included),
+/// bounded; None if it named none.
+pub fn retry_after(error_text: &str) -> Option<Duration> {
+    let (_, rest) = error_text.split_once("retry after ")?;
+    let secs: u64 = rest.split(' ').next()?.parse().ok()?;
+    Some(Duration::from_secs(secs).min(RETRY_AFTER_MAX))
+}
+
 /// Largest UDP payload a connection may grow to, where the route allows it (loopback, jumbo
 /// Ethernet). quinn hands the kernel up to 10 equal segments in one GSO send, which must fit a
 /// single 65,507-byte UDP datagram; 6,500 × 10 does. At this size QUIC's per-packet cost (about
@@ -1168,6 +1188,19 @@ mod tests {
         );
         server.close(0u32.into(), b"");
         sim.shutdown().await;
+    }
+
+    #[test]
+    fn a_busy_refusal_says_when_to_come_back_and_is_believed_within_bounds() {
+        let reason = busy_reason(17);
+        let error = format!("connection to qn lost: closed by peer: {reason} (code 2)");
+        assert_eq!(retry_after(&error), Some(Duration::from_secs(17)));
+        assert_eq!(
+            retry_after("busy: too many sessions, retry after 999999999 s"),
+            Some(RETRY_AFTER_MAX)
+        );
+        assert_eq!(retry_after("connection lost: timed out"), None);
+        assert_eq!(retry_after("retry after soon"), None);
     }
 
     #[test]

@@ -260,7 +260,8 @@ pub async fn serve_counted(
                     let Ok(_permit) = limit.try_acquire_owned() else {
                         warn!(%remote, unit = %identity.unit, "sync.connections_max sessions already open: refused a peer");
                         counters.refused("busy");
-                        conn.close(2u32.into(), b"busy: too many sessions, retry later");
+                        let after = rand::random_range(net::BUSY_RETRY_AFTER_S);
+                        conn.close(2u32.into(), net::busy_reason(after).as_bytes());
                         return;
                     };
                     info!(%remote, unit = %identity.unit, node = %identity.node_id, "peer connected");
@@ -342,6 +343,7 @@ async fn keep_peer(
 ) {
     let mut backoff = Duration::from_secs(1);
     loop {
+        let mut wait_at_least = Duration::ZERO;
         let attempt = async {
             let node = Node::open(&dir)?;
             let peer = node.store.peer(&name)?;
@@ -378,6 +380,8 @@ async fn keep_peer(
             Err(e) => {
                 error!(peer = %name, "sync failed: {e:#}");
                 backoff = (backoff * 2).min(backoff_max);
+                // A peer refusing for lack of capacity says when to come back.
+                wait_at_least = net::retry_after(&format!("{e:#}")).unwrap_or_default();
             }
         }
         if *shutdown.borrow() {
@@ -385,7 +389,7 @@ async fn keep_peer(
         }
         let jitter = rand::random_range(0.5..1.5);
         tokio::select! {
-            _ = tokio::time::sleep(backoff.mul_f64(jitter)) => {}
+            _ = tokio::time::sleep(backoff.mul_f64(jitter).max(wait_at_least)) => {}
             _ = shutdown.changed() => return,
         }
     }

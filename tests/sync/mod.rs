@@ -2032,3 +2032,36 @@ fn a_standby_province_holds_everything_and_takes_over_when_the_primarys_disk_die
     assert_eq!(crl_number(&district), crl_number(&standby));
     taking_over.finish();
 }
+
+#[test]
+fn a_province_at_capacity_refuses_with_a_retry_after_and_serves_once_a_slot_frees() {
+    let province = province();
+    set_sync(&province, "connections_max", "1");
+    crate::util::quick_recovery(&province, 250);
+    let server = Server::start(&province);
+    // One commune's serve holds the only session slot.
+    let first = commune_of(&province, COMMUNE, &server);
+    let holding = Server::start(&first);
+    eventually(
+        Duration::from_secs(20),
+        "the first commune's serve never held a session",
+        || province.count("peer_live WHERE alive_at IS NOT NULL") == 1,
+    );
+    let second = commune_of(&province, SIBLING, &server);
+    let refused = sync_refused(&second);
+    let after = communesync::net::retry_after(&refused)
+        .unwrap_or_else(|| panic!("no retry-after in the refusal: {refused}"));
+    assert!(
+        communesync::net::BUSY_RETRY_AFTER_S.contains(&after.as_secs()),
+        "{refused}"
+    );
+    // Once the slot is free, the refused commune syncs.
+    // (killed: the province frees its slot when the session goes silent, 5 s here)
+    holding.finish();
+    eventually(
+        Duration::from_secs(30),
+        "the second commune never got a session",
+        || crate::util::sync(&second).code == 0,
+    );
+    server.finish();
+}
