@@ -18,7 +18,7 @@
 //! still due moves ("settled"): receipts inside the dispatch go to every recipient there.
 
 mod common;
-use common::{load_average, machine};
+use common::{enrol_with, identity, introduce, load_average, machine};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -237,6 +237,13 @@ impl Run {
             let node = Node::open(&m.dir).expect("open");
             ids.push((node.node_id().to_string(), role));
         }
+        // Every node enrolled with the province's CA: changes travel signed by their authors.
+        let mut province = Node::open(&self.members[0].dir).expect("open");
+        province.ca_init().expect("ca init");
+        for m in &self.members[1..] {
+            let mut node = Node::open(&m.dir).expect("open");
+            enrol_with(&province, &mut node, m.dir.parent().expect("scratch"));
+        }
         // The province knows every node (as its CA would), each district those of its communes.
         for (i, m) in self.members.iter().enumerate() {
             let mut node = Node::open(&m.dir).expect("open");
@@ -377,22 +384,7 @@ impl Run {
         let up = self.members[i].parent.expect("a parent");
         let mut a = Side::open(&self.members[up].dir);
         let mut b = Side::open(&self.members[i].dir);
-        a.peer = identity(&b.node);
-        b.peer = identity(&a.node);
-        for side in [&mut a, &mut b] {
-            let peer = side.peer.clone();
-            side.node
-                .store
-                .write(|tx| {
-                    tx.peer_touch(
-                        &peer.node_id.to_string(),
-                        &peer.unit,
-                        peer.role.as_str(),
-                        now_ms(),
-                    )
-                })
-                .expect("record contact");
-        }
+        (a.peer, b.peer) = introduce(&mut a.node, &mut b.node);
         let started = process_cpu();
         let mut sa = Session::new(&mut a.replica(), 0).expect("session");
         let mut sb = Session::new(&mut b.replica(), 0).expect("session");
@@ -476,15 +468,6 @@ fn copy_scan(from: &Side, to: &mut Side, session: &mut Session, hash: &Hash32) -
         .blob_finished(&mut to.replica(), hash, true)
         .expect("blob finished");
     data.len() as u64
-}
-
-fn identity(node: &Node) -> PeerIdentity {
-    PeerIdentity {
-        node_id: node.node_id(),
-        unit: node.unit().to_string(),
-        role: node.role(),
-        serial: vec![1],
-    }
 }
 
 /// CPU time of the whole process (both sides of every session run in it, and the threads that

@@ -538,42 +538,18 @@ struct Party {
     peer: PeerIdentity,
 }
 
-fn identity(node: &Node) -> PeerIdentity {
-    PeerIdentity::from_cert_der(&node.own_cert_der().expect("enrolled")).expect("certificate")
-}
-
-fn meet(province: Node, commune: Node) -> (Party, Party) {
-    let (pid, cid) = (identity(&province), identity(&commune));
-    let mut p = Party {
-        node: province,
-        peer: cid,
-    };
-    let mut c = Party {
-        node: commune,
-        peer: pid,
-    };
-    let (pder, cder) = (
-        p.node.own_cert_der().expect("enrolled"),
-        c.node.own_cert_der().expect("enrolled"),
-    );
-    // Each side holds the other's certificate, as a TLS handshake leaves it.
-    p.node.learn_cert(&cder).expect("commune certificate");
-    c.node.learn_cert(&pder).expect("province certificate");
-    for side in [&mut p, &mut c] {
-        let peer = side.peer.clone();
-        side.node
-            .store
-            .write(|tx| {
-                tx.peer_touch(
-                    &peer.node_id.to_string(),
-                    &peer.unit,
-                    peer.role.as_str(),
-                    now_ms(),
-                )
-            })
-            .expect("record contact");
-    }
-    (p, c)
+fn meet(mut province: Node, mut commune: Node) -> (Party, Party) {
+    let (p_sees, c_sees) = common::introduce(&mut province, &mut commune);
+    (
+        Party {
+            node: province,
+            peer: p_sees,
+        },
+        Party {
+            node: commune,
+            peer: c_sees,
+        },
+    )
 }
 
 /// What one protocol exchange cost.

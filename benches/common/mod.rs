@@ -12,7 +12,8 @@ use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use communesync::node::Node;
+use communesync::node::{now_ms, Node};
+use communesync::trust::PeerIdentity;
 use communesync::units::Role;
 use rand::{RngCore, SeedableRng};
 
@@ -238,4 +239,46 @@ impl Drop for ServeProcess {
             self.shut_down();
         }
     }
+}
+
+/// How an enrolled node appears to a peer: what its certificate says.
+pub fn identity(node: &Node) -> PeerIdentity {
+    PeerIdentity::from_cert_der(&node.own_cert_der().expect("enrolled")).expect("certificate")
+}
+
+/// What a TLS handshake and first contact leave on both sides of a protocol-level session:
+/// each node holds the other's certificate (to check the signatures of the changes it made)
+/// and has recorded the other as a node it met. Returns how each sees the other.
+pub fn introduce(a: &mut Node, b: &mut Node) -> (PeerIdentity, PeerIdentity) {
+    let (a_sees, b_sees) = (identity(b), identity(a));
+    let (a_der, b_der) = (
+        a.own_cert_der().expect("enrolled"),
+        b.own_cert_der().expect("enrolled"),
+    );
+    a.learn_cert(&b_der).expect("peer certificate");
+    b.learn_cert(&a_der).expect("peer certificate");
+    for (node, peer) in [(a, &a_sees), (b, &b_sees)] {
+        node.store
+            .write(|tx| {
+                tx.peer_touch(
+                    &peer.node_id.to_string(),
+                    &peer.unit,
+                    peer.role.as_str(),
+                    now_ms(),
+                )
+            })
+            .expect("record contact");
+    }
+    (a_sees, b_sees)
+}
+
+/// Enrols `node` with the province's CA, as `enrol request`, `ca issue` and `enrol install`
+/// would; the request and certificate files go to `scratch`.
+pub fn enrol_with(province: &Node, node: &mut Node, scratch: &Path) {
+    let (req, crt) = (scratch.join("enrol.req"), scratch.join("enrol.crt"));
+    node.enrol_request(&req).expect("enrol request");
+    province
+        .ca_issue(&req, node.unit(), node.role(), &crt)
+        .expect("ca issue");
+    node.enrol_install(&crt).expect("enrol install");
 }
