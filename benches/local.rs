@@ -3,11 +3,11 @@
 //! and per MiB of scan (database and scan files). Run with `cargo bench --bench local`; prints a Markdown table.
 
 mod common;
-use common::{greyscale_scan, load_average, new_node, run_line};
+use common::{greyscale_scan, load_average, ms, new_node, run_line};
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use communesync::model::assignment::{self, NewAssignment, Status};
 use communesync::model::dispatch::{self, DispatchKind, NewDispatch, Priority};
@@ -34,10 +34,6 @@ const LIST_RUNS_BINARY: usize = 11;
 /// The bars of DESIGN.md and of the brief, in milliseconds.
 const WRITE_P50_MS_MAX: f64 = 20.0;
 const LIST_MS_MAX: f64 = 100.0;
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
 
 /// Quantile `q` of sorted samples (nearest rank).
 fn quantile(sorted: &[f64], q: f64) -> f64 {

@@ -12,11 +12,11 @@
 //! rows are what a province that received it over sync would hold.
 
 mod common;
-use common::{load_average, machine};
+use common::{load_average, machine, memory_mib, ms};
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use automerge::ActorId;
 use communesync::model::assignment::{self, NewAssignment, Status};
@@ -400,10 +400,6 @@ fn median(mut samples: Vec<f64>) -> f64 {
     samples[samples.len() / 2]
 }
 
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 /// CPU seconds this process has used (user and system): on a shared machine the wall time
 /// of a build says more about the other processes than about this one.
 fn own_cpu_s() -> f64 {
@@ -419,13 +415,7 @@ fn own_cpu_s() -> f64 {
 
 /// This process's peak resident set (VmHWM), in MiB.
 fn own_peak_rss_mb() -> f64 {
-    let status = std::fs::read_to_string("/proc/self/status").expect("/proc/self/status");
-    let kb: f64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .expect("VmHWM");
-    kb / 1024.0
+    memory_mib(std::process::id(), "VmHWM").expect("/proc/self/status")
 }
 
 /// The queries measured, as the command line spells them and as the library calls them.

@@ -12,7 +12,7 @@
 //! `cargo bench --bench storm -- 120 20` (units, spread in seconds).
 
 mod common;
-use common::{load_average, machine, random_scan, ServeProcess};
+use common::{load_average, machine, memory_mib, random_scan, ServeProcess};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -109,15 +109,8 @@ fn prepare(
 
 /// Resident and peak resident memory of a process, MiB.
 fn rss_mib(pid: u32) -> (f64, f64) {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let field = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse::<f64>().ok())
-            .map_or(0.0, |kb| kb / 1024.0)
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    let mib = |field| memory_mib(pid, field).unwrap_or(0.0);
+    (mib("VmRSS"), mib("VmHWM"))
 }
 
 fn count(db: &Path, sql: &str) -> i64 {

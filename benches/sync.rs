@@ -11,7 +11,7 @@
 
 mod common;
 use common::{
-    command, greyscale_scan, load_average, new_node, random_scan, run_line, ServeProcess,
+    command, greyscale_scan, load_average, ms, new_node, random_scan, run_line, ServeProcess,
 };
 
 use std::io::Read;
@@ -1539,10 +1539,7 @@ fn sub_stats(a: linksim::DirectionStats, b: linksim::DirectionStats) -> String {
 /// `ru_maxrss` from wait4 is no use here: a child spawned with vfork-style `posix_spawn` keeps
 /// the high-water mark of the parent's address space it started in (this bench's, 170+ MB).
 fn vm_hwm(pid: u32) -> Option<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
+    common::memory_kib(pid, "VmHWM").map(|kib| kib * 1024)
 }
 
 /// Polls the peak RSS of `watched` until `child` exits; returns whether it succeeded.
@@ -1817,10 +1814,6 @@ async fn deliver_one(
     }
 }
 
-fn ms(d: Duration) -> u128 {
-    d.as_millis()
-}
-
 /// Latency of urgent and flash dispatches from a province `serve` to a commune `serve` (which
 /// keeps its upstream session, as in production) over linksim weak 4G, on the idle link and
 /// while a bulk scan fills it.
@@ -1895,7 +1888,7 @@ async fn urgent_weak_4g(scan_mb: usize) {
     println!("| --- | --- | --- | --- | --- | --- | --- |");
     for (n, (link, d)) in rows.iter().enumerate() {
         println!(
-            "| {} | {link}{} | {} | {} ms | {} B | {:.0} ms | {} |",
+            "| {} | {link}{} | {} | {:.0} ms | {} B | {:.0} ms | {} |",
             n + 1,
             if *link != "idle" && !d.busy {
                 " (scan already done)"
@@ -1915,7 +1908,7 @@ async fn urgent_weak_4g(scan_mb: usize) {
             let mut lat: Vec<u128> = rows
                 .iter()
                 .filter(|(l, d)| *l == link && d.priority == priority)
-                .map(|(_, d)| ms(d.latency))
+                .map(|(_, d)| d.latency.as_millis())
                 .collect();
             lat.sort();
             let met_n = rows

@@ -17,6 +17,11 @@ use communesync::trust::PeerIdentity;
 use communesync::units::Role;
 use rand::{RngCore, SeedableRng};
 
+#[path = "../../tests/util/proc.rs"]
+mod proc;
+#[allow(unused_imports)] // each bench uses a part
+pub use proc::{memory_kib, memory_mib, ms};
+
 /// The binary Cargo built for the benches.
 pub const BIN: &str = env!("CARGO_BIN_EXE_communesync");
 

@@ -1405,7 +1405,7 @@ fn issue12_half_open_handshakes_do_not_lock_out_an_enrolled_commune() {
     rt.block_on(trickling).unwrap();
     eprintln!(
         "commune synced in {synced_in:?} behind the flood; daemon peak RSS {} MiB",
-        memory_mib(server.pid(), "VmHWM")
+        (crate::util::memory_mib(server.pid(), "VmHWM").expect("daemon alive") as u64)
     );
     server.finish();
 }
@@ -1531,22 +1531,6 @@ fn automerge_bomb(mib: usize) -> Vec<u8> {
     chunk
 }
 
-/// A memory figure of process `pid` from /proc (`VmHWM`, the most it has held; `VmRSS`, what it
-/// holds now), in MiB.
-fn memory_mib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let line = status
-        .lines()
-        .find(|l| l.strip_prefix(field).is_some_and(|r| r.starts_with(':')))
-        .unwrap();
-    line.split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<u64>()
-        .unwrap()
-        / 1024
-}
-
 /// Opens a control stream on a raw connection and writes its tag, a Hello, then `frames`
 /// (encoded): a modified peer speaking the protocol by hand. The stream stays open while the
 /// returned handle lives.
@@ -1597,7 +1581,7 @@ fn issue12_a_decompression_bomb_in_a_push_costs_the_daemon_little() {
         19,
     );
     assert!(push.len() < 16 << 10, "{}", push.len());
-    let before = memory_mib(server.pid(), "VmHWM");
+    let before = crate::util::memory_mib(server.pid(), "VmHWM").expect("daemon alive") as u64;
     let started = Instant::now();
     // The document is refused alone; the session stays open for the rest.
     let _control = open_control(&rt, &conn, std::slice::from_ref(&push));
@@ -1608,7 +1592,7 @@ fn issue12_a_decompression_bomb_in_a_push_costs_the_daemon_little() {
         )),
         "{log}"
     );
-    let peak = memory_mib(server.pid(), "VmHWM");
+    let peak = crate::util::memory_mib(server.pid(), "VmHWM").expect("daemon alive") as u64;
     eprintln!(
         "bomb of {} bytes refused in {:?}; daemon peak RSS {before} MiB before, {peak} MiB after",
         push.len(),
@@ -1633,7 +1617,7 @@ fn issue12_a_decompression_bomb_in_a_push_costs_the_daemon_little() {
     let _control = open_control(&rt, &conn, std::slice::from_ref(&push));
     let log = server.wait_log("changes do not decode", 1);
     assert!(log.contains("changes do not decode"), "{log}");
-    let peak_under = memory_mib(server.pid(), "VmHWM");
+    let peak_under = crate::util::memory_mib(server.pid(), "VmHWM").expect("daemon alive") as u64;
     eprintln!(
         "64 documents of 31 MiB inflated each in a {}-byte Push refused in {:?}; daemon peak RSS {peak_under} MiB",
         push.len(),
@@ -1745,11 +1729,11 @@ fn issue12_control_frames_a_busy_daemon_has_not_handled_yet_are_held_within_a_bu
         })
         .collect();
     assert!(offers.iter().all(|o| o.len() < 64 << 10));
-    let before = memory_mib(server.pid(), "VmRSS");
+    let before = crate::util::memory_mib(server.pid(), "VmRSS").expect("daemon alive") as u64;
     let control = open_control(&rt, &conn, &offers);
     // Time for the daemon to read and decode all 20 (330 MB) if nothing held it back.
     std::thread::sleep(Duration::from_secs(4));
-    let held = memory_mib(server.pid(), "VmRSS");
+    let held = crate::util::memory_mib(server.pid(), "VmRSS").expect("daemon alive") as u64;
     db.execute_batch("ROLLBACK").unwrap();
     eprintln!("20 Offers of 16.5 MB decoded each sent to a busy daemon: RSS {before} MiB before, {held} MiB while it was busy");
     assert!(held < before + 80, "RSS {before} -> {held} MiB");

@@ -16,17 +16,13 @@ use tokio::runtime::Runtime;
 
 use crate::util::{
     attachment_hash, blob_rows, chunks_stored, db_read_only, enrolled, held_docs, holds_doc, id,
-    incompressible, link, now_ms, path_arg, province, quick_recovery, relink, runtime, scan,
+    incompressible, link, ms, now_ms, path_arg, province, quick_recovery, relink, runtime, scan,
     scans_missing, synced, tree_node, wait_until, Server, TestNode, COMMUNE, DISTRICT, DISTRICTS,
     SIBLING,
 };
 
 /// Push interval of every node in these tests: short, so a hop costs well under a second.
 const PUSH_INTERVAL_MS: u64 = 200;
-
-fn ms(d: Duration) -> u128 {
-    d.as_millis()
-}
 
 /// Whether `unit` is `ancestor` or below it (written here, not borrowed from the product, so the
 /// expected scope does not share a bug with the code under test).

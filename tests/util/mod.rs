@@ -8,11 +8,13 @@
 pub mod db;
 pub mod mount;
 pub mod net;
+pub mod proc;
 pub mod tree;
 
 pub use db::*;
 pub use mount::*;
 pub use net::*;
+pub use proc::*;
 pub use tree::*;
 
 use std::collections::BTreeSet;
