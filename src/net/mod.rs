@@ -747,6 +747,8 @@ pub async fn run_session(
         );
     }
 
+    // Size and time of the signed tree file when last read (see the push tick).
+    let mut units_stamp = None;
     let mut units_signed = node
         .units_signed()
         .map(|t| t.bytes.clone())
@@ -975,11 +977,17 @@ pub async fn run_session(
                             crl_der = crl.der().to_vec();
                         }
                     }
-                    // So does a unit tree another session (or `unit publish`) installed here.
-                    if let Ok(held) = std::fs::read(dir.join(crate::node::tree::SIGNED_UNITS_FILE)) {
-                        if held != units_signed && node.install_units(&held).is_ok() {
-                            session.update_units(node.units_version());
-                            units_signed = held;
+                    // So does a unit tree another session (or `unit publish`) installed here;
+                    // the file is read only when its size or time changed (it is replaced whole).
+                    let tree_file = dir.join(crate::node::tree::SIGNED_UNITS_FILE);
+                    let stamp = std::fs::metadata(&tree_file).ok().map(|m| (m.len(), m.modified().ok()));
+                    if stamp.is_some() && stamp != units_stamp {
+                        units_stamp = stamp;
+                        if let Ok(held) = std::fs::read(&tree_file) {
+                            if held != units_signed && node.install_units(&held).is_ok() {
+                                session.update_units(node.units_version());
+                                units_signed = held;
+                            }
                         }
                     }
                 }
