@@ -60,15 +60,9 @@ impl<'a> Judge<'a> {
         }
         let at = match self.cursor.take() {
             Some((at_heads, doc)) if at_heads == key => doc,
-            _ => self
-                .doc
-                .fork_at(&key)
-                .map_err(|e| format!("its history does not replay: {e}"))?,
+            _ => self.replay(&key)?,
         };
-        let view = self.read(&at)?;
-        self.states.insert(key.clone(), view.clone());
-        self.cursor = Some((key, at));
-        Ok(view)
+        self.keep(key, at)
     }
 
     /// The document's fields just after `change`: applied to the working copy when that
@@ -80,23 +74,32 @@ impl<'a> Judge<'a> {
         }
         let mut deps = change.deps().to_vec();
         deps.sort();
-        let at = match self.cursor.take() {
-            Some((at_heads, mut doc)) if at_heads == deps => {
-                doc.apply_changes([change.clone()])
-                    .map_err(|e| format!("a change does not apply: {e}"))?;
-                doc
-            }
-            None if deps.is_empty() => {
-                let mut doc = AutoCommit::new();
-                doc.apply_changes([change.clone()])
-                    .map_err(|e| format!("a change does not apply: {e}"))?;
-                doc
-            }
-            _ => self
-                .doc
-                .fork_at(&key)
-                .map_err(|e| format!("its history does not replay: {e}"))?,
+        let base = match self.cursor.take() {
+            Some((at_heads, doc)) if at_heads == deps => Some(doc),
+            None if deps.is_empty() => Some(AutoCommit::new()),
+            _ => None,
         };
+        let at = match base {
+            Some(mut doc) => {
+                doc.apply_changes([change.clone()])
+                    .map_err(|e| format!("a change does not apply: {e}"))?;
+                doc
+            }
+            None => self.replay(&key)?,
+        };
+        self.keep(key, at)
+    }
+
+    /// The document as it stood at `heads`, replayed from its history.
+    fn replay(&mut self, heads: &[ChangeHash]) -> Result<AutoCommit, String> {
+        self.doc
+            .fork_at(heads)
+            .map_err(|e| format!("its history does not replay: {e}"))
+    }
+
+    /// Reads the fields of `at`, the state at `key`, remembers them, and keeps `at` as the
+    /// working copy the next change of a chain applies to.
+    fn keep(&mut self, key: Vec<ChangeHash>, at: AutoCommit) -> Result<DocView, String> {
         let view = self.read(&at)?;
         self.states.insert(key.clone(), view.clone());
         self.cursor = Some((key, at));

@@ -380,8 +380,11 @@ async fn keep_peer(
             Err(e) => {
                 error!(peer = %name, "sync failed: {e:#}");
                 backoff = (backoff * 2).min(backoff_max);
-                // A peer refusing for lack of capacity says when to come back.
-                wait_at_least = net::retry_after(&format!("{e:#}")).unwrap_or_default();
+                // A peer refusing for lack of capacity says when to come back; believed up to
+                // the configured longest wait, so a hostile peer cannot park this link longer.
+                wait_at_least = net::retry_after(&format!("{e:#}"))
+                    .unwrap_or_default()
+                    .min(backoff_max);
             }
         }
         if *shutdown.borrow() {

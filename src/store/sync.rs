@@ -370,6 +370,21 @@ impl Store {
             .at(&self.path)
     }
 
+    /// Whether a document of `unit`'s scope (a party at or below it) attaches the scan: a
+    /// peer there may rightly wait for it even before it may read it.
+    pub fn blob_attached_in_scope(&self, hash: &Hash, unit: &str) -> Result<bool> {
+        self.conn
+            .prepare_cached(
+                "SELECT 1 FROM doc_blobs db JOIN doc_parties p ON p.doc_id = db.doc_id
+                 WHERE db.hash = ?1 AND (p.unit = ?2 OR p.unit LIKE ?2 || '/%') LIMIT 1",
+            )
+            .at(&self.path)?
+            .query_row(params![&hash[..], unit], |_| Ok(()))
+            .optional()
+            .map(|r| r.is_some())
+            .at(&self.path)
+    }
+
     /// How urgent a scan is: the highest priority rank of the dispatches that attach it.
     pub fn blob_rank(&self, hash: &Hash) -> Result<i64> {
         self.conn

@@ -173,19 +173,20 @@ pub fn verify_signed(
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn change_signatures_bind_the_author_document_and_change() {
+    /// A CA in a fresh directory, and a node key it certified for `unit` as `role`.
+    fn certified(unit: &str, role: Role) -> (tempfile::TempDir, Ca, NodeKey, IssuedCert) {
         let dir = tempfile::tempdir().unwrap();
         let ca = Ca::init(dir.path().join("ca"), "qn").unwrap();
         let key = NodeKey::generate().unwrap();
         let issued = ca
-            .issue(
-                &enrol_request(&key).unwrap(),
-                "qn/binhlieu",
-                Role::District,
-                30,
-            )
+            .issue(&enrol_request(&key).unwrap(), unit, role, 30)
             .unwrap();
+        (dir, ca, key, issued)
+    }
+
+    #[test]
+    fn change_signatures_bind_the_author_document_and_change() {
+        let (_dir, ca, key, issued) = certified("qn/binhlieu", Role::District);
         let der = cert_der_from_pem("node certificate", &issued.cert_pem).unwrap();
         let author = verify_node_cert_der(&der, ca.cert_pem(), None).unwrap();
         assert_eq!(author.identity.node_id, key.node_id());
@@ -208,21 +209,11 @@ mod tests {
     }
 
     use super::*;
-    use crate::trust::{enrol_request, Ca, Role};
+    use crate::trust::{enrol_request, Ca, IssuedCert, Role};
 
     #[test]
     fn signatures_verify_and_tampering_is_caught() {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = Ca::init(dir.path().join("ca"), "qn").unwrap();
-        let key = NodeKey::generate().unwrap();
-        let issued = ca
-            .issue(
-                &enrol_request(&key).unwrap(),
-                "qn/binhlieu/tinhhuc",
-                Role::Commune,
-                30,
-            )
-            .unwrap();
+        let (dir, ca, key, issued) = certified("qn/binhlieu/tinhhuc", Role::Commune);
         let sig = key.sign(b"bundle bytes").unwrap();
         let who =
             verify_signed(&issued.cert_pem, ca.cert_pem(), None, b"bundle bytes", &sig).unwrap();
