@@ -812,15 +812,14 @@ pub async fn run_session(
                             } else if !replica.node.blob_readable_by(&hash, &peer).map_err(node_err)? {
                                 // Only scans the peer may read leave this node (docs/security.md).
                                 // Often benign: the document has not reached this node yet. A scan
-                                // not here yet that a document of the peer's scope attaches is said
-                                // to be not held (the asker tries again): a scan arriving from the
-                                // peer's own subtree becomes readable once stored. Any other hash
-                                // gets the same answer held or not, so asking is no oracle of what
-                                // this node holds.
+                                // not here yet that a dispatch from below the peer attaches is said
+                                // to be not held (the asker tries again): it is on its way up and
+                                // becomes readable once stored. Any other hash gets the same answer
+                                // held or not, so asking is no oracle of what this node holds.
                                 debug!(peer = %peer.unit, "scan not attached here to a document of the peer's scope written by another unit; not sent");
                                 let store = &replica.node.store;
                                 let awaited = !store.has_blob(&hash).map_err(store_err)?
-                                    && store.blob_attached_in_scope(&hash, &peer.unit).map_err(store_err)?;
+                                    && store.blob_attached_below(&hash, &peer.unit).map_err(store_err)?;
                                 let reason = if awaited { MissingReason::NotHeld } else { MissingReason::NotInScope };
                                 session.blob_unavailable_here(hash, reason);
                             } else if replica.node.store.has_blob(&hash).map_err(store_err)? {

@@ -370,13 +370,15 @@ impl Store {
             .at(&self.path)
     }
 
-    /// Whether a document of `unit`'s scope (a party at or below it) attaches the scan: a
-    /// peer there may rightly wait for it even before it may read it.
-    pub fn blob_attached_in_scope(&self, hash: &Hash, unit: &str) -> Result<bool> {
+    /// Whether a dispatch issued strictly below `unit` attaches the scan: a relay there may
+    /// rightly wait for it (it is on its way up from that unit) before it may read it. A
+    /// dispatch of `unit`'s own does not count, or a peer could learn whether this node holds
+    /// any hash by naming it in a document of its own.
+    pub fn blob_attached_below(&self, hash: &Hash, unit: &str) -> Result<bool> {
         self.conn
             .prepare_cached(
-                "SELECT 1 FROM doc_blobs db JOIN doc_parties p ON p.doc_id = db.doc_id
-                 WHERE db.hash = ?1 AND (p.unit = ?2 OR p.unit LIKE ?2 || '/%') LIMIT 1",
+                "SELECT 1 FROM doc_blobs db JOIN dispatches ds ON ds.id = db.doc_id
+                 WHERE db.hash = ?1 AND ds.issuer LIKE ?2 || '/%' LIMIT 1",
             )
             .at(&self.path)?
             .query_row(params![&hash[..], unit], |_| Ok(()))

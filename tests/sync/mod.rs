@@ -1230,7 +1230,18 @@ fn a_commune_cannot_read_a_siblings_scan_by_naming_its_hash() {
         priority: dispatch::Priority::Normal,
         issuer: COMMUNE.into(),
         to: vec!["qn".into()],
-        attachments: vec![serde_json::from_value(attachment).unwrap()],
+        // The sibling's scan, and a hash the province does not hold: the answers must not
+        // tell them apart (no oracle of what the province holds).
+        attachments: vec![
+            serde_json::from_value(attachment.clone()).unwrap(),
+            serde_json::from_value(serde_json::json!({
+                "hash": hex::encode([0x5a; 32]),
+                "name": "khong-co.pgm",
+                "media_type": attachment["media_type"],
+                "size": attachment["size"],
+            }))
+            .unwrap(),
+        ],
     };
     dispatch::create(&mut doc, &mine, &new, &me, now_ms()).unwrap();
     hostile
@@ -1243,10 +1254,22 @@ fn a_commune_cannot_read_a_siblings_scan_by_naming_its_hash() {
     drop(hostile);
 
     let report = sync_pending(&commune);
-    assert_eq!(
-        report["scans_not_received"][0]["reason"], "not_in_scope",
-        "{report}"
-    );
+    let reasons: Vec<&Value> = report["scans_not_received"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| &s["reason"])
+        .collect();
+    assert_eq!(reasons, ["not_in_scope", "not_in_scope"], "{report}");
+    // Again, now that the province holds the commune's dispatch naming both.
+    let again = sync_pending(&commune);
+    let reasons: Vec<&Value> = again["scans_not_received"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| &s["reason"])
+        .collect();
+    assert_eq!(reasons, ["not_in_scope", "not_in_scope"], "{again}");
     assert!(
         doc_heads(&province, mine.as_str()).is_some(),
         "the dispatch itself is its own"
