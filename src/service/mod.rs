@@ -5,6 +5,7 @@
 mod notify;
 pub mod path;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -38,6 +39,58 @@ fn bind_peer(dir: &Path, name: &str, identity: &PeerIdentity) -> Result<()> {
     node.record_contact(identity)?;
     let id = identity.node_id.to_string();
     Ok(node.store.write(|tx| tx.peer_bind(name, &id))?)
+}
+
+/// Sessions one peer node may hold open here at once: its `serve` and a one-shot `sync` run by
+/// hand. One certificate so buys two sessions' budgets (memory, CPU time, streams), not
+/// `sync.connections_max` of them.
+const SESSIONS_PER_NODE_MAX: usize = 2;
+
+/// Close code of a session replaced by a newer connection of the same node.
+const REPLACED_CODE: u32 = 3;
+
+/// The open sessions of each peer node, oldest first. A connection beyond
+/// [`SESSIONS_PER_NODE_MAX`] replaces the node's oldest, which is what a node reconnecting after
+/// a cut needs: its old connection may not have timed out here yet.
+#[derive(Clone, Default)]
+struct OpenSessions(Arc<std::sync::Mutex<HashMap<String, Vec<quinn::Connection>>>>);
+
+impl OpenSessions {
+    fn sessions(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<quinn::Connection>>> {
+        // A panic while holding the map leaves it whole (pushes and removes only).
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts `conn` as a session of `node`, closing the oldest one beyond the limit.
+    fn open(&self, node: &str, conn: &quinn::Connection) {
+        let replaced = {
+            let mut sessions = self.sessions();
+            let open = sessions.entry(node.to_string()).or_default();
+            open.push(conn.clone());
+            (open.len() > SESSIONS_PER_NODE_MAX).then(|| open.remove(0))
+        };
+        if let Some(old) = replaced {
+            info!(
+                node,
+                "a newer connection of the node replaces its oldest open session"
+            );
+            old.close(
+                REPLACED_CODE.into(),
+                b"replaced by a newer connection of the same node",
+            );
+        }
+    }
+
+    /// Forgets `conn` as a session of `node`.
+    fn close(&self, node: &str, conn: &quinn::Connection) {
+        let mut sessions = self.sessions();
+        if let Some(open) = sessions.get_mut(node) {
+            open.retain(|c| c.stable_id() != conn.stable_id());
+            if open.is_empty() {
+                sessions.remove(node);
+            }
+        }
+    }
 }
 
 /// Keep-alive period of a one-shot sync (see `sync.peer_silence_s`).
@@ -181,6 +234,7 @@ pub async fn serve_counted(
     let mut crl_check = tokio::time::interval(Duration::from_secs(5));
     let mut crl_number = tls.crl.as_ref().map(|c| c.number());
     let (admission, paths) = (Admission::new(), PathCache::new());
+    let open = OpenSessions::default();
     let mut failed = None;
     loop {
         tokio::select! {
@@ -226,6 +280,7 @@ pub async fn serve_counted(
                 let (dir, shutdown, wake) = (dir.to_path_buf(), shutdown.clone(), wake.clone());
                 let (mut cfg, sync_cfg) = (server_cfg.clone(), sync_cfg.clone());
                 let (limit, paths, counters) = (limit.clone(), paths.clone(), counters.clone());
+                let open = open.clone();
                 tokio::spawn(async move {
                     let mtu = paths.get(remote.ip());
                     cfg.transport_config(Arc::new(net::path_transport(&sync_cfg, remote, mtu)));
@@ -257,7 +312,10 @@ pub async fn serve_counted(
                             return;
                         }
                     };
+                    let node_id = identity.node_id.to_string();
+                    open.open(&node_id, &conn);
                     let Ok(_permit) = limit.try_acquire_owned() else {
+                        open.close(&node_id, &conn);
                         warn!(%remote, unit = %identity.unit, "sync.connections_max sessions already open: refused a peer");
                         counters.refused("busy");
                         let after = rand::random_range(net::BUSY_RETRY_AFTER_S);
@@ -276,7 +334,8 @@ pub async fn serve_counted(
                         path::remember(&watch_dir, remote.ip(), mtu, opened, &watched);
                         paths.set(remote.ip(), path::known_mtu(&watch_dir, remote.ip()));
                     });
-                    let session = net::run_session(conn, identity.clone(), dir, Mode::Continuous, shutdown, Some(wake), Some(counters.clone())).await;
+                    let session = net::run_session(conn.clone(), identity.clone(), dir, Mode::Continuous, shutdown, Some(wake), Some(counters.clone())).await;
+                    open.close(&node_id, &conn);
                     if let Err(e) = session {
                         if matches!(e, net::NetError::Trust(trust::TrustError::RevokedNode { .. })) {
                             counters.refused("revoked");

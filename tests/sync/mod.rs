@@ -23,6 +23,7 @@ use crate::util::{
 };
 
 mod authorship;
+mod budgets;
 
 /// A commune enrolled with `province` whose only peer is `server`.
 fn commune_of(province: &TestNode, unit: &str, server: &Server) -> TestNode {
@@ -1439,6 +1440,17 @@ fn raw_connection(
     node: &TestNode,
     server: &Server,
 ) -> quinn::Connection {
+    raw_connection_tuned(rt, node, server, |_| {})
+}
+
+/// [`raw_connection`] with the node's transport settings changed by `tune` first (a modified
+/// peer may advertise any flow-control windows).
+fn raw_connection_tuned(
+    rt: &tokio::runtime::Runtime,
+    node: &TestNode,
+    server: &Server,
+    tune: impl FnOnce(&mut quinn::TransportConfig),
+) -> quinn::Connection {
     use communesync::node::{admin, KEY_FILE};
     let read = |name: &str| std::fs::read_to_string(node.data().join(name)).unwrap();
     let tls = communesync::trust::TlsMaterial {
@@ -1449,8 +1461,14 @@ fn raw_connection(
     };
     let node = Node::open(node.data()).unwrap();
     let addr: SocketAddr = server.addr().parse().unwrap();
+    let mut transport = communesync::net::transport_config(&node.config.sync);
+    tune(&mut transport);
     rt.block_on(async {
-        let ep = communesync::net::client_endpoint(addr, &tls, &node.config.sync, None).unwrap();
+        let mut ep =
+            communesync::net::client_endpoint(addr, &tls, &node.config.sync, None).unwrap();
+        ep.set_default_client_config(
+            communesync::trust::quinn_client_config(&tls, Arc::new(transport)).unwrap(),
+        );
         let (conn, _) = communesync::net::connect(&ep, addr, Duration::from_secs(10))
             .await
             .unwrap();
