@@ -902,6 +902,7 @@ pub fn run(cli: Cli) -> Result<()> {
             }
         }
         Command::Serve { listen, http } => {
+            crate::service::cap_malloc_arenas();
             let dir = data_dir(&cli)?;
             let page = match http {
                 Some(addr) => Some((*addr, true)),

@@ -41,6 +41,20 @@ fn bind_peer(dir: &Path, name: &str, identity: &PeerIdentity) -> Result<()> {
     Ok(node.store.write(|tx| tx.peer_bind(name, &id))?)
 }
 
+/// glibc malloc arenas a daemon may use. Each thread that decodes a peer's frame may otherwise
+/// take an arena of its own (up to 8 per core) and keep what it freed there, so the same attack
+/// left the daemon at 72 to 370 MiB from run to run (docs/performance.md, "Under attack").
+const MALLOC_ARENAS_MAX: i32 = 2;
+
+/// Caps glibc's malloc arenas for a long-running daemon, before its threads start.
+pub fn cap_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter; called before the runtime's threads.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, MALLOC_ARENAS_MAX);
+    }
+}
+
 /// Sessions one peer node may hold open here at once: its `serve` and a one-shot `sync` run by
 /// hand. One certificate so buys two sessions' budgets (memory, CPU time, streams), not
 /// `sync.connections_max` of them.

@@ -169,7 +169,7 @@ impl Server {
     /// Waits until `needle` occurs `times` times in the log (logs may trail the client's exit);
     /// returns the log.
     pub fn wait_log(&self, needle: &str, times: usize) -> String {
-        holds_within(Duration::from_secs(10), || {
+        holds_within(Duration::from_secs(30), || {
             self.log().matches(needle).count() >= times
         });
         self.log()
