@@ -541,13 +541,15 @@ impl Sender<'_> {
         if let (Some(old_heads), Some(base)) = (old_heads, base) {
             judge.start_at(old_heads, base);
         }
-        let mut cpu_at = None;
-        for (i, ((hash, deps), actor, note)) in new.iter().enumerate() {
+        // A long history is charged to the budget as it is judged; one of a few changes costs
+        // too little to read the clock for.
+        let mut cpu_at = (new.len() >= JUDGE_CPU_CHECK_EVERY).then(thread_cpu);
+        for (i, ((hash, deps), actor_id, note)) in new.iter().enumerate() {
             let note = note.as_deref().and_then(ChangeNote::parse);
             let Some(note) = note else {
                 return Err(self.refuse(id.as_str(), "a change carries no author".into()));
             };
-            let actor = hex::encode(actor);
+            let actor = hex::encode(actor_id);
             if note.node != actor {
                 return Err(self.refuse(
                     id.as_str(),
@@ -559,8 +561,7 @@ impl Sender<'_> {
             }
             // The author's unit is the one the CA certified for the signing node: a relay can
             // write what it likes in a note, not in a certificate.
-            let Some(signer) = self.authors.unit_of(&hex::decode(&actor).unwrap_or_default())
-            else {
+            let Some(signer) = self.authors.unit_of(actor_id) else {
                 return Err(self.refuse(
                     id.as_str(),
                     format!("no certificate of node {actor}, a change's author, is held here"),

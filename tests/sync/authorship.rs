@@ -305,9 +305,11 @@ fn forged_from_above() -> FromAbove {
     // The province acknowledges the commune's dispatch: its receipt book of the commune's
     // dispatches comes down to the commune.
     province.ok(&["dispatch", "receive", &own]);
-    let year = receipts::year_of(province.json(&["dispatch", "show", &own])["created_at_ms"]
-        .as_i64()
-        .unwrap());
+    let year = receipts::year_of(
+        province.json(&["dispatch", "show", &own])["created_at_ms"]
+            .as_i64()
+            .unwrap(),
+    );
     let book = receipts::book_id(COMMUNE, "qn", year).to_string();
     synced(&district);
     upstream.finish();
@@ -331,7 +333,8 @@ fn forged_from_above() -> FromAbove {
         .write(|tx| {
             let doc_id: DocId = own.parse().unwrap();
             tx.update_doc(&doc_id, &actor, now_ms(), |doc| {
-                doc.put(automerge::ROOT, "summary", "Báo cáo đã rút").unwrap();
+                doc.put(automerge::ROOT, "summary", "Báo cáo đã rút")
+                    .unwrap();
                 communesync::model::commit(doc, &me, now_ms(), "summary");
                 Ok(())
             })?;
@@ -354,7 +357,13 @@ fn forged_from_above() -> FromAbove {
             })?;
             let doc_id: DocId = commented.parse().unwrap();
             tx.update_doc(&doc_id, &actor, now_ms(), |doc| {
-                Ok(dispatch::add_comment(doc, &doc_id, "đã duyệt", &as_province, now_ms())?)
+                Ok(dispatch::add_comment(
+                    doc,
+                    &doc_id,
+                    "đã duyệt",
+                    &as_province,
+                    now_ms(),
+                )?)
             })?;
             Ok(())
         })
@@ -388,7 +397,11 @@ impl FromAbove {
     /// Nothing forged is stored at the commune; every legitimate document is.
     fn assert_commune_holds_only_the_honest(&self) {
         let (own, _) = &self.forged[0];
-        assert_eq!(doc_heads(&self.commune, own), self.own_heads, "{own} changed");
+        assert_eq!(
+            doc_heads(&self.commune, own),
+            self.own_heads,
+            "{own} changed"
+        );
         for (doc, _) in &self.forged[1..] {
             assert!(doc_heads(&self.commune, doc).is_none(), "{doc} stored");
         }
@@ -452,8 +465,14 @@ fn issue12_a_relay_cannot_rewrite_what_its_communes_hold_with_changes_of_its_own
 fn issue12_a_bundle_from_above_is_judged_as_the_wire_is() {
     let f = forged_from_above();
     let out = f.district.file("for-tinhhuc.csb");
-    f.district
-        .ok(&["bundle", "export", "--for", COMMUNE, "--out", &path_arg(&out)]);
+    f.district.ok(&[
+        "bundle",
+        "export",
+        "--for",
+        COMMUNE,
+        "--out",
+        &path_arg(&out),
+    ]);
     let run = f
         .commune
         .run(&["--json", "bundle", "import", &path_arg(&out)]);
