@@ -557,7 +557,7 @@ impl Sender<'_> {
                 ));
             }
             if !self.upstream {
-                self.from_below(id, &note, &actor)?;
+                self.check_from_below(id, &note, &actor)?;
             }
             // The author's unit is the one the CA certified for the signing node: a relay can
             // write what it likes in a note, not in a certificate.
@@ -589,7 +589,12 @@ impl Sender<'_> {
 
     /// The checks only a change from below gets: its note's unit lies within the sender's
     /// subtree, and its actor is a node of that subtree.
-    fn from_below(&self, id: &DocId, note: &ChangeNote, actor: &str) -> Result<(), ProtoError> {
+    fn check_from_below(
+        &self,
+        id: &DocId,
+        note: &ChangeNote,
+        actor: &str,
+    ) -> Result<(), ProtoError> {
         if !is_within(&note.unit, &self.peer.unit) {
             return Err(self.refuse(
                 id.as_str(),
