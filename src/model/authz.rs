@@ -4,42 +4,86 @@
 
 use std::collections::HashMap;
 
-use automerge::{AutoCommit, Change, ChangeHash};
+use automerge::{AutoCommit, ChangeHash};
 use serde::Serialize;
 
 use super::receipts::{self, ReceiptBook, RECEIPTS_MAX};
 use super::{DocId, DocView};
 
-/// Judges changes of one document in turn. States already read are remembered, and a working
-/// copy follows the changes: a chain of changes (each depending on the previous one, as one
-/// node's edits are) costs one replay of the history before it and one applied change each,
-/// not a replay per change (1,000 comments took 18.6 s judged by replay, release build).
+/// One change to judge: its hash and its dependencies.
+pub type Step = (ChangeHash, Vec<ChangeHash>);
+
+/// Judges changes of one document in turn. A working copy follows the changes: a chain of
+/// changes (each depending on the previous one, as one node's edits are) costs one replay of
+/// the history before it and one applied change each, not a replay per change (1,000 comments
+/// took 18.6 s judged by replay, release build). A state read is kept only while a change still
+/// to be judged needs it, so a long chain holds one state at a time, not one per change.
 pub struct Judge<'a> {
     doc: &'a mut AutoCommit,
     id: &'a DocId,
+    /// States read, by (sorted) heads, that changes still to be judged will ask for.
     states: HashMap<Vec<ChangeHash>, DocView>,
+    /// How many more times each state will be asked for: once before each change depending on
+    /// exactly those heads, once after each change.
+    needs: HashMap<Vec<ChangeHash>, usize>,
     /// A copy of the document at the given (sorted) heads.
     cursor: Option<(Vec<ChangeHash>, AutoCommit)>,
 }
 
+fn key(heads: &[ChangeHash]) -> Vec<ChangeHash> {
+    let mut key = heads.to_vec();
+    key.sort();
+    key
+}
+
 impl<'a> Judge<'a> {
-    pub fn new(doc: &'a mut AutoCommit, id: &'a DocId) -> Self {
+    /// A judge of `steps`, changes of `doc` (which holds them all), to be judged in that order.
+    pub fn new(doc: &'a mut AutoCommit, id: &'a DocId, steps: &[Step]) -> Self {
+        let mut needs: HashMap<Vec<ChangeHash>, usize> = HashMap::new();
+        for (hash, deps) in steps {
+            if !deps.is_empty() {
+                *needs.entry(key(deps)).or_default() += 1;
+            }
+            *needs.entry(vec![*hash]).or_default() += 1;
+        }
         Judge {
             doc,
             id,
             states: HashMap::new(),
+            needs,
             cursor: None,
         }
     }
 
-    /// Refuses, with why, a change the unit `unit` may not make.
-    pub fn authorize(&mut self, change: &Change, unit: &str) -> Result<(), String> {
-        let before = if change.deps().is_empty() {
+    /// Tells the judge the document's fields at `heads`, read already (the whole document's, or
+    /// the stored state's): a change ending there, or starting there, costs no replay.
+    pub fn know(&mut self, heads: &[ChangeHash], view: &DocView) {
+        let key = key(heads);
+        if self.needs.get(&key).is_some_and(|n| *n > 0) {
+            self.states.insert(key, view.clone());
+        }
+    }
+
+    /// Gives the judge a copy of the document at `heads` (the stored state a peer's changes
+    /// extend) as its working copy, so the first new change applies to it without a replay.
+    pub fn start_at(&mut self, heads: &[ChangeHash], doc: AutoCommit) {
+        self.cursor = Some((key(heads), doc));
+    }
+
+    /// Refuses, with why, the change `hash` (depending on `deps`) if the unit `unit` may not
+    /// make it.
+    pub fn authorize(
+        &mut self,
+        hash: ChangeHash,
+        deps: &[ChangeHash],
+        unit: &str,
+    ) -> Result<(), String> {
+        let before = if deps.is_empty() {
             None
         } else {
-            Some(self.state(change.deps())?)
+            Some(self.state(deps)?)
         };
-        let after = self.after(change)?;
+        let after = self.after(hash, deps)?;
         match (before.as_ref(), &after) {
             (None, after) => created(after, unit),
             (Some(before), after) => changed(before, after, unit),
@@ -51,12 +95,24 @@ impl<'a> Judge<'a> {
             .map_err(|e| format!("the document does not read at one of its changes: {e}"))
     }
 
+    /// The state at `key` when read already, counting one use of it (dropped after its last).
+    fn known(&mut self, key: &[ChangeHash]) -> Option<DocView> {
+        let left = self.needs.get_mut(key).map(|n| {
+            *n = n.saturating_sub(1);
+            *n
+        });
+        if left.unwrap_or(0) == 0 {
+            self.states.remove(key)
+        } else {
+            self.states.get(key).cloned()
+        }
+    }
+
     /// The document's fields at `heads`.
     fn state(&mut self, heads: &[ChangeHash]) -> Result<DocView, String> {
-        let mut key = heads.to_vec();
-        key.sort();
-        if let Some(view) = self.states.get(&key) {
-            return Ok(view.clone());
+        let key = key(heads);
+        if let Some(view) = self.known(&key) {
+            return Ok(view);
         }
         let at = match self.cursor.take() {
             Some((at_heads, doc)) if at_heads == key => doc,
@@ -65,15 +121,14 @@ impl<'a> Judge<'a> {
         self.keep(key, at)
     }
 
-    /// The document's fields just after `change`: applied to the working copy when that
+    /// The document's fields just after change `hash`: applied to the working copy when that
     /// stands at the change's dependencies, else read from a replay.
-    fn after(&mut self, change: &Change) -> Result<DocView, String> {
-        let key = vec![change.hash()];
-        if let Some(view) = self.states.get(&key) {
-            return Ok(view.clone());
+    fn after(&mut self, hash: ChangeHash, deps: &[ChangeHash]) -> Result<DocView, String> {
+        let key = vec![hash];
+        if let Some(view) = self.known(&key) {
+            return Ok(view);
         }
-        let mut deps = change.deps().to_vec();
-        deps.sort();
+        let deps = self::key(deps);
         let base = match self.cursor.take() {
             Some((at_heads, doc)) if at_heads == deps => Some(doc),
             None if deps.is_empty() => Some(AutoCommit::new()),
@@ -81,7 +136,11 @@ impl<'a> Judge<'a> {
         };
         let at = match base {
             Some(mut doc) => {
-                doc.apply_changes([change.clone()])
+                let change = self
+                    .doc
+                    .get_change_by_hash(&hash)
+                    .ok_or_else(|| "a change to judge is not in the document".to_string())?;
+                doc.apply_changes([change])
                     .map_err(|e| format!("a change does not apply: {e}"))?;
                 doc
             }
@@ -97,11 +156,14 @@ impl<'a> Judge<'a> {
             .map_err(|e| format!("its history does not replay: {e}"))
     }
 
-    /// Reads the fields of `at`, the state at `key`, remembers them, and keeps `at` as the
-    /// working copy the next change of a chain applies to.
+    /// Reads the fields of `at`, the state at `key` (just asked for once), keeps them while
+    /// another change needs them, and keeps `at` as the working copy the next change of a chain
+    /// applies to.
     fn keep(&mut self, key: Vec<ChangeHash>, at: AutoCommit) -> Result<DocView, String> {
         let view = self.read(&at)?;
-        self.states.insert(key.clone(), view.clone());
+        if self.needs.get(&key).is_some_and(|n| *n > 0) {
+            self.states.insert(key.clone(), view.clone());
+        }
         self.cursor = Some((key, at));
         Ok(view)
     }
@@ -311,7 +373,8 @@ mod tests {
     /// Judges the last change of `doc` as made by `unit`.
     fn judge_last(doc: &mut AutoCommit, id: &DocId, unit: &str) -> Result<(), String> {
         let last = doc.get_changes(&[]).last().cloned().unwrap();
-        Judge::new(doc, id).authorize(&last, unit)
+        let step = (last.hash(), last.deps().to_vec());
+        Judge::new(doc, id, std::slice::from_ref(&step)).authorize(step.0, &step.1, unit)
     }
 
     const A: &str = "qn/binhlieu/tinhhuc";

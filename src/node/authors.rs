@@ -135,7 +135,8 @@ impl Authors {
         })
     }
 
-    fn unit_of(&self, actor: &[u8]) -> Option<String> {
+    /// The unit the CA certified for the node whose id is `actor`, when its certificate is held.
+    pub fn unit_of(&self, actor: &[u8]) -> Option<String> {
         self.keys
             .get(actor)
             .map(|(key, _)| key.identity.unit.clone())

@@ -231,6 +231,11 @@ struct Sender<'a> {
     inflated: AtomicUsize,
     /// CPU time the checking threads spent on the frame, in nanoseconds.
     checkers_cpu_ns: AtomicU64,
+    /// CPU time this frame may spend judging changes: what the session's budget has left
+    /// ([`SESSION_CPU_MAX`]) when the frame began.
+    judge_cpu_left: Duration,
+    /// CPU time spent judging so far in this frame, in nanoseconds, across threads.
+    judged_cpu_ns: AtomicU64,
 }
 
 /// Most bytes all documents of one frame may inflate to together. Each checking thread holds
@@ -272,7 +277,13 @@ struct Checked {
 }
 
 /// New changes of one document from a peer below judged at once, at most (see `Sender::check`).
+/// From above, a document's whole history can come at once (a first sync: a receipt book of a
+/// year), so there the bound is [`CHANGES_SIGNED_MAX`] and the session's CPU budget.
 const CHANGES_JUDGED_MAX: usize = 1_000;
+
+/// Changes judged between two readings of the thread's CPU clock (a system call) while judging
+/// one document: a document of one change, the usual case, reads it never.
+const JUDGE_CPU_CHECK_EVERY: usize = 32;
 
 /// New changes of one document whose signatures are checked at once, at most, from any peer:
 /// each costs a P-256 verification (54 µs of one core, performance.md), so 10,000 bound one
@@ -421,21 +432,26 @@ impl Sender<'_> {
             }
         }
         self.guard(id, bytes)?;
+        // The stored state, kept as it is: the judge's first step starts from it.
+        let base = current.doc.clone();
         let mut doc = current.doc;
         doc.load_incremental(bytes)
             .map_err(|e| self.refuse(id.as_str(), format!("changes do not decode: {e}")))?;
-        Ok(self.check(id, doc, Some(current.heads), false, &change.sigs)?)
+        let old = Some((current.heads, base));
+        Ok(self.check(id, doc, old, false, &change.sigs)?)
     }
 
-    /// Integrity, authorship and scope checks of a document as it would be stored.
+    /// Integrity, authorship and scope checks of a document as it would be stored; `old` is the
+    /// stored state it extends (heads and document), None when new here.
     fn check(
         &self,
         id: &DocId,
         mut doc: AutoCommit,
-        old_heads: Option<Vec<ChangeHash>>,
+        old: Option<(Vec<ChangeHash>, AutoCommit)>,
         whole: bool,
         sigs: &[ChangeSig],
     ) -> Result<Checked, ProtoError> {
+        let (old_heads, base) = old.unzip();
         if !doc.get_missing_deps(&[]).is_empty() {
             return Err(self.refuse(
                 id.as_str(),
@@ -443,8 +459,8 @@ impl Sender<'_> {
             ));
         }
         if !self.upstream {
-            // Judging a change replays the document up to it: bounded, or one document of many
-            // tiny changes would buy a peer seconds of CPU per frame.
+            // From below, what one document may cost to judge is bounded by count too: a
+            // commune sends its own recent edits, never a long history at once.
             let new = doc
                 .get_changes_meta(old_heads.as_deref().unwrap_or_default())
                 .len();
@@ -458,54 +474,11 @@ impl Sender<'_> {
             }
         }
         let sigs = self.check_sigs(id, &mut doc, old_heads.as_deref(), sigs)?;
-        if !self.upstream {
-            let changes = doc.get_changes(old_heads.as_deref().unwrap_or_default());
-            let mut judge = model::authz::Judge::new(&mut doc, id);
-            for change in &changes {
-                let note = change.message().and_then(ChangeNote::parse);
-                let Some(note) = note else {
-                    return Err(self.refuse(id.as_str(), "a change carries no author".into()));
-                };
-                if !is_within(&note.unit, &self.peer.unit) {
-                    return Err(self.refuse(
-                        id.as_str(),
-                        format!(
-                            "a change claims author unit {}, outside the sender's subtree",
-                            note.unit
-                        ),
-                    ));
-                }
-                let actor = change.actor_id().to_hex_string();
-                if note.node != actor {
-                    return Err(self.refuse(
-                        id.as_str(),
-                        "a change's author node differs from its actor".into(),
-                    ));
-                }
-                // A node writes under its own actor only (its node id): another node's actor
-                // would poison that node's copies (Automerge refuses two changes with one actor
-                // and sequence number).
-                let owner = if actor == self.peer.node_id.to_string() {
-                    Some(self.peer.unit.as_str())
-                } else {
-                    self.actors.get(&actor).map(String::as_str)
-                };
-                if !owner.is_some_and(|unit| is_within(unit, &self.peer.unit)) {
-                    return Err(self.refuse(
-                        id.as_str(),
-                        format!("a change's actor {actor} is not a node of the sender's subtree"),
-                    ));
-                }
-                // What the change does, not what its note says, decides (docs/security.md).
-                judge
-                    .authorize(change, &note.unit)
-                    .map_err(|why| self.refuse(id.as_str(), why))?;
-            }
-        }
-        // The fields are read once, for the scope checks and the index rows. A document whose
-        // fields do not read is still checked on its parties alone, and then fails as its
-        // indexing would.
+        // The fields are read once, for the judge, the scope checks and the index rows. A
+        // document whose fields do not read is still checked on its parties alone, and then
+        // fails as its indexing would.
         let view = DocView::read(&doc, id);
+        self.judge(id, &mut doc, old_heads.as_deref(), base, view.as_ref().ok())?;
         let parties = match &view {
             Ok(view) => view.parties(),
             Err(_) => {
@@ -534,6 +507,141 @@ impl Sender<'_> {
             whole,
             sigs,
         })
+    }
+
+    /// Judges every change new here (after `old_heads`) by what it does, whichever peer sent it
+    /// (docs/security.md, "What a change may do"): as made by the unit of its signer's
+    /// certificate (checked by [`Self::check_sigs`] before), which its note must name. From
+    /// below, the note's unit and the actor's node must also lie within the sender's subtree.
+    /// `base` is the stored state the changes extend, `view` the document's fields with them.
+    fn judge(
+        &self,
+        id: &DocId,
+        doc: &mut AutoCommit,
+        old_heads: Option<&[ChangeHash]>,
+        base: Option<AutoCommit>,
+        view: Option<&DocView>,
+    ) -> Result<(), ProtoError> {
+        let new: Vec<(model::authz::Step, Vec<u8>, Option<String>)> = doc
+            .get_changes_meta(old_heads.unwrap_or_default())
+            .into_iter()
+            .map(|c| {
+                let note = c.message.map(|m| m.into_owned());
+                ((c.hash, c.deps), c.actor.to_bytes().to_vec(), note)
+            })
+            .collect();
+        let steps: Vec<model::authz::Step> = new.iter().map(|(step, ..)| step.clone()).collect();
+        let heads = doc.get_heads();
+        let mut judge = model::authz::Judge::new(doc, id, &steps);
+        // The whole document's fields are read anyway: a change ending at its heads (a new
+        // document's only change, the last of a chain) costs no replay.
+        if let Some(view) = view {
+            judge.know(&heads, view);
+        }
+        if let (Some(old_heads), Some(base)) = (old_heads, base) {
+            judge.start_at(old_heads, base);
+        }
+        // A long history is charged to the budget as it is judged; one of a few changes costs
+        // too little to read the clock for.
+        let mut cpu_at = (new.len() >= JUDGE_CPU_CHECK_EVERY).then(thread_cpu);
+        for (i, ((hash, deps), actor_id, note)) in new.iter().enumerate() {
+            let note = note.as_deref().and_then(ChangeNote::parse);
+            let Some(note) = note else {
+                return Err(self.refuse(id.as_str(), "a change carries no author".into()));
+            };
+            let actor = hex::encode(actor_id);
+            if note.node != actor {
+                return Err(self.refuse(
+                    id.as_str(),
+                    "a change's author node differs from its actor".into(),
+                ));
+            }
+            if !self.upstream {
+                self.check_from_below(id, &note, &actor)?;
+            }
+            // The author's unit is the one the CA certified for the signing node: a relay can
+            // write what it likes in a note, not in a certificate.
+            let Some(signer) = self.authors.unit_of(actor_id) else {
+                return Err(self.refuse(
+                    id.as_str(),
+                    format!("no certificate of node {actor}, a change's author, is held here"),
+                ));
+            };
+            if note.unit != signer {
+                return Err(self.refuse(
+                    id.as_str(),
+                    format!(
+                        "a change names author unit {}, but its signer {actor} is certified for {signer}",
+                        note.unit
+                    ),
+                ));
+            }
+            if i % JUDGE_CPU_CHECK_EVERY == JUDGE_CPU_CHECK_EVERY - 1 {
+                self.charge_judging(id, &mut cpu_at)?;
+            }
+            // What the change does, not what its note says, decides (docs/security.md).
+            judge
+                .authorize(*hash, deps, &signer)
+                .map_err(|why| self.refuse(id.as_str(), why))?;
+        }
+        Ok(())
+    }
+
+    /// The checks only a change from below gets: its note's unit lies within the sender's
+    /// subtree, and its actor is a node of that subtree.
+    fn check_from_below(
+        &self,
+        id: &DocId,
+        note: &ChangeNote,
+        actor: &str,
+    ) -> Result<(), ProtoError> {
+        if !is_within(&note.unit, &self.peer.unit) {
+            return Err(self.refuse(
+                id.as_str(),
+                format!(
+                    "a change claims author unit {}, outside the sender's subtree",
+                    note.unit
+                ),
+            ));
+        }
+        // A node writes under its own actor only (its node id): another node's actor would
+        // poison that node's copies (Automerge refuses two changes with one actor and sequence
+        // number).
+        let owner = if actor == self.peer.node_id.to_string() {
+            Some(self.peer.unit.as_str())
+        } else {
+            self.actors.get(actor).map(String::as_str)
+        };
+        if !owner.is_some_and(|unit| is_within(unit, &self.peer.unit)) {
+            return Err(self.refuse(
+                id.as_str(),
+                format!("a change's actor {actor} is not a node of the sender's subtree"),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Counts the CPU this thread spent judging since the last call (`at`: this thread's clock
+    /// then) against what the frame may spend judging ([`Sender::judge_cpu_left`]), and refuses
+    /// the document once the frame's judging has spent it: a long history from above is judged
+    /// whole, bounded by the session's CPU budget rather than by a count.
+    fn charge_judging(&self, id: &DocId, at: &mut Option<Duration>) -> Result<(), ProtoError> {
+        let now = thread_cpu();
+        let spent = now.saturating_sub(at.replace(now).unwrap_or(now));
+        let total = self
+            .judged_cpu_ns
+            .fetch_add(spent.as_nanos() as u64, Ordering::Relaxed)
+            + spent.as_nanos() as u64;
+        if Duration::from_nanos(total) > self.judge_cpu_left {
+            return Err(self.refuse(
+                id.as_str(),
+                format!(
+                    "judging its changes would cost more than the {} s of CPU time left in this session's budget; sync again later",
+                    self.judge_cpu_left.as_secs()
+                ),
+            ));
+        }
+        Ok(())
     }
 
     /// Checks that every change new here (after `old_heads`) carries a valid signature by its
@@ -923,6 +1031,11 @@ impl Replica for NodeReplica<'_> {
             authors: self.node.authors().map_err(local)?,
             inflated: AtomicUsize::new(0),
             checkers_cpu_ns: AtomicU64::new(0),
+            judge_cpu_left: self
+                .node
+                .session_cpu_max
+                .saturating_sub(self.node.session_cpu),
+            judged_cpu_ns: AtomicU64::new(0),
         };
         let peer_id = &self.peer_id;
         // One transaction for the frame. A document the checks refuse is left out alone and
@@ -1078,6 +1191,8 @@ mod tests {
             authors: node.authors().unwrap(),
             inflated: AtomicUsize::new(0),
             checkers_cpu_ns: AtomicU64::new(0),
+            judge_cpu_left: SESSION_CPU_MAX,
+            judged_cpu_ns: AtomicU64::new(0),
         };
         let id: DocId = "dsp_0123456789abcdef".parse().unwrap();
         // Each just under the bound of one document: two fit a frame, the third does not.

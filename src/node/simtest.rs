@@ -1131,6 +1131,44 @@ fn a_document_of_too_many_new_changes_from_below_is_refused_before_it_is_judged(
     );
 }
 
+/// From above, a document's whole history is judged, however long: what bounds it is the
+/// session's CPU budget, spent as the changes are judged, not a count.
+#[test]
+fn a_long_history_from_above_is_judged_within_the_sessions_cpu_budget() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut a, mut b) = pair(dir.path());
+    let long = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
+    for i in 0..40 {
+        a.node
+            .dispatch_comment(None, &long, &format!("bổ sung {i}"))
+            .unwrap();
+    }
+    let short = dispatch_to(&mut a.node, "qn/binhlieu/tinhhuc");
+    // No budget left for judging: the long history is refused once it has cost any CPU; a
+    // document of one change is judged without reading the clock.
+    b.node.session_cpu_max = std::time::Duration::ZERO;
+    let frame = [
+        (&long[..], saved(&mut a.node, &long)),
+        (&short[..], saved(&mut a.node, &short)),
+    ];
+    let applied = apply_frame(&a.node, &mut b, &frame).unwrap();
+    assert_eq!(applied.stored, 1, "{:?}", applied.refused);
+    assert_eq!(applied.refused[0].0, long);
+    assert!(
+        applied.refused[0]
+            .1
+            .contains("judging its changes would cost more than the 0 s of CPU time left"),
+        "{:?}",
+        applied.refused
+    );
+    assert!(b.node.store.doc_heads(&long).unwrap().is_none());
+
+    // With the budget, the same 41 changes from above are judged and stored.
+    b.node.session_cpu_max = super::replica::SESSION_CPU_MAX;
+    let applied = apply_frame(&a.node, &mut b, &frame[..1]).unwrap();
+    assert_eq!(applied.stored, 1, "{:?}", applied.refused);
+}
+
 #[test]
 fn a_peer_is_refused_once_its_session_has_cost_its_cpu_budget() {
     let dir = tempfile::tempdir().unwrap();

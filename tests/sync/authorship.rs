@@ -1,12 +1,15 @@
 //! Signed authorship end to end (issue 12 item 1): every change carries its author node's
-//! signature through relays and bundles, and every node checks it before storing.
+//! signature through relays and bundles, and every node checks it before storing; and what a
+//! change does is judged wherever it enters, from above as from below (item 2).
 
-use communesync::model::{dispatch, Author, DocId};
+use automerge::transaction::Transactable;
+use automerge::ReadDoc;
+use communesync::model::{assignment, dispatch, receipts, Author, DocId, DocKind};
 use communesync::node::{now_ms, Node};
 use serde_json::Value;
 
-use crate::util::{doc_heads, enrolled, node_id, province, sync_pending, synced, Server};
-use crate::util::{exit, id, path_arg, TestNode, COMMUNE, DISTRICT};
+use crate::util::{doc_heads, enrolled, node_id, province, sync, sync_pending, synced, Server};
+use crate::util::{exit, id, path_arg, TestNode, COMMUNE, DISTRICT, SIBLING};
 
 /// A province serving, a district, and a commune that has synced `docs` dispatches of its own
 /// (addressed to the province) to the district; the district's daemon is stopped again and it
@@ -262,4 +265,229 @@ fn issue12_bundles_carry_signatures_and_their_import_checks_them() {
         assert_eq!(line["actor"], commune_id.as_str(), "{audit}");
         assert_eq!(line["signature"], "verified", "{audit}");
     }
+}
+
+/// A province, its district and a commune below it, where the district (an honest binary, its
+/// store written through the library with its own key and actor, as a compromised relay would)
+/// holds, ready for the commune, forged changes of its own next to legitimate ones from above.
+struct FromAbove {
+    province: TestNode,
+    district: TestNode,
+    commune: TestNode,
+    /// (document, why the commune must refuse it): a dispatch the commune issued, its summary
+    /// rewritten; a province directive, the sibling's recipient entry deleted; an assignment of
+    /// the commune, created by the district; a district dispatch carrying a comment signed as
+    /// the province.
+    forged: Vec<(String, String)>,
+    /// New to the commune and legitimate: a province directive, the province's receipt book of
+    /// the commune's dispatch, a dispatch of the district's own.
+    honest: Vec<String>,
+    /// Heads of the commune's own dispatch there before the forgery.
+    own_heads: Option<Vec<u8>>,
+}
+
+fn forged_from_above() -> FromAbove {
+    let province = province();
+    let upstream = Server::start(&province);
+    let district = enrolled(&province, DISTRICT, "district");
+    let commune = enrolled(&province, COMMUNE, "commune");
+    let relay = Server::start(&district);
+    commune.ok(&["peer", "add", "up", "--addr", relay.addr()]);
+    let own = id(&commune.new_dispatch("1/BC", &["qn"], &[]));
+    synced(&commune);
+    relay.finish();
+    let own_heads = doc_heads(&commune, &own);
+
+    district.ok(&["peer", "add", "up", "--addr", upstream.addr()]);
+    let shared = id(&province.new_dispatch("2/flash", &[COMMUNE, SIBLING], &[]));
+    let directive = id(&province.new_dispatch("3/UBND", &[COMMUNE], &[]));
+    synced(&district);
+    // The province acknowledges the commune's dispatch: its receipt book of the commune's
+    // dispatches comes down to the commune.
+    province.ok(&["dispatch", "receive", &own]);
+    let year = receipts::year_of(
+        province.json(&["dispatch", "show", &own])["created_at_ms"]
+            .as_i64()
+            .unwrap(),
+    );
+    let book = receipts::book_id(COMMUNE, "qn", year).to_string();
+    synced(&district);
+    upstream.finish();
+    let mine = id(&district.new_dispatch("4/UBND", &[COMMUNE], &[]));
+    let commented = id(&district.new_dispatch("5/UBND", &[COMMUNE], &[]));
+
+    let mut relay = Node::open(district.data()).unwrap();
+    let actor = relay.actor().clone();
+    let me = Author {
+        user: "admin".into(),
+        unit: DISTRICT.into(),
+        node: relay.node_id().to_string(),
+    };
+    let as_province = Author {
+        unit: "qn".into(),
+        ..me.clone()
+    };
+    let assigned = DocId::generate(DocKind::Assignment);
+    relay
+        .store
+        .write(|tx| {
+            let doc_id: DocId = own.parse().unwrap();
+            tx.update_doc(&doc_id, &actor, now_ms(), |doc| {
+                doc.put(automerge::ROOT, "summary", "Báo cáo đã rút")
+                    .unwrap();
+                communesync::model::commit(doc, &me, now_ms(), "summary");
+                Ok(())
+            })?;
+            let doc_id: DocId = shared.parse().unwrap();
+            tx.update_doc(&doc_id, &actor, now_ms(), |doc| {
+                let (_, recipients) = doc.get(automerge::ROOT, "recipients").unwrap().unwrap();
+                doc.delete(&recipients, SIBLING).unwrap();
+                communesync::model::commit(doc, &me, now_ms(), "recipient removed");
+                Ok(())
+            })?;
+            tx.create_doc(&assigned, &actor, now_ms(), |doc| {
+                let a = assignment::NewAssignment {
+                    dispatch_id: directive.parse().unwrap(),
+                    unit: COMMUNE.into(),
+                    lead: "lan".into(),
+                    co: vec![],
+                    deadline: assignment::parse_deadline("2030-01-01").unwrap(),
+                };
+                Ok(assignment::create(doc, &assigned, &a, &me, now_ms())?)
+            })?;
+            let doc_id: DocId = commented.parse().unwrap();
+            tx.update_doc(&doc_id, &actor, now_ms(), |doc| {
+                Ok(dispatch::add_comment(
+                    doc,
+                    &doc_id,
+                    "đã duyệt",
+                    &as_province,
+                    now_ms(),
+                )?)
+            })?;
+            Ok(())
+        })
+        .unwrap();
+    drop(relay);
+    FromAbove {
+        province,
+        district,
+        commune,
+        forged: vec![
+            (
+                own,
+                format!("{DISTRICT} changed the reference, summary, kind, priority, issuer or scans of a dispatch issued by {COMMUNE}"),
+            ),
+            (shared, format!("{DISTRICT} removed recipient {SIBLING}")),
+            (
+                assigned.to_string(),
+                format!("an assignment of {COMMUNE} created by {DISTRICT}"),
+            ),
+            (
+                commented,
+                "a change names author unit qn, but its signer".into(),
+            ),
+        ],
+        honest: vec![directive, book, mine],
+        own_heads,
+    }
+}
+
+impl FromAbove {
+    /// Nothing forged is stored at the commune; every legitimate document is.
+    fn assert_commune_holds_only_the_honest(&self) {
+        let (own, _) = &self.forged[0];
+        assert_eq!(
+            doc_heads(&self.commune, own),
+            self.own_heads,
+            "{own} changed"
+        );
+        for (doc, _) in &self.forged[1..] {
+            assert!(doc_heads(&self.commune, doc).is_none(), "{doc} stored");
+        }
+        for doc in &self.honest {
+            assert!(doc_heads(&self.commune, doc).is_some(), "{doc} not stored");
+        }
+        let shown = self.commune.json(&["dispatch", "show", own]);
+        assert_eq!(shown["summary"], "Test dispatch", "{shown}");
+    }
+
+    /// Each forged document is named in `refusals` with its reason.
+    fn assert_refused(&self, refusals: &[(String, String)]) {
+        assert_eq!(refusals.len(), self.forged.len(), "{refusals:?}");
+        for (doc, why) in &self.forged {
+            assert!(
+                refusals.iter().any(|(d, r)| d == doc && r.contains(why)),
+                "{doc} not refused for {why:?}: {refusals:?}"
+            );
+        }
+    }
+}
+
+#[test]
+fn issue12_a_relay_cannot_rewrite_what_its_communes_hold_with_changes_of_its_own() {
+    let f = forged_from_above();
+    let relay = Server::start(&f.district);
+    f.commune.ok(&["peer", "remove", "up"]);
+    f.commune.ok(&["peer", "add", "up", "--addr", relay.addr()]);
+    let report = sync_pending(&f.commune);
+    let refusals: Vec<(String, String)> = report["docs_refused"]
+        .as_array()
+        .unwrap_or_else(|| panic!("nothing refused: {report}"))
+        .iter()
+        .map(|r| {
+            (
+                r["id"].as_str().unwrap().to_string(),
+                r["reason"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    f.assert_refused(&refusals);
+    f.assert_commune_holds_only_the_honest();
+    // Recorded for `status` (exit 7: something needs attention), and the commune goes on
+    // syncing with that district.
+    let run = f.commune.run(&["--json", "status"]);
+    assert_eq!(run.code, i32::from(exit::ATTENTION), "{}", run.stderr);
+    let status = run.json();
+    assert_eq!(
+        status["peers"][0]["refused_total"],
+        f.forged.len(),
+        "{status}"
+    );
+    let later = id(&f.commune.new_dispatch("9/BC", &["qn"], &[]));
+    sync(&f.commune);
+    assert!(doc_heads(&f.district, &later).is_some());
+    relay.finish();
+    drop(f.province);
+}
+
+#[test]
+fn issue12_a_bundle_from_above_is_judged_as_the_wire_is() {
+    let f = forged_from_above();
+    let out = f.district.file("for-tinhhuc.csb");
+    f.district.ok(&[
+        "bundle",
+        "export",
+        "--for",
+        COMMUNE,
+        "--out",
+        &path_arg(&out),
+    ]);
+    let run = f
+        .commune
+        .run(&["--json", "bundle", "import", &path_arg(&out)]);
+    assert_eq!(
+        run.code,
+        i32::from(exit::USAGE),
+        "{}\n{}",
+        run.stdout,
+        run.stderr
+    );
+    // The import's report names each refused document with its reason.
+    let report: Value = serde_json::from_str(&run.stdout).unwrap();
+    let refusals: Vec<(String, String)> =
+        serde_json::from_value(report["docs_refused"].clone()).unwrap();
+    f.assert_refused(&refusals);
+    f.assert_commune_holds_only_the_honest();
+    drop(f.province);
 }
