@@ -600,7 +600,7 @@ fn build(node: &mut Node, nodes: &UnitNodes, n: usize) -> Made {
                 })
                 .expect("write a batch");
             assert_eq!(done - before, take, "a worker stopped");
-            if (done / BATCH) % 20 == 0 || done == n {
+            if done.is_multiple_of(20 * BATCH) || done == n {
                 eprintln!(
                     "{done} documents in {:.0} s, {:.0} CPU s (load {})",
                     started.elapsed().as_secs_f64(),
