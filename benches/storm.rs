@@ -9,7 +9,10 @@
 //! back-off when refused, as a commune's `serve` would. The watcher is a real `serve` process.
 //!
 //! Run with `cargo bench --bench storm` (609 units, 60 s spread) or
-//! `cargo bench --bench storm -- 120 20` (units, spread in seconds).
+//! `cargo bench --bench storm -- 120 20` (units, spread in seconds); `-- 609 0` is the burst
+//! where every unit dials at the same instant, beyond the province's caps (64 handshakes, 256
+//! sessions). A client refused for capacity waits at least the retry-after the province named
+//! (believed up to `sync.reconnect_max_s`), as a commune's `serve` does.
 
 mod common;
 use common::{load_average, machine, memory_mib, random_scan, ServeProcess};
@@ -29,6 +32,8 @@ const DOCS_PER_UNIT: usize = 3;
 const SCAN_BYTES: usize = 16 * 1024;
 /// Attempts per unit before the bench counts it as not converged.
 const ATTEMPTS_MAX: u32 = 12;
+/// The longest retry-after believed: the default `sync.reconnect_max_s`.
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(300);
 
 /// The province's tree: the sample's province and 14 districts, and `communes` synthetic
 /// communes spread over the districts (the sample lists Bình Liêu's only).
@@ -131,6 +136,9 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 /// What one unit's storm looked like.
 struct Outcome {
     attempts: u32,
+    /// Refusals for capacity that named a retry-after, and the longest named.
+    busy: u32,
+    retry_after_max: Duration,
     /// From its first dial to its converged sync.
     session_s: Option<f64>,
     errors: Vec<String>,
@@ -223,11 +231,14 @@ fn main() {
                     let first = Instant::now();
                     let mut out = Outcome {
                         attempts: 0,
+                        busy: 0,
+                        retry_after_max: Duration::ZERO,
                         session_s: None,
                         errors: Vec::new(),
                     };
                     while out.attempts < ATTEMPTS_MAX {
                         out.attempts += 1;
+                        let mut wait_at_least = Duration::ZERO;
                         match communesync::service::sync_once(&dir, None).await {
                             Ok(report) if report.converged => {
                                 out.session_s = Some(first.elapsed().as_secs_f64());
@@ -244,14 +255,21 @@ fn main() {
                                     .join(", "),
                                 r.docs_refused.len() + r.docs_refused_by_peer.len()
                             )),
-                            Err(e) => out.errors.push(format!("{e:#}")),
+                            Err(e) => {
+                                let text = format!("{e:#}");
+                                if let Some(wait) = communesync::net::retry_after(&text) {
+                                    wait_at_least = wait.min(RETRY_AFTER_MAX);
+                                    out.busy += 1;
+                                    out.retry_after_max = out.retry_after_max.max(wait_at_least);
+                                }
+                                out.errors.push(text)
+                            }
                         }
-                        // A commune's serve backs off the same way, with jitter.
+                        // A commune's serve backs off the same way, with jitter, and waits at
+                        // least the retry-after a busy province named.
                         let backoff = (1u64 << out.attempts.min(5)) as f64;
-                        tokio::time::sleep(Duration::from_secs_f64(
-                            backoff * rng.random_range(0.5..1.0),
-                        ))
-                        .await;
+                        let backoff = Duration::from_secs_f64(backoff * rng.random_range(0.5..1.0));
+                        tokio::time::sleep(backoff.max(wait_at_least)).await;
                     }
                     out
                 })
@@ -355,6 +373,22 @@ fn main() {
         times.last().copied().unwrap_or(f64::NAN)
     );
     println!("| attempts per unit (attempts: units) | {attempts:?} |");
+    let busy_units = outcomes.iter().filter(|o| o.busy > 0).count();
+    let busy: u32 = outcomes.iter().map(|o| o.busy).sum();
+    let retry_after_max = outcomes
+        .iter()
+        .map(|o| o.retry_after_max)
+        .max()
+        .unwrap_or_default();
+    let failed: usize = outcomes.iter().map(|o| o.errors.len()).sum();
+    println!(
+        "| refused for capacity with a retry-after: units / refusals / longest named | {busy_units} / {busy} / {} s |",
+        retry_after_max.as_secs()
+    );
+    println!(
+        "| other failed attempts (handshake refused, timed out, not converged: reasons below) | {} |",
+        failed - busy as usize
+    );
     println!(
         "| province holds the units' documents / scans | {docs_held} of {docs_expected} / {scans_held} of {} |",
         dirs.len()
