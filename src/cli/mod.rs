@@ -509,7 +509,7 @@ pub enum AssignCmd {
         /// Only those led by USER
         #[arg(long, value_name = "USER", value_parser = nfc)]
         lead: Option<String>,
-        /// At most this many rows
+        /// At most this many rows (the output says how many there are in all when it stops)
         #[arg(long, default_value_t = 1000, value_name = "N")]
         limit: usize,
     },
@@ -561,7 +561,7 @@ pub enum DossierCmd {
     /// List dossiers, most recently moved first
     #[command(after_help = "Example:\n  communesync dossier list --limit 20")]
     List {
-        /// At most this many rows
+        /// At most this many rows (the output says how many there are in all when it stops)
         #[arg(long, default_value_t = 1000, value_name = "N")]
         limit: usize,
     },
@@ -624,6 +624,20 @@ impl tracing_subscriber::fmt::time::FormatTime for LogTime {
     }
 }
 
+/// How many rows a list has in all. Counted only when the page is full: the usual short list
+/// costs no second query.
+fn total_of<T>(
+    rows: &[T],
+    limit: usize,
+    count: impl FnOnce() -> std::result::Result<i64, NodeError>,
+) -> Result<i64> {
+    if rows.len() >= limit {
+        Ok(count()?)
+    } else {
+        Ok(rows.len() as i64)
+    }
+}
+
 fn open(cli: &Cli) -> Result<Node> {
     let dir = data_dir(cli)?;
     Ok(Node::open(&dir)?)
@@ -676,12 +690,7 @@ pub fn run(cli: Cli) -> Result<()> {
                         _ => DispatchFilter::All,
                     };
                     let rows = node.dispatch_list(filter, *limit)?;
-                    // Counted only when the list is full: the usual short list costs no second query.
-                    let total = if rows.len() >= *limit {
-                        node.dispatch_count(filter)?
-                    } else {
-                        rows.len() as i64
-                    };
+                    let total = total_of(&rows, *limit, || node.dispatch_count(filter))?;
                     out.dispatch_rows(&rows, total, &node)
                 }
                 DispatchCmd::Show { id } => {
@@ -730,7 +739,13 @@ pub fn run(cli: Cli) -> Result<()> {
                     overdue,
                     lead,
                     limit,
-                } => out.assignment_rows(&node.assign_list(*overdue, lead.as_deref(), *limit)?),
+                } => {
+                    let rows = node.assign_list(*overdue, lead.as_deref(), *limit)?;
+                    let total = total_of(&rows, *limit, || {
+                        node.assign_count(*overdue, lead.as_deref())
+                    })?;
+                    out.assignment_rows(&rows, total)
+                }
                 AssignCmd::Show { id } => out.assignment(&node.assign_show(id)?, &node),
             }
         }
@@ -746,7 +761,11 @@ pub fn run(cli: Cli) -> Result<()> {
                     &node,
                 ),
                 DossierCmd::Track { id } => out.dossier(&node.dossier_track(id)?, &node),
-                DossierCmd::List { limit } => out.dossier_rows(&node.dossier_list(*limit)?, &node),
+                DossierCmd::List { limit } => {
+                    let rows = node.dossier_list(*limit)?;
+                    let total = total_of(&rows, *limit, || node.dossier_count())?;
+                    out.dossier_rows(&rows, total, &node)
+                }
             }
         }
         Command::Audit { id } => {
