@@ -9,12 +9,14 @@ pub use output::safe;
 pub mod progress;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::model::assignment::Status;
 use crate::model::dispatch::{DispatchKind, Priority};
+use crate::node::bundle::BundleProgress;
 use crate::node::{DispatchRequest, Node, NodeError};
 use crate::store::index::DispatchFilter;
 use crate::units::Role;
@@ -624,6 +626,11 @@ impl tracing_subscriber::fmt::time::FormatTime for LogTime {
     }
 }
 
+fn watch_bundle(cli: &Cli, what: &str, progress: &Arc<BundleProgress>) -> progress::Watched {
+    let progress = progress.clone();
+    progress::Watched::start(cli.json, what, move || progress.now())
+}
+
 /// How many rows a list has in all. Counted only when the page is full: the usual short list
 /// costs no second query.
 fn total_of<T>(
@@ -832,20 +839,18 @@ pub fn run(cli: Cli) -> Result<()> {
             out: file,
         }) => {
             let mut node = open(&cli)?;
-            let spinner = progress::spinner(cli.json, &format!("writing a bundle for {for_peer}"));
-            let report = node.bundle_export(for_peer, file);
-            if let Some(s) = spinner {
-                s.finish_and_clear();
-            }
+            let progress = Arc::new(BundleProgress::default());
+            let watched = watch_bundle(&cli, &format!("bundle for {for_peer}"), &progress);
+            let report = node.bundle_export(for_peer, file, &progress);
+            watched.finish();
             out.exported(&report?)
         }
         Command::Bundle(BundleCmd::Import { file }) => {
             let mut node = open(&cli)?;
-            let spinner = progress::spinner(cli.json, &format!("importing {}", file.display()));
-            let report = node.bundle_import(file);
-            if let Some(s) = spinner {
-                s.finish_and_clear();
-            }
+            let progress = Arc::new(BundleProgress::default());
+            let watched = watch_bundle(&cli, &file.display().to_string(), &progress);
+            let report = node.bundle_import(file, &progress);
+            watched.finish();
             let report = report?;
             out.imported(&report)?;
             match report.docs_refused.first() {
@@ -875,11 +880,13 @@ pub fn run(cli: Cli) -> Result<()> {
             let db_bytes = std::fs::metadata(data_dir(&cli)?.join(crate::node::DB_FILE))
                 .map(|m| m.len())
                 .unwrap_or(0);
-            let bar = progress::FileBar::start(cli.json, "backup", file, db_bytes);
+            let polled = file.clone();
+            let watched = progress::Watched::start(cli.json, "backup", move || {
+                let written = std::fs::metadata(&polled).map_or(0, |m| m.len());
+                ("writing", written, Some(db_bytes))
+            });
             let result = node.backup(file);
-            if let Some(b) = bar {
-                b.finish();
-            }
+            watched.finish();
             result?;
             out.backed_up(file)
         }
