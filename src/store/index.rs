@@ -803,6 +803,57 @@ mod tests {
         );
     }
 
+    /// `status` counts every unit's backlog in one statement, with each unit's own
+    /// acknowledgement, reading `doc_scopes` by its key, and finds what one query per unit found.
+    #[test]
+    fn the_backlog_of_every_unit_is_one_query_that_matches_one_per_unit() {
+        let (_dir, store) = populated();
+        let units = [
+            "qn/binhlieu",
+            "qn/binhlieu/hoanhmo",
+            "qn/campha",
+            "qn/halong",
+        ];
+        for after in [0, 25] {
+            let wanted: Vec<(String, i64, String)> = units
+                .iter()
+                .map(|u| (u.to_string(), after, String::new()))
+                .collect();
+            let all = store.pending_of_units(&wanted).unwrap();
+            for unit in units {
+                let one = store
+                    .pending(&crate::store::sync::Scope::Subtree(unit.into()), "", after)
+                    .unwrap();
+                let got = all.get(unit).cloned().unwrap_or_default();
+                assert_eq!(
+                    (got.docs, got.bytes, got.oldest_change_at_ms),
+                    (one.docs, one.bytes, one.oldest_change_at_ms),
+                    "{unit} after {after}"
+                );
+            }
+            assert!(all.get("qn/campha").is_some_and(|p| p.docs > 0), "{all:?}");
+        }
+        let wanted = serde_json::json!([["qn/campha", 0, ""]]).to_string();
+        let steps = plan(
+            &store,
+            crate::store::status::PENDING_OF_UNITS,
+            params![wanted],
+        );
+        // Scanned: only the list given and the per-unit results; every table is searched.
+        for step in &steps {
+            let scanned = step.strip_prefix("SCAN ").and_then(|t| t.split(' ').next());
+            assert!(
+                scanned.is_none_or(|t| ["json_each", "x", "o"].contains(&t)),
+                "reads more than the units' rows: {steps:?}"
+            );
+        }
+        let searched = steps.join(" ");
+        assert!(
+            searched.contains("SEARCH s USING PRIMARY KEY (unit=? AND seq>?)"),
+            "{searched}"
+        );
+    }
+
     #[test]
     fn lists_match_a_sort_of_every_row() {
         let (_dir, store) = populated();
