@@ -364,6 +364,27 @@ fn dispatch_list_says_how_many_it_left_out() {
     );
 }
 
+/// Tests serve at once: each district or province page on a port of its own, not the users'
+/// default 127.0.0.1:8377 (which one of them alone could hold).
+#[test]
+fn test_serves_put_their_status_pages_on_ports_of_their_own() {
+    let (first, second) = (province(), province());
+    let servers = [Server::start(&first), Server::start(&second)];
+    let pages: Vec<String> = servers
+        .iter()
+        .map(|s| {
+            let log = s.wait_log("status page on http://", 1);
+            assert!(!log.contains("cannot serve the status page"), "{log}");
+            log.lines()
+                .find_map(|l| l.split("status page on http://").nth(1))
+                .unwrap_or_else(|| panic!("no status page in:\n{log}"))
+                .to_string()
+        })
+        .collect();
+    assert_ne!(pages[0], pages[1]);
+    assert!(pages.iter().all(|p| !p.contains(":8377")), "{pages:?}");
+}
+
 #[test]
 fn assign_and_dossier_lists_say_how_many_they_left_out() {
     let node = TestNode::commune();
