@@ -626,8 +626,8 @@ impl tracing_subscriber::fmt::time::FormatTime for LogTime {
     }
 }
 
-fn watch_bundle(cli: &Cli, what: &str, progress: &Arc<BundleProgress>) -> progress::Watched {
-    let progress = progress.clone();
+/// A bar, or log lines, of a bundle export or import that reports to `progress`.
+fn watch_bundle(cli: &Cli, what: &str, progress: Arc<BundleProgress>) -> progress::Watched {
     progress::Watched::start(cli.json, what, move || progress.now())
 }
 
@@ -840,7 +840,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }) => {
             let mut node = open(&cli)?;
             let progress = Arc::new(BundleProgress::default());
-            let watched = watch_bundle(&cli, &format!("bundle for {for_peer}"), &progress);
+            let watched = watch_bundle(&cli, &format!("bundle for {for_peer}"), progress.clone());
             let report = node.bundle_export(for_peer, file, &progress);
             watched.finish();
             out.exported(&report?)
@@ -848,7 +848,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Bundle(BundleCmd::Import { file }) => {
             let mut node = open(&cli)?;
             let progress = Arc::new(BundleProgress::default());
-            let watched = watch_bundle(&cli, &file.display().to_string(), &progress);
+            let watched = watch_bundle(&cli, &file.display().to_string(), progress.clone());
             let report = node.bundle_import(file, &progress);
             watched.finish();
             let report = report?;

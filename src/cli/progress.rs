@@ -192,7 +192,8 @@ impl Watched {
                     }
                     None => {}
                 }
-                std::thread::sleep(POLL);
+                // Woken early by `finish`, so the command does not wait out a poll.
+                std::thread::park_timeout(POLL);
             }
             if let Some(bar) = bar {
                 bar.finish_and_clear();
@@ -204,6 +205,7 @@ impl Watched {
     /// Stops watching and clears the bar, so the report follows on a clean screen.
     pub fn finish(self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.thread.thread().unpark();
         let _ = self.thread.join();
     }
 }

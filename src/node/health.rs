@@ -433,23 +433,34 @@ impl Node {
     /// Why `entry` is not the word of the node it names, if it is not: its signature must be
     /// by the certificate of `entry.node_id` (held here, checked against the CA when it was
     /// learnt), certified for `entry.unit` and not revoked.
-    fn status_unsigned(&self, entry: &StatusEntry) -> Result<Option<String>> {
+    fn status_unsigned(
+        &self,
+        entry: &StatusEntry,
+        crl: Option<&trust::Crl>,
+    ) -> Result<Option<String>> {
         let (unit, node) = (&entry.unit, &entry.node_id);
-        let Some(der) = self.store.node_cert(node)? else {
-            return Ok(Some(format!(
+        let key = match self.store.node_cert(node)? {
+            Some(der) => trust::AuthorKey::from_cert_der(&der),
+            None => {
+                return Ok(Some(format!(
                 "status of {unit} names node {node}, whose certificate has not reached this node, so its signature cannot be checked"
-            )));
+            )))
+            }
         };
-        let key = trust::AuthorKey::from_cert_der(&der)?;
+        let key = match key {
+            Ok(key) => key,
+            Err(e) => {
+                return Ok(Some(format!(
+                    "status of {unit}: node {node}'s certificate held here: {e}"
+                )))
+            }
+        };
         let why = if key.identity.unit != *unit {
             Some(format!(
                 "status of {unit} names node {node}, which is certified for {}",
                 key.identity.unit
             ))
-        } else if self
-            .crl()
-            .is_some_and(|crl| crl.is_revoked(&key.identity.serial))
-        {
+        } else if crl.is_some_and(|crl| crl.is_revoked(&key.identity.serial)) {
             Some(format!(
                 "status of {unit} is by node {node}, whose certificate is revoked"
             ))
@@ -499,6 +510,7 @@ impl Node {
         }
         let now = now_ms();
         let peer_id = peer.node_id.to_string();
+        let crl = self.crl();
         let mut accepted = Accepted::default();
         let mut keep = Vec::new();
         for entry in entries {
@@ -524,7 +536,7 @@ impl Node {
                     age(i64::try_from(entry.as_of_ms).unwrap_or(i64::MAX) - now)
                 ))
             } else {
-                self.status_unsigned(&entry)?
+                self.status_unsigned(&entry, crl.as_ref())?
             };
             match why {
                 Some(why) => accepted.refused.push(why),
