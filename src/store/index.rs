@@ -839,11 +839,12 @@ mod tests {
             crate::store::status::PENDING_OF_UNITS,
             params![wanted],
         );
-        // Scanned: only the list given and the per-unit results; every table is searched.
+        // Scanned: only the list given, the pending rows gathered and the per-unit results;
+        // every table is searched.
         for step in &steps {
             let scanned = step.strip_prefix("SCAN ").and_then(|t| t.split(' ').next());
             assert!(
-                scanned.is_none_or(|t| ["json_each", "x", "o"].contains(&t)),
+                scanned.is_none_or(|t| ["json_each", "pend", "p", "x", "o"].contains(&t)),
                 "reads more than the units' rows: {steps:?}"
             );
         }

@@ -13,11 +13,13 @@ use super::{Result, SqlContext, Store, WriteTx};
 /// What is still to be delivered to each unit of a list, in one statement: per unit, the
 /// documents of its scope (`doc_scopes`, read by its `(unit, seq)` key) past `after` whose
 /// current state did not come from `skip`, their stored bytes plus the scans they attach that
-/// `skip` did not send, and when the oldest changed; as `Store::pending` counts one unit.
+/// `skip` did not send, and when the oldest changed; as `Store::pending` counts one unit. The
+/// pending rows are gathered once (MATERIALIZED: read twice otherwise, 2.4 times slower on a
+/// province where nothing was acknowledged).
 pub(crate) const PENDING_OF_UNITS: &str = "WITH want(unit, after, skip) AS (
          SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]')
          FROM json_each(?1)),
-     pend AS (
+     pend AS MATERIALIZED (
          SELECT w.unit, w.skip, d.id, length(d.snapshot) + d.chunk_bytes AS bytes, d.updated_at
          FROM want w JOIN doc_scopes s ON s.unit = w.unit AND s.seq > w.after
          JOIN docs d ON d.id = s.doc_id
