@@ -9,12 +9,14 @@ pub use output::safe;
 pub mod progress;
 
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use crate::model::assignment::Status;
 use crate::model::dispatch::{DispatchKind, Priority};
+use crate::node::bundle::BundleProgress;
 use crate::node::{DispatchRequest, Node, NodeError};
 use crate::store::index::DispatchFilter;
 use crate::units::Role;
@@ -509,7 +511,7 @@ pub enum AssignCmd {
         /// Only those led by USER
         #[arg(long, value_name = "USER", value_parser = nfc)]
         lead: Option<String>,
-        /// At most this many rows
+        /// At most this many rows (the output says how many there are in all when it stops)
         #[arg(long, default_value_t = 1000, value_name = "N")]
         limit: usize,
     },
@@ -561,7 +563,7 @@ pub enum DossierCmd {
     /// List dossiers, most recently moved first
     #[command(after_help = "Example:\n  communesync dossier list --limit 20")]
     List {
-        /// At most this many rows
+        /// At most this many rows (the output says how many there are in all when it stops)
         #[arg(long, default_value_t = 1000, value_name = "N")]
         limit: usize,
     },
@@ -624,6 +626,25 @@ impl tracing_subscriber::fmt::time::FormatTime for LogTime {
     }
 }
 
+/// A bar, or log lines, of a bundle export or import that reports to `progress`.
+fn watch_bundle(cli: &Cli, what: &str, progress: Arc<BundleProgress>) -> progress::Watched {
+    progress::Watched::start(cli.json, what, move || progress.now())
+}
+
+/// How many rows a list has in all. Counted only when the page is full: the usual short list
+/// costs no second query.
+fn total_of<T>(
+    rows: &[T],
+    limit: usize,
+    count: impl FnOnce() -> std::result::Result<i64, NodeError>,
+) -> Result<i64> {
+    if rows.len() >= limit {
+        Ok(count()?)
+    } else {
+        Ok(rows.len() as i64)
+    }
+}
+
 fn open(cli: &Cli) -> Result<Node> {
     let dir = data_dir(cli)?;
     Ok(Node::open(&dir)?)
@@ -676,12 +697,7 @@ pub fn run(cli: Cli) -> Result<()> {
                         _ => DispatchFilter::All,
                     };
                     let rows = node.dispatch_list(filter, *limit)?;
-                    // Counted only when the list is full: the usual short list costs no second query.
-                    let total = if rows.len() >= *limit {
-                        node.dispatch_count(filter)?
-                    } else {
-                        rows.len() as i64
-                    };
+                    let total = total_of(&rows, *limit, || node.dispatch_count(filter))?;
                     out.dispatch_rows(&rows, total, &node)
                 }
                 DispatchCmd::Show { id } => {
@@ -730,7 +746,13 @@ pub fn run(cli: Cli) -> Result<()> {
                     overdue,
                     lead,
                     limit,
-                } => out.assignment_rows(&node.assign_list(*overdue, lead.as_deref(), *limit)?),
+                } => {
+                    let rows = node.assign_list(*overdue, lead.as_deref(), *limit)?;
+                    let total = total_of(&rows, *limit, || {
+                        node.assign_count(*overdue, lead.as_deref())
+                    })?;
+                    out.assignment_rows(&rows, total)
+                }
                 AssignCmd::Show { id } => out.assignment(&node.assign_show(id)?, &node),
             }
         }
@@ -746,7 +768,11 @@ pub fn run(cli: Cli) -> Result<()> {
                     &node,
                 ),
                 DossierCmd::Track { id } => out.dossier(&node.dossier_track(id)?, &node),
-                DossierCmd::List { limit } => out.dossier_rows(&node.dossier_list(*limit)?, &node),
+                DossierCmd::List { limit } => {
+                    let rows = node.dossier_list(*limit)?;
+                    let total = total_of(&rows, *limit, || node.dossier_count())?;
+                    out.dossier_rows(&rows, total, &node)
+                }
             }
         }
         Command::Audit { id } => {
@@ -813,20 +839,18 @@ pub fn run(cli: Cli) -> Result<()> {
             out: file,
         }) => {
             let mut node = open(&cli)?;
-            let spinner = progress::spinner(cli.json, &format!("writing a bundle for {for_peer}"));
-            let report = node.bundle_export(for_peer, file);
-            if let Some(s) = spinner {
-                s.finish_and_clear();
-            }
+            let progress = Arc::new(BundleProgress::default());
+            let watched = watch_bundle(&cli, &format!("bundle for {for_peer}"), progress.clone());
+            let report = node.bundle_export(for_peer, file, &progress);
+            watched.finish();
             out.exported(&report?)
         }
         Command::Bundle(BundleCmd::Import { file }) => {
             let mut node = open(&cli)?;
-            let spinner = progress::spinner(cli.json, &format!("importing {}", file.display()));
-            let report = node.bundle_import(file);
-            if let Some(s) = spinner {
-                s.finish_and_clear();
-            }
+            let progress = Arc::new(BundleProgress::default());
+            let watched = watch_bundle(&cli, &file.display().to_string(), progress.clone());
+            let report = node.bundle_import(file, &progress);
+            watched.finish();
             let report = report?;
             out.imported(&report)?;
             match report.docs_refused.first() {
@@ -856,11 +880,13 @@ pub fn run(cli: Cli) -> Result<()> {
             let db_bytes = std::fs::metadata(data_dir(&cli)?.join(crate::node::DB_FILE))
                 .map(|m| m.len())
                 .unwrap_or(0);
-            let bar = progress::FileBar::start(cli.json, "backup", file, db_bytes);
+            let polled = file.clone();
+            let watched = progress::Watched::start(cli.json, "backup", move || {
+                let written = std::fs::metadata(&polled).map_or(0, |m| m.len());
+                ("writing", written, Some(db_bytes))
+            });
             let result = node.backup(file);
-            if let Some(b) = bar {
-                b.finish();
-            }
+            watched.finish();
             result?;
             out.backed_up(file)
         }

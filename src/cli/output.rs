@@ -316,16 +316,21 @@ impl Out {
         })
     }
 
-    /// The rows, and when they stop short of `total`, a line saying so (on stderr with
-    /// `--json`, whose stdout stays the list of rows).
-    pub fn dispatch_rows(&self, rows: &[DispatchRow], total: i64, node: &Node) -> Result<()> {
-        let shown = rows.len() as i64;
+    /// When a list stops short of `total`, the line saying so: printed after the rows, or on
+    /// stderr with `--json`, whose stdout stays the list of rows.
+    fn more_line(&self, shown: usize, total: i64, what: &str) -> Option<String> {
+        let shown = shown as i64;
         let more = (total > shown).then(|| {
-            format!("{shown} of {total} dispatches shown; use --limit {total} to see them all")
+            format!("{shown} of {total} {what} shown; use --limit {total} to see them all")
         });
         if let (true, Some(more)) = (self.json, &more) {
             eprintln!("{more}");
         }
+        more
+    }
+
+    pub fn dispatch_rows(&self, rows: &[DispatchRow], total: i64, node: &Node) -> Result<()> {
+        let more = self.more_line(rows.len(), total, "dispatches");
         self.emit(&rows, || {
             for r in rows {
                 println!(
@@ -419,7 +424,8 @@ impl Out {
         })
     }
 
-    pub fn assignment_rows(&self, rows: &[AssignmentRow]) -> Result<()> {
+    pub fn assignment_rows(&self, rows: &[AssignmentRow], total: i64) -> Result<()> {
+        let more = self.more_line(rows.len(), total, "assignments");
         self.emit(&rows, || {
             for r in rows {
                 let flag = if r.conflicted { "  CONFLICT" } else { "" };
@@ -435,6 +441,9 @@ impl Out {
             }
             if rows.is_empty() {
                 println!("no assignments");
+            }
+            if let Some(more) = &more {
+                println!("{more}");
             }
         })
     }
@@ -467,7 +476,8 @@ impl Out {
         })
     }
 
-    pub fn dossier_rows(&self, rows: &[DossierRow], node: &Node) -> Result<()> {
+    pub fn dossier_rows(&self, rows: &[DossierRow], total: i64, node: &Node) -> Result<()> {
+        let more = self.more_line(rows.len(), total, "dossiers");
         self.emit(&rows, || {
             for r in rows {
                 println!(
@@ -482,6 +492,9 @@ impl Out {
             }
             if rows.is_empty() {
                 println!("no dossiers");
+            }
+            if let Some(more) = &more {
+                println!("{more}");
             }
         })
     }

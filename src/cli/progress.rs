@@ -1,9 +1,9 @@
 //! Progress for people at a terminal: a bar per scan during `sync` (name, bytes, rate, time
-//! left), a bar while `backup` writes its copy, a spinner while a bundle is written or read.
+//! left), and a bar of bytes while `backup` writes its copy and a bundle is written or read.
 //!
 //! Drawn on stderr, and only when stderr is a terminal and `--json` is off: stdout stays the
-//! report. Without a terminal, long scan transfers are logged instead (see
-//! [`crate::net::progress`]).
+//! report. Otherwise long transfers, backups and bundles are logged every 10 s instead (see
+//! [`crate::net::progress`] for scans).
 
 use std::collections::HashMap;
 use std::io::IsTerminal;
@@ -12,11 +12,12 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use tracing::info;
 
-use crate::net::progress::{Direction, ScanProgress};
+use crate::net::progress::{Direction, ScanProgress, LOG_EVERY};
 use crate::node::Node;
 use crate::service::ProgressWatcher;
 
@@ -144,53 +145,90 @@ fn draw(events: Receiver<ScanProgress>, multi: &MultiProgress, stop: &AtomicBool
     }
 }
 
-/// A bar for a file being written toward an expected size (a backup's copy of the database),
-/// polled from its size on disk; `None` when not drawing.
-pub struct FileBar {
-    bar: ProgressBar,
+/// Where a long command (bundle export or import, backup) has come: its stage, bytes done,
+/// and bytes in all when known.
+pub type Snapshot = (&'static str, u64, Option<u64>);
+
+/// Progress of one long command, read from `source` every [`POLL`] on a thread of its own (the
+/// work never waits on it): a bar on a terminal (bytes, rate, time left; a byte counter while
+/// the total is not known), otherwise a log line every [`LOG_EVERY`] once it lasts longer.
+pub struct Watched {
     stop: Arc<AtomicBool>,
     thread: JoinHandle<()>,
 }
 
-impl FileBar {
-    pub fn start(json: bool, what: &str, file: &Path, bytes_expected: u64) -> Option<FileBar> {
-        if !wanted(json) {
-            return None;
-        }
-        let bar = ProgressBar::with_draw_target(Some(bytes_expected), ProgressDrawTarget::stderr());
-        bar.set_style(bar_style());
-        bar.set_prefix("writing");
-        bar.set_message(what.to_string());
+impl Watched {
+    pub fn start(
+        json: bool,
+        what: &str,
+        source: impl Fn() -> Snapshot + Send + 'static,
+    ) -> Watched {
+        let bar = wanted(json).then(|| {
+            let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+            bar.set_message(what.to_string());
+            bar
+        });
         let stop = Arc::new(AtomicBool::new(false));
-        let (polled, stopped, file) = (bar.clone(), stop.clone(), file.to_path_buf());
+        let (stopped, what) = (stop.clone(), what.to_string());
         let thread = std::thread::spawn(move || {
+            let started = Instant::now();
+            let (mut shown, mut logged) = (None, Duration::ZERO);
             while !stopped.load(Ordering::Relaxed) {
-                if let Ok(meta) = std::fs::metadata(&file) {
-                    polled.set_position(meta.len().min(polled.length().unwrap_or(u64::MAX)));
+                let (stage, done, total) = source();
+                match &bar {
+                    Some(bar) => {
+                        if shown != Some((stage, total)) {
+                            shown = Some((stage, total));
+                            restyle(bar, stage, total);
+                        }
+                        bar.set_position(total.map_or(done, |t| done.min(t)));
+                    }
+                    None if started.elapsed() >= logged + LOG_EVERY => {
+                        logged = started.elapsed();
+                        let of = total
+                            .map(|t| format!(" of {}", HumanBytes(t)))
+                            .unwrap_or_default();
+                        info!("{what}: {stage}: {}{of}", HumanBytes(done));
+                    }
+                    None => {}
                 }
-                std::thread::sleep(POLL);
+                // Woken early by `finish`, so the command does not wait out a poll.
+                std::thread::park_timeout(POLL);
+            }
+            if let Some(bar) = bar {
+                bar.finish_and_clear();
             }
         });
-        Some(FileBar { bar, stop, thread })
+        Watched { stop, thread }
     }
 
+    /// Stops watching and clears the bar, so the report follows on a clean screen.
     pub fn finish(self) {
         self.stop.store(true, Ordering::Relaxed);
+        self.thread.thread().unpark();
         let _ = self.thread.join();
-        self.bar.finish_and_clear();
     }
 }
 
-/// A spinner with the time elapsed, for work whose size is not known ahead (bundles).
-pub fn spinner(json: bool, what: &str) -> Option<ProgressBar> {
-    if !wanted(json) {
-        return None;
+/// A bar with the stage's total, or a running byte count while it is not known.
+fn restyle(bar: &ProgressBar, stage: &str, total: Option<u64>) {
+    match total {
+        Some(t) => {
+            bar.set_style(bar_style());
+            bar.set_length(t);
+        }
+        None => {
+            bar.set_style(
+                ProgressStyle::with_template(
+                    "{prefix:>8} {msg:30!} {spinner} {bytes:>10} {binary_bytes_per_sec:>12} ({elapsed})",
+                )
+                .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            );
+            bar.unset_length();
+        }
     }
-    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
-    bar.set_style(spinner_style());
-    bar.set_message(what.to_string());
-    bar.enable_steady_tick(Duration::from_millis(120));
-    Some(bar)
+    bar.set_prefix(stage.to_string());
+    bar.reset_eta();
 }
 
 #[cfg(test)]
@@ -199,6 +237,7 @@ mod tests {
 
     use super::*;
     use crate::model::dispatch::{DispatchKind, Priority};
+    use crate::node::bundle::BundleProgress;
     use crate::node::DispatchRequest;
     use crate::units::Role;
 
@@ -209,18 +248,16 @@ mod tests {
         Node::open(dir).unwrap()
     }
 
-    /// What the bars of a `sync` are drawn from: each scan fetched is reported from its start
-    /// to its whole size, then ended, and the node can name it.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn a_one_shot_sync_reports_each_scan_from_start_to_end() {
-        let tmp = tempfile::tempdir().unwrap();
-        let (prov, comm) = (tmp.path().join("prov"), tmp.path().join("comm"));
+    /// A province with a dispatch to an enrolled commune carrying a 700 KB scan named
+    /// `kế-hoạch.pdf`: the nodes (closed) and the scan.
+    fn province_and_commune(tmp: &Path) -> (PathBuf, PathBuf, Vec<u8>) {
+        let (prov, comm) = (tmp.join("prov"), tmp.join("comm"));
         let mut province = node(&prov, "qn", Role::Province);
         province.ca_init().unwrap();
         let scan: Vec<u8> = (0..700_000u32)
             .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
             .collect();
-        let file = tmp.path().join("kế-hoạch.pdf");
+        let file = tmp.join("kế-hoạch.pdf");
         std::fs::write(&file, &scan).unwrap();
         province
             .dispatch_new(
@@ -236,17 +273,57 @@ mod tests {
             )
             .unwrap();
         let mut commune = node(&comm, COMMUNE, Role::Commune);
-        let (req, cert) = (tmp.path().join("c.req"), tmp.path().join("c.crt"));
+        let (req, cert) = (tmp.join("c.req"), tmp.join("c.crt"));
         commune.enrol_request(&req).unwrap();
         province
             .ca_issue(&req, COMMUNE, Role::Commune, &cert)
             .unwrap();
         commune.enrol_install(&cert).unwrap();
+        (prov, comm, scan)
+    }
+
+    /// What the bars and log lines of `bundle export` and `bundle import` are drawn from: each
+    /// ends its last stage with every byte of it done.
+    #[test]
+    fn bundle_progress_ends_at_the_bundles_bytes() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (prov, comm, _) = province_and_commune(tmp.path());
+        let bundle = tmp.path().join("for-commune.csb");
+        let progress = BundleProgress::default();
+        Node::open(&prov)
+            .unwrap()
+            .bundle_export(COMMUNE, &bundle, &progress)
+            .unwrap();
+        let file_bytes = std::fs::metadata(&bundle).unwrap().len();
+        assert_eq!(progress.now(), ("writing", file_bytes, Some(file_bytes)));
+
+        let progress = BundleProgress::default();
+        let report = Node::open(&comm)
+            .unwrap()
+            .bundle_import(&bundle, &progress)
+            .unwrap();
+        assert_eq!(report.scans_stored, 1);
+        let (stage, done, total) = progress.now();
+        assert_eq!((stage, Some(done)), ("importing", total));
+        // The payload is the file but for its signed header.
+        assert!(
+            done > file_bytes - 8192 && done < file_bytes,
+            "{done} of {file_bytes}"
+        );
+    }
+
+    /// What the bars of a `sync` are drawn from: each scan fetched is reported from its start
+    /// to its whole size, then ended, and the node can name it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_one_shot_sync_reports_each_scan_from_start_to_end() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (prov, comm, scan) = province_and_commune(tmp.path());
+        let mut commune = Node::open(&comm).unwrap();
         let addr: SocketAddr = std::net::UdpSocket::bind("127.0.0.1:0")
             .and_then(|s| s.local_addr())
             .unwrap();
         commune.peer_add("up", &addr.to_string(), true).unwrap();
-        drop((province, commune));
+        drop(commune);
 
         let (stop, shutdown) = tokio::sync::watch::channel(false);
         let served = {

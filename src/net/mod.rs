@@ -790,7 +790,7 @@ pub async fn run_session(
                 // Statuses only inform: failing to gather or keep them costs no sync.
                 if let Some(sender) = status_out.as_mut() {
                     match sender.due(replica.node, Instant::now()) {
-                        Ok(Some(entries)) => session.send_status(entries),
+                        Ok(Some(out)) => session.send_status(out.certs, out.entries),
                         Ok(None) => {}
                         Err(e) => warn!(peer = %peer.unit, "could not gather this node's status: {e}"),
                     }

@@ -403,6 +403,8 @@ impl Node {
             });
         }
         // Every unit below this node is listed, in contact or not: silence is what to look for.
+        // Each is counted past the acknowledgement of the relay that serves it, all in one query.
+        let mut below = Vec::new();
         for unit in self
             .tree
             .iter()
@@ -420,14 +422,18 @@ impl Node {
                         && crate::units::is_within(&unit.path, &s.unit)
                 })
                 .max_by_key(|s| s.unit.len());
-            let (skip, after) = relay
-                .map(|r| (r.node_id.as_str(), r.acked_by))
-                .unwrap_or(("", 0));
-            let pending_out = self.store.pending(
-                &super::replica::scope_for(&unit.path, self.unit()),
-                skip,
-                after,
-            )?;
+            below.push((unit, relay));
+        }
+        let wanted: Vec<(String, i64, String)> = below
+            .iter()
+            .map(|(unit, relay)| {
+                let (after, skip) = relay.map_or((0, ""), |r| (r.acked_by, r.node_id.as_str()));
+                (unit.path.clone(), after, skip.to_string())
+            })
+            .collect();
+        let mut pending = self.store.pending_of_units(&wanted)?;
+        for (unit, relay) in below {
+            let pending_out = pending.remove(&unit.path).unwrap_or_default();
             peers.push(PeerStatus {
                 unit: unit.path.clone(),
                 role: unit.role,

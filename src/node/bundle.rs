@@ -9,6 +9,8 @@
 use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use serde::{Deserialize, Serialize};
 use tracing::info;
@@ -75,6 +77,57 @@ pub struct ImportReport {
     pub docs_refused: Vec<(String, String)>,
 }
 
+/// How far an export or import has come, for a bar or a log line: the stage, and its bytes
+/// done and in all (0: not known yet). Written by the work as it goes (atomics, never waited
+/// on) and read by whoever draws it, at its own pace.
+#[derive(Debug, Default)]
+pub struct BundleProgress {
+    stage: Mutex<&'static str>,
+    bytes_done: AtomicU64,
+    bytes_total: AtomicU64,
+}
+
+impl BundleProgress {
+    fn begin(&self, stage: &'static str, bytes_total: u64) {
+        if let Ok(mut s) = self.stage.lock() {
+            *s = stage;
+        }
+        self.bytes_total.store(bytes_total, Ordering::Relaxed);
+        self.bytes_done.store(0, Ordering::Relaxed);
+    }
+
+    fn done(&self, bytes: u64) {
+        self.bytes_done.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The stage ("" before the first), bytes done, and bytes in all when known.
+    pub fn now(&self) -> (&'static str, u64, Option<u64>) {
+        let stage = self.stage.lock().map(|s| *s).unwrap_or_default();
+        let total = self.bytes_total.load(Ordering::Relaxed);
+        (
+            stage,
+            self.bytes_done.load(Ordering::Relaxed),
+            (total > 0).then_some(total),
+        )
+    }
+}
+
+/// A reader counting the bytes read through it into a [`BundleProgress`].
+struct Counted<'a, R> {
+    inner: R,
+    bytes: u64,
+    progress: &'a BundleProgress,
+}
+
+impl<R: Read> Read for Counted<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.bytes += n as u64;
+        self.progress.done(self.bytes);
+        Ok(n)
+    }
+}
+
 fn io(path: &Path) -> impl Fn(std::io::Error) -> NodeError + '_ {
     move |source| NodeError::Io {
         path: path.to_path_buf(),
@@ -88,7 +141,14 @@ fn refused(e: ProtoError) -> NodeError {
 
 impl Node {
     /// Writes what `peer` (a peer name, or a unit path) lacks, as far as this node knows.
-    pub fn bundle_export(&mut self, peer: &str, out: &Path) -> Result<ExportReport> {
+    /// `progress` goes through "documents" (bytes written so far), "scans" (of the scans'
+    /// bytes) and "writing" (of the bundle file's bytes).
+    pub fn bundle_export(
+        &mut self,
+        peer: &str,
+        out: &Path,
+        progress: &BundleProgress,
+    ) -> Result<ExportReport> {
         let (unit, peer_node) = match self.store.peer_node(peer)? {
             Some((node, unit)) => (unit, Some(node)),
             None if self.tree.get(peer).is_ok() => (peer.to_string(), self.store.peer_node_by_unit(peer)?),
@@ -111,12 +171,15 @@ impl Node {
         let mut payload = BufWriter::new(tempfile::tempfile_in(&self.dir).map_err(io(&self.dir))?);
         let (mut hasher, mut bytes, mut docs, mut scans) =
             (blake3::Hasher::new(), 0u64, 0u64, 0u64);
-        let mut emit = |frame: &Frame, payload: &mut BufWriter<File>| -> Result<()> {
+        // Returns the payload's bytes so far.
+        let mut emit = |frame: &Frame, payload: &mut BufWriter<File>| -> Result<u64> {
             let encoded = wire::encode(frame, 3);
             hasher.update(&encoded);
             bytes += encoded.len() as u64;
-            payload.write_all(&encoded).map_err(io(&tmp))
+            payload.write_all(&encoded).map_err(io(&tmp))?;
+            Ok(bytes)
         };
+        progress.begin("documents", 0);
         let mut hashes: Vec<Hash> = Vec::new();
         // Authors whose certificates the bundle already carries (the exporter's is its header's).
         let mut certs_sent = std::collections::HashSet::from([self.node_id().to_string()]);
@@ -168,26 +231,32 @@ impl Node {
                 // Frames stay bounded as on the wire.
                 if batch_bytes >= crate::proto::session::CHANGES_FRAME_BYTES {
                     docs += batch.len() as u64;
-                    emit(
+                    let written = emit(
                         &Frame::Changes {
                             docs: std::mem::take(&mut batch),
                         },
                         &mut payload,
                     )?;
                     batch_bytes = 0;
+                    progress.done(written);
                 }
             }
             if !batch.is_empty() {
                 docs += batch.len() as u64;
-                emit(&Frame::Changes { docs: batch }, &mut payload)?;
+                progress.done(emit(&Frame::Changes { docs: batch }, &mut payload)?);
             }
         }
         hashes.sort();
         hashes.dedup();
+        let mut manifests = Vec::with_capacity(hashes.len());
         for hash in hashes {
-            let Some((size, chunk_hashes)) = self.store.blob_manifest(&hash)? else {
-                continue;
-            };
+            if let Some((size, chunk_hashes)) = self.store.blob_manifest(&hash)? {
+                manifests.push((hash, size, chunk_hashes));
+            }
+        }
+        progress.begin("scans", manifests.iter().map(|m| m.1).sum());
+        let mut scan_bytes = 0u64;
+        for (hash, size, chunk_hashes) in manifests {
             let count = chunk_hashes.len() as u64;
             let header = Frame::BlobHeader {
                 hash,
@@ -200,6 +269,7 @@ impl Node {
             for idx in 0..count {
                 let data = self.store.blob_chunk(&hash, idx)?;
                 let raw_len = data.len() as u64;
+                scan_bytes += raw_len;
                 let (compressed, data) = encode_chunk(data.into(), BUNDLE_LEVEL);
                 emit(
                     &Frame::BlobChunk {
@@ -210,6 +280,7 @@ impl Node {
                     },
                     &mut payload,
                 )?;
+                progress.done(scan_bytes);
             }
             scans += 1;
         }
@@ -236,6 +307,13 @@ impl Node {
         // The bundle appears under its name whole or not at all: written under a name of its
         // own beside `out`, which is the only file this command ever removes.
         let partial = fsutil::temp_beside(out, out.file_name().expect("checked"), "partial");
+        let head_bytes = MAGIC.len() + 1 + 4 + header_json.len() + 2 + signature.len();
+        progress.begin("writing", head_bytes as u64 + bytes);
+        let mut payload = Counted {
+            inner: payload,
+            bytes: head_bytes as u64,
+            progress,
+        };
         let written = (|| -> std::io::Result<()> {
             // Bundles hold documents in clear: readable by this user only, like the database.
             let mut file = BufWriter::new(fsutil::create_private_file(&partial)?);
@@ -267,7 +345,13 @@ impl Node {
     /// Applies a bundle: verified whole (signature, certificate, payload hash) before anything
     /// is stored, then documents through the same checks as the wire, then scans chunk by chunk.
     /// Importing the same bundle again changes nothing.
-    pub fn bundle_import(&mut self, path: &Path) -> Result<ImportReport> {
+    /// `progress` goes through "checking" (the payload read from the file and hashed) and
+    /// "importing" (the payload applied), each of the payload's bytes.
+    pub fn bundle_import(
+        &mut self,
+        path: &Path,
+        progress: &BundleProgress,
+    ) -> Result<ImportReport> {
         let bad = |what: &str| {
             NodeError::Invalid(format!(
                 "{}: not a communesync bundle ({what})",
@@ -317,6 +401,7 @@ impl Node {
         // from that copy: a bundle file changed after its hash was checked changes nothing.
         let mut copy = BufWriter::new(tempfile::tempfile_in(&self.dir).map_err(io(&self.dir))?);
         let mut hasher = blake3::Hasher::new();
+        progress.begin("checking", header.payload_bytes);
         let (mut buf, mut copied) = (vec![0u8; COPY_BYTES], 0u64);
         let mut payload = (&mut file).take(header.payload_bytes.saturating_add(1));
         loop {
@@ -329,6 +414,7 @@ impl Node {
             hasher.update(&buf[..n]);
             copy.write_all(&buf[..n]).map_err(io(&self.dir))?;
             copied += n as u64;
+            progress.done(copied);
         }
         if copied != header.payload_bytes
             || hasher.finalize().to_hex().as_str() != header.payload_blake3
@@ -361,7 +447,10 @@ impl Node {
         let feed_before = self.store.feed_seq()?;
         let mut remaining = header.payload_bytes;
         let mut skipping = false;
+        let payload_bytes = header.payload_bytes;
+        progress.begin("importing", payload_bytes);
         while remaining > 0 {
+            progress.done(payload_bytes - remaining);
             let frame = read_frame(&mut file, &mut remaining).map_err(|e| bad(&e.to_string()))?;
             match frame {
                 Frame::Changes { docs } => {
@@ -392,6 +481,7 @@ impl Node {
                         let chunk = read_frame(&mut file, &mut remaining)
                             .map_err(|e| bad(&e.to_string()))?;
                         s.chunk(chunk).map_err(refused)?;
+                        progress.done(payload_bytes - remaining);
                     }
                     s.finish().map_err(refused)?;
                     report.scans_stored += 1;
@@ -405,6 +495,7 @@ impl Node {
                 }
             }
         }
+        progress.done(payload_bytes);
         report.docs_changed = (self.store.feed_seq()? - feed_before) as u64;
         // Everything of the exporter's feed in our scope up to `upto` is now here, provided the
         // bundle started no later than what we already had.

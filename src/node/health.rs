@@ -12,11 +12,11 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::admin::{PeerStatus, CERT_FILE};
-use super::{now_ms, Node, NodeError, Result};
+use super::{now_ms, Node, NodeError, Result, KEY_FILE};
 use crate::proto::wire::{self, StatusEntry, StatusPeer};
 use crate::store::status::PeerLive;
 use crate::store::sync::Scope;
-use crate::trust::PeerIdentity;
+use crate::trust::{self, ChangeSigner, NodeKey, PeerIdentity};
 use crate::units::{is_within, Role};
 
 /// How often an open session records that it is still open and when it last heard the peer
@@ -146,12 +146,22 @@ impl Counters {
 }
 
 /// Sends this node's status and its subtree's upstream: at a session's start, then at most
-/// once per interval, each subtree status once per session unless it changed.
+/// once per interval, each subtree status once per session unless it changed, each with the
+/// certificate of the node that signed it once per session (the receiver may not have met it).
 pub struct StatusSender {
     every: Duration,
     next: Option<Instant>,
     /// Per unit, the `as_of` last sent in this session (at most the units of the subtree).
     sent: HashMap<String, u64>,
+    /// Nodes whose certificates went in this session (at most the nodes of the subtree).
+    certs_sent: HashSet<String>,
+}
+
+/// What a [`StatusSender`] sends at once: certificates first, then the statuses they sign.
+#[derive(Debug, Default)]
+pub struct StatusOut {
+    pub certs: Vec<Vec<u8>>,
+    pub entries: Vec<StatusEntry>,
 }
 
 impl StatusSender {
@@ -160,31 +170,45 @@ impl StatusSender {
             every,
             next: None,
             sent: HashMap::new(),
+            certs_sent: HashSet::new(),
         }
     }
 
     /// The statuses to send now, if it is time.
-    pub fn due(&mut self, node: &Node, now: Instant) -> Result<Option<Vec<StatusEntry>>> {
+    pub fn due(&mut self, node: &Node, now: Instant) -> Result<Option<StatusOut>> {
         if self.next.is_some_and(|next| now < next) {
             return Ok(None);
         }
         self.next = Some(now + self.every);
-        let mut entries = vec![node.own_status()?];
+        let mut out = StatusOut {
+            certs: Vec::new(),
+            entries: vec![node.signed_own_status()?],
+        };
         let held = node
             .store
             .node_statuses_within(node.unit(), wire::STATUS_ENTRIES_MAX - 1)?;
         for row in held {
-            // Written by this node after the checks; a row that no longer parses is skipped.
+            // Written by this node after the checks; a row that no longer parses is skipped,
+            // and so is one stored before statuses were signed (no receiver would keep it).
             let Ok(entry) = serde_json::from_str::<StatusEntry>(&row.body) else {
                 continue;
             };
-            if entry.unit == node.unit() || self.sent.get(&entry.unit) == Some(&entry.as_of_ms) {
+            if entry.unit == node.unit()
+                || entry.sig == [0; wire::SIG_BYTES]
+                || self.sent.get(&entry.unit) == Some(&entry.as_of_ms)
+            {
                 continue;
             }
+            if !self.certs_sent.contains(&entry.node_id) {
+                if let Some(der) = node.store.node_cert(&entry.node_id)? {
+                    out.certs.push(der);
+                }
+                self.certs_sent.insert(entry.node_id.clone());
+            }
             self.sent.insert(entry.unit.clone(), entry.as_of_ms);
-            entries.push(entry);
+            out.entries.push(entry);
         }
-        Ok(Some(entries))
+        Ok(Some(out))
     }
 }
 
@@ -394,11 +418,65 @@ impl Node {
                 wire::STATUS_ERROR_BYTES_MAX,
             ),
             peers,
+            sig: [0; wire::SIG_BYTES],
         })
     }
 
-    /// Keeps the statuses `peer` sent that concern its own subtree (its certificate says which),
-    /// the newest per unit; refuses the others, each with why.
+    /// This node's own status, signed with its node key for the nodes above to check.
+    pub fn signed_own_status(&self) -> Result<StatusEntry> {
+        let mut entry = self.own_status()?;
+        let key = NodeKey::load(self.dir.join(KEY_FILE))?;
+        entry.sig = ChangeSigner::new(&key)?.sign_status(&wire::status_body(&entry))?;
+        Ok(entry)
+    }
+
+    /// Why `entry` is not the word of the node it names, if it is not: its signature must be
+    /// by the certificate of `entry.node_id` (held here, checked against the CA when it was
+    /// learnt), certified for `entry.unit` and not revoked.
+    fn status_unsigned(
+        &self,
+        entry: &StatusEntry,
+        crl: Option<&trust::Crl>,
+    ) -> Result<Option<String>> {
+        let (unit, node) = (&entry.unit, &entry.node_id);
+        let key = match self.store.node_cert(node)? {
+            Some(der) => trust::AuthorKey::from_cert_der(&der),
+            None => {
+                return Ok(Some(format!(
+                "status of {unit} names node {node}, whose certificate has not reached this node, so its signature cannot be checked"
+            )))
+            }
+        };
+        let key = match key {
+            Ok(key) => key,
+            Err(e) => {
+                return Ok(Some(format!(
+                    "status of {unit}: node {node}'s certificate held here: {e}"
+                )))
+            }
+        };
+        let why = if key.identity.unit != *unit {
+            Some(format!(
+                "status of {unit} names node {node}, which is certified for {}",
+                key.identity.unit
+            ))
+        } else if crl.is_some_and(|crl| crl.is_revoked(&key.identity.serial)) {
+            Some(format!(
+                "status of {unit} is by node {node}, whose certificate is revoked"
+            ))
+        } else if !key.verifies_status(&wire::status_body(entry), &entry.sig) {
+            Some(format!(
+                "status of {unit} is not signed by its node {node}: forged, or altered on the way"
+            ))
+        } else {
+            None
+        };
+        Ok(why)
+    }
+
+    /// Keeps the statuses `peer` sent that concern its own subtree (its certificate says which)
+    /// and that the node they name signed, the newest per unit; refuses the others, each alone
+    /// with why (the one held before stays).
     pub fn accept_statuses(
         &mut self,
         peer: &PeerIdentity,
@@ -432,6 +510,7 @@ impl Node {
         }
         let now = now_ms();
         let peer_id = peer.node_id.to_string();
+        let crl = self.crl();
         let mut accepted = Accepted::default();
         let mut keep = Vec::new();
         for entry in entries {
@@ -457,7 +536,7 @@ impl Node {
                     age(i64::try_from(entry.as_of_ms).unwrap_or(i64::MAX) - now)
                 ))
             } else {
-                None
+                self.status_unsigned(&entry, crl.as_ref())?
             };
             match why {
                 Some(why) => accepted.refused.push(why),
@@ -741,30 +820,85 @@ mod tests {
             scans_missing: 0,
             last_error: String::new(),
             peers: Vec::new(),
+            sig: [0; wire::SIG_BYTES],
+        }
+    }
+
+    /// A node key certified by `province`'s CA for `unit`, whose certificate `province` holds.
+    struct Member {
+        id: String,
+        signer: ChangeSigner,
+    }
+
+    impl Member {
+        fn enrol(province: &mut Node, dir: &Path, unit: &str, role: Role) -> Member {
+            let key = NodeKey::generate().unwrap();
+            let name = unit.replace('/', "_");
+            let (req, cert) = (
+                dir.join(format!("{name}.req")),
+                dir.join(format!("{name}.crt")),
+            );
+            std::fs::write(&req, trust::enrol_request(&key).unwrap()).unwrap();
+            province.ca_issue(&req, unit, role, &cert).unwrap();
+            let pem = std::fs::read_to_string(&cert).unwrap();
+            province
+                .learn_cert(&trust::cert_der_from_pem("test", &pem).unwrap())
+                .unwrap();
+            Member {
+                id: key.node_id().to_string(),
+                signer: ChangeSigner::new(&key).unwrap(),
+            }
+        }
+
+        /// Its status of `unit` as of `as_of_ms`, signed.
+        fn status(&self, unit: &str, as_of_ms: i64) -> StatusEntry {
+            self.sign(entry(unit, &self.id, as_of_ms))
+        }
+
+        fn sign(&self, mut entry: StatusEntry) -> StatusEntry {
+            entry.sig = self.signer.sign_status(&wire::status_body(&entry)).unwrap();
+            entry
+        }
+    }
+
+    /// A province with its CA, a district and two communes of it enrolled.
+    fn province_with_members(dir: &Path) -> (Node, [Member; 3]) {
+        let data = dir.join("prov");
+        Node::init(&data, "qn", Role::Province, "admin").unwrap();
+        let mut node = Node::open(&data).unwrap();
+        node.ca_init().unwrap();
+        let members = [
+            ("qn/binhlieu", Role::District),
+            ("qn/binhlieu/tinhhuc", Role::Commune),
+            ("qn/binhlieu/hucdong", Role::Commune),
+        ]
+        .map(|(unit, role)| Member::enrol(&mut node, dir, unit, role));
+        (node, members)
+    }
+
+    fn identity(member: &Member, unit: &str) -> PeerIdentity {
+        PeerIdentity {
+            node_id: member.id.parse().unwrap(),
+            unit: unit.into(),
+            role: Role::District,
+            serial: vec![1],
         }
     }
 
     #[test]
     fn a_peer_publishes_statuses_only_for_its_own_subtree_and_only_newer_ones_stay() {
         let dir = tempfile::tempdir().unwrap();
-        Node::init(dir.path(), "qn", Role::Province, "admin").unwrap();
-        let mut node = Node::open(dir.path()).unwrap();
-        let (district_id, other_id) = ("11".repeat(16), "22".repeat(16));
-        let district = PeerIdentity {
-            node_id: district_id.parse().unwrap(),
-            unit: "qn/binhlieu".into(),
-            role: Role::District,
-            serial: vec![1],
-        };
+        let (mut node, [district, tinhhuc, hucdong]) = province_with_members(dir.path());
+        let peer = identity(&district, "qn/binhlieu");
         let now = now_ms();
         let accepted = node
             .accept_statuses(
-                &district,
+                &peer,
                 vec![
-                    entry("qn/binhlieu", &district_id, now),
-                    entry("qn/binhlieu/tinhhuc", &other_id, now),
-                    entry("qn/halong", &other_id, now),
-                    entry("qn/binhlieu/hucdong", &other_id, now + 3_600_000),
+                    district.status("qn/binhlieu", now),
+                    tinhhuc.status("qn/binhlieu/tinhhuc", now),
+                    tinhhuc.status("qn/halong", now),
+                    hucdong.status("qn/binhlieu/hucdong", now + 3_600_000),
                 ],
             )
             .unwrap();
@@ -775,7 +909,7 @@ mod tests {
 
         // Its own unit is its own node's to report, whatever the frame claims.
         let claimed = node
-            .accept_statuses(&district, vec![entry("qn/binhlieu", &other_id, now + 1)])
+            .accept_statuses(&peer, vec![tinhhuc.status("qn/binhlieu", now + 1)])
             .unwrap();
         assert_eq!(claimed.kept, 0);
         assert!(
@@ -785,15 +919,12 @@ mod tests {
         );
         // An older status of a unit does not replace the newer one held.
         let older = node
-            .accept_statuses(
-                &district,
-                vec![entry("qn/binhlieu/tinhhuc", &other_id, now - 1)],
-            )
+            .accept_statuses(&peer, vec![tinhhuc.status("qn/binhlieu/tinhhuc", now - 1)])
             .unwrap();
         assert_eq!((older.kept, older.refused.len()), (0, 0));
         // More statuses than the sender's subtree has units: the frame is refused whole.
-        let flood = vec![entry("qn/binhlieu/tinhhuc", &other_id, now + 2); 1_000];
-        let flooded = node.accept_statuses(&district, flood).unwrap();
+        let flood = vec![tinhhuc.status("qn/binhlieu/tinhhuc", now + 2); 1_000];
+        let flooded = node.accept_statuses(&peer, flood).unwrap();
         assert_eq!(flooded.kept, 0);
         assert!(
             flooded.refused[0].contains("more than the"),
@@ -804,19 +935,77 @@ mod tests {
         let standby = PeerIdentity {
             unit: "qn".into(),
             role: Role::Province,
-            ..district.clone()
+            ..peer.clone()
         };
         let refused = node
             .accept_statuses(
                 &standby,
-                vec![entry("qn/binhlieu/tinhhuc", &other_id, now + 3)],
+                vec![tinhhuc.status("qn/binhlieu/tinhhuc", now + 3)],
             )
             .unwrap();
         assert_eq!(refused.kept, 0);
         let held = node.store.node_statuses_within("qn", 100).unwrap();
         let units: Vec<&str> = held.iter().map(|s| s.unit.as_str()).collect();
         assert_eq!(units, ["qn/binhlieu", "qn/binhlieu/tinhhuc"]);
-        assert!(held.iter().all(|s| s.via == district_id));
+        assert!(held.iter().all(|s| s.via == district.id));
+    }
+
+    /// What a hostile district could do with its communes' statuses on their way up: each is
+    /// refused alone, the rest of the frame is kept, and the status held before stays.
+    #[test]
+    fn a_relay_cannot_forge_or_alter_a_status_of_a_node_below_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut node, [district, tinhhuc, hucdong]) = province_with_members(dir.path());
+        let peer = identity(&district, "qn/binhlieu");
+        let now = now_ms();
+        let mut down = entry("qn/binhlieu/tinhhuc", &tinhhuc.id, now);
+        down.last_error = "disk full".into();
+        let down = tinhhuc.sign(down);
+        let first = node.accept_statuses(&peer, vec![down.clone()]).unwrap();
+        assert_eq!((first.kept, first.refused.len()), (1, 0));
+
+        // "No error" in a newer status: its signature no longer matches.
+        let mut altered = down.clone();
+        altered.as_of_ms += 1_000;
+        altered.last_error.clear();
+        // Signed by the district itself, naming the commune's node or its own.
+        let by_relay = district.sign(entry("qn/binhlieu/tinhhuc", &tinhhuc.id, now + 2_000));
+        let relay_named = district.status("qn/binhlieu/tinhhuc", now + 3_000);
+        // Unsigned, and by a node this province never met.
+        let unsigned = entry("qn/binhlieu/tinhhuc", &tinhhuc.id, now + 4_000);
+        let stranger = NodeKey::generate().unwrap().node_id().to_string();
+        let unknown = tinhhuc.sign(entry("qn/binhlieu/tinhhuc", &stranger, now + 5_000));
+        let honest = hucdong.status("qn/binhlieu/hucdong", now);
+        let accepted = node
+            .accept_statuses(
+                &peer,
+                vec![altered, by_relay, relay_named, unsigned, unknown, honest],
+            )
+            .unwrap();
+        assert_eq!(accepted.kept, 1, "{:?}", accepted.refused);
+        let r = &accepted.refused;
+        assert_eq!(r.len(), 5, "{r:?}");
+        assert!(
+            r[0].contains("not signed by its node") && r[0].contains("altered"),
+            "{r:?}"
+        );
+        assert!(r[1].contains("not signed by its node"), "{r:?}");
+        assert!(r[2].contains("certified for qn/binhlieu"), "{r:?}");
+        assert!(r[3].contains("not signed by its node"), "{r:?}");
+        assert!(r[4].contains("has not reached this node"), "{r:?}");
+        let held = node
+            .store
+            .node_statuses_within("qn/binhlieu/tinhhuc", 10)
+            .unwrap();
+        let kept: StatusEntry = serde_json::from_str(&held[0].body).unwrap();
+        assert_eq!(kept, down, "the status held before stays");
+
+        // A revoked node's word counts no more.
+        node.ca_revoke(&hucdong.id).unwrap();
+        let late = node
+            .accept_statuses(&peer, vec![hucdong.status("qn/binhlieu/hucdong", now + 1)])
+            .unwrap();
+        assert!(late.refused[0].contains("revoked"), "{:?}", late.refused);
     }
 
     #[test]

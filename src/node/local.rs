@@ -566,6 +566,12 @@ impl Node {
         Ok(self.store.list_assignments(today.as_deref(), lead, limit)?)
     }
 
+    /// How many assignments `assign_list` with the same filters finds in all.
+    pub fn assign_count(&self, overdue: bool, lead: Option<&str>) -> Result<i64> {
+        let today = overdue.then(|| self.today().to_string());
+        Ok(self.store.count_assignments(today.as_deref(), lead)?)
+    }
+
     pub fn dossier_new(
         &mut self,
         user: Option<&str>,
@@ -615,6 +621,10 @@ impl Node {
 
     pub fn dossier_list(&self, limit: usize) -> Result<Vec<DossierRow>> {
         Ok(self.store.list_dossiers(limit)?)
+    }
+
+    pub fn dossier_count(&self) -> Result<i64> {
+        Ok(self.store.count_dossiers()?)
     }
 }
 

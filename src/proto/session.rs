@@ -431,10 +431,16 @@ impl Session {
         }
     }
 
-    /// Sends node statuses to the peer (this node's own and its subtree's). They may go before
+    /// Sends node statuses to the peer (this node's own and its subtree's), after `certs`, the
+    /// certificates of the nodes that signed them which the peer may lack. They may go before
     /// the peer's Hello arrives: ours is queued first, and a peer of another version ends the
     /// session on it.
-    pub fn send_status(&mut self, entries: Vec<StatusEntry>) {
+    pub fn send_status(&mut self, certs: Vec<Vec<u8>>, entries: Vec<StatusEntry>) {
+        for ders in certs.chunks(super::wire::CERTS_PER_FRAME_MAX) {
+            self.out.push_back(Frame::Certs {
+                ders: ders.to_vec(),
+            });
+        }
         self.out.push_back(Frame::Status { entries });
     }
 

@@ -75,6 +75,49 @@ pub struct StatusEntry {
     pub last_error: String,
     /// Its direct peers as it sees them.
     pub peers: Vec<StatusPeer>,
+    /// The publishing node's signature of [`status_body`] (ECDSA P-256, `r || s`), checked by
+    /// every receiver against the certificate of `node_id`, so that no relay can alter it.
+    /// All zero: unsigned (a status stored before signatures), which no receiver keeps.
+    #[serde(
+        with = "sig_hex",
+        default = "sig_hex::none",
+        skip_serializing_if = "sig_hex::is_none"
+    )]
+    pub sig: [u8; SIG_BYTES],
+}
+
+/// What a node signs of its [`StatusEntry`]: every field but the signature, as the Status
+/// frame encodes them.
+pub fn status_body(entry: &StatusEntry) -> Vec<u8> {
+    let mut e = Enc(Vec::with_capacity(256));
+    e.status_fields(entry);
+    e.0
+}
+
+/// A status signature in JSON (stored rows, `status --json`): hex.
+mod sig_hex {
+    use super::SIG_BYTES;
+
+    pub fn none() -> [u8; SIG_BYTES] {
+        [0; SIG_BYTES]
+    }
+
+    pub fn is_none(sig: &[u8; SIG_BYTES]) -> bool {
+        *sig == none()
+    }
+
+    pub fn serialize<S: serde::Serializer>(sig: &[u8; SIG_BYTES], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(sig))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(
+        d: D,
+    ) -> Result<[u8; SIG_BYTES], D::Error> {
+        let text = <String as serde::Deserialize>::deserialize(d)?;
+        let mut sig = [0; SIG_BYTES];
+        hex::decode_to_slice(&text, &mut sig).map_err(serde::de::Error::custom)?;
+        Ok(sig)
+    }
 }
 
 /// One direct peer as seen by the node that publishes a [`StatusEntry`].
@@ -320,6 +363,10 @@ impl Enc {
         self.uint(v.map_or(0, |v| v.saturating_add(1)));
     }
     fn status_entry(&mut self, s: &StatusEntry) {
+        self.status_fields(s);
+        self.0.extend_from_slice(&s.sig);
+    }
+    fn status_fields(&mut self, s: &StatusEntry) {
         self.bytes(s.unit.as_bytes());
         self.bytes(s.node_id.as_bytes());
         self.bytes(s.version.as_bytes());
@@ -445,6 +492,7 @@ impl<'a> Dec<'a> {
             scans_missing: self.uint()?,
             last_error: self.string(STATUS_ERROR_BYTES_MAX)?,
             peers: Vec::new(),
+            sig: [0; SIG_BYTES],
         };
         let n = self.count(STATUS_PEERS_MAX)?;
         for _ in 0..n {
@@ -458,6 +506,7 @@ impl<'a> Dec<'a> {
                 last_error: self.string(STATUS_ERROR_BYTES_MAX)?,
             });
         }
+        entry.sig = self.take(SIG_BYTES)?.try_into().expect("take(SIG_BYTES)");
         Ok(entry)
     }
     fn doc_heads(&mut self) -> Result<Vec<DocHeads>, ProtoError> {
@@ -961,6 +1010,7 @@ mod tests {
                 lag_ms: None,
                 last_error: String::new(),
             }],
+            sig: [7; SIG_BYTES],
         }
     }
 

@@ -277,6 +277,22 @@ const ASSIGNMENTS_LED_OVERDUE: &str = "SELECT id, dispatch_id, unit, lead, deadl
      FROM assignments WHERE status != 'done' AND lead = ?1 AND deadline < ?2 ORDER BY deadline, id LIMIT ?3";
 const ASSIGNMENTS_OF: &str = "SELECT id FROM assignments WHERE dispatch_id = ?1 ORDER BY id";
 const DOSSIERS: &str = "SELECT id, applicant, procedure, holder, step, since FROM dossiers ORDER BY since DESC, id LIMIT ?1";
+// The totals a full page stops short of, one per list filter, each counted in the index its list
+// reads (an unfiltered total walks the smallest index: SQLite keeps no row count).
+const COUNT_DISPATCHES_ALL: &str = "SELECT COUNT(*) FROM dispatches";
+const COUNT_DISPATCHES_TO: &str = "SELECT COUNT(*) FROM dispatch_recipients WHERE unit = ?1";
+const COUNT_DISPATCHES_FROM: &str = "SELECT COUNT(*) FROM dispatches WHERE issuer = ?1";
+// Issued + addressed - both: an OR of the two reads every dispatch.
+const COUNT_DISPATCHES_INVOLVING: &str = "SELECT (SELECT COUNT(*) FROM dispatches WHERE issuer = ?1)
+     + (SELECT COUNT(*) FROM dispatch_recipients WHERE unit = ?1)
+     - (SELECT COUNT(*) FROM dispatch_recipients r JOIN dispatches d ON d.id = r.id WHERE r.unit = ?1 AND d.issuer = ?1)";
+const COUNT_ASSIGNMENTS_ALL: &str = "SELECT COUNT(*) FROM assignments";
+const COUNT_ASSIGNMENTS_OVERDUE: &str =
+    "SELECT COUNT(*) FROM assignments WHERE status != 'done' AND deadline < ?1";
+const COUNT_ASSIGNMENTS_LED: &str = "SELECT COUNT(*) FROM assignments WHERE lead = ?1";
+const COUNT_ASSIGNMENTS_LED_OVERDUE: &str =
+    "SELECT COUNT(*) FROM assignments WHERE status != 'done' AND lead = ?1 AND deadline < ?2";
+const COUNT_DOSSIERS: &str = "SELECT COUNT(*) FROM dossiers";
 
 /// One line of `dispatch list`.
 #[derive(Debug, Clone, Serialize)]
@@ -408,18 +424,38 @@ impl Store {
 
     /// How many dispatches `filter` matches in all (what `list_dispatches` stops short of).
     pub fn count_dispatches(&self, filter: DispatchFilter<'_>) -> Result<i64> {
-        let (sql, arg) = match filter {
-            DispatchFilter::All => ("SELECT COUNT(*) FROM dispatches", ""),
-            DispatchFilter::Inbox(u) => ("SELECT COUNT(*) FROM dispatch_recipients WHERE unit = ?1", u),
-            DispatchFilter::Outbox(u) => ("SELECT COUNT(*) FROM dispatches WHERE issuer = ?1", u),
-            DispatchFilter::Involving(u) => (
-                "SELECT COUNT(*) FROM dispatches d WHERE d.issuer = ?1 OR d.id IN (SELECT id FROM dispatch_recipients WHERE unit = ?1)",
-                u,
-            ),
-        };
+        match filter {
+            DispatchFilter::All => self.count(COUNT_DISPATCHES_ALL, params![]),
+            DispatchFilter::Inbox(u) => self.count(COUNT_DISPATCHES_TO, params![u]),
+            DispatchFilter::Outbox(u) => self.count(COUNT_DISPATCHES_FROM, params![u]),
+            DispatchFilter::Involving(u) => self.count(COUNT_DISPATCHES_INVOLVING, params![u]),
+        }
+    }
+
+    /// How many assignments `list_assignments` with the same filters finds in all.
+    pub fn count_assignments(
+        &self,
+        overdue_before: Option<&str>,
+        lead: Option<&str>,
+    ) -> Result<i64> {
+        match (overdue_before, lead) {
+            (None, None) => self.count(COUNT_ASSIGNMENTS_ALL, params![]),
+            (Some(day), None) => self.count(COUNT_ASSIGNMENTS_OVERDUE, params![day]),
+            (None, Some(lead)) => self.count(COUNT_ASSIGNMENTS_LED, params![lead]),
+            (Some(day), Some(lead)) => {
+                self.count(COUNT_ASSIGNMENTS_LED_OVERDUE, params![lead, day])
+            }
+        }
+    }
+
+    /// How many dossiers `list_dossiers` could show.
+    pub fn count_dossiers(&self) -> Result<i64> {
+        self.count(COUNT_DOSSIERS, params![])
+    }
+
+    fn count(&self, sql: &str, args: &[&dyn ToSql]) -> Result<i64> {
         let mut stmt = self.conn.prepare_cached(sql).at(&self.path)?;
-        let params: &[&dyn rusqlite::ToSql] = if sql.contains("?1") { &[&arg] } else { &[] };
-        stmt.query_row(params, |r| r.get(0)).at(&self.path)
+        stmt.query_row(args, |r| r.get(0)).at(&self.path)
     }
 
     /// Assignments, optionally only those past `overdue_before` (YYYY-MM-DD) and not done,
@@ -703,6 +739,120 @@ mod tests {
         // `--overdue` reads only open assignments' index entries.
         let overdue = plan(&store, ASSIGNMENTS_OVERDUE, params!["2026-05-10", 10]).join(" ");
         assert!(overdue.contains("assignments_open"), "{overdue}");
+    }
+
+    #[test]
+    fn list_totals_count_in_an_index_and_match_the_lists() {
+        let (_dir, store) = populated();
+        for analyzed in [false, true] {
+            if analyzed {
+                store.conn.execute_batch("ANALYZE").unwrap();
+            }
+            // A filtered total searches its index; an unfiltered one walks the smallest index,
+            // never the table's rows.
+            for (sql, args, filtered) in [
+                (COUNT_DISPATCHES_ALL, params![], false),
+                (COUNT_DISPATCHES_TO, params!["qn/campha"], true),
+                (COUNT_DISPATCHES_FROM, params!["qn/campha"], true),
+                (COUNT_DISPATCHES_INVOLVING, params!["qn/campha"], true),
+                (COUNT_ASSIGNMENTS_ALL, params![], false),
+                (COUNT_ASSIGNMENTS_OVERDUE, params!["2026-05-10"], true),
+                (COUNT_ASSIGNMENTS_LED, params!["lan"], true),
+                (
+                    COUNT_ASSIGNMENTS_LED_OVERDUE,
+                    params!["lan", "2026-05-10"],
+                    true,
+                ),
+                (COUNT_DOSSIERS, params![], false),
+            ] {
+                let steps = plan(&store, sql, args);
+                for step in &steps {
+                    let ok = !step.starts_with("SCAN")
+                        || step == "SCAN CONSTANT ROW"
+                        || !filtered && step.contains("COVERING INDEX");
+                    assert!(
+                        ok,
+                        "{sql}\nreads rows it does not count (analyzed: {analyzed}): {steps:?}"
+                    );
+                }
+            }
+        }
+        let all = |limit| {
+            store
+                .list_assignments(Some("2026-05-10"), Some("lan"), limit)
+                .unwrap()
+        };
+        assert_eq!(
+            store
+                .count_assignments(Some("2026-05-10"), Some("lan"))
+                .unwrap(),
+            all(1000).len() as i64
+        );
+        assert_eq!(
+            store.count_assignments(None, None).unwrap(),
+            store.list_assignments(None, None, 1000).unwrap().len() as i64
+        );
+        assert_eq!(
+            store
+                .count_dispatches(DispatchFilter::Involving("qn/campha"))
+                .unwrap(),
+            store
+                .list_dispatches(DispatchFilter::Involving("qn/campha"), 1000)
+                .unwrap()
+                .len() as i64
+        );
+    }
+
+    /// `status` counts every unit's backlog in one statement, with each unit's own
+    /// acknowledgement, reading `doc_scopes` by its key, and finds what one query per unit found.
+    #[test]
+    fn the_backlog_of_every_unit_is_one_query_that_matches_one_per_unit() {
+        let (_dir, store) = populated();
+        let units = [
+            "qn/binhlieu",
+            "qn/binhlieu/hoanhmo",
+            "qn/campha",
+            "qn/halong",
+        ];
+        for after in [0, 25] {
+            let wanted: Vec<(String, i64, String)> = units
+                .iter()
+                .map(|u| (u.to_string(), after, String::new()))
+                .collect();
+            let all = store.pending_of_units(&wanted).unwrap();
+            for unit in units {
+                let one = store
+                    .pending(&crate::store::sync::Scope::Subtree(unit.into()), "", after)
+                    .unwrap();
+                let got = all.get(unit).cloned().unwrap_or_default();
+                assert_eq!(
+                    (got.docs, got.bytes, got.oldest_change_at_ms),
+                    (one.docs, one.bytes, one.oldest_change_at_ms),
+                    "{unit} after {after}"
+                );
+            }
+            assert!(all.get("qn/campha").is_some_and(|p| p.docs > 0), "{all:?}");
+        }
+        let wanted = serde_json::json!([["qn/campha", 0, ""]]).to_string();
+        let steps = plan(
+            &store,
+            crate::store::status::PENDING_OF_UNITS,
+            params![wanted],
+        );
+        // Scanned: only the list given, the pending rows gathered and the per-unit results;
+        // every table is searched.
+        for step in &steps {
+            let scanned = step.strip_prefix("SCAN ").and_then(|t| t.split(' ').next());
+            assert!(
+                scanned.is_none_or(|t| ["json_each", "pend", "p", "x", "o"].contains(&t)),
+                "reads more than the units' rows: {steps:?}"
+            );
+        }
+        let searched = steps.join(" ");
+        assert!(
+            searched.contains("SEARCH s USING PRIMARY KEY (unit=? AND seq>?)"),
+            "{searched}"
+        );
     }
 
     #[test]

@@ -3,9 +3,38 @@
 //!
 //! Stores and reads rows only; what counts as connected, stale or a problem is node/health.rs's.
 
+use std::collections::HashMap;
+
 use rusqlite::params;
 
+use super::sync::Pending;
 use super::{Result, SqlContext, Store, WriteTx};
+
+/// What is still to be delivered to each unit of a list, in one statement: per unit, the
+/// documents of its scope (`doc_scopes`, read by its `(unit, seq)` key) past `after` whose
+/// current state did not come from `skip`, their stored bytes plus the scans they attach that
+/// `skip` did not send, and when the oldest changed; as `Store::pending` counts one unit. The
+/// pending rows are gathered once (MATERIALIZED: read twice otherwise, 2.4 times slower on a
+/// province where nothing was acknowledged).
+pub(crate) const PENDING_OF_UNITS: &str = "WITH want(unit, after, skip) AS (
+         SELECT json_extract(value, '$[0]'), json_extract(value, '$[1]'), json_extract(value, '$[2]')
+         FROM json_each(?1)),
+     pend AS MATERIALIZED (
+         SELECT w.unit, w.skip, d.id, length(d.snapshot) + d.chunk_bytes AS bytes, d.updated_at
+         FROM want w JOIN doc_scopes s ON s.unit = w.unit AND s.seq > w.after
+         JOIN docs d ON d.id = s.doc_id
+         WHERE d.origin IS NOT w.skip),
+     docs_of AS (
+         SELECT unit, COUNT(*) AS n, SUM(bytes) AS bytes, MIN(updated_at) AS oldest
+         FROM pend GROUP BY unit),
+     scans_of AS (
+         SELECT x.unit, SUM(b.size) AS bytes
+         FROM (SELECT DISTINCT p.unit, p.skip, db.hash FROM pend p JOIN doc_blobs db ON db.doc_id = p.id) x
+         JOIN blobs b ON b.hash = x.hash
+         WHERE NOT EXISTS (SELECT 1 FROM blob_sources bs WHERE bs.hash = x.hash AND bs.node_id = x.skip)
+         GROUP BY x.unit)
+     SELECT o.unit, o.n, o.bytes + COALESCE(c.bytes, 0), o.oldest
+     FROM docs_of o LEFT JOIN scans_of c ON c.unit = o.unit";
 
 /// A peer node's sessions as the serving process last recorded them.
 #[derive(Debug, Clone)]
@@ -30,6 +59,35 @@ pub struct StoredStatus {
 }
 
 impl Store {
+    /// [`Store::pending`] of many units below this node at once: each `(unit, after,
+    /// skip_origin)` counted past its relay's acknowledgement (`after`) leaving out what that
+    /// relay's node sent (`skip_origin`; "" for none). Units with nothing pending are absent.
+    /// One statement for all, where `status` on a province once ran one per unit (about 600).
+    pub fn pending_of_units(
+        &self,
+        units: &[(String, i64, String)],
+    ) -> Result<HashMap<String, Pending>> {
+        if units.is_empty() {
+            return Ok(HashMap::new());
+        }
+        let wanted = serde_json::to_string(units).expect("unit lists serialize");
+        let mut stmt = self.conn.prepare_cached(PENDING_OF_UNITS).at(&self.path)?;
+        let rows = stmt
+            .query_map([wanted], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    Pending {
+                        docs: r.get(1)?,
+                        bytes: r.get(2)?,
+                        oldest_change_at_ms: r.get(3)?,
+                    },
+                ))
+            })
+            .at(&self.path)?;
+        rows.collect::<rusqlite::Result<HashMap<_, _>>>()
+            .at(&self.path)
+    }
+
     pub fn peer_lives(&self) -> Result<Vec<PeerLive>> {
         let mut stmt = self
             .conn

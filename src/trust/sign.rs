@@ -39,6 +39,14 @@ fn change_sig_message(doc: &str, hash: &[u8; 32]) -> Vec<u8> {
 
 const CHANGE_SIG_DOMAIN: &[u8] = b"communesync change signature v1\0";
 
+/// What a node signs of the status it publishes (`proto::wire::status_body`): its own domain, so
+/// no signature made for a change can pass for a status or the other way round.
+const STATUS_SIG_DOMAIN: &[u8] = b"communesync status signature v1\0";
+
+fn status_sig_message(body: &[u8]) -> Vec<u8> {
+    [STATUS_SIG_DOMAIN, body].concat()
+}
+
 /// Signs changes with a node key (ring's fixed-size ECDSA, prepared once).
 pub struct ChangeSigner {
     pair: ring::signature::EcdsaKeyPair,
@@ -68,15 +76,25 @@ impl ChangeSigner {
 
     /// The signature of change `hash` of document `doc`.
     pub fn sign(&self, doc: &str, hash: &[u8; 32]) -> Result<ChangeSig> {
+        self.sign_message("signing a change", &change_sig_message(doc, hash))
+    }
+
+    /// The signature of this node's published status, `body` as `proto::wire::status_body`
+    /// encodes it.
+    pub fn sign_status(&self, body: &[u8]) -> Result<ChangeSig> {
+        self.sign_message("signing a status", &status_sig_message(body))
+    }
+
+    fn sign_message(&self, what: &'static str, msg: &[u8]) -> Result<ChangeSig> {
         let sig = self
             .pair
-            .sign(&self.rng, &change_sig_message(doc, hash))
+            .sign(&self.rng, msg)
             .map_err(|e| TrustError::Crypto {
-                what: "signing a change",
+                what,
                 reason: e.to_string(),
             })?;
         sig.as_ref().try_into().map_err(|_| TrustError::Crypto {
-            what: "signing a change",
+            what,
             reason: format!("a signature of {} bytes", sig.as_ref().len()),
         })
     }
@@ -119,11 +137,20 @@ impl AuthorKey {
 
     /// Whether `sig` is this node's signature of change `hash` of document `doc`.
     pub fn verifies(&self, doc: &str, hash: &[u8; 32], sig: &[u8]) -> bool {
+        self.verifies_message(&change_sig_message(doc, hash), sig)
+    }
+
+    /// Whether `sig` is this node's signature of the status `body`.
+    pub fn verifies_status(&self, body: &[u8], sig: &[u8]) -> bool {
+        self.verifies_message(&status_sig_message(body), sig)
+    }
+
+    fn verifies_message(&self, msg: &[u8], sig: &[u8]) -> bool {
         ring::signature::UnparsedPublicKey::new(
             &ring::signature::ECDSA_P256_SHA256_FIXED,
             &self.public_key,
         )
-        .verify(&change_sig_message(doc, hash), sig)
+        .verify(msg, sig)
         .is_ok()
     }
 }
@@ -206,6 +233,23 @@ mod tests {
             !author.verifies("dsp_1", &[7; 32], &forged),
             "another node's key"
         );
+    }
+
+    #[test]
+    fn status_signatures_are_their_own_domain() {
+        let (_dir, ca, key, issued) = certified("qn/binhlieu/tinhhuc", Role::Commune);
+        let der = cert_der_from_pem("node certificate", &issued.cert_pem).unwrap();
+        let author = verify_node_cert_der(&der, ca.cert_pem(), None).unwrap();
+        let signer = ChangeSigner::new(&key).unwrap();
+        let sig = signer.sign_status(b"status body").unwrap();
+        assert!(author.verifies_status(b"status body", &sig));
+        assert!(!author.verifies_status(b"status bodY", &sig), "altered");
+        // A change signature over the same bytes is no status signature, nor the other way.
+        let mut doc_hash = [0; 32];
+        doc_hash[..11].copy_from_slice(b"status body");
+        let change = signer.sign("x", &doc_hash).unwrap();
+        assert!(!author.verifies_status(b"status body", &change));
+        assert!(!author.verifies("x", &doc_hash, &sig));
     }
 
     use super::*;

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use crate::util::{enrolled, province, Server};
 mod walkthrough;
 
-use crate::util::{exit, path_arg, Run, TestNode, COMMUNE};
+use crate::util::{exit, id, path_arg, Run, TestNode, COMMUNE};
 
 /// Asserts `run` exited with `code`, saying why on stderr unless 0;
 /// returns what it said. (A usage error from the argument parser takes several lines.)
@@ -362,6 +362,85 @@ fn dispatch_list_says_how_many_it_left_out() {
         "{}",
         json.stderr
     );
+}
+
+/// Tests serve at once: each district or province page on a port of its own, not the users'
+/// default 127.0.0.1:8377 (which one of them alone could hold).
+#[test]
+fn test_serves_put_their_status_pages_on_ports_of_their_own() {
+    let (first, second) = (province(), province());
+    let servers = [Server::start(&first), Server::start(&second)];
+    let pages: Vec<String> = servers
+        .iter()
+        .map(|s| {
+            let log = s.wait_log("status page on http://", 1);
+            assert!(!log.contains("cannot serve the status page"), "{log}");
+            log.lines()
+                .find_map(|l| l.split("status page on http://").nth(1))
+                .unwrap_or_else(|| panic!("no status page in:\n{log}"))
+                .to_string()
+        })
+        .collect();
+    assert_ne!(pages[0], pages[1]);
+    assert!(pages.iter().all(|p| !p.contains(":8377")), "{pages:?}");
+}
+
+#[test]
+fn assign_and_dossier_lists_say_how_many_they_left_out() {
+    let node = TestNode::commune();
+    let d = id(&node.new_dispatch("1/X", &[COMMUNE], &[]));
+    for deadline in ["2020-01-15", "2020-02-15", "2999-12-31"] {
+        node.ok(&[
+            "assign",
+            "new",
+            &d,
+            "--lead",
+            "minh",
+            "--deadline",
+            deadline,
+        ]);
+    }
+    for n in 0..3 {
+        let applicant = format!("Nguyễn Văn {n}");
+        node.ok(&[
+            "dossier",
+            "new",
+            "--applicant",
+            &applicant,
+            "--procedure",
+            "khai sinh",
+        ]);
+    }
+    // The total counts the same filter: two overdue of three assignments.
+    let out = node.ok(&["assign", "list", "--overdue", "--limit", "1"]);
+    assert_eq!(out.lines().count(), 2, "{out}");
+    assert!(
+        out.ends_with("1 of 2 assignments shown; use --limit 2 to see them all\n"),
+        "{out}"
+    );
+    let all = node.ok(&["assign", "list", "--overdue"]);
+    assert!(!all.contains("shown"), "{all}");
+    let out = node.ok(&["dossier", "list", "--limit", "2"]);
+    assert!(
+        out.ends_with("2 of 3 dossiers shown; use --limit 3 to see them all\n"),
+        "{out}"
+    );
+    for (args, rows, line) in [
+        (
+            &["--json", "assign", "list", "--limit", "2"][..],
+            2,
+            "2 of 3 assignments shown",
+        ),
+        (
+            &["--json", "dossier", "list", "--limit", "1"][..],
+            1,
+            "1 of 3 dossiers shown",
+        ),
+    ] {
+        let json = node.run(args).ok();
+        assert_eq!(json.json().as_array().unwrap().len(), rows);
+        assert!(json.stderr.contains(line), "{}", json.stderr);
+    }
 }
 
 #[test]

@@ -374,6 +374,71 @@ fn issue13_a_one_shot_sync_publishes_its_status_and_out_bytes_leave_out_scans_th
 }
 
 /// The headless browser Debian packages (.ci/run installs it).
+/// A district that alters a commune's status on its way up (here: the row it relays, edited in
+/// its own database as a hostile administrator could) cannot make the province believe it:
+/// the province refuses that entry alone, keeps the commune's own last word, and goes on taking
+/// the district's own statuses. Without the check the altered, newer status would replace it.
+#[test]
+fn a_district_cannot_alter_a_communes_status_on_its_way_to_the_province() {
+    let mut tree = start_tree(1, 1, None);
+    let (district, commune) = ("qn/binhlieu", DISTRICTS[0].1[0]);
+    let province = &member(&tree, "qn").node;
+    // The honest relay: the commune's own status reaches the province through the district.
+    let shown = wait_status(
+        province,
+        "the commune's status never reached the province",
+        |s| {
+            s["units"].as_array().is_some()
+                && unit_of(s, commune)["reported"]["unit"] == commune
+                && unit_of(s, commune)["reported"]["sig"].is_string()
+        },
+    );
+    let index = tree.iter().position(|r| r.unit == commune).unwrap();
+    drop(tree[index].server.take());
+    std::thread::sleep(Duration::from_millis(500));
+    let db = member(&tree, district).node.db();
+    let (body, as_of): (String, i64) = db
+        .query_row(
+            "SELECT body, as_of FROM node_status WHERE unit = ?1",
+            [commune],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .unwrap();
+    let honest: Value = serde_json::from_str(&body).unwrap();
+    let mut forged = honest.clone();
+    forged["version"] = "all is well".into();
+    forged["last_error"] = "".into();
+    forged["as_of_ms"] = (as_of + 1_000).into();
+    db.execute(
+        "UPDATE node_status SET body = ?2, as_of = ?3 WHERE unit = ?1",
+        rusqlite::params![commune, forged.to_string(), as_of + 1_000],
+    )
+    .unwrap();
+
+    let log = tree[0]
+        .server
+        .as_ref()
+        .unwrap()
+        .wait_log(&format!("status of {commune} is not signed by its node"), 1);
+    assert!(log.contains("forged, or altered on the way"), "{log}");
+    let district_before = unit_of(&shown, district)["reported"]["as_of_ms"].as_u64();
+    let province = &member(&tree, "qn").node;
+    let shown = wait_status(province, "the district's own statuses stopped", |s| {
+        unit_of(s, district)["reported"]["as_of_ms"].as_u64() > district_before
+    });
+    let kept = &unit_of(&shown, commune)["reported"];
+    assert_ne!(kept["version"], "all is well", "{kept}");
+    assert!(
+        kept["as_of_ms"].as_i64() <= Some(as_of),
+        "the commune's own last status stays: {kept}"
+    );
+    for running in &mut tree {
+        if let Some(server) = running.server.take() {
+            server.finish();
+        }
+    }
+}
+
 fn chromium() -> Option<&'static str> {
     ["chromium", "chromium-browser"].into_iter().find(|b| {
         Command::new(b)

@@ -183,7 +183,18 @@ impl TestNode {
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
+        // A serving district or province would put its status page on the default
+        // 127.0.0.1:8377, shared by every test serving at once ("port in use"): each gets a
+        // free port instead, unless the test configured the page itself.
+        let serving = args.iter().find(|a| !a.starts_with('-')) == Some(&"serve");
+        if serving && !args.contains(&"--http") && !self.configures_http() {
+            cmd.args(["--http", "127.0.0.1:0"]);
+        }
         cmd
+    }
+
+    fn configures_http(&self) -> bool {
+        std::fs::read_to_string(self.config_path()).is_ok_and(|c| c.contains("[http]"))
     }
 
     pub fn run(&self, args: &[&str]) -> Run {
