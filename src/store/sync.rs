@@ -533,12 +533,19 @@ impl Store {
                 hex::encode(hash)
             )));
         }
-        super::blobs::read_stored_chunk(&self.path, hash, idx, len as usize, &chunk_hash)
+        super::blobs::read_stored_chunk(
+            &self.scans,
+            &self.path,
+            hash,
+            idx,
+            len as usize,
+            &chunk_hash,
+        )
     }
 
     /// The file that chunks of a scan in transit are written to before their rows commit.
     pub fn blob_partial_file(&self, hash: &Hash) -> Result<ScanFile> {
-        ScanFile::open(&self.path, hash)
+        ScanFile::open(&self.scans, &self.path, hash)
     }
 }
 
@@ -904,6 +911,7 @@ impl WriteTx<'_> {
                 break;
             }
             let Ok(data) = super::blobs::read_stored_chunk(
+                self.scans,
                 self.path,
                 hash,
                 idx as u64,
