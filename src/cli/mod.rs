@@ -866,13 +866,13 @@ pub fn run(cli: Cli) -> Result<()> {
             }
             let report = report?;
             out.scans_migrated(&report)?;
-            match report.problems.len() {
-                0 => Ok(()),
-                n => Err(NodeError::Invalid(format!(
-                    "{n} scan(s) not copied, so scans.store stays \"local\": repair them (`communesync check`) or fix the bucket, then run `scans migrate` again"
-                ))
-                .into()),
+            if !report.problems.is_empty() {
+                anyhow::bail!(
+                    "{} scan(s) not copied, so scans.store stays \"local\": repair them (`communesync check`) or fix the bucket, then run `scans migrate` again",
+                    report.problems.len()
+                );
             }
+            Ok(())
         }
         Command::Check { full } => {
             let mut node = open(&cli)?;

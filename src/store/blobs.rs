@@ -804,6 +804,33 @@ mod tests {
     }
 
     #[test]
+    fn issue14_scans_in_a_bucket_leave_no_file_and_read_back_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("node.db");
+        let s3 = Arc::new(crate::store::scanstore::S3Scans::in_memory());
+        crate::store::scanstore::use_for(&db, ScanStore::S3(s3.clone()));
+        let mut store = Store::create(&db, 4).unwrap();
+        let content: Vec<u8> = (0..CHUNK_BYTES * 2 + 99).map(|i| (i % 241) as u8).collect();
+        let info = store.write(|tx| tx.put_blob_bytes(&content, 1)).unwrap();
+        assert!(!blob_dir(&db).exists(), "a scan file was written");
+        let hash = parse_hash(&info.hash).unwrap();
+        let mut out = Vec::new();
+        store.read_blob(&hash, &mut out).unwrap();
+        assert_eq!(out, content);
+        assert_eq!(
+            store.blob_chunk(&hash, 2).unwrap(),
+            &content[2 * CHUNK_BYTES..]
+        );
+        // Chunk 1's object replaced by other bytes: the read names the damage.
+        let writer = s3.writer(&hash);
+        writer.write(1, &content[..CHUNK_BYTES]).unwrap();
+        writer.sync().unwrap();
+        let err = store.read_blob(&hash, &mut std::io::sink()).unwrap_err();
+        assert!(err.to_string().contains("chunk 1"), "{err}");
+        crate::store::scanstore::use_for(&db, ScanStore::Local);
+    }
+
+    #[test]
     fn missing_file_names_the_path() {
         let dir = tempfile::tempdir().unwrap();
         let mut store = Store::create(&dir.path().join("node.db"), 4).unwrap();

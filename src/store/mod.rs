@@ -59,10 +59,12 @@ pub enum StoreError {
     },
     #[error("{0}")]
     Invalid(String),
-    #[error("scan store {what}: {source}; check [scans.s3] in config.toml, the credentials, and that the bucket answers (`communesync check`)")]
+    /// The object store's error with its causes in one line, then the advice (not a `source`:
+    /// the advice would otherwise come before the cause).
+    #[error("scan store {what}: {}; check [scans.s3] in config.toml, the credentials, and that the bucket answers (`communesync check`)", fault::with_causes(.error.as_ref()))]
     ObjectStore {
         what: String,
-        source: Box<object_store::Error>,
+        error: Box<object_store::Error>,
     },
 }
 

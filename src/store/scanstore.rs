@@ -139,9 +139,9 @@ impl Drop for S3Scans {
 
 fn s3_err(what: impl Into<String>) -> impl FnOnce(object_store::Error) -> StoreError {
     let what = what.into();
-    move |source| StoreError::ObjectStore {
+    move |error| StoreError::ObjectStore {
         what,
-        source: Box::new(source),
+        error: Box::new(error),
     }
 }
 
@@ -151,13 +151,13 @@ impl S3Scans {
         let invalid = |m: String| StoreError::Invalid(format!("scans.s3: {m}"));
         let client = AmazonS3Builder::new()
             .with_endpoint(&settings.endpoint)
-            .with_allow_http(settings.endpoint.starts_with("http://"))
             .with_bucket_name(&settings.bucket)
             .with_region(&settings.region)
             .with_access_key_id(&settings.access_key_id)
             .with_secret_access_key(&settings.secret_access_key)
             .with_client_options(
                 ClientOptions::new()
+                    .with_allow_http(settings.endpoint.starts_with("http://"))
                     .with_connect_timeout(S3_CONNECT_TIMEOUT)
                     .with_timeout(S3_REQUEST_TIMEOUT),
             )
@@ -334,7 +334,10 @@ impl S3Scans {
 }
 
 fn runtime_gone() -> StoreError {
-    StoreError::Invalid("the scan store's runtime stopped; restart communesync".into())
+    StoreError::Io {
+        path: "scan store runtime".into(),
+        source: std::io::Error::other("it stopped; restart communesync"),
+    }
 }
 
 /// PUTs of one writer not yet waited for, and the first that failed.
@@ -401,10 +404,13 @@ impl S3Writer {
         self.wait(running)?;
         let puts = self.puts.lock().unwrap_or_else(|e| e.into_inner());
         match &puts.failed {
-            Some(message) => Err(StoreError::Invalid(format!(
-                "a chunk of scan {} was not stored: {message}",
-                hex::encode(self.hash)
-            ))),
+            Some(message) => Err(StoreError::ObjectStore {
+                what: format!("scan {}", hex::encode(self.hash)),
+                error: Box::new(object_store::Error::Generic {
+                    store: "S3",
+                    source: format!("a chunk was not stored: {message}").into(),
+                }),
+            }),
             None => Ok(()),
         }
     }
