@@ -702,14 +702,20 @@ mod tests {
     #[test]
     fn issue14_a_scan_bucket_is_checked_at_load() {
         let base = Config::new("qn", Role::Province, "admin").to_toml_annotated();
-        let err = |extra: &str| load_text(&format!("{base}\n{extra}")).unwrap_err().to_string();
+        let err = |extra: &str| {
+            load_text(&format!("{base}\n{extra}"))
+                .unwrap_err()
+                .to_string()
+        };
         assert!(
             err("[scans]\nstore = \"s3\"\n").contains("needs a [scans.s3] section"),
             "{}",
             err("[scans]\nstore = \"s3\"\n")
         );
         let bucket = |endpoint: &str, prefix: &str| {
-            format!("[scans.s3]\nendpoint = \"{endpoint}\"\nbucket = \"b\"\nprefix = \"{prefix}\"\n")
+            format!(
+                "[scans.s3]\nendpoint = \"{endpoint}\"\nbucket = \"b\"\nprefix = \"{prefix}\"\n"
+            )
         };
         assert!(err(&bucket("s3.example", "qn")).contains("scans.s3.endpoint"));
         assert!(err(&bucket("https://s3.example", "/qn/")).contains("scans.s3.prefix"));

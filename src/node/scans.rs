@@ -56,11 +56,7 @@ pub fn migrate_to_s3(dir: &Path, mut each: impl FnMut(u64)) -> Result<MigrateRep
     let settings = s3_section.settings(dir).map_err(invalid)?;
     let s3 = Arc::new(S3Scans::new(settings)?);
     s3.probe()?;
-    let bucket = format!(
-        "s3://{}/{}",
-        s3.settings().bucket,
-        s3.settings().prefix
-    );
+    let bucket = format!("s3://{}/{}", s3.settings().bucket, s3.settings().prefix);
     let node = super::Node::open(dir)?;
     let mut report = MigrateReport {
         bucket,
@@ -86,7 +82,9 @@ pub fn migrate_to_s3(dir: &Path, mut each: impl FnMut(u64)) -> Result<MigrateRep
                     report.chunks_present += present;
                     report.bytes_copied += bytes;
                 }
-                Err(e) => report.problems.push(format!("scan {}: {e}", hex::encode(hash))),
+                Err(e) => report
+                    .problems
+                    .push(format!("scan {}: {e}", hex::encode(hash))),
             }
             each(report.scans);
         }

@@ -601,9 +601,13 @@ impl Store {
                 "scan {hex_hash}: chunk {idx} is missing or damaged"
             ))
         };
-        if let Some(expected) = rows.iter().enumerate().position(|(expected, (idx, _, len))| {
-            *idx != expected as i64 || !(0..=CHUNK_BYTES as i64).contains(len)
-        }) {
+        if let Some(expected) = rows
+            .iter()
+            .enumerate()
+            .position(|(expected, (idx, _, len))| {
+                *idx != expected as i64 || !(0..=CHUNK_BYTES as i64).contains(len)
+            })
+        {
             return Err(missing(expected as i64));
         }
         let mut whole = blake3::Hasher::new();

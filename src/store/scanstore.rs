@@ -57,7 +57,11 @@ pub struct S3Settings {
 impl std::fmt::Debug for S3Settings {
     // The secret never reaches a log or an error message.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "s3://{}/{} at {}", self.bucket, self.prefix, self.endpoint)
+        write!(
+            f,
+            "s3://{}/{} at {}",
+            self.bucket, self.prefix, self.endpoint
+        )
     }
 }
 
@@ -250,7 +254,11 @@ impl S3Scans {
     }
 
     /// Starts the GET of chunk `idx`; the result is its bytes, not yet verified.
-    fn start_get(&self, hash: &Hash, idx: u64) -> (ObjectPath, Receiver<object_store::Result<Bytes>>) {
+    fn start_get(
+        &self,
+        hash: &Hash,
+        idx: u64,
+    ) -> (ObjectPath, Receiver<object_store::Result<Bytes>>) {
         let key = self.key(hash, idx);
         let client = self.client.clone();
         let k = key.clone();
@@ -433,7 +441,13 @@ mod tests {
         let rows: Vec<(i64, Vec<u8>, i64)> = chunks
             .iter()
             .enumerate()
-            .map(|(i, d)| (i as i64, blake3::hash(d).as_bytes().to_vec(), d.len() as i64))
+            .map(|(i, d)| {
+                (
+                    i as i64,
+                    blake3::hash(d).as_bytes().to_vec(),
+                    d.len() as i64,
+                )
+            })
             .collect();
         let mut read = Vec::new();
         s3.read_chunks(&hash, &rows, |_, data| {
