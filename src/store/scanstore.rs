@@ -30,7 +30,7 @@ use super::{Result, StoreError};
 /// Chunk PUTs of one scan writer in flight at once: overlaps the round trips to the bucket.
 const PUTS_IN_FLIGHT_MAX: usize = 8;
 /// Chunk GETs a reader of a whole scan runs ahead of its output.
-const GETS_AHEAD_MAX: usize = 4;
+const GETS_AHEAD_MAX: usize = 8;
 /// Worker threads of the object store's own runtime: requests are I/O bound.
 const S3_WORKER_THREADS: usize = 2;
 /// A bucket that does not answer a connection in this long is reported unreachable.
