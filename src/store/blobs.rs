@@ -2,9 +2,10 @@
 //! each chunk with its own hash so a read (or a peer's chunk) is verified before it is trusted.
 //!
 //! The bytes live in one file per scan under `blobs/` beside the database (chunk `idx` at byte
-//! `idx * CHUNK_BYTES`); `blob_chunks` holds each chunk's hash and length. A chunk's bytes are
-//! written and fsynced before the transaction that adds its row commits, so a row always means
-//! its bytes survived. Files are only ever written with content verified against a hash, so two
+//! `idx * CHUNK_BYTES`), or in an S3-compatible bucket, one object per chunk
+//! ([`super::scanstore`]); `blob_chunks` holds each chunk's hash and length either way. A
+//! chunk's bytes are written and fsynced (or their PUT acknowledged) before the transaction that
+//! adds its row commits, so a row always means its bytes survived. Files are only ever written with content verified against a hash, so two
 //! writers of the same scan write the same bytes. A scan stored locally (`dispatch new`, tests)
 //! is written under a temporary name and renamed to its hash once whole and durable; a scan
 //! received from a peer is written chunk by chunk under its hash, so a cut transfer resumes.
@@ -612,7 +613,7 @@ impl Store {
         }
         let mut whole = blake3::Hasher::new();
         let mut size = 0u64;
-        let mut each = |_idx: u64, data: Vec<u8>| {
+        let mut each = |data: Vec<u8>| {
             whole.update(&data);
             size += data.len() as u64;
             out.write_all(&data).map_err(|source| StoreError::Io {
@@ -626,7 +627,7 @@ impl Store {
                 for (idx, chunk_hash, len) in &rows {
                     let data = read_chunk(&file, &path, *idx as u64, *len as usize, chunk_hash)
                         .map_err(|_| missing(*idx))?;
-                    each(*idx as u64, data)?;
+                    each(data)?;
                 }
             }
             // The object's own key and fault name it: more use than "missing or damaged".

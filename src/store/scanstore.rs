@@ -315,7 +315,7 @@ impl S3Scans {
         &self,
         hash: &Hash,
         rows: &[(i64, Vec<u8>, i64)],
-        mut each: impl FnMut(u64, Vec<u8>) -> Result<()>,
+        mut each: impl FnMut(Vec<u8>) -> Result<()>,
     ) -> Result<()> {
         let mut ahead = VecDeque::new();
         let mut next = 0;
@@ -326,7 +326,7 @@ impl S3Scans {
             }
             let (key, rx) = ahead.pop_front().expect("a GET runs for every row");
             let data = self.finish_get(hash, *idx as u64, &key, rx, *len as usize, chunk_hash)?;
-            each(*idx as u64, data)?;
+            each(data)?;
         }
         Ok(())
     }
@@ -450,7 +450,7 @@ mod tests {
             })
             .collect();
         let mut read = Vec::new();
-        s3.read_chunks(&hash, &rows, |_, data| {
+        s3.read_chunks(&hash, &rows, |data| {
             read.push(data);
             Ok(())
         })
