@@ -548,6 +548,7 @@ impl Store {
         let rows = chunk_rows(&self.conn, &self.path, hash)?;
         let (file, path) = open_for_read(&self.path, hash)?;
         let writer = s3.writer(hash);
+        let listed = s3.chunks_listed(hash)?;
         let (mut put, mut present, mut bytes) = (0, 0, 0);
         for (idx, chunk_hash, len) in rows {
             if !(0..=CHUNK_BYTES as i64).contains(&len) {
@@ -557,14 +558,16 @@ impl Store {
                 )));
             }
             let (idx, len) = (idx as u64, len as usize);
-            match s3.read_chunk(hash, idx, len, &chunk_hash) {
-                Ok(_) => {
-                    present += 1;
-                    continue;
+            if listed.contains(&idx) {
+                match s3.read_chunk(hash, idx, len, &chunk_hash) {
+                    Ok(_) => {
+                        present += 1;
+                        continue;
+                    }
+                    // Damaged by hand or by the store: written again.
+                    Err(StoreError::Corrupt(_)) => {}
+                    Err(e) => return Err(e),
                 }
-                // Missing, or damaged by a cut PUT or by hand: written (again).
-                Err(StoreError::Corrupt(_)) => {}
-                Err(e) => return Err(e),
             }
             let data = read_chunk(&file, &path, idx, len, &chunk_hash)?;
             writer.write(idx, &data)?;

@@ -12,7 +12,7 @@
 //! a small runtime of its own, and callers (sync code, possibly inside another runtime's
 //! blocking threads) wait on a channel, never with `block_on`.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{sync_channel, Receiver};
@@ -224,14 +224,19 @@ impl S3Scans {
         rx
     }
 
+    /// The key prefix of scan `hash`'s chunk objects.
+    fn scan_dir(&self, hash: &Hash) -> ObjectPath {
+        let hash = hex::encode(hash);
+        if self.settings.prefix.is_empty() {
+            ObjectPath::from(hash)
+        } else {
+            ObjectPath::from(format!("{}/{hash}", self.settings.prefix))
+        }
+    }
+
     /// The object key of chunk `idx` of scan `hash`.
     fn key(&self, hash: &Hash, idx: u64) -> ObjectPath {
-        let name = format!("{}/{idx}", hex::encode(hash));
-        if self.settings.prefix.is_empty() {
-            ObjectPath::from(name)
-        } else {
-            ObjectPath::from(format!("{}/{name}", self.settings.prefix))
-        }
+        self.scan_dir(hash).child(idx.to_string())
     }
 
     /// How an object is named in messages.
@@ -329,6 +334,25 @@ impl S3Scans {
             each(data)?;
         }
         Ok(())
+    }
+
+    /// Indexes of the chunk objects of scan `hash` in the bucket (one listing, whatever their
+    /// number: a copy learns what an earlier, cut one left without a request per chunk).
+    pub(crate) fn chunks_listed(&self, hash: &Hash) -> Result<HashSet<u64>> {
+        let dir = self.scan_dir(hash);
+        let client = self.client.clone();
+        let what = self.url(&dir);
+        let d = dir.clone();
+        let listed = self
+            .start(async move { client.list_with_delimiter(Some(&d)).await })
+            .recv()
+            .map_err(|_| runtime_gone())?
+            .map_err(s3_err(what))?;
+        Ok(listed
+            .objects
+            .iter()
+            .filter_map(|o| o.location.filename()?.parse().ok())
+            .collect())
     }
 
     /// A writer of chunks of scan `hash`.
@@ -456,6 +480,8 @@ mod tests {
         })
         .unwrap();
         assert_eq!(read, chunks);
+        assert_eq!(s3.chunks_listed(&hash).unwrap(), (0..20).collect());
+        assert!(s3.chunks_listed(&[9u8; 32]).unwrap().is_empty());
 
         // Another chunk's bytes under chunk 5's key: damage, named with its object.
         let w = s3.writer(&hash);
