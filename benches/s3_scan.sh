@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One 64 MB scan stored (`dispatch new --attach`) and read back (`dispatch attachment`) by the
-# release binary, with the scans in local files and in a real S3 server (s3s-fs) on loopback.
+# release binary, with the scans in local files and in a real S3 server (s3s-fs) on loopback;
+# then the local node's scans moved to the bucket (`scans migrate --to s3`).
 # Usage: cargo build --release && benches/s3_scan.sh   (s3s-fs from target/tools, as .ci/run builds it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -32,3 +33,11 @@ for store in local s3; do
     cmp "$T/scan.bin" "$T/back-$store"
     echo "$store: ${MB} MB stored in $((t1 - t0)) ms ($((MB * 1000 / (t1 - t0 + 1))) MB/s), read back in $((t2 - t1)) ms ($((MB * 1000 / (t2 - t1 + 1))) MB/s)"
 done
+D="$T/local"
+printf 'access_key_id = "bench"\nsecret_access_key = "bench-secret"\n' > "$D/s3.key"
+chmod 600 "$D/s3.key"
+printf '\n[scans.s3]\nendpoint = "http://127.0.0.1:%s"\nbucket = "scans"\nprefix = "moved"\ncredentials_file = "s3.key"\n' "$PORT" >> "$D/config.toml"
+t0=$(ms)
+"$BIN" --data "$D" scans migrate --to s3 >/dev/null
+t1=$(ms)
+echo "migrate: ${MB} MB moved to the bucket in $((t1 - t0)) ms ($((MB * 1000 / (t1 - t0 + 1))) MB/s)"
