@@ -8,6 +8,7 @@ mod crash;
 mod field;
 mod local;
 mod ops;
+mod s3;
 mod status;
 mod sync;
 mod tree;

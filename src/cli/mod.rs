@@ -209,6 +209,9 @@ pub enum Command {
     /// Sync without a link: a signed file carried on a USB stick
     #[command(subcommand)]
     Bundle(BundleCmd),
+    /// Where the scans' bytes are kept
+    #[command(subcommand)]
+    Scans(ScansCmd),
     /// Demonstration on loopback: a province, a district relay and two communes exchange a
     /// dispatch with a scan, an assignment and its completion
     #[command(after_help = "Example:\n  communesync demo --local")]
@@ -323,6 +326,18 @@ pub enum BundleCmd {
         /// Bundle file (or /dev/stdin)
         #[arg(value_name = "FILE")]
         file: PathBuf,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ScansCmd {
+    /// Copy every scan to the S3-compatible bucket of [scans.s3], each chunk verified, then set
+    /// scans.store = "s3". Stop `serve` first; run it again after a cut to resume
+    #[command(after_help = "Example:\n  communesync scans migrate --to s3")]
+    Migrate {
+        /// Where the scans go (only "s3": the bucket of [scans.s3] in config.toml)
+        #[arg(long, value_parser = ["s3"])]
+        to: String,
     },
 }
 
@@ -862,6 +877,26 @@ pub fn run(cli: Cli) -> Result<()> {
                 .into()),
                 None => Ok(()),
             }
+        }
+        Command::Scans(ScansCmd::Migrate { to: _ }) => {
+            let spinner = progress::spinner(cli.json, "copying scans to the bucket");
+            let report = crate::node::scans::migrate_to_s3(&data_dir(&cli)?, |done| {
+                if let Some(s) = &spinner {
+                    s.set_message(format!("copying scans to the bucket: {done} done"));
+                }
+            });
+            if let Some(s) = spinner {
+                s.finish_and_clear();
+            }
+            let report = report?;
+            out.scans_migrated(&report)?;
+            if !report.problems.is_empty() {
+                anyhow::bail!(
+                    "{} scan(s) not copied, so scans.store stays \"local\": repair them (`communesync check`) or fix the bucket, then run `scans migrate` again",
+                    report.problems.len()
+                );
+            }
+            Ok(())
         }
         Command::Check { full } => {
             let mut node = open(&cli)?;

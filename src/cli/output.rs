@@ -782,6 +782,25 @@ impl Out {
         })
     }
 
+    pub fn scans_migrated(&self, r: &crate::node::scans::MigrateReport) -> Result<()> {
+        self.emit(r, || {
+            println!(
+                "{} scans to {}: {} chunks copied ({} bytes), {} already there",
+                r.scans,
+                safe(&r.bucket),
+                r.chunks_copied,
+                r.bytes_copied,
+                r.chunks_present
+            );
+            for p in &r.problems {
+                println!("  not copied: {}", safe(p));
+            }
+            if r.switched {
+                println!("scans.store = \"s3\" in config.toml: start `serve` again; once `communesync check` passes, blobs/ may be removed");
+            }
+        })
+    }
+
     pub fn exported(&self, r: &ExportReport) -> Result<()> {
         self.emit(r, || {
             println!(

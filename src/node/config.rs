@@ -31,6 +31,136 @@ pub struct Config {
     pub sync: SyncSection,
     #[serde(default)]
     pub http: HttpSection,
+    #[serde(default)]
+    pub scans: ScansSection,
+}
+
+/// Where the scans' bytes are kept (their metadata is always in the database).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScansSection {
+    /// "local": files in `blobs/` beside the database; "s3": the bucket of `[scans.s3]`.
+    #[serde(default)]
+    pub store: ScanBackend,
+    #[serde(default)]
+    pub s3: Option<S3Section>,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ScanBackend {
+    #[default]
+    Local,
+    S3,
+}
+
+/// An S3-compatible bucket for scans. The credentials are never in config.toml: they come
+/// from `credentials_file` (mode 0600) or the environment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct S3Section {
+    /// "http://HOST:PORT" or "https://HOST".
+    pub endpoint: String,
+    pub bucket: String,
+    #[serde(default = "default_s3_region")]
+    pub region: String,
+    /// Key prefix of this node's chunks, e.g. "qn"; "" for the bucket's root.
+    #[serde(default)]
+    pub prefix: String,
+    /// A TOML file with `access_key_id` and `secret_access_key`, readable by the owner only;
+    /// unset: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY. Relative to the data directory.
+    #[serde(default)]
+    pub credentials_file: Option<PathBuf>,
+}
+
+fn default_s3_region() -> String {
+    "us-east-1".into()
+}
+
+/// The credentials file of `[scans.s3]`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct S3Credentials {
+    access_key_id: String,
+    secret_access_key: String,
+}
+
+impl S3Section {
+    /// Checks the values that need no file or network.
+    fn check(&self) -> Result<(), String> {
+        let host = self
+            .endpoint
+            .strip_prefix("http://")
+            .or_else(|| self.endpoint.strip_prefix("https://"));
+        if host.is_none_or(|h| h.is_empty() || h.contains(char::is_whitespace)) {
+            return Err(format!(
+                "scans.s3.endpoint = {:?} is not \"http://HOST:PORT\" or \"https://HOST\"",
+                self.endpoint
+            ));
+        }
+        if self.bucket.is_empty() || self.bucket.contains(['/', ' ']) {
+            return Err(format!(
+                "scans.s3.bucket = {:?} is not a bucket name",
+                self.bucket
+            ));
+        }
+        if self.prefix.starts_with('/') || self.prefix.ends_with('/') || self.prefix.contains("//")
+        {
+            return Err(format!(
+                "scans.s3.prefix = {:?}: give it without a leading or trailing \"/\", e.g. \"qn\"",
+                self.prefix
+            ));
+        }
+        Ok(())
+    }
+
+    /// The bucket's settings with its credentials, read from the file or the environment.
+    pub fn settings(&self, dir: &Path) -> Result<crate::store::scanstore::S3Settings, String> {
+        let (access_key_id, secret_access_key) = match &self.credentials_file {
+            Some(file) => {
+                use std::os::unix::fs::MetadataExt;
+                let file = dir.join(file);
+                let name = file.display();
+                let meta = std::fs::metadata(&file)
+                    .map_err(|e| format!("scans.s3.credentials_file {name}: {e}"))?;
+                if meta.mode() & 0o077 != 0 {
+                    return Err(format!(
+                        "scans.s3.credentials_file {name} is readable by others (mode {:o}): run `chmod 600 {name}`",
+                        meta.mode() & 0o777
+                    ));
+                }
+                let text = std::fs::read_to_string(&file)
+                    .map_err(|e| format!("scans.s3.credentials_file {name}: {e}"))?;
+                let creds: S3Credentials = toml::from_str(&text).map_err(|e| {
+                    format!(
+                        "scans.s3.credentials_file {name}: {}; it holds access_key_id = \"...\" and secret_access_key = \"...\"",
+                        e.message()
+                    )
+                })?;
+                (creds.access_key_id, creds.secret_access_key)
+            }
+            None => match (
+                std::env::var("AWS_ACCESS_KEY_ID"),
+                std::env::var("AWS_SECRET_ACCESS_KEY"),
+            ) {
+                (Ok(id), Ok(secret)) => (id, secret),
+                _ => {
+                    return Err(
+                        "scans.store = \"s3\" needs credentials: set scans.s3.credentials_file, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+                            .into(),
+                    )
+                }
+            },
+        };
+        Ok(crate::store::scanstore::S3Settings {
+            endpoint: self.endpoint.clone(),
+            bucket: self.bucket.clone(),
+            region: self.region.clone(),
+            prefix: self.prefix.clone(),
+            access_key_id,
+            secret_access_key,
+        })
+    }
 }
 
 /// Where `serve` shows its read-only status page and `/metrics`.
@@ -229,6 +359,7 @@ impl Config {
             store: StoreSection::default(),
             sync: SyncSection::default(),
             http: HttpSection::default(),
+            scans: ScansSection::default(),
         }
     }
 
@@ -392,6 +523,16 @@ impl Config {
                 ));
             }
         }
+        match (self.scans.store, &self.scans.s3) {
+            (ScanBackend::S3, None) => {
+                return Err(
+                    "scans.store = \"s3\" needs a [scans.s3] section with endpoint and bucket"
+                        .into(),
+                )
+            }
+            (_, Some(s3)) => s3.check()?,
+            (ScanBackend::Local, None) => {}
+        }
         Ok(())
     }
 
@@ -530,7 +671,8 @@ mod tests {
             let sample = Config::parse(text).unwrap();
             let defaults = Config::new(&sample.node.unit, sample.node.role, "admin");
             let shown = |c: &Config| {
-                serde_json::to_string(&(&c.node, &c.store, &c.sync)).expect("serializable")
+                serde_json::to_string(&(&c.node, &c.store, &c.sync, &c.scans))
+                    .expect("serializable")
             };
             assert_eq!(shown(&sample), shown(&defaults), "config/{name}.toml");
         }
@@ -555,6 +697,33 @@ mod tests {
                 && err.ends_with(&format!("(line {line})")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn issue14_a_scan_bucket_is_checked_at_load() {
+        let base = Config::new("qn", Role::Province, "admin").to_toml_annotated();
+        let err = |extra: &str| {
+            load_text(&format!("{base}\n{extra}"))
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(
+            err("[scans]\nstore = \"s3\"\n").contains("needs a [scans.s3] section"),
+            "{}",
+            err("[scans]\nstore = \"s3\"\n")
+        );
+        let bucket = |endpoint: &str, prefix: &str| {
+            format!(
+                "[scans.s3]\nendpoint = \"{endpoint}\"\nbucket = \"b\"\nprefix = \"{prefix}\"\n"
+            )
+        };
+        assert!(err(&bucket("s3.example", "qn")).contains("scans.s3.endpoint"));
+        assert!(err(&bucket("https://s3.example", "/qn/")).contains("scans.s3.prefix"));
+        assert!(err("[scans]\nstore = \"nfs\"\n").contains("scans.store"));
+        let ok = load_text(&format!("{base}\n{}", bucket("http://10.0.0.5:9000", "qn")))
+            .unwrap()
+            .0;
+        assert_eq!(ok.scans.store, ScanBackend::Local);
     }
 
     #[test]

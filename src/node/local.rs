@@ -681,9 +681,19 @@ impl Node {
             }
             after = last;
         }
+        // An unreachable bucket is one problem, not one per scan after each one's retries.
+        let bucket_answers = match self.store.scans() {
+            crate::store::scanstore::ScanStore::S3(s3) => {
+                s3.probe().map_err(|e| problems.push(e.to_string())).is_ok()
+            }
+            crate::store::scanstore::ScanStore::Local => true,
+        };
         let mut after_hash = Vec::new();
         loop {
-            let hashes = self.store.blob_hashes_after(&after_hash, 100)?;
+            let hashes = match bucket_answers {
+                true => self.store.blob_hashes_after(&after_hash, 100)?,
+                false => Vec::new(),
+            };
             let Some(last) = hashes.last().cloned() else {
                 break;
             };

@@ -11,6 +11,7 @@ pub mod health;
 mod local;
 pub mod replica;
 pub mod restore;
+pub mod scans;
 #[cfg(test)]
 mod simtest;
 pub mod tree;
@@ -250,6 +251,7 @@ impl Node {
             }
         }
         let (config, tree) = Config::load(dir)?;
+        use_scan_store(dir, &config)?;
         let store = Store::open(&dir.join(DB_FILE), config.store.doc_cache_entries)?;
         let id_text = store.meta("node_id")?.ok_or_else(|| {
             StoreError::Corrupt("the database does not record this node's id".into())
@@ -362,4 +364,23 @@ impl Node {
             .to_offset(self.config.node.utc_offset())
             .date()
     }
+}
+
+/// Registers where the scans of the node in `dir` are, before its store is first opened: every
+/// store this process opens on its database (one per scan transfer) then uses that backend.
+fn use_scan_store(dir: &Path, config: &Config) -> Result<()> {
+    let db = dir.join(DB_FILE);
+    match (config.scans.store, &config.scans.s3) {
+        (config::ScanBackend::S3, Some(s3)) => {
+            let settings = s3.settings(dir).map_err(|message| {
+                NodeError::Config(ConfigError::Invalid {
+                    path: dir.join(config::CONFIG_FILE),
+                    message,
+                })
+            })?;
+            crate::store::scanstore::use_s3_for(&db, settings)?;
+        }
+        _ => crate::store::scanstore::use_for(&db, crate::store::scanstore::ScanStore::Local),
+    }
+    Ok(())
 }

@@ -69,11 +69,14 @@ pub fn restore(dir: &Path, from: &Path) -> Result<RestoreReport> {
     let backup_blobs = crate::trust::fsutil::parent_dir(from).join(BLOB_DIR);
     // Restored rows that name a scan as stored make the node never ask for it again: its file
     // must be in the backup's blobs/ or already in the node's.
+    // A node whose scans are in a bucket finds them there (`check` reads them all).
+    let in_bucket = config.scans.store == config::ScanBackend::S3;
     let unfiled = facts
         .scan_hashes
         .iter()
         .filter(|h| !backup_blobs.join(h).is_file() && !dir.join(BLOB_DIR).join(h).is_file())
-        .count();
+        .count()
+        * usize::from(!in_bucket);
     if unfiled > 0 {
         return Err(NodeError::Invalid(format!(
             "{} names {unfiled} scan(s) whose files are neither in {} nor in the node's {BLOB_DIR}/: put the backup's {BLOB_DIR}/ directory beside it, as `communesync backup` wrote it",
@@ -81,8 +84,11 @@ pub fn restore(dir: &Path, from: &Path) -> Result<RestoreReport> {
             backup_blobs.display()
         )));
     }
-    let (scan_files_copied, scan_files_present) =
-        copy_scan_files(&backup_blobs, &dir.join(BLOB_DIR))?;
+    let (scan_files_copied, scan_files_present) = if in_bucket {
+        (0, 0)
+    } else {
+        copy_scan_files(&backup_blobs, &dir.join(BLOB_DIR))?
+    };
 
     let database = dir.join(DB_FILE);
     let staged = temp_beside(&database, std::ffi::OsStr::new(DB_FILE), "restoring");
@@ -107,14 +113,14 @@ pub fn restore(dir: &Path, from: &Path) -> Result<RestoreReport> {
 
 /// A `serve` on the data directory answers on its wake socket; replacing the database under
 /// it would lose its writes and confuse its sessions.
-fn refuse_if_served(dir: &Path) -> Result<()> {
+pub(super) fn refuse_if_served(dir: &Path) -> Result<()> {
     let socket = dir.join(WAKE_SOCKET);
     let answers = std::os::unix::net::UnixDatagram::unbound()
         .and_then(|s| s.connect(&socket))
         .is_ok();
     if answers {
         return Err(NodeError::Invalid(format!(
-            "a `communesync serve` is running on {} ({} answers): stop it first (systemctl stop communesync), then restore",
+            "a `communesync serve` is running on {} ({} answers): stop it first (systemctl stop communesync), then run this again",
             dir.display(),
             socket.display()
         )));

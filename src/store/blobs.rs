@@ -2,9 +2,10 @@
 //! each chunk with its own hash so a read (or a peer's chunk) is verified before it is trusted.
 //!
 //! The bytes live in one file per scan under `blobs/` beside the database (chunk `idx` at byte
-//! `idx * CHUNK_BYTES`); `blob_chunks` holds each chunk's hash and length. A chunk's bytes are
-//! written and fsynced before the transaction that adds its row commits, so a row always means
-//! its bytes survived. Files are only ever written with content verified against a hash, so two
+//! `idx * CHUNK_BYTES`), or in an S3-compatible bucket, one object per chunk
+//! ([`super::scanstore`]); `blob_chunks` holds each chunk's hash and length either way. A
+//! chunk's bytes are written and fsynced (or their PUT acknowledged) before the transaction that
+//! adds its row commits, so a row always means its bytes survived. Files are only ever written with content verified against a hash, so two
 //! writers of the same scan write the same bytes. A scan stored locally (`dispatch new`, tests)
 //! is written under a temporary name and renamed to its hash once whole and durable; a scan
 //! received from a peer is written chunk by chunk under its hash, so a cut transfer resumes.
@@ -14,10 +15,12 @@ use std::fs::{File, OpenOptions};
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
+use super::scanstore::{S3Scans, S3Writer, ScanStore};
 use super::{Result, SqlContext, Store, StoreError, WriteTx};
 
 /// Bytes per stored chunk: large enough to keep rows few, small enough to resume cheaply.
@@ -178,16 +181,67 @@ impl Drop for NewScanFile {
     }
 }
 
-/// One scan's file, open for writing chunks. Nothing written is durable before `sync`.
+/// A scan being stored locally (`dispatch new`): a new file, or its chunks' objects, which are
+/// PUT under their final keys (content addressed, so a leftover of a rolled back write holds
+/// the same bytes a later write of that scan PUTs again).
+enum NewScan {
+    Local(NewScanFile),
+    S3(S3Writer),
+}
+
+impl NewScan {
+    fn create(scans: &ScanStore, db: &Path, hash: &Hash) -> Result<NewScan> {
+        Ok(match scans {
+            ScanStore::Local => NewScan::Local(NewScanFile::create(db, hash)?),
+            ScanStore::S3(s3) => NewScan::S3(s3.writer(hash)),
+        })
+    }
+
+    fn write(&self, idx: u64, data: &[u8]) -> Result<()> {
+        match self {
+            NewScan::Local(file) => file.write(idx, data),
+            NewScan::S3(writer) => writer.write(idx, data),
+        }
+    }
+
+    /// Makes the content durable; returns the file to remove if the transaction rolls back.
+    fn finish(self) -> Result<Option<PathBuf>> {
+        match self {
+            NewScan::Local(file) => file.finish().map(Some),
+            NewScan::S3(writer) => writer.sync().map(|()| None),
+        }
+    }
+}
+
+/// Where the chunks of one scan in transit are written: its local file, or its objects.
+/// Nothing written is durable before `sync`.
 pub struct ScanFile {
-    file: File,
-    path: PathBuf,
-    /// The file (or its directory) was created here: its directory entry needs an fsync too.
-    created: bool,
+    inner: ScanTarget,
+}
+
+enum ScanTarget {
+    Local {
+        file: File,
+        path: PathBuf,
+        /// The file (or its directory) was created here: its directory entry needs an fsync too.
+        created: bool,
+    },
+    S3(S3Writer),
 }
 
 impl ScanFile {
-    pub(crate) fn open(db: &Path, hash: &Hash) -> Result<ScanFile> {
+    /// The writer of scan `hash` in `scans`, the store of the database at `db`.
+    pub(crate) fn open(scans: &ScanStore, db: &Path, hash: &Hash) -> Result<ScanFile> {
+        match scans {
+            ScanStore::Local => Self::open_local(db, hash),
+            ScanStore::S3(s3) => Ok(ScanFile {
+                inner: ScanTarget::S3(s3.writer(hash)),
+            }),
+        }
+    }
+
+    /// The scan's file in `blobs/` beside `db`, created if missing.
+    pub(crate) fn open_local(db: &Path, hash: &Hash) -> Result<ScanFile> {
         let path = blob_path(db, hash);
         ensure_blob_dir(db)?;
         let created = !path.exists();
@@ -197,38 +251,62 @@ impl ScanFile {
             .open(&path)
             .map_err(io_err(&path))?;
         Ok(ScanFile {
-            file,
-            path,
-            created,
+            inner: ScanTarget::Local {
+                file,
+                path,
+                created,
+            },
         })
     }
 
-    /// Writes chunk `idx`, already verified against its hash, at its place in the file.
+    /// Writes chunk `idx`, already verified against its hash, at its place in the file (or
+    /// starts its PUT).
     pub fn write(&self, idx: u64, data: &[u8]) -> Result<()> {
         assert!(data.len() <= CHUNK_BYTES, "a chunk is at most CHUNK_BYTES");
-        self.file
-            .write_all_at(data, idx * CHUNK_BYTES as u64)
-            .map_err(io_err(&self.path))
+        match &self.inner {
+            ScanTarget::Local { file, path, .. } => file
+                .write_all_at(data, idx * CHUNK_BYTES as u64)
+                .map_err(io_err(path)),
+            ScanTarget::S3(writer) => writer.write(idx, data),
+        }
     }
 
-    /// A second handle on the same file, e.g. to make it durable from another thread while
+    /// A second handle on the same scan, e.g. to make it durable from another thread while
     /// this one writes.
     pub fn try_clone(&self) -> Result<ScanFile> {
-        Ok(ScanFile {
-            file: self.file.try_clone().map_err(io_err(&self.path))?,
-            path: self.path.clone(),
-            created: self.created,
-        })
+        let inner = match &self.inner {
+            ScanTarget::Local {
+                file,
+                path,
+                created,
+            } => ScanTarget::Local {
+                file: file.try_clone().map_err(io_err(path))?,
+                path: path.clone(),
+                created: *created,
+            },
+            ScanTarget::S3(writer) => ScanTarget::S3(writer.clone()),
+        };
+        Ok(ScanFile { inner })
     }
 
-    /// Makes every chunk written so far durable; only then may rows naming them commit.
+    /// Makes every chunk written so far durable (fsynced, or its PUT acknowledged); only then
+    /// may rows naming them commit.
     pub fn sync(&mut self) -> Result<()> {
-        self.file.sync_data().map_err(io_err(&self.path))?;
-        if self.created {
-            sync_dir(self.path.parent().unwrap_or(Path::new(".")))?;
-            self.created = false;
+        match &mut self.inner {
+            ScanTarget::Local {
+                file,
+                path,
+                created,
+            } => {
+                file.sync_data().map_err(io_err(path))?;
+                if *created {
+                    sync_dir(path.parent().unwrap_or(Path::new(".")))?;
+                    *created = false;
+                }
+                Ok(())
+            }
+            ScanTarget::S3(writer) => writer.sync(),
         }
-        Ok(())
     }
 }
 
@@ -268,14 +346,20 @@ fn open_for_read(db: &Path, hash: &Hash) -> Result<(File, PathBuf)> {
 
 /// Reads chunk `idx` of a scan whose row gives its length and hash, verified.
 pub(crate) fn read_stored_chunk(
+    scans: &ScanStore,
     db: &Path,
     hash: &Hash,
     idx: u64,
     len: usize,
     chunk_hash: &[u8],
 ) -> Result<Vec<u8>> {
-    let (file, path) = open_for_read(db, hash)?;
-    read_chunk(&file, &path, idx, len, chunk_hash)
+    match scans {
+        ScanStore::Local => {
+            let (file, path) = open_for_read(db, hash)?;
+            read_chunk(&file, &path, idx, len, chunk_hash)
+        }
+        ScanStore::S3(s3) => s3.read_chunk(hash, idx, len, chunk_hash),
+    }
 }
 
 /// (idx, chunk hash, length) of every chunk row of a scan, in index order.
@@ -297,6 +381,11 @@ pub(super) fn chunk_rows(
 /// `dest`, a backup just taken of its database: rows in the backup name only bytes already in
 /// these files. A stored scan's file already in the backup is skipped: it never changes.
 pub(crate) fn backup_scan_files(store: &Store, dest: &Path) -> Result<()> {
+    if let ScanStore::S3(_) = store.scans {
+        // The bucket holds every chunk the backup's rows name, and objects are never rewritten
+        // with other bytes: the bucket's own replication or versioning is their backup.
+        return Ok(());
+    }
     let from_dir = blob_dir(&store.path);
     if !from_dir.exists() {
         return Ok(());
@@ -430,6 +519,65 @@ impl Store {
         Ok(found)
     }
 
+    /// Hashes of every scan with chunks here (stored, or in transit) after `after`, in order.
+    pub fn chunked_scans_after(&self, after: &[u8], limit: usize) -> Result<Vec<Hash>> {
+        let mut stmt = self
+            .conn
+            .prepare_cached(
+                "SELECT DISTINCT hash FROM blob_chunks WHERE hash > ?1 ORDER BY hash LIMIT ?2",
+            )
+            .at(&self.path)?;
+        let rows = stmt
+            .query_map(params![after, limit as i64], |r| r.get::<_, Vec<u8>>(0))
+            .at(&self.path)?;
+        let mut hashes = Vec::new();
+        for row in rows {
+            let hash = row.at(&self.path)?;
+            hashes.push(hash.as_slice().try_into().map_err(|_| {
+                StoreError::Corrupt("blob_chunks holds a hash that is not 32 bytes".into())
+            })?);
+        }
+        Ok(hashes)
+    }
+
+    /// Copies every chunk of scan `hash` recorded here from its local file to `s3`, each
+    /// verified against its row before it is PUT. A chunk already in the bucket and matching
+    /// its row is kept, so a copy cut midway resumes where it stopped. Returns the chunks PUT,
+    /// the chunks found already there, and the bytes PUT.
+    pub fn copy_scan_to_bucket(&self, hash: &Hash, s3: &Arc<S3Scans>) -> Result<(u64, u64, u64)> {
+        let rows = chunk_rows(&self.conn, &self.path, hash)?;
+        let (file, path) = open_for_read(&self.path, hash)?;
+        let writer = s3.writer(hash);
+        let listed = s3.chunks_listed(hash)?;
+        let (mut put, mut present, mut bytes) = (0, 0, 0);
+        for (idx, chunk_hash, len) in rows {
+            if !(0..=CHUNK_BYTES as i64).contains(&len) {
+                return Err(StoreError::Corrupt(format!(
+                    "chunk {idx} of scan {} has a length of {len}",
+                    hex::encode(hash)
+                )));
+            }
+            let (idx, len) = (idx as u64, len as usize);
+            if listed.contains(&idx) {
+                match s3.read_chunk(hash, idx, len, &chunk_hash) {
+                    Ok(_) => {
+                        present += 1;
+                        continue;
+                    }
+                    // Damaged by hand or by the store: written again.
+                    Err(StoreError::Corrupt(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            let data = read_chunk(&file, &path, idx, len, &chunk_hash)?;
+            writer.write(idx, &data)?;
+            put += 1;
+            bytes += data.len() as u64;
+        }
+        writer.sync()?;
+        Ok((put, present, bytes))
+    }
+
     pub fn has_blob(&self, hash: &Hash) -> Result<bool> {
         self.conn
             .prepare_cached("SELECT 1 FROM blobs WHERE hash = ?1")
@@ -451,29 +599,44 @@ impl Store {
             .optional()
             .at(&self.path)?
             .ok_or_else(|| StoreError::NotFound(format!("scan {hex_hash}")))?;
-        let (file, path) = open_for_read(&self.path, hash)?;
+        let rows = chunk_rows(&self.conn, &self.path, hash)?;
+        let missing = |idx: i64| {
+            StoreError::Corrupt(format!(
+                "scan {hex_hash}: chunk {idx} is missing or damaged"
+            ))
+        };
+        if let Some(expected) = rows
+            .iter()
+            .enumerate()
+            .position(|(expected, (idx, _, len))| {
+                *idx != expected as i64 || !(0..=CHUNK_BYTES as i64).contains(len)
+            })
+        {
+            return Err(missing(expected as i64));
+        }
         let mut whole = blake3::Hasher::new();
-        let (mut expected_idx, mut size) = (0i64, 0u64);
-        for (idx, chunk_hash, len) in chunk_rows(&self.conn, &self.path, hash)? {
-            if idx != expected_idx || !(0..=CHUNK_BYTES as i64).contains(&len) {
-                return Err(StoreError::Corrupt(format!(
-                    "scan {hex_hash}: chunk {expected_idx} is missing or damaged"
-                )));
-            }
-            let data =
-                read_chunk(&file, &path, idx as u64, len as usize, &chunk_hash).map_err(|_| {
-                    StoreError::Corrupt(format!(
-                        "scan {hex_hash}: chunk {expected_idx} is missing or damaged"
-                    ))
-                })?;
+        let mut size = 0u64;
+        let mut each = |data: Vec<u8>| {
             whole.update(&data);
+            size += data.len() as u64;
             out.write_all(&data).map_err(|source| StoreError::Io {
                 path: "output".into(),
                 source,
-            })?;
-            size += data.len() as u64;
-            expected_idx += 1;
+            })
+        };
+        match &self.scans {
+            ScanStore::Local => {
+                let (file, path) = open_for_read(&self.path, hash)?;
+                for (idx, chunk_hash, len) in &rows {
+                    let data = read_chunk(&file, &path, *idx as u64, *len as usize, chunk_hash)
+                        .map_err(|_| missing(*idx))?;
+                    each(data)?;
+                }
+            }
+            // The object's own key and fault name it: more use than "missing or damaged".
+            ScanStore::S3(s3) => s3.read_chunks(hash, &rows, each)?,
         }
+        let expected_idx = rows.len() as i64;
         if expected_idx != chunks || whole.finalize().as_bytes() != hash {
             return Err(StoreError::Corrupt(format!(
                 "scan {hex_hash}: content does not match its hash"
@@ -487,8 +650,10 @@ impl WriteTx<'_> {
     /// Gives a new scan's file its hash name, remembering it for removal on rollback unless a
     /// transfer in progress (whose manifest row committed before any of its bytes were
     /// written) is writing to that name too.
-    fn finish_scan_file(&mut self, file: NewScanFile, hash: &Hash) -> Result<()> {
-        let path = file.finish()?;
+    fn finish_scan_file(&mut self, file: NewScan, hash: &Hash) -> Result<()> {
+        let Some(path) = file.finish()? else {
+            return Ok(());
+        };
         let receiving = self
             .tx
             .prepare_cached("SELECT 1 FROM blob_partial WHERE hash = ?1")
@@ -553,7 +718,7 @@ impl WriteTx<'_> {
             });
         }
         let mut chunks = 0;
-        let file = NewScanFile::create(self.path, &hash)?;
+        let file = NewScan::create(self.scans, self.path, &hash)?;
         let (again, again_size) = scan_file(path, |idx, data| {
             chunks = idx + 1;
             file.write(idx as u64, data)?;
@@ -591,7 +756,7 @@ impl WriteTx<'_> {
             });
         }
         let mut chunks = 0;
-        let file = NewScanFile::create(self.path, &hash)?;
+        let file = NewScan::create(self.scans, self.path, &hash)?;
         for (idx, chunk) in data.chunks(CHUNK_BYTES).enumerate() {
             file.write(idx as u64, chunk)?;
             self.insert_chunk(&hash, idx, chunk)?;
@@ -644,6 +809,33 @@ mod tests {
             store.read_blob(&hash, &mut Vec::new()),
             Err(StoreError::Corrupt(_))
         ));
+    }
+
+    #[test]
+    fn issue14_scans_in_a_bucket_leave_no_file_and_read_back_verified() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = dir.path().join("node.db");
+        let s3 = Arc::new(crate::store::scanstore::S3Scans::in_memory());
+        crate::store::scanstore::use_for(&db, ScanStore::S3(s3.clone()));
+        let mut store = Store::create(&db, 4).unwrap();
+        let content: Vec<u8> = (0..CHUNK_BYTES * 2 + 99).map(|i| (i % 241) as u8).collect();
+        let info = store.write(|tx| tx.put_blob_bytes(&content, 1)).unwrap();
+        assert!(!blob_dir(&db).exists(), "a scan file was written");
+        let hash = parse_hash(&info.hash).unwrap();
+        let mut out = Vec::new();
+        store.read_blob(&hash, &mut out).unwrap();
+        assert_eq!(out, content);
+        assert_eq!(
+            store.blob_chunk(&hash, 2).unwrap(),
+            &content[2 * CHUNK_BYTES..]
+        );
+        // Chunk 1's object replaced by other bytes: the read names the damage.
+        let writer = s3.writer(&hash);
+        writer.write(1, &content[..CHUNK_BYTES]).unwrap();
+        writer.sync().unwrap();
+        let err = store.read_blob(&hash, &mut std::io::sink()).unwrap_err();
+        assert!(err.to_string().contains("chunk 1"), "{err}");
+        crate::store::scanstore::use_for(&db, ScanStore::Local);
     }
 
     #[test]

@@ -184,6 +184,23 @@ fn current_user() -> String {
     format!("uid {uid}")
 }
 
+/// `error` and each of its causes, joined by ": " (what a log line or a one-line message needs
+/// when the error is not handed on as a source).
+pub(crate) fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(e) = cause {
+        let more = e.to_string();
+        // Some errors repeat their cause in their own text.
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        cause = e.source();
+    }
+    text
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,6 +8,7 @@ pub mod blobs;
 pub mod docs;
 pub mod fault;
 pub mod index;
+pub mod scanstore;
 mod schema;
 pub mod sigs;
 pub mod status;
@@ -58,6 +59,13 @@ pub enum StoreError {
     },
     #[error("{0}")]
     Invalid(String),
+    /// The object store's error with its causes in one line, then the advice (not a `source`:
+    /// the advice would otherwise come before the cause).
+    #[error("scan store {what}: {}; check [scans.s3] in config.toml, the credentials, and that the bucket answers (`communesync check`)", fault::with_causes(.error.as_ref()))]
+    ObjectStore {
+        what: String,
+        error: Box<object_store::Error>,
+    },
 }
 
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;
@@ -82,6 +90,8 @@ pub struct Store {
     unit: Option<String>,
     /// Signs the changes of local writes (the node sets it at open; a bare store signs nothing).
     signer: Option<Box<dyn sigs::ChangeSigning>>,
+    /// Where the scans' bytes are (registered for this path, see [`scanstore::use_for`]).
+    scans: scanstore::ScanStore,
 }
 
 /// Attaches the database path to a SQLite error.
@@ -143,6 +153,7 @@ impl Store {
             cache: DocCache::new(cache_docs),
             unit,
             signer: None,
+            scans: scanstore::for_db(path),
         })
     }
 
@@ -153,6 +164,11 @@ impl Store {
 
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// Where this database's scans' bytes are.
+    pub fn scans(&self) -> &scanstore::ScanStore {
+        &self.scans
     }
 
     #[cfg(test)]
@@ -184,6 +200,7 @@ impl Store {
             unit: self.unit.as_deref(),
             new_files: Vec::new(),
             signer: self.signer.as_deref(),
+            scans: &self.scans,
         };
         let outcome = f(&mut wtx).and_then(|value| {
             wtx.flush_feed()?;
@@ -345,6 +362,8 @@ pub struct WriteTx<'a> {
     new_files: Vec<PathBuf>,
     /// Signs the changes of local writes ([`Store::set_signer`]).
     signer: Option<&'a dyn sigs::ChangeSigning>,
+    /// Where scan bytes written in this transaction go.
+    scans: &'a scanstore::ScanStore,
 }
 
 impl WriteTx<'_> {

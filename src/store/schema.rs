@@ -303,7 +303,7 @@ fn scan_bytes_to_files(tx: &Transaction<'_>, db: &Path) -> Result<()> {
                 let fixed: [u8; 32] = hash.as_slice().try_into().map_err(|_| {
                     StoreError::Corrupt("blob_chunks holds a hash that is not 32 bytes".into())
                 })?;
-                open = Some((hash, ScanFile::open(db, &fixed)?));
+                open = Some((hash, ScanFile::open_local(db, &fixed)?));
             }
             if let Some((_, file)) = &open {
                 file.write(idx as u64, data)?;

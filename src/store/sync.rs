@@ -533,12 +533,19 @@ impl Store {
                 hex::encode(hash)
             )));
         }
-        super::blobs::read_stored_chunk(&self.path, hash, idx, len as usize, &chunk_hash)
+        super::blobs::read_stored_chunk(
+            &self.scans,
+            &self.path,
+            hash,
+            idx,
+            len as usize,
+            &chunk_hash,
+        )
     }
 
     /// The file that chunks of a scan in transit are written to before their rows commit.
     pub fn blob_partial_file(&self, hash: &Hash) -> Result<ScanFile> {
-        ScanFile::open(&self.path, hash)
+        ScanFile::open(&self.scans, &self.path, hash)
     }
 }
 
@@ -903,14 +910,19 @@ impl WriteTx<'_> {
             if idx != expected as i64 || !(0..=CHUNK_BYTES as i64).contains(&len) {
                 break;
             }
-            let Ok(data) = super::blobs::read_stored_chunk(
+            let data = match super::blobs::read_stored_chunk(
+                self.scans,
                 self.path,
                 hash,
                 idx as u64,
                 len as usize,
                 &chunk_hash,
-            ) else {
-                break;
+            ) {
+                Ok(data) => data,
+                // A bucket that does not answer says nothing of the chunks: their rows stay,
+                // and the transfer resumes once it answers.
+                Err(e @ StoreError::ObjectStore { .. }) => return Err(e),
+                Err(_) => break,
             };
             total += data.len() as i64;
             whole.update(&data);

@@ -1317,14 +1317,14 @@ fn text_from_peers_reaches_the_screen_with_escape_sequences_neutralised() {
         let text = run.stdout;
         assert_eq!(
             raw_controls(&text),
-            [],
+            [] as [char; 0],
             "{args:?} printed raw controls:\n{text}"
         );
         let json = node.run(&[&["--json"][..], &args].concat());
         code(&json);
         assert_eq!(
             raw_controls(&json.stdout),
-            [],
+            [] as [char; 0],
             "{args:?} --json printed raw controls"
         );
     }
@@ -1360,7 +1360,7 @@ fn text_from_peers_reaches_the_screen_with_escape_sequences_neutralised() {
         ],
         exit::NOT_FOUND,
     );
-    assert_eq!(raw_controls(&line), [], "{line}");
+    assert_eq!(raw_controls(&line), [] as [char; 0], "{line}");
 }
 
 #[test]
