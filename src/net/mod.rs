@@ -685,6 +685,12 @@ pub async fn run_session(
     let started = Instant::now();
     let node_err = |e: crate::node::NodeError| NetError::Node(format!("{e:#}"));
     let mut node = Node::open(&dir).map_err(node_err)?;
+    // The certificate names the unit the peer was enrolled for; the province's tree may have
+    // moved that unit since (the CA signed both). Scope and checks use its current path, read
+    // again whenever a newer tree is installed during the session.
+    let enrolled_unit = peer.unit.clone();
+    let mut peer = peer;
+    peer.unit = node.tree.canonical(&enrolled_unit).to_string();
     // The handshake checked the CRL the endpoint was built with; a newer one may be on disk.
     if node.crl().is_some_and(|crl| crl.is_revoked(&peer.serial)) {
         conn.close(1u32.into(), b"revoked");
@@ -724,8 +730,9 @@ pub async fn run_session(
 
     let (events_tx, mut events) = mpsc::channel::<Event>(256);
     spawn_acceptor(conn.clone(), dir.clone(), events_tx.clone());
-    let lost = |e: String| NetError::Lost {
-        peer: peer.unit.clone(),
+    let lost_unit = peer.unit.clone();
+    let lost = move |e: String| NetError::Lost {
+        peer: lost_unit.clone(),
         reason: e,
     };
     let mut control = conn.open_uni().await.map_err(|e| lost(e.to_string()))?;
@@ -842,6 +849,9 @@ pub async fn run_session(
                                 Ok(true) => {
                                     units_signed = signed;
                                     session.update_units(replica.node.units_version());
+                                    replica.peer.unit = replica.node.tree.canonical(&enrolled_unit).to_string();
+                                    peer.unit = replica.peer.unit.clone();
+                                    session.recheck_checkpoint(&mut replica)?;
                                 }
                                 Ok(false) => {}
                                 Err(e) => warn!("unit tree from {} refused: {e}", peer.unit),
@@ -990,6 +1000,8 @@ pub async fn run_session(
                             if held != units_signed && node.install_units(&held).is_ok() {
                                 session.update_units(node.units_version());
                                 units_signed = held;
+                                peer.unit = node.tree.canonical(&enrolled_unit).to_string();
+                                session.recheck_checkpoint(&mut NodeReplica::new(&mut node, peer.clone()))?;
                             }
                         }
                     }

@@ -1149,3 +1149,65 @@ fn a_peer_is_refused_once_its_session_has_cost_its_cpu_budget() {
     );
     assert!(b.node.store.doc_heads(&second).unwrap().is_none());
 }
+
+/// One whole session between two sides, from Hello to both done.
+fn sync_sides(a: &mut Side, b: &mut Side) {
+    let mut sa = Session::new(&mut NodeReplica::new(&mut a.node, a.peer.clone()), 0).unwrap();
+    let mut sb = Session::new(&mut NodeReplica::new(&mut b.node, b.peer.clone()), 0).unwrap();
+    settle(&mut sa, a, &mut sb, b);
+}
+
+fn holds(node: &Node, id: &str) -> bool {
+    node.store.doc_exists(&id.parse().unwrap()).unwrap()
+}
+
+#[test]
+fn a_commune_moved_at_the_province_reaches_its_new_district_and_writes_as_its_new_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = ("qn/binhlieu/tinhhuc", "qn/halong/tinhhuc");
+    let (mut p, mut c) = pair(dir.path());
+    let report = c
+        .node
+        .dispatch_new(None, &request("7/BC", Priority::Normal, "qn"))
+        .unwrap()
+        .id;
+    sync_sides(&mut p, &mut c);
+    Node::init(&dir.path().join("h"), "qn/halong", Role::District, "an").unwrap();
+    let mut h = Node::open(&dir.path().join("h")).unwrap();
+    enrol(&p.node, &mut h, dir.path());
+    let (mut ph, mut h) = meet(Node::open(&dir.path().join("p")).unwrap(), h);
+    sync_sides(&mut ph, &mut h);
+    assert!(holds(&ph.node, &report) && !holds(&h.node, &report));
+
+    // A commune cannot hold a commune, and a move lands once at the province.
+    assert!(ph.node.units_move(old, "qn/binhlieu/hucdong").is_err());
+    assert!(c.node.units_move(old, "qn/halong").is_err());
+    let signed = ph.node.units_move(old, "qn/halong").unwrap();
+    assert_eq!(ph.node.tree.canonical(old), new);
+
+    // Halong, already in step with the province's feed, is offered the moved commune's
+    // documents again: they came into its scope.
+    assert!(h.node.install_units(&signed.bytes).unwrap());
+    sync_sides(&mut ph, &mut h);
+    assert!(holds(&h.node, &report), "the new district lacks the report");
+
+    // The commune follows the tree: same certificate, new path for what it writes.
+    assert!(c.node.install_units(&signed.bytes).unwrap());
+    assert_eq!((c.node.unit(), c.node.cert_unit()), (new, old));
+    let later = c
+        .node
+        .dispatch_new(None, &request("8/BC", Priority::Normal, "qn"))
+        .unwrap()
+        .id;
+    assert_eq!(c.node.dispatch_show(&later).unwrap().dispatch.issuer, new);
+    // The province meets it by its old certificate and takes it as the new path (as a session
+    // does at authentication); the new document is within the sender's subtree.
+    p.node = Node::open(&dir.path().join("p")).unwrap();
+    p.peer.unit = p.node.tree.canonical(&p.peer.unit).to_string();
+    assert_eq!(p.peer.unit, new);
+    sync_sides(&mut p, &mut c);
+    assert!(holds(&p.node, &later));
+    // Reopened, the commune still runs as its new path.
+    let reopened = Node::open(&dir.path().join("c")).unwrap();
+    assert_eq!(reopened.unit(), new);
+}

@@ -8,7 +8,7 @@ use tracing::{info, warn};
 use super::admin::CA_FILE;
 use super::{Node, NodeError, Result};
 use crate::trust::{self, SignedTree};
-use crate::units::{Role, UnitTree};
+use crate::units::{is_within, Role, UnitTree};
 
 /// The signed tree a node holds, in its data directory; it takes precedence over `units.toml`
 /// and the embedded sample.
@@ -70,23 +70,48 @@ impl Node {
         })?;
         let tree = UnitTree::parse(&text)
             .map_err(|e| NodeError::Invalid(format!("{}: {e}", file.display())))?;
+        self.sign_and_keep(&file.display().to_string(), &text, tree)
+    }
+
+    /// Moves `unit` (and the units below it) under `new_parent` in the province's tree, each
+    /// keeping its old path as `formerly`, and signs and installs the result like
+    /// [`Node::units_publish`]: the moved nodes keep their certificates and run as the new
+    /// path, and every node re-reads the documents naming the old one under the new one.
+    pub fn units_move(&mut self, unit: &str, new_parent: &str) -> Result<SignedTree> {
+        if self.role() != Role::Province {
+            return Err(NodeError::Invalid(
+                "`unit move` runs on the province node, which holds the CA".into(),
+            ));
+        }
+        let unit = self.tree.canonical(unit).to_string();
+        let moved = self.tree.moved(&unit, self.tree.canonical(new_parent))?;
+        let text = format!(
+            "# The unit tree of {}, as `communesync unit move {unit} {new_parent}` wrote it.\n\n{}",
+            self.unit(),
+            moved.to_toml()
+        );
+        self.sign_and_keep("the moved tree", &text, moved)
+    }
+
+    /// Checks `tree` (from `what`) against this node and the CA's enrolled nodes, then signs
+    /// `text` as the next version and installs it.
+    fn sign_and_keep(&mut self, what: &str, text: &str, tree: UnitTree) -> Result<SignedTree> {
         self.check_tree(&tree)?;
         let ca = self.ca()?;
         let orphans: Vec<String> = ca
             .issued()?
             .into_iter()
             .filter(|r| r.revoked_at.is_none())
-            .filter(|r| tree.get(&r.unit).is_err())
+            .filter(|r| tree.get(tree.canonical(&r.unit)).is_err())
             .map(|r| format!("{} (node {})", r.unit, r.node_id))
             .collect();
         if !orphans.is_empty() {
             return Err(NodeError::Invalid(format!(
-                "{}: enrolled nodes' units are missing from it: {}; add them back, or revoke those nodes first",
-                file.display(),
+                "{what}: enrolled nodes' units are missing from it: {}; add them back (or list their old path in `formerly` of the unit they moved to), or revoke those nodes first",
                 orphans.join(", ")
             )));
         }
-        let signed = ca.sign_tree(self.units_version() + 1, &text)?;
+        let signed = ca.sign_tree(self.units_version() + 1, text)?;
         self.keep_tree(signed.clone(), tree)?;
         Ok(signed)
     }
@@ -119,25 +144,75 @@ impl Node {
         Ok(true)
     }
 
-    /// A tree this node can live on: its own unit still there, with its role.
+    /// A tree this node can live on: its unit still there, with its role, under its path or
+    /// under a new one that lists the enrolled path in `formerly` (the unit moved).
     fn check_tree(&self, tree: &UnitTree) -> Result<()> {
-        match tree.get(self.unit()) {
+        let enrolled = self.cert_unit();
+        match tree.get(tree.canonical(enrolled)) {
             Ok(unit) if unit.role == self.role() => Ok(()),
             Ok(unit) => Err(NodeError::Invalid(format!(
                 "the unit tree makes this node's unit {} a {}, but the node is a {}: a node cannot change role, enrol a new one",
-                self.unit(), unit.role, self.role()
+                unit.path, unit.role, self.role()
             ))),
             Err(_) => Err(NodeError::Invalid(format!(
-                "the unit tree no longer holds this node's unit {}: if it moved, enrol a new node for its new unit",
-                self.unit()
+                "the unit tree no longer holds this node's unit {enrolled}: a unit that moved lists its old path in `formerly` (`communesync unit move` at the province writes it)"
             ))),
         }
     }
 
     fn keep_tree(&mut self, signed: SignedTree, tree: UnitTree) -> Result<()> {
         trust::write_file_atomic(self.dir.join(SIGNED_UNITS_FILE), &signed.bytes)?;
+        // Units whose path this tree changes: (old path as this node knew it, new path).
+        let moved: Vec<(String, String)> = tree
+            .aliases()
+            .iter()
+            .filter(|(former, current)| self.tree.canonical(former) != current.as_str())
+            .map(|(former, current)| (self.tree.canonical(former).to_string(), current.clone()))
+            .collect();
+        let unit = tree.canonical(self.cert_unit()).to_string();
+        if unit != self.unit {
+            info!(from = %self.unit, to = %unit, "the province moved this node's unit");
+        }
+        self.unit = unit;
+        self.store.set_aliases(tree.aliases().clone());
         self.tree = tree;
         self.signed_tree = Some(signed);
+        if !moved.is_empty() {
+            self.rescope(&moved)?;
+        }
+        Ok(())
+    }
+
+    /// After units moved: re-indexes the documents naming their old paths under the new ones,
+    /// and lowers to zero the checkpoint of every peer whose scope grew (a unit moved into its
+    /// subtree), so its next round offers it the documents that came into its scope, older
+    /// than what it had acknowledged.
+    fn rescope(&mut self, moved: &[(String, String)]) -> Result<()> {
+        let docs = self.store.rescope()?;
+        let grew: Vec<String> = self
+            .store
+            .peer_syncs()?
+            .into_iter()
+            .filter(|p| {
+                let peer = self.tree.canonical(&p.unit);
+                moved.iter().any(|(old, new)| {
+                    is_within(new, peer) && (!is_within(old, peer) || is_within(peer, new))
+                })
+            })
+            .map(|p| p.node_id)
+            .collect();
+        self.store.write(|tx| {
+            for node_id in &grew {
+                tx.peer_regressed(node_id, 0)?;
+            }
+            Ok(())
+        })?;
+        info!(
+            units = moved.len(),
+            docs,
+            peers = grew.len(),
+            "re-indexed the documents of units that moved; peers whose scope grew get them again"
+        );
         Ok(())
     }
 }

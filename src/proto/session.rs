@@ -302,6 +302,26 @@ impl Session {
         Ok(())
     }
 
+    /// Offers again from the peer's checkpoint when something else on this node lowered it
+    /// below this session's round (a unit tree moved a unit into the peer's scope): the
+    /// documents that came into its scope are older than what it acknowledged. True when so.
+    pub fn recheck_checkpoint(&mut self, replica: &mut impl Replica) -> Result<bool, ProtoError> {
+        let from = replica.acked_by_peer()?;
+        if from >= self.tx_start {
+            return Ok(false);
+        }
+        match self.tx {
+            Tx::Done | Tx::Offering { offered: 0, .. } => self.start_round(replica, from)?,
+            _ => {
+                if self.resend_from.is_none() {
+                    self.out.push_back(Frame::Reoffer);
+                }
+                self.resend_from = Some(self.resend_from.map_or(from, |f| f.min(from)));
+            }
+        }
+        Ok(true)
+    }
+
     /// Starts a new outgoing round if the previous one is finished and the feed moved on, and
     /// pulls scans that became wanted (used by `serve` to push and pull within seconds).
     /// `retry_unavailable` forgets which scans the peer could not give (deferred to its scan
