@@ -349,6 +349,10 @@ pub async fn connect(
     Ok((conn, peer))
 }
 
+/// Longest a session with a peer this node's unit moved away from stays open to finish its
+/// round (see [`run_session`]).
+const MOVED_AWAY_GRACE: Duration = Duration::from_secs(10);
+
 /// Longest a one-shot client waits for its CONNECTION_CLOSE to leave before it exits.
 const CLOSE_SEND_WAIT: Duration = Duration::from_millis(100);
 
@@ -788,6 +792,9 @@ pub async fn run_session(
     let mut status_out = crate::node::replica::is_upstream(&peer.unit, node.unit())
         .then(|| StatusSender::new(Duration::from_secs(node.config.sync.status_interval_s)));
     let mut status_in_at: Option<Instant> = None;
+    let dialled_upstream =
+        mode == Mode::Continuous && crate::node::replica::is_upstream(&peer.unit, node.unit());
+    let mut moved_away_at: Option<Instant> = None;
 
     let outcome: Result<(), NetError> = async {
         loop {
@@ -906,6 +913,17 @@ pub async fn run_session(
             was_converged = converged;
             if mode == Mode::OneShot && session.is_done() {
                 return Ok(());
+            }
+            // The province moved this node away from the peer it kept a session with: the
+            // peer no longer takes what this node writes; `serve` dials the new parent.
+            // It ends once both sides are done (the peer's refusals of what this node wrote
+            // before it learnt of the move have arrived), or after MOVED_AWAY_GRACE.
+            if dialled_upstream && !crate::node::replica::is_upstream(&peer.unit, node.unit()) {
+                let since = *moved_away_at.get_or_insert_with(Instant::now);
+                if session.is_done() || since.elapsed() > MOVED_AWAY_GRACE {
+                    info!(peer = %peer.unit, unit = node.unit(), "this node's unit moved away from the peer; ending the session");
+                    return Ok(());
+                }
             }
             tokio::select! {
                 // Events first: the peer's last frames (its Ack) are read before it closes, so

@@ -8,7 +8,7 @@ use tracing::{info, warn};
 use super::admin::CA_FILE;
 use super::{Node, NodeError, Result};
 use crate::trust::{self, SignedTree};
-use crate::units::{is_within, Role, UnitTree};
+use crate::units::{is_within, parent, Role, UnitTree};
 
 /// The signed tree a node holds, in its data directory; it takes precedence over `units.toml`
 /// and the embedded sample.
@@ -170,7 +170,8 @@ impl Node {
             .map(|(former, current)| (self.tree.canonical(former).to_string(), current.clone()))
             .collect();
         let unit = tree.canonical(self.cert_unit()).to_string();
-        if unit != self.unit {
+        let own_moved = unit != self.unit;
+        if own_moved {
             info!(from = %self.unit, to = %unit, "the province moved this node's unit");
         }
         self.unit = unit;
@@ -180,6 +181,39 @@ impl Node {
         if !moved.is_empty() {
             self.rescope(&moved)?;
         }
+        if own_moved {
+            self.add_new_parent()?;
+        }
+        Ok(())
+    }
+
+    /// After the province moved this node's unit: records its new parent as the upstream peer
+    /// at the `addr` the tree gives (as `peer add NAME --addr ADDR --upstream` would), so that
+    /// `serve` dials it without anyone visiting this node. Nothing when a peer already showed
+    /// the parent's certificate or has that address, or when the tree gives no address.
+    fn add_new_parent(&mut self) -> Result<()> {
+        let Some(parent) = parent(&self.unit).map(str::to_string) else {
+            return Ok(());
+        };
+        let Some(addr) = self.tree.get(&parent).ok().and_then(|u| u.addr.clone()) else {
+            warn!(parent = %parent, "this node's unit moved, but the unit tree gives no addr for its new parent: add it with `communesync peer add NAME --addr HOST:PORT --upstream`");
+            return Ok(());
+        };
+        let met = self.store.peers_met()?;
+        let name = parent.replace('/', "-");
+        let known = met.iter().any(|(peer, seen)| {
+            peer.addr == addr
+                || peer.name == name
+                || seen
+                    .as_ref()
+                    .is_some_and(|(unit, _)| self.tree.canonical(unit) == parent)
+        });
+        if known {
+            return Ok(());
+        }
+        self.store
+            .write(|tx| tx.peer_add(&name, &addr, true, super::now_ms()))?;
+        info!(peer = %name, %addr, "this node's unit moved: its new parent is now its upstream peer");
         Ok(())
     }
 

@@ -5,6 +5,7 @@
 mod notify;
 pub mod path;
 
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::Arc;
@@ -168,14 +169,24 @@ pub async fn serve_counted(
     if let Err(e) = notify::send("READY=1") {
         warn!("could not tell systemd the node is ready (NOTIFY_SOCKET): {e}");
     }
-    for name in dial {
-        info!(peer = %name, "keeping a session with configured peer");
-        let (dir, shutdown, wake) = (dir.to_path_buf(), shutdown.clone(), wake.clone());
-        let counters = counters.clone();
-        tokio::spawn(
-            async move { keep_peer(dir, name, reconnect_max, shutdown, wake, counters).await },
-        );
-    }
+    // The peers kept, by name: a unit tree moving this node adds its new parent while it runs.
+    let mut kept: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut keep_dialling = |dial: Vec<String>| {
+        for name in dial {
+            if kept.get(&name).is_some_and(|task| !task.is_finished()) {
+                continue;
+            }
+            info!(peer = %name, "keeping a session with configured peer");
+            let (dir, shutdown, wake) = (dir.to_path_buf(), shutdown.clone(), wake.clone());
+            let counters = counters.clone();
+            let task = tokio::spawn({
+                let name = name.clone();
+                async move { keep_peer(dir, name, reconnect_max, shutdown, wake, counters).await }
+            });
+            kept.insert(name, task);
+        }
+    };
+    keep_dialling(dial);
     let mut stop = shutdown.clone();
     // A newer CRL (from `ca revoke` or a peer) takes effect for new connections without a restart.
     let mut crl_check = tokio::time::interval(Duration::from_secs(5));
@@ -200,6 +211,10 @@ pub async fn serve_counted(
                         break;
                     }
                     Err(e) => warn!("could not re-read the node (will retry): {e:#}"),
+                }
+                match Node::open(dir).and_then(|node| node.peers_to_dial()) {
+                    Ok(dial) => keep_dialling(dial),
+                    Err(e) => warn!("could not re-read the peers to dial (will retry): {e:#}"),
                 }
             }
             incoming = ep.accept() => {
@@ -388,6 +403,14 @@ async fn keep_peer(
             }
         }
         if *shutdown.borrow() {
+            return;
+        }
+        // A unit tree that moved this node leaves its old parent behind (`peers_to_dial`).
+        if Node::open(&dir)
+            .and_then(|node| node.peers_to_dial())
+            .is_ok_and(|dial| !dial.contains(&name))
+        {
+            info!(peer = %name, "no longer a peer to dial (this node's unit moved); not dialling it");
             return;
         }
         let jitter = rand::random_range(0.5..1.5);
