@@ -1211,3 +1211,51 @@ fn a_commune_moved_at_the_province_reaches_its_new_district_and_writes_as_its_ne
     let reopened = Node::open(&dir.path().join("c")).unwrap();
     assert_eq!(reopened.unit(), new);
 }
+
+#[test]
+fn the_old_district_refuses_what_a_moved_commune_wrote_before_it_learnt_of_the_move() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, c) = pair(dir.path());
+    let province = p.node;
+    let mut commune = c.node;
+    Node::init(&dir.path().join("d"), "qn/binhlieu", Role::District, "an").unwrap();
+    let mut district = Node::open(&dir.path().join("d")).unwrap();
+    enrol(&province, &mut district, dir.path());
+    let (mut province, mut district) = meet(province, district);
+    sync_sides(&mut province, &mut district);
+    let signed = province
+        .node
+        .units_move("qn/binhlieu/tinhhuc", "qn/halong")
+        .unwrap();
+    assert!(district.node.install_units(&signed.bytes).unwrap());
+
+    // The commune has not heard yet: it writes under its old path and offers it upward.
+    let written = commune
+        .dispatch_new(None, &request("9/BC", Priority::Normal, "qn"))
+        .unwrap()
+        .id;
+    let (mut d, mut c) = meet(district.node, commune);
+    // The district takes the commune's certificate by its current path (as a session does).
+    d.peer.unit = d.node.tree.canonical(&d.peer.unit).to_string();
+    sync_sides(&mut d, &mut c);
+    assert!(!holds(&d.node, &written));
+    let (refused, _) = d
+        .node
+        .store
+        .refusals(&c.node.node_id().to_string(), false, 10)
+        .unwrap();
+    assert!(
+        refused
+            .iter()
+            .any(|(id, why, _)| *id == written && why.contains("outside this node's scope")),
+        "{refused:?}"
+    );
+    // The commune was told, and keeps its document for its new district.
+    let (told, _) = c
+        .node
+        .store
+        .refusals(&d.node.node_id().to_string(), true, 10)
+        .unwrap();
+    assert!(told.iter().any(|(id, _, _)| *id == written), "{told:?}");
+    assert!(holds(&c.node, &written));
+}
