@@ -190,10 +190,12 @@ impl Node {
     fn dispatch_view(&mut self, id: &DocId) -> Result<DispatchView> {
         let mut view = self.store.read_doc(id, |doc| dispatch::read(doc, id))??;
         for (unit, at_ms, by) in self.store.booked_receipts(id)? {
+            // Books name a recipient that moved by its current path (store::index).
+            let tree = &self.tree;
             if let Some(r) = view
                 .recipients
                 .iter_mut()
-                .find(|r| r.unit == unit && r.received_at_ms.is_none())
+                .find(|r| tree.canonical(&r.unit) == unit && r.received_at_ms.is_none())
             {
                 r.received_at_ms = Some(at_ms);
                 r.received_by = Some(by);
@@ -257,12 +259,15 @@ impl Node {
         let id = parse_id(id, DocKind::Dispatch)?;
         let author = self.author(user)?;
         let (actor, at_ms, unit) = (self.actor().clone(), now_ms(), self.unit().to_string());
+        // A dispatch sent before the province moved this unit names it by its former path.
+        let aliases = self.tree.aliases().clone();
         let (recorded, book) = self.store.write(|tx| {
             let rec = tx
                 .load_doc(&id)?
                 .ok_or_else(|| StoreError::NotFound(format!("dispatch {id}")))?;
             let view = dispatch::read(&rec.doc, &id)?;
-            let Some(me) = view.recipients.iter().find(|r| r.unit == unit) else {
+            let mine = |r: &&dispatch::Recipient| crate::units::canonical(&aliases, &r.unit) == unit;
+            let Some(me) = view.recipients.iter().find(mine) else {
                 return Err(StoreError::Invalid(format!(
                     "unit {unit} is not a recipient of dispatch {id}"
                 )));
