@@ -236,8 +236,7 @@ impl UnitTree {
                 let port_ok = addr
                     .rsplit_once(':')
                     .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
-                if !port_ok || addr.len() > ADDR_BYTES_MAX || addr.contains(char::is_whitespace)
-                {
+                if !port_ok || addr.len() > ADDR_BYTES_MAX || addr.contains(char::is_whitespace) {
                     return Err(UnitError::BadTree(format!(
                         "unit {}: addr {addr:?} is not HOST:PORT (like district.example.vn:7800)",
                         unit.path
@@ -388,9 +387,15 @@ mod tests {
         let moved = tree.moved(old, "qn/halong").unwrap();
         assert!(moved.get(old).is_err());
         let unit = moved.get(new).unwrap();
-        assert_eq!((unit.role, unit.formerly.clone()), (Role::Commune, vec![old.to_string()]));
+        assert_eq!(
+            (unit.role, unit.formerly.clone()),
+            (Role::Commune, vec![old.to_string()])
+        );
         assert_eq!(moved.canonical(old), new);
-        assert_eq!(moved.canonical("qn/binhlieu/hucdong"), "qn/binhlieu/hucdong");
+        assert_eq!(
+            moved.canonical("qn/binhlieu/hucdong"),
+            "qn/binhlieu/hucdong"
+        );
         assert_eq!(moved.iter().count(), tree.iter().count());
         // What `unit move` signs reads back as the same tree.
         let again = UnitTree::parse(&moved.to_toml()).unwrap();
@@ -417,7 +422,10 @@ mod tests {
         let twin = tree.moved(old, "qn/halong").unwrap();
         let text = twin.to_toml().replace("qn/halong/tinhhuc", "qn/halong/x")
             + "[[unit]]\npath = \"qn/binhlieu/tinhhuc\"\nname = \"T\"\nrole = \"commune\"\n";
-        assert!(UnitTree::parse(&text).is_err(), "a former path that is current again");
+        assert!(
+            UnitTree::parse(&text).is_err(),
+            "a former path that is current again"
+        );
     }
 
     #[test]
@@ -431,12 +439,14 @@ mod tests {
         let good = base.clone() + &unit("qn/b/x", "commune", "formerly = [\"qn/a/x\"]");
         let tree = UnitTree::parse(&good).unwrap();
         assert_eq!(tree.canonical("qn/a/x"), "qn/b/x");
-        assert_eq!(tree.get("qn/a").unwrap().addr.as_deref(), Some("10.0.0.2:7800"));
+        assert_eq!(
+            tree.get("qn/a").unwrap().addr.as_deref(),
+            Some("10.0.0.2:7800")
+        );
         let bad = [
             // A former path that is another unit's current path: one path, two units.
             unit("qn/b/x", "commune", "formerly = [\"qn/a\"]"),
-            unit("qn/b/x", "commune", "formerly = [\"qn/a/y\"]")
-                + &unit("qn/a/y", "commune", ""),
+            unit("qn/b/x", "commune", "formerly = [\"qn/a/y\"]") + &unit("qn/a/y", "commune", ""),
             // Two units claiming one former path.
             unit("qn/b/x", "commune", "formerly = [\"qn/a/x\"]")
                 + &unit("qn/b/y", "commune", "formerly = [\"qn/a/x\"]"),

@@ -266,7 +266,8 @@ impl Node {
                 .load_doc(&id)?
                 .ok_or_else(|| StoreError::NotFound(format!("dispatch {id}")))?;
             let view = dispatch::read(&rec.doc, &id)?;
-            let mine = |r: &&dispatch::Recipient| crate::units::canonical(&aliases, &r.unit) == unit;
+            let mine =
+                |r: &&dispatch::Recipient| crate::units::canonical(&aliases, &r.unit) == unit;
             let Some(me) = view.recipients.iter().find(mine) else {
                 return Err(StoreError::Invalid(format!(
                     "unit {unit} is not a recipient of dispatch {id}"

@@ -82,8 +82,10 @@ pub(crate) fn reindex(
                 .unwrap_or(0);
             // A receipt is in the dispatch (written before receipt books) or in a book.
             let booked = booked_receipts(conn, path, key)?;
-            let received_at =
-                |r: &dispatch::Recipient| r.received_at_ms.or_else(|| booked.get(&canon(&r.unit)).copied());
+            let received_at = |r: &dispatch::Recipient| {
+                r.received_at_ms
+                    .or_else(|| booked.get(&canon(&r.unit)).copied())
+            };
             let received = v
                 .recipients
                 .iter()

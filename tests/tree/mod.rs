@@ -1141,13 +1141,15 @@ fn a_commune_moved_once_at_the_province_follows_the_tree_to_its_new_district() {
     settle("C's scan reaches B from C", &mut || {
         blob_rows(&b, &hash) == 1
     });
-    settle("what C wrote away reaches the province through B", &mut || {
-        holds_doc(&b, &written_away) && holds_doc(&province, &written_away)
-    });
+    settle(
+        "what C wrote away reaches the province through B",
+        &mut || holds_doc(&b, &written_away) && holds_doc(&province, &written_away),
+    );
     let later = id(&c.new_dispatch("4/BC-UBND", &["qn"], &[]));
-    settle("a new dispatch of C reaches the province through B", &mut || {
-        holds_doc(&province, &later)
-    });
+    settle(
+        "a new dispatch of C reaches the province through B",
+        &mut || holds_doc(&province, &later),
+    );
     // A holds none of what C wrote after the move was signed.
     assert!(!holds_doc(&a, &written_away) && !holds_doc(&a, &later));
     let peers = c.json(&["peer", "list"]);
