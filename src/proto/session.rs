@@ -312,12 +312,10 @@ impl Session {
         }
         match self.tx {
             Tx::Done | Tx::Offering { offered: 0, .. } => self.start_round(replica, from)?,
-            _ => {
-                if self.resend_from.is_none() {
-                    self.out.push_back(Frame::Reoffer);
-                }
-                self.resend_from = Some(self.resend_from.map_or(from, |f| f.min(from)));
-            }
+            // After the round under way, without a `Reoffer` (a peer takes one per round it
+            // applies): a one-shot peer that ends first gets them at its next session, as the
+            // stored checkpoint stays low until a round from it is acknowledged.
+            _ => self.resend_from = Some(self.resend_from.map_or(from, |f| f.min(from))),
         }
         Ok(true)
     }

@@ -197,7 +197,14 @@ pub async fn serve_counted(
         tokio::select! {
             _ = crl_check.tick() => {
                 // A bad moment (config being edited, a locked file) must not stop the daemon.
-                match reload_crl(dir, &sync_cfg, crl_number) {
+                let node = Node::open(dir);
+                // The peers to dial: a unit tree that moved this node names a new parent.
+                match node.as_ref().map(|node| node.peers_to_dial()) {
+                    Ok(Ok(dial)) => keep_dialling(dial),
+                    Ok(Err(e)) => warn!("could not re-read the peers to dial (will retry): {e:#}"),
+                    Err(_) => {}
+                }
+                match node.map_err(anyhow::Error::from).and_then(|node| reload_crl(&node, &sync_cfg, crl_number)) {
                     Ok(None) => {}
                     Ok(Some((held, cfg))) => {
                         crl_number = held;
@@ -211,10 +218,6 @@ pub async fn serve_counted(
                         break;
                     }
                     Err(e) => warn!("could not re-read the node (will retry): {e:#}"),
-                }
-                match Node::open(dir).and_then(|node| node.peers_to_dial()) {
-                    Ok(dial) => keep_dialling(dial),
-                    Err(e) => warn!("could not re-read the peers to dial (will retry): {e:#}"),
                 }
             }
             incoming = ep.accept() => {
@@ -331,11 +334,10 @@ fn listen_for_local_writes(dir: &Path) -> Result<watch::Receiver<u64>> {
 /// A server config with the CRL now on disk, with that CRL's number, if it differs from
 /// `current`.
 fn reload_crl(
-    dir: &Path,
+    node: &Node,
     sync: &crate::node::config::SyncSection,
     current: Option<u64>,
 ) -> std::result::Result<Option<(Option<u64>, quinn::ServerConfig)>, anyhow::Error> {
-    let node = Node::open(dir)?;
     let held = node.crl().map(|c| c.number());
     if held == current {
         return Ok(None);
