@@ -858,7 +858,9 @@ pub async fn run_session(
                                     session.update_units(replica.node.units_version());
                                     replica.peer.unit = replica.node.tree.canonical(&enrolled_unit).to_string();
                                     peer.unit = replica.peer.unit.clone();
-                                    session.recheck_checkpoint(&mut replica)?;
+                                    if replica.node.scope_grew_for(&peer.unit) {
+                                        session.reoffer_from(&mut replica, 0)?;
+                                    }
                                 }
                                 Ok(false) => {}
                                 Err(e) => warn!("unit tree from {} refused: {e}", peer.unit),
@@ -1019,7 +1021,9 @@ pub async fn run_session(
                                 session.update_units(node.units_version());
                                 units_signed = held;
                                 peer.unit = node.tree.canonical(&enrolled_unit).to_string();
-                                session.recheck_checkpoint(&mut NodeReplica::new(&mut node, peer.clone()))?;
+                                if node.scope_grew_for(&peer.unit) {
+                                    session.reoffer_from(&mut NodeReplica::new(&mut node, peer.clone()), 0)?;
+                                }
                             }
                         }
                     }

@@ -94,6 +94,8 @@ pub struct Node {
     /// This node's unit as the tree now names it: `config.node.unit` (the unit its certificate
     /// was issued for), or the unit's new path once the province moved it.
     unit: String,
+    /// Units the last tree installed here moved: (old path, new path).
+    moves: Vec<(String, String)>,
     /// The province's signed tree, when sync (or `unit publish`) brought one: `tree` is its.
     signed_tree: Option<crate::trust::SignedTree>,
     pub store: Store,
@@ -281,6 +283,7 @@ impl Node {
             config,
             tree,
             unit,
+            moves: Vec::new(),
             signed_tree,
             store,
             node_id,

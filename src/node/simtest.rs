@@ -1259,3 +1259,52 @@ fn the_old_district_refuses_what_a_moved_commune_wrote_before_it_learnt_of_the_m
     assert!(told.iter().any(|(id, _, _)| *id == written), "{told:?}");
     assert!(holds(&c.node, &written));
 }
+
+#[test]
+fn an_open_session_offers_again_when_a_tree_installed_meanwhile_moved_a_unit_into_its_peers_scope()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let (mut p, mut c) = pair(dir.path());
+    let report = c
+        .node
+        .dispatch_new(None, &request("7/BC", Priority::Normal, "qn"))
+        .unwrap()
+        .id;
+    sync_sides(&mut p, &mut c);
+    Node::init(&dir.path().join("h"), "qn/halong", Role::District, "an").unwrap();
+    let mut h = Node::open(&dir.path().join("h")).unwrap();
+    enrol(&p.node, &mut h, dir.path());
+    let (mut ph, mut h) = meet(Node::open(&dir.path().join("p")).unwrap(), h);
+    // A session between the province and Halong, open and in step.
+    let mut sa = Session::new(&mut NodeReplica::new(&mut ph.node, ph.peer.clone()), 0).unwrap();
+    let mut sb = Session::new(&mut NodeReplica::new(&mut h.node, h.peer.clone()), 0).unwrap();
+    settle(&mut sa, &mut ph, &mut sb, &mut h);
+
+    // `unit move` runs in another process; this session's round acknowledged since put
+    // Halong's checkpoint back where it was.
+    let signed = Node::open(&dir.path().join("p"))
+        .unwrap()
+        .units_move("qn/binhlieu/tinhhuc", "qn/halong")
+        .unwrap();
+    let (halong, upto) = (
+        h.node.node_id().to_string(),
+        ph.node.store.feed_seq().unwrap(),
+    );
+    ph.node
+        .store
+        .write(|tx| tx.set_acked_by(&halong, upto))
+        .unwrap();
+    assert!(h.node.install_units(&signed.bytes).unwrap());
+    // The session finds the tree at its push tick and offers Halong its scope again.
+    assert!(ph.node.install_units(&signed.bytes).unwrap());
+    assert!(ph.node.scope_grew_for(&ph.peer.unit));
+    assert!(!holds(&h.node, &report));
+    sa.reoffer_from(&mut NodeReplica::new(&mut ph.node, ph.peer.clone()), 0)
+        .unwrap();
+    settle(&mut sa, &mut ph, &mut sb, &mut h);
+    assert!(
+        holds(&h.node, &report),
+        "Halong lacks the moved commune's report"
+    );
+    assert!(!ph.node.scope_grew_for("qn/binhlieu"));
+}

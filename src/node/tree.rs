@@ -13,6 +13,8 @@ use crate::units::{is_within, parent, Role, UnitTree};
 /// The signed tree a node holds, in its data directory; it takes precedence over `units.toml`
 /// and the embedded sample.
 pub const SIGNED_UNITS_FILE: &str = "units.signed";
+/// Meta key: the tree version whose moves this node last re-indexed and re-offered.
+const RESCOPED_META: &str = "units_rescoped_version";
 
 /// Reads the signed tree kept in `dir`, if any. A file that no longer verifies (damaged, or
 /// from another province's CA) is set aside with a warning: the node falls back to its
@@ -177,14 +179,22 @@ impl Node {
         self.unit = unit;
         self.store.set_aliases(tree.aliases().clone());
         self.tree = tree;
+        let version = signed.version;
         self.signed_tree = Some(signed);
         if !moved.is_empty() {
-            self.rescope(&moved)?;
+            self.rescope(&moved, version)?;
         }
+        self.moves = moved;
         if own_moved {
             self.add_new_parent()?;
         }
         Ok(())
+    }
+
+    /// Whether the tree this node installed last moved a unit into the scope of a peer of
+    /// `peer_unit` (its current path): a session with it then offers its scope again.
+    pub fn scope_grew_for(&self, peer_unit: &str) -> bool {
+        scope_grew(&self.moves, peer_unit)
     }
 
     /// After the province moved this node's unit: records its new parent as the upstream peer
@@ -221,25 +231,32 @@ impl Node {
     /// and lowers to zero the checkpoint of every peer whose scope grew (a unit moved into its
     /// subtree), so its next round offers it the documents that came into its scope, older
     /// than what it had acknowledged.
-    fn rescope(&mut self, moved: &[(String, String)]) -> Result<()> {
+    fn rescope(&mut self, moved: &[(String, String)], version: u64) -> Result<()> {
+        // Every open session installs the tree it finds on disk too: the re-indexing finds
+        // nothing left to do after the first (or what a session still on the old tree stored
+        // meanwhile), but peers are re-offered once per version, as each re-offer costs a peer
+        // the ids and heads of its whole scope.
         let docs = self.store.rescope()?;
+        let rescoped = self
+            .store
+            .meta(RESCOPED_META)?
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0);
+        if rescoped >= version {
+            return Ok(());
+        }
         let grew: Vec<String> = self
             .store
             .peer_syncs()?
             .into_iter()
-            .filter(|p| {
-                let peer = self.tree.canonical(&p.unit);
-                moved.iter().any(|(old, new)| {
-                    is_within(new, peer) && (!is_within(old, peer) || is_within(peer, new))
-                })
-            })
+            .filter(|p| scope_grew(moved, self.tree.canonical(&p.unit)))
             .map(|p| p.node_id)
             .collect();
         self.store.write(|tx| {
             for node_id in &grew {
                 tx.peer_regressed(node_id, 0)?;
             }
-            Ok(())
+            tx.set_meta(RESCOPED_META, &version.to_string())
         })?;
         info!(
             units = moved.len(),
@@ -249,4 +266,13 @@ impl Node {
         );
         Ok(())
     }
+}
+
+/// Whether moving units (old path, new path) brings documents into the scope of a peer of
+/// `peer` (a current path): a unit moved into its subtree, or the peer itself or a unit above
+/// it moved (its documents are indexed under the new path now).
+fn scope_grew(moved: &[(String, String)], peer: &str) -> bool {
+    moved
+        .iter()
+        .any(|(old, new)| is_within(new, peer) && (!is_within(old, peer) || is_within(peer, new)))
 }

@@ -302,14 +302,14 @@ impl Session {
         Ok(())
     }
 
-    /// Offers again from the peer's checkpoint when something else on this node lowered it
-    /// below this session's round (a unit tree moved a unit into the peer's scope): the
-    /// documents that came into its scope are older than what it acknowledged. True when so.
-    pub fn recheck_checkpoint(&mut self, replica: &mut impl Replica) -> Result<bool, ProtoError> {
-        let from = replica.acked_by_peer()?;
-        if from >= self.tx_start {
-            return Ok(false);
-        }
+    /// Offers the peer this node's feed again from `from` (a unit tree moved a unit into the
+    /// peer's scope: the documents that came into it are older than what it acknowledged): at
+    /// once if no round is under way, else after the current one.
+    pub fn reoffer_from(
+        &mut self,
+        replica: &mut impl Replica,
+        from: u64,
+    ) -> Result<(), ProtoError> {
         match self.tx {
             Tx::Done | Tx::Offering { offered: 0, .. } => self.start_round(replica, from)?,
             // After the round under way, without a `Reoffer` (a peer takes one per round it
@@ -317,7 +317,7 @@ impl Session {
             // stored checkpoint stays low until a round from it is acknowledged.
             _ => self.resend_from = Some(self.resend_from.map_or(from, |f| f.min(from))),
         }
-        Ok(true)
+        Ok(())
     }
 
     /// Starts a new outgoing round if the previous one is finished and the feed moved on, and
