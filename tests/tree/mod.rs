@@ -1159,6 +1159,8 @@ fn a_commune_moved_once_at_the_province_follows_the_tree_to_its_new_district() {
     );
     let shown = c.json(&["dispatch", "show", &later]);
     assert_eq!(shown["issuer"], MOVED, "{shown}");
+    let own = c.run(&["--json", "status"]).json();
+    assert_eq!(own["own"]["unit"], MOVED, "{own}");
 
     // The province's status lists C under B, heard from.
     let mut listed = Value::Null;
