@@ -542,7 +542,8 @@ impl Node {
         note: Option<&str>,
     ) -> Result<AssignmentView> {
         let id = parse_id(id, DocKind::Assignment)?;
-        let author = self.author(user)?;
+        let named = self.assign_show(id.as_str())?.unit;
+        let author = self.as_named(self.author(user)?, &named);
         let (actor, at_ms) = (self.actor().clone(), now_ms());
         self.store.write(|tx| {
             tx.update_doc(&id, &actor, at_ms, |doc| {
@@ -600,7 +601,8 @@ impl Node {
         to_unit: Option<&str>,
     ) -> Result<DossierView> {
         let id = parse_id(id, DocKind::Dossier)?;
-        let author = self.author(user)?;
+        let named = self.dossier_track(id.as_str())?.holder;
+        let author = self.as_named(self.author(user)?, &named);
         if let Some(unit) = to_unit {
             self.tree.get(unit)?;
         }
@@ -612,6 +614,17 @@ impl Node {
         })?;
         self.wake_daemon();
         self.dossier_track(id.as_str())
+    }
+
+    /// `author`, writing under `named` when that is a former path of this node's unit: a
+    /// unit the province moved changes a document that names it by its old path under that
+    /// path, so the change and the document agree for every node that judges it
+    /// (model/authz.rs compares paths as written).
+    fn as_named(&self, mut author: crate::model::Author, named: &str) -> crate::model::Author {
+        if named != author.unit && self.tree.canonical(named) == self.unit() {
+            author.unit = named.to_string();
+        }
+        author
     }
 
     pub fn dossier_track(&mut self, id: &str) -> Result<DossierView> {

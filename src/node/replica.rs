@@ -420,7 +420,10 @@ impl Sender<'_> {
         let bytes = &change.data[..];
         if !self.upstream {
             let parties = model::parties(&current.doc, id).map_err(local)?;
-            if !parties.iter().any(|p| is_within(p, &self.peer.unit)) {
+            if !parties
+                .iter()
+                .any(|p| is_within(canonical(&self.aliases, p), &self.peer.unit))
+            {
                 return Err(self
                     .refuse(
                         id.as_str(),

@@ -1308,3 +1308,46 @@ fn an_open_session_offers_again_when_a_tree_installed_meanwhile_moved_a_unit_int
     );
     assert!(!ph.node.scope_grew_for("qn/binhlieu"));
 }
+
+#[test]
+fn a_moved_commune_updates_its_assignment_of_before_the_move_and_its_new_district_accepts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = ("qn/binhlieu/tinhhuc", "qn/halong/tinhhuc");
+    let (mut p, mut c) = pair(dir.path());
+    let dispatch = dispatch_to(&mut p.node, old);
+    sync_sides(&mut p, &mut c);
+    let asg = c
+        .node
+        .assign_new(None, &dispatch, "minh", &[], "2026-12-31")
+        .unwrap();
+    assert_eq!(asg.unit, old);
+    sync_sides(&mut p, &mut c);
+    Node::init(&dir.path().join("h"), "qn/halong", Role::District, "an").unwrap();
+    let mut h = Node::open(&dir.path().join("h")).unwrap();
+    enrol(&p.node, &mut h, dir.path());
+    let signed = p.node.units_move(old, "qn/halong").unwrap();
+    let (mut ph, mut h) = meet(Node::open(&dir.path().join("p")).unwrap(), h);
+    assert!(h.node.install_units(&signed.bytes).unwrap());
+    sync_sides(&mut ph, &mut h);
+    assert!(holds(&h.node, &asg.id));
+
+    // At the commune, now the new path: the assignment still names the old one, and the
+    // update is written under it, so the new district's judging of it agrees.
+    assert!(c.node.install_units(&signed.bytes).unwrap());
+    let done = c
+        .node
+        .assign_update(None, &asg.id, Status::Done, Some("xong"))
+        .unwrap();
+    assert_eq!(done.status, "done");
+    let (mut hc, mut ch) = meet(h.node, c.node);
+    hc.peer.unit = hc.node.tree.canonical(&hc.peer.unit).to_string();
+    assert_eq!(hc.peer.unit, new);
+    sync_sides(&mut hc, &mut ch);
+    let (refused, _) = hc
+        .node
+        .store
+        .refusals(&ch.node.node_id().to_string(), false, 10)
+        .unwrap();
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!(hc.node.assign_show(&asg.id).unwrap().status, "done");
+}
