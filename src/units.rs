@@ -15,6 +15,18 @@ pub const SAMPLE_TREE_TOML: &str = include_str!("../config/units-quang-ninh.toml
 pub const UNIT_PATH_BYTES_MAX: usize = 200;
 /// Most units a tree may hold (a province has hundreds; this bounds a hostile file).
 pub const TREE_UNITS_MAX: usize = 100_000;
+/// Most former paths one unit may list: each move adds one, and a commune moves rarely.
+pub const FORMERLY_MAX: usize = 16;
+/// Longest accepted `addr` (HOST:PORT), in bytes.
+pub const ADDR_BYTES_MAX: usize = 255;
+
+/// Former unit path -> the unit's current path (see [`UnitTree::canonical`]).
+pub type Aliases = BTreeMap<String, String>;
+
+/// `path` through `aliases`: the current path of a unit that moved, else `path` itself.
+pub fn canonical<'a>(aliases: &'a Aliases, path: &'a str) -> &'a str {
+    aliases.get(path).map_or(path, String::as_str)
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum UnitError {
@@ -102,6 +114,19 @@ pub struct Unit {
     pub path: String,
     pub name: String,
     pub role: Role,
+    /// Paths this unit had before it moved: certificates, documents and change notes written
+    /// under them still name it (see [`UnitTree::canonical`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub formerly: Vec<String>,
+    /// Where this unit's nodes listen (HOST:PORT), for districts and the province: a commune
+    /// that moved dials its new district there without anyone visiting it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub addr: Option<String>,
+}
+
+#[derive(Serialize)]
+struct TreeFileOut<'a> {
+    unit: Vec<&'a Unit>,
 }
 
 #[derive(Deserialize)]
@@ -115,6 +140,7 @@ struct TreeFile {
 #[derive(Debug, Clone)]
 pub struct UnitTree {
     units: BTreeMap<String, Unit>,
+    aliases: Aliases,
 }
 
 impl UnitTree {
@@ -162,7 +188,133 @@ impl UnitTree {
         if units.is_empty() {
             return Err(UnitError::BadTree("no [[unit]] entries".into()));
         }
-        Ok(UnitTree { units })
+        let aliases = Self::aliases_of(&units)?;
+        Ok(UnitTree { units, aliases })
+    }
+
+    /// Checks `formerly` and `addr` and maps every former path to its unit. A former path that
+    /// is some unit's current path, or the former path of two units, would make a path name two
+    /// units, so it is refused; that also rules out cycles (a former path is never current).
+    fn aliases_of(units: &BTreeMap<String, Unit>) -> Result<Aliases, UnitError> {
+        let mut aliases = Aliases::new();
+        for unit in units.values() {
+            if unit.formerly.len() > FORMERLY_MAX {
+                return Err(UnitError::BadTree(format!(
+                    "unit {} lists {} former paths, more than the {FORMERLY_MAX} allowed",
+                    unit.path,
+                    unit.formerly.len()
+                )));
+            }
+            for former in &unit.formerly {
+                validate_path(former)?;
+                if former.split('/').count() != unit.path.split('/').count() {
+                    return Err(UnitError::BadTree(format!(
+                        "unit {} was formerly {former}, a path of another depth: a unit keeps its role when it moves",
+                        unit.path
+                    )));
+                }
+                if units.contains_key(former) {
+                    return Err(UnitError::BadTree(format!(
+                        "unit {} lists formerly {former}, which is the current path of another unit: a path names one unit",
+                        unit.path
+                    )));
+                }
+                if let Some(other) = aliases.insert(former.clone(), unit.path.clone()) {
+                    return Err(UnitError::BadTree(format!(
+                        "{former} is listed as the former path of both {other} and {}",
+                        unit.path
+                    )));
+                }
+            }
+            if let Some(addr) = &unit.addr {
+                if unit.role == Role::Commune {
+                    return Err(UnitError::BadTree(format!(
+                        "unit {} is a commune: only districts and the province have an addr (communes dial up, nobody dials them)",
+                        unit.path
+                    )));
+                }
+                let port_ok = addr
+                    .rsplit_once(':')
+                    .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+                if !port_ok || addr.len() > ADDR_BYTES_MAX || addr.contains(char::is_whitespace) {
+                    return Err(UnitError::BadTree(format!(
+                        "unit {}: addr {addr:?} is not HOST:PORT (like district.example.vn:7800)",
+                        unit.path
+                    )));
+                }
+            }
+        }
+        Ok(aliases)
+    }
+
+    /// The tree as TOML, as `unit move` signs it.
+    pub fn to_toml(&self) -> String {
+        let out = TreeFileOut {
+            unit: self.units.values().collect(),
+        };
+        toml::to_string(&out).expect("a unit tree serializes")
+    }
+
+    /// The current path of the unit `path` names: itself, or the unit it was a former path
+    /// of. Every path read from a certificate, a change note or a document's fields goes
+    /// through here before it is compared.
+    pub fn canonical<'a>(&'a self, path: &'a str) -> &'a str {
+        canonical(&self.aliases, path)
+    }
+
+    /// Every former path and the unit it now names.
+    pub fn aliases(&self) -> &Aliases {
+        &self.aliases
+    }
+
+    /// This tree with `unit` (and the units below it) moved under `new_parent`, each keeping
+    /// its old path in `formerly`. Refused when `new_parent` cannot hold a unit of that role,
+    /// or the unit is already there, or its new path is taken.
+    pub fn moved(&self, unit: &str, new_parent: &str) -> Result<UnitTree, UnitError> {
+        let moving = self.get(unit)?;
+        let parent_unit = self.get(new_parent)?;
+        let holds = match moving.role {
+            Role::Commune => Role::District,
+            Role::District => Role::Province,
+            Role::Province => {
+                return Err(UnitError::BadTree(format!(
+                    "{unit} is the province: it has no parent to move to"
+                )))
+            }
+        };
+        if parent_unit.role != holds {
+            return Err(UnitError::BadTree(format!(
+                "{new_parent} is a {}, but a {} sits under a {holds}",
+                parent_unit.role, moving.role
+            )));
+        }
+        if parent(unit) == Some(new_parent) {
+            return Err(UnitError::BadTree(format!(
+                "{unit} is already under {new_parent}"
+            )));
+        }
+        let slug = &unit[unit.rfind('/').map_or(0, |i| i + 1)..];
+        let new_path = format!("{new_parent}/{slug}");
+        if self.units.contains_key(&new_path) {
+            return Err(UnitError::BadTree(format!(
+                "{new_path} is already a unit: rename one of them first"
+            )));
+        }
+        let mut units = BTreeMap::new();
+        for u in self.units.values() {
+            let mut u = u.clone();
+            if is_within(&u.path, unit) {
+                let path = format!("{new_path}{}", &u.path[unit.len()..]);
+                validate_path(&path)?;
+                u.formerly.push(std::mem::replace(&mut u.path, path));
+                // Moving back: the path it returns to is current again, not former.
+                let current = u.path.clone();
+                u.formerly.retain(|f| *f != current);
+            }
+            units.insert(u.path.clone(), u);
+        }
+        let aliases = Self::aliases_of(&units)?;
+        Ok(UnitTree { units, aliases })
     }
 
     pub fn sample() -> Self {
@@ -226,6 +378,99 @@ mod tests {
         let wrong_role = "[[unit]]\npath = \"qn\"\nname = \"Q\"\nrole = \"commune\"\n";
         assert!(UnitTree::parse(wrong_role).is_err());
         assert!(UnitTree::parse("[[unit]]\npath = 3").is_err());
+    }
+
+    #[test]
+    fn a_moved_unit_keeps_its_old_path_as_an_alias_and_can_move_back() {
+        let tree = UnitTree::sample();
+        let (old, new) = ("qn/binhlieu/tinhhuc", "qn/halong/tinhhuc");
+        let moved = tree.moved(old, "qn/halong").unwrap();
+        assert!(moved.get(old).is_err());
+        let unit = moved.get(new).unwrap();
+        assert_eq!(
+            (unit.role, unit.formerly.clone()),
+            (Role::Commune, vec![old.to_string()])
+        );
+        assert_eq!(moved.canonical(old), new);
+        assert_eq!(
+            moved.canonical("qn/binhlieu/hucdong"),
+            "qn/binhlieu/hucdong"
+        );
+        assert_eq!(moved.iter().count(), tree.iter().count());
+        // What `unit move` signs reads back as the same tree.
+        let again = UnitTree::parse(&moved.to_toml()).unwrap();
+        assert_eq!(again.aliases(), moved.aliases());
+        assert_eq!(again.get(new).unwrap(), unit);
+        // Back home: the old path is current again, no longer an alias; what it wrote while
+        // away names the path it leaves.
+        let back = again.moved(new, "qn/binhlieu").unwrap();
+        assert_eq!(back.get(old).unwrap().formerly, vec![new.to_string()]);
+        assert_eq!(back.canonical(new), old);
+        assert_eq!(back.aliases().len(), 1);
+
+        // A commune goes under a district, not under a commune or the province; the province
+        // does not move; a unit already there, or onto a taken path, is refused.
+        for (unit, to) in [
+            (old, "qn/binhlieu/hucdong"),
+            (old, "qn"),
+            ("qn", "qn/halong"),
+            (old, "qn/binhlieu"),
+            ("qn/nowhere/x", "qn/halong"),
+        ] {
+            assert!(tree.moved(unit, to).is_err(), "{unit} -> {to}");
+        }
+        let twin = tree.moved(old, "qn/halong").unwrap();
+        let text = twin.to_toml().replace("qn/halong/tinhhuc", "qn/halong/x")
+            + "[[unit]]\npath = \"qn/binhlieu/tinhhuc\"\nname = \"T\"\nrole = \"commune\"\n";
+        assert!(
+            UnitTree::parse(&text).is_err(),
+            "a former path that is current again"
+        );
+    }
+
+    #[test]
+    fn former_paths_and_addresses_are_checked() {
+        let unit = |path: &str, role: &str, extra: &str| {
+            format!("[[unit]]\npath = \"{path}\"\nname = \"N\"\nrole = \"{role}\"\n{extra}\n")
+        };
+        let base = unit("qn", "province", "addr = \"province.example.vn:7800\"")
+            + &unit("qn/a", "district", "addr = \"10.0.0.2:7800\"")
+            + &unit("qn/b", "district", "");
+        let good = base.clone() + &unit("qn/b/x", "commune", "formerly = [\"qn/a/x\"]");
+        let tree = UnitTree::parse(&good).unwrap();
+        assert_eq!(tree.canonical("qn/a/x"), "qn/b/x");
+        assert_eq!(
+            tree.get("qn/a").unwrap().addr.as_deref(),
+            Some("10.0.0.2:7800")
+        );
+        let bad = [
+            // A former path that is another unit's current path: one path, two units.
+            unit("qn/b/x", "commune", "formerly = [\"qn/a\"]"),
+            unit("qn/b/x", "commune", "formerly = [\"qn/a/y\"]") + &unit("qn/a/y", "commune", ""),
+            // Two units claiming one former path.
+            unit("qn/b/x", "commune", "formerly = [\"qn/a/x\"]")
+                + &unit("qn/b/y", "commune", "formerly = [\"qn/a/x\"]"),
+            unit("qn/b/x", "commune", "formerly = [\"qn/b/x\"]"),
+            unit("qn/b/x", "commune", "formerly = [\"QN/A\"]"),
+            unit("qn/b/x", "commune", "addr = \"10.0.0.3:7800\""),
+            unit("qn/c", "district", "addr = \"nowhere\""),
+            unit("qn/c", "district", "addr = \"host:99999\""),
+            unit(
+                "qn/b/x",
+                "commune",
+                &format!(
+                    "formerly = [{}]",
+                    (0..=FORMERLY_MAX)
+                        .map(|i| format!("\"qn/a/x{i}\""))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+            ),
+        ];
+        for extra in bad {
+            let text = base.clone() + &extra;
+            assert!(UnitTree::parse(&text).is_err(), "accepted:\n{extra}");
+        }
     }
 
     // Issue 11: the fuzz target's properties (fuzz/fuzz_targets/config_files.rs), in the

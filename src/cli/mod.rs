@@ -598,7 +598,20 @@ pub enum UnitCmd {
     #[command(after_help = "Example:\n  communesync unit publish units-2027.toml")]
     Publish {
         /// The new unit tree: every unit of the current one still enrolled must be in it
+        /// (a unit that moved lists its old path in `formerly`)
         file: PathBuf,
+    },
+    /// Province only: move UNIT (and the units below it) under NEW_PARENT, sign the tree as
+    /// the next version and use it; its nodes keep their certificates and follow it at their
+    /// next sync, and their documents move to the new parent's scope
+    #[command(after_help = "Example:\n  communesync unit move qn/binhlieu/tinhhuc qn/halong")]
+    Move {
+        /// The unit that moves, e.g. qn/binhlieu/tinhhuc
+        #[arg(value_name = "UNIT")]
+        unit: String,
+        /// Its new parent: a district for a commune
+        #[arg(value_name = "NEW_PARENT")]
+        new_parent: String,
     },
 }
 
@@ -830,6 +843,13 @@ pub fn run(cli: Cli) -> Result<()> {
             let signed = node.units_publish(file)?;
             node.wake_daemon();
             out.units_published(signed.version, node.tree.iter().count())
+        }
+        Command::Unit(UnitCmd::Move { unit, new_parent }) => {
+            let mut node = open(&cli)?;
+            let signed = node.units_move(unit, new_parent)?;
+            node.wake_daemon();
+            let now = node.tree.canonical(unit).to_string();
+            out.unit_moved(unit, &now, signed.version)
         }
         Command::Enrol(EnrolCmd::Request { out: file }) => {
             let node = open(&cli)?;

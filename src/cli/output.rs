@@ -857,6 +857,22 @@ impl Out {
     }
 }
 
+impl Out {
+    pub fn unit_moved(&self, from: &str, to: &str, version: u64) -> Result<()> {
+        #[derive(Serialize)]
+        struct Moved<'a> {
+            from: &'a str,
+            to: &'a str,
+            version: u64,
+        }
+        self.emit(&Moved { from, to, version }, || {
+            println!(
+                "moved {from} to {to} in unit tree version {version}, signed by the CA: every node gets it at its next sync; the unit's nodes keep their certificates"
+            )
+        })
+    }
+}
+
 fn print_dispatch(d: &DispatchView, node: &Node) {
     println!(
         "{}  {}  [{} {}]  {}",

@@ -145,6 +145,19 @@ fn draw(events: Receiver<ScanProgress>, multi: &MultiProgress, stop: &AtomicBool
     }
 }
 
+/// A spinner with a message the caller updates (a count of things done), for work whose
+/// bytes are not known up front; `None` when not drawing.
+pub fn spinner(json: bool, what: &str) -> Option<ProgressBar> {
+    if !wanted(json) {
+        return None;
+    }
+    let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+    bar.set_style(spinner_style());
+    bar.set_message(what.to_string());
+    bar.enable_steady_tick(Duration::from_millis(120));
+    Some(bar)
+}
+
 /// Where a long command (bundle export or import, backup) has come: its stage, bytes done,
 /// and bytes in all when known.
 pub type Snapshot = (&'static str, u64, Option<u64>);

@@ -349,6 +349,10 @@ pub async fn connect(
     Ok((conn, peer))
 }
 
+/// Longest a session with a peer this node's unit moved away from stays open to finish its
+/// round (see [`run_session`]).
+const MOVED_AWAY_GRACE: Duration = Duration::from_secs(10);
+
 /// Longest a one-shot client waits for its CONNECTION_CLOSE to leave before it exits.
 const CLOSE_SEND_WAIT: Duration = Duration::from_millis(100);
 
@@ -685,6 +689,12 @@ pub async fn run_session(
     let started = Instant::now();
     let node_err = |e: crate::node::NodeError| NetError::Node(format!("{e:#}"));
     let mut node = Node::open(&dir).map_err(node_err)?;
+    // The certificate names the unit the peer was enrolled for; the province's tree may have
+    // moved that unit since (the CA signed both). Scope and checks use its current path, read
+    // again whenever a newer tree is installed during the session.
+    let enrolled_unit = peer.unit.clone();
+    let mut peer = peer;
+    peer.unit = node.tree.canonical(&enrolled_unit).to_string();
     // The handshake checked the CRL the endpoint was built with; a newer one may be on disk.
     if node.crl().is_some_and(|crl| crl.is_revoked(&peer.serial)) {
         conn.close(1u32.into(), b"revoked");
@@ -724,8 +734,9 @@ pub async fn run_session(
 
     let (events_tx, mut events) = mpsc::channel::<Event>(256);
     spawn_acceptor(conn.clone(), dir.clone(), events_tx.clone());
-    let lost = |e: String| NetError::Lost {
-        peer: peer.unit.clone(),
+    let lost_unit = peer.unit.clone();
+    let lost = move |e: String| NetError::Lost {
+        peer: lost_unit.clone(),
         reason: e,
     };
     let mut control = conn.open_uni().await.map_err(|e| lost(e.to_string()))?;
@@ -781,6 +792,9 @@ pub async fn run_session(
     let mut status_out = crate::node::replica::is_upstream(&peer.unit, node.unit())
         .then(|| StatusSender::new(Duration::from_secs(node.config.sync.status_interval_s)));
     let mut status_in_at: Option<Instant> = None;
+    let dialled_upstream =
+        mode == Mode::Continuous && crate::node::replica::is_upstream(&peer.unit, node.unit());
+    let mut moved_away_at: Option<Instant> = None;
 
     let outcome: Result<(), NetError> = async {
         loop {
@@ -842,6 +856,11 @@ pub async fn run_session(
                                 Ok(true) => {
                                     units_signed = signed;
                                     session.update_units(replica.node.units_version());
+                                    replica.peer.unit = replica.node.tree.canonical(&enrolled_unit).to_string();
+                                    peer.unit = replica.peer.unit.clone();
+                                    if replica.node.scope_grew_for(&peer.unit) {
+                                        session.reoffer_from(&mut replica, 0)?;
+                                    }
                                 }
                                 Ok(false) => {}
                                 Err(e) => warn!("unit tree from {} refused: {e}", peer.unit),
@@ -896,6 +915,17 @@ pub async fn run_session(
             was_converged = converged;
             if mode == Mode::OneShot && session.is_done() {
                 return Ok(());
+            }
+            // The province moved this node away from the peer it kept a session with: the
+            // peer no longer takes what this node writes; `serve` dials the new parent.
+            // It ends once both sides are done (the peer's refusals of what this node wrote
+            // before it learnt of the move have arrived), or after MOVED_AWAY_GRACE.
+            if dialled_upstream && !crate::node::replica::is_upstream(&peer.unit, node.unit()) {
+                let since = *moved_away_at.get_or_insert_with(Instant::now);
+                if session.is_done() || since.elapsed() > MOVED_AWAY_GRACE {
+                    info!(peer = %peer.unit, unit = node.unit(), "this node's unit moved away from the peer; ending the session");
+                    return Ok(());
+                }
             }
             tokio::select! {
                 // Events first: the peer's last frames (its Ack) are read before it closes, so
@@ -990,6 +1020,10 @@ pub async fn run_session(
                             if held != units_signed && node.install_units(&held).is_ok() {
                                 session.update_units(node.units_version());
                                 units_signed = held;
+                                peer.unit = node.tree.canonical(&enrolled_unit).to_string();
+                                if node.scope_grew_for(&peer.unit) {
+                                    session.reoffer_from(&mut NodeReplica::new(&mut node, peer.clone()), 0)?;
+                                }
                             }
                         }
                     }

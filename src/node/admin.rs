@@ -145,7 +145,8 @@ impl Node {
         };
         let key = NodeKey::load(self.dir.join(super::KEY_FILE))?;
         let identity = trust::install_check(&key, cert, ca)?;
-        if identity.unit != self.unit() || identity.role != self.role() {
+        // A unit the province moved may be certified anew under its current path.
+        if self.tree.canonical(&identity.unit) != self.unit() || identity.role != self.role() {
             return Err(NodeError::Invalid(format!(
                 "the certificate is for {} {}, but this node is {} {}; ask the province to issue it for this unit",
                 identity.role,
@@ -329,14 +330,29 @@ impl Node {
             }
         }
         let me = self.node_id.to_string();
+        let moved = self.unit() != self.cert_unit();
         Ok(met
             .into_iter()
+            .filter(|(_, met)| {
+                // Once the province moved this node's unit, a district or province whose
+                // certificate showed a unit no longer above it would refuse what it writes.
+                let left_behind = met.as_ref().is_some_and(|(unit, _)| {
+                    let unit = self.tree.canonical(unit);
+                    let role = self.tree.get(unit).map(|u| u.role);
+                    moved
+                        && role.is_ok_and(|r| r != Role::Commune)
+                        && unit != self.unit()
+                        && !super::replica::is_upstream(unit, self.unit())
+                });
+                !left_behind
+            })
             .filter(|(peer, met)| {
                 peer.upstream
                     || configured == Some(peer.name.as_str())
                     || match met {
                         None => true,
                         Some((unit, node)) => {
+                            let unit = self.tree.canonical(unit);
                             super::replica::is_upstream(unit, self.unit())
                                 || (unit == self.unit() && *node > me)
                         }

@@ -163,6 +163,7 @@ impl Node {
             None => 0,
         } as u64;
         self.check_output_path(out, true)?;
+        let unit = self.tree.canonical(&unit).to_string();
         let scope = scope_for(&unit, self.unit());
         let upto = self.store.feed_seq()? as u64;
         // The payload is written first (its hash goes in the signed header) to a file with no
@@ -388,7 +389,8 @@ impl Node {
                 path.display()
             )));
         }
-        if header.for_unit != self.unit() {
+        // A bundle made for this unit's former path is still for this node.
+        if self.tree.canonical(&header.for_unit) != self.unit() {
             return Err(NodeError::Invalid(format!(
                 "{}: this bundle is for {}, not for this node ({})",
                 path.display(),

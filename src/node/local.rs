@@ -190,10 +190,12 @@ impl Node {
     fn dispatch_view(&mut self, id: &DocId) -> Result<DispatchView> {
         let mut view = self.store.read_doc(id, |doc| dispatch::read(doc, id))??;
         for (unit, at_ms, by) in self.store.booked_receipts(id)? {
+            // Books name a recipient that moved by its current path (store::index).
+            let tree = &self.tree;
             if let Some(r) = view
                 .recipients
                 .iter_mut()
-                .find(|r| r.unit == unit && r.received_at_ms.is_none())
+                .find(|r| tree.canonical(&r.unit) == unit && r.received_at_ms.is_none())
             {
                 r.received_at_ms = Some(at_ms);
                 r.received_by = Some(by);
@@ -257,12 +259,16 @@ impl Node {
         let id = parse_id(id, DocKind::Dispatch)?;
         let author = self.author(user)?;
         let (actor, at_ms, unit) = (self.actor().clone(), now_ms(), self.unit().to_string());
+        // A dispatch sent before the province moved this unit names it by its former path.
+        let aliases = self.tree.aliases().clone();
         let (recorded, book) = self.store.write(|tx| {
             let rec = tx
                 .load_doc(&id)?
                 .ok_or_else(|| StoreError::NotFound(format!("dispatch {id}")))?;
             let view = dispatch::read(&rec.doc, &id)?;
-            let Some(me) = view.recipients.iter().find(|r| r.unit == unit) else {
+            let mine =
+                |r: &&dispatch::Recipient| crate::units::canonical(&aliases, &r.unit) == unit;
+            let Some(me) = view.recipients.iter().find(mine) else {
                 return Err(StoreError::Invalid(format!(
                     "unit {unit} is not a recipient of dispatch {id}"
                 )));
@@ -536,7 +542,8 @@ impl Node {
         note: Option<&str>,
     ) -> Result<AssignmentView> {
         let id = parse_id(id, DocKind::Assignment)?;
-        let author = self.author(user)?;
+        let named = self.assign_show(id.as_str())?.unit;
+        let author = self.as_named(self.author(user)?, &named);
         let (actor, at_ms) = (self.actor().clone(), now_ms());
         self.store.write(|tx| {
             tx.update_doc(&id, &actor, at_ms, |doc| {
@@ -600,7 +607,8 @@ impl Node {
         to_unit: Option<&str>,
     ) -> Result<DossierView> {
         let id = parse_id(id, DocKind::Dossier)?;
-        let author = self.author(user)?;
+        let named = self.dossier_track(id.as_str())?.holder;
+        let author = self.as_named(self.author(user)?, &named);
         if let Some(unit) = to_unit {
             self.tree.get(unit)?;
         }
@@ -612,6 +620,17 @@ impl Node {
         })?;
         self.wake_daemon();
         self.dossier_track(id.as_str())
+    }
+
+    /// `author`, writing under `named` when that is a former path of this node's unit: a
+    /// unit the province moved changes a document that names it by its old path under that
+    /// path, so the change and the document agree for every node that judges it
+    /// (model/authz.rs compares paths as written).
+    fn as_named(&self, mut author: crate::model::Author, named: &str) -> crate::model::Author {
+        if named != author.unit && self.tree.canonical(named) == self.unit() {
+            author.unit = named.to_string();
+        }
+        author
     }
 
     pub fn dossier_track(&mut self, id: &str) -> Result<DossierView> {

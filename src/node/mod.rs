@@ -92,6 +92,11 @@ pub struct Node {
     dir: PathBuf,
     pub config: Config,
     pub tree: UnitTree,
+    /// This node's unit as the tree now names it: `config.node.unit` (the unit its certificate
+    /// was issued for), or the unit's new path once the province moved it.
+    unit: String,
+    /// Units the last tree installed here moved: (old path, new path).
+    moves: Vec<(String, String)>,
     /// The province's signed tree, when sync (or `unit publish`) brought one: `tree` is its.
     signed_tree: Option<crate::trust::SignedTree>,
     pub store: Store,
@@ -272,10 +277,15 @@ impl Node {
             Some((signed, tree)) => (Some(signed), tree),
             None => (None, tree),
         };
+        let unit = tree.canonical(&config.node.unit).to_string();
+        let mut store = store;
+        store.set_aliases(tree.aliases().clone());
         let mut node = Node {
             dir: dir.to_path_buf(),
             config,
             tree,
+            unit,
+            moves: Vec::new(),
             signed_tree,
             store,
             node_id,
@@ -303,7 +313,14 @@ impl Node {
         }
     }
 
+    /// This node's unit: its current path in the tree (see [`Node::cert_unit`]).
     pub fn unit(&self) -> &str {
+        &self.unit
+    }
+
+    /// The unit this node was enrolled for, as its config and certificate name it; differs
+    /// from [`Node::unit`] once the province moved the unit.
+    pub fn cert_unit(&self) -> &str {
         &self.config.node.unit
     }
 

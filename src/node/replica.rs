@@ -19,7 +19,7 @@ use crate::store::sigs::ChangeSigRow;
 use crate::store::sync::Scope;
 use crate::store::{DocRecord, StoreError, WriteTx};
 use crate::trust::PeerIdentity;
-use crate::units::{is_within, parent};
+use crate::units::{canonical, is_within, parent};
 
 /// Shortest time between two regressions of one peer that this node honours (each costs an
 /// offer of the peer's whole scope from where it says it is).
@@ -125,6 +125,12 @@ impl Node {
                 units.insert(record.node_id.to_string(), record.unit);
             }
         }
+        // A certificate names the unit it was issued for; the tree may have moved it since.
+        for unit in units.values_mut() {
+            if let Some(current) = self.tree.aliases().get(unit.as_str()) {
+                *unit = current.clone();
+            }
+        }
         Ok(units)
     }
 
@@ -226,6 +232,9 @@ struct Sender<'a> {
     actors: HashMap<String, String>,
     /// The keys of the nodes whose change signatures this node can check.
     authors: Authors,
+    /// Former unit paths of this node's tree: units named under them are compared by their
+    /// current paths (a unit that moved is the same unit).
+    aliases: crate::units::Aliases,
     /// What the frame's documents inflate to so far ([`FRAME_INFLATED_BYTES_MAX`]); the
     /// checking threads add to it as they go.
     inflated: AtomicUsize,
@@ -422,7 +431,10 @@ impl Sender<'_> {
         let bytes = &change.data[..];
         if !self.upstream {
             let parties = model::parties(&current.doc, id).map_err(local)?;
-            if !parties.iter().any(|p| is_within(p, &self.peer.unit)) {
+            if !parties
+                .iter()
+                .any(|p| is_within(canonical(&self.aliases, p), &self.peer.unit))
+            {
                 return Err(self
                     .refuse(
                         id.as_str(),
@@ -485,6 +497,10 @@ impl Sender<'_> {
                 model::parties(&doc, id).map_err(|e| self.refuse(id.as_str(), e.to_string()))?
             }
         };
+        let parties: Vec<String> = parties
+            .iter()
+            .map(|p| canonical(&self.aliases, p).to_string())
+            .collect();
         if !in_scope_of(&parties, self.me) {
             return Err(self.refuse(
                 id.as_str(),
@@ -567,7 +583,8 @@ impl Sender<'_> {
                     format!("no certificate of node {actor}, a change's author, is held here"),
                 ));
             };
-            if note.unit != signer {
+            // A moved unit may write under a former path of its own (a document naming it so).
+            if canonical(&self.aliases, &note.unit) != canonical(&self.aliases, &signer) {
                 return Err(self.refuse(
                     id.as_str(),
                     format!(
@@ -581,7 +598,7 @@ impl Sender<'_> {
             }
             // What the change does, not what its note says, decides (docs/security.md).
             judge
-                .authorize(*hash, deps, &signer)
+                .authorize(*hash, deps, &note.unit)
                 .map_err(|why| self.refuse(id.as_str(), why))?;
         }
         Ok(())
@@ -595,7 +612,7 @@ impl Sender<'_> {
         note: &ChangeNote,
         actor: &str,
     ) -> Result<(), ProtoError> {
-        if !is_within(&note.unit, &self.peer.unit) {
+        if !is_within(canonical(&self.aliases, &note.unit), &self.peer.unit) {
             return Err(self.refuse(
                 id.as_str(),
                 format!(
@@ -1029,6 +1046,7 @@ impl Replica for NodeReplica<'_> {
                 self.node.known_node_units().map_err(local)?
             },
             authors: self.node.authors().map_err(local)?,
+            aliases: self.node.tree.aliases().clone(),
             inflated: AtomicUsize::new(0),
             checkers_cpu_ns: AtomicU64::new(0),
             judge_cpu_left: self
@@ -1189,6 +1207,7 @@ mod tests {
             upstream: true,
             actors: HashMap::new(),
             authors: node.authors().unwrap(),
+            aliases: Default::default(),
             inflated: AtomicUsize::new(0),
             checkers_cpu_ns: AtomicU64::new(0),
             judge_cpu_left: SESSION_CPU_MAX,

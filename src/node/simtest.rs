@@ -1187,3 +1187,205 @@ fn a_peer_is_refused_once_its_session_has_cost_its_cpu_budget() {
     );
     assert!(b.node.store.doc_heads(&second).unwrap().is_none());
 }
+
+/// One whole session between two sides, from Hello to both done.
+fn sync_sides(a: &mut Side, b: &mut Side) {
+    let mut sa = Session::new(&mut NodeReplica::new(&mut a.node, a.peer.clone()), 0).unwrap();
+    let mut sb = Session::new(&mut NodeReplica::new(&mut b.node, b.peer.clone()), 0).unwrap();
+    settle(&mut sa, a, &mut sb, b);
+}
+
+fn holds(node: &Node, id: &str) -> bool {
+    node.store.doc_exists(&id.parse().unwrap()).unwrap()
+}
+
+#[test]
+fn a_commune_moved_at_the_province_reaches_its_new_district_and_writes_as_its_new_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = ("qn/binhlieu/tinhhuc", "qn/halong/tinhhuc");
+    let (mut p, mut c) = pair(dir.path());
+    let report = c
+        .node
+        .dispatch_new(None, &request("7/BC", Priority::Normal, "qn"))
+        .unwrap()
+        .id;
+    sync_sides(&mut p, &mut c);
+    Node::init(&dir.path().join("h"), "qn/halong", Role::District, "an").unwrap();
+    let mut h = Node::open(&dir.path().join("h")).unwrap();
+    enrol(&p.node, &mut h, dir.path());
+    let (mut ph, mut h) = meet(Node::open(&dir.path().join("p")).unwrap(), h);
+    sync_sides(&mut ph, &mut h);
+    assert!(holds(&ph.node, &report) && !holds(&h.node, &report));
+
+    // A commune cannot hold a commune, and a move lands once at the province.
+    assert!(ph.node.units_move(old, "qn/binhlieu/hucdong").is_err());
+    assert!(c.node.units_move(old, "qn/halong").is_err());
+    let signed = ph.node.units_move(old, "qn/halong").unwrap();
+    assert_eq!(ph.node.tree.canonical(old), new);
+
+    // Halong, already in step with the province's feed, is offered the moved commune's
+    // documents again: they came into its scope.
+    assert!(h.node.install_units(&signed.bytes).unwrap());
+    sync_sides(&mut ph, &mut h);
+    assert!(holds(&h.node, &report), "the new district lacks the report");
+
+    // The commune follows the tree: same certificate, new path for what it writes.
+    assert!(c.node.install_units(&signed.bytes).unwrap());
+    assert_eq!((c.node.unit(), c.node.cert_unit()), (new, old));
+    let later = c
+        .node
+        .dispatch_new(None, &request("8/BC", Priority::Normal, "qn"))
+        .unwrap()
+        .id;
+    assert_eq!(c.node.dispatch_show(&later).unwrap().dispatch.issuer, new);
+    // The province meets it by its old certificate and takes it as the new path (as a session
+    // does at authentication); the new document is within the sender's subtree.
+    p.node = Node::open(&dir.path().join("p")).unwrap();
+    p.peer.unit = p.node.tree.canonical(&p.peer.unit).to_string();
+    assert_eq!(p.peer.unit, new);
+    sync_sides(&mut p, &mut c);
+    assert!(holds(&p.node, &later));
+    // Reopened, the commune still runs as its new path.
+    let reopened = Node::open(&dir.path().join("c")).unwrap();
+    assert_eq!(reopened.unit(), new);
+}
+
+#[test]
+fn the_old_district_refuses_what_a_moved_commune_wrote_before_it_learnt_of_the_move() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, c) = pair(dir.path());
+    let province = p.node;
+    let mut commune = c.node;
+    Node::init(&dir.path().join("d"), "qn/binhlieu", Role::District, "an").unwrap();
+    let mut district = Node::open(&dir.path().join("d")).unwrap();
+    enrol(&province, &mut district, dir.path());
+    let (mut province, mut district) = meet(province, district);
+    sync_sides(&mut province, &mut district);
+    let signed = province
+        .node
+        .units_move("qn/binhlieu/tinhhuc", "qn/halong")
+        .unwrap();
+    assert!(district.node.install_units(&signed.bytes).unwrap());
+
+    // The commune has not heard yet: it writes under its old path and offers it upward.
+    let written = commune
+        .dispatch_new(None, &request("9/BC", Priority::Normal, "qn"))
+        .unwrap()
+        .id;
+    let (mut d, mut c) = meet(district.node, commune);
+    // The district takes the commune's certificate by its current path (as a session does).
+    d.peer.unit = d.node.tree.canonical(&d.peer.unit).to_string();
+    sync_sides(&mut d, &mut c);
+    assert!(!holds(&d.node, &written));
+    let (refused, _) = d
+        .node
+        .store
+        .refusals(&c.node.node_id().to_string(), false, 10)
+        .unwrap();
+    assert!(
+        refused
+            .iter()
+            .any(|(id, why, _)| *id == written && why.contains("outside this node's scope")),
+        "{refused:?}"
+    );
+    // The commune was told, and keeps its document for its new district.
+    let (told, _) = c
+        .node
+        .store
+        .refusals(&d.node.node_id().to_string(), true, 10)
+        .unwrap();
+    assert!(told.iter().any(|(id, _, _)| *id == written), "{told:?}");
+    assert!(holds(&c.node, &written));
+}
+
+#[test]
+fn an_open_session_offers_again_when_a_tree_installed_meanwhile_moved_a_unit_into_its_peers_scope()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let (mut p, mut c) = pair(dir.path());
+    let report = c
+        .node
+        .dispatch_new(None, &request("7/BC", Priority::Normal, "qn"))
+        .unwrap()
+        .id;
+    sync_sides(&mut p, &mut c);
+    Node::init(&dir.path().join("h"), "qn/halong", Role::District, "an").unwrap();
+    let mut h = Node::open(&dir.path().join("h")).unwrap();
+    enrol(&p.node, &mut h, dir.path());
+    let (mut ph, mut h) = meet(Node::open(&dir.path().join("p")).unwrap(), h);
+    // A session between the province and Halong, open and in step.
+    let mut sa = Session::new(&mut NodeReplica::new(&mut ph.node, ph.peer.clone()), 0).unwrap();
+    let mut sb = Session::new(&mut NodeReplica::new(&mut h.node, h.peer.clone()), 0).unwrap();
+    settle(&mut sa, &mut ph, &mut sb, &mut h);
+
+    // `unit move` runs in another process; this session's round acknowledged since put
+    // Halong's checkpoint back where it was.
+    let signed = Node::open(&dir.path().join("p"))
+        .unwrap()
+        .units_move("qn/binhlieu/tinhhuc", "qn/halong")
+        .unwrap();
+    let (halong, upto) = (
+        h.node.node_id().to_string(),
+        ph.node.store.feed_seq().unwrap(),
+    );
+    ph.node
+        .store
+        .write(|tx| tx.set_acked_by(&halong, upto))
+        .unwrap();
+    assert!(h.node.install_units(&signed.bytes).unwrap());
+    // The session finds the tree at its push tick and offers Halong its scope again.
+    assert!(ph.node.install_units(&signed.bytes).unwrap());
+    assert!(ph.node.scope_grew_for(&ph.peer.unit));
+    assert!(!holds(&h.node, &report));
+    sa.reoffer_from(&mut NodeReplica::new(&mut ph.node, ph.peer.clone()), 0)
+        .unwrap();
+    settle(&mut sa, &mut ph, &mut sb, &mut h);
+    assert!(
+        holds(&h.node, &report),
+        "Halong lacks the moved commune's report"
+    );
+    assert!(!ph.node.scope_grew_for("qn/binhlieu"));
+}
+
+#[test]
+fn a_moved_commune_updates_its_assignment_of_before_the_move_and_its_new_district_accepts_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = ("qn/binhlieu/tinhhuc", "qn/halong/tinhhuc");
+    let (mut p, mut c) = pair(dir.path());
+    let dispatch = dispatch_to(&mut p.node, old);
+    sync_sides(&mut p, &mut c);
+    let asg = c
+        .node
+        .assign_new(None, &dispatch, "minh", &[], "2026-12-31")
+        .unwrap();
+    assert_eq!(asg.unit, old);
+    sync_sides(&mut p, &mut c);
+    Node::init(&dir.path().join("h"), "qn/halong", Role::District, "an").unwrap();
+    let mut h = Node::open(&dir.path().join("h")).unwrap();
+    enrol(&p.node, &mut h, dir.path());
+    let signed = p.node.units_move(old, "qn/halong").unwrap();
+    let (mut ph, mut h) = meet(Node::open(&dir.path().join("p")).unwrap(), h);
+    assert!(h.node.install_units(&signed.bytes).unwrap());
+    sync_sides(&mut ph, &mut h);
+    assert!(holds(&h.node, &asg.id));
+
+    // At the commune, now the new path: the assignment still names the old one, and the
+    // update is written under it, so the new district's judging of it agrees.
+    assert!(c.node.install_units(&signed.bytes).unwrap());
+    let done = c
+        .node
+        .assign_update(None, &asg.id, Status::Done, Some("xong"))
+        .unwrap();
+    assert_eq!(done.status, "done");
+    let (mut hc, mut ch) = meet(h.node, c.node);
+    hc.peer.unit = hc.node.tree.canonical(&hc.peer.unit).to_string();
+    assert_eq!(hc.peer.unit, new);
+    sync_sides(&mut hc, &mut ch);
+    let (refused, _) = hc
+        .node
+        .store
+        .refusals(&ch.node.node_id().to_string(), false, 10)
+        .unwrap();
+    assert!(refused.is_empty(), "{refused:?}");
+    assert_eq!(hc.node.assign_show(&asg.id).unwrap().status, "done");
+}

@@ -302,6 +302,24 @@ impl Session {
         Ok(())
     }
 
+    /// Offers the peer this node's feed again from `from` (a unit tree moved a unit into the
+    /// peer's scope: the documents that came into it are older than what it acknowledged): at
+    /// once if no round is under way, else after the current one.
+    pub fn reoffer_from(
+        &mut self,
+        replica: &mut impl Replica,
+        from: u64,
+    ) -> Result<(), ProtoError> {
+        match self.tx {
+            Tx::Done | Tx::Offering { offered: 0, .. } => self.start_round(replica, from)?,
+            // After the round under way, without a `Reoffer` (a peer takes one per round it
+            // applies): a one-shot peer that ends first gets them at its next session, as the
+            // stored checkpoint stays low until a round from it is acknowledged.
+            _ => self.resend_from = Some(self.resend_from.map_or(from, |f| f.min(from))),
+        }
+        Ok(())
+    }
+
     /// Starts a new outgoing round if the previous one is finished and the feed moved on, and
     /// pulls scans that became wanted (used by `serve` to push and pull within seconds).
     /// `retry_unavailable` forgets which scans the peer could not give (deferred to its scan

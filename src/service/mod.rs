@@ -235,14 +235,24 @@ pub async fn serve_counted(
     if let Err(e) = notify::send("READY=1") {
         warn!("could not tell systemd the node is ready (NOTIFY_SOCKET): {e}");
     }
-    for name in dial {
-        info!(peer = %name, "keeping a session with configured peer");
-        let (dir, shutdown, wake) = (dir.to_path_buf(), shutdown.clone(), wake.clone());
-        let counters = counters.clone();
-        tokio::spawn(
-            async move { keep_peer(dir, name, reconnect_max, shutdown, wake, counters).await },
-        );
-    }
+    // The peers kept, by name: a unit tree moving this node adds its new parent while it runs.
+    let mut kept: HashMap<String, tokio::task::JoinHandle<()>> = HashMap::new();
+    let mut keep_dialling = |dial: Vec<String>| {
+        for name in dial {
+            if kept.get(&name).is_some_and(|task| !task.is_finished()) {
+                continue;
+            }
+            info!(peer = %name, "keeping a session with configured peer");
+            let (dir, shutdown, wake) = (dir.to_path_buf(), shutdown.clone(), wake.clone());
+            let counters = counters.clone();
+            let task = tokio::spawn({
+                let name = name.clone();
+                async move { keep_peer(dir, name, reconnect_max, shutdown, wake, counters).await }
+            });
+            kept.insert(name, task);
+        }
+    };
+    keep_dialling(dial);
     let mut stop = shutdown.clone();
     // A newer CRL (from `ca revoke` or a peer) takes effect for new connections without a restart.
     let mut crl_check = tokio::time::interval(Duration::from_secs(5));
@@ -254,7 +264,14 @@ pub async fn serve_counted(
         tokio::select! {
             _ = crl_check.tick() => {
                 // A bad moment (config being edited, a locked file) must not stop the daemon.
-                match reload_crl(dir, &sync_cfg, crl_number) {
+                let node = Node::open(dir);
+                // The peers to dial: a unit tree that moved this node names a new parent.
+                match node.as_ref().map(|node| node.peers_to_dial()) {
+                    Ok(Ok(dial)) => keep_dialling(dial),
+                    Ok(Err(e)) => warn!("could not re-read the peers to dial (will retry): {e:#}"),
+                    Err(_) => {}
+                }
+                match node.map_err(anyhow::Error::from).and_then(|node| reload_crl(&node, &sync_cfg, crl_number)) {
                     Ok(None) => {}
                     Ok(Some((held, cfg))) => {
                         crl_number = held;
@@ -389,11 +406,10 @@ fn listen_for_local_writes(dir: &Path) -> Result<watch::Receiver<u64>> {
 /// A server config with the CRL now on disk, with that CRL's number, if it differs from
 /// `current`.
 fn reload_crl(
-    dir: &Path,
+    node: &Node,
     sync: &crate::node::config::SyncSection,
     current: Option<u64>,
 ) -> std::result::Result<Option<(Option<u64>, quinn::ServerConfig)>, anyhow::Error> {
-    let node = Node::open(dir)?;
     let held = node.crl().map(|c| c.number());
     if held == current {
         return Ok(None);
@@ -461,6 +477,14 @@ async fn keep_peer(
             }
         }
         if *shutdown.borrow() {
+            return;
+        }
+        // A unit tree that moved this node leaves its old parent behind (`peers_to_dial`).
+        if Node::open(&dir)
+            .and_then(|node| node.peers_to_dial())
+            .is_ok_and(|dial| !dial.contains(&name))
+        {
+            info!(peer = %name, "no longer a peer to dial (this node's unit moved); not dialling it");
             return;
         }
         let jitter = rand::random_range(0.5..1.5);

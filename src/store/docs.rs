@@ -366,6 +366,7 @@ impl WriteTx<'_> {
             (old_seq, seq),
             hints.view,
             self.unit,
+            self.aliases,
         )?;
         self.touch(id.clone(), DocRecord { doc, heads });
         Ok(Saved::Changed(seq))

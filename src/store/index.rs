@@ -11,12 +11,14 @@ use serde::Serialize;
 use super::{Result, SqlContext, Store};
 use crate::model::receipts::ReceiptBook;
 use crate::model::{self, dispatch, DocId, DocView};
-use crate::units::{is_within, parent};
+use crate::units::{canonical, is_within, parent, Aliases};
 
 /// Rebuilds every index row of one document from its current state, now at feed position
 /// `seq`. `old_seq` is the position of the state it replaces (None: the document was just
 /// inserted, so it has no rows to delete); `view`, when the caller has it already, must be
-/// `DocView::read` of `doc`; `me` is this node's unit (see [`scope_units`]).
+/// `DocView::read` of `doc`; `me` is this node's unit (see [`scope_units`]). Units the
+/// document names are indexed under their current paths (`aliases`: a unit that moved).
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn reindex(
     conn: &Connection,
     path: &Path,
@@ -25,7 +27,9 @@ pub(crate) fn reindex(
     seqs: (Option<i64>, i64),
     view: Option<&DocView>,
     me: Option<&str>,
+    aliases: &Aliases,
 ) -> Result<()> {
+    let canon = |unit: &str| canonical(aliases, unit).to_string();
     let key = id.as_str();
     let (old_seq, seq) = seqs;
     if let Some(old_seq) = old_seq {
@@ -59,7 +63,9 @@ pub(crate) fn reindex(
         }
     };
     debug_assert_eq!(view.parties(), model::parties(doc, id)?, "parties of {id}");
-    let parties = view.parties();
+    let mut parties: Vec<String> = view.parties().iter().map(|p| canon(p)).collect();
+    parties.sort();
+    parties.dedup();
     for unit in &parties {
         conn.prepare_cached("INSERT INTO doc_parties (unit, doc_id) VALUES (?1, ?2)")
             .at(path)?
@@ -76,8 +82,10 @@ pub(crate) fn reindex(
                 .unwrap_or(0);
             // A receipt is in the dispatch (written before receipt books) or in a book.
             let booked = booked_receipts(conn, path, key)?;
-            let received_at =
-                |r: &dispatch::Recipient| r.received_at_ms.or_else(|| booked.get(&r.unit).copied());
+            let received_at = |r: &dispatch::Recipient| {
+                r.received_at_ms
+                    .or_else(|| booked.get(&canon(&r.unit)).copied())
+            };
             let received = v
                 .recipients
                 .iter()
@@ -88,14 +96,14 @@ pub(crate) fn reindex(
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)",
             )
             .at(path)?
-            .execute(params![key, v.ref_no, v.summary, v.kind, v.priority, rank, v.issuer, v.created_at_ms, v.recipients.len(), received, v.attachments.len()])
+            .execute(params![key, v.ref_no, v.summary, v.kind, v.priority, rank, canon(&v.issuer), v.created_at_ms, v.recipients.len(), received, v.attachments.len()])
             .at(path)?;
             for r in &v.recipients {
                 conn.prepare_cached(
                     "INSERT INTO dispatch_recipients (unit, id, received_at, created_at) VALUES (?1, ?2, ?3, ?4)",
                 )
                 .at(path)?
-                .execute(params![r.unit, key, received_at(r), v.created_at_ms])
+                .execute(params![canon(&r.unit), key, received_at(r), v.created_at_ms])
                 .at(path)?;
             }
             for a in &v.attachments {
@@ -120,16 +128,16 @@ pub(crate) fn reindex(
                 "INSERT OR REPLACE INTO assignments (id, dispatch_id, unit, lead, deadline, status, conflicted) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
             )
             .at(path)?
-            .execute(params![key, v.dispatch_id, v.unit, v.lead, v.deadline, v.status, !v.conflicts.is_empty()])
+            .execute(params![key, v.dispatch_id, canon(&v.unit), v.lead, v.deadline, v.status, !v.conflicts.is_empty()])
             .at(path)?;
         }
         DocView::Dossier(v) => {
             conn.prepare_cached("INSERT OR REPLACE INTO dossiers (id, applicant, procedure, holder, step, since) VALUES (?1, ?2, ?3, ?4, ?5, ?6)")
                 .at(path)?
-                .execute(params![key, v.applicant, v.procedure, v.holder, v.step, v.since_ms])
+                .execute(params![key, v.applicant, v.procedure, canon(&v.holder), v.step, v.since_ms])
                 .at(path)?;
         }
-        DocView::Receipts(v) => index_receipts(conn, path, v)?,
+        DocView::Receipts(v) => index_receipts(conn, path, v, &canon(&v.recipient))?,
     }
     Ok(())
 }
@@ -150,14 +158,19 @@ fn booked_receipts(
 
 /// Records a book's new receipts, and fills them into its dispatches' recipient rows when those
 /// dispatches are here and hold no receipt of that unit yet (the first receipt stays).
-fn index_receipts(conn: &Connection, path: &Path, book: &ReceiptBook) -> Result<()> {
+fn index_receipts(
+    conn: &Connection,
+    path: &Path,
+    book: &ReceiptBook,
+    recipient: &str,
+) -> Result<()> {
     for r in &book.receipts {
         let new = conn
             .prepare_cached(
                 "INSERT OR IGNORE INTO receipts (dispatch_id, unit, received_at, received_by) VALUES (?1, ?2, ?3, ?4)",
             )
             .at(path)?
-            .execute(params![r.dispatch, book.recipient, r.received_at_ms, r.received_by])
+            .execute(params![r.dispatch, recipient, r.received_at_ms, r.received_by])
             .at(path)?;
         if new == 0 {
             continue;
@@ -167,7 +180,7 @@ fn index_receipts(conn: &Connection, path: &Path, book: &ReceiptBook) -> Result<
                 "UPDATE dispatch_recipients SET received_at = ?3 WHERE unit = ?2 AND id = ?1 AND received_at IS NULL",
             )
             .at(path)?
-            .execute(params![r.dispatch, book.recipient, r.received_at_ms])
+            .execute(params![r.dispatch, recipient, r.received_at_ms])
             .at(path)?;
         if filled > 0 {
             conn.prepare_cached("UPDATE dispatches SET received = received + 1 WHERE id = ?1")
@@ -213,6 +226,63 @@ fn insert_scopes(
             .at(path)?;
     }
     Ok(())
+}
+
+impl Store {
+    /// Reads units through `aliases` from now on (the former paths of the node's unit tree),
+    /// this node's own unit included.
+    pub fn set_aliases(&mut self, aliases: Aliases) {
+        if let Some(unit) = &mut self.unit {
+            *unit = canonical(&aliases, unit).to_string();
+        }
+        self.aliases = aliases;
+    }
+
+    /// Re-indexes, in one transaction, every document that names a unit by a path that is now
+    /// a former one, under the unit's current path: its scope rows move to the unit's new
+    /// subtree. Returns how many documents were re-indexed.
+    pub fn rescope(&mut self) -> Result<usize> {
+        self.write(|tx| {
+            let mut ids = BTreeSet::new();
+            for former in tx.aliases.keys() {
+                let mut stmt = tx
+                    .tx
+                    .prepare_cached("SELECT doc_id FROM doc_parties WHERE unit = ?1")
+                    .at(tx.path)?;
+                let found = stmt
+                    .query_map([former], |r| r.get::<_, String>(0))
+                    .at(tx.path)?
+                    .collect::<rusqlite::Result<Vec<_>>>()
+                    .at(tx.path)?;
+                ids.extend(found);
+            }
+            for id in &ids {
+                let id: DocId = id
+                    .parse()
+                    .map_err(|e| super::StoreError::Corrupt(format!("doc_parties: {e}")))?;
+                let seq: i64 = tx
+                    .tx
+                    .prepare_cached("SELECT seq FROM docs WHERE id = ?1")
+                    .at(tx.path)?
+                    .query_row([id.as_str()], |r| r.get(0))
+                    .at(tx.path)?;
+                let Some(rec) = tx.load_doc(&id)? else {
+                    continue;
+                };
+                reindex(
+                    &tx.tx,
+                    tx.path,
+                    &id,
+                    &rec.doc,
+                    (Some(seq), seq),
+                    None,
+                    tx.unit,
+                    tx.aliases,
+                )?;
+            }
+            Ok(ids.len())
+        })
+    }
 }
 
 /// This node's unit, as `init` recorded it (None before that).

@@ -86,8 +86,12 @@ pub struct Store {
     conn: Connection,
     path: PathBuf,
     cache: DocCache,
-    /// This node's unit, once `init` has recorded it: which subtrees need their own feed.
+    /// This node's unit, once `init` has recorded it: which subtrees need their own feed. The
+    /// unit's current path when the province's tree moved it ([`Store::set_aliases`]).
     unit: Option<String>,
+    /// Former unit paths of the node's tree: documents' parties are indexed under the current
+    /// path of the unit they name, so a moved unit's old documents are in its new subtree.
+    aliases: crate::units::Aliases,
     /// Signs the changes of local writes (the node sets it at open; a bare store signs nothing).
     signer: Option<Box<dyn sigs::ChangeSigning>>,
     /// Where the scans' bytes are (registered for this path, see [`scanstore::use_for`]).
@@ -152,6 +156,7 @@ impl Store {
             path: path.to_path_buf(),
             cache: DocCache::new(cache_docs),
             unit,
+            aliases: Default::default(),
             signer: None,
             scans: scanstore::for_db(path),
         })
@@ -198,6 +203,7 @@ impl Store {
             touched: VecDeque::new(),
             feed: None,
             unit: self.unit.as_deref(),
+            aliases: &self.aliases,
             new_files: Vec::new(),
             signer: self.signer.as_deref(),
             scans: &self.scans,
@@ -357,6 +363,8 @@ pub struct WriteTx<'a> {
     feed: Option<(i64, i64)>,
     /// This node's unit (see [`Store`]).
     unit: Option<&'a str>,
+    /// Former unit paths (see [`Store`]).
+    aliases: &'a crate::units::Aliases,
     /// Scan files this transaction created and nothing else was writing: removed if it rolls
     /// back, so a refused write leaves no file behind.
     new_files: Vec<PathBuf>,

@@ -1045,3 +1045,146 @@ fn a_bundle_with_a_damaged_header_is_not_blamed_on_the_certificate() {
     );
     assert_eq!(commune.count("docs"), 0);
 }
+
+// ---- a commune moving between districts ----
+
+/// The version line `unit list` ends with.
+fn tree_version(node: &TestNode) -> String {
+    node.ok(&["unit", "list"])
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string()
+}
+
+#[test]
+fn a_commune_moved_once_at_the_province_follows_the_tree_to_its_new_district() {
+    const NEW_DISTRICT: &str = "qn/halong";
+    const MOVED: &str = "qn/halong/tinhhuc";
+    const SETTLE: Duration = Duration::from_secs(60);
+    let settle = |what: &str, done: &mut dyn FnMut() -> bool| {
+        assert!(wait_until(SETTLE, done).is_some(), "{what}");
+    };
+    // Statuses every second, so the province hears of C through B within the test.
+    let quick = |node: &TestNode| {
+        quick_recovery(node, PUSH_INTERVAL_MS);
+        crate::util::set_sync(node, "status_interval_s", "1");
+    };
+    // The province, districts A (Bình Liêu) and B (Hạ Long), each district dialling up;
+    // commune C under A, dialling A.
+    let province = province();
+    quick(&province);
+    let up = Server::start(&province);
+    let district = |unit: &str| {
+        let node = enrolled(&province, unit, "district");
+        quick(&node);
+        node.ok(&["peer", "add", "up", "--addr", up.addr()]);
+        let server = Server::start(&node);
+        (node, server)
+    };
+    let (a, a_server) = district(DISTRICT);
+    let (b, b_server) = district(NEW_DISTRICT);
+    let c = enrolled(&province, COMMUNE, "commune");
+    quick(&c);
+    c.ok(&["peer", "add", "up", "--addr", a_server.addr()]);
+
+    // The province's tree says where B listens.
+    let text = communesync::units::SAMPLE_TREE_TOML.replacen(
+        "path = \"qn/halong\"\n",
+        &format!("path = \"qn/halong\"\naddr = \"{}\"\n", b_server.addr()),
+        1,
+    );
+    let file = province.file("units-addr.toml");
+    std::fs::write(&file, text).unwrap();
+    province.ok(&["unit", "publish", &path_arg(&file)]);
+
+    // C's dispatches, one with a scan, reach the province through A.
+    let scan_file = c.write_file("so-do.pdf", &scan(200_000, 13));
+    let with_scan = id(&c.new_dispatch("1/BC-UBND", &["qn"], &[&scan_file]));
+    let plain = id(&c.new_dispatch("2/BC-UBND", &["qn"], &[]));
+    let hash = attachment_hash(&c, &with_scan);
+    let c_server = Server::start(&c);
+    settle("C's documents reach the province through A", &mut || {
+        holds_doc(&province, &with_scan)
+            && holds_doc(&province, &plain)
+            && blob_rows(&province, &hash) == 1
+            && tree_version(&c).contains("version 1")
+    });
+    assert!(!holds_doc(&b, &with_scan) && !holds_doc(&b, &plain));
+    // C goes offline for a while (a weak link), as communes do.
+    c_server.finish();
+
+    // The move, once, at the province; a node that is not the province cannot.
+    a.fails(&["unit", "move", COMMUNE, NEW_DISTRICT], 2);
+    let moved = province.json(&["unit", "move", COMMUNE, NEW_DISTRICT]);
+    assert_eq!(
+        (moved["from"].as_str(), moved["to"].as_str()),
+        (Some(COMMUNE), Some(MOVED)),
+        "{moved}"
+    );
+    // B, in step with the province's feed, is offered C's documents: they came into its scope.
+    settle("B holds C's documents", &mut || {
+        holds_doc(&b, &with_scan) && holds_doc(&b, &plain)
+    });
+    settle("A has the moved tree", &mut || {
+        tree_version(&a).contains("version 2")
+    });
+
+    // Offline, C wrote under its old path before it learnt of the move.
+    let written_away = id(&c.new_dispatch("3/BC-UBND", &["qn"], &[]));
+    // Back online, nothing typed at C: it gets the tree from A (which no longer takes C's
+    // documents: node::simtest covers its refusal), and dials B at the address the tree gives.
+    let c_server = Server::start(&c);
+    settle("C runs as its new path", &mut || {
+        tree_version(&c).contains("version 2")
+    });
+    settle("C's scan reaches B from C", &mut || {
+        blob_rows(&b, &hash) == 1
+    });
+    settle(
+        "what C wrote away reaches the province through B",
+        &mut || holds_doc(&b, &written_away) && holds_doc(&province, &written_away),
+    );
+    let later = id(&c.new_dispatch("4/BC-UBND", &["qn"], &[]));
+    settle(
+        "a new dispatch of C reaches the province through B",
+        &mut || holds_doc(&province, &later),
+    );
+    // A holds none of what C wrote after the move was signed.
+    assert!(!holds_doc(&a, &written_away) && !holds_doc(&a, &later));
+    let peers = c.json(&["peer", "list"]);
+    assert!(
+        peers.to_string().contains(b_server.addr()),
+        "C records B as a peer: {peers}"
+    );
+    let shown = c.json(&["dispatch", "show", &later]);
+    assert_eq!(shown["issuer"], MOVED, "{shown}");
+    let own = c.run(&["--json", "status"]).json();
+    assert_eq!(own["own"]["unit"], MOVED, "{own}");
+
+    // The province's status lists C under B, heard from.
+    let mut listed = Value::Null;
+    settle("the province's status lists C under B", &mut || {
+        let status = province.run(&["status", "--json"]).json();
+        listed = status["units"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|u| u["unit"] == MOVED)
+            .cloned()
+            .unwrap_or(Value::Null);
+        listed["via"] == NEW_DISTRICT && !listed["last_seen"].is_null()
+    });
+    let status = province.run(&["status", "--json"]).json();
+    assert!(
+        !status["units"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|u| u["unit"] == COMMUNE),
+        "the old path is still listed: {status}"
+    );
+    for server in [c_server, b_server, a_server, up] {
+        server.finish();
+    }
+}
