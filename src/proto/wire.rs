@@ -11,7 +11,7 @@ use super::ProtoError;
 /// a reason and made `BlobsDone` answer each acknowledged round (protocol.md §4.1); 4 carries a
 /// signature with every change and the certificates of their authors (`Certs`), the unit
 /// tree's version in Hello, the `Units` and `Status` frames.
-pub const VERSION: u16 = 4;
+pub const VERSION: u16 = 5;
 /// Largest frame on the wire (header excluded), compressed or not.
 pub const FRAME_BYTES_MAX: usize = 16 << 20;
 /// Largest frame body after decompression: checked before zstd runs (no decompression bombs).
