@@ -734,10 +734,12 @@ pub async fn run_session(
 
     let (events_tx, mut events) = mpsc::channel::<Event>(256);
     spawn_acceptor(conn.clone(), dir.clone(), events_tx.clone());
-    let lost_unit = peer.unit.clone();
+    let (lost_unit, lost_conn) = (peer.unit.clone(), conn.clone());
+    // A stream error only says "connection lost"; the peer's close reason (a busy refusal's
+    // retry-after, a revocation) is what the caller needs.
     let lost = move |e: String| NetError::Lost {
         peer: lost_unit.clone(),
-        reason: e,
+        reason: lost_conn.close_reason().map_or(e, |r| r.to_string()),
     };
     let mut control = conn.open_uni().await.map_err(|e| lost(e.to_string()))?;
     control.set_priority(10).ok();
