@@ -14,10 +14,13 @@ fn main() -> ExitCode {
     }
     let cli = Cli::parse();
     // Scan transfer progress is the one `info` line kept by default: it is what a log reader
-    // of a long sync (journald, cron) wants to see moving.
+    // of a long sync (journald, cron) wants to see moving. Automerge logs each document it
+    // cannot parse at ERROR, without saying which: every such failure is reported by this
+    // node with the document and the peer, so its own line is noise (and a hostile peer's
+    // to write) below -vv.
     let default_level = match cli.verbose {
-        0 => "warn,communesync::net::progress=info",
-        1 => "info",
+        0 => "warn,communesync::net::progress=info,automerge=off",
+        1 => "info,automerge=off",
         2 => "debug",
         _ => "trace",
     };

@@ -167,6 +167,8 @@ pub struct NodeReplica<'a> {
     pub node: &'a mut Node,
     pub peer: PeerIdentity,
     peer_id: String,
+    /// Documents left out because the stored copy does not load ([`Replica::take_unloadable`]).
+    unloadable: Vec<(String, String)>,
 }
 
 impl<'a> NodeReplica<'a> {
@@ -177,6 +179,7 @@ impl<'a> NodeReplica<'a> {
             node,
             peer,
             peer_id,
+            unloadable: Vec::new(),
         }
     }
 
@@ -734,13 +737,24 @@ impl Sender<'_> {
 }
 
 /// A stored document that no longer loads (poisoned by a hostile peer before its changes were
-/// checked, or damaged) is left out of offers and sends, logged, instead of ending every
-/// session; `communesync check` names it. Any other store error ends the session.
-fn quarantined<T>(id: &DocId, read: Result<T, StoreError>) -> Result<Option<T>, ProtoError> {
+/// checked, or damaged) is left out of wants and sends, logged and listed in `unloadable` (the
+/// session refuses it to the peer), instead of ending every session; `communesync check` names
+/// it. Any other store error ends the session.
+fn quarantined<T>(
+    unloadable: &mut Vec<(String, String)>,
+    id: &DocId,
+    read: Result<T, StoreError>,
+) -> Result<Option<T>, ProtoError> {
     match read {
         Ok(v) => Ok(Some(v)),
         Err(e @ (StoreError::Corrupt(_) | StoreError::Model(_))) => {
             warn!(doc = %id, "stored document does not load, left out of this session: {e}");
+            unloadable.push((
+                id.to_string(),
+                format!(
+                    "the stored copy of this document does not load at that node ({e}); left out until `communesync check` there finds it and it is restored"
+                ),
+            ));
             Ok(None)
         }
         Err(e) => Err(local(e)),
@@ -928,7 +942,7 @@ impl Replica for NodeReplica<'_> {
                     doc.get_heads(),
                 )
             });
-            let Some((lacking, heads)) = quarantined(&id, read)? else {
+            let Some((lacking, heads)) = quarantined(&mut self.unloadable, &id, read)? else {
                 continue;
             };
             if lacking {
@@ -962,7 +976,12 @@ impl Replica for NodeReplica<'_> {
         // A peer with nothing gets the whole document, compact and compressed: the stored
         // snapshot and chunks as they are when they are compact enough, else a fresh save().
         let stored = if want.heads.is_empty() {
-            let Some(stored) = quarantined(&id, self.node.store.doc_load_bytes(&id))? else {
+            let Some(stored) = quarantined(
+                &mut self.unloadable,
+                &id,
+                self.node.store.doc_load_bytes(&id),
+            )?
+            else {
                 return Ok(None);
             };
             stored
@@ -992,7 +1011,7 @@ impl Replica for NodeReplica<'_> {
                         .collect();
                     (mine, doc.save_after(&known), Some(sent))
                 });
-                let Some(read) = quarantined(&id, read)? else {
+                let Some(read) = quarantined(&mut self.unloadable, &id, read)? else {
                     return Ok(None);
                 };
                 read
@@ -1123,6 +1142,10 @@ impl Replica for NodeReplica<'_> {
             ApplyError::Proto(e) => e,
             ApplyError::Store(e) => local(e),
         })
+    }
+
+    fn take_unloadable(&mut self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.unloadable)
     }
 
     fn peer_refused(&mut self, id: &str, reason: &str) -> Result<(), ProtoError> {

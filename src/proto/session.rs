@@ -94,6 +94,10 @@ pub trait Replica {
     /// Node certificates of authors from the peer: each is checked (CA, revocation) and kept
     /// to check the signatures of the changes that follow; one that fails is left out.
     fn store_certs(&mut self, ders: Vec<Vec<u8>>) -> Result<(), ProtoError>;
+    /// Documents [`Replica::wants`] or [`Replica::changes_for`] left out since the last call
+    /// because this node's stored copy does not load, with why: neither side may call the
+    /// session converged while they are missing.
+    fn take_unloadable(&mut self) -> Vec<(String, String)>;
 }
 
 /// What applying a frame of documents did.
@@ -411,6 +415,22 @@ impl Session {
         Ok(())
     }
 
+    /// Tells the peer of each document this side left out because its stored copy does not
+    /// load (the peer offered it, or wants it): a refusal on both sides, so neither says
+    /// converged while the document differs.
+    fn refuse_unloadable(&mut self, replica: &mut impl Replica) {
+        for (id, reason) in replica.take_unloadable() {
+            self.stats.docs_refused += 1;
+            self.out.push_back(Frame::DocRefused {
+                id: id.clone(),
+                reason: reason.clone(),
+            });
+            if self.refused_here.len() < REFUSALS_KEPT_MAX {
+                self.refused_here.insert(id, reason);
+            }
+        }
+    }
+
     /// Scans this side asked for and did not get this session, and why.
     pub fn scans_not_received(&self) -> &BTreeMap<Hash32, MissingReason> {
         &self.unavailable
@@ -614,6 +634,7 @@ impl Session {
                 self.round_begins();
                 self.rx = Rx::Offers;
                 let wants = replica.wants(&docs)?;
+                self.refuse_unloadable(replica);
                 if !wants.is_empty() {
                     self.out.push_back(Frame::Want { docs: wants });
                 }
@@ -660,6 +681,7 @@ impl Session {
                         )));
                     }
                     let Some(changes) = replica.changes_for(want)? else {
+                        self.refuse_unloadable(replica);
                         continue;
                     };
                     bytes += changes.data.len();

@@ -2090,3 +2090,66 @@ fn a_province_at_capacity_refuses_with_a_retry_after_and_serves_once_a_slot_free
     );
     server.finish();
 }
+
+/// A document stored at the province that no longer loads (poisoned before its changes were
+/// checked, or damaged on disk) is left out of the sessions that touch it, both ways; the
+/// rest of the commune's scope keeps flowing at every sync, and `check` names it.
+#[test]
+fn issue12_a_document_that_no_longer_loads_is_left_out_and_every_later_session_runs() {
+    let province = province();
+    let server = Server::start(&province);
+    let commune = commune_of(&province, COMMUNE, &server);
+    let poisoned = id(&province.new_dispatch("1/poisoned", &[COMMUNE], &[]));
+    synced(&commune);
+    // The province changes it (so it is offered again), then its stored bytes stop loading.
+    province.ok(&["dispatch", "comment", &poisoned, "đã xem"]);
+    {
+        let db = province.db();
+        db.execute(
+            "UPDATE docs SET snapshot = X'856f4a83deadbeef000102', chunks = 0, chunk_bytes = 0 WHERE id = ?1",
+            [&poisoned],
+        )
+        .unwrap();
+        db.execute("DELETE FROM doc_chunks WHERE doc_id = ?1", [&poisoned])
+            .unwrap();
+    }
+    let refused_here = |report: &Value| {
+        let refused = &report["docs_refused_by_peer"];
+        assert_eq!(refused[0]["id"], poisoned.as_str(), "{report}");
+        let reason = refused[0]["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains("does not load"), "{report}");
+    };
+    // Wanted by the commune, not sent: the sync says so rather than "converged".
+    let fine = id(&province.new_dispatch("2/fine", &[COMMUNE], &[]));
+    refused_here(&sync_pending(&commune));
+    assert_eq!(commune.json(&["dispatch", "show", &fine])["ref"], "2/fine");
+    // Offered by the commune, not wanted: the same; the fine document's change goes up.
+    commune.ok(&["dispatch", "comment", &poisoned, "commune"]);
+    commune.ok(&["dispatch", "comment", &fine, "nhận"]);
+    refused_here(&sync_pending(&commune));
+    let comments = province.json(&["dispatch", "show", &fine])["comments"].clone();
+    assert_eq!(comments.as_array().map(Vec::len), Some(1), "{comments}");
+    // Every later session runs.
+    let later = id(&province.new_dispatch("3/later", &[COMMUNE], &[]));
+    let run = crate::util::sync(&commune);
+    assert!(
+        run.code == 0 || run.code == i32::from(exit::PENDING),
+        "{} {}",
+        run.stdout,
+        run.stderr
+    );
+    assert_eq!(
+        commune.json(&["dispatch", "show", &later])["ref"],
+        "3/later"
+    );
+    server.finish();
+    let check = province.run(&["check"]);
+    assert_eq!(check.code, i32::from(exit::FAILURE), "{}", check.stderr);
+    assert!(
+        check
+            .stdout
+            .contains(&format!("PROBLEM: document {poisoned}")),
+        "{}",
+        check.stdout
+    );
+}
