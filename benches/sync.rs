@@ -1746,10 +1746,7 @@ fn dispatch_wire_bytes(node: &Node, id: &str) -> u64 {
                     .change_sigs(&doc)
                     .expect("signatures")
                     .into_iter()
-                    .map(|row| communesync::proto::ChangeSig {
-                        hash: row.hash,
-                        sig: row.sig,
-                    })
+                    .map(|row| communesync::proto::ChangeSig::new(&row.hash, row.sig))
                     .collect(),
             }],
         },

@@ -58,10 +58,7 @@ fn frames(doc: &[u8]) -> Vec<Frame> {
                     id: id.clone(),
                     heads: vec![[1; 32]],
                     data: doc.to_vec(),
-                    sigs: vec![communesync::proto::ChangeSig {
-                        hash: [1; 32],
-                        sig: [2; 64],
-                    }],
+                    sigs: vec![communesync::proto::ChangeSig::new(&[1; 32], [2; 64])],
                 };
                 4
             ],
@@ -131,6 +128,7 @@ fn frames(doc: &[u8]) -> Vec<Frame> {
                     lag_ms: Some(60_000),
                     last_error: String::new(),
                 }],
+                sig: [6; 64],
             }],
         },
         Frame::Certs {

@@ -26,8 +26,9 @@ use crate::trust::{self, fsutil, NodeKey};
 
 const MAGIC: &[u8; 8] = b"CSBUNDLE";
 /// 2: documents carry their changes' signatures, and `Certs` frames the authors' certificates
-/// (protocol version 4).
-const FORMAT: u8 = 2;
+/// (protocol version 4); 3: a signature is located by a prefix of its change's hash (protocol
+/// version 5).
+const FORMAT: u8 = 3;
 /// Largest header accepted (it holds a certificate and a CRL).
 const HEADER_BYTES_MAX: u32 = 256 * 1024;
 /// zstd level for scans in a bundle: a USB stick has room, the import machine has little time.
@@ -223,10 +224,7 @@ impl Node {
                     data,
                     sigs: sigs
                         .into_iter()
-                        .map(|row| crate::proto::ChangeSig {
-                            hash: row.hash,
-                            sig: row.sig,
-                        })
+                        .map(|row| crate::proto::ChangeSig::new(&row.hash, row.sig))
                         .collect(),
                 });
                 // Frames stay bounded as on the wire.
@@ -530,8 +528,11 @@ pub struct SignedHeader {
 pub fn read_header(file: &mut impl Read) -> std::result::Result<SignedHeader, &'static str> {
     let mut magic = [0u8; 9];
     file.read_exact(&mut magic).map_err(|_| "too short")?;
-    if &magic[..8] != MAGIC || magic[8] != FORMAT {
-        return Err("wrong magic or format");
+    if &magic[..8] != MAGIC {
+        return Err("not a communesync bundle (wrong magic)");
+    }
+    if magic[8] != FORMAT {
+        return Err("a bundle format this version does not read (made by an older or newer communesync): export it again with the version the importing node runs");
     }
     let mut len4 = [0u8; 4];
     file.read_exact(&mut len4).map_err(|_| "truncated header")?;

@@ -12,7 +12,7 @@ use tracing::warn;
 use super::{now_ms, Authors, Node};
 use crate::model::{self, guard, ChangeNote, DocId, DocView};
 use crate::proto::session::OFFER_PAGE_DOCS;
-use crate::proto::wire::SIG_BYTES;
+use crate::proto::wire::{CHANGE_PREFIX_BYTES, SIG_BYTES};
 use crate::proto::{Applied, ChangeSig, DocChanges, DocHeads, Hash32, ProtoError, Replica};
 use crate::store::docs::{decode_heads, encode_heads, SaveHints};
 use crate::store::sigs::ChangeSigRow;
@@ -684,12 +684,25 @@ impl Sender<'_> {
                 ),
             ));
         }
-        let by_hash: HashMap<&Hash32, &[u8; SIG_BYTES]> =
-            sigs.iter().map(|s| (&s.hash, &s.sig)).collect();
+        let mut by_prefix: HashMap<&[u8; CHANGE_PREFIX_BYTES], &[u8; SIG_BYTES]> =
+            HashMap::with_capacity(sigs.len());
+        for s in sigs {
+            // Two signatures under one prefix: an honest sender has 10,000 changes at most,
+            // for which a shared 64-bit prefix is a 1-in-10^11 event, so this is a forgery.
+            if by_prefix.insert(&s.change, &s.sig).is_some() {
+                return Err(self.refuse(
+                    id.as_str(),
+                    "two change signatures carry the same change hash prefix".into(),
+                ));
+            }
+        }
         new.iter()
             .map(|change| {
                 let actor = change.actor.to_bytes();
-                let sig = by_hash.get(&change.hash.0).copied();
+                let prefix: &[u8; CHANGE_PREFIX_BYTES] = change.hash.0[..CHANGE_PREFIX_BYTES]
+                    .try_into()
+                    .expect("a hash is longer than its prefix");
+                let sig = by_prefix.get(prefix).copied();
                 self.authors
                     .check(id.as_str(), &change.hash.0, actor, sig, self.upstream)
                     .map_err(|why| self.refuse(id.as_str(), why))?;
@@ -1041,10 +1054,7 @@ impl Replica for NodeReplica<'_> {
             data,
             sigs: sigs
                 .into_iter()
-                .map(|row| ChangeSig {
-                    hash: row.hash,
-                    sig: row.sig,
-                })
+                .map(|row| ChangeSig::new(&row.hash, row.sig))
                 .collect(),
         }))
     }

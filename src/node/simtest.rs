@@ -545,10 +545,7 @@ fn apply_frame(
                 .and_then(|doc| from.store.change_sigs(&doc).ok())
                 .unwrap_or_default()
                 .into_iter()
-                .map(|row| ChangeSig {
-                    hash: row.hash,
-                    sig: row.sig,
-                })
+                .map(|row| ChangeSig::new(&row.hash, row.sig))
                 .collect(),
         })
         .collect();

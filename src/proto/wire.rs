@@ -200,12 +200,25 @@ pub struct DocChanges {
     pub sigs: Vec<ChangeSig>,
 }
 
-/// The signature of one change (by its Automerge hash) by its author node, as it was made:
-/// relays forward it unchanged.
+/// Bytes of a change's hash that locate its signature in a `Changes` entry (since version 5).
+pub const CHANGE_PREFIX_BYTES: usize = 8;
+
+/// The signature of one change by its author node, as it was made (relays forward it
+/// unchanged), located by the first [`CHANGE_PREFIX_BYTES`] of the change's Automerge hash:
+/// the signature covers the whole hash, which the receiver computes from the change itself,
+/// so the prefix only says which signature to try (a wrong one fails to verify).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChangeSig {
-    pub hash: Hash32,
+    pub change: [u8; CHANGE_PREFIX_BYTES],
     pub sig: [u8; SIG_BYTES],
+}
+
+impl ChangeSig {
+    pub fn new(hash: &Hash32, sig: [u8; SIG_BYTES]) -> ChangeSig {
+        let mut change = [0; CHANGE_PREFIX_BYTES];
+        change.copy_from_slice(&hash[..CHANGE_PREFIX_BYTES]);
+        ChangeSig { change, sig }
+    }
 }
 
 /// Every message of the protocol; see docs/protocol.md for the exchange.
@@ -529,7 +542,10 @@ impl<'a> Dec<'a> {
             let sigs = (0..n)
                 .map(|_| {
                     Ok(ChangeSig {
-                        hash: self.hash()?,
+                        change: self
+                            .take(CHANGE_PREFIX_BYTES)?
+                            .try_into()
+                            .expect("take(CHANGE_PREFIX_BYTES)"),
                         sig: self.take(SIG_BYTES)?.try_into().expect("take(SIG_BYTES)"),
                     })
                 })
@@ -588,7 +604,7 @@ fn body(frame: &Frame) -> (Vec<u8>, Option<&Bytes>) {
                 e.bytes(&c.data);
                 e.uint(c.sigs.len() as u64);
                 for s in &c.sigs {
-                    e.hash(&s.hash);
+                    e.0.extend_from_slice(&s.change);
                     e.0.extend_from_slice(&s.sig);
                 }
             }
@@ -925,10 +941,7 @@ mod tests {
                         id: "asg_0011223344556677".into(),
                         heads: vec![[1; 32]],
                         data: vec![1, 2, 3],
-                        sigs: vec![ChangeSig {
-                            hash: [1; 32],
-                            sig: [3; SIG_BYTES]
-                        }],
+                        sigs: vec![ChangeSig::new(&[1; 32], [3; SIG_BYTES])],
                     };
                     300
                 ],
@@ -1218,9 +1231,8 @@ mod tests {
                     data,
                     sigs: sigs
                         .into_iter()
-                        .map(|(hash, half)| ChangeSig {
-                            hash,
-                            sig: [half, half].concat().try_into().unwrap(),
+                        .map(|(hash, half)| {
+                            ChangeSig::new(&hash, [half, half].concat().try_into().unwrap())
                         })
                         .collect(),
                 })
