@@ -19,7 +19,9 @@
 //! are what a province that received them over sync would hold.
 
 mod common;
-use common::{enrol_with, load_average, machine, memory_kib, memory_mib, ms, ServeProcess};
+use common::{
+    doc_ids, enrol_with, load_average, machine, memory_kib, memory_mib, ms, ServeProcess,
+};
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
@@ -973,20 +975,6 @@ struct FirstSync {
     province_rss_start_mib: f64,
     province_rss_peak_mib: f64,
     held: Vec<String>,
-}
-
-/// Ids of the documents a node holds, sorted.
-fn doc_ids(dir: &Path) -> Vec<String> {
-    let conn = rusqlite::Connection::open(dir.join(communesync::node::DB_FILE)).expect("open");
-    let mut stmt = conn
-        .prepare("SELECT id FROM docs ORDER BY id")
-        .expect("sql");
-    let ids = stmt
-        .query_map([], |r| r.get(0))
-        .expect("query")
-        .collect::<rusqlite::Result<Vec<String>>>()
-        .expect("ids");
-    ids
 }
 
 /// The documents of the province in `unit`'s subtree (what it offers that unit's node), sorted,

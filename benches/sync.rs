@@ -11,7 +11,8 @@
 
 mod common;
 use common::{
-    command, greyscale_scan, load_average, ms, new_node, random_scan, run_line, ServeProcess,
+    command, doc_ids, greyscale_scan, load_average, ms, new_node, random_scan, run_line,
+    ServeProcess,
 };
 
 use std::io::Read;
@@ -509,24 +510,6 @@ fn enrolled_commune(province: &Path, dir: &Path, addr: SocketAddr) -> PathBuf {
     c.enrol_install(&cert).expect("enrol install");
     c.peer_add("up", &addr.to_string(), true).expect("peer add");
     dir.to_path_buf()
-}
-
-/// Ids of the documents a node holds.
-fn doc_ids(dir: &Path) -> Vec<String> {
-    let conn = rusqlite::Connection::open_with_flags(
-        dir.join(DB_FILE),
-        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
-    )
-    .expect("open db");
-    let mut stmt = conn
-        .prepare("SELECT id FROM docs ORDER BY id")
-        .expect("sql");
-    let ids = stmt
-        .query_map([], |r| r.get(0))
-        .expect("query")
-        .collect::<rusqlite::Result<Vec<String>>>()
-        .expect("rows");
-    ids
 }
 
 // ---------------------------------------------------------------------------------------------

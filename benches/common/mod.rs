@@ -133,6 +133,24 @@ pub fn random_scan(bytes: usize, seed: u64) -> Vec<u8> {
 }
 
 /// A node of `unit` initialised in `dir` and opened.
+/// Ids of the documents the node in `dir` holds, sorted (read only, beside a running daemon).
+pub fn doc_ids(dir: &Path) -> Vec<String> {
+    let conn = rusqlite::Connection::open_with_flags(
+        dir.join(communesync::node::DB_FILE),
+        rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY,
+    )
+    .expect("open db");
+    let mut stmt = conn
+        .prepare("SELECT id FROM docs ORDER BY id")
+        .expect("sql");
+    let ids = stmt
+        .query_map([], |r| r.get(0))
+        .expect("query")
+        .collect::<rusqlite::Result<Vec<String>>>()
+        .expect("rows");
+    ids
+}
+
 pub fn new_node(dir: &Path, unit: &str, role: Role) -> Node {
     Node::init(dir, unit, role, "admin").expect("init");
     Node::open(dir).expect("open")

@@ -403,16 +403,21 @@ impl Session {
         let applied = replica.apply(docs)?;
         self.stats.docs_received += applied.stored as u64;
         for (id, reason) in applied.refused {
-            self.stats.docs_refused += 1;
-            self.out.push_back(Frame::DocRefused {
-                id: id.clone(),
-                reason: reason.clone(),
-            });
-            if self.refused_here.len() < REFUSALS_KEPT_MAX {
-                self.refused_here.insert(id, reason);
-            }
+            self.refuse_here(id, reason);
         }
         Ok(())
+    }
+
+    /// Answers the peer's document with DocRefused, counted and kept for the report.
+    fn refuse_here(&mut self, id: String, reason: String) {
+        self.stats.docs_refused += 1;
+        self.out.push_back(Frame::DocRefused {
+            id: id.clone(),
+            reason: reason.clone(),
+        });
+        if self.refused_here.len() < REFUSALS_KEPT_MAX {
+            self.refused_here.insert(id, reason);
+        }
     }
 
     /// Tells the peer of each document this side left out because its stored copy does not
@@ -420,14 +425,7 @@ impl Session {
     /// converged while the document differs.
     fn refuse_unloadable(&mut self, replica: &mut impl Replica) {
         for (id, reason) in replica.take_unloadable() {
-            self.stats.docs_refused += 1;
-            self.out.push_back(Frame::DocRefused {
-                id: id.clone(),
-                reason: reason.clone(),
-            });
-            if self.refused_here.len() < REFUSALS_KEPT_MAX {
-                self.refused_here.insert(id, reason);
-            }
+            self.refuse_here(id, reason);
         }
     }
 

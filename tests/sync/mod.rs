@@ -18,8 +18,8 @@ use serde_json::Value;
 
 use crate::util::{
     db_read_only, doc_heads, enrolled, eventually, exit, field_set, id, node_id, path_arg,
-    province, scan, set, set_sync, sync_pending, sync_refused, synced, Server, TestNode, COMMUNE,
-    DISTRICT, SIBLING,
+    province, scan, set, set_sync, sync_pending, sync_refused, synced, units_version, Server,
+    TestNode, COMMUNE, DISTRICT, SIBLING,
 };
 
 mod authorship;
@@ -1869,14 +1869,6 @@ fn issue_10_a_scan_cut_by_an_outage_runs_at_the_links_rate_once_it_is_back() {
 /// The unit paths `node` lists, and the version line's number (0 for the configured tree).
 fn units_of(node: &TestNode) -> BTreeSet<String> {
     field_set(&node.json(&["unit", "list"]), "path")
-}
-
-fn units_version(node: &TestNode) -> String {
-    node.ok(&["unit", "list"])
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .to_string()
 }
 
 #[test]

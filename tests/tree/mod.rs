@@ -17,8 +17,8 @@ use tokio::runtime::Runtime;
 use crate::util::{
     attachment_hash, blob_rows, chunks_stored, db_read_only, enrolled, held_docs, holds_doc, id,
     incompressible, link, ms, now_ms, path_arg, province, quick_recovery, relink, runtime, scan,
-    scans_missing, synced, tree_node, wait_until, Server, TestNode, COMMUNE, DISTRICT, DISTRICTS,
-    SIBLING,
+    scans_missing, synced, tree_node, units_version, wait_until, Server, TestNode, COMMUNE,
+    DISTRICT, DISTRICTS, SIBLING,
 };
 
 /// Push interval of every node in these tests: short, so a hop costs well under a second.
@@ -1049,14 +1049,6 @@ fn a_bundle_with_a_damaged_header_is_not_blamed_on_the_certificate() {
 // ---- a commune moving between districts ----
 
 /// The version line `unit list` ends with.
-fn tree_version(node: &TestNode) -> String {
-    node.ok(&["unit", "list"])
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .to_string()
-}
-
 #[test]
 fn a_commune_moved_once_at_the_province_follows_the_tree_to_its_new_district() {
     const NEW_DISTRICT: &str = "qn/halong";
@@ -1108,7 +1100,7 @@ fn a_commune_moved_once_at_the_province_follows_the_tree_to_its_new_district() {
         holds_doc(&province, &with_scan)
             && holds_doc(&province, &plain)
             && blob_rows(&province, &hash) == 1
-            && tree_version(&c).contains("version 1")
+            && units_version(&c).contains("version 1")
     });
     assert!(!holds_doc(&b, &with_scan) && !holds_doc(&b, &plain));
     // C goes offline for a while (a weak link), as communes do.
@@ -1127,7 +1119,7 @@ fn a_commune_moved_once_at_the_province_follows_the_tree_to_its_new_district() {
         holds_doc(&b, &with_scan) && holds_doc(&b, &plain)
     });
     settle("A has the moved tree", &mut || {
-        tree_version(&a).contains("version 2")
+        units_version(&a).contains("version 2")
     });
 
     // Offline, C wrote under its old path before it learnt of the move.
@@ -1136,7 +1128,7 @@ fn a_commune_moved_once_at_the_province_follows_the_tree_to_its_new_district() {
     // documents: node::simtest covers its refusal), and dials B at the address the tree gives.
     let c_server = Server::start(&c);
     settle("C runs as its new path", &mut || {
-        tree_version(&c).contains("version 2")
+        units_version(&c).contains("version 2")
     });
     settle("C's scan reaches B from C", &mut || {
         blob_rows(&b, &hash) == 1

@@ -335,6 +335,15 @@ pub fn strs(items: &Value, field: &str) -> Vec<String> {
         .collect()
 }
 
+/// The last line of `unit list`: the unit tree's version and where it came from.
+pub fn units_version(node: &TestNode) -> String {
+    node.ok(&["unit", "list"])
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string()
+}
+
 /// The values of `field` in a JSON array of objects, as a set.
 pub fn field_set(items: &Value, field: &str) -> BTreeSet<String> {
     strs(items, field).into_iter().collect()
