@@ -40,7 +40,7 @@ pub struct NewAssignment {
     pub deadline: time::Date,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct Transition {
     pub status: String,
     pub by: String,

@@ -2,10 +2,12 @@
 //! docs/security.md, judged on the document's fields just before and just after the change
 //! (what it does), never on what its message says it does. Pure: no store, no network.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
+use std::hash::Hash;
 
-use automerge::{AutoCommit, ChangeHash};
-use serde::Serialize;
+use automerge::{
+    legacy, AutoCommit, ChangeHash, ExpandedChange, ObjId, ObjType, ReadDoc, Value, ROOT,
+};
 
 use super::receipts::{self, ReceiptBook, RECEIPTS_MAX};
 use super::{DocId, DocView};
@@ -78,6 +80,9 @@ impl<'a> Judge<'a> {
         deps: &[ChangeHash],
         unit: &str,
     ) -> Result<(), String> {
+        if self.receipt_on_chain(hash, deps, unit)? {
+            return Ok(());
+        }
         let before = if deps.is_empty() {
             None
         } else {
@@ -88,6 +93,46 @@ impl<'a> Judge<'a> {
             (None, after) => created(after, unit),
             (Some(before), after) => changed(before, after, unit),
         }
+    }
+
+    /// The common long history, judged by its operations alone: a receipt, by its recipient,
+    /// applied to the working copy standing at the change's dependencies. A dispatch to 600
+    /// units gets 600 receipts (before receipt books), a receipt book one per dispatch of a
+    /// year; reading the whole document at each would make judging them quadratic. Anything
+    /// else, or anything unusual in one, is left to the full comparison (false).
+    fn receipt_on_chain(
+        &mut self,
+        hash: ChangeHash,
+        deps: &[ChangeHash],
+        unit: &str,
+    ) -> Result<bool, String> {
+        let deps = key(deps);
+        let Some((at, doc)) = self.cursor.as_ref() else {
+            return Ok(false);
+        };
+        // A state this skips reading is read later if a branch asks for it (a replay).
+        if deps.is_empty() || *at != deps {
+            return Ok(false);
+        }
+        let change = self
+            .doc
+            .get_change_by_hash(&hash)
+            .ok_or_else(|| "a change to judge is not in the document".to_string())?;
+        let ops = change.decode();
+        let plain = match self.id.kind() {
+            super::DocKind::Dispatch => dispatch_receipt(doc, &ops, unit),
+            super::DocKind::Receipts => book_receipt(doc, &ops, unit),
+            _ => false,
+        };
+        if !plain {
+            return Ok(false);
+        }
+        let change = change.clone();
+        let (_, mut doc) = self.cursor.take().expect("checked above");
+        doc.apply_changes([change])
+            .map_err(|e| format!("a change does not apply: {e}"))?;
+        self.cursor = Some((vec![hash], doc));
+        Ok(true)
     }
 
     fn read(&self, doc: &AutoCommit) -> Result<DocView, String> {
@@ -169,6 +214,97 @@ impl<'a> Judge<'a> {
     }
 }
 
+/// The map at `key` of `obj`, if that is what the key holds.
+fn map_at(doc: &AutoCommit, obj: &ObjId, key: &str) -> Option<ObjId> {
+    match doc.get(obj, key) {
+        Ok(Some((Value::Object(ObjType::Map), id))) => Some(id),
+        _ => None,
+    }
+}
+
+fn text_at(doc: &AutoCommit, obj: &ObjId, key: &str) -> Option<String> {
+    match doc.get(obj, key) {
+        Ok(Some((Value::Scalar(s), _))) => s.as_str().map(str::to_string),
+        _ => None,
+    }
+}
+
+fn is_obj(id: &ObjId, legacy: &legacy::ObjectId) -> bool {
+    match (id, legacy) {
+        (ObjId::Id(ctr, actor, _), legacy::ObjectId::Id(legacy::OpId(c, a))) => {
+            ctr == c && actor == a
+        }
+        _ => false,
+    }
+}
+
+/// A first write (nothing overwritten) in `obj` of `received_at` (an integer) or `received_by`
+/// (a text), the two fields of a receipt: its key.
+fn receipt_field(op: &legacy::Op, obj: impl Fn(&legacy::ObjectId) -> bool) -> Option<&str> {
+    match (&op.action, &op.key) {
+        (legacy::OpType::Put(v), legacy::Key::Map(key))
+            if !op.insert
+                && op.pred.is_empty()
+                && obj(&op.obj)
+                && match key.as_str() {
+                    "received_at" => v.is_int(),
+                    "received_by" => v.is_str(),
+                    _ => false,
+                } =>
+        {
+            Some(key.as_str())
+        }
+        _ => None,
+    }
+}
+
+/// A dispatch receipt as `dispatch::receive` writes it: `received_at` and `received_by` put
+/// for the first time in the author's own recipient entry, and nothing else. Whatever a
+/// recipient writes in its own entry is allowed (see [`changed`]); this only spares the read.
+fn dispatch_receipt(doc: &AutoCommit, change: &ExpandedChange, unit: &str) -> bool {
+    let Some(entry) = map_at(doc, &ROOT, "recipients").and_then(|r| map_at(doc, &r, unit)) else {
+        return false;
+    };
+    !change.operations.is_empty()
+        && change.operations.iter().all(|op| {
+            receipt_field(op, |o| is_obj(&entry, o))
+                .is_some_and(|key| matches!(doc.get(&entry, key), Ok(None)))
+        })
+}
+
+/// A receipt as `receipts::record` adds it to a book by the book's recipient: a new map at a
+/// dispatch id that the book does not hold yet, with `received_at` (an integer) and
+/// `received_by` (a text) in it, and nothing else; the book stays within [`RECEIPTS_MAX`].
+fn book_receipt(doc: &AutoCommit, change: &ExpandedChange, unit: &str) -> bool {
+    if text_at(doc, &ROOT, "type").as_deref() != Some("receipts")
+        || text_at(doc, &ROOT, "recipient").as_deref() != Some(unit)
+    {
+        return false;
+    }
+    let [make, at, by] = &change.operations[..] else {
+        return false;
+    };
+    let new_entry =
+        legacy::ObjectId::Id(legacy::OpId(change.start_op.get(), change.actor_id.clone()));
+    let made = match (&make.action, &make.key, &make.obj) {
+        (legacy::OpType::Make(ObjType::Map), legacy::Key::Map(key), legacy::ObjectId::Root)
+            if !make.insert && make.pred.is_empty() =>
+        {
+            key.as_str()
+        }
+        _ => return false,
+    };
+    let is_dispatch = made
+        .parse::<DocId>()
+        .is_ok_and(|d| d.kind() == super::DocKind::Dispatch);
+    let field = |op: &legacy::Op, key: &str| receipt_field(op, |o| *o == new_entry) == Some(key);
+    is_dispatch
+        && matches!(doc.get(&ROOT, made), Ok(None))
+        && field(at, "received_at")
+        && field(by, "received_by")
+        && doc.length(&ROOT) < RECEIPTS_MAX + receipts::HEADER.len()
+}
+
 fn require(ok: bool, why: impl FnOnce() -> String) -> Result<(), String> {
     if ok {
         Ok(())
@@ -218,20 +354,17 @@ fn book_fits(b: &ReceiptBook) -> Result<(), String> {
     })
 }
 
-fn same<T: Serialize>(a: &T, b: &T) -> bool {
-    serde_json::to_value(a).ok() == serde_json::to_value(b).ok()
-}
-
 /// Every entry of `before` is still in `after`, unchanged (entries are only ever appended), and
-/// the new ones, returned, are what the change added. Linear: entries are counted, not searched.
-fn appended<'a, T: Serialize>(before: &[T], after: &'a [T]) -> Option<Vec<&'a T>> {
-    let mut left: HashMap<String, usize> = HashMap::new();
+/// the new ones, returned, are what the change added. Linear: entries are counted, not searched
+/// (a long history is judged change by change, so this runs once per change).
+fn appended<'a, T: Eq + Hash>(before: &[T], after: &'a [T]) -> Option<Vec<&'a T>> {
+    let mut left: HashMap<&T, usize> = HashMap::with_capacity(before.len());
     for entry in before {
-        *left.entry(serde_json::to_string(entry).ok()?).or_default() += 1;
+        *left.entry(entry).or_default() += 1;
     }
     let mut added = Vec::new();
     for entry in after {
-        match left.get_mut(&serde_json::to_string(entry).ok()?) {
+        match left.get_mut(entry) {
             Some(n) if *n > 0 => *n -= 1,
             _ => added.push(entry),
         }
@@ -260,7 +393,7 @@ fn changed(before: &DocView, after: &DocView, unit: &str) -> Result<(), String> 
     match (before, after) {
         (DocView::Dispatch(b), DocView::Dispatch(a)) => {
             let issuer = b.issuer == unit;
-            require(issuer || same(&fixed(b), &fixed(a)), || {
+            require(issuer || fixed(b) == fixed(a), || {
                 format!(
                     "{unit} changed the reference, summary, kind, priority, issuer or scans of a dispatch issued by {}",
                     b.issuer
@@ -269,17 +402,22 @@ fn changed(before: &DocView, after: &DocView, unit: &str) -> Result<(), String> 
             require(a.issuer == b.issuer, || {
                 "a dispatch's issuer changed".into()
             })?;
+            // By unit, once per change: a dispatch to 600 units is judged 600 times as its
+            // receipts arrive (before receipt books), so no search per recipient.
+            let now: HashMap<&str, &super::dispatch::Recipient> =
+                a.recipients.iter().map(|r| (r.unit.as_str(), r)).collect();
+            let was: HashSet<&str> = b.recipients.iter().map(|r| r.unit.as_str()).collect();
             for r in &b.recipients {
-                let now = a.recipients.iter().find(|x| x.unit == r.unit);
+                let now = now.get(r.unit.as_str());
                 require(now.is_some(), || {
                     format!("{unit} removed recipient {} of a dispatch", r.unit)
                 })?;
-                require(r.unit == unit || now.is_some_and(|n| same(n, r)), || {
+                require(r.unit == unit || now.is_some_and(|n| *n == r), || {
                     format!("{unit} wrote the receipt of recipient {}", r.unit)
                 })?;
             }
             for r in &a.recipients {
-                if !b.recipients.iter().any(|x| x.unit == r.unit) {
+                if !was.contains(r.unit.as_str()) {
                     require(issuer && r.received_at_ms.is_none(), || {
                         format!(
                             "{unit} added recipient {} to a dispatch issued by {}",
@@ -544,5 +682,78 @@ mod tests {
         let why = judge_last(&mut doc, &id, B).unwrap_err();
         assert!(why.contains("held by qn/binhlieu"), "{why}");
         assert!(judge_last(&mut doc, &id, "qn/binhlieu").is_ok());
+    }
+
+    /// Judges the last change as a chain is judged: on a working copy at its dependencies,
+    /// where a plain receipt is judged by its operations alone.
+    fn judge_last_on_chain(doc: &mut AutoCommit, id: &DocId, unit: &str) -> Result<(), String> {
+        let last = doc.get_changes(&[]).last().cloned().unwrap();
+        let step = (last.hash(), last.deps().to_vec());
+        let base = doc.fork_at(&step.1).unwrap();
+        let mut judge = Judge::new(doc, id, std::slice::from_ref(&step));
+        judge.start_at(&step.1, base);
+        judge.authorize(step.0, &step.1, unit)
+    }
+
+    /// Both ways of judging agree, and say `expected` (Ok, or an error containing it).
+    fn agree(doc: &mut AutoCommit, id: &DocId, unit: &str, expected: Option<&str>) {
+        let full = judge_last(doc, id, unit);
+        let chain = judge_last_on_chain(doc, id, unit);
+        match expected {
+            None => assert!(full.is_ok() && chain.is_ok(), "{full:?} {chain:?}"),
+            Some(why) => {
+                for verdict in [full, chain] {
+                    let e = verdict.unwrap_err();
+                    assert!(e.contains(why), "{e}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn receipts_judged_by_their_operations_follow_the_same_rules() {
+        use automerge::transaction::Transactable;
+        // A dispatch's receipts, each by its own recipient: on a chain, by operations.
+        let (mut doc, id) = dispatch_from("qn", &[A, B]);
+        dispatch::receive(&mut doc, &id, A, &author(A), 2).unwrap();
+        agree(&mut doc, &id, A, None);
+        agree(&mut doc, &id, B, Some("wrote the receipt of recipient"));
+        // A receipt whose time is text does not read: refused either way.
+        let (mut doc, id) = dispatch_from("qn", &[A, B]);
+        let entry = crate::model::Reader::new(&doc, id.as_str())
+            .object(&automerge::ROOT, "recipients", "recipients")
+            .unwrap();
+        let entry = crate::model::Reader::new(&doc, id.as_str())
+            .object(&entry, A, A)
+            .unwrap();
+        doc.put(&entry, "received_at", "yesterday").unwrap();
+        doc.commit();
+        assert!(judge_last(&mut doc, &id, A).is_err());
+        assert!(judge_last_on_chain(&mut doc, &id, A).is_err());
+        // A recipient writing a receipt and a comment in another's name in one change.
+        let (mut doc, id) = dispatch_from("qn", &[A, B]);
+        dispatch::receive(&mut doc, &id, A, &author(A), 2).unwrap();
+        let mut more = doc.fork();
+        dispatch::add_comment(&mut more, &id, "x", &author(B), 3).unwrap();
+        let comment = more.get_changes(&doc.get_heads()).last().cloned().unwrap();
+        let mut forged = doc.fork();
+        forged.apply_changes([comment]).unwrap();
+        agree(&mut forged, &id, A, Some("added a comment signed as unit"));
+
+        // A receipt book: receipts added by its recipient only, never changed.
+        let (mut doc, id) = book_of_a();
+        let d = DocId::generate(DocKind::Dispatch);
+        receipts::record(&mut doc, &id, ("qn", A, 2026), &d, &author(A), 3).unwrap();
+        agree(&mut doc, &id, A, None);
+        agree(&mut doc, &id, B, Some("wrote into the receipt book of"));
+        let (mut doc, id) = book_of_a();
+        let entry = doc
+            .put_object(automerge::ROOT, "not-a-dispatch", ObjType::Map)
+            .unwrap();
+        doc.put(&entry, "received_at", 3_i64).unwrap();
+        doc.put(&entry, "received_by", "lan").unwrap();
+        doc.commit();
+        assert!(judge_last(&mut doc, &id, A).is_err());
+        assert!(judge_last_on_chain(&mut doc, &id, A).is_err());
     }
 }

@@ -98,14 +98,14 @@ pub struct NewDispatch {
     pub attachments: Vec<Attachment>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct Recipient {
     pub unit: String,
     pub received_at_ms: Option<i64>,
     pub received_by: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct Comment {
     pub by: String,
     pub unit: String,

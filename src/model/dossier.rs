@@ -7,7 +7,7 @@ use super::{
     check_text, commit, push_map, put_list, Author, Conflict, DocId, ModelError, Reader, Result,
 };
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct Step {
     pub step: String,
     pub unit: String,

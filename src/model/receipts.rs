@@ -18,10 +18,10 @@ use super::{commit, Author, DocId, DocKind, ModelError, Reader, Result};
 pub const RECEIPTS_MAX: usize = 20_000;
 
 /// Root keys of a book that are not receipts.
-const HEADER: [&str; 4] = ["type", "issuer", "recipient", "year"];
+pub(crate) const HEADER: [&str; 4] = ["type", "issuer", "recipient", "year"];
 
 /// One recorded receipt.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize)]
 pub struct Receipt {
     pub dispatch: String,
     pub received_at_ms: i64,
