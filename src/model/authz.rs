@@ -30,6 +30,8 @@ pub struct Judge<'a> {
     needs: HashMap<Vec<ChangeHash>, usize>,
     /// A copy of the document at the given (sorted) heads.
     cursor: Option<(Vec<ChangeHash>, AutoCommit)>,
+    /// A dispatch's recipients map and comments list as its first change made them.
+    made: Option<(legacy::ObjectId, legacy::ObjectId)>,
 }
 
 fn key(heads: &[ChangeHash]) -> Vec<ChangeHash> {
@@ -54,6 +56,7 @@ impl<'a> Judge<'a> {
             states: HashMap::new(),
             needs,
             cursor: None,
+            made: None,
         }
     }
 
@@ -84,10 +87,18 @@ impl<'a> Judge<'a> {
             return Ok(());
         }
         let before = if deps.is_empty() {
+            // A receipt book's id derives from its issuer, recipient and year: two nodes of the
+            // recipient's unit (a standby) may each start it, with the same header.
+            if self.id.kind() != super::DocKind::Receipts {
+                self.only_first_change(hash)?;
+            }
             None
         } else {
             Some(self.state(deps)?)
         };
+        if let Some(DocView::Dispatch(b)) = &before {
+            self.no_replaced_entries(hash, b, unit)?;
+        }
         let after = self.after(hash, deps)?;
         match (before.as_ref(), &after) {
             (None, after) => created(after, unit),
@@ -133,6 +144,99 @@ impl<'a> Judge<'a> {
             .map_err(|e| format!("a change does not apply: {e}"))?;
         self.cursor = Some((vec![hash], doc));
         Ok(true)
+    }
+
+    /// A dispatch, an assignment or a dossier (their ids are random) has one first change (no
+    /// dependencies): a second is a parallel history whose fields would conflict with the real
+    /// ones, and could win the merge.
+    fn only_first_change(&mut self, hash: ChangeHash) -> Result<(), String> {
+        let firsts = self
+            .doc
+            .get_changes_meta(&[])
+            .into_iter()
+            .filter(|c| c.deps.is_empty() && c.hash != hash)
+            .count();
+        require(firsts == 0, || {
+            "a change starts the document again (a second first change, a parallel history)".into()
+        })
+    }
+
+    /// A dispatch's entries are compared by value, so a change must not swap one for a copy:
+    /// no operation touches the recipients map or the comments list themselves, none replaces,
+    /// removes or doubles (a concurrent entry under the same key) a recipient's entry, and none
+    /// changes an element of the comments list (they are only inserted). A swapped copy would
+    /// read the same, and every later write of its owner to the original would be lost.
+    fn no_replaced_entries(
+        &mut self,
+        hash: ChangeHash,
+        before: &super::dispatch::DispatchView,
+        unit: &str,
+    ) -> Result<(), String> {
+        if self.made.is_none() {
+            self.made = Some(self.dispatch_lists()?);
+        }
+        let (recipients, comments) = self.made.as_ref().expect("set above");
+        let change = self
+            .doc
+            .get_change_by_hash(&hash)
+            .ok_or_else(|| "a change to judge is not in the document".to_string())?;
+        for op in &change.decode().operations {
+            let key = match &op.key {
+                legacy::Key::Map(key) => Some(key.as_str()),
+                legacy::Key::Seq(_) => None,
+            };
+            if op.obj == legacy::ObjectId::Root && matches!(key, Some("recipients" | "comments")) {
+                return Err(format!(
+                    "{unit} replaced the recipients or comments of a dispatch"
+                ));
+            }
+            if op.obj == *recipients {
+                let held = key.is_some_and(|k| before.recipients.iter().any(|r| r.unit == k));
+                require(op.pred.is_empty() && !held, || {
+                    format!(
+                        "{unit} removed recipient {} of a dispatch, or replaced its entry",
+                        key.unwrap_or("?")
+                    )
+                })?;
+            }
+            if op.obj == *comments && !op.insert {
+                return Err(format!(
+                    "{unit} changed or removed a comment (comments are only ever added)"
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The ids of the recipients map and the comments list that the dispatch's first change made.
+    fn dispatch_lists(&mut self) -> Result<(legacy::ObjectId, legacy::ObjectId), String> {
+        let first = self
+            .doc
+            .get_changes_meta(&[])
+            .into_iter()
+            .find(|c| c.deps.is_empty())
+            .map(|c| c.hash);
+        let first = first
+            .and_then(|hash| self.doc.get_change_by_hash(&hash))
+            .ok_or_else(|| "a dispatch without a first change".to_string())?
+            .decode();
+        let made = |name: &str| {
+            first.operations.iter().enumerate().find_map(|(i, op)| {
+                let made_here = op.obj == legacy::ObjectId::Root
+                    && matches!(&op.key, legacy::Key::Map(k) if k == name)
+                    && matches!(op.action, legacy::OpType::Make(_));
+                made_here.then(|| {
+                    legacy::ObjectId::Id(legacy::OpId(
+                        first.start_op.get() + i as u64,
+                        first.actor_id.clone(),
+                    ))
+                })
+            })
+        };
+        match (made("recipients"), made("comments")) {
+            (Some(r), Some(c)) => Ok((r, c)),
+            _ => Err("a dispatch whose first change made no recipients or comments".into()),
+        }
     }
 
     fn read(&self, doc: &AutoCommit) -> Result<DocView, String> {
@@ -755,5 +859,101 @@ mod tests {
         doc.commit();
         assert!(judge_last(&mut doc, &id, A).is_err());
         assert!(judge_last_on_chain(&mut doc, &id, A).is_err());
+    }
+
+    /// The change of `from` on top of `doc` (both of one document), as the last of `doc`.
+    fn graft(doc: &mut AutoCommit, from: &mut AutoCommit) {
+        let change = from.get_changes(&doc.get_heads()).last().cloned().unwrap();
+        doc.apply_changes([change]).unwrap();
+    }
+
+    #[test]
+    fn a_parallel_history_or_a_swapped_entry_is_refused() {
+        use automerge::transaction::Transactable;
+        // A second first change: A makes "the same" dispatch in its own name, to win the merge.
+        let (mut doc, id) = dispatch_from("qn", &[A, B]);
+        let mut shadow = AutoCommit::new();
+        let forged = NewDispatch {
+            ref_no: "1/UBND".into(),
+            summary: "forged".into(),
+            kind: DispatchKind::Directive,
+            priority: Priority::Flash,
+            issuer: A.into(),
+            to: vec![A.into(), B.into()],
+            attachments: vec![],
+        };
+        dispatch::create(&mut shadow, &id, &forged, &author(A), 1).unwrap();
+        let root = shadow.get_changes(&[]).last().cloned().unwrap();
+        doc.apply_changes([root]).unwrap();
+        let why = judge_last(&mut doc, &id, A).unwrap_err();
+        assert!(why.contains("second first change"), "{why}");
+
+        // A swaps B's recipient entry for an identical copy (B's later receipt would be lost).
+        let (mut doc, id) = dispatch_from("qn", &[A, B]);
+        let mut swap = doc.fork();
+        let recipients = crate::model::Reader::new(&swap, id.as_str())
+            .object(&automerge::ROOT, "recipients", "recipients")
+            .unwrap();
+        swap.put_object(&recipients, B, ObjType::Map).unwrap();
+        swap.commit();
+        graft(&mut doc, &mut swap);
+        agree(
+            &mut doc,
+            &id,
+            A,
+            Some("or replaced its entry"),
+        );
+
+        // The same with a concurrent entry under B's key (no predecessor: a conflict A wins).
+        let (mut doc, id) = dispatch_from("qn", &[A, B]);
+        let mut twin = AutoCommit::new().with_actor(automerge::ActorId::from([0xff; 16]));
+        twin.merge(&mut doc.fork()).unwrap();
+        let r = crate::model::Reader::new(&twin, id.as_str())
+            .object(&automerge::ROOT, "recipients", "recipients")
+            .unwrap();
+        twin.delete(&r, B).unwrap();
+        twin.put_object(&r, B, ObjType::Map).unwrap();
+        twin.commit();
+        graft(&mut doc, &mut twin);
+        agree(
+            &mut doc,
+            &id,
+            A,
+            Some("or replaced its entry"),
+        );
+
+        // A comment swapped for a copy of itself.
+        let (mut doc, id) = dispatch_from("qn", &[A, B]);
+        dispatch::add_comment(&mut doc, &id, "ok", &author(B), 2).unwrap();
+        let mut swap = doc.fork();
+        let comments = crate::model::Reader::new(&swap, id.as_str())
+            .object(&automerge::ROOT, "comments", "comments")
+            .unwrap();
+        let copy = swap.put_object(&comments, 0, ObjType::Map).unwrap();
+        swap.put(&copy, "by", "lan").unwrap();
+        swap.put(&copy, "unit", B).unwrap();
+        swap.put(&copy, "at", 2_i64).unwrap();
+        swap.put(&copy, "text", "ok").unwrap();
+        swap.commit();
+        graft(&mut doc, &mut swap);
+        agree(&mut doc, &id, A, Some("changed or removed a comment"));
+
+        // The issuer still adds a recipient, and a receipt book may start twice (a standby).
+        let (mut doc, id) = dispatch_from("qn", &[A]);
+        let mut more = doc.fork();
+        let r = crate::model::Reader::new(&more, id.as_str())
+            .object(&automerge::ROOT, "recipients", "recipients")
+            .unwrap();
+        more.put_object(&r, B, ObjType::Map).unwrap();
+        more.commit();
+        graft(&mut doc, &mut more);
+        agree(&mut doc, &id, "qn", None);
+        let (mut doc, id) = book_of_a();
+        let mut standby = AutoCommit::new();
+        let d = DocId::generate(DocKind::Dispatch);
+        receipts::record(&mut standby, &id, ("qn", A, 2026), &d, &author(A), 3).unwrap();
+        let root = standby.get_changes(&[]).last().cloned().unwrap();
+        doc.apply_changes([root]).unwrap();
+        assert!(judge_last(&mut doc, &id, A).is_ok());
     }
 }
