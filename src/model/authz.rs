@@ -897,12 +897,7 @@ mod tests {
         swap.put_object(&recipients, B, ObjType::Map).unwrap();
         swap.commit();
         graft(&mut doc, &mut swap);
-        agree(
-            &mut doc,
-            &id,
-            A,
-            Some("or replaced its entry"),
-        );
+        agree(&mut doc, &id, A, Some("or replaced its entry"));
 
         // The same with a concurrent entry under B's key (no predecessor: a conflict A wins).
         let (mut doc, id) = dispatch_from("qn", &[A, B]);
@@ -915,12 +910,7 @@ mod tests {
         twin.put_object(&r, B, ObjType::Map).unwrap();
         twin.commit();
         graft(&mut doc, &mut twin);
-        agree(
-            &mut doc,
-            &id,
-            A,
-            Some("or replaced its entry"),
-        );
+        agree(&mut doc, &id, A, Some("or replaced its entry"));
 
         // A comment swapped for a copy of itself.
         let (mut doc, id) = dispatch_from("qn", &[A, B]);
