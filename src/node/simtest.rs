@@ -1196,21 +1196,28 @@ fn holds(node: &Node, id: &str) -> bool {
     node.store.doc_exists(&id.parse().unwrap()).unwrap()
 }
 
-#[test]
-fn a_commune_moved_at_the_province_reaches_its_new_district_and_writes_as_its_new_path() {
-    let dir = tempfile::tempdir().unwrap();
-    let (old, new) = ("qn/binhlieu/tinhhuc", "qn/halong/tinhhuc");
-    let (mut p, mut c) = pair(dir.path());
+/// A province, a commune of Binh Lieu that sent it a report, and the Ha Long district
+/// enrolled and met by the province (a second connection of its node): where a move lands.
+fn commune_and_halong(dir: &std::path::Path) -> (Side, Side, Side, Side, String) {
+    let (mut p, mut c) = pair(dir);
     let report = c
         .node
         .dispatch_new(None, &request("7/BC", Priority::Normal, "qn"))
         .unwrap()
         .id;
     sync_sides(&mut p, &mut c);
-    Node::init(&dir.path().join("h"), "qn/halong", Role::District, "an").unwrap();
-    let mut h = Node::open(&dir.path().join("h")).unwrap();
-    enrol(&p.node, &mut h, dir.path());
-    let (mut ph, mut h) = meet(Node::open(&dir.path().join("p")).unwrap(), h);
+    Node::init(&dir.join("h"), "qn/halong", Role::District, "an").unwrap();
+    let mut h = Node::open(&dir.join("h")).unwrap();
+    enrol(&p.node, &mut h, dir);
+    let (ph, h) = meet(Node::open(&dir.join("p")).unwrap(), h);
+    (p, c, ph, h, report)
+}
+
+#[test]
+fn a_commune_moved_at_the_province_reaches_its_new_district_and_writes_as_its_new_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let (old, new) = ("qn/binhlieu/tinhhuc", "qn/halong/tinhhuc");
+    let (mut p, mut c, mut ph, mut h, report) = commune_and_halong(dir.path());
     sync_sides(&mut ph, &mut h);
     assert!(holds(&ph.node, &report) && !holds(&h.node, &report));
 
@@ -1299,17 +1306,7 @@ fn the_old_district_refuses_what_a_moved_commune_wrote_before_it_learnt_of_the_m
 fn an_open_session_offers_again_when_a_tree_installed_meanwhile_moved_a_unit_into_its_peers_scope()
 {
     let dir = tempfile::tempdir().unwrap();
-    let (mut p, mut c) = pair(dir.path());
-    let report = c
-        .node
-        .dispatch_new(None, &request("7/BC", Priority::Normal, "qn"))
-        .unwrap()
-        .id;
-    sync_sides(&mut p, &mut c);
-    Node::init(&dir.path().join("h"), "qn/halong", Role::District, "an").unwrap();
-    let mut h = Node::open(&dir.path().join("h")).unwrap();
-    enrol(&p.node, &mut h, dir.path());
-    let (mut ph, mut h) = meet(Node::open(&dir.path().join("p")).unwrap(), h);
+    let (_p, _c, mut ph, mut h, report) = commune_and_halong(dir.path());
     // A session between the province and Halong, open and in step.
     let mut sa = Session::new(&mut NodeReplica::new(&mut ph.node, ph.peer.clone()), 0).unwrap();
     let mut sb = Session::new(&mut NodeReplica::new(&mut h.node, h.peer.clone()), 0).unwrap();
